@@ -1,0 +1,231 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * part_record.c: the record path against its baselines, same process,
+ * same run: a tally ring per thread (with no consumer, and with a drain
+ * thread on another core), a mutex-protected shared histogram and an
+ * atomic-increment shared histogram (both with tally's own bucket layout,
+ * so only the sharing differs), at 1, 2 and up to --threads threads.
+ * Every op records a pseudo-random latency (xorshift, about 1 ns).
+ */
+#include "config.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <tally/tally.h>
+
+#include "harness.h"
+#include "hist.h"
+#include "producer.h"
+#include "segment.h"
+
+#define VALUE_MASK ((1u << 20) - 1) /* latencies up to ~1 ms */
+
+/* ---- baselines ---------------------------------------------------------- */
+
+struct shared_hist {
+	pthread_mutex_t lock;
+	_Atomic uint64_t count, sum;
+	_Atomic uint64_t counts[TALLY__HIST_MAX_BUCKETS];
+};
+
+static struct shared_hist shared;
+
+static void mutex_record(uint64_t v)
+{
+	uint32_t i = tally__hist_index(v);
+
+	pthread_mutex_lock(&shared.lock);
+	/* relaxed atomics under the lock compile to plain adds on x86 */
+	atomic_store_explicit(&shared.counts[i], atomic_load_explicit(&shared.counts[i], memory_order_relaxed) + 1, memory_order_relaxed);
+	atomic_store_explicit(&shared.count, atomic_load_explicit(&shared.count, memory_order_relaxed) + 1, memory_order_relaxed);
+	atomic_store_explicit(&shared.sum, atomic_load_explicit(&shared.sum, memory_order_relaxed) + v, memory_order_relaxed);
+	pthread_mutex_unlock(&shared.lock);
+}
+
+static void atomic_record(uint64_t v)
+{
+	uint32_t i = tally__hist_index(v);
+
+	atomic_fetch_add_explicit(&shared.counts[i], 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&shared.count, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&shared.sum, v, memory_order_relaxed);
+}
+
+/* ---- runs ------------------------------------------------------------------ */
+
+enum variant { V_TALLY_NODRAIN, V_TALLY_DRAIN, V_MUTEX, V_ATOMIC };
+
+struct run {
+	enum variant v;
+	int nthreads;
+	uint64_t ops;
+	struct tally_segment *seg;
+	pthread_barrier_t start;
+	atomic_bool stop_drain;
+	double ns_per_op[64];
+	uint64_t dropped[64];
+};
+
+struct targ {
+	struct run *r;
+	int idx;
+};
+
+static void tally_loop(struct run *r, int idx, uint64_t *seed)
+{
+	struct tally_producer *p;
+
+	if (tally_producer_attach(r->seg, &p) != 0) {
+		fprintf(stderr, "bench: attach: %s\n", tally_errmsg());
+		exit(1);
+	}
+	pthread_barrier_wait(&r->start);
+	uint64_t t0 = bench_now_ns();
+	if (r->v == V_TALLY_NODRAIN) {
+		/* No consumer: the thread hands the ring back itself every 512
+		 * records (one store), so it never fills. */
+		for (uint64_t i = 0; i < r->ops; i++) {
+			tally_record(p, (tally_subject_t)(i & 7), bench_rand(seed) & VALUE_MASK);
+			if ((i & 511) == 511)
+				__atomic_store_n((uint64_t *)p->shm_head, p->tail, __ATOMIC_RELEASE);
+		}
+	} else {
+		for (uint64_t i = 0; i < r->ops; i++)
+			tally_record(p, (tally_subject_t)(i & 7), bench_rand(seed) & VALUE_MASK);
+	}
+	r->ns_per_op[idx] = (double)(bench_now_ns() - t0) / (double)r->ops;
+	struct tally_producer_counters c;
+	tally_producer_counters(p, &c);
+	r->dropped[idx] = c.dropped;
+	tally_producer_detach(&p);
+}
+
+static void *thread_main(void *arg)
+{
+	struct targ *a = arg;
+	struct run *r = a->r;
+	uint64_t seed = 0x9e3779b97f4a7c15ull ^ (uint64_t)(a->idx + 1);
+
+	bench_pin(a->idx);
+	if (r->v == V_TALLY_NODRAIN || r->v == V_TALLY_DRAIN) {
+		tally_loop(r, a->idx, &seed);
+		return NULL;
+	}
+	void (*rec)(uint64_t) = r->v == V_MUTEX ? mutex_record : atomic_record;
+	pthread_barrier_wait(&r->start);
+	uint64_t t0 = bench_now_ns();
+	for (uint64_t i = 0; i < r->ops; i++)
+		rec(bench_rand(&seed) & VALUE_MASK);
+	r->ns_per_op[a->idx] = (double)(bench_now_ns() - t0) / (double)r->ops;
+	return NULL;
+}
+
+/* The drain thread: what the aggregator's ingest does minus the windows. */
+static void *drain_main(void *arg)
+{
+	struct run *r = arg;
+	struct tally_segment *seg = r->seg;
+	uint64_t sink = 0;
+
+	bench_pin(r->nthreads);
+	while (!atomic_load_explicit(&r->stop_drain, memory_order_relaxed)) {
+		for (uint32_t s = 0; s < seg->nslots; s++) {
+			struct tally__slot *slot = tally__seg_slot(seg, s);
+			uint64_t head, n = tally__slot_ready(seg, slot, &head);
+			for (uint64_t k = 0; k < n; k++)
+				sink += slot->ring[(head + k) & (seg->ring_cap - 1)].value_ns;
+			if (n)
+				tally__slot_consume(slot, head, n);
+		}
+	}
+	return (void *)(uintptr_t)(sink & 1);
+}
+
+static double run_once(enum variant v, int nthreads, uint64_t ops, struct tally_segment *seg,
+		       uint64_t *dropped)
+{
+	struct run r = { .v = v, .nthreads = nthreads, .ops = ops, .seg = seg };
+	pthread_t th[64], drain;
+	struct targ args[64];
+
+	pthread_barrier_init(&r.start, NULL, (unsigned)nthreads);
+	memset(&shared.counts, 0, sizeof(shared.counts));
+	if (v == V_TALLY_DRAIN)
+		pthread_create(&drain, NULL, drain_main, &r);
+	for (int t = 0; t < nthreads; t++) {
+		args[t] = (struct targ){ &r, t };
+		pthread_create(&th[t], NULL, thread_main, &args[t]);
+	}
+	for (int t = 0; t < nthreads; t++)
+		pthread_join(th[t], NULL);
+	if (v == V_TALLY_DRAIN) {
+		atomic_store(&r.stop_drain, true);
+		pthread_join(drain, NULL);
+	}
+	pthread_barrier_destroy(&r.start);
+	double sum = 0;
+	*dropped = 0;
+	for (int t = 0; t < nthreads; t++) {
+		sum += r.ns_per_op[t];
+		*dropped += r.dropped[t];
+	}
+	return sum / nthreads; /* mean over threads of each thread's ns/op */
+}
+
+static void measure(const char *name, enum variant v, int nthreads, uint64_t ops,
+		    struct tally_segment *seg, const char *baseline)
+{
+	double samples[256] = { 0 };
+	uint64_t dropped_all = 0, dropped;
+
+	for (int i = 0; i < bench_opts.reps; i++) {
+		samples[i] = run_once(v, nthreads, ops, seg, &dropped);
+		dropped_all += dropped;
+	}
+	bench_row("record", name, "ns/op", false, samples, bench_opts.reps, baseline, nthreads);
+	if (dropped_all)
+		printf("  %-10s %-44s dropped %llu of %llu (ring full while the drainer lagged)\n",
+		       "record", name, (unsigned long long)dropped_all,
+		       (unsigned long long)(ops * (uint64_t)nthreads * (uint64_t)bench_opts.reps));
+}
+
+void bench_part_record(void)
+{
+	struct tally_segment_config cfg;
+	struct tally_segment *seg;
+	char name[64], seg_name[64];
+
+	uint64_t fast_ops = (uint64_t)(20e6 * bench_opts.scale), slow_ops = (uint64_t)(2e6 * bench_opts.scale);
+
+	pthread_mutex_init(&shared.lock, NULL);
+	tally_segment_config_init(&cfg);
+	cfg.producer_slots = 64;
+	cfg.ring_capacity = 1u << 16;
+	snprintf(seg_name, sizeof(seg_name), "tally-bench-%d", (int)getpid());
+	if (tally_segment_create(seg_name, &cfg, 0, &seg) != 0) {
+		fprintf(stderr, "bench: %s\n", tally_errmsg());
+		exit(1);
+	}
+	int counts[] = { 1, 2, bench_opts.max_threads };
+	int nc = bench_opts.max_threads > 2 ? 3 : 2;
+	for (int k = 0; k < nc; k++) {
+		int t = counts[k];
+		char mutex_name[64], atomic_name[64];
+		snprintf(mutex_name, sizeof(mutex_name), "mutex histogram, %d thr", t);
+		snprintf(atomic_name, sizeof(atomic_name), "atomic histogram, %d thr", t);
+		measure(mutex_name, V_MUTEX, t, slow_ops, NULL, NULL);
+		measure(atomic_name, V_ATOMIC, t, slow_ops, NULL, NULL);
+		char both[130];
+		snprintf(both, sizeof(both), "%s|%s", mutex_name, atomic_name);
+		snprintf(name, sizeof(name), "tally ring, %d thr, no drain", t);
+		measure(name, V_TALLY_NODRAIN, t, fast_ops, seg, both);
+		snprintf(name, sizeof(name), "tally ring, %d thr, draining", t);
+		measure(name, V_TALLY_DRAIN, t, fast_ops, seg, both);
+	}
+	tally_segment_close(&seg);
+}

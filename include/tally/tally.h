@@ -1,0 +1,16 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * tally/tally.h: the umbrella header of libtally. Include this one.
+ *
+ *   tally/common.h   errors, version, export macro
+ *   tally/segment.h  the shared-memory segment and subjects
+ *   tally/record.h   producers and the wait-free tally_record()
+ */
+#ifndef TALLY_TALLY_H
+#define TALLY_TALLY_H
+
+#include <tally/common.h>
+#include <tally/segment.h>
+#include <tally/record.h>
+
+#endif /* TALLY_TALLY_H */

@@ -1,0 +1,297 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * hist.h - private header of the log-linear latency histogram (lib/hist.c).
+ * It owns the bucket layout and its error bound, the dense histogram that
+ * the aggregator fills on its hot path, the sparse form in which closed
+ * time slices are kept, and the read side: quantiles and cumulative counts
+ * at bucket edges for the Prometheus exporter. Not installed; not public.
+ *
+ * Bucket layout (fixed; part of what the snapshot and exporter rely on):
+ *
+ *   v < 128         bucket v, exact (width 1);
+ *   v >= 128        e = floor(log2 v), sub = (v >> (e - 6)) & 63,
+ *                   index = 128 + (e - 7) * 64 + sub.
+ *
+ * So every octave [2^e, 2^(e+1)) above 127 is cut into 64 equal sub-buckets
+ * of width 2^(e-6): a bucket's width is at most 1/64 of its lower edge, and
+ * its midpoint lower + width/2 is within width/2 <= lower/128 of any value
+ * in it.  RELATIVE ERROR AT MOST 1/128 (0.79%) FOR EVERY VALUE; VALUES
+ * < 128 NS ARE EXACT.  Reported quantiles are also clamped into the
+ * histogram's [min, max], which makes constant data, zeros and clamped
+ * values exact.  Bucket i holds [tally__hist_bucket_lower(i),
+ * tally__hist_bucket_upper(i)).  The whole uint64_t range needs 3776
+ * buckets; a histogram covers [0, max_value] with
+ * tally__hist_index(max_value) + 1 buckets: 2345 for the default top of
+ * range (3.6e12 ns, one hour), 9380 bytes of counts.  Values above
+ * max_value are recorded as max_value and counted in `clamped`.
+ *
+ * Bucket edges: every 2^k and every (1 + j/64) * 2^k (k >= 6, j in 0..63)
+ * is the lower edge of a bucket (below 128 every integer is).  Any set of
+ * Prometheus classic bucket boundaries chosen among bucket edges is
+ * therefore exported exactly: tally__hist_cumulative_le() returns, for each
+ * edge E, the exact number of values < E, i.e. values <= E - 1 ns.  An
+ * exporter that prints le="E/1e9" seconds is exact except that a value of
+ * exactly E ns is counted in the next bucket (the 1 ns between < and <=).
+ * tally__hist_default_edges() gives 92 such edges for latency from 1 us to
+ * about 1 h (4 per octave up to ~1 s, then 1 per octave).
+ *
+ * Counters: bucket counts are uint32_t, to keep a subject's two dense
+ * histograms near 19 KB.  A single bucket of one histogram would need 2^32
+ * samples inside one window and one 1.6%-wide bucket to overflow; if it
+ * ever happens the bucket SATURATES at UINT32_MAX (it never wraps) and
+ * TALLY__HIST_BUCKET_SATURATED is set: quantiles inside that 64-bucket
+ * block become approximate (they stay inside the block, since per-block
+ * subtotals are uint64_t and stay exact).  The total `count` is uint64_t
+ * and exact.  `sum` is uint64_t and saturates at UINT64_MAX, setting
+ * TALLY__HIST_SUM_SATURATED (mean is then a lower bound).  Both flags are
+ * sticky until the histogram is empty again (reset, or subtracted to zero).
+ *
+ * min/max: exact after add and merge.  Subtraction cannot restore them, so
+ * after tally__hist_sub*() they are conservative bounds (min <= true min,
+ * max >= true max), flagged TALLY__HIST_BOUNDS_LOOSE, until the owner sets
+ * the exact values with tally__hist_set_bounds() (lib/window.c does).  With
+ * exact bounds, rank 1 reports min and rank count reports max exactly (so
+ * q = 0 and q = 1, and p99.9 of fewer than 1000 values, are exact); with
+ * loose ones quantiles stay within the error bound, only less sharp.
+ *
+ * Threads: a histogram has one owner thread (the aggregator); nothing here
+ * locks, blocks or is atomic.  Readers in other threads read published
+ * copies, never a live histogram.
+ */
+#ifndef TALLY_LIB_HIST_H
+#define TALLY_LIB_HIST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common.h"
+
+/* Default top of range: one hour in ns (the clamp value). */
+#define TALLY__HIST_DEFAULT_MAX UINT64_C(3600000000000)
+/* Buckets needed for the whole uint64_t range. */
+#define TALLY__HIST_MAX_BUCKETS 3776u
+/* Buckets per subtotal block (one octave above 127). */
+#define TALLY__HIST_BLOCK 64u
+/* Number of edges tally__hist_default_edges() produces. */
+#define TALLY__HIST_DEFAULT_NEDGES 92u
+
+enum {
+	TALLY__HIST_SUM_SATURATED = 1u << 0,    /* sum stuck at UINT64_MAX */
+	TALLY__HIST_BUCKET_SATURATED = 1u << 1, /* a bucket stuck at UINT32_MAX */
+	TALLY__HIST_BOUNDS_LOOSE = 1u << 2,     /* min/max only bounds (sub) */
+};
+
+/* Dense histogram.  Fields are read by lib/window.c and the snapshot code;
+ * write them only through the functions below. */
+struct tally__hist {
+	uint32_t *counts;  /* nbuckets counters */
+	uint64_t *blocks;  /* nblocks subtotals: sum of counts[64b .. 64b+63] */
+	uint32_t nbuckets; /* tally__hist_index(max_value) + 1 */
+	uint32_t nblocks;  /* ceil(nbuckets / 64) */
+	uint32_t flags;    /* TALLY__HIST_*_SATURATED */
+	uint64_t max_value; /* top of range; larger values are clamped to it */
+	uint64_t count;    /* values recorded (exact) */
+	uint64_t sum;      /* their sum, saturating */
+	uint64_t min;      /* UINT64_MAX when empty */
+	uint64_t max;      /* 0 when empty */
+	uint64_t clamped;  /* values recorded above max_value */
+};
+
+/* One nonzero bucket of a sparse histogram. */
+struct tally__hist_entry {
+	uint32_t idx;
+	uint32_t n;
+};
+
+/* Sparse histogram: the nonzero buckets of a dense one, ascending index,
+ * plus its summary.  Used for closed time slices.  Its buffer grows on
+ * demand and is kept across clear() for reuse. */
+struct tally__hist_sparse {
+	struct tally__hist_entry *e;
+	uint32_t len, cap;
+	uint32_t flags;
+	uint64_t count, sum, min, max, clamped;
+};
+
+/*
+ * Bucket index of v in the unbounded layout (0 .. 3775); the caller clamps
+ * to its histogram's range.  Branch-free: or, bsr, sub, shift, shift, add.
+ */
+static inline uint32_t tally__hist_index(uint64_t v)
+{
+	/* v | 127 puts v < 128 in "octave 6" with shift 0: index = v. */
+	unsigned h = 63u - (unsigned)__builtin_clzll(v | 127u);
+	unsigned shift = h - 6u;
+
+	return (uint32_t)((shift << 6) + (v >> shift));
+}
+
+/* Number of buckets a histogram with top of range max_value has. */
+static inline uint32_t tally__hist_nbuckets_for(uint64_t max_value)
+{
+	return tally__hist_index(max_value) + 1u;
+}
+
+/* Inclusive lower edge of bucket idx (idx < TALLY__HIST_MAX_BUCKETS). */
+static inline uint64_t tally__hist_bucket_lower(uint32_t idx)
+{
+	if (idx < 128u)
+		return idx;
+	return (uint64_t)(64u + (idx & 63u)) << ((idx >> 6) - 1u);
+}
+
+/* Width of bucket idx: 1 below 128, else 2^(e-6). */
+static inline uint64_t tally__hist_bucket_width(uint32_t idx)
+{
+	return idx < 128u ? 1u : UINT64_C(1) << ((idx >> 6) - 1u);
+}
+
+/* Exclusive upper edge of bucket idx; UINT64_MAX for the very last bucket
+ * of the uint64_t range, whose true edge 2^64 does not fit. */
+static inline uint64_t tally__hist_bucket_upper(uint32_t idx)
+{
+	uint64_t lo = tally__hist_bucket_lower(idx);
+	uint64_t w = tally__hist_bucket_width(idx);
+
+	return lo > UINT64_MAX - w ? UINT64_MAX : lo + w;
+}
+
+/* Midpoint reported for bucket idx: lower + width/2 (exact below 128). */
+static inline uint64_t tally__hist_bucket_mid(uint32_t idx)
+{
+	return tally__hist_bucket_lower(idx) + (tally__hist_bucket_width(idx) >> 1);
+}
+
+/* True when e is the lower edge of some bucket. */
+static inline bool tally__hist_is_edge(uint64_t e)
+{
+	return tally__hist_bucket_lower(tally__hist_index(e)) == e;
+}
+
+/* Saturating uint64_t add; sets *sat on overflow. */
+static inline uint64_t tally__hist_sat_add(uint64_t a, uint64_t b, bool *sat)
+{
+	uint64_t r;
+
+	if (__builtin_add_overflow(a, b, &r)) {
+		*sat = true;
+		return UINT64_MAX;
+	}
+	return r;
+}
+
+/*
+ * Record one value: the aggregator's hot path.  Values above max_value are
+ * recorded as max_value and counted in `clamped`.  Never fails, never
+ * allocates.  Owner thread only.
+ */
+static inline void tally__hist_add(struct tally__hist *h, uint64_t v)
+{
+	uint32_t i;
+
+	if (TALLY__UNLIKELY(v > h->max_value)) {
+		v = h->max_value;
+		h->clamped++;
+	}
+	i = tally__hist_index(v);
+	if (TALLY__UNLIKELY(h->counts[i] == UINT32_MAX))
+		h->flags |= TALLY__HIST_BUCKET_SATURATED;
+	else
+		h->counts[i]++;
+	h->blocks[i >> 6]++;
+	h->count++;
+	if (TALLY__UNLIKELY(__builtin_add_overflow(h->sum, v, &h->sum))) {
+		h->sum = UINT64_MAX;
+		h->flags |= TALLY__HIST_SUM_SATURATED;
+	}
+	h->min = v < h->min ? v : h->min;
+	h->max = v > h->max ? v : h->max;
+}
+
+/* Allocate an empty histogram covering [0, max_value] (max_value >= 1).
+ * Returns 0, -EINVAL, or -ENOMEM.  May call malloc. */
+int tally__hist_init(struct tally__hist *h, uint64_t max_value);
+
+/* Free the counters; h may then be init'ed again.  NULL counts is fine. */
+void tally__hist_destroy(struct tally__hist *h);
+
+/* Empty h (counts, summary, flags).  Cost proportional to the nonempty
+ * blocks, not to nbuckets. */
+void tally__hist_reset(struct tally__hist *h);
+
+/* a += b.  Both must have the same max_value (aborts otherwise: a bug). */
+void tally__hist_merge(struct tally__hist *a, const struct tally__hist *b);
+
+/* a -= b, where b's values were earlier merged into a (aborts if b holds
+ * more than a: a bug).  a's min/max become conservative bounds; a becomes
+ * fully empty (as after reset) when its count reaches 0. */
+void tally__hist_sub(struct tally__hist *a, const struct tally__hist *b);
+
+/* Set exact min/max, known by the owner after a subtraction, and clear
+ * TALLY__HIST_BOUNDS_LOOSE.  Ignored when h is empty. */
+void tally__hist_set_bounds(struct tally__hist *h, uint64_t min, uint64_t max);
+
+/* Number of nonzero buckets (what a sparse copy needs). */
+uint32_t tally__hist_nonzero(const struct tally__hist *h);
+
+/* Make room for n entries in s.  Returns 0 or -ENOMEM (s unchanged). */
+int tally__hist_sparse_reserve(struct tally__hist_sparse *s, uint32_t n);
+
+/* Copy h into s.  Returns 0, or -ENOMEM with s unchanged; cannot fail
+ * after tally__hist_sparse_reserve(s, tally__hist_nonzero(h)). */
+int tally__hist_sparse_from(struct tally__hist_sparse *s,
+			    const struct tally__hist *h);
+
+/* Empty s, keeping its buffer. */
+void tally__hist_sparse_clear(struct tally__hist_sparse *s);
+
+/* Free s's buffer and empty it. */
+void tally__hist_sparse_free(struct tally__hist_sparse *s);
+
+/* h += s / h -= s: as tally__hist_merge() / tally__hist_sub().  s must come
+ * from a histogram with h's max_value (indexes are checked: abort). */
+void tally__hist_merge_sparse(struct tally__hist *h,
+			      const struct tally__hist_sparse *s);
+void tally__hist_sub_sparse(struct tally__hist *h,
+			    const struct tally__hist_sparse *s);
+
+/*
+ * Quantiles of the sum of nh histograms (same max_value), in one pass over
+ * the buckets, skipping empty 64-bucket blocks.  qs[0..n) must be ascending
+ * in [0, 1].  Nearest rank: rank = ceil(q * count), at least 1; out[i] is
+ * the midpoint of the bucket holding that rank, clamped into the combined
+ * [min, max]; rank 1 and rank count give min and max themselves unless a
+ * histogram has TALLY__HIST_BOUNDS_LOOSE.  Returns 0, -EINVAL (bad qs or nh == 0), or -ENODATA when
+ * the histograms hold no value (out untouched: never fake zeros).
+ */
+int tally__hist_quantiles_n(const struct tally__hist *const *hs, size_t nh,
+			    const double *qs, size_t n, uint64_t *out);
+
+/* tally__hist_quantiles_n() over one histogram. */
+int tally__hist_quantiles(const struct tally__hist *h, const double *qs,
+			  size_t n, uint64_t *out);
+
+/*
+ * For each edge edges[i] (ascending), out[i] = number of values < edges[i]
+ * in the sum of nh histograms.  Each edge must be a bucket edge
+ * (tally__hist_is_edge()) or greater than max_value (then out[i] = count).
+ * One pass.  Returns 0 or -EINVAL (not an edge, not ascending, nh == 0).
+ */
+int tally__hist_cumulative_le_n(const struct tally__hist *const *hs,
+				size_t nh, const uint64_t *edges, size_t n,
+				uint64_t *out);
+
+/* tally__hist_cumulative_le_n() over one histogram. */
+int tally__hist_cumulative_le(const struct tally__hist *h,
+			      const uint64_t *edges, size_t n, uint64_t *out);
+
+/*
+ * Default classic bucket edges in ns: 1, 1.25, 1.5, 1.75 x 2^k for
+ * k = 10..29 (1.024 us .. 0.94 s), then 2^k for k = 30..41 (1.07 s ..
+ * 36.7 min): TALLY__HIST_DEFAULT_NEDGES edges, all bucket edges.  Writes at
+ * most cap of them to out and returns how many there are in all.
+ */
+size_t tally__hist_default_edges(uint64_t *out, size_t cap);
+
+#endif /* TALLY_LIB_HIST_H */

@@ -1,0 +1,393 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * lib/pending.c: the pending table section of the segment: formatting it,
+ * the single writer's seqlock publication of entries and of the breaker
+ * block, the validating readers, and the per-subject combination of
+ * backlogs. The layout, the seqlock protocol and the combination rule are
+ * described in pending.h.
+ */
+#include "pending.h"
+#include "subject.h"
+
+#include <errno.h>
+#include <string.h>
+#include <time.h>
+
+#define HDR_OFF     0u
+#define BREAKER_OFF ((size_t)sizeof(struct tally__pending_header))
+#define ENTRIES_OFF (BREAKER_OFF + sizeof(struct tally__pending_breaker))
+
+_Static_assert(ENTRIES_OFF % 64 == 0, "entries start on a cache line");
+
+uint64_t tally__pending_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+size_t tally__pending_section_size(uint32_t capacity)
+{
+	if (capacity == 0 || capacity > TALLY__PENDING_MAX_CAPACITY)
+		return 0;
+	return ENTRIES_OFF + (size_t)capacity * sizeof(struct tally__pending_entry);
+}
+
+int tally__pending_init(void *section, size_t len, uint32_t capacity)
+{
+	size_t need = tally__pending_section_size(capacity);
+	struct tally__pending_header *h = section;
+
+	if (!section || need == 0 || len < need)
+		return -EINVAL;
+	memset(section, 0, need);
+	h->version = TALLY__PENDING_VERSION;
+	h->header_size = sizeof(struct tally__pending_header);
+	h->breaker_size = sizeof(struct tally__pending_breaker);
+	h->entry_size = sizeof(struct tally__pending_entry);
+	h->capacity = capacity;
+	h->section_size = need;
+	/* Magic last: a reader that sees it sees a formatted section (the
+	 * segment's ready word, stored with release, publishes all of it). */
+	h->magic = TALLY__PENDING_MAGIC;
+	return 0;
+}
+
+int tally__pending_check(const void *section, size_t len)
+{
+	const struct tally__pending_header *h = section;
+
+	if (!section || len < sizeof(*h))
+		return -EBADMSG;
+	if (h->magic != TALLY__PENDING_MAGIC || h->version != TALLY__PENDING_VERSION ||
+	    h->header_size != sizeof(struct tally__pending_header) ||
+	    h->breaker_size != sizeof(struct tally__pending_breaker) ||
+	    h->entry_size != sizeof(struct tally__pending_entry))
+		return -EBADMSG;
+	if (h->capacity == 0 || h->capacity > TALLY__PENDING_MAX_CAPACITY ||
+	    h->section_size != tally__pending_section_size(h->capacity) || h->section_size > len)
+		return -EBADMSG;
+	return (int)h->capacity;
+}
+
+struct tally__pending_entry *tally__pending_entry_at(void *section, uint32_t idx)
+{
+	return (struct tally__pending_entry *)((char *)section + ENTRIES_OFF) + idx;
+}
+
+struct tally__pending_breaker *tally__pending_breaker_at(void *section)
+{
+	return (struct tally__pending_breaker *)((char *)section + BREAKER_OFF);
+}
+
+static const struct tally__pending_entry *entry_at_c(const void *section, uint32_t idx)
+{
+	return (const struct tally__pending_entry *)((const char *)section + ENTRIES_OFF) + idx;
+}
+
+/* ---- strings packed into relaxed 64-bit atomic words ---- */
+
+static void store_str(_Atomic uint64_t *words, size_t nwords, const char *s)
+{
+	char buf[TALLY__PENDING_SUBJ_MAX] = { 0 };
+	size_t cap = nwords * 8;
+
+	if (s) {
+		size_t n = strnlen(s, cap - 1);
+
+		memcpy(buf, s, n);
+	}
+	for (size_t i = 0; i < nwords; i++) {
+		uint64_t w;
+
+		memcpy(&w, buf + i * 8, 8);
+		atomic_store_explicit(&words[i], w, memory_order_relaxed);
+	}
+}
+
+static void load_str(const _Atomic uint64_t *words, size_t nwords, char *dst)
+{
+	for (size_t i = 0; i < nwords; i++) {
+		uint64_t w = atomic_load_explicit(&words[i], memory_order_relaxed);
+
+		memcpy(dst + i * 8, &w, 8);
+	}
+}
+
+/* A string field read from shm must end inside its field. */
+static bool str_ok(const char *s, size_t cap)
+{
+	return memchr(s, '\0', cap) != NULL;
+}
+
+#define STORE_STR(field, s) store_str((field), sizeof(field) / 8, (s))
+#define LOAD_STR(field, dst) load_str((field), sizeof(field) / 8, (dst))
+#define RELAXED(x) atomic_load_explicit(&(x), memory_order_relaxed)
+#define SET(x, v) atomic_store_explicit(&(x), (v), memory_order_relaxed)
+
+/* ---- writer side ---- */
+
+static uint32_t write_begin(_Atomic uint32_t *seq)
+{
+	uint32_t s = atomic_load_explicit(seq, memory_order_relaxed);
+
+	atomic_store_explicit(seq, s + 1, memory_order_relaxed);
+	/* Orders the odd sequence before the field stores below: a reader that
+	 * sees any new field also sees the odd (or a later) sequence. */
+	atomic_thread_fence(memory_order_release);
+	return s;
+}
+
+static void write_end(_Atomic uint32_t *seq, uint32_t s)
+{
+	/* Release: the field stores are visible before the even sequence. */
+	atomic_store_explicit(seq, s + 2, memory_order_release);
+}
+
+static void store_entry_fields(struct tally__pending_entry *e, const struct tally__pending_values *v)
+{
+	SET(e->source, v->source);
+	SET(e->is_leader, v->is_leader);
+	SET(e->consecutive_failures, v->consecutive_failures);
+	SET(e->num_pending, v->num_pending);
+	SET(e->num_ack_pending, v->num_ack_pending);
+	SET(e->num_redelivered, v->num_redelivered);
+	SET(e->num_waiting, v->num_waiting);
+	SET(e->delivered_stream_seq, v->delivered_stream_seq);
+	SET(e->ack_floor_stream_seq, v->ack_floor_stream_seq);
+	SET(e->last_ok_ns, v->last_ok_ns);
+	STORE_STR(e->stream, v->stream);
+	STORE_STR(e->consumer, v->consumer);
+	STORE_STR(e->filter, v->filter);
+	STORE_STR(e->map, v->map);
+	STORE_STR(e->last_error, v->last_error);
+}
+
+void tally__pending_write_entry(struct tally__pending_entry *e, const struct tally__pending_values *v)
+{
+	uint32_t s = write_begin(&e->seq);
+
+	store_entry_fields(e, v);
+	SET(e->used, 1u);
+	write_end(&e->seq, s);
+}
+
+void tally__pending_clear_entry(struct tally__pending_entry *e)
+{
+	static const struct tally__pending_values zero = { .is_leader = -1 };
+	uint32_t s = write_begin(&e->seq);
+
+	SET(e->used, 0u);
+	store_entry_fields(e, &zero);
+	write_end(&e->seq, s);
+}
+
+void tally__pending_write_breaker(struct tally__pending_breaker *b,
+				  const struct tally__pending_breaker_view *v)
+{
+	uint32_t s = write_begin(&b->seq);
+
+	SET(b->state, v->state);
+	SET(b->consecutive_failures, v->consecutive_failures);
+	SET(b->connected, v->connected ? 1u : 0u);
+	SET(b->opens_total, v->opens_total);
+	SET(b->polls_ok, v->polls_ok);
+	SET(b->polls_failed, v->polls_failed);
+	SET(b->skipped_overrun, v->skipped_overrun);
+	SET(b->skipped_open, v->skipped_open);
+	SET(b->since_ns, v->since_ns);
+	SET(b->last_ok_ns, v->last_ok_ns);
+	STORE_STR(b->last_error, v->last_error);
+	write_end(&b->seq, s);
+}
+
+/* ---- reader side ---- */
+
+/* Copy what tally__pending_for_subject needs, or everything when full. */
+static void load_entry_fields(const struct tally__pending_entry *e, struct tally__pending_view *o,
+			      bool full)
+{
+	o->source = RELAXED(e->source);
+	o->num_pending = RELAXED(e->num_pending);
+	o->num_ack_pending = RELAXED(e->num_ack_pending);
+	o->last_ok_ns = RELAXED(e->last_ok_ns);
+	LOAD_STR(e->filter, o->filter);
+	LOAD_STR(e->map, o->map);
+	if (!full)
+		return;
+	o->is_leader = RELAXED(e->is_leader);
+	o->consecutive_failures = RELAXED(e->consecutive_failures);
+	o->num_redelivered = RELAXED(e->num_redelivered);
+	o->num_waiting = RELAXED(e->num_waiting);
+	o->delivered_stream_seq = RELAXED(e->delivered_stream_seq);
+	o->ack_floor_stream_seq = RELAXED(e->ack_floor_stream_seq);
+	LOAD_STR(e->stream, o->stream);
+	LOAD_STR(e->consumer, o->consumer);
+	LOAD_STR(e->last_error, o->last_error);
+}
+
+static bool view_ok(const struct tally__pending_view *o, bool full)
+{
+	if (o->source > TALLY__PENDING_GONE || !str_ok(o->filter, sizeof(o->filter)) ||
+	    !str_ok(o->map, sizeof(o->map)))
+		return false;
+	return !full || (str_ok(o->stream, sizeof(o->stream)) &&
+			 str_ok(o->consumer, sizeof(o->consumer)) &&
+			 str_ok(o->last_error, sizeof(o->last_error)) &&
+			 o->is_leader >= -1 && o->is_leader <= 1);
+}
+
+static int read_entry(const struct tally__pending_entry *e, struct tally__pending_view *o, bool full)
+{
+	for (int i = 0; i < TALLY__PENDING_READ_TRIES; i++) {
+		uint32_t s1 = atomic_load_explicit(&e->seq, memory_order_acquire);
+		uint32_t used;
+
+		if (s1 & 1u)
+			continue;
+		used = RELAXED(e->used);
+		if (used)
+			load_entry_fields(e, o, full);
+		/* The field loads complete before the sequence is read again. */
+		atomic_thread_fence(memory_order_acquire);
+		if (atomic_load_explicit(&e->seq, memory_order_relaxed) != s1)
+			continue;
+		if (used == 0)
+			return -ENOENT;
+		return view_ok(o, full) ? 0 : -EBADMSG;
+	}
+	return -EAGAIN;
+}
+
+int tally__pending_read_entry(const void *section, size_t len, uint32_t idx,
+			      struct tally__pending_view *out)
+{
+	int cap = tally__pending_check(section, len);
+
+	if (cap < 0)
+		return cap;
+	if (idx >= (uint32_t)cap)
+		return -ERANGE;
+	return read_entry(entry_at_c(section, idx), out, true);
+}
+
+static void load_breaker_fields(const struct tally__pending_breaker *b,
+				struct tally__pending_breaker_view *o)
+{
+	o->state = RELAXED(b->state);
+	o->consecutive_failures = RELAXED(b->consecutive_failures);
+	o->connected = RELAXED(b->connected) != 0;
+	o->opens_total = RELAXED(b->opens_total);
+	o->polls_ok = RELAXED(b->polls_ok);
+	o->polls_failed = RELAXED(b->polls_failed);
+	o->skipped_overrun = RELAXED(b->skipped_overrun);
+	o->skipped_open = RELAXED(b->skipped_open);
+	o->since_ns = RELAXED(b->since_ns);
+	o->last_ok_ns = RELAXED(b->last_ok_ns);
+	LOAD_STR(b->last_error, o->last_error);
+}
+
+int tally__pending_read_breaker(const void *section, size_t len,
+				struct tally__pending_breaker_view *out)
+{
+	const struct tally__pending_breaker *b;
+	int cap = tally__pending_check(section, len);
+
+	if (cap < 0)
+		return cap;
+	b = (const struct tally__pending_breaker *)((const char *)section + BREAKER_OFF);
+	for (int i = 0; i < TALLY__PENDING_READ_TRIES; i++) {
+		uint32_t s1 = atomic_load_explicit(&b->seq, memory_order_acquire);
+
+		if (s1 & 1u)
+			continue;
+		load_breaker_fields(b, out);
+		atomic_thread_fence(memory_order_acquire);
+		if (atomic_load_explicit(&b->seq, memory_order_relaxed) != s1)
+			continue;
+		if (out->state > TALLY__BREAKER_HALF_OPEN ||
+		    !str_ok(out->last_error, sizeof(out->last_error)))
+			return -EBADMSG;
+		return 0;
+	}
+	return -EAGAIN;
+}
+
+/* ---- combination per subject ---- */
+
+/* Trust rank: higher is less trustworthy (see struct tally__pending_result). */
+static int rank(uint32_t source)
+{
+	static const int r[] = { [TALLY__PENDING_LIVE] = 0, [TALLY__PENDING_GONE] = 1,
+				 [TALLY__PENDING_CACHED] = 2, [TALLY__PENDING_NEVER] = 3 };
+
+	return r[source];
+}
+
+static void combine(struct tally__pending_result *out, const struct tally__pending_view *v,
+		    const struct tally__pending_policy *pol, uint64_t now)
+{
+	uint64_t backlog = 0, age = UINT64_MAX;
+
+	if (v->source == TALLY__PENDING_LIVE || v->source == TALLY__PENDING_CACHED) {
+		backlog = v->num_pending;
+		if (pol->include_ack_pending)
+			backlog = backlog + v->num_ack_pending < backlog ? UINT64_MAX
+									 : backlog + v->num_ack_pending;
+	}
+	if (v->last_ok_ns != 0)
+		age = now > v->last_ok_ns ? now - v->last_ok_ns : 0;
+	if (out->matched == 0 || rank(v->source) > rank(out->source))
+		out->source = v->source;
+	if (backlog > out->backlog)
+		out->backlog = backlog;
+	if (out->matched == 0 || age > out->oldest_age_ns)
+		out->oldest_age_ns = age;
+	out->matched++;
+}
+
+int tally__pending_for_subject(const void *section, size_t len, const char *subject,
+			       const struct tally__pending_policy *pol,
+			       struct tally__pending_result *out)
+{
+	static const struct tally__pending_policy def = { .include_ack_pending = true };
+	struct tally__pending_view v;
+	uint64_t now = tally__pending_now_ns();
+	int cap = tally__pending_check(section, len), rc = 0;
+
+	if (cap < 0)
+		return cap;
+	if (!subject || !out)
+		return -EINVAL;
+	*out = (struct tally__pending_result){ .source = TALLY__PENDING_NEVER };
+	for (uint32_t i = 0; i < (uint32_t)cap; i++) {
+		int r = read_entry(entry_at_c(section, i), &v, false);
+		const char *pattern;
+
+		if (r == -ENOENT)
+			continue;
+		if (r < 0) {
+			rc = r == -EBADMSG ? r : (rc ? rc : r);
+			continue;
+		}
+		pattern = v.map[0] ? v.map : v.filter;
+		if (pattern[0] && tally__subject_match(pattern, subject))
+			combine(out, &v, pol ? pol : &def, now);
+	}
+	return rc;
+}
+
+const char *tally__pending_source_name(uint32_t source)
+{
+	static const char *const names[] = { "never", "live", "cached", "gone" };
+
+	return source < 4 ? names[source] : "?";
+}
+
+const char *tally__breaker_state_name(uint32_t state)
+{
+	static const char *const names[] = { "closed", "open", "half-open" };
+
+	return state < 3 ? names[state] : "?";
+}

@@ -1,0 +1,247 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * lib/pending.h: the pending table, a section of the shm segment (private
+ * layout, not a public header). The poller thread is its only writer; any
+ * process that maps the segment may read it. It holds a section header, one
+ * circuit-breaker block for the poller's NATS connection and `capacity`
+ * entries, one per watched JetStream consumer, each with its own seqlock.
+ *
+ * Seqlock. Writer (single thread): seq+1 relaxed, release fence, field
+ * stores, seq+2 release. Reader: seq acquire (odd: writer inside, retry),
+ * field loads, acquire fence, seq again; equal means the copy is
+ * consistent, else retry, at most TALLY__PENDING_READ_TRIES times, then
+ * -EAGAIN. Every shared field, strings included (packed into 64-bit
+ * words), is a C11 atomic read and written relaxed: a reader racing a
+ * writer may load a torn *record* (the seqlock then discards it) but never
+ * performs a data race, so ThreadSanitizer has nothing to report.
+ *
+ * Readers trust nothing: magic, version, entry and block sizes and the
+ * capacity are checked against the mapped length (-EBADMSG), strings must
+ * be NUL-terminated within their field, enums within range.
+ *
+ * Backlog for a subject (tally__pending_for_subject): every live entry
+ * whose match pattern matches the subject contributes backlog = num_pending
+ * (+ num_ack_pending when the policy says so, the default); several
+ * consumers on one subject combine by their MAXIMUM (each consumer sees the
+ * same messages of a subject, so the slowest one is the backlog, and a sum
+ * would count each message once per consumer). The match pattern is the
+ * map_subject configured for the entry if any, else the consumer's filter
+ * subject. An entry with neither (an unfiltered consumer without
+ * map_subject) matches no subject: the table does not know its stream's
+ * subjects, and guessing "every subject" would let one consumer of an
+ * unrelated stream shed load everywhere. Configure map_subject for it.
+ * Gone entries (consumer deleted) match but contribute 0 and report
+ * source gone; never-refreshed entries contribute 0 and report never.
+ */
+#ifndef TALLY_PENDING_H
+#define TALLY_PENDING_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define TALLY__PENDING_MAGIC      0x544c5044u /* "TLPD" */
+#define TALLY__PENDING_VERSION    1u
+#define TALLY__PENDING_NAME_MAX   128  /* stream / consumer name, NUL included */
+#define TALLY__PENDING_SUBJ_MAX   256  /* filter / map subject, NUL included */
+#define TALLY__PENDING_ERR_MAX    128  /* last error text, NUL included (truncated) */
+#define TALLY__PENDING_MAX_CAPACITY (1u << 20)
+#define TALLY__PENDING_READ_TRIES 64
+
+enum tally__pending_source {
+	TALLY__PENDING_NEVER = 0,  /* configured, never refreshed successfully */
+	TALLY__PENDING_LIVE = 1,   /* last poll refreshed it */
+	TALLY__PENDING_CACHED = 2, /* last poll failed; values are the last good ones */
+	TALLY__PENDING_GONE = 3,   /* consumer (or its stream) no longer exists; values zeroed */
+};
+
+enum tally__breaker_state {
+	TALLY__BREAKER_CLOSED = 0,
+	TALLY__BREAKER_OPEN = 1,
+	TALLY__BREAKER_HALF_OPEN = 2,
+};
+
+/* ---- shared-memory layout (fixed size, no pointers) ---- */
+
+struct tally__pending_header {
+	uint32_t magic;
+	uint32_t version;
+	uint32_t header_size;   /* sizeof(struct tally__pending_header) */
+	uint32_t breaker_size;  /* sizeof(struct tally__pending_breaker) */
+	uint32_t entry_size;    /* sizeof(struct tally__pending_entry) */
+	uint32_t capacity;      /* number of entries */
+	uint64_t section_size;  /* tally__pending_section_size(capacity) */
+	uint8_t reserved[32];
+};
+
+struct tally__pending_breaker {
+	_Atomic uint32_t seq;
+	_Atomic uint32_t state;                 /* enum tally__breaker_state */
+	_Atomic uint32_t consecutive_failures;  /* failed polls in a row */
+	_Atomic uint32_t connected;             /* 1 when the NATS connection is up */
+	_Atomic uint64_t opens_total;
+	_Atomic uint64_t polls_ok;
+	_Atomic uint64_t polls_failed;
+	_Atomic uint64_t skipped_overrun;       /* ticks skipped: a poll outlasted its interval */
+	_Atomic uint64_t skipped_open;          /* ticks skipped: breaker open */
+	_Atomic uint64_t since_ns;              /* CLOCK_MONOTONIC of the last state change */
+	_Atomic uint64_t last_ok_ns;            /* CLOCK_MONOTONIC of the last good poll, 0 never */
+	_Atomic uint64_t last_error[TALLY__PENDING_ERR_MAX / 8];
+	uint8_t reserved[56];
+};
+
+struct tally__pending_entry {
+	_Atomic uint32_t seq;
+	_Atomic uint32_t used;                  /* 1: entry describes a consumer */
+	_Atomic uint32_t source;                /* enum tally__pending_source */
+	_Atomic int32_t is_leader;              /* 1 yes, 0 no, -1 unknown */
+	_Atomic uint32_t consecutive_failures;
+	_Atomic uint32_t pad0;
+	_Atomic uint64_t num_pending;
+	_Atomic uint64_t num_ack_pending;
+	_Atomic uint64_t num_redelivered;
+	_Atomic uint64_t num_waiting;
+	_Atomic uint64_t delivered_stream_seq;
+	_Atomic uint64_t ack_floor_stream_seq;
+	_Atomic uint64_t last_ok_ns;            /* CLOCK_MONOTONIC of the last good refresh, 0 never */
+	_Atomic uint64_t stream[TALLY__PENDING_NAME_MAX / 8];
+	_Atomic uint64_t consumer[TALLY__PENDING_NAME_MAX / 8];
+	_Atomic uint64_t filter[TALLY__PENDING_SUBJ_MAX / 8];
+	_Atomic uint64_t map[TALLY__PENDING_SUBJ_MAX / 8];
+	_Atomic uint64_t last_error[TALLY__PENDING_ERR_MAX / 8];
+	uint8_t reserved[48];
+};
+
+_Static_assert(sizeof(struct tally__pending_header) == 64, "pending header is 64 bytes");
+_Static_assert(sizeof(struct tally__pending_breaker) == 256, "breaker block is 256 bytes");
+_Static_assert(sizeof(struct tally__pending_entry) == 1024, "pending entry is 1024 bytes");
+_Static_assert(offsetof(struct tally__pending_entry, num_pending) == 24, "entry layout");
+_Static_assert(offsetof(struct tally__pending_entry, stream) == 80, "entry layout");
+_Static_assert(offsetof(struct tally__pending_entry, last_error) == 848, "entry layout");
+_Static_assert(offsetof(struct tally__pending_breaker, last_error) == 72, "breaker layout");
+_Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
+	       "atomics have their plain size");
+
+/* ---- reader views: plain copies ---- */
+
+struct tally__pending_view {
+	uint32_t source;        /* enum tally__pending_source */
+	int32_t is_leader;
+	uint32_t consecutive_failures;
+	uint64_t num_pending;
+	uint64_t num_ack_pending;
+	uint64_t num_redelivered;
+	uint64_t num_waiting;
+	uint64_t delivered_stream_seq;
+	uint64_t ack_floor_stream_seq;
+	uint64_t last_ok_ns;    /* 0: never; age = now(CLOCK_MONOTONIC) - last_ok_ns */
+	char stream[TALLY__PENDING_NAME_MAX];
+	char consumer[TALLY__PENDING_NAME_MAX];
+	char filter[TALLY__PENDING_SUBJ_MAX];
+	char map[TALLY__PENDING_SUBJ_MAX];
+	char last_error[TALLY__PENDING_ERR_MAX];
+};
+
+struct tally__pending_breaker_view {
+	uint32_t state;         /* enum tally__breaker_state */
+	uint32_t consecutive_failures;
+	bool connected;
+	uint64_t opens_total;
+	uint64_t polls_ok;
+	uint64_t polls_failed;
+	uint64_t skipped_overrun;
+	uint64_t skipped_open;
+	uint64_t since_ns;
+	uint64_t last_ok_ns;
+	char last_error[TALLY__PENDING_ERR_MAX];
+};
+
+struct tally__pending_policy {
+	bool include_ack_pending;   /* backlog = num_pending + num_ack_pending (default true) */
+};
+
+#define TALLY__PENDING_POLICY_DEFAULT ((struct tally__pending_policy){ .include_ack_pending = true })
+
+struct tally__pending_result {
+	uint64_t backlog;       /* maximum over the live/cached matching entries; 0 if none */
+	uint32_t source;        /* least trustworthy among matches: never > cached > gone > live
+				 * (gone is a fact, zero backlog; cached is stale; never is no data) */
+	uint32_t matched;       /* matching entries */
+	uint64_t oldest_age_ns; /* largest now - last_ok_ns among matches; UINT64_MAX if one never refreshed */
+};
+
+/* ---- section management (owner side) ---- */
+
+/* Bytes needed for `capacity` entries; 0 if capacity is 0 or too large. */
+size_t tally__pending_section_size(uint32_t capacity);
+
+/*
+ * Format a section of `len` bytes (>= tally__pending_section_size(capacity),
+ * zeroed or not) before anyone reads it. Returns 0, -EINVAL. Not
+ * thread-safe: call before publishing the segment.
+ */
+int tally__pending_init(void *section, size_t len, uint32_t capacity);
+
+/*
+ * Validate a section read from shm. Returns its capacity (> 0) or -EBADMSG.
+ * Thread-safe, never blocks.
+ */
+int tally__pending_check(const void *section, size_t len);
+
+/* ---- readers (any thread, any process; never block; bounded retries) ---- */
+
+/*
+ * Consistent copy of entry idx. Returns 0, -ENOENT (unused entry), -ERANGE
+ * (idx >= capacity), -EBADMSG (corrupt section or entry), -EAGAIN (writer
+ * kept it busy for TALLY__PENDING_READ_TRIES tries).
+ */
+int tally__pending_read_entry(const void *section, size_t len, uint32_t idx,
+			      struct tally__pending_view *out);
+
+/* Consistent copy of the breaker block. Returns 0, -EBADMSG, -EAGAIN. */
+int tally__pending_read_breaker(const void *section, size_t len,
+				struct tally__pending_breaker_view *out);
+
+/*
+ * Combined backlog for `subject` (see the header comment). pol NULL means
+ * the default policy. Returns 0 (out->matched may be 0), -EBADMSG, or
+ * -EAGAIN if some matching entry could not be read consistently (the
+ * others are still combined into out). Cost: one pass over the capacity.
+ */
+int tally__pending_for_subject(const void *section, size_t len, const char *subject,
+			       const struct tally__pending_policy *pol,
+			       struct tally__pending_result *out);
+
+/* Short name of a source / breaker state ("live", "open", ...; "?" if out of range). */
+const char *tally__pending_source_name(uint32_t source);
+const char *tally__breaker_state_name(uint32_t state);
+
+/* ---- writer (the poller thread only) ---- */
+
+/* Fields the writer publishes; strings NUL-terminated (longer are truncated). */
+struct tally__pending_values {
+	uint32_t source;
+	int32_t is_leader;
+	uint32_t consecutive_failures;
+	uint64_t num_pending, num_ack_pending, num_redelivered, num_waiting;
+	uint64_t delivered_stream_seq, ack_floor_stream_seq;
+	uint64_t last_ok_ns;
+	const char *stream, *consumer, *filter, *map, *last_error;
+};
+
+struct tally__pending_entry *tally__pending_entry_at(void *section, uint32_t idx);
+struct tally__pending_breaker *tally__pending_breaker_at(void *section);
+
+/* Publish all fields of an entry (used = 1) / clear it (used = 0). */
+void tally__pending_write_entry(struct tally__pending_entry *e, const struct tally__pending_values *v);
+void tally__pending_clear_entry(struct tally__pending_entry *e);
+
+/* Publish the breaker block (from a plain view). */
+void tally__pending_write_breaker(struct tally__pending_breaker *b,
+				  const struct tally__pending_breaker_view *v);
+
+/* CLOCK_MONOTONIC in ns (system-wide on Linux: comparable across processes). */
+uint64_t tally__pending_now_ns(void);
+
+#endif /* TALLY_PENDING_H */

@@ -1,0 +1,86 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * proc.c: reads a process's start time from /proc/<pid>/stat and tells
+ * whether a process or thread is still the one we recorded. Used by the
+ * owner's reaper (every second at most), never on a hot path.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "proc.h"
+
+uint64_t tally__proc_start_time(pid_t pid)
+{
+	char path[64], buf[1024];
+	ssize_t n;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	/* comm (field 2) may hold spaces and parentheses: skip to the last ')'. */
+	char *p = strrchr(buf, ')');
+	if (!p)
+		return 0;
+	/* After ')' each space opens the next field: the first opens field 3,
+	 * so the 20th opens field 22, starttime. */
+	for (int spaces = 0; spaces < 20; spaces++) {
+		p = strchr(p + 1, ' ');
+		if (!p)
+			return 0;
+	}
+	return strtoull(p, NULL, 10);
+}
+
+bool tally__proc_alive(pid_t pid, uint64_t start_time)
+{
+	if (pid <= 0)
+		return false;
+	if (kill(pid, 0) != 0 && errno == ESRCH)
+		return false;
+	uint64_t st = tally__proc_start_time(pid);
+	/* A process we cannot read (hidepid) but that exists counts as alive. */
+	return st == 0 ? kill(pid, 0) == 0 || errno == EPERM : st == start_time;
+}
+
+bool tally__thread_alive(pid_t pid, pid_t tid)
+{
+	char path[64];
+	struct stat st;
+
+	snprintf(path, sizeof(path), "/proc/%d/task/%d", (int)pid, (int)tid);
+	return stat(path, &st) == 0;
+}
+
+static uint64_t clock_ns(clockid_t id)
+{
+	struct timespec ts;
+
+	clock_gettime(id, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t tally__mono_ns(void)
+{
+	return clock_ns(CLOCK_MONOTONIC);
+}
+
+uint64_t tally__real_ns(void)
+{
+	return clock_ns(CLOCK_REALTIME);
+}

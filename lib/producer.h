@@ -1,0 +1,52 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * producer.h (private): the owner's side of producer slots: draining a
+ * ring, and the reaper that notices dead producers and frees slots.
+ *
+ * Only the owner's aggregator thread calls these (one consumer per ring).
+ */
+#ifndef TALLY_LIB_PRODUCER_H
+#define TALLY_LIB_PRODUCER_H
+
+#include "segment.h"
+
+/*
+ * Entries ready in slot s: [*head, *head + n). The tail is loaded with
+ * acquire (pairs with the producer's release store), so the n entries are
+ * complete. A tail that is behind head or more than a ring ahead cannot
+ * come from a correct producer: the slot is resynchronised (head = tail),
+ * counted as corrupt, and 0 is returned.
+ */
+static inline uint64_t tally__slot_ready(const struct tally_segment *seg, struct tally__slot *s,
+					 uint64_t *head)
+{
+	uint64_t h = atomic_load_explicit(&s->head, memory_order_relaxed);
+	uint64_t t = atomic_load_explicit(&s->tail, memory_order_acquire);
+
+	*head = h;
+	if (__builtin_expect(t - h > seg->ring_cap, 0)) {
+		atomic_store_explicit(&s->head, t, memory_order_release);
+		atomic_fetch_add_explicit(&s->ctl.rejected, t - h, memory_order_relaxed);
+		return 0;
+	}
+	return t - h;
+}
+
+/* Hand n consumed entries back to the producer. Release: our reads of
+ * them happen before the producer may overwrite them. */
+static inline void tally__slot_consume(struct tally__slot *s, uint64_t head, uint64_t n)
+{
+	atomic_store_explicit(&s->head, head + n, memory_order_release);
+}
+
+struct tally__reap_stats {
+	uint32_t died;     /* ACTIVE slots found with their process or thread gone */
+	uint32_t released; /* RELEASING slots drained and freed */
+	uint32_t reused;   /* COOLING slots freed after the cool-off */
+};
+
+/* Walk every slot once: detect dead producers, free drained slots. Call
+ * after a drain pass, at most every few hundred ms (reads /proc). */
+void tally__slots_reap(struct tally_segment *seg, uint64_t now_ns, struct tally__reap_stats *st);
+
+#endif /* TALLY_LIB_PRODUCER_H */

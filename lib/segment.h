@@ -1,0 +1,65 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * segment.h (private): the in-process handle of a mapped segment and the
+ * bounds-checked accessors every other lib/ file uses to reach a section.
+ *
+ * The header is validated once, at open, and its layout numbers are
+ * copied into the handle. Later code indexes with those copies only, so a
+ * header scribbled on after open cannot move an access outside the
+ * mapping. Live words (states, counters, positions) are still read from
+ * the segment and each is checked where it is used.
+ */
+#ifndef TALLY_LIB_SEGMENT_H
+#define TALLY_LIB_SEGMENT_H
+
+#include <sys/types.h>
+#include <tally/segment.h>
+
+#include "shm_layout.h"
+
+#define TALLY__SEGMENT_MAGIC 0x5e6a11e7u
+
+struct tally_segment {
+	uint32_t magic; /* TALLY__SEGMENT_MAGIC while open */
+	bool read_only, is_owner, keep;
+	int fd;
+	unsigned char *base;
+	size_t len;
+	dev_t dev;
+	ino_t ino;
+	char name[TALLY_NAME_MAX + 1];
+	struct tally__shm_hdr *hdr;
+	/* validated copies of the layout */
+	uint32_t nslots, ring_cap, subject_cap, table_size, pending_cap, slot_stride, cooloff_ms;
+	uint64_t max_value_ns, generation, owner_start_time, created_ns;
+	pid_t owner_pid;
+	struct tally__section subjects, slots, pending, snapshot;
+};
+
+static inline struct tally__shm_subject *tally__seg_subject(const struct tally_segment *s, uint32_t i)
+{
+	return (struct tally__shm_subject *)(s->base + s->subjects.off) + i;
+}
+
+static inline struct tally__slot *tally__seg_slot(const struct tally_segment *s, uint32_t i)
+{
+	return (struct tally__slot *)(s->base + s->slots.off + (uint64_t)i * s->slot_stride);
+}
+
+static inline void *tally__seg_section(const struct tally_segment *s, const struct tally__section *sec)
+{
+	return s->base + sec->off;
+}
+
+/* Size of the subject hash table for a capacity: a power of two, at least
+ * twice the capacity, so probes stay short. */
+uint32_t tally__subject_table_size(uint32_t capacity);
+
+/* Owner's reaper for the subject table: entries claimed by a process
+ * that died before finishing the name become tombstones. */
+void tally__subjects_reap(struct tally_segment *seg);
+
+/* The pending section is pending.c's (tally__pending_section_size), the
+ * snapshot section snapshot.c's (tally__snapshot_section_size). */
+
+#endif /* TALLY_LIB_SEGMENT_H */

@@ -1,0 +1,154 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * shm_layout.h: the layout of the shared-memory segment. NOT PUBLIC: no
+ * installed header includes it, and nothing outside lib/ may depend on it.
+ *
+ *   +-------------------------+ 0
+ *   | header (4 KiB)          |  magic, ABI, sizes and offsets of every
+ *   |                         |  section, owner identity, ready word (last)
+ *   +-------------------------+ subjects.off
+ *   | subject table           |  subject_cap entries, open addressing
+ *   +-------------------------+ slots.off
+ *   | producer slots          |  nslots x slot_stride: control block,
+ *   |                         |  tail, counters, head (each 128 B), ring
+ *   +-------------------------+ pending.off
+ *   | pending table           |  poller's view of JetStream consumers
+ *   +-------------------------+ snapshot.off
+ *   | snapshot area           |  aggregator's published stats (latch)
+ *   +-------------------------+ total_size
+ *
+ * Every section starts on a 4 KiB boundary. Any change of the layout bumps
+ * TALLY__ABI_MAJOR (incompatible) or TALLY__ABI_MINOR (fields appended
+ * that old readers may ignore). Readers trust none of it: segment.c checks
+ * every offset and size against the mapped length before use.
+ *
+ * Words shared between processes are C11 atomics. 128-byte blocks keep a
+ * word written by one side off the cache lines (and the adjacent-line
+ * prefetch pair) that the other side writes.
+ */
+#ifndef TALLY_SHM_LAYOUT_H
+#define TALLY_SHM_LAYOUT_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <tally/record.h>
+
+#define TALLY__MAGIC 0x314d4853594c4c41ULL /* "ALLYSHM1" little-endian, "tally shm" v1 */
+#define TALLY__ABI_MAJOR 1u
+#define TALLY__ABI_MINOR 0u
+#define TALLY__READY 0x52454459u /* "READ": the ready word's value once complete */
+#define TALLY__HDR_SIZE 4096u
+#define TALLY__SECTION_ALIGN 4096u
+#define TALLY__BLOCK 128u
+
+struct tally__section {
+	uint64_t off;
+	uint64_t size;
+};
+
+enum tally__owner_state {
+	TALLY__OWNER_RUNNING = 1,
+	TALLY__OWNER_STOPPED = 2, /* closed cleanly */
+};
+
+struct tally__shm_hdr {
+	uint64_t magic;
+	uint32_t abi_major;
+	uint32_t abi_minor;
+	uint64_t total_size;
+	uint32_t hdr_size;
+	uint32_t flags;
+	int32_t owner_pid;
+	uint32_t mode;
+	uint64_t owner_start_time;
+	uint64_t generation;
+	uint64_t created_ns;
+	/* configuration the sizes derive from */
+	uint32_t nslots;
+	uint32_t ring_cap;
+	uint32_t subject_cap;
+	uint32_t pending_cap;
+	uint64_t max_value_ns;
+	uint32_t cooloff_ms;
+	uint32_t slot_stride;
+	uint32_t subject_entry_size;
+	uint32_t reserved0;
+	struct tally__section subjects, slots, pending, snapshot;
+	/* live words */
+	_Atomic uint64_t owner_heartbeat_ns; /* CLOCK_MONOTONIC, stored by the owner */
+	_Atomic uint32_t owner_state;
+	_Atomic uint32_t subjects_used;
+	_Atomic uint32_t ready; /* TALLY__READY, stored last with release */
+};
+_Static_assert(sizeof(struct tally__shm_hdr) <= TALLY__HDR_SIZE, "header fits its page");
+_Static_assert(offsetof(struct tally__shm_hdr, magic) == 0, "magic first");
+_Static_assert(offsetof(struct tally__shm_hdr, abi_major) == 8, "ABI at a fixed place for all versions");
+_Static_assert(sizeof(_Atomic uint64_t) == sizeof(uint64_t), "atomic words have plain layout");
+
+/* Subject table entry. state goes EMPTY -> CLAIMED (by one CAS) -> READY
+ * (release, after the name is written). Entries are never removed. */
+enum tally__subject_state {
+	TALLY__SUBJ_EMPTY = 0,
+	TALLY__SUBJ_CLAIMED = 1,
+	TALLY__SUBJ_READY = 2,
+};
+
+struct tally__shm_subject {
+	_Atomic uint32_t state;
+	uint32_t hash;
+	_Atomic int32_t claimer_pid;
+	uint16_t len;
+	uint16_t reserved;
+	char name[256]; /* NUL-terminated, len bytes */
+};
+_Static_assert(sizeof(struct tally__shm_subject) == 272, "subject entry size");
+
+/* Producer slot life cycle. Transitions (who):
+ *   FREE -> CLAIMING (producer, CAS) -> ACTIVE (producer)
+ *   ACTIVE -> RELEASING (producer detach)  -> FREE (owner, once drained)
+ *   ACTIVE -> DEAD (owner: process or thread gone) -> COOLING (owner,
+ *   drained) -> FREE (owner, after the cool-off) */
+enum tally__slot_state {
+	TALLY__SLOT_FREE = 0,
+	TALLY__SLOT_CLAIMING = 1,
+	TALLY__SLOT_ACTIVE = 2,
+	TALLY__SLOT_RELEASING = 3,
+	TALLY__SLOT_DEAD = 4,
+	TALLY__SLOT_COOLING = 5,
+};
+
+struct tally__slot_ctl { /* block 0: written at claim/release and by the owner's reaper */
+	_Atomic uint32_t state;
+	_Atomic int32_t pid;
+	_Atomic int32_t tid;
+	uint32_t reserved;
+	_Atomic uint64_t start_time;   /* of pid, /proc clock ticks */
+	_Atomic uint64_t claims;       /* how many times the slot was claimed */
+	_Atomic uint64_t heartbeat_ns; /* CLOCK_MONOTONIC */
+	_Atomic uint64_t base;         /* tail when the current claim began */
+	_Atomic uint64_t since_ns;     /* CLOCK_MONOTONIC of the last state change */
+	_Atomic uint64_t dead_drained; /* samples drained after the owner died (all claims) */
+	_Atomic uint64_t rejected;     /* entries with an unknown subject id (all claims) */
+};
+
+struct tally__slot {
+	struct tally__slot_ctl ctl;
+	char pad0[TALLY__BLOCK - sizeof(struct tally__slot_ctl)];
+	_Atomic uint64_t tail; /* block 1: stored by the producer, release */
+	char pad1[TALLY__BLOCK - sizeof(uint64_t)];
+	_Atomic uint64_t dropped; /* block 2: producer's rare counters (plain stores) */
+	_Atomic uint64_t clamped;
+	char pad2[TALLY__BLOCK - 2 * sizeof(uint64_t)];
+	_Atomic uint64_t head; /* block 3: stored by the aggregator, release */
+	char pad3[TALLY__BLOCK - sizeof(uint64_t)];
+	struct tally_ring_entry ring[]; /* ring_cap entries */
+};
+_Static_assert(sizeof(struct tally__slot_ctl) <= TALLY__BLOCK, "slot control fits a block");
+_Static_assert(offsetof(struct tally__slot, tail) == 1 * TALLY__BLOCK, "tail block");
+_Static_assert(offsetof(struct tally__slot, dropped) == 2 * TALLY__BLOCK, "counter block");
+_Static_assert(offsetof(struct tally__slot, head) == 3 * TALLY__BLOCK, "head block");
+_Static_assert(offsetof(struct tally__slot, ring) == 4 * TALLY__BLOCK, "ring after the blocks");
+_Static_assert(sizeof(struct tally_ring_entry) == 16, "ring entry is 16 bytes");
+
+#endif /* TALLY_SHM_LAYOUT_H */

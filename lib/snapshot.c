@@ -1,0 +1,93 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * snapshot.c: the latch behind cross-process snapshots (see snapshot.h for
+ * the protocol). The writer is the aggregator thread; readers are any
+ * thread of any process, mapping the segment read-only.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <string.h>
+
+#include "common.h"
+#include "snapshot.h"
+
+uint64_t tally__snapshot_section_size(uint32_t nentries)
+{
+	return sizeof(struct tally__snap_hdr) + 2ull * nentries * sizeof(struct tally__snap_entry);
+}
+
+void tally__snapshot_section_init(void *section, uint64_t len, uint32_t nentries)
+{
+	struct tally__snap_hdr *h = section;
+
+	TALLY__ASSERT(len >= tally__snapshot_section_size(nentries));
+	h->magic = TALLY__SNAP_MAGIC;
+	h->nentries = nentries;
+	h->entry_size = sizeof(struct tally__snap_entry);
+	atomic_store_explicit(&h->seq, 0, memory_order_relaxed);
+}
+
+int tally__snapshot_check(const void *section, uint64_t len, uint32_t want_entries)
+{
+	const struct tally__snap_hdr *h = section;
+
+	if (len < sizeof(*h) || h->magic != TALLY__SNAP_MAGIC || h->nentries != want_entries ||
+	    h->entry_size != sizeof(struct tally__snap_entry) ||
+	    tally__snapshot_section_size(h->nentries) > len)
+		return TALLY_ECORRUPT;
+	return 0;
+}
+
+static struct tally__snap_entry *copy_of(const void *section, uint32_t nentries, uint64_t idx)
+{
+	struct tally__snap_entry *e = (struct tally__snap_entry *)((const char *)section +
+								   sizeof(struct tally__snap_hdr));
+	return e + idx * nentries;
+}
+
+void tally__snapshot_writer_init(struct tally__snap_writer *w, void *section)
+{
+	w->hdr = section;
+	w->nentries = w->hdr->nentries;
+	w->copies[0] = copy_of(section, w->nentries, 0);
+	w->copies[1] = copy_of(section, w->nentries, 1);
+}
+
+uint32_t tally__snapshot_write_begin(struct tally__snap_writer *w)
+{
+	uint64_t seq = atomic_load_explicit(&w->hdr->seq, memory_order_relaxed) + 1;
+
+	/* Release store: the copy written before (the other one) is complete
+	 * before readers are sent to it. Release fence: this new seq is ordered
+	 * before our stores into the copy we now rewrite, so a reader that sees
+	 * any of them sees seq move and retries. */
+	atomic_store_explicit(&w->hdr->seq, seq, memory_order_release);
+	atomic_thread_fence(memory_order_release);
+	return (uint32_t)((seq & 1) ^ 1); /* odd: readers on copy 1, write 0 */
+}
+
+int tally__snapshot_read(const void *section, uint32_t nentries, uint32_t id,
+			 uint64_t words[TALLY__SW_WORDS], uint64_t meta[8])
+{
+	struct tally__snap_hdr *h = (struct tally__snap_hdr *)section;
+
+	if (id >= nentries)
+		return -ERANGE;
+	for (int tries = 0; tries < TALLY__SNAP_READ_TRIES; tries++) {
+		uint64_t seq = atomic_load_explicit(&h->seq, memory_order_acquire);
+		uint64_t idx = seq & 1; /* odd: copy 0 is being written, read 1 */
+		const struct tally__snap_entry *e = copy_of(section, nentries, idx) + id;
+		for (int i = 0; i < TALLY__SW_WORDS; i++)
+			words[i] = atomic_load_explicit(&e->w[i], memory_order_relaxed);
+		if (meta) {
+			const _Atomic uint64_t *m = &h->meta[idx].published_mono_ns;
+			for (int i = 0; i < 8; i++)
+				meta[i] = atomic_load_explicit(&m[i], memory_order_relaxed);
+		}
+		atomic_thread_fence(memory_order_acquire);
+		if (atomic_load_explicit(&h->seq, memory_order_relaxed) == seq)
+			return 0;
+	}
+	return TALLY_EBUSY_RETRY;
+}

@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * snapshot.h (private): the snapshot section of the segment, through which
+ * the aggregator publishes every subject's window statistics and verdict
+ * to readers in other processes.
+ *
+ * It is a latch (two copies and one sequence number), the variant of the
+ * seqlock that never makes a reader wait for the writer: readers read copy
+ * seq & 1, and the writer only rewrites the other one. While it rewrites
+ * copy 0 the sequence is odd; then it increments it (readers move to the
+ * fresh copy 0) and rewrites copy 1. A reader loads the sequence (acquire), reads the copy
+ * seq & 1, and accepts it if the sequence has not moved (after an acquire
+ * fence); otherwise it retries, a bounded number of times. Every shared
+ * word is a C11 atomic accessed relaxed, with the fences ordering them, so
+ * a reader racing the writer discards a torn copy and ThreadSanitizer sees
+ * no data race.
+ *
+ * Entries are indexed by subject id (the subject table's index), so one
+ * subject's read touches one 192-byte entry, two sequence loads and the
+ * copy's metadata.
+ */
+#ifndef TALLY_LIB_SNAPSHOT_H
+#define TALLY_LIB_SNAPSHOT_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define TALLY__SNAP_MAGIC 0x50414e53u /* "SNAP" */
+#define TALLY__SNAP_READ_TRIES 64
+
+/* The words of one subject's published entry, in order. */
+enum tally__snap_word {
+	TALLY__SW_FLAGS,        /* see TALLY__SF_* */
+	TALLY__SW_COUNT,        /* samples in the window */
+	TALLY__SW_SUM,
+	TALLY__SW_MIN,
+	TALLY__SW_MAX,
+	TALLY__SW_P50,
+	TALLY__SW_P90,
+	TALLY__SW_P95,
+	TALLY__SW_P99,
+	TALLY__SW_P999,
+	TALLY__SW_RATE_MILLI,   /* samples per second x 1000 */
+	TALLY__SW_TOTAL_COUNT,  /* since start */
+	TALLY__SW_TOTAL_SUM,
+	TALLY__SW_PENDING,      /* backlog of the matching consumers */
+	TALLY__SW_PENDING_AGE,  /* ns since its last good refresh; UINT64_MAX never */
+	TALLY__SW_VERDICT,      /* verdict | reasons << 8 | pending source << 16 | matched << 32 */
+	TALLY__SW_VERDICT_SINCE,/* CLOCK_MONOTONIC ns when the verdict began */
+	TALLY__SW_RETRY_AFTER,  /* ms, hint for gateways */
+	TALLY__SW_DECIDED_P95,  /* the latency the verdict looked at */
+	TALLY__SW_DECIDED_PENDING,
+	TALLY__SW_CLAMPED,      /* clamped values since start */
+	TALLY__SW_RESERVED1,
+	TALLY__SW_RESERVED2,
+	TALLY__SW_RESERVED3,
+	TALLY__SW_WORDS
+};
+
+#define TALLY__SF_PRESENT   0x1u /* the subject exists and was published */
+#define TALLY__SF_QUANTILES 0x2u /* count > 0: quantiles, min, max are meaningful */
+
+struct tally__snap_entry {
+	_Atomic uint64_t w[TALLY__SW_WORDS];
+};
+
+struct tally__snap_meta {
+	_Atomic uint64_t published_mono_ns;
+	_Atomic uint64_t published_real_ns;
+	_Atomic uint64_t publish_count;
+	_Atomic uint64_t subjects_present;
+	_Atomic uint64_t window_ns;
+	_Atomic uint64_t reserved[3];
+};
+
+struct tally__snap_hdr {
+	uint32_t magic;
+	uint32_t nentries;   /* subject table size */
+	uint32_t entry_size; /* sizeof(struct tally__snap_entry) */
+	uint32_t reserved0;
+	_Atomic uint64_t seq;
+	uint64_t reserved1[5];
+	struct tally__snap_meta meta[2];
+};
+_Static_assert(sizeof(struct tally__snap_entry) == 192, "snapshot entry size");
+_Static_assert(sizeof(struct tally__snap_hdr) % 64 == 0, "entries start on a cache line");
+
+uint64_t tally__snapshot_section_size(uint32_t nentries);
+void tally__snapshot_section_init(void *section, uint64_t len, uint32_t nentries);
+
+/* Validate a mapped section; nentries out. 0 or TALLY_ECORRUPT. */
+int tally__snapshot_check(const void *section, uint64_t len, uint32_t want_entries);
+
+/* Writer (one thread). A publish is two halves: begin (seq becomes odd,
+ * readers go to copy 1), fill the copy returned (0); begin again (seq even,
+ * readers go to the fresh copy 0), fill the copy returned (1). */
+struct tally__snap_writer {
+	struct tally__snap_hdr *hdr;
+	struct tally__snap_entry *copies[2];
+	uint32_t nentries;
+};
+void tally__snapshot_writer_init(struct tally__snap_writer *w, void *section);
+uint32_t tally__snapshot_write_begin(struct tally__snap_writer *w);
+
+/* Reader: consistent copy of entry id (words) and of the meta of the copy
+ * it came from. 0, -ERANGE, TALLY_EBUSY_RETRY. */
+int tally__snapshot_read(const void *section, uint32_t nentries, uint32_t id,
+			 uint64_t words[TALLY__SW_WORDS], uint64_t meta[8]);
+
+#endif /* TALLY_LIB_SNAPSHOT_H */

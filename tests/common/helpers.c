@@ -1,0 +1,134 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * helpers.c: see helpers.h. Uses the library's private layout (lib/) on
+ * purpose: the drainer and slot views are how tests check accounting
+ * against what is really in the segment.
+ */
+#include "config.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/helpers.h"
+#include "producer.h"
+#include "proc.h"
+#include "segment.h"
+
+const char *tt_segname(const char *tag)
+{
+	static _Atomic unsigned counter;
+	static __thread char buf[128];
+
+	snprintf(buf, sizeof(buf), "tt-%s-%d-%u", tag, (int)getpid(), atomic_fetch_add(&counter, 1));
+	return buf;
+}
+
+void tt_config(struct tally_segment_config *cfg)
+{
+	tally_segment_config_init(cfg);
+	cfg->producer_slots = 16;
+	cfg->ring_capacity = 1024;
+	cfg->subject_capacity = 256;
+	cfg->pending_capacity = 16;
+	cfg->producer_cooloff_ms = 50;
+}
+
+void tt_sleep_ms(unsigned ms)
+{
+	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+
+	while (nanosleep(&ts, &ts) != 0)
+		;
+}
+
+uint64_t tt_drain_once(struct tt_drainer *d, bool reap)
+{
+	struct tally_segment *seg = d->seg;
+	uint64_t n_all = 0;
+
+	for (uint32_t i = 0; i < seg->nslots; i++) {
+		struct tally__slot *s = tally__seg_slot(seg, i);
+		uint64_t head, n = tally__slot_ready(seg, s, &head);
+
+		for (uint64_t k = 0; k < n; k++) {
+			const struct tally_ring_entry *e = &s->ring[(head + k) & (seg->ring_cap - 1)];
+			if (e->subject >= TT_MAX_SUBJECTS) {
+				atomic_fetch_add(&d->rejected, 1);
+				continue;
+			}
+			atomic_fetch_add_explicit(&d->per_subject[e->subject], 1, memory_order_relaxed);
+			atomic_fetch_add_explicit(&d->sum, e->value_ns, memory_order_relaxed);
+			if (e->value_ns > atomic_load(&d->max_seen))
+				atomic_store(&d->max_seen, e->value_ns);
+		}
+		if (n)
+			tally__slot_consume(s, head, n);
+		n_all += n;
+	}
+	atomic_fetch_add(&d->total, n_all);
+	if (reap) {
+		struct tally__reap_stats st;
+		tally__slots_reap(seg, tally__mono_ns(), &st);
+		atomic_fetch_add(&d->died, st.died);
+		atomic_fetch_add(&d->released, st.released);
+		atomic_fetch_add(&d->reused, st.reused);
+	}
+	return n_all;
+}
+
+void tt_drainer_init(struct tt_drainer *d, struct tally_segment *seg)
+{
+	memset(d, 0, sizeof(*d));
+	d->seg = seg;
+	d->reap_every_ms = 5;
+}
+
+static void *drain_loop(void *arg)
+{
+	struct tt_drainer *d = arg;
+	uint64_t last_reap = 0;
+
+	while (!atomic_load(&d->stop)) {
+		uint64_t now = tally__mono_ns();
+		bool reap = now - last_reap >= (uint64_t)d->reap_every_ms * 1000000u;
+		if (reap)
+			last_reap = now;
+		if (tt_drain_once(d, reap) == 0)
+			usleep(100);
+	}
+	tt_drain_once(d, true);
+	return NULL;
+}
+
+void tt_drainer_start(struct tt_drainer *d)
+{
+	atomic_store(&d->stop, false);
+	pthread_create(&d->thread, NULL, drain_loop, d);
+	atomic_store(&d->running, true);
+}
+
+void tt_drainer_stop(struct tt_drainer *d)
+{
+	if (!atomic_load(&d->running))
+		return;
+	atomic_store(&d->stop, true);
+	pthread_join(d->thread, NULL);
+	atomic_store(&d->running, false);
+}
+
+void tt_slot_view(struct tally_segment *seg, uint32_t i, struct tt_slot_view *o)
+{
+	struct tally__slot *s = tally__seg_slot(seg, i);
+
+	o->state = atomic_load(&s->ctl.state);
+	o->pid = atomic_load(&s->ctl.pid);
+	o->tid = atomic_load(&s->ctl.tid);
+	o->tail = atomic_load(&s->tail);
+	o->head = atomic_load(&s->head);
+	o->dropped = atomic_load(&s->dropped);
+	o->clamped = atomic_load(&s->clamped);
+	o->base = atomic_load(&s->ctl.base);
+	o->claims = atomic_load(&s->ctl.claims);
+}

@@ -1,0 +1,55 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * helpers.h: what the tests share: unique segment names, a segment with
+ * test-sized defaults, and a drainer that plays the aggregator's part of
+ * consumer of every ring (with exact per-subject accounting), for tests of
+ * recording that must not depend on the aggregator.
+ */
+#ifndef TALLY_TEST_HELPERS_H
+#define TALLY_TEST_HELPERS_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <tally/tally.h>
+
+/* "tt-<tag>-<pid>-<n>": unique per call, cleaned by tt_cleanup_segments(). */
+const char *tt_segname(const char *tag);
+
+/* Test-sized config: 16 slots, 1024-entry rings, 256 subjects, 16 pending,
+ * cool-off 50 ms. */
+void tt_config(struct tally_segment_config *cfg);
+
+#define TT_MAX_SUBJECTS 1024
+
+struct tt_drainer {
+	struct tally_segment *seg;
+	pthread_t thread;
+	atomic_bool stop;
+	atomic_bool running;
+	uint32_t reap_every_ms;
+	/* results, read after tt_drainer_stop() or under your own sync */
+	_Atomic uint64_t per_subject[TT_MAX_SUBJECTS];
+	_Atomic uint64_t total, sum, rejected, max_seen;
+	_Atomic uint64_t died, released, reused;
+};
+
+/* One pass over every ring, then (if reap) the reaper. Returns entries drained. */
+uint64_t tt_drain_once(struct tt_drainer *d, bool reap);
+void tt_drainer_init(struct tt_drainer *d, struct tally_segment *seg);
+void tt_drainer_start(struct tt_drainer *d);
+void tt_drainer_stop(struct tt_drainer *d);
+
+/* Sleep ms milliseconds. */
+void tt_sleep_ms(unsigned ms);
+
+/* Recorded/dropped/clamped counters of slot i as the segment holds them. */
+struct tt_slot_view {
+	uint32_t state;
+	int32_t pid, tid;
+	uint64_t tail, head, dropped, clamped, base, claims;
+};
+void tt_slot_view(struct tally_segment *seg, uint32_t i, struct tt_slot_view *out);
+
+#endif

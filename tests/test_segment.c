@@ -1,0 +1,365 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * test_segment.c: creating and attaching segments: names, sizes, modes,
+ * header and version checks, readiness, dead and live owners, /dev/shm
+ * space, and permissions.
+ */
+#include "config.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common/helpers.h"
+#include "shm_layout.h"
+
+static struct tally_segment *make(const char *name)
+{
+	struct tally_segment_config cfg;
+	struct tally_segment *seg = NULL;
+
+	tt_config(&cfg);
+	cr_assert_eq(tally_segment_create(name, &cfg, 0, &seg), 0, "%s", tally_errmsg());
+	return seg;
+}
+
+static bool shm_exists(const char *name)
+{
+	char path[256];
+	struct stat st;
+
+	snprintf(path, sizeof(path), "/dev/shm/%s", name);
+	return stat(path, &st) == 0;
+}
+
+Test(segment, names)
+{
+	cr_expect_eq(tally_segment_name_validate("tally"), 0);
+	cr_expect_eq(tally_segment_name_validate("a-b_c.1"), 0);
+	const char *bad[] = { "", "a/b", "..", ".", "a..b", "a b", "x\n", "ä" };
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		cr_expect_eq(tally_segment_name_validate(bad[i]), TALLY_EBADNAME, "'%s'", bad[i]);
+	char longname[TALLY_NAME_MAX + 2];
+	memset(longname, 'a', sizeof(longname) - 1);
+	longname[sizeof(longname) - 1] = '\0';
+	cr_expect_eq(tally_segment_name_validate(longname), TALLY_EBADNAME);
+	struct tally_segment *seg;
+	cr_expect_eq(tally_segment_create("../etc", NULL, 0, &seg), TALLY_EBADNAME);
+	cr_expect_eq(tally_segment_open("a/b", TALLY_OPEN_READER, 0, &seg), TALLY_EBADNAME);
+}
+
+Test(segment, create_open_info_close)
+{
+	const char *name = tt_segname("basic");
+	struct tally_segment *seg = make(name), *rd;
+	struct tally_segment_info a, b;
+	struct stat st;
+	char path[256];
+
+	cr_assert_eq(tally_segment_info(seg, &a), 0);
+	cr_expect_eq(a.owner_pid, getpid());
+	cr_expect(a.owner_alive);
+	cr_expect(a.is_owner);
+	cr_expect_neq(a.generation, 0);
+	cr_expect_eq(a.abi_major, TALLY__ABI_MAJOR);
+	struct tally_segment_config cfg;
+	tt_config(&cfg);
+	cr_expect_eq(a.total_size, tally_segment_size(&cfg));
+	snprintf(path, sizeof(path), "/dev/shm/%s", name);
+	cr_assert_eq(stat(path, &st), 0);
+	cr_expect_eq(st.st_mode & 0777, 0600, "mode %o", st.st_mode & 0777);
+	cr_expect_eq((uint64_t)st.st_size, a.total_size);
+	/* fully reserved: blocks allocated for the whole size */
+	cr_expect_geq((uint64_t)st.st_blocks * 512, a.total_size);
+
+	cr_assert_eq(tally_segment_open(name, TALLY_OPEN_READER, 100, &rd), 0, "%s", tally_errmsg());
+	cr_assert_eq(tally_segment_info(rd, &b), 0);
+	cr_expect_eq(b.generation, a.generation);
+	cr_expect_eq(b.owner_pid, a.owner_pid);
+	cr_expect(b.read_only);
+	cr_expect(!b.is_owner);
+	cr_expect_eq(tally_segment_owner_alive(rd), 1);
+	tally_subject_t id;
+	cr_expect_eq(tally_subject_intern(rd, "x", &id), -EROFS);
+	struct tally_producer *p;
+	cr_expect_eq(tally_producer_attach(rd, &p), -EROFS);
+
+	tally_segment_close(&seg);
+	cr_expect_null(seg);
+	cr_expect(!shm_exists(name), "owner's close removes the name");
+	cr_expect_eq(tally_segment_owner_alive(rd), TALLY_EREPLACED, "name gone: not ours any more");
+	tally_segment_close(&rd);
+	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), -ENOENT);
+	cr_expect(strstr(tally_errmsg(), "is its owner"), "%s", tally_errmsg());
+}
+
+Test(segment, keep_and_group_mode)
+{
+	struct tally_segment_config cfg;
+	struct tally_segment *seg;
+	const char *name = tt_segname("keep");
+	char path[256];
+	struct stat st;
+
+	tt_config(&cfg);
+	cfg.group_readable = 1;
+	cr_assert_eq(tally_segment_create(name, &cfg, 0, &seg), 0);
+	snprintf(path, sizeof(path), "/dev/shm/%s", name);
+	cr_assert_eq(stat(path, &st), 0);
+	cr_expect_eq(st.st_mode & 0777, 0640);
+	tally_segment_keep(seg, true);
+	tally_segment_close(&seg);
+	cr_expect(shm_exists(name));
+	struct tally_segment *rd;
+	cr_assert_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), 0);
+	cr_expect_eq(tally_segment_owner_alive(rd), 0, "stopped cleanly: not alive");
+	tally_segment_close(&rd);
+	cr_expect_eq(tally_segment_unlink(name), 0);
+}
+
+Test(segment, live_owner_refuses_second_create)
+{
+	const char *name = tt_segname("live");
+	struct tally_segment *seg = make(name), *again;
+
+	cr_expect_eq(tally_segment_create(name, NULL, TALLY_CREATE_REPLACE_DEAD, &again), -EBUSY);
+	cr_expect(strstr(tally_errmsg(), "live process"), "%s", tally_errmsg());
+	cr_expect(shm_exists(name), "the live segment is untouched");
+	tally_segment_close(&seg);
+}
+
+Test(segment, dead_owner_reported_and_replaced_on_request)
+{
+	const char *name = tt_segname("dead");
+	pid_t child = fork();
+
+	if (child == 0) {
+		struct tally_segment_config cfg;
+		struct tally_segment *s;
+		tt_config(&cfg);
+		if (tally_segment_create(name, &cfg, 0, &s) != 0)
+			_exit(1);
+		raise(SIGKILL);
+	}
+	int status;
+	waitpid(child, &status, 0);
+	cr_assert(WIFSIGNALED(status), "child died by SIGKILL");
+	cr_assert(shm_exists(name));
+
+	struct tally_segment *rd, *seg;
+	cr_assert_eq(tally_segment_open(name, TALLY_OPEN_READER, 100, &rd), 0, "%s", tally_errmsg());
+	cr_expect_eq(tally_segment_owner_alive(rd), 0);
+	struct tally_segment_info old;
+	tally_segment_info(rd, &old);
+	cr_expect_eq(old.owner_pid, child);
+	cr_expect(!old.owner_alive);
+	tally_segment_close(&rd);
+
+	cr_expect_eq(tally_segment_create(name, NULL, 0, &seg), TALLY_EOWNERDEAD);
+	char want[64];
+	snprintf(want, sizeof(want), "pid %d", (int)child);
+	cr_expect(strstr(tally_errmsg(), want), "%s", tally_errmsg());
+	cr_assert_eq(tally_segment_create(name, NULL, TALLY_CREATE_REPLACE_DEAD, &seg), 0, "%s",
+		     tally_errmsg());
+	struct tally_segment_info now;
+	tally_segment_info(seg, &now);
+	cr_expect_neq(now.generation, old.generation);
+	cr_expect_eq(now.owner_pid, getpid());
+	tally_segment_close(&seg);
+}
+
+/* Map a kept segment read-write to damage it. */
+static struct tally__shm_hdr *map_raw(const char *name, size_t *len)
+{
+	char path[256];
+	struct stat st;
+
+	snprintf(path, sizeof(path), "/%s", name);
+	int fd = shm_open(path, O_RDWR, 0);
+	cr_assert_geq(fd, 0);
+	fstat(fd, &st);
+	*len = (size_t)st.st_size;
+	void *p = mmap(NULL, *len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	close(fd);
+	cr_assert_neq(p, MAP_FAILED);
+	return p;
+}
+
+static const char *kept(void)
+{
+	const char *name = tt_segname("hdr");
+	struct tally_segment *seg = make(name);
+
+	tally_segment_keep(seg, true);
+	tally_segment_close(&seg);
+	return name;
+}
+
+Test(segment, wrong_magic)
+{
+	const char *name = kept();
+	size_t len;
+	struct tally__shm_hdr *h = map_raw(name, &len);
+	struct tally_segment *rd;
+
+	h->magic ^= 1;
+	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), TALLY_ECORRUPT);
+	cr_expect(strstr(tally_errmsg(), "not a tally segment"), "%s", tally_errmsg());
+	munmap(h, len);
+	tally_segment_unlink(name);
+}
+
+Test(segment, wrong_major_gives_both_versions)
+{
+	const char *name = kept();
+	size_t len;
+	struct tally__shm_hdr *h = map_raw(name, &len);
+	struct tally_segment *rd;
+
+	h->abi_major = 7;
+	h->abi_minor = 3;
+	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), TALLY_EVERSION);
+	cr_expect(strstr(tally_errmsg(), "7.3"), "%s", tally_errmsg());
+	char mine[16];
+	snprintf(mine, sizeof(mine), "%u.%u", TALLY__ABI_MAJOR, TALLY__ABI_MINOR);
+	cr_expect(strstr(tally_errmsg(), mine), "%s", tally_errmsg());
+	munmap(h, len);
+	tally_segment_unlink(name);
+}
+
+Test(segment, not_ready_waits_a_bounded_time)
+{
+	const char *name = kept();
+	size_t len;
+	struct tally__shm_hdr *h = map_raw(name, &len);
+	struct tally_segment *rd;
+
+	atomic_store(&h->ready, 0);
+	uint64_t t0 = tally_now_ns();
+	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 150, &rd), TALLY_ENOTREADY);
+	uint64_t waited = tally_now_ns() - t0;
+	cr_expect_geq(waited, 140u * 1000000u, "waited %llu ns", (unsigned long long)waited);
+	cr_expect_lt(waited, 5000u * 1000000ull, "bounded");
+	/* becoming ready while a reader waits */
+	pid_t child = fork();
+	if (child == 0) {
+		tt_sleep_ms(50);
+		atomic_store(&h->ready, TALLY__READY);
+		_exit(0);
+	}
+	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 3000, &rd), 0, "%s", tally_errmsg());
+	waitpid(child, NULL, 0);
+	tally_segment_close(&rd);
+	munmap(h, len);
+	tally_segment_unlink(name);
+}
+
+Test(segment, inconsistent_sections_are_corrupt)
+{
+	const char *name = kept();
+	size_t len;
+	struct tally__shm_hdr *h = map_raw(name, &len);
+	struct tally_segment *rd;
+
+	h->slots.off += 4096; /* points elsewhere than the config implies */
+	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), TALLY_ECORRUPT);
+	h->slots.off -= 4096;
+	h->ring_cap = 1000; /* not a power of two */
+	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), TALLY_ECORRUPT);
+	h->ring_cap = 1u << 20; /* valid, but the mapping is too small for it */
+	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), TALLY_ECORRUPT);
+	munmap(h, len);
+	tally_segment_unlink(name);
+}
+
+Test(segment, too_small_object_is_not_ready)
+{
+	const char *name = tt_segname("tiny");
+	char path[256];
+	struct tally_segment *rd;
+
+	snprintf(path, sizeof(path), "/%s", name);
+	int fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(ftruncate(fd, 100), 0);
+	close(fd);
+	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 50, &rd), TALLY_ENOTREADY);
+	tally_segment_unlink(name);
+}
+
+Test(segment, full_dev_shm_fails_at_start_with_sizes)
+{
+	struct tally_segment_config cfg;
+	struct tally_segment *seg;
+	const char *name = tt_segname("big");
+
+	tt_config(&cfg);
+	cfg.producer_slots = 4096;
+	cfg.ring_capacity = 1u << 24; /* 4096 x 256 MiB: more than any /dev/shm */
+	cr_expect_eq(tally_segment_create(name, &cfg, 0, &seg), -ENOSPC);
+	cr_expect(strstr(tally_errmsg(), "/dev/shm"), "%s", tally_errmsg());
+	cr_expect(strstr(tally_errmsg(), "needs"), "%s", tally_errmsg());
+	cr_expect(strstr(tally_errmsg(), "free"), "%s", tally_errmsg());
+	cr_expect(!shm_exists(name), "nothing left behind");
+}
+
+Test(segment, bad_config)
+{
+	struct tally_segment_config cfg;
+	struct tally_segment *seg;
+
+	tt_config(&cfg);
+	cfg.ring_capacity = 1000;
+	cr_expect_eq(tally_segment_create(tt_segname("cfg"), &cfg, 0, &seg), -EINVAL);
+	cr_expect(strstr(tally_errmsg(), "ring_capacity"), "%s", tally_errmsg());
+	cr_expect_eq(tally_segment_size(&cfg), 0);
+}
+
+Test(segment, another_user_gets_permission_error)
+{
+	const char *name = tt_segname("perm");
+	struct tally_segment *seg = make(name);
+
+	if (geteuid() == 0) {
+		/* Root can become another user: the 0600 segment must refuse it. */
+		pid_t child = fork();
+		if (child == 0) {
+			struct tally_segment *rd;
+			if (setgid(65534) != 0 || setuid(65534) != 0)
+				_exit(10);
+			int rc = tally_segment_open(name, TALLY_OPEN_READER, 0, &rd);
+			_exit(rc == -EACCES && strstr(tally_errmsg(), "permission denied") ? 0 : 1);
+		}
+		int status;
+		waitpid(child, &status, 0);
+		cr_expect(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d", status);
+	} else {
+		/* Not root: we cannot switch users; the mode is the guarantee. */
+		char path[256];
+		struct stat st;
+		snprintf(path, sizeof(path), "/dev/shm/%s", name);
+		cr_assert_eq(stat(path, &st), 0);
+		cr_expect_eq(st.st_mode & 0077, 0, "no access for group or others");
+	}
+	tally_segment_close(&seg);
+}
+
+Test(segment, symlink_is_not_followed)
+{
+	const char *name = tt_segname("link");
+	char path[256];
+
+	snprintf(path, sizeof(path), "/dev/shm/%s", name);
+	cr_assert_eq(symlink("/etc/passwd", path), 0);
+	struct tally_segment *seg;
+	cr_expect_lt(tally_segment_open(name, TALLY_OPEN_READER, 0, &seg), 0);
+	cr_expect_lt(tally_segment_create(name, NULL, 0, &seg), 0);
+	unlink(path);
+}

@@ -1,0 +1,338 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * test_window.c - Criterion tests of the per-subject sliding window
+ * (lib/window.c): configuration checks, values leaving the window on time,
+ * slice-by-slice expiry, idle gaps, totals since start, rate, and a
+ * property test that the incrementally kept aggregate always equals a
+ * from-scratch recomputation over random time steps and window shapes.
+ */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "window.h"
+
+#define SEC UINT64_C(1000000000)
+#define MS UINT64_C(1000000)
+
+static uint64_t rnd(uint64_t *s) /* splitmix64 */
+{
+	uint64_t z = (*s += UINT64_C(0x9e3779b97f4a7c15));
+
+	z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
+	z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
+	return z ^ (z >> 31);
+}
+
+static void mk(struct tally__window *w, uint64_t slice, uint64_t window,
+	       uint64_t now)
+{
+	struct tally__window_config c = TALLY__WINDOW_CONFIG_DEFAULT;
+
+	c.slice_ns = slice;
+	c.window_ns = window;
+	cr_assert_eq(tally__window_init(w, &c, now), 0);
+}
+
+static struct tally__window_stats stats(struct tally__window *w, uint64_t now)
+{
+	struct tally__window_stats st;
+
+	cr_assert_eq(tally__window_stats(w, now, &st), 0);
+	return st;
+}
+
+Test(window, config_checked)
+{
+	struct tally__window w;
+	struct tally__window_config c = TALLY__WINDOW_CONFIG_DEFAULT;
+
+	c.window_ns = 10 * SEC + 1;
+	cr_assert_eq(tally__window_init(&w, &c, 0), -EINVAL);
+	c.window_ns = 3601 * SEC;
+	cr_assert_eq(tally__window_init(&w, &c, 0), -EINVAL);
+	c.window_ns = 0;
+	cr_assert_eq(tally__window_init(&w, &c, 0), -EINVAL);
+	c.window_ns = SEC;
+	c.slice_ns = 0;
+	cr_assert_eq(tally__window_init(&w, &c, 0), -EINVAL);
+	c = TALLY__WINDOW_CONFIG_DEFAULT;
+	c.max_value = 0;
+	cr_assert_eq(tally__window_init(&w, &c, 0), -EINVAL);
+	c = TALLY__WINDOW_CONFIG_DEFAULT;
+	c.window_ns = 3600 * SEC;
+	cr_assert_eq(tally__window_init(&w, &c, 0), 0);
+	cr_assert_eq(w.nslices, 3600);
+	tally__window_destroy(&w);
+	cr_assert_eq(tally__window_init(&w, NULL, 5), 0);
+	cr_assert_eq(w.nslices, 10);
+	cr_assert_eq(w.slice_ns, SEC);
+	cr_assert_eq(w.agg.nbuckets, 2345);
+	tally__window_destroy(&w);
+}
+
+Test(window, value_leaves_on_time)
+{
+	struct tally__window w;
+	struct tally__window_stats st;
+	uint64_t t = 5 * SEC + 500 * MS;
+
+	mk(&w, SEC, 10 * SEC, 0);
+	st = stats(&w, t);
+	cr_assert_eq(st.count, 0);
+	cr_assert(!st.has_quantiles);
+	tally__window_add(&w, 12345);
+	st = stats(&w, t);
+	cr_assert_eq(st.count, 1);
+	cr_assert(st.has_quantiles);
+	cr_assert_eq(st.p50, 12345); /* one value: exact */
+	cr_assert_eq(st.p999, 12345);
+	cr_assert_eq(st.min, 12345);
+	st = stats(&w, 15 * SEC - 1); /* window = slices 5..14 */
+	cr_assert_eq(st.count, 1);
+	st = stats(&w, 15 * SEC); /* slices 6..15: gone, t + W not reached */
+	cr_assert_eq(st.count, 0);
+	cr_assert(!st.has_quantiles);
+	cr_assert_eq(st.min, 0);
+	cr_assert_eq(st.max, 0);
+	cr_assert_eq(st.total_count, 1);
+	cr_assert_eq(st.total_sum, 12345);
+	cr_assert_eq(w.agg.count, 0);
+	tally__window_destroy(&w);
+}
+
+Test(window, expiry_slice_by_slice)
+{
+	struct tally__window w;
+	struct tally__window_stats st;
+
+	mk(&w, SEC, 10 * SEC, 0);
+	/* slice i gets i + 1 values of 1000 * (i + 1) */
+	for (uint64_t i = 0; i < 10; i++) {
+		cr_assert_eq(tally__window_advance(&w, i * SEC), 0);
+		for (uint64_t k = 0; k <= i; k++)
+			tally__window_add(&w, 1000 * (i + 1));
+	}
+	st = stats(&w, 9 * SEC + 1);
+	cr_assert_eq(st.count, 55);
+	cr_assert_eq(st.min, 1000);
+	cr_assert_eq(st.max, 10000);
+	for (uint64_t k = 10; k < 20; k++) {
+		uint64_t left = 0, sum = 0;
+
+		for (uint64_t i = k - 9; i < 10; i++) {
+			left += i + 1;
+			sum += (i + 1) * 1000 * (i + 1);
+		}
+		st = stats(&w, k * SEC + 7);
+		cr_assert_eq(st.count, left, "at %lu", k);
+		cr_assert_eq(st.sum, sum);
+		cr_assert_eq(st.min, left ? 1000 * (k - 8) : 0); /* exact */
+		cr_assert_eq(st.max, left ? 10000 : 0);
+		cr_assert_eq(st.has_quantiles, left != 0);
+		if (left) { /* nearest-rank p50 of what is left, within 1/128 */
+			uint64_t rank = (left + 1) / 2, c = 0, i = k - 9, x;
+
+			while ((c += i + 1) < rank)
+				i++;
+			x = 1000 * (i + 1);
+			cr_assert_leq((st.p50 > x ? st.p50 - x : x - st.p50) * 128,
+				      x, "p50 %lu exact %lu", st.p50, x);
+		}
+		cr_assert_eq(st.total_count, 55);
+	}
+	cr_assert(!(w.agg.flags & TALLY__HIST_BOUNDS_LOOSE));
+	tally__window_destroy(&w);
+}
+
+Test(window, idle_gaps)
+{
+	struct tally__window w;
+	struct tally__window_stats st;
+	uint64_t now = 1000 * SEC;
+
+	mk(&w, MS, 3600 * MS, now); /* 3600 slices of 1 ms */
+	for (int i = 0; i < 5000; i++) {
+		now += MS / 2;
+		cr_assert_eq(tally__window_advance(&w, now), 0);
+		tally__window_add(&w, (uint64_t)i);
+	}
+	st = stats(&w, now);
+	cr_assert_eq(st.count, 5000);
+	/* gap of exactly N-1 slices: every closed slice leaves, current stays */
+	now = (now / MS + 3599) * MS;
+	st = stats(&w, now);
+	cr_assert_eq(st.count, 1, "%lu", st.count); /* last slice: 4999 */
+	cr_assert_eq(st.min, 4999);
+	/* a day of idleness: one step, nothing left, memory given back */
+	now += 86400 * SEC;
+	st = stats(&w, now);
+	cr_assert_eq(st.count, 0);
+	cr_assert(!st.has_quantiles);
+	cr_assert_eq(st.total_count, 5000);
+	for (uint32_t i = 0; i < w.nslices; i++)
+		cr_assert_null(w.ring[i].s.e);
+	/* and it works again afterwards */
+	tally__window_add(&w, 777);
+	cr_assert_eq(tally__window_advance(&w, now + MS), 0);
+	st = stats(&w, now + 2 * MS);
+	cr_assert_eq(st.count, 1);
+	cr_assert_eq(st.p99, 777);
+	cr_assert_eq(st.total_count, 5001);
+	tally__window_destroy(&w);
+}
+
+Test(window, single_slice_window)
+{
+	struct tally__window w;
+	struct tally__window_stats st;
+
+	mk(&w, SEC, SEC, 0);
+	tally__window_add(&w, 5);
+	st = stats(&w, SEC - 1);
+	cr_assert_eq(st.count, 1);
+	st = stats(&w, SEC);
+	cr_assert_eq(st.count, 0);
+	cr_assert_eq(st.total_count, 1);
+	tally__window_destroy(&w);
+}
+
+Test(window, rate)
+{
+	struct tally__window w;
+	struct tally__window_stats st;
+
+	mk(&w, SEC, 10 * SEC, 0);
+	/* 100 values per second, evenly, for 30 s */
+	for (uint64_t t = 0; t < 30 * SEC; t += 10 * MS) {
+		if (t == 5 * SEC) {
+			st = stats(&w, t); /* before a full window: elapsed */
+			cr_assert_eq(st.covered_ns, 5 * SEC);
+			cr_assert_float_eq(st.rate, 100.0, 1e-9);
+		}
+		cr_assert_eq(tally__window_advance(&w, t), 0);
+		tally__window_add(&w, 1000);
+	}
+	st = stats(&w, 30 * SEC - 5 * MS);
+	cr_assert_float_eq(st.rate, 100.0, 1.0); /* covered: slices 20..29 */
+	cr_assert_eq(st.covered_ns, 10 * SEC - 5 * MS);
+	st = stats(&w, 30 * SEC); /* slice 30 just opened, empty */
+	cr_assert_eq(st.covered_ns, 9 * SEC);
+	cr_assert_float_eq(st.rate, 100.0, 1e-9);
+	cr_assert_eq(st.total_count, 3000);
+	cr_assert_float_eq(st.mean, 1000.0, 1e-9);
+	st = stats(&w, 60 * SEC);
+	cr_assert_float_eq(st.rate, 0.0, 1e-12);
+	/* right at start: the denominator is floored, not zero */
+	tally__window_destroy(&w);
+	mk(&w, SEC, 10 * SEC, 7 * SEC);
+	tally__window_add(&w, 1);
+	st = stats(&w, 7 * SEC);
+	cr_assert_eq(st.covered_ns, TALLY__WINDOW_MIN_RATE_NS);
+	cr_assert_float_eq(st.rate, 1000.0, 1e-9);
+	tally__window_destroy(&w);
+}
+
+/* ---- property test: incremental == from scratch ------------------- */
+
+struct sample {
+	uint64_t slice, v;
+};
+
+static void scratch(const struct sample *s, size_t n, uint64_t lo,
+		    uint64_t hi, struct tally__hist *h)
+{
+	tally__hist_reset(h);
+	for (size_t i = 0; i < n; i++)
+		if (s[i].slice >= lo && s[i].slice <= hi)
+			tally__hist_add(h, s[i].v);
+}
+
+static void check_against(struct tally__window *w, const struct sample *s,
+			  size_t n, uint64_t now, struct tally__hist *h)
+{
+	static const double qs[5] = { 0.5, 0.9, 0.95, 0.99, 0.999 };
+	struct tally__window_stats st = stats(w, now);
+	uint64_t k = now / w->slice_ns, n1 = w->nslices - 1;
+	uint64_t lo = k >= n1 ? k - n1 : 0, q[5];
+
+	/* closed slices in the window: the aggregate, bucket by bucket */
+	scratch(s, n, lo, k - (k > 0), h);
+	if (k == 0)
+		tally__hist_reset(h);
+	cr_assert_eq(w->agg.count, h->count, "k=%lu", k);
+	cr_assert_eq(w->agg.sum, h->sum);
+	cr_assert_eq(memcmp(w->agg.counts, h->counts, h->nbuckets * 4), 0);
+	cr_assert_eq(memcmp(w->agg.blocks, h->blocks, h->nblocks * 8), 0);
+	if (h->count) {
+		cr_assert_eq(w->agg.min, h->min);
+		cr_assert_eq(w->agg.max, h->max);
+	}
+	/* the published stats: closed + current */
+	scratch(s, n, lo, k, h);
+	cr_assert_eq(st.count, h->count);
+	cr_assert_eq(st.sum, h->sum);
+	cr_assert_eq(st.has_quantiles, h->count != 0);
+	if (!h->count)
+		return;
+	cr_assert_eq(st.min, h->min);
+	cr_assert_eq(st.max, h->max);
+	cr_assert_eq(tally__hist_quantiles(h, qs, 5, q), 0);
+	cr_assert_eq(st.p50, q[0]);
+	cr_assert_eq(st.p90, q[1]);
+	cr_assert_eq(st.p95, q[2]);
+	cr_assert_eq(st.p99, q[3]);
+	cr_assert_eq(st.p999, q[4]);
+}
+
+static uint64_t step(uint64_t *r, uint64_t slice, uint32_t n)
+{
+	switch (rnd(r) % 8) {
+	case 0: return 0;
+	case 1: return slice;
+	case 2: return (n - 1) * slice;
+	case 3: return n * slice;
+	case 4: return (rnd(r) % (3 * n + 1)) * slice;
+	default: return rnd(r) % (slice / 2);
+	}
+}
+
+static void property(uint64_t slice, uint32_t nslices, uint64_t seed)
+{
+	struct tally__window w;
+	struct tally__hist h;
+	size_t cap = 40000, n = 0, total = 0;
+	struct sample *s = malloc(cap * sizeof(*s));
+	uint64_t r = seed, now = 12345 * slice + rnd(&r) % slice;
+
+	mk(&w, slice, slice * nslices, now);
+	cr_assert_eq(tally__hist_init(&h, TALLY__HIST_DEFAULT_MAX), 0);
+	for (int it = 0; it < 1500 && n + 64 <= cap; it++) {
+		uint64_t k = rnd(&r) % 40;
+
+		now += step(&r, slice, nslices);
+		cr_assert_eq(tally__window_advance(&w, now), 0);
+		for (uint64_t i = 0; i < k; i++, total++) {
+			uint64_t v = rnd(&r) >> (rnd(&r) % 64);
+
+			v = rnd(&r) % 3 ? v % 100000000 : v;
+			tally__window_add(&w, v);
+			s[n++] = (struct sample){ now / slice, v };
+		}
+		if (it % 3 == 0)
+			check_against(&w, s, n, now, &h);
+		cr_assert_eq(stats(&w, now).total_count, total);
+	}
+	check_against(&w, s, n, now, &h);
+	tally__hist_destroy(&h);
+	tally__window_destroy(&w);
+	free(s);
+}
+
+Test(window, incremental_equals_scratch_10x1s) { property(SEC, 10, 1); }
+Test(window, incremental_equals_scratch_1) { property(MS, 1, 2); }
+Test(window, incremental_equals_scratch_2) { property(100 * MS, 2, 3); }
+Test(window, incremental_equals_scratch_7) { property(7 * MS, 7, 4); }
+Test(window, incremental_equals_scratch_60) { property(SEC, 60, 5); }
+Test(window, incremental_equals_scratch_3600) { property(MS, 3600, 6); }
