@@ -9,8 +9,9 @@
  * adds tens of millions of values per second), mergeable (a window is the
  * sum of its slices) and subtractable (a slice leaves the window by being
  * subtracted, not by recomputing the window).  Plain counters over a fixed
- * log-linear layout give all three: add is an index computation and three
- * increments, merge and subtract are bucket-wise, and the error bound
+ * log-linear layout give all three: add is an index computation, two
+ * increments and a running count/sum/min/max, merge and subtract are
+ * bucket-wise, and the error bound
  * (1/128 relative) holds for every value whatever the distribution, unlike
  * rank-error sketches whose error depends on the data.  The cost is memory:
  * 2345 counters for a one-hour range, so closed slices are kept sparse.
@@ -403,38 +404,78 @@ static uint64_t report(const struct walk *w, uint32_t idx, uint64_t rank)
 }
 
 /*
- * Answer the quantiles from *q on whose rank falls in block b, whose
- * values are ranks (cum, cum + total].  Returns the next unanswered q.
+ * Add buckets next, next+1, ... (below hi) to *cum until it reaches rank r.
+ * Returns the bucket where it did, or hi.  The usual one or two histograms
+ * get a tight loop of their own.
+ */
+static uint32_t walk_scan(const struct walk *w, uint32_t next, uint32_t hi,
+			  uint64_t *cum, uint64_t r)
+{
+	const uint32_t *a = w->hs[0]->counts;
+	uint64_t c = *cum;
+	uint32_t i = next;
+
+	if (w->nh == 1) {
+		while (i < hi && (c += a[i]) < r)
+			i++;
+	} else if (w->nh == 2) {
+		const uint32_t *b = w->hs[1]->counts;
+
+		while (i < hi && (c += (uint64_t)a[i] + b[i]) < r)
+			i++;
+	} else {
+		while (i < hi && (c += walk_bucket(w, i)) < r)
+			i++;
+	}
+	*cum = c;
+	return i;
+}
+
+/* Last nonzero bucket of [lo, hi). */
+static uint32_t walk_last(const struct walk *w, uint32_t lo, uint32_t hi)
+{
+	while (hi > lo && walk_bucket(w, hi - 1) == 0)
+		hi--;
+	return hi > lo ? hi - 1 : lo;
+}
+
+/*
+ * Answer qs[q], qs[q+1], ... whose ranks r fall in block b, which holds
+ * ranks (cum, total]; r is the rank of qs[q] (r > cum).  Returns the next
+ * unanswered q.
  */
 static size_t walk_quantile_block(const struct walk *w, uint32_t b,
-				  uint64_t cum, uint64_t total, const double *qs,
-				  size_t q, size_t n, uint64_t *out)
+				  uint64_t cum, uint64_t total, uint64_t r,
+				  const double *qs, size_t q, size_t n,
+				  uint64_t *out)
 {
-	uint32_t lo = b * TALLY__HIST_BLOCK;
-	uint32_t hi = block_end(w->hs[0], b), last = lo;
-	uint64_t r;
+	uint32_t lo = b * TALLY__HIST_BLOCK, hi = block_end(w->hs[0], b);
+	uint32_t next = lo, at = lo;
 
-	for (uint32_t i = lo; i < hi && q < n; i++) {
-		uint64_t c = walk_bucket(w, i);
-
-		if (c == 0)
-			continue;
-		cum += c;
-		last = i;
-		for (; q < n && (r = rank_of(qs[q], w->count)) <= cum; q++)
-			out[q] = report(w, i, r);
+	for (;;) {
+		if (r > cum) {
+			at = walk_scan(w, next, hi, &cum, r);
+			if (at == hi) {
+				/* Only a saturated (short) bucket gets here. */
+				at = walk_last(w, lo, hi);
+				cum = total;
+			}
+			next = at + 1;
+		}
+		out[q++] = report(w, at, r);
+		if (q == n)
+			return q;
+		r = rank_of(qs[q], w->count);
+		if (r > total)
+			return q;
 	}
-	/* Only a saturated bucket leaves ranks of this block unreached. */
-	for (; q < n && (r = rank_of(qs[q], w->count)) <= total; q++)
-		out[q] = report(w, last, r);
-	return q;
 }
 
 int tally__hist_quantiles_n(const struct tally__hist *const *hs, size_t nh,
 			    const double *qs, size_t n, uint64_t *out)
 {
 	struct walk w;
-	uint64_t cum = 0;
+	uint64_t cum = 0, r;
 	size_t q = 0;
 	int rc = walk_init(&w, hs, nh);
 
@@ -444,12 +485,15 @@ int tally__hist_quantiles_n(const struct tally__hist *const *hs, size_t nh,
 		return -EINVAL;
 	if (w.count == 0)
 		return -ENODATA;
+	r = n > 0 ? rank_of(qs[0], w.count) : 0;
 	for (uint32_t b = 0; b < hs[0]->nblocks && q < n; b++) {
 		uint64_t t = walk_block(&w, b);
 
-		if (t != 0 && rank_of(qs[q], w.count) <= cum + t)
-			q = walk_quantile_block(&w, b, cum, cum + t, qs, q, n,
-						out);
+		if (r <= cum + t) {
+			q = walk_quantile_block(&w, b, cum, cum + t, r, qs, q,
+						n, out);
+			r = q < n ? rank_of(qs[q], w.count) : 0;
+		}
 		cum += t;
 	}
 	TALLY__ASSERT(q == n && cum <= w.count);
