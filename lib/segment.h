@@ -22,6 +22,7 @@
 struct tally_segment {
 	uint32_t magic; /* TALLY__SEGMENT_MAGIC while open */
 	bool read_only, is_owner, keep;
+	bool engine_attached; /* an engine runs on this handle */
 	int fd;
 	unsigned char *base;
 	size_t len;

@@ -78,6 +78,7 @@ int tally__window_init(struct tally__window *w,
 	w->slice_ns = cfg->slice_ns;
 	w->cur_slice = now_ns / cfg->slice_ns;
 	w->start_ns = now_ns;
+	w->magic = TALLY__WINDOW_MAGIC;
 	return 0;
 }
 
@@ -90,6 +91,7 @@ void tally__window_destroy(struct tally__window *w)
 	w->nslices = 0;
 	tally__hist_destroy(&w->cur);
 	tally__hist_destroy(&w->agg);
+	w->magic = 0;
 }
 
 /* Every closed slice leaves; release frees the sparse buffers too. */
@@ -180,9 +182,11 @@ static void window_close(struct tally__window *w, bool keep)
 
 int tally__window_advance(struct tally__window *w, uint64_t now_ns)
 {
-	uint64_t k = now_ns / w->slice_ns;
+	uint64_t k;
 	bool keep;
 
+	TALLY__ASSERT(w->magic == TALLY__WINDOW_MAGIC);
+	k = now_ns / w->slice_ns;
 	if (k <= w->cur_slice)
 		return 0;
 	keep = k - w->cur_slice < w->nslices;

@@ -35,6 +35,7 @@
 #define TALLY__WINDOW_DEFAULT_SLICE_NS UINT64_C(1000000000)  /* 1 s */
 #define TALLY__WINDOW_DEFAULT_WINDOW_NS UINT64_C(10000000000) /* 10 s */
 #define TALLY__WINDOW_MAX_SLICES 3600u
+#define TALLY__WINDOW_MAGIC 0x57444e57u /* "WNDW": set by init, checked */
 /* Rates are never computed over less than this (see tally__window_stats). */
 #define TALLY__WINDOW_MIN_RATE_NS UINT64_C(1000000) /* 1 ms */
 
@@ -56,6 +57,7 @@ struct tally__window_slot {
 };
 
 struct tally__window {
+	uint32_t magic;          /* TALLY__WINDOW_MAGIC while initialised */
 	struct tally__hist cur;  /* slice cur_slice, receiving values */
 	struct tally__hist agg;  /* closed slices inside the window; exact min/max */
 	struct tally__window_slot *ring; /* slice k lives in ring[k % nslices] */

@@ -5,6 +5,7 @@
  *   tally/common.h   errors, version, export macro
  *   tally/segment.h  the shared-memory segment and subjects
  *   tally/record.h   producers and the wait-free tally_record()
+ *   tally/engine.h   the aggregator, and reading what it publishes
  */
 #ifndef TALLY_TALLY_H
 #define TALLY_TALLY_H
@@ -12,5 +13,6 @@
 #include <tally/common.h>
 #include <tally/segment.h>
 #include <tally/record.h>
+#include <tally/engine.h>
 
 #endif /* TALLY_TALLY_H */

@@ -1,0 +1,135 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * tally/engine.h: the engine an owner runs over its segment (tallyd, or a
+ * router that embeds it), and the reads of what it publishes.
+ *
+ * The engine's aggregator thread drains every producer ring in batches,
+ * keeps a sliding window per subject (time slices of log-linear
+ * histograms, relative error at most 1/128 = 0.79%), and every publish
+ * interval publishes an immutable snapshot of all subjects twice: through
+ * liburcu (urcu-bp flavour, so any thread may read without registering)
+ * for readers in the owner process, and through a latch in the segment
+ * for readers in other processes (tally_read_subject()).
+ *
+ * Semantics: a subject with no sample in its window reports count 0 and
+ * has_data false; its quantiles, min and max are then 0 and mean nothing.
+ * Quantiles use the nearest-rank definition (the smallest value v such
+ * that at least q of the window's samples are <= v), estimated within the
+ * bound above, exact for values below 128 ns and at the window's min/max.
+ */
+#ifndef TALLY_ENGINE_H
+#define TALLY_ENGINE_H
+
+#include <tally/common.h>
+#include <tally/segment.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct tally_engine;
+
+struct tally_engine_config {
+	uint32_t drain_interval_us;   /* longest sleep when the rings are empty (default 1000) */
+	uint64_t slice_ns;            /* time slice (default 1 s) */
+	uint64_t window_ns;           /* sliding window, a multiple of slice_ns (default 10 s) */
+	uint32_t publish_interval_ms; /* snapshot period (default 100) */
+	uint32_t reap_interval_ms;    /* dead-producer check period (default 250) */
+};
+
+/* Fill cfg with the defaults. Never fails. */
+TALLY_API void tally_engine_config_init(struct tally_engine_config *cfg);
+
+/*
+ * Start the engine on a segment this process owns (tally_segment_create).
+ * Starts the aggregator thread, which publishes a first snapshot before
+ * this returns. 0, -EINVAL (bad config, tally_errmsg() says which key),
+ * -EPERM (not the owner), -EBUSY (an engine already runs on it), -ENOMEM.
+ * The segment must outlive the engine.
+ */
+TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_engine_config *cfg,
+				 struct tally_engine **out);
+
+/* Stop the aggregator (a last drain and publish first), free everything,
+ * NULL *e. Blocks until the thread has exited and RCU callbacks ran. */
+TALLY_API void tally_engine_stop(struct tally_engine **e);
+
+enum tally_verdict {
+	TALLY_VERDICT_UNKNOWN = 0,
+	TALLY_VERDICT_OK = 1,
+	TALLY_VERDICT_WARN = 2,
+	TALLY_VERDICT_OVERLOAD = 3,
+};
+
+/* Statistics of one subject as published. */
+struct tally_subject_stats {
+	tally_subject_t id;
+	bool has_data;          /* count > 0: quantiles, min, max are measurements */
+	uint64_t count;         /* samples in the window */
+	uint64_t sum;           /* their sum in ns (saturating) */
+	double mean;            /* ns */
+	double rate;            /* samples per second over the window */
+	uint64_t min_ns, max_ns;
+	uint64_t p50_ns, p90_ns, p95_ns, p99_ns, p999_ns;
+	uint64_t total_count;   /* since the engine started (a counter) */
+	uint64_t total_sum;     /* ns, since start (a counter, saturating) */
+	uint64_t window_ns;     /* the window these describe */
+	uint64_t published_ns;  /* CLOCK_MONOTONIC of the snapshot */
+};
+
+/*
+ * In-process read of subject id from the latest snapshot, without locks
+ * (an RCU read-side section). 0, -ENOENT (no such subject or not yet
+ * published). Wait-free, any thread, about 10 ns.
+ */
+TALLY_API int tally_engine_read(struct tally_engine *e, tally_subject_t id,
+				struct tally_subject_stats *out);
+
+struct tally_engine_counters {
+	uint64_t drained;        /* samples taken from rings */
+	uint64_t rejected;       /* entries with a subject id not in the table */
+	uint64_t publishes;
+	uint64_t last_publish_ns;/* duration of the last publish */
+	uint64_t subjects_active;
+	uint64_t producers_died, producers_released;
+};
+TALLY_API void tally_engine_counters(struct tally_engine *e, struct tally_engine_counters *out);
+
+/* ---- reads from any process (the segment) ------------------------------- */
+
+/*
+ * Read subject id's published stats from the segment (any process; a
+ * read-only mapping is enough). Returns 0; -ENOENT (no such subject or
+ * never published); TALLY_ESTALE when the owner has not published for
+ * more than 10 publish intervals (and at least 1 s): *out is filled but
+ * must not be taken as live, check tally_segment_owner_alive();
+ * TALLY_EBUSY_RETRY if no consistent copy was read within the bounded
+ * retries (the writer would have to publish twice during one read).
+ * Never blocks, never writes. Thread-safe. About 20-40 ns.
+ */
+TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_t id,
+				 struct tally_subject_stats *out);
+
+struct tally_producer_stats {
+	uint32_t slot;
+	const char *state;  /* "active", "releasing", "dead", "cooling", "claiming" */
+	pid_t pid, tid;
+	uint64_t samples;   /* stored in the ring by the current (or last) claim */
+	uint64_t dropped;   /* ring full, since the segment was created */
+	uint64_t clamped;
+	uint64_t backlog;   /* published and not yet drained */
+	bool alive;         /* active and its process and thread exist */
+};
+
+/*
+ * Stats of every slot that is not free, in slot order, into out[0..cap).
+ * Returns how many were written (>= 0) or an error. Reads /proc for
+ * liveness: not for a hot path. Thread-safe.
+ */
+TALLY_API int tally_read_producers(const struct tally_segment *seg, struct tally_producer_stats *out,
+				   uint32_t cap);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* TALLY_ENGINE_H */

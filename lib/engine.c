@@ -1,0 +1,439 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * engine.c: the aggregator thread and the two ways it publishes.
+ *
+ * Loop. The thread drains every ring that is not free, a bounded batch per
+ * ring per pass so that one flooding producer cannot starve the others,
+ * and adds each sample to its subject's window (window.c). When a pass
+ * finds nothing it sleeps for the drain interval (default 1 ms), so an
+ * idle engine costs about a thousand wake-ups a second and no spinning.
+ * Windows are advanced together whenever the clock enters a new slice
+ * (slices are aligned to multiples of slice_ns, the same for every
+ * subject). Every reap interval it runs the producer reaper.
+ *
+ * Publish. Every publish interval it computes every active subject's
+ * stats once, into a freshly allocated immutable snapshot that it
+ * publishes with rcu_assign_pointer (in-process readers use
+ * rcu_read_lock, urcu-bp flavour: no registration needed) and frees the
+ * previous one with call_rcu after a grace period. It then writes the same
+ * stats into both copies of the segment's latch (snapshot.c) for readers
+ * in other processes, and stores the owner heartbeat.
+ *
+ * Subject ids come from producers, so they are not trusted: an id outside
+ * the table, or of an entry that is not READY, is counted as rejected and
+ * the sample dropped; nothing is written anywhere but that subject's own
+ * window.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <urcu-bp.h>
+
+#include <tally/engine.h>
+
+#include "common.h"
+#include "proc.h"
+#include "producer.h"
+#include "segment.h"
+#include "snapshot.h"
+#include "window.h"
+
+#define TALLY__ENGINE_MAGIC 0xe9e1e9e1u
+#define DRAIN_BATCH 4096u
+
+struct snap {
+	struct rcu_head rcu;
+	uint64_t published_ns;
+	uint32_t n;
+	struct tally_subject_stats s[]; /* by subject id; published_ns 0: absent */
+};
+
+struct subject_state {
+	struct tally__window win;
+};
+
+struct tally_engine {
+	uint32_t magic;
+	struct tally_segment *seg;
+	struct tally_engine_config cfg;
+	struct tally__window_config wcfg;
+	pthread_t thread;
+	atomic_bool stop;
+	struct subject_state **subjects; /* [table_size], allocated on first sample */
+	uint32_t *active;
+	uint32_t nactive;
+	struct snap *current;            /* RCU-protected */
+	struct tally__snap_writer latch;
+	uint64_t cur_slice, next_publish, next_reap;
+	_Atomic uint64_t drained, rejected, publishes, last_publish_ns, died, released;
+	pthread_mutex_t start_lock;
+	pthread_cond_t start_cond;
+	bool started;
+};
+
+TALLY_API void tally_engine_config_init(struct tally_engine_config *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->drain_interval_us = 1000;
+	cfg->slice_ns = TALLY__WINDOW_DEFAULT_SLICE_NS;
+	cfg->window_ns = TALLY__WINDOW_DEFAULT_WINDOW_NS;
+	cfg->publish_interval_ms = 100;
+	cfg->reap_interval_ms = 250;
+}
+
+static int config_check(const struct tally_engine_config *c)
+{
+	if (c->drain_interval_us < 1 || c->drain_interval_us > 1000000)
+		return tally__fail(-EINVAL, "drain_interval_us %u is outside 1..1000000", c->drain_interval_us);
+	if (c->slice_ns < 1000000 || c->window_ns % c->slice_ns ||
+	    c->window_ns / c->slice_ns < 1 || c->window_ns / c->slice_ns > TALLY__WINDOW_MAX_SLICES)
+		return tally__fail(-EINVAL, "window_ns must be 1..%u times slice_ns, and slice_ns at least 1 ms",
+				   TALLY__WINDOW_MAX_SLICES);
+	if (c->publish_interval_ms < 1 || c->publish_interval_ms > 60000)
+		return tally__fail(-EINVAL, "publish_interval_ms %u is outside 1..60000", c->publish_interval_ms);
+	if (c->reap_interval_ms < 1 || c->reap_interval_ms > 60000)
+		return tally__fail(-EINVAL, "reap_interval_ms %u is outside 1..60000", c->reap_interval_ms);
+	return 0;
+}
+
+/* ---- ingest --------------------------------------------------------------- */
+
+/* First sample of a subject: check the id against the table, make its window. */
+static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, uint64_t now)
+{
+	struct tally_segment *seg = e->seg;
+	struct tally__shm_subject *ent = tally__seg_subject(seg, id);
+
+	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
+		return NULL;
+	struct subject_state *st = calloc(1, sizeof(*st));
+	if (!st || tally__window_init(&st->win, &e->wcfg, now) != 0) {
+		free(st);
+		return NULL;
+	}
+	e->subjects[id] = st;
+	e->active[e->nactive++] = id;
+	return st;
+}
+
+static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64_t now)
+{
+	struct tally_segment *seg = e->seg;
+	uint64_t head, n = tally__slot_ready(seg, s, &head), rejected = 0;
+	uint64_t mask = seg->ring_cap - 1, max = seg->max_value_ns;
+
+	if (n == 0)
+		return 0;
+	if (n > DRAIN_BATCH)
+		n = DRAIN_BATCH;
+	for (uint64_t k = 0; k < n; k++) {
+		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
+		uint32_t id = r->subject;
+		uint64_t v = r->value_ns;
+		struct subject_state *st = id < seg->table_size ? e->subjects[id] : NULL;
+
+		if (TALLY__UNLIKELY(!st) && (id >= seg->table_size || !(st = subject_new(e, id, now)))) {
+			rejected++;
+			continue;
+		}
+		tally__window_add(&st->win, v < max ? v : max);
+	}
+	tally__slot_consume(s, head, n);
+	if (rejected) /* single writer of this counter: the aggregator */
+		atomic_store_explicit(&s->ctl.rejected,
+				      atomic_load_explicit(&s->ctl.rejected, memory_order_relaxed) + rejected,
+				      memory_order_relaxed);
+	atomic_fetch_add_explicit(&e->rejected, rejected, memory_order_relaxed);
+	return n - rejected;
+}
+
+static uint64_t drain_all(struct tally_engine *e, uint64_t now)
+{
+	struct tally_segment *seg = e->seg;
+	uint64_t total = 0;
+
+	for (uint32_t i = 0; i < seg->nslots; i++) {
+		struct tally__slot *s = tally__seg_slot(seg, i);
+		if (atomic_load_explicit(&s->ctl.state, memory_order_relaxed) == TALLY__SLOT_FREE)
+			continue;
+		total += drain_slot(e, s, now);
+	}
+	atomic_fetch_add_explicit(&e->drained, total, memory_order_relaxed);
+	return total;
+}
+
+/* Entering a new slice: close the previous one in every window. */
+static void advance_all(struct tally_engine *e, uint64_t now)
+{
+	uint64_t slice = now / e->cfg.slice_ns;
+
+	if (slice == e->cur_slice)
+		return;
+	e->cur_slice = slice;
+	for (uint32_t i = 0; i < e->nactive; i++)
+		tally__window_advance(&e->subjects[e->active[i]]->win, now);
+}
+
+/* ---- publish -------------------------------------------------------------- */
+
+static void fill_stats(struct tally_subject_stats *o, uint32_t id, const struct tally__window_stats *w,
+		       uint64_t now, uint64_t window_ns)
+{
+	o->id = id;
+	o->has_data = w->count > 0 && w->has_quantiles;
+	o->count = w->count;
+	o->sum = w->sum;
+	o->mean = w->mean;
+	o->rate = w->rate;
+	o->min_ns = o->has_data ? w->min : 0;
+	o->max_ns = o->has_data ? w->max : 0;
+	o->p50_ns = o->has_data ? w->p50 : 0;
+	o->p90_ns = o->has_data ? w->p90 : 0;
+	o->p95_ns = o->has_data ? w->p95 : 0;
+	o->p99_ns = o->has_data ? w->p99 : 0;
+	o->p999_ns = o->has_data ? w->p999 : 0;
+	o->total_count = w->total_count;
+	o->total_sum = w->total_sum;
+	o->window_ns = window_ns;
+	o->published_ns = now;
+}
+
+static void latch_fill(struct tally__snap_entry *dst, const struct tally_subject_stats *s)
+{
+	uint64_t w[TALLY__SW_WORDS] = { 0 };
+
+	w[TALLY__SW_FLAGS] = TALLY__SF_PRESENT | (s->has_data ? TALLY__SF_QUANTILES : 0);
+	w[TALLY__SW_COUNT] = s->count;
+	w[TALLY__SW_SUM] = s->sum;
+	w[TALLY__SW_MIN] = s->min_ns;
+	w[TALLY__SW_MAX] = s->max_ns;
+	w[TALLY__SW_P50] = s->p50_ns;
+	w[TALLY__SW_P90] = s->p90_ns;
+	w[TALLY__SW_P95] = s->p95_ns;
+	w[TALLY__SW_P99] = s->p99_ns;
+	w[TALLY__SW_P999] = s->p999_ns;
+	w[TALLY__SW_RATE_MILLI] = (uint64_t)(s->rate * 1000.0 + 0.5);
+	w[TALLY__SW_TOTAL_COUNT] = s->total_count;
+	w[TALLY__SW_TOTAL_SUM] = s->total_sum;
+	for (int i = 0; i < TALLY__SW_WORDS; i++)
+		atomic_store_explicit(&dst->w[i], w[i], memory_order_relaxed);
+}
+
+static void latch_publish(struct tally_engine *e, const struct snap *sn, uint64_t now)
+{
+	for (int half = 0; half < 2; half++) {
+		uint32_t c = tally__snapshot_write_begin(&e->latch);
+		struct tally__snap_meta *m = &e->latch.hdr->meta[c];
+		for (uint32_t i = 0; i < e->nactive; i++)
+			latch_fill(&e->latch.copies[c][e->active[i]], &sn->s[e->active[i]]);
+		atomic_store_explicit(&m->published_mono_ns, now, memory_order_relaxed);
+		atomic_store_explicit(&m->published_real_ns, tally__real_ns(), memory_order_relaxed);
+		atomic_store_explicit(&m->publish_count, atomic_load(&e->publishes) + 1, memory_order_relaxed);
+		atomic_store_explicit(&m->subjects_present, e->nactive, memory_order_relaxed);
+		atomic_store_explicit(&m->window_ns, e->cfg.window_ns, memory_order_relaxed);
+		atomic_store_explicit(&m->reserved[0], (uint64_t)e->cfg.publish_interval_ms * 1000000u,
+				      memory_order_relaxed);
+	}
+}
+
+static void free_snap(struct rcu_head *head)
+{
+	free(caa_container_of(head, struct snap, rcu));
+}
+
+static void publish(struct tally_engine *e, uint64_t now)
+{
+	uint32_t n = e->seg->table_size;
+	struct snap *sn = calloc(1, sizeof(*sn) + (size_t)n * sizeof(sn->s[0]));
+	struct tally__window_stats ws;
+
+	if (!sn)
+		return; /* keep the previous snapshot; try again next interval */
+	sn->n = n;
+	sn->published_ns = now;
+	for (uint32_t i = 0; i < e->nactive; i++) {
+		uint32_t id = e->active[i];
+		tally__window_stats(&e->subjects[id]->win, now, &ws);
+		fill_stats(&sn->s[id], id, &ws, now, e->cfg.window_ns);
+	}
+	latch_publish(e, sn, now);
+	struct snap *old = e->current;
+	rcu_assign_pointer(e->current, sn);
+	if (old)
+		call_rcu(&old->rcu, free_snap);
+	atomic_store_explicit(&e->seg->hdr->owner_heartbeat_ns, now, memory_order_relaxed);
+	atomic_fetch_add_explicit(&e->publishes, 1, memory_order_relaxed);
+	atomic_store_explicit(&e->last_publish_ns, tally__mono_ns() - now, memory_order_relaxed);
+}
+
+/* ---- the thread ------------------------------------------------------------ */
+
+static void reap(struct tally_engine *e, uint64_t now)
+{
+	struct tally__reap_stats st;
+
+	tally__slots_reap(e->seg, now, &st);
+	atomic_fetch_add_explicit(&e->died, st.died, memory_order_relaxed);
+	atomic_fetch_add_explicit(&e->released, st.released, memory_order_relaxed);
+	tally__subjects_reap(e->seg);
+}
+
+static void tick(struct tally_engine *e, uint64_t now)
+{
+	advance_all(e, now);
+	if (now >= e->next_publish) {
+		publish(e, now);
+		e->next_publish = now + (uint64_t)e->cfg.publish_interval_ms * 1000000u;
+	}
+	if (now >= e->next_reap) {
+		reap(e, now);
+		e->next_reap = now + (uint64_t)e->cfg.reap_interval_ms * 1000000u;
+	}
+}
+
+static void sleep_us(uint32_t us)
+{
+	struct timespec ts = { us / 1000000u, (long)(us % 1000000u) * 1000L };
+
+	nanosleep(&ts, NULL);
+}
+
+static void *aggregator_main(void *arg)
+{
+	struct tally_engine *e = arg;
+	uint64_t now = tally__mono_ns();
+
+	pthread_setname_np(pthread_self(), "tally-agg");
+	e->cur_slice = now / e->cfg.slice_ns;
+	drain_all(e, now);
+	tick(e, now);
+	pthread_mutex_lock(&e->start_lock);
+	e->started = true;
+	pthread_cond_signal(&e->start_cond);
+	pthread_mutex_unlock(&e->start_lock);
+
+	while (!atomic_load_explicit(&e->stop, memory_order_acquire)) {
+		now = tally__mono_ns();
+		advance_all(e, now);
+		uint64_t got = drain_all(e, now);
+		tick(e, now);
+		if (got == 0)
+			sleep_us(e->cfg.drain_interval_us);
+	}
+	now = tally__mono_ns();
+	while (drain_all(e, now))
+		;
+	publish(e, now);
+	return NULL;
+}
+
+TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_engine_config *cfg,
+				 struct tally_engine **out)
+{
+	struct tally_engine_config defaults;
+	struct tally_engine *e;
+	int rc;
+
+	tally__clear_errmsg();
+	*out = NULL;
+	if (!cfg) {
+		tally_engine_config_init(&defaults);
+		cfg = &defaults;
+	}
+	if ((rc = config_check(cfg)))
+		return rc;
+	if (!seg->is_owner)
+		return tally__fail(-EPERM, "segment \"%s\": only its owner (the process that created it) "
+				   "can run the engine", seg->name);
+	if (seg->engine_attached)
+		return tally__fail(-EBUSY, "segment \"%s\" already has an engine", seg->name);
+	if (!(e = calloc(1, sizeof(*e))))
+		return -ENOMEM;
+	e->magic = TALLY__ENGINE_MAGIC;
+	e->seg = seg;
+	e->cfg = *cfg;
+	e->wcfg = (struct tally__window_config){ cfg->slice_ns, cfg->window_ns, seg->max_value_ns };
+	e->subjects = calloc(seg->table_size, sizeof(e->subjects[0]));
+	e->active = calloc(seg->table_size, sizeof(e->active[0]));
+	if (!e->subjects || !e->active) {
+		free(e->subjects);
+		free(e->active);
+		free(e);
+		return -ENOMEM;
+	}
+	tally__snapshot_writer_init(&e->latch, tally__seg_section(seg, &seg->snapshot));
+	pthread_mutex_init(&e->start_lock, NULL);
+	pthread_cond_init(&e->start_cond, NULL);
+	if ((rc = pthread_create(&e->thread, NULL, aggregator_main, e)) != 0) {
+		free(e->subjects);
+		free(e->active);
+		free(e);
+		return tally__fail(-rc, "cannot start the aggregator thread: %s", strerror(rc));
+	}
+	pthread_mutex_lock(&e->start_lock);
+	while (!e->started)
+		pthread_cond_wait(&e->start_cond, &e->start_lock);
+	pthread_mutex_unlock(&e->start_lock);
+	seg->engine_attached = true;
+	*out = e;
+	return 0;
+}
+
+TALLY_API void tally_engine_stop(struct tally_engine **ep)
+{
+	struct tally_engine *e = ep ? *ep : NULL;
+
+	if (!e)
+		return;
+	TALLY__ASSERT(e->magic == TALLY__ENGINE_MAGIC);
+	atomic_store_explicit(&e->stop, true, memory_order_release);
+	pthread_join(e->thread, NULL);
+	struct snap *last = e->current;
+	rcu_assign_pointer(e->current, NULL);
+	synchronize_rcu();
+	free(last);
+	rcu_barrier(); /* every call_rcu callback has run: nothing leaks */
+	for (uint32_t i = 0; i < e->nactive; i++) {
+		tally__window_destroy(&e->subjects[e->active[i]]->win);
+		free(e->subjects[e->active[i]]);
+	}
+	free(e->subjects);
+	free(e->active);
+	e->seg->engine_attached = false;
+	pthread_mutex_destroy(&e->start_lock);
+	pthread_cond_destroy(&e->start_cond);
+	e->magic = 0;
+	free(e);
+	*ep = NULL;
+}
+
+TALLY_API int tally_engine_read(struct tally_engine *e, tally_subject_t id,
+				struct tally_subject_stats *out)
+{
+	int rc = -ENOENT;
+
+	rcu_read_lock();
+	struct snap *sn = rcu_dereference(e->current);
+	if (sn && id < sn->n && sn->s[id].published_ns) {
+		*out = sn->s[id];
+		rc = 0;
+	}
+	rcu_read_unlock();
+	return rc;
+}
+
+TALLY_API void tally_engine_counters(struct tally_engine *e, struct tally_engine_counters *o)
+{
+	o->drained = atomic_load_explicit(&e->drained, memory_order_relaxed);
+	o->rejected = atomic_load_explicit(&e->rejected, memory_order_relaxed);
+	o->publishes = atomic_load_explicit(&e->publishes, memory_order_relaxed);
+	o->last_publish_ns = atomic_load_explicit(&e->last_publish_ns, memory_order_relaxed);
+	o->subjects_active = 0;
+	o->producers_died = atomic_load_explicit(&e->died, memory_order_relaxed);
+	o->producers_released = atomic_load_explicit(&e->released, memory_order_relaxed);
+}

@@ -1,0 +1,110 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * reader.c: reading what the owner publishes, from any process: one
+ * subject's stats through the snapshot latch, and the producer slots.
+ * Readers may map the segment read-only and never write to it. Every
+ * index is checked against the layout validated at open; every state
+ * read from a slot is checked against the known values.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <string.h>
+
+#include <tally/engine.h>
+
+#include "common.h"
+#include "proc.h"
+#include "segment.h"
+#include "snapshot.h"
+
+#define STALE_MIN_NS 1000000000ull /* never call data stale sooner than 1 s */
+#define STALE_INTERVALS 10u
+
+static void stats_from_words(struct tally_subject_stats *o, uint32_t id, const uint64_t *w,
+			     const uint64_t *meta)
+{
+	memset(o, 0, sizeof(*o));
+	o->id = id;
+	o->has_data = (w[TALLY__SW_FLAGS] & TALLY__SF_QUANTILES) && w[TALLY__SW_COUNT] > 0;
+	o->count = w[TALLY__SW_COUNT];
+	o->sum = w[TALLY__SW_SUM];
+	o->mean = o->count ? (double)o->sum / (double)o->count : 0.0;
+	o->rate = (double)w[TALLY__SW_RATE_MILLI] / 1000.0;
+	if (o->has_data) {
+		o->min_ns = w[TALLY__SW_MIN];
+		o->max_ns = w[TALLY__SW_MAX];
+		o->p50_ns = w[TALLY__SW_P50];
+		o->p90_ns = w[TALLY__SW_P90];
+		o->p95_ns = w[TALLY__SW_P95];
+		o->p99_ns = w[TALLY__SW_P99];
+		o->p999_ns = w[TALLY__SW_P999];
+	}
+	o->total_count = w[TALLY__SW_TOTAL_COUNT];
+	o->total_sum = w[TALLY__SW_TOTAL_SUM];
+	o->window_ns = meta[4];
+	o->published_ns = meta[0];
+}
+
+TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_t id,
+				 struct tally_subject_stats *out)
+{
+	uint64_t w[TALLY__SW_WORDS], meta[8];
+
+	if (id >= seg->table_size)
+		return -ENOENT;
+	int rc = tally__snapshot_read(tally__seg_section(seg, &seg->snapshot), seg->table_size, id, w, meta);
+	if (rc)
+		return rc;
+	if (!(w[TALLY__SW_FLAGS] & TALLY__SF_PRESENT) || meta[0] == 0)
+		return -ENOENT;
+	stats_from_words(out, id, w, meta);
+	uint64_t interval = meta[5], now = tally__mono_ns();
+	uint64_t limit = interval * STALE_INTERVALS > STALE_MIN_NS ? interval * STALE_INTERVALS : STALE_MIN_NS;
+	if (now > meta[0] && now - meta[0] > limit)
+		return TALLY_ESTALE;
+	return 0;
+}
+
+static const char *state_name(uint32_t st)
+{
+	switch (st) {
+	case TALLY__SLOT_CLAIMING: return "claiming";
+	case TALLY__SLOT_ACTIVE: return "active";
+	case TALLY__SLOT_RELEASING: return "releasing";
+	case TALLY__SLOT_DEAD: return "dead";
+	case TALLY__SLOT_COOLING: return "cooling";
+	default: return NULL;
+	}
+}
+
+TALLY_API int tally_read_producers(const struct tally_segment *seg, struct tally_producer_stats *out,
+				   uint32_t cap)
+{
+	uint32_t n = 0;
+
+	for (uint32_t i = 0; i < seg->nslots && n < cap; i++) {
+		struct tally__slot *s = tally__seg_slot(seg, i);
+		uint32_t st = atomic_load_explicit(&s->ctl.state, memory_order_acquire);
+		const char *name = state_name(st);
+		if (st == TALLY__SLOT_FREE)
+			continue;
+		struct tally_producer_stats *o = &out[n++];
+		memset(o, 0, sizeof(*o));
+		o->slot = i;
+		o->state = name ? name : "corrupt";
+		o->pid = atomic_load_explicit(&s->ctl.pid, memory_order_relaxed);
+		o->tid = atomic_load_explicit(&s->ctl.tid, memory_order_relaxed);
+		uint64_t tail = atomic_load_explicit(&s->tail, memory_order_acquire);
+		uint64_t head = atomic_load_explicit(&s->head, memory_order_relaxed);
+		uint64_t base = atomic_load_explicit(&s->ctl.base, memory_order_relaxed);
+		o->samples = tail >= base ? tail - base : 0;
+		o->backlog = tail >= head && tail - head <= seg->ring_cap ? tail - head : 0;
+		o->dropped = atomic_load_explicit(&s->dropped, memory_order_relaxed);
+		o->clamped = atomic_load_explicit(&s->clamped, memory_order_relaxed);
+		o->alive = st == TALLY__SLOT_ACTIVE &&
+			   tally__proc_alive(o->pid, atomic_load_explicit(&s->ctl.start_time, memory_order_relaxed)) &&
+			   tally__thread_alive(o->pid, o->tid);
+	}
+	return (int)n;
+}
