@@ -44,6 +44,22 @@
 #include "window.h"
 
 #define TALLY__ENGINE_MAGIC 0xe9e1e9e1u
+
+/*
+ * Publishing the snapshot pointer. liburcu 0.13 implements
+ * rcu_assign_pointer and rcu_dereference with barriers in inline assembly
+ * that ThreadSanitizer cannot see, so under TSan we use their C11
+ * equivalents (a release store, an acquire load) and let it check
+ * everything else. Grace periods (rcu_read_lock, call_rcu) are liburcu's
+ * in both builds.
+ */
+#if defined(__SANITIZE_THREAD__)
+#define snap_assign(p, v) __atomic_store_n(&(p), (v), __ATOMIC_RELEASE)
+#define snap_deref(p) __atomic_load_n(&(p), __ATOMIC_ACQUIRE)
+#else
+#define snap_assign(p, v) rcu_assign_pointer(p, v)
+#define snap_deref(p) rcu_dereference(p)
+#endif
 #define DRAIN_BATCH 4096u
 
 struct snap {
@@ -221,7 +237,7 @@ static void latch_fill(struct tally__snap_entry *dst, const struct tally_subject
 	w[TALLY__SW_TOTAL_COUNT] = s->total_count;
 	w[TALLY__SW_TOTAL_SUM] = s->total_sum;
 	for (int i = 0; i < TALLY__SW_WORDS; i++)
-		atomic_store_explicit(&dst->w[i], w[i], memory_order_relaxed);
+		tally__snapshot_store(&dst->w[i], w[i]);
 }
 
 static void latch_publish(struct tally_engine *e, const struct snap *sn, uint64_t now)
@@ -231,13 +247,12 @@ static void latch_publish(struct tally_engine *e, const struct snap *sn, uint64_
 		struct tally__snap_meta *m = &e->latch.hdr->meta[c];
 		for (uint32_t i = 0; i < e->nactive; i++)
 			latch_fill(&e->latch.copies[c][e->active[i]], &sn->s[e->active[i]]);
-		atomic_store_explicit(&m->published_mono_ns, now, memory_order_relaxed);
-		atomic_store_explicit(&m->published_real_ns, tally__real_ns(), memory_order_relaxed);
-		atomic_store_explicit(&m->publish_count, atomic_load(&e->publishes) + 1, memory_order_relaxed);
-		atomic_store_explicit(&m->subjects_present, e->nactive, memory_order_relaxed);
-		atomic_store_explicit(&m->window_ns, e->cfg.window_ns, memory_order_relaxed);
-		atomic_store_explicit(&m->reserved[0], (uint64_t)e->cfg.publish_interval_ms * 1000000u,
-				      memory_order_relaxed);
+		tally__snapshot_store(&m->published_mono_ns, now);
+		tally__snapshot_store(&m->published_real_ns, tally__real_ns());
+		tally__snapshot_store(&m->publish_count, atomic_load(&e->publishes) + 1);
+		tally__snapshot_store(&m->subjects_present, e->nactive);
+		tally__snapshot_store(&m->window_ns, e->cfg.window_ns);
+		tally__snapshot_store(&m->reserved[0], (uint64_t)e->cfg.publish_interval_ms * 1000000u);
 	}
 }
 
@@ -263,7 +278,7 @@ static void publish(struct tally_engine *e, uint64_t now)
 	}
 	latch_publish(e, sn, now);
 	struct snap *old = e->current;
-	rcu_assign_pointer(e->current, sn);
+	snap_assign(e->current, sn);
 	if (old)
 		call_rcu(&old->rcu, free_snap);
 	atomic_store_explicit(&e->seg->hdr->owner_heartbeat_ns, now, memory_order_relaxed);
@@ -394,7 +409,7 @@ TALLY_API void tally_engine_stop(struct tally_engine **ep)
 	atomic_store_explicit(&e->stop, true, memory_order_release);
 	pthread_join(e->thread, NULL);
 	struct snap *last = e->current;
-	rcu_assign_pointer(e->current, NULL);
+	snap_assign(e->current, NULL);
 	synchronize_rcu();
 	free(last);
 	rcu_barrier(); /* every call_rcu callback has run: nothing leaks */
@@ -418,7 +433,7 @@ TALLY_API int tally_engine_read(struct tally_engine *e, tally_subject_t id,
 	int rc = -ENOENT;
 
 	rcu_read_lock();
-	struct snap *sn = rcu_dereference(e->current);
+	struct snap *sn = snap_deref(e->current);
 	if (sn && id < sn->n && sn->s[id].published_ns) {
 		*out = sn->s[id];
 		rc = 0;

@@ -102,14 +102,14 @@ static void store_str(_Atomic uint64_t *words, size_t nwords, const char *s)
 		uint64_t w;
 
 		memcpy(&w, buf + i * 8, 8);
-		atomic_store_explicit(&words[i], w, memory_order_relaxed);
+		atomic_store_explicit(&words[i], w, memory_order_release);
 	}
 }
 
 static void load_str(const _Atomic uint64_t *words, size_t nwords, char *dst)
 {
 	for (size_t i = 0; i < nwords; i++) {
-		uint64_t w = atomic_load_explicit(&words[i], memory_order_relaxed);
+		uint64_t w = atomic_load_explicit(&words[i], memory_order_acquire);
 
 		memcpy(dst + i * 8, &w, 8);
 	}
@@ -123,8 +123,13 @@ static bool str_ok(const char *s, size_t cap)
 
 #define STORE_STR(field, s) store_str((field), sizeof(field) / 8, (s))
 #define LOAD_STR(field, dst) load_str((field), sizeof(field) / 8, (dst))
-#define RELAXED(x) atomic_load_explicit(&(x), memory_order_relaxed)
-#define SET(x, v) atomic_store_explicit(&(x), (v), memory_order_relaxed)
+/* Seqlock fields: stores release and loads acquire instead of relaxed
+ * accesses between fences. Same guarantees, no cost on x86 (plain moves),
+ * and ThreadSanitizer, which does not model atomic_thread_fence, follows
+ * them: a store after the odd sequence is ordered after it (release), and
+ * a field load is ordered before the sequence re-check (acquire). */
+#define RELAXED(x) atomic_load_explicit(&(x), memory_order_acquire)
+#define SET(x, v) atomic_store_explicit(&(x), (v), memory_order_release)
 
 /* ---- writer side ---- */
 
@@ -132,10 +137,10 @@ static uint32_t write_begin(_Atomic uint32_t *seq)
 {
 	uint32_t s = atomic_load_explicit(seq, memory_order_relaxed);
 
+	/* The field stores that follow are release stores, so each is ordered
+	 * after this odd sequence: a reader that sees any new field also sees
+	 * the odd (or a later) sequence. */
 	atomic_store_explicit(seq, s + 1, memory_order_relaxed);
-	/* Orders the odd sequence before the field stores below: a reader that
-	 * sees any new field also sees the odd (or a later) sequence. */
-	atomic_thread_fence(memory_order_release);
 	return s;
 }
 
@@ -249,8 +254,7 @@ static int read_entry(const struct tally__pending_entry *e, struct tally__pendin
 		used = RELAXED(e->used);
 		if (used)
 			load_entry_fields(e, o, full);
-		/* The field loads complete before the sequence is read again. */
-		atomic_thread_fence(memory_order_acquire);
+		/* The field loads are acquire: they complete before the re-check. */
 		if (atomic_load_explicit(&e->seq, memory_order_relaxed) != s1)
 			continue;
 		if (used == 0)
@@ -303,7 +307,6 @@ int tally__pending_read_breaker(const void *section, size_t len,
 		if (s1 & 1u)
 			continue;
 		load_breaker_fields(b, out);
-		atomic_thread_fence(memory_order_acquire);
 		if (atomic_load_explicit(&b->seq, memory_order_relaxed) != s1)
 			continue;
 		if (out->state > TALLY__BREAKER_HALF_OPEN ||

@@ -59,12 +59,17 @@ uint32_t tally__snapshot_write_begin(struct tally__snap_writer *w)
 	uint64_t seq = atomic_load_explicit(&w->hdr->seq, memory_order_relaxed) + 1;
 
 	/* Release store: the copy written before (the other one) is complete
-	 * before readers are sent to it. Release fence: this new seq is ordered
-	 * before our stores into the copy we now rewrite, so a reader that sees
-	 * any of them sees seq move and retries. */
+	 * before readers are sent to it. The entry stores that follow are
+	 * release stores too (tally__snapshot_store), so each is ordered after
+	 * this new seq: a reader that sees any of them sees seq move and
+	 * retries. */
 	atomic_store_explicit(&w->hdr->seq, seq, memory_order_release);
-	atomic_thread_fence(memory_order_release);
 	return (uint32_t)((seq & 1) ^ 1); /* odd: readers on copy 1, write 0 */
+}
+
+void tally__snapshot_store(_Atomic uint64_t *word, uint64_t v)
+{
+	atomic_store_explicit(word, v, memory_order_release);
 }
 
 int tally__snapshot_read(const void *section, uint32_t nentries, uint32_t id,
@@ -78,14 +83,16 @@ int tally__snapshot_read(const void *section, uint32_t nentries, uint32_t id,
 		uint64_t seq = atomic_load_explicit(&h->seq, memory_order_acquire);
 		uint64_t idx = seq & 1; /* odd: copy 0 is being written, read 1 */
 		const struct tally__snap_entry *e = copy_of(section, nentries, idx) + id;
+		/* Acquire loads (plain moves on x86): each completes before the
+		 * re-check of seq below. No standalone fence: ThreadSanitizer does
+		 * not model those, and these give the same ordering. */
 		for (int i = 0; i < TALLY__SW_WORDS; i++)
-			words[i] = atomic_load_explicit(&e->w[i], memory_order_relaxed);
+			words[i] = atomic_load_explicit(&e->w[i], memory_order_acquire);
 		if (meta) {
 			const _Atomic uint64_t *m = &h->meta[idx].published_mono_ns;
 			for (int i = 0; i < 8; i++)
-				meta[i] = atomic_load_explicit(&m[i], memory_order_relaxed);
+				meta[i] = atomic_load_explicit(&m[i], memory_order_acquire);
 		}
-		atomic_thread_fence(memory_order_acquire);
 		if (atomic_load_explicit(&h->seq, memory_order_relaxed) == seq)
 			return 0;
 	}

@@ -9,11 +9,12 @@
  * seq & 1, and the writer only rewrites the other one. While it rewrites
  * copy 0 the sequence is odd; then it increments it (readers move to the
  * fresh copy 0) and rewrites copy 1. A reader loads the sequence (acquire), reads the copy
- * seq & 1, and accepts it if the sequence has not moved (after an acquire
- * fence); otherwise it retries, a bounded number of times. Every shared
- * word is a C11 atomic accessed relaxed, with the fences ordering them, so
- * a reader racing the writer discards a torn copy and ThreadSanitizer sees
- * no data race.
+ * seq & 1, and accepts it if the sequence has not moved (its loads are
+ * acquire); otherwise it retries, a bounded number of times. Every shared
+ * word is a C11 atomic, stored with release and loaded with acquire (plain
+ * moves on x86) instead of relaxed accesses between fences, so a reader
+ * racing the writer discards a torn copy and ThreadSanitizer, which does
+ * not model standalone fences, sees every ordering we rely on.
  *
  * Entries are indexed by subject id (the subject table's index), so one
  * subject's read touches one 192-byte entry, two sequence loads and the
@@ -71,7 +72,7 @@ struct tally__snap_meta {
 	_Atomic uint64_t publish_count;
 	_Atomic uint64_t subjects_present;
 	_Atomic uint64_t window_ns;
-	_Atomic uint64_t reserved[3];
+	_Atomic uint64_t reserved[3]; /* [0]: publish interval in ns */
 };
 
 struct tally__snap_hdr {
@@ -102,6 +103,8 @@ struct tally__snap_writer {
 };
 void tally__snapshot_writer_init(struct tally__snap_writer *w, void *section);
 uint32_t tally__snapshot_write_begin(struct tally__snap_writer *w);
+/* Store one word of the copy being written (release; see above). */
+void tally__snapshot_store(_Atomic uint64_t *word, uint64_t v);
 
 /* Reader: consistent copy of entry id (words) and of the meta of the copy
  * it came from. 0, -ERANGE, TALLY_EBUSY_RETRY. */

@@ -1,0 +1,219 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * stress_concurrency.c: the concurrency scenarios as one plain TAP
+ * program, so that they also run under ThreadSanitizer (where Criterion
+ * cannot start): threads interning the same subjects, threads recording
+ * while a drainer consumes with exact accounting, and the engine
+ * publishing every millisecond while readers read it in-process (RCU) and
+ * through the segment's latch. Runs in every `make check` too.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "common/helpers.h"
+#include "common/tap.h"
+
+static struct tally_segment *make(const char *tag, char *name_out)
+{
+	struct tally_segment_config cfg;
+	struct tally_segment *seg = NULL;
+	const char *name = tt_segname(tag);
+
+	tt_config(&cfg);
+	cfg.ring_capacity = 1u << 14;
+	if (tally_segment_create(name, &cfg, 0, &seg) != 0) {
+		fprintf(stderr, "create %s: %s\n", name, tally_errmsg());
+		return NULL;
+	}
+	if (name_out)
+		strcpy(name_out, name);
+	return seg;
+}
+
+/* ---- 1: interning ---------------------------------------------------------- */
+
+struct intern_arg {
+	struct tally_segment *seg;
+	tally_subject_t ids[32];
+};
+
+static void *interner(void *p)
+{
+	struct intern_arg *a = p;
+	char name[32];
+
+	for (int i = 0; i < 32; i++) {
+		snprintf(name, sizeof(name), "stress.%d", i);
+		if (tally_subject_intern(a->seg, name, &a->ids[i]))
+			a->ids[i] = UINT32_MAX;
+	}
+	return NULL;
+}
+
+static void interning(void)
+{
+	struct tally_segment *seg = make("si", NULL);
+	struct intern_arg a[4];
+	pthread_t th[4];
+	int same = 1;
+
+	for (int t = 0; t < 4; t++) {
+		a[t].seg = seg;
+		pthread_create(&th[t], NULL, interner, &a[t]);
+	}
+	for (int t = 0; t < 4; t++)
+		pthread_join(th[t], NULL);
+	for (int t = 1; t < 4; t++)
+		same &= memcmp(a[t].ids, a[0].ids, sizeof(a[0].ids)) == 0;
+	tap_ok(same && a[0].ids[0] != UINT32_MAX, "4 threads interning 32 names get one id per name");
+	tally_segment_close(&seg);
+}
+
+/* ---- 2: recording while draining --------------------------------------------- */
+
+struct rec_arg {
+	struct tally_segment *seg;
+	tally_subject_t subject;
+	struct tally_producer_counters c;
+};
+
+static void *recorder(void *p)
+{
+	struct rec_arg *a = p;
+	struct tally_producer *prod;
+
+	if (tally_producer_attach(a->seg, &prod))
+		return NULL;
+	for (uint64_t i = 0; i < 100000; i++)
+		tally_record(prod, a->subject, i);
+	tally_producer_counters(prod, &a->c);
+	tally_producer_detach(&prod);
+	return NULL;
+}
+
+static void recording(void)
+{
+	struct tally_segment *seg = make("sr", NULL);
+	struct tt_drainer d;
+	struct rec_arg a[3];
+	pthread_t th[3];
+	uint64_t recorded = 0, per_ok = 1;
+
+	tt_drainer_init(&d, seg);
+	tt_drainer_start(&d);
+	for (int t = 0; t < 3; t++) {
+		a[t] = (struct rec_arg){ .seg = seg, .subject = (tally_subject_t)t };
+		pthread_create(&th[t], NULL, recorder, &a[t]);
+	}
+	for (int t = 0; t < 3; t++) {
+		pthread_join(th[t], NULL);
+		recorded += a[t].c.recorded;
+		per_ok &= a[t].c.recorded + a[t].c.dropped == 100000;
+	}
+	tt_sleep_ms(20);
+	tt_drainer_stop(&d);
+	tap_ok(per_ok, "each thread: recorded + dropped = attempts");
+	tap_ok(atomic_load(&d.total) == recorded, "drained %llu = recorded %llu",
+	       (unsigned long long)atomic_load(&d.total), (unsigned long long)recorded);
+	tally_segment_close(&seg);
+}
+
+/* ---- 3: engine publishing while readers read ---------------------------------- */
+
+struct read_arg {
+	struct tally_engine *e;
+	struct tally_segment *seg;
+	tally_subject_t id;
+	atomic_bool *stop;
+	uint64_t reads, bad;
+};
+
+static void *reader(void *p)
+{
+	struct read_arg *a = p;
+	struct tally_subject_stats s;
+
+	while (!atomic_load(a->stop)) {
+		int rc = a->e ? tally_engine_read(a->e, a->id, &s) : tally_read_subject(a->seg, a->id, &s);
+		if (rc == 0) {
+			a->reads++;
+			a->bad += s.has_data && !(s.min_ns <= s.p50_ns && s.p50_ns <= s.p95_ns &&
+						  s.p95_ns <= s.max_ns);
+		} else if (rc != -ENOENT && rc != TALLY_EBUSY_RETRY) {
+			a->bad++;
+		}
+	}
+	return NULL;
+}
+
+static void *writer(void *p)
+{
+	struct read_arg *a = p;
+	struct tally_producer *prod;
+	uint64_t x = 1;
+
+	if (tally_producer_attach(a->seg, &prod))
+		return NULL;
+	while (!atomic_load(a->stop)) {
+		x = x * 6364136223846793005ull + 1;
+		tally_record(prod, a->id, x >> 44);
+	}
+	tally_producer_detach(&prod);
+	return NULL;
+}
+
+static void publishing(void)
+{
+	char name[TALLY_NAME_MAX + 1];
+	struct tally_segment *seg = make("sp", name), *rd;
+	struct tally_engine_config cfg;
+	struct tally_engine *e;
+	atomic_bool stop = false;
+	tally_subject_t id;
+	pthread_t tw, tr1, tr2;
+
+	tally_engine_config_init(&cfg);
+	cfg.publish_interval_ms = 1;
+	cfg.slice_ns = 10000000;
+	cfg.window_ns = 50000000;
+	if (tally_engine_start(seg, &cfg, &e) || tally_subject_intern(seg, "hot", &id) ||
+	    tally_segment_open(name, TALLY_OPEN_READER, 0, &rd)) {
+		tap_ok(0, "engine start: %s", tally_errmsg());
+		return;
+	}
+	struct read_arg w = { .seg = seg, .id = id, .stop = &stop };
+	struct read_arg in = { .e = e, .id = id, .stop = &stop };
+	struct read_arg cross = { .seg = rd, .id = id, .stop = &stop };
+	pthread_create(&tw, NULL, writer, &w);
+	pthread_create(&tr1, NULL, reader, &in);
+	pthread_create(&tr2, NULL, reader, &cross);
+	tt_sleep_ms(300);
+	atomic_store(&stop, true);
+	pthread_join(tw, NULL);
+	pthread_join(tr1, NULL);
+	pthread_join(tr2, NULL);
+	struct tally_engine_counters c;
+	tally_engine_counters(e, &c);
+	tap_ok(in.reads > 0 && in.bad == 0, "in-process reads during publishing: %llu, bad %llu",
+	       (unsigned long long)in.reads, (unsigned long long)in.bad);
+	tap_ok(cross.reads > 0 && cross.bad == 0, "segment reads during publishing: %llu, bad %llu",
+	       (unsigned long long)cross.reads, (unsigned long long)cross.bad);
+	tap_ok(c.publishes > 5, "published %llu times", (unsigned long long)c.publishes);
+	tally_segment_close(&rd);
+	tally_engine_stop(&e);
+	tap_ok(e == NULL, "engine stopped");
+	tally_segment_close(&seg);
+}
+
+int main(void)
+{
+	tap_plan(7);
+	interning();
+	recording();
+	publishing();
+	return tap_done();
+}
