@@ -34,6 +34,11 @@ static const struct {
 	const char *what;
 } parts[] = {
 	{ "record", bench_part_record, "record ns/op: tally rings vs mutex and atomic histograms, 1..N threads" },
+	{ "ingest", bench_part_ingest, "aggregator ingest Msamples/s: the engine.c loop on one core, and end to end" },
+	{ "publish", bench_part_publish, "one publish in ms for --sizes active subjects (default 100,1000,10000)" },
+	{ "read", bench_part_read, "read one subject's stats ns/op: in-process, read-only handle, other process" },
+	{ "visible", bench_part_visible, "record-to-visible ms (p50, p99) at publish intervals 100 and 10 ms" },
+	{ "hist", bench_part_hist, "histogram index/add ns/op; 5-quantile query vs exact P95 (qsort, quickselect)" },
 };
 
 uint64_t bench_now_ns(void)

@@ -50,5 +50,10 @@ static inline uint64_t bench_rand(uint64_t *s)
 
 /* Parts */
 void bench_part_record(void);
+void bench_part_hist(void);
+void bench_part_ingest(void);
+void bench_part_publish(void);
+void bench_part_read(void);
+void bench_part_visible(void);
 
 #endif

@@ -29,11 +29,15 @@ void tally__die(const char *file, int line, const char *fmt, ...)
 
 int tally__fail(int err, const char *fmt, ...)
 {
+	char tmp[sizeof(errmsg_buf)];
 	va_list ap;
 
+	/* Format aside first: callers may pass tally_errmsg() itself as an
+	 * argument, to wrap a detail in more context. */
 	va_start(ap, fmt);
-	vsnprintf(errmsg_buf, sizeof(errmsg_buf), fmt, ap);
+	vsnprintf(tmp, sizeof(tmp), fmt, ap);
 	va_end(ap);
+	memcpy(errmsg_buf, tmp, sizeof(tmp));
 	return err;
 }
 

@@ -37,10 +37,13 @@
 #include <tally/engine.h>
 
 #include "common.h"
+#include "pending.h"
 #include "proc.h"
 #include "producer.h"
 #include "segment.h"
 #include "snapshot.h"
+#include "subject.h"
+#include "verdict.h"
 #include "window.h"
 
 #define TALLY__ENGINE_MAGIC 0xe9e1e9e1u
@@ -71,6 +74,10 @@ struct snap {
 
 struct subject_state {
 	struct tally__window win;
+	struct tally__verdict_state vs;
+	const struct tally_threshold_rule *rule; /* cached match, valid while rule_gen is current */
+	uint64_t rule_gen;
+	char name[TALLY_SUBJECT_MAX + 1];
 };
 
 struct tally_engine {
@@ -84,6 +91,11 @@ struct tally_engine {
 	uint32_t *active;
 	uint32_t nactive;
 	struct snap *current;            /* RCU-protected */
+	struct tally_thresholds *thresholds;           /* aggregator's own */
+	struct tally_thresholds *_Atomic next_thresholds; /* handed over by set_thresholds */
+	uint64_t thresholds_gen;
+	struct tally__pending_view *pviews; /* used pending entries, read once per publish */
+	uint32_t npviews;
 	struct tally__snap_writer latch;
 	uint64_t cur_slice, next_publish, next_reap;
 	_Atomic uint64_t drained, rejected, publishes, last_publish_ns, died, released;
@@ -100,6 +112,7 @@ TALLY_API void tally_engine_config_init(struct tally_engine_config *cfg)
 	cfg->window_ns = TALLY__WINDOW_DEFAULT_WINDOW_NS;
 	cfg->publish_interval_ms = 100;
 	cfg->reap_interval_ms = 250;
+	cfg->pending_include_ack = true;
 }
 
 static int config_check(const struct tally_engine_config *c)
@@ -128,10 +141,12 @@ static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, ui
 	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
 		return NULL;
 	struct subject_state *st = calloc(1, sizeof(*st));
-	if (!st || tally__window_init(&st->win, &e->wcfg, now) != 0) {
+	if (!st || tally_subject_name(seg, id, st->name, sizeof(st->name)) != 0 ||
+	    tally__window_init(&st->win, &e->wcfg, now) != 0) {
 		free(st);
 		return NULL;
 	}
+	tally__verdict_init(&st->vs, now);
 	e->subjects[id] = st;
 	e->active[e->nactive++] = id;
 	return st;
@@ -219,6 +234,82 @@ static void fill_stats(struct tally_subject_stats *o, uint32_t id, const struct 
 	o->published_ns = now;
 }
 
+/* ---- pending and verdicts ------------------------------------------------------ */
+
+/* Read every used pending entry once per publish (the poller writes them). */
+static void pending_gather(struct tally_engine *e)
+{
+	struct tally_segment *seg = e->seg;
+	const void *sec = tally__seg_section(seg, &seg->pending);
+
+	e->npviews = 0;
+	for (uint32_t i = 0; i < seg->pending_cap; i++)
+		if (tally__pending_read_entry(sec, seg->pending.size, i, &e->pviews[e->npviews]) == 0)
+			e->npviews++;
+}
+
+static uint32_t public_source(uint32_t s, uint32_t matched)
+{
+	if (!matched)
+		return TALLY_PENDING_NONE;
+	switch (s) {
+	case TALLY__PENDING_LIVE: return TALLY_PENDING_LIVE;
+	case TALLY__PENDING_CACHED: return TALLY_PENDING_CACHED;
+	case TALLY__PENDING_GONE: return TALLY_PENDING_GONE;
+	default: return TALLY_PENDING_NEVER;
+	}
+}
+
+/* Backlog of the consumers whose filter (or mapped pattern) matches. */
+static void pending_of(struct tally_engine *e, const char *subject, uint64_t now,
+		       struct tally_subject_stats *o)
+{
+	const struct tally__pending_policy pol = { .include_ack_pending = e->cfg.pending_include_ack };
+	struct tally__pending_result r = { .source = TALLY__PENDING_NEVER };
+
+	for (uint32_t i = 0; i < e->npviews; i++) {
+		const struct tally__pending_view *v = &e->pviews[i];
+		const char *pattern = v->map[0] ? v->map : v->filter;
+		if (pattern[0] && tally__subject_match(pattern, subject))
+			tally__pending_combine(&r, v, &pol, now);
+	}
+	o->pending = r.backlog;
+	o->pending_consumers = r.matched;
+	o->pending_source = public_source(r.source, r.matched);
+	o->pending_age_ns = r.matched ? r.oldest_age_ns : 0;
+}
+
+static void judge(struct tally_engine *e, struct subject_state *st, uint64_t now,
+		  struct tally_subject_stats *o)
+{
+	if (st->rule_gen != e->thresholds_gen) {
+		st->rule = tally_thresholds_match(e->thresholds, st->name, NULL);
+		st->rule_gen = e->thresholds_gen;
+	}
+	struct tally__verdict_input in = {
+		.count = o->count, .p95_ns = o->p95_ns, .rate = o->rate,
+		.pending_consumers = o->pending_consumers, .pending_source = o->pending_source,
+		.pending = o->pending, .pending_age_ns = o->pending_age_ns,
+	};
+	struct tally__verdict_out out;
+	tally__verdict_update(&st->vs, st->rule, &in, now, &out);
+	o->verdict = out.verdict;
+	o->reasons = out.reasons;
+	o->verdict_since_ns = out.since_ns;
+	o->retry_after_ms = out.retry_after_ms;
+}
+
+static void thresholds_pickup(struct tally_engine *e)
+{
+	struct tally_thresholds *t = atomic_exchange(&e->next_thresholds, NULL);
+
+	if (!t)
+		return;
+	tally_thresholds_free(&e->thresholds);
+	e->thresholds = t;
+	e->thresholds_gen++;
+}
+
 static void latch_fill(struct tally__snap_entry *dst, const struct tally_subject_stats *s)
 {
 	uint64_t w[TALLY__SW_WORDS] = { 0 };
@@ -236,6 +327,14 @@ static void latch_fill(struct tally__snap_entry *dst, const struct tally_subject
 	w[TALLY__SW_RATE_MILLI] = (uint64_t)(s->rate * 1000.0 + 0.5);
 	w[TALLY__SW_TOTAL_COUNT] = s->total_count;
 	w[TALLY__SW_TOTAL_SUM] = s->total_sum;
+	w[TALLY__SW_PENDING] = s->pending;
+	w[TALLY__SW_PENDING_AGE] = s->pending_age_ns;
+	w[TALLY__SW_VERDICT] = (uint64_t)s->verdict | (uint64_t)(s->reasons & 0xff) << 8 |
+			       (uint64_t)(s->pending_source & 0xff) << 16 | (uint64_t)s->pending_consumers << 32;
+	w[TALLY__SW_VERDICT_SINCE] = s->verdict_since_ns;
+	w[TALLY__SW_RETRY_AFTER] = s->retry_after_ms;
+	w[TALLY__SW_DECIDED_P95] = s->p95_ns;
+	w[TALLY__SW_DECIDED_PENDING] = s->pending;
 	for (int i = 0; i < TALLY__SW_WORDS; i++)
 		tally__snapshot_store(&dst->w[i], w[i]);
 }
@@ -271,10 +370,15 @@ static void publish(struct tally_engine *e, uint64_t now)
 		return; /* keep the previous snapshot; try again next interval */
 	sn->n = n;
 	sn->published_ns = now;
+	thresholds_pickup(e);
+	pending_gather(e);
 	for (uint32_t i = 0; i < e->nactive; i++) {
 		uint32_t id = e->active[i];
-		tally__window_stats(&e->subjects[id]->win, now, &ws);
+		struct subject_state *st = e->subjects[id];
+		tally__window_stats(&st->win, now, &ws);
 		fill_stats(&sn->s[id], id, &ws, now, e->cfg.window_ns);
+		pending_of(e, st->name, now, &sn->s[id]);
+		judge(e, st, now, &sn->s[id]);
 	}
 	latch_publish(e, sn, now);
 	struct snap *old = e->current;
@@ -347,6 +451,23 @@ static void *aggregator_main(void *arg)
 	return NULL;
 }
 
+static void engine_free(struct tally_engine *e)
+{
+	struct tally_thresholds *next = atomic_exchange(&e->next_thresholds, NULL);
+
+	for (uint32_t i = 0; i < e->nactive; i++) {
+		tally__window_destroy(&e->subjects[e->active[i]]->win);
+		free(e->subjects[e->active[i]]);
+	}
+	tally_thresholds_free(&next);
+	tally_thresholds_free(&e->thresholds);
+	free(e->subjects);
+	free(e->active);
+	free(e->pviews);
+	e->magic = 0;
+	free(e);
+}
+
 TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_engine_config *cfg,
 				 struct tally_engine **out)
 {
@@ -375,19 +496,18 @@ TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_e
 	e->wcfg = (struct tally__window_config){ cfg->slice_ns, cfg->window_ns, seg->max_value_ns };
 	e->subjects = calloc(seg->table_size, sizeof(e->subjects[0]));
 	e->active = calloc(seg->table_size, sizeof(e->active[0]));
-	if (!e->subjects || !e->active) {
-		free(e->subjects);
-		free(e->active);
-		free(e);
+	e->pviews = calloc(seg->pending_cap, sizeof(e->pviews[0]));
+	e->thresholds = tally_thresholds_new();
+	e->thresholds_gen = 1;
+	if (!e->subjects || !e->active || !e->pviews || !e->thresholds) {
+		engine_free(e);
 		return -ENOMEM;
 	}
 	tally__snapshot_writer_init(&e->latch, tally__seg_section(seg, &seg->snapshot));
 	pthread_mutex_init(&e->start_lock, NULL);
 	pthread_cond_init(&e->start_cond, NULL);
 	if ((rc = pthread_create(&e->thread, NULL, aggregator_main, e)) != 0) {
-		free(e->subjects);
-		free(e->active);
-		free(e);
+		engine_free(e);
 		return tally__fail(-rc, "cannot start the aggregator thread: %s", strerror(rc));
 	}
 	pthread_mutex_lock(&e->start_lock);
@@ -413,17 +533,10 @@ TALLY_API void tally_engine_stop(struct tally_engine **ep)
 	synchronize_rcu();
 	free(last);
 	rcu_barrier(); /* every call_rcu callback has run: nothing leaks */
-	for (uint32_t i = 0; i < e->nactive; i++) {
-		tally__window_destroy(&e->subjects[e->active[i]]->win);
-		free(e->subjects[e->active[i]]);
-	}
-	free(e->subjects);
-	free(e->active);
 	e->seg->engine_attached = false;
 	pthread_mutex_destroy(&e->start_lock);
 	pthread_cond_destroy(&e->start_cond);
-	e->magic = 0;
-	free(e);
+	engine_free(e);
 	*ep = NULL;
 }
 
@@ -451,4 +564,15 @@ TALLY_API void tally_engine_counters(struct tally_engine *e, struct tally_engine
 	o->subjects_active = 0;
 	o->producers_died = atomic_load_explicit(&e->died, memory_order_relaxed);
 	o->producers_released = atomic_load_explicit(&e->released, memory_order_relaxed);
+}
+
+TALLY_API int tally_engine_set_thresholds(struct tally_engine *e, struct tally_thresholds **t)
+{
+	if (!t || !*t)
+		return -EINVAL;
+	struct tally_thresholds *old = atomic_exchange(&e->next_thresholds, *t);
+	/* a set handed over before and not yet picked up is replaced */
+	tally_thresholds_free(&old);
+	*t = NULL;
+	return 0;
 }

@@ -328,8 +328,8 @@ static int rank(uint32_t source)
 	return r[source];
 }
 
-static void combine(struct tally__pending_result *out, const struct tally__pending_view *v,
-		    const struct tally__pending_policy *pol, uint64_t now)
+void tally__pending_combine(struct tally__pending_result *out, const struct tally__pending_view *v,
+			    const struct tally__pending_policy *pol, uint64_t now)
 {
 	uint64_t backlog = 0, age = UINT64_MAX;
 
@@ -376,7 +376,7 @@ int tally__pending_for_subject(const void *section, size_t len, const char *subj
 		}
 		pattern = v.map[0] ? v.map : v.filter;
 		if (pattern[0] && tally__subject_match(pattern, subject))
-			combine(out, &v, pol ? pol : &def, now);
+			tally__pending_combine(out, &v, pol ? pol : &def, now);
 	}
 	return rc;
 }

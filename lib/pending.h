@@ -213,6 +213,15 @@ int tally__pending_for_subject(const void *section, size_t len, const char *subj
 			       const struct tally__pending_policy *pol,
 			       struct tally__pending_result *out);
 
+/*
+ * Fold one entry (already known to match) into a result, as
+ * tally__pending_for_subject does; start from a zeroed result with source
+ * TALLY__PENDING_NEVER. For callers that read the entries once and match
+ * many subjects against them (the engine at every publish).
+ */
+void tally__pending_combine(struct tally__pending_result *out, const struct tally__pending_view *v,
+			    const struct tally__pending_policy *pol, uint64_t now);
+
 /* Short name of a source / breaker state ("live", "open", ...; "?" if out of range). */
 const char *tally__pending_source_name(uint32_t source);
 const char *tally__breaker_state_name(uint32_t state);

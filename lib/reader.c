@@ -44,6 +44,19 @@ static void stats_from_words(struct tally_subject_stats *o, uint32_t id, const u
 	o->total_sum = w[TALLY__SW_TOTAL_SUM];
 	o->window_ns = meta[4];
 	o->published_ns = meta[0];
+	uint64_t v = w[TALLY__SW_VERDICT];
+	o->verdict = (v & 0xff) <= TALLY_VERDICT_OVERLOAD ? (enum tally_verdict)(v & 0xff)
+							   : TALLY_VERDICT_UNKNOWN;
+	o->reasons = (uint32_t)(v >> 8) & 0xff;
+	o->pending_source = (uint32_t)(v >> 16) & 0xff;
+	if (o->pending_source > TALLY_PENDING_GONE)
+		o->pending_source = TALLY_PENDING_NEVER;
+	o->pending_consumers = (uint32_t)(v >> 32);
+	o->pending = w[TALLY__SW_PENDING];
+	o->pending_age_ns = w[TALLY__SW_PENDING_AGE];
+	o->verdict_since_ns = w[TALLY__SW_VERDICT_SINCE];
+	o->retry_after_ms = w[TALLY__SW_RETRY_AFTER] > UINT32_MAX ? UINT32_MAX
+								  : (uint32_t)w[TALLY__SW_RETRY_AFTER];
 }
 
 TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_t id,

@@ -29,12 +29,20 @@ extern "C" {
 
 struct tally_engine;
 
+enum tally_verdict {
+	TALLY_VERDICT_UNKNOWN = 0,
+	TALLY_VERDICT_OK = 1,
+	TALLY_VERDICT_WARN = 2,
+	TALLY_VERDICT_OVERLOAD = 3,
+};
+
 struct tally_engine_config {
 	uint32_t drain_interval_us;   /* longest sleep when the rings are empty (default 1000) */
 	uint64_t slice_ns;            /* time slice (default 1 s) */
 	uint64_t window_ns;           /* sliding window, a multiple of slice_ns (default 10 s) */
 	uint32_t publish_interval_ms; /* snapshot period (default 100) */
 	uint32_t reap_interval_ms;    /* dead-producer check period (default 250) */
+	bool pending_include_ack;     /* backlog = num_pending + num_ack_pending (default true) */
 };
 
 /* Fill cfg with the defaults. Never fails. */
@@ -54,12 +62,6 @@ TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_e
  * NULL *e. Blocks until the thread has exited and RCU callbacks ran. */
 TALLY_API void tally_engine_stop(struct tally_engine **e);
 
-enum tally_verdict {
-	TALLY_VERDICT_UNKNOWN = 0,
-	TALLY_VERDICT_OK = 1,
-	TALLY_VERDICT_WARN = 2,
-	TALLY_VERDICT_OVERLOAD = 3,
-};
 
 /* Statistics of one subject as published. */
 struct tally_subject_stats {
@@ -75,6 +77,24 @@ struct tally_subject_stats {
 	uint64_t total_sum;     /* ns, since start (a counter, saturating) */
 	uint64_t window_ns;     /* the window these describe */
 	uint64_t published_ns;  /* CLOCK_MONOTONIC of the snapshot */
+	/* backlog of the JetStream consumers whose filter matches (max of them) */
+	uint64_t pending;
+	uint32_t pending_consumers; /* how many matched; 0: no pending signal */
+	uint32_t pending_source;    /* enum tally_pending_source */
+	uint64_t pending_age_ns;    /* since its last good refresh; UINT64_MAX never */
+	/* verdict (tally/verdict.h) */
+	enum tally_verdict verdict;
+	uint32_t reasons;           /* TALLY_REASON_* */
+	uint64_t verdict_since_ns;  /* CLOCK_MONOTONIC when this verdict began */
+	uint32_t retry_after_ms;    /* hint for gateways; 0 when ok */
+};
+
+enum tally_pending_source {
+	TALLY_PENDING_NONE = 0,   /* no consumer matches the subject */
+	TALLY_PENDING_LIVE = 1,   /* refreshed by the last poll */
+	TALLY_PENDING_CACHED = 2, /* last good value; the poller is failing */
+	TALLY_PENDING_NEVER = 3,  /* configured, never fetched */
+	TALLY_PENDING_GONE = 4,   /* the consumer no longer exists */
 };
 
 /*

@@ -6,6 +6,7 @@
  *   tally/segment.h  the shared-memory segment and subjects
  *   tally/record.h   producers and the wait-free tally_record()
  *   tally/engine.h   the aggregator, and reading what it publishes
+ *   tally/verdict.h  thresholds and ok/warn/overload verdicts
  */
 #ifndef TALLY_TALLY_H
 #define TALLY_TALLY_H
@@ -14,5 +15,6 @@
 #include <tally/segment.h>
 #include <tally/record.h>
 #include <tally/engine.h>
+#include <tally/verdict.h>
 
 #endif /* TALLY_TALLY_H */

@@ -1,0 +1,718 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * part_engine.c: the aggregator engine's four measured paths, each beside
+ * what it is judged against in the same run.
+ *
+ *   ingest   samples drained and bucketed per second on one core: the
+ *            ingest loop as in engine.c (drain_slot/drain_all are static
+ *            there, so the same loop is reproduced here) over rings filled
+ *            beforehand by this thread, so no thread competes with the
+ *            timed loop; then end to end through the real engine, one
+ *            producer thread recording as fast as it can (sharing the
+ *            machine's cores with the aggregator).
+ *   publish  duration of one publish (tally_engine_counters().
+ *            last_publish_ns) with 100, 1,000 and 10,000 active subjects.
+ *   read     tally_engine_read (in-process, RCU) and tally_read_subject
+ *            (a second, read-only handle; and a forked process that opens
+ *            the segment itself) beside a mutex-protected copy of the
+ *            stats struct and a plain memcpy of it.
+ *   visible  time from tally_record() until tally_engine_read shows the
+ *            sample, at publish intervals of 100 ms and 10 ms.
+ *
+ * Segments are named tally-bench-<what>-<pid> and removed by their
+ * owner's close; an atexit handler unlinks any left by an early exit.
+ */
+#include "config.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <tally/tally.h>
+
+#include "harness.h"
+#include "producer.h"
+#include "segment.h"
+#include "window.h"
+
+/* ---- shared helpers ------------------------------------------------------- */
+
+static char live_names[8][64];
+
+static void unlink_live(void)
+{
+	for (size_t i = 0; i < sizeof(live_names) / sizeof(live_names[0]); i++)
+		if (live_names[i][0])
+			tally_segment_unlink(live_names[i]);
+}
+
+static void die(const char *what, int rc)
+{
+	fprintf(stderr, "tally-bench: %s: %s (%s)\n", what, tally_strerror(rc), tally_errmsg());
+	exit(1);
+}
+
+static struct tally_segment *seg_create(const char *what, const struct tally_segment_config *cfg,
+					char *name, size_t len)
+{
+	static bool registered;
+	struct tally_segment *seg;
+	int rc;
+
+	snprintf(name, len, "tally-bench-%s-%d", what, (int)getpid());
+	if ((rc = tally_segment_create(name, cfg, 0, &seg)) != 0)
+		die(name, rc);
+	if (!registered)
+		atexit(unlink_live);
+	registered = true;
+	for (size_t i = 0; i < sizeof(live_names) / sizeof(live_names[0]); i++)
+		if (!live_names[i][0]) {
+			snprintf(live_names[i], sizeof(live_names[i]), "%s", name);
+			break;
+		}
+	return seg;
+}
+
+static void seg_close(struct tally_segment **seg, const char *name)
+{
+	tally_segment_close(seg);
+	for (size_t i = 0; i < sizeof(live_names) / sizeof(live_names[0]); i++)
+		if (!strcmp(live_names[i], name))
+			live_names[i][0] = '\0';
+}
+
+static tally_subject_t intern(struct tally_segment *seg, const char *tag, uint32_t i)
+{
+	char subj[64];
+	tally_subject_t id;
+	int rc;
+
+	snprintf(subj, sizeof(subj), "bench.%s.s%u", tag, i);
+	if ((rc = tally_subject_intern(seg, subj, &id)) != 0)
+		die(subj, rc);
+	return id;
+}
+
+static struct tally_engine *engine_start(struct tally_segment *seg, uint32_t publish_ms)
+{
+	struct tally_engine_config cfg;
+	struct tally_engine *e;
+	int rc;
+
+	tally_engine_config_init(&cfg);
+	cfg.publish_interval_ms = publish_ms;
+	if ((rc = tally_engine_start(seg, &cfg, &e)) != 0)
+		die("tally_engine_start", rc);
+	return e;
+}
+
+static struct tally_producer *attach(struct tally_segment *seg)
+{
+	struct tally_producer *p;
+	int rc;
+
+	if ((rc = tally_producer_attach(seg, &p)) != 0)
+		die("tally_producer_attach", rc);
+	return p;
+}
+
+static void sleep_ns(uint64_t ns)
+{
+	struct timespec ts = { (time_t)(ns / 1000000000u), (long)(ns % 1000000000u) };
+
+	nanosleep(&ts, NULL);
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#endif
+}
+
+/* Log-normal latencies around 200 us (sigma 1.2): as part_hist.c. */
+static uint64_t latency(uint64_t *s)
+{
+	double u1 = ((double)(bench_rand(s) >> 11) + 0.5) / 9007199254740992.0;
+	double u2 = ((double)(bench_rand(s) >> 11) + 0.5) / 9007199254740992.0;
+	double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+
+	return (uint64_t)exp(log(200000.0) + 1.2 * z);
+}
+
+static uint64_t scaled(double base, uint64_t floor_)
+{
+	double n = base * bench_opts.scale;
+
+	return n < (double)floor_ ? floor_ : (uint64_t)n;
+}
+
+static void wait_drained(struct tally_engine *e, uint64_t target)
+{
+	struct tally_engine_counters c;
+
+	for (tally_engine_counters(e, &c); c.drained < target; tally_engine_counters(e, &c))
+		sleep_ns(100000);
+}
+
+/* ---- ingest ----------------------------------------------------------------- */
+
+#define INGEST_SLOTS 8u
+#define INGEST_RING (1u << 16)
+#define INGEST_SUBJECTS 100u
+#define DRAIN_BATCH 4096u /* as engine.c */
+
+/* The engine's per-subject state and the part of struct tally_engine that
+ * its ingest touches, as in engine.c. */
+struct subject_state {
+	struct tally__window win;
+};
+
+struct ingest {
+	struct tally_segment *seg;
+	struct tally__window_config wcfg;
+	struct subject_state **subjects; /* [table_size] */
+	uint32_t *active;
+	uint32_t nactive;
+	uint64_t cur_slice, slice_ns, rejected;
+};
+
+/* Ingest loop as in engine.c: subject_new(). */
+static struct subject_state *loop_subject_new(struct ingest *g, uint32_t id, uint64_t now)
+{
+	struct tally__shm_subject *ent = tally__seg_subject(g->seg, id);
+
+	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
+		return NULL;
+	struct subject_state *st = calloc(1, sizeof(*st));
+	if (!st || tally__window_init(&st->win, &g->wcfg, now) != 0) {
+		free(st);
+		return NULL;
+	}
+	g->subjects[id] = st;
+	g->active[g->nactive++] = id;
+	return st;
+}
+
+/* Ingest loop as in engine.c: drain_slot(). */
+static uint64_t loop_drain_slot(struct ingest *g, struct tally__slot *s, uint64_t now)
+{
+	struct tally_segment *seg = g->seg;
+	uint64_t head, n = tally__slot_ready(seg, s, &head), rejected = 0;
+	uint64_t mask = seg->ring_cap - 1, max = seg->max_value_ns;
+
+	if (n == 0)
+		return 0;
+	if (n > DRAIN_BATCH)
+		n = DRAIN_BATCH;
+	for (uint64_t k = 0; k < n; k++) {
+		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
+		uint32_t id = r->subject;
+		uint64_t v = r->value_ns;
+		struct subject_state *st = id < seg->table_size ? g->subjects[id] : NULL;
+
+		if (TALLY__UNLIKELY(!st) && (id >= seg->table_size || !(st = loop_subject_new(g, id, now)))) {
+			rejected++;
+			continue;
+		}
+		tally__window_add(&st->win, v < max ? v : max);
+	}
+	tally__slot_consume(s, head, n);
+	g->rejected += rejected;
+	return n - rejected;
+}
+
+/* Ingest loop as in engine.c: drain_all() and, per pass, advance_all(). */
+static uint64_t loop_drain_all(struct ingest *g, uint64_t now)
+{
+	struct tally_segment *seg = g->seg;
+	uint64_t total = 0;
+
+	if (now / g->slice_ns != g->cur_slice) {
+		g->cur_slice = now / g->slice_ns;
+		for (uint32_t i = 0; i < g->nactive; i++)
+			tally__window_advance(&g->subjects[g->active[i]]->win, now);
+	}
+	for (uint32_t i = 0; i < seg->nslots; i++) {
+		struct tally__slot *s = tally__seg_slot(seg, i);
+		if (atomic_load_explicit(&s->ctl.state, memory_order_relaxed) == TALLY__SLOT_FREE)
+			continue;
+		total += loop_drain_slot(g, s, now);
+	}
+	return total;
+}
+
+struct ingest_data {
+	uint64_t values[INGEST_RING];
+	tally_subject_t ids[INGEST_RING];
+};
+
+/* Fill every ring to the brim from this thread. */
+static uint64_t ingest_fill(struct tally_producer **p, const struct ingest_data *d)
+{
+	uint64_t n = 0;
+
+	for (uint32_t k = 0; k < INGEST_SLOTS; k++)
+		for (uint32_t i = 0; i < INGEST_RING; i++)
+			n += tally_record(p[k], d->ids[(i + k * 4099u) & (INGEST_RING - 1)],
+					  d->values[(i * 7u + k) & (INGEST_RING - 1)]);
+	return n;
+}
+
+/* Drain until empty; returns ns spent, adds the samples taken to *got. */
+static uint64_t ingest_drain(struct ingest *g, uint64_t *got)
+{
+	uint64_t t0 = bench_now_ns(), now = t0, n;
+
+	while ((n = loop_drain_all(g, now)) != 0) {
+		*got += n;
+		now = bench_now_ns();
+	}
+	return bench_now_ns() - t0;
+}
+
+static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d)
+{
+	struct ingest g = { .seg = seg, .slice_ns = TALLY__WINDOW_DEFAULT_SLICE_NS };
+	struct tally_producer *p[INGEST_SLOTS];
+	double rate[256];
+	uint64_t fills = scaled(16, 1);
+
+	g.wcfg = (struct tally__window_config){ TALLY__WINDOW_DEFAULT_SLICE_NS,
+						TALLY__WINDOW_DEFAULT_WINDOW_NS, seg->max_value_ns };
+	g.subjects = calloc(seg->table_size, sizeof(g.subjects[0]));
+	g.active = calloc(seg->table_size, sizeof(g.active[0]));
+	if (!g.subjects || !g.active)
+		abort();
+	g.cur_slice = bench_now_ns() / g.slice_ns;
+	for (uint32_t k = 0; k < INGEST_SLOTS; k++)
+		p[k] = attach(seg);
+	uint64_t warm = 0;
+	ingest_fill(p, d); /* warm-up: creates the windows, faults their pages */
+	ingest_drain(&g, &warm);
+	for (int r = 0; r < bench_opts.reps; r++) {
+		uint64_t ns = 0, got = 0, filled = 0;
+		for (uint64_t f = 0; f < fills; f++) {
+			filled += ingest_fill(p, d);
+			ns += ingest_drain(&g, &got);
+		}
+		if (got != filled || g.rejected)
+			fprintf(stderr, "bench: ingest drained %llu of %llu, %llu rejected\n",
+				(unsigned long long)got, (unsigned long long)filled,
+				(unsigned long long)g.rejected);
+		rate[r] = (double)got / (double)ns * 1e3; /* Msamples/s */
+	}
+	bench_row("ingest", "ingest loop as in engine.c, 1 core", "Msamples/s", true, rate, bench_opts.reps,
+		  NULL, (double)(fills * INGEST_SLOTS * INGEST_RING));
+	for (uint32_t k = 0; k < INGEST_SLOTS; k++)
+		tally_producer_detach(&p[k]);
+	for (uint32_t i = 0; i < g.nactive; i++) {
+		tally__window_destroy(&g.subjects[g.active[i]]->win);
+		free(g.subjects[g.active[i]]);
+	}
+	free(g.subjects);
+	free(g.active);
+}
+
+/* End to end: one producer thread, the real aggregator thread. */
+struct e2e {
+	struct tally_segment *seg;
+	const struct ingest_data *d;
+	uint64_t n;
+	atomic_int go, done;            /* rep number released / finished */
+	_Atomic uint64_t t_start, spins;
+};
+
+static void *e2e_producer(void *arg)
+{
+	struct e2e *x = arg;
+	struct tally_producer *p = attach(x->seg);
+	uint64_t spins = 0;
+
+	for (int r = 1; r <= bench_opts.reps; r++) {
+		while (atomic_load(&x->go) < r)
+			sleep_ns(50000);
+		atomic_store(&x->t_start, bench_now_ns());
+		for (uint64_t i = 0; i < x->n; i++) {
+			uint32_t j = (uint32_t)i & (INGEST_RING - 1);
+			while (!tally_record(p, x->d->ids[j], x->d->values[j])) {
+				spins++; /* ring full: retry (each retry counts as dropped) */
+				cpu_relax();
+			}
+		}
+		atomic_store(&x->done, r);
+	}
+	atomic_store(&x->spins, spins);
+	tally_producer_detach(&p);
+	return NULL;
+}
+
+static void ingest_e2e(struct tally_segment *seg, const struct ingest_data *d)
+{
+	struct e2e x = { .seg = seg, .d = d, .n = scaled(20e6, 100000) };
+	struct tally_engine *e = engine_start(seg, 100);
+	struct tally_engine_counters c;
+	double rate[256];
+	pthread_t th;
+
+	pthread_create(&th, NULL, e2e_producer, &x);
+	for (int r = 1; r <= bench_opts.reps; r++) {
+		tally_engine_counters(e, &c);
+		uint64_t base = c.drained;
+		atomic_store(&x.go, r);
+		wait_drained(e, base + x.n);
+		uint64_t t1 = bench_now_ns();
+		while (atomic_load(&x.done) < r)
+			sleep_ns(50000);
+		rate[r - 1] = (double)x.n / (double)(t1 - atomic_load(&x.t_start)) * 1e3;
+	}
+	pthread_join(th, NULL);
+	bench_row("ingest", "end to end: 1 producer thread + engine", "Msamples/s", true, rate, bench_opts.reps,
+		  "ingest loop as in engine.c, 1 core", (double)x.n);
+	printf("  %-10s %-44s producer found its ring full %llu times (retried)\n", "ingest",
+	       "end to end: 1 producer thread + engine", (unsigned long long)atomic_load(&x.spins));
+	tally_engine_stop(&e);
+}
+
+void bench_part_ingest(void)
+{
+	struct tally_segment_config cfg;
+	struct tally_segment *seg;
+	struct ingest_data *d = malloc(sizeof(*d));
+	tally_subject_t ids[INGEST_SUBJECTS];
+	uint64_t seed = 0x1234567u;
+	char name[64];
+
+	if (!d)
+		abort();
+	tally_segment_config_init(&cfg);
+	cfg.producer_slots = INGEST_SLOTS + 1;
+	cfg.ring_capacity = INGEST_RING;
+	seg = seg_create("ingest", &cfg, name, sizeof(name));
+	for (uint32_t i = 0; i < INGEST_SUBJECTS; i++)
+		ids[i] = intern(seg, "ingest", i);
+	for (uint32_t i = 0; i < INGEST_RING; i++) {
+		d->values[i] = latency(&seed);
+		d->ids[i] = ids[bench_rand(&seed) % INGEST_SUBJECTS];
+	}
+	ingest_loop(seg, d);
+	seg_close(&seg, name); /* a fresh segment: the loop's slots stay releasing */
+	seg = seg_create("ingest2", &cfg, name, sizeof(name));
+	for (uint32_t i = 0; i < INGEST_SUBJECTS; i++)
+		if (intern(seg, "ingest", i) != ids[i])
+			abort(); /* same names, same table size: same ids */
+	ingest_e2e(seg, d);
+	seg_close(&seg, name);
+	free(d);
+}
+
+/* ---- publish ---------------------------------------------------------------- */
+
+#define PUBLISHES_PER_REP 25
+
+static void publish_size(uint32_t n)
+{
+	struct tally_segment_config cfg;
+	struct tally_engine_counters c;
+	char name[64], rowname[64], tag[32];
+	double ms[256];
+	uint64_t seed = n;
+
+	tally_segment_config_init(&cfg);
+	cfg.producer_slots = 4;
+	cfg.subject_capacity = n + n / 4 + 16;
+	snprintf(tag, sizeof(tag), "publish%u", n);
+	struct tally_segment *seg = seg_create(tag, &cfg, name, sizeof(name));
+	struct tally_engine *e = engine_start(seg, 1);
+	struct tally_producer *p = attach(seg);
+	for (uint32_t i = 0; i < n; i++) {
+		tally_subject_t id = intern(seg, "publish", i);
+		while (!tally_record(p, id, latency(&seed)))
+			sleep_ns(100000);
+	}
+	tally_engine_counters(e, &c);
+	wait_drained(e, n);
+	tally_engine_counters(e, &c);
+	uint64_t seen = c.publishes + 2; /* skip publishes that began before the last drain */
+	for (int r = 0; r < bench_opts.reps; r++) {
+		double one[PUBLISHES_PER_REP];
+		for (int k = 0; k < PUBLISHES_PER_REP;) {
+			sleep_ns(100000);
+			tally_engine_counters(e, &c);
+			if (c.publishes <= seen)
+				continue;
+			seen = c.publishes;
+			one[k++] = (double)c.last_publish_ns / 1e6;
+		}
+		ms[r] = bench_median(one, PUBLISHES_PER_REP);
+	}
+	snprintf(rowname, sizeof(rowname), "publish, %u active subjects", n);
+	bench_row("publish", rowname, "ms", false, ms, bench_opts.reps, NULL, n);
+	tally_producer_detach(&p);
+	tally_engine_stop(&e);
+	seg_close(&seg, name);
+}
+
+void bench_part_publish(void)
+{
+	const char *s = bench_opts.sizes ? bench_opts.sizes : "100,1000,10000";
+
+	while (*s) {
+		char *end;
+		unsigned long n = strtoul(s, &end, 10);
+		if (end == s || n < 1 || n > 1000000) {
+			fprintf(stderr, "tally-bench: publish: bad --sizes entry at \"%s\"\n", s);
+			return;
+		}
+		publish_size((uint32_t)n);
+		s = *end == ',' ? end + 1 : end;
+	}
+}
+
+/* ---- read ------------------------------------------------------------------- */
+
+#define R_MUTEX "baseline: mutex + memcpy of the stats"
+#define R_MEMCPY "baseline: memcpy of the stats"
+
+/* Keep the copy: the compiler must assume the asm reads *p. */
+#define KEEP(p) __asm__ __volatile__("" : : "r"(p) : "memory")
+
+static double read_inproc(struct tally_engine *e, tally_subject_t id, uint64_t n)
+{
+	struct tally_subject_stats st;
+	uint64_t t0 = bench_now_ns(), acc = 0;
+
+	for (uint64_t i = 0; i < n; i++) {
+		if (tally_engine_read(e, id, &st) != 0)
+			abort();
+		acc += st.count;
+	}
+	double ns = (double)(bench_now_ns() - t0) / (double)n;
+	KEEP(&acc);
+	return ns;
+}
+
+/* -1 when a read fails (printed). */
+static double read_shm(const struct tally_segment *seg, tally_subject_t id, uint64_t n)
+{
+	struct tally_subject_stats st;
+	uint64_t t0 = bench_now_ns(), acc = 0;
+	int rc;
+
+	for (uint64_t i = 0; i < n; i++) {
+		if ((rc = tally_read_subject(seg, id, &st)) != 0) {
+			fprintf(stderr, "bench: tally_read_subject: %s\n", tally_strerror(rc));
+			return -1;
+		}
+		acc += st.count;
+	}
+	double ns = (double)(bench_now_ns() - t0) / (double)n;
+	KEEP(&acc);
+	return ns;
+}
+
+static double read_mutex(pthread_mutex_t *m, const struct tally_subject_stats *src, uint64_t n)
+{
+	struct tally_subject_stats st;
+	uint64_t t0 = bench_now_ns();
+
+	for (uint64_t i = 0; i < n; i++) {
+		pthread_mutex_lock(m);
+		memcpy(&st, src, sizeof(st));
+		pthread_mutex_unlock(m);
+		KEEP(&st);
+	}
+	return (double)(bench_now_ns() - t0) / (double)n;
+}
+
+static double read_memcpy(const struct tally_subject_stats *src, uint64_t n)
+{
+	struct tally_subject_stats st;
+	uint64_t t0 = bench_now_ns();
+
+	for (uint64_t i = 0; i < n; i++) {
+		memcpy(&st, src, sizeof(st));
+		KEEP(&st);
+	}
+	return (double)(bench_now_ns() - t0) / (double)n;
+}
+
+/* In a forked child: open the segment read-only by name, as another
+ * process would, and send reps ns/op values (or -1) through fd. */
+static void read_child(const char *name, tally_subject_t id, uint64_t n, int fd)
+{
+	struct tally_segment *ro;
+	double ns[256];
+	int reps = bench_opts.reps;
+
+	if (tally_segment_open(name, TALLY_OPEN_READER, 1000, &ro) != 0) {
+		fprintf(stderr, "bench: child: open %s: %s\n", name, tally_errmsg());
+		_exit(1);
+	}
+	for (int r = 0; r < reps; r++)
+		ns[r] = read_shm(ro, id, n);
+	tally_segment_close(&ro);
+	ssize_t w = write(fd, ns, (size_t)reps * sizeof(ns[0]));
+	_exit(w == (ssize_t)((size_t)reps * sizeof(ns[0])) ? 0 : 1);
+}
+
+static bool read_other_process(const char *name, tally_subject_t id, uint64_t n, double *out)
+{
+	int fds[2], status = 0;
+	size_t want = (size_t)bench_opts.reps * sizeof(out[0]), got = 0;
+
+	fflush(stdout);
+	if (pipe(fds) != 0)
+		return false;
+	pid_t pid = fork();
+	if (pid < 0)
+		return false;
+	if (pid == 0) {
+		close(fds[0]);
+		read_child(name, id, n, fds[1]);
+	}
+	close(fds[1]);
+	while (got < want) {
+		ssize_t k = read(fds[0], (char *)out + got, want - got);
+		if (k <= 0)
+			break;
+		got += (size_t)k;
+	}
+	close(fds[0]);
+	waitpid(pid, &status, 0);
+	if (got != want || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		return false;
+	for (int r = 0; r < bench_opts.reps; r++)
+		if (out[r] < 0)
+			return false;
+	return true;
+}
+
+void bench_part_read(void)
+{
+	struct tally_segment_config cfg;
+	struct tally_subject_stats st;
+	struct tally_segment *ro;
+	pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+	double inproc[256], shm[256], other[256], mtx[256], cpy[256];
+	uint64_t n = scaled(2e6, 1000), seed = 7;
+	char name[64];
+	int reps = bench_opts.reps, rc;
+
+	tally_segment_config_init(&cfg);
+	struct tally_segment *seg = seg_create("read", &cfg, name, sizeof(name));
+	tally_subject_t id = intern(seg, "read", 0);
+	struct tally_engine *e = engine_start(seg, 100);
+	struct tally_producer *p = attach(seg);
+	for (int i = 0; i < 1000; i++)
+		tally_record(p, id, latency(&seed));
+	while (tally_engine_read(e, id, &st) != 0 || st.total_count < 1000)
+		sleep_ns(1000000);
+	if ((rc = tally_segment_open(name, TALLY_OPEN_READER, 1000, &ro)) != 0)
+		die("tally_segment_open (reader)", rc);
+	while (tally_read_subject(ro, id, &st) != 0)
+		sleep_ns(1000000);
+	for (int r = 0; r < reps; r++) {
+		mtx[r] = read_mutex(&m, &st, n);
+		cpy[r] = read_memcpy(&st, n);
+		inproc[r] = read_inproc(e, id, n);
+		shm[r] = read_shm(ro, id, n);
+	}
+	bool have_other = read_other_process(name, id, n, other);
+	bench_row("read", R_MUTEX, "ns/op", false, mtx, reps, NULL, sizeof(st));
+	bench_row("read", R_MEMCPY, "ns/op", false, cpy, reps, NULL, sizeof(st));
+	bench_row("read", "tally_engine_read (in-process, RCU)", "ns/op", false, inproc, reps,
+		  R_MUTEX "|" R_MEMCPY, sizeof(st));
+	bench_row("read", "tally_read_subject (2nd, read-only handle)", "ns/op", false, shm, reps,
+		  R_MUTEX "|" R_MEMCPY, sizeof(st));
+	if (have_other)
+		bench_row("read", "tally_read_subject (other process)", "ns/op", false, other, reps,
+			  R_MUTEX "|" R_MEMCPY, sizeof(st));
+	else
+		fprintf(stderr, "bench: read: the forked reader failed; no \"other process\" row\n");
+	tally_segment_close(&ro);
+	tally_producer_detach(&p);
+	tally_engine_stop(&e);
+	seg_close(&seg, name);
+	pthread_mutex_destroy(&m);
+}
+
+/* ---- visible ---------------------------------------------------------------- */
+
+#define VISIBLE_MAX 256 /* bench_median() looks at 256 samples at most */
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
+/* Record one sample, spin on tally_engine_read until total_count shows it. */
+static double one_visible(struct tally_engine *e, struct tally_producer *p, tally_subject_t id,
+			  uint64_t value, uint64_t before)
+{
+	struct tally_subject_stats st;
+	uint64_t t0 = bench_now_ns();
+
+	if (!tally_record(p, id, value))
+		abort(); /* one sample at a time: the ring cannot be full */
+	for (;;) {
+		if (tally_engine_read(e, id, &st) == 0 && st.total_count > before)
+			return (double)(bench_now_ns() - t0) / 1e6;
+		cpu_relax();
+	}
+}
+
+static void visible_interval(uint32_t interval_ms)
+{
+	struct tally_segment_config cfg;
+	struct tally_subject_stats st;
+	double lat[VISIBLE_MAX], sorted[VISIBLE_MAX];
+	uint64_t seed = interval_ms, n = scaled(200, 20), count = 0;
+	char name[64], tag[32], row[64];
+
+	if (n > VISIBLE_MAX)
+		n = VISIBLE_MAX;
+	tally_segment_config_init(&cfg);
+	snprintf(tag, sizeof(tag), "visible%u", interval_ms);
+	struct tally_segment *seg = seg_create(tag, &cfg, name, sizeof(name));
+	tally_subject_t id = intern(seg, "visible", 0);
+	struct tally_engine *e = engine_start(seg, interval_ms);
+	struct tally_producer *p = attach(seg);
+	for (uint64_t i = 0; i < n; i++) {
+		/* a random phase against the publish clock */
+		sleep_ns(bench_rand(&seed) % ((uint64_t)interval_ms * 1000000u));
+		lat[i] = one_visible(e, p, id, 1000 + i, count);
+		if (tally_engine_read(e, id, &st) != 0)
+			abort();
+		count = st.total_count;
+	}
+	memcpy(sorted, lat, (size_t)n * sizeof(lat[0]));
+	qsort(sorted, (size_t)n, sizeof(sorted[0]), cmp_double);
+	double p99 = sorted[(size_t)ceil(0.99 * (double)n) - 1];
+	double x = p99 / interval_ms;
+
+	snprintf(row, sizeof(row), "p50, publish every %u ms (%llu samples)", interval_ms,
+		 (unsigned long long)n);
+	bench_row("visible", row, "ms", false, lat, (int)n, NULL, interval_ms);
+	snprintf(row, sizeof(row), "p99, publish every %u ms (%.2fx interval)", interval_ms, x);
+	bench_row("visible", row, "ms", false, &p99, 1, NULL, interval_ms);
+	snprintf(row, sizeof(row), "p99 / interval, every %u ms (target <= 2)", interval_ms);
+	bench_row("visible", row, "x interval", false, &x, 1, NULL, interval_ms);
+	tally_producer_detach(&p);
+	tally_engine_stop(&e);
+	seg_close(&seg, name);
+}
+
+void bench_part_visible(void)
+{
+	visible_interval(100);
+	visible_interval(10);
+}

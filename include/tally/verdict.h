@@ -1,0 +1,96 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * tally/verdict.h: backpressure verdicts. At every publish the engine
+ * judges each subject ok, warn, overload or unknown from two signals, the
+ * P95 latency of its window and the backlog (pending) of the JetStream
+ * consumers that feed it, against thresholds given per exact subject or
+ * NATS wildcard pattern (the most specific match wins; a default rule
+ * covers the rest).
+ *
+ * Hysteresis. A signal raises the verdict as soon as it reaches a
+ * threshold. It lowers it only when it has fallen below clear_ratio times
+ * the threshold of the current state (default 80%) and the state has held
+ * for at least min_dwell_ms, so a value sitting on a threshold does not
+ * flap. Each signal keeps its own state; the verdict is the higher one.
+ *
+ * Stale pending data (older than stale_after_ms, never fetched, or the
+ * consumer gone) follows the rule's policy: fail-open judges on latency
+ * alone and says so (reason STALE with the verdict of the latency);
+ * fail-closed makes the verdict unknown. Too few samples (min_samples) and
+ * no pending signal: unknown with reason NO_DATA.
+ */
+#ifndef TALLY_VERDICT_H
+#define TALLY_VERDICT_H
+
+#include <tally/common.h>
+#include <tally/engine.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Reasons, a bit set. */
+#define TALLY_REASON_LATENCY 0x01u /* P95 at or above a level (or held by hysteresis) */
+#define TALLY_REASON_PENDING 0x02u /* backlog at or above a level (or held) */
+#define TALLY_REASON_STALE   0x04u /* pending data too old, never fetched or gone */
+#define TALLY_REASON_NO_DATA 0x08u /* fewer than min_samples and no pending signal */
+#define TALLY_REASON_FAIL_OPEN 0x10u /* stale pending ignored: judged on latency alone */
+
+enum tally_stale_policy {
+	TALLY_STALE_FAIL_OPEN = 0,
+	TALLY_STALE_FAIL_CLOSED = 1,
+};
+
+struct tally_threshold_rule {
+	uint64_t p95_warn_ns, p95_overload_ns;   /* default 100 ms, 500 ms; 0: not judged */
+	uint64_t pending_warn, pending_overload; /* default 1000, 10000; 0: not judged */
+	uint64_t min_samples;                    /* default 20 */
+	uint32_t stale_after_ms;                 /* default 5000 */
+	enum tally_stale_policy stale_policy;    /* default fail-open */
+	double clear_ratio;                      /* default 0.8, in (0, 1] */
+	uint32_t min_dwell_ms;                   /* default 2000 */
+	uint32_t retry_after_ms;                 /* hint in overload (default 1000); warn: half */
+};
+
+/* The defaults above. Never fails. */
+TALLY_API void tally_threshold_rule_init(struct tally_threshold_rule *r);
+
+struct tally_thresholds;
+
+/* An empty set; its default rule is tally_threshold_rule_init's. */
+TALLY_API struct tally_thresholds *tally_thresholds_new(void);
+TALLY_API void tally_thresholds_free(struct tally_thresholds **t);
+
+/*
+ * Add the rule for pattern (an exact subject or a NATS wildcard pattern;
+ * NULL or "" sets the default rule). Validates: TALLY_EBADNAME for a bad
+ * pattern, -EINVAL for a warn level above its overload level, a
+ * clear_ratio outside (0, 1], and -EEXIST for a pattern given twice;
+ * tally_errmsg() names the pattern and the key. Not thread-safe on the
+ * same set.
+ */
+TALLY_API int tally_thresholds_add(struct tally_thresholds *t, const char *pattern,
+				   const struct tally_threshold_rule *r);
+
+/* The rule that applies to subject (most specific pattern, else default). */
+TALLY_API const struct tally_threshold_rule *tally_thresholds_match(const struct tally_thresholds *t,
+								    const char *subject,
+								    const char **pattern_out);
+
+/*
+ * Give the engine a new threshold set (it takes ownership; NULLs *t).
+ * Subjects keep their current verdict state; the new levels apply from
+ * the next publish. Thread-safe; does not block on the aggregator.
+ */
+TALLY_API int tally_engine_set_thresholds(struct tally_engine *e, struct tally_thresholds **t);
+
+/* Names: "ok", "warn", "overload", "unknown". */
+TALLY_API const char *tally_verdict_name(enum tally_verdict v);
+
+/* Reason bits as "latency,pending" into buf; returns buf. */
+TALLY_API const char *tally_reasons_format(uint32_t reasons, char *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* TALLY_VERDICT_H */
