@@ -32,6 +32,10 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+/* The inline read-side fast path of liburcu (LGPL-2.1 static inline
+ * code, which the LGPL permits in code of any licence): without it every
+ * rcu_read_lock is a call into liburcu-bp.so. */
+#define _LGPL_SOURCE
 #include <urcu-bp.h>
 
 #include <tally/engine.h>

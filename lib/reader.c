@@ -9,11 +9,14 @@
 #include "config.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include <tally/engine.h>
 
 #include "common.h"
+#include "pending.h"
 #include "proc.h"
 #include "segment.h"
 #include "snapshot.h"
@@ -72,7 +75,11 @@ TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_
 	if (!(w[TALLY__SW_FLAGS] & TALLY__SF_PRESENT) || meta[0] == 0)
 		return -ENOENT;
 	stats_from_words(out, id, w, meta);
-	uint64_t interval = meta[5], now = tally__mono_ns();
+	/* The coarse clock (a few ns, no syscall, ticks of a few ms) is plenty
+	 * for a staleness limit of at least a second. */
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+	uint64_t interval = meta[5], now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 	uint64_t limit = interval * STALE_INTERVALS > STALE_MIN_NS ? interval * STALE_INTERVALS : STALE_MIN_NS;
 	if (now > meta[0] && now - meta[0] > limit)
 		return TALLY_ESTALE;
@@ -120,4 +127,77 @@ TALLY_API int tally_read_producers(const struct tally_segment *seg, struct tally
 			   tally__thread_alive(o->pid, o->tid);
 	}
 	return (int)n;
+}
+
+static uint64_t age_ms(uint64_t now, uint64_t then)
+{
+	if (then == 0)
+		return UINT64_MAX;
+	return now > then ? (now - then) / 1000000u : 0;
+}
+
+static int pending_error(int rc, const struct tally_segment *seg)
+{
+	if (rc == -EBADMSG)
+		return tally__fail(TALLY_ECORRUPT, "segment \"%s\": its pending table is corrupt", seg->name);
+	return rc == -EAGAIN ? TALLY_EBUSY_RETRY : rc;
+}
+
+TALLY_API int tally_read_consumers(const struct tally_segment *seg, struct tally_consumer_stats *out,
+				   uint32_t cap)
+{
+	const void *sec = tally__seg_section(seg, &seg->pending);
+	struct tally__pending_view v;
+	uint64_t now = tally__mono_ns();
+	uint32_t n = 0;
+
+	for (uint32_t i = 0; i < seg->pending_cap && n < cap; i++) {
+		int rc = tally__pending_read_entry(sec, seg->pending.size, i, &v);
+		if (rc == -ENOENT)
+			continue;
+		if (rc < 0)
+			return pending_error(rc, seg);
+		struct tally_consumer_stats *o = &out[n++];
+		memset(o, 0, sizeof(*o));
+		snprintf(o->stream, sizeof(o->stream), "%s", v.stream);
+		snprintf(o->consumer, sizeof(o->consumer), "%s", v.consumer);
+		snprintf(o->filter, sizeof(o->filter), "%s", v.filter);
+		snprintf(o->map, sizeof(o->map), "%s", v.map);
+		snprintf(o->last_error, sizeof(o->last_error), "%s", v.last_error);
+		o->num_pending = v.num_pending;
+		o->num_ack_pending = v.num_ack_pending;
+		o->num_redelivered = v.num_redelivered;
+		o->num_waiting = v.num_waiting;
+		o->delivered_stream_seq = v.delivered_stream_seq;
+		o->ack_floor_stream_seq = v.ack_floor_stream_seq;
+		o->source = tally__pending_source_name(v.source);
+		o->age_ms = age_ms(now, v.last_ok_ns);
+		o->is_leader = v.is_leader;
+		o->consecutive_failures = v.consecutive_failures;
+	}
+	return (int)n;
+}
+
+TALLY_API int tally_read_poller(const struct tally_segment *seg, struct tally_poller_stats *out)
+{
+	const void *sec = tally__seg_section(seg, &seg->pending);
+	struct tally__pending_breaker_view b;
+	uint64_t now = tally__mono_ns();
+	int rc = tally__pending_read_breaker(sec, seg->pending.size, &b);
+
+	if (rc < 0)
+		return pending_error(rc, seg);
+	memset(out, 0, sizeof(*out));
+	out->breaker = tally__breaker_state_name(b.state);
+	out->connected = b.connected;
+	out->consecutive_failures = b.consecutive_failures;
+	out->opens_total = b.opens_total;
+	out->polls_ok = b.polls_ok;
+	out->polls_failed = b.polls_failed;
+	out->skipped_overrun = b.skipped_overrun;
+	out->skipped_open = b.skipped_open;
+	out->last_ok_age_ms = age_ms(now, b.last_ok_ns);
+	out->state_age_ms = age_ms(now, b.since_ns);
+	snprintf(out->last_error, sizeof(out->last_error), "%s", b.last_error);
+	return 0;
 }

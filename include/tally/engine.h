@@ -149,6 +149,42 @@ struct tally_producer_stats {
 TALLY_API int tally_read_producers(const struct tally_segment *seg, struct tally_producer_stats *out,
 				   uint32_t cap);
 
+/* One watched JetStream consumer, as the owner's poller last saw it. */
+struct tally_consumer_stats {
+	char stream[128], consumer[128];
+	char filter[256];        /* the consumer's filter subject ("" none) */
+	char map[256];           /* subjects mapped by configuration ("" none) */
+	uint64_t num_pending, num_ack_pending, num_redelivered, num_waiting;
+	uint64_t delivered_stream_seq, ack_floor_stream_seq;
+	const char *source;      /* "live", "cached", "never", "gone" */
+	uint64_t age_ms;         /* since the last good refresh; UINT64_MAX never */
+	int is_leader;           /* 1, 0, -1 unknown */
+	uint32_t consecutive_failures;
+	char last_error[128];
+};
+
+/*
+ * Every consumer in the segment's pending table into out[0..cap), in
+ * table order. Returns how many (>= 0), TALLY_ECORRUPT, or
+ * TALLY_EBUSY_RETRY. Never blocks, never writes. Thread-safe.
+ */
+TALLY_API int tally_read_consumers(const struct tally_segment *seg, struct tally_consumer_stats *out,
+				   uint32_t cap);
+
+/* The poller's connection and circuit breaker. */
+struct tally_poller_stats {
+	const char *breaker;     /* "closed", "open", "half-open" */
+	bool connected;
+	uint32_t consecutive_failures;
+	uint64_t opens_total, polls_ok, polls_failed, skipped_overrun, skipped_open;
+	uint64_t last_ok_age_ms; /* UINT64_MAX never */
+	uint64_t state_age_ms;   /* since the breaker's last change */
+	char last_error[128];
+};
+
+/* 0, TALLY_ECORRUPT, TALLY_EBUSY_RETRY. Never blocks. Thread-safe. */
+TALLY_API int tally_read_poller(const struct tally_segment *seg, struct tally_poller_stats *out);
+
 #ifdef __cplusplus
 }
 #endif
