@@ -7,6 +7,7 @@
  *   tally/record.h   producers and the wait-free tally_record()
  *   tally/engine.h   the aggregator, and reading what it publishes
  *   tally/verdict.h  thresholds and ok/warn/overload verdicts
+ *   tally/poller.h   JetStream consumer pending, polled with cnats
  */
 #ifndef TALLY_TALLY_H
 #define TALLY_TALLY_H
@@ -16,5 +17,6 @@
 #include <tally/record.h>
 #include <tally/engine.h>
 #include <tally/verdict.h>
+#include <tally/poller.h>
 
 #endif /* TALLY_TALLY_H */
