@@ -6,14 +6,16 @@
  * circuit-breaker block for the poller's NATS connection and `capacity`
  * entries, one per watched JetStream consumer, each with its own seqlock.
  *
- * Seqlock. Writer (single thread): seq+1 relaxed, release fence, field
- * stores, seq+2 release. Reader: seq acquire (odd: writer inside, retry),
- * field loads, acquire fence, seq again; equal means the copy is
- * consistent, else retry, at most TALLY__PENDING_READ_TRIES times, then
- * -EAGAIN. Every shared field, strings included (packed into 64-bit
- * words), is a C11 atomic read and written relaxed: a reader racing a
- * writer may load a torn *record* (the seqlock then discards it) but never
- * performs a data race, so ThreadSanitizer has nothing to report.
+ * Seqlock. Writer (single thread): seq+1, then every field with a release
+ * store, then seq+2 with release. Reader: seq with acquire (odd: writer
+ * inside, retry), every field with an acquire load, seq again; equal means
+ * the copy is consistent, else retry, at most TALLY__PENDING_READ_TRIES
+ * times, then -EAGAIN. (Release/acquire per field rather than relaxed
+ * accesses between fences: the same ordering, plain moves on x86, and
+ * ThreadSanitizer, which does not model atomic_thread_fence, follows it.)
+ * Every shared field, strings included (packed into 64-bit words), is a
+ * C11 atomic: a reader racing the writer may assemble a torn *record*,
+ * which the sequence check discards, but never performs a data race.
  *
  * Readers trust nothing: magic, version, entry and block sizes and the
  * capacity are checked against the mapped length (-EBADMSG), strings must

@@ -1,31 +1,147 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * tally.c: the tally command line. Reads a segment read-only unless it
- * records. Commands so far: dump (header, sections, producer slots, for
- * diagnosis) and record (as a producer, from arguments or stdin).
- * Exit status: 0 success, 1 partial failure (some input rejected), 2 bad
- * usage, 4 error (no segment, no permission, ...).
+ * tally.c: the tally command line: global options, dispatch, the helpers
+ * every command shares (cli.h), and the two low-level commands: dump
+ * (header, sections, producer slots, for diagnosis) and record (as a
+ * producer, from arguments or stdin). stat and status live in
+ * tally_stat.c, top in tally_top.c.
+ *
+ * Reads a segment read-only unless it records. Exit status: 0 success,
+ * 1 partial failure (some input rejected), 2 bad usage (on stderr),
+ * 4 error (no segment, no permission, a version mismatch, ...);
+ * tally status exits with its verdict (0 ok, 1 warn, 2 overload,
+ * 3 unknown) or 4.
  */
 #include "config.h"
 
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <langinfo.h>
+#include <locale.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <tally/tally.h>
+#include "cli.h"
 
-#define EXIT_USAGE 2
-#define EXIT_ERROR 4
+/* ---- shared helpers ----------------------------------------------------------- */
 
-static const char *segment_name(const char *opt)
+int cli_fail(const char *segment, int rc)
 {
-	const char *env = getenv("TALLY_SEGMENT");
+	const char *msg = tally_errmsg();
 
-	return opt ? opt : env && *env ? env : "tally";
+	if (msg && *msg)
+		fprintf(stderr, "tally: %s\n", msg);
+	else if (rc == -ENOENT)
+		fprintf(stderr, "tally: no segment \"%s\": is its owner (tallyd -s %s) running?\n",
+			segment, segment);
+	else
+		fprintf(stderr, "tally: segment \"%s\": %s\n", segment, tally_strerror(rc));
+	return CLI_EXIT_ERROR;
 }
+
+int cli_open_reader(const char *segment, struct tally_segment **out)
+{
+	int rc = tally_segment_open(segment, TALLY_OPEN_READER, 1000, out);
+
+	return rc ? cli_fail(segment, rc) : 0;
+}
+
+static bool utf8_locale(void)
+{
+	static int known = -1;
+
+	if (known < 0) {
+		const char *cs = nl_langinfo(CODESET);
+		known = cs && (strcmp(cs, "UTF-8") == 0 || strcmp(cs, "utf8") == 0);
+	}
+	return known;
+}
+
+const char *cli_fmt_ns(char *buf, size_t len, uint64_t ns)
+{
+	double v = (double)ns;
+
+	if (ns < 1000)
+		snprintf(buf, len, "%" PRIu64 "ns", ns);
+	else if (ns < 1000000)
+		snprintf(buf, len, "%.*f%s", ns < 100000 ? 1 : 0, v / 1e3, utf8_locale() ? "µs" : "us");
+	else if (ns < 1000000000)
+		snprintf(buf, len, "%.*fms", ns < 100000000 ? 2 : 1, v / 1e6);
+	else if (ns < 60000000000ull)
+		snprintf(buf, len, "%.2fs", v / 1e9);
+	else
+		snprintf(buf, len, "%.1fmin", v / 6e10);
+	return buf;
+}
+
+const char *cli_fmt_age_ms(char *buf, size_t len, uint64_t ms)
+{
+	if (ms == UINT64_MAX)
+		snprintf(buf, len, "never");
+	else if (ms < 10000)
+		snprintf(buf, len, "%.1fs", (double)ms / 1e3);
+	else if (ms < 60000)
+		snprintf(buf, len, "%" PRIu64 "s", ms / 1000);
+	else if (ms < 3600000)
+		snprintf(buf, len, "%" PRIu64 "m%02" PRIu64 "s", ms / 60000, ms / 1000 % 60);
+	else
+		snprintf(buf, len, "%" PRIu64 "h%02" PRIu64 "m", ms / 3600000, ms / 60000 % 60);
+	return buf;
+}
+
+const char *cli_fmt_count(char *buf, size_t len, uint64_t n)
+{
+	if (n < 1000000)
+		snprintf(buf, len, "%" PRIu64, n);
+	else if (n < 1000000000)
+		snprintf(buf, len, "%.1fM", (double)n / 1e6);
+	else if (n < 1000000000000ull)
+		snprintf(buf, len, "%.1fG", (double)n / 1e9);
+	else
+		snprintf(buf, len, "%.1fT", (double)n / 1e12);
+	return buf;
+}
+
+int cli_width(const char *s)
+{
+	int w = 0;
+
+	for (; *s; s++)
+		if (((unsigned char)*s & 0xc0) != 0x80)
+			w++;
+	return w;
+}
+
+void cli_pad(FILE *to, const char *s, int width)
+{
+	int w = cli_width(s), fill = (width < 0 ? -width : width) - w;
+
+	if (width > 0)
+		for (int i = 0; i < fill; i++)
+			fputc(' ', to);
+	fputs(s, to);
+	if (width < 0)
+		for (int i = 0; i < fill; i++)
+			fputc(' ', to);
+}
+
+int cli_parse_u64(const char *s, uint64_t *out)
+{
+	char *end;
+
+	if (!s || !*s || *s == '-' || *s == '+' || *s == ' ')
+		return -1;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno || *end)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+/* ---- global usage ----------------------------------------------------------- */
 
 static void usage(FILE *to)
 {
@@ -33,32 +149,109 @@ static void usage(FILE *to)
 		"usage: tally [-s SEGMENT] COMMAND [ARGS]\n"
 		"\n"
 		"commands:\n"
+		"  stat [--json]            subjects, producers, consumers and poller, once\n"
+		"  status SUBJECT           verdict of SUBJECT; exit 0 ok, 1 warn, 2 overload,\n"
+		"                           3 unknown (also: owner dead, data stale), 4 error\n"
+		"  top                      live full-screen view (q quits)\n"
 		"  dump                     header, sections and producer slots of the segment\n"
 		"  record SUBJECT NS...     record latencies (ns) for SUBJECT as a producer\n"
 		"  record                   read \"SUBJECT NS\" lines from stdin until EOF\n"
 		"\n"
 		"options:\n"
 		"  -s, --segment NAME       segment name (default $TALLY_SEGMENT, else \"tally\")\n"
-		"  -h, --help               this help\n"
-		"      --version            print the version\n");
+		"  -h, --help               this help; COMMAND --help for a command's\n"
+		"      --version            print the version\n"
+		"\n"
+		"exit status: 0 success, 1 some input rejected (record), 2 bad usage,\n"
+		"4 error (no segment, no permission, version mismatch); status: see above.\n");
 }
 
-static int fail_open(const char *name, int rc)
+/*
+ * Options every command takes: -s/--segment and -h/--help. Returns -1 to
+ * go on (optind at the operands), else the exit status.
+ */
+static int simple_opts(const char *cmd, const char *help, const char **segment, int argc,
+		       char **argv)
 {
-	fprintf(stderr, "tally: %s\n", *tally_errmsg() ? tally_errmsg() : tally_strerror(rc));
-	(void)name;
-	return EXIT_ERROR;
+	static const struct option opts[] = {
+		{ "segment", required_argument, NULL, 's' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	int c;
+
+	optind = 0;
+	while ((c = getopt_long(argc, argv, "+s:h", opts, NULL)) != -1) {
+		switch (c) {
+		case 's':
+			*segment = optarg;
+			break;
+		case 'h':
+			fputs(help, stdout);
+			return CLI_EXIT_OK;
+		default:
+			fputs(help, stderr);
+			return CLI_EXIT_USAGE;
+		}
+	}
+	(void)cmd;
+	return -1;
 }
 
-static int cmd_dump(const char *name)
+/* ---- dump --------------------------------------------------------------------- */
+
+static const char dump_help[] =
+	"usage: tally dump [-s SEGMENT]\n"
+	"\n"
+	"Print the segment's header (layout version, owner, generation, config),\n"
+	"its sections with offsets and sizes, and every producer slot in use,\n"
+	"for diagnosis. Reads the segment read-only.\n"
+	"\n"
+	"  -s, --segment NAME   segment (default $TALLY_SEGMENT, else \"tally\")\n"
+	"  -h, --help           this help\n"
+	"\n"
+	"exit status: 0, 2 bad usage, 4 error (no segment, no permission, ...)\n";
+
+static void dump_slots(struct tally_segment *seg, uint32_t nslots)
+{
+	struct tally_producer_stats *ps = calloc(nslots ? nslots : 1, sizeof(*ps));
+	int n = ps ? tally_read_producers(seg, ps, nslots) : -ENOMEM;
+
+	if (n < 0) {
+		printf("producer slots   unreadable: %s\n", tally_strerror(n));
+		free(ps);
+		return;
+	}
+	printf("producer slots   %d of %u in use\n", n, nslots);
+	if (n)
+		printf("  %4s %-9s %8s %8s %12s %10s %10s %8s %s\n", "slot", "state", "pid", "tid",
+		       "samples", "dropped", "clamped", "backlog", "alive");
+	for (int i = 0; i < n; i++)
+		printf("  %4u %-9s %8d %8d %12" PRIu64 " %10" PRIu64 " %10" PRIu64 " %8" PRIu64 " %s\n",
+		       ps[i].slot, ps[i].state, (int)ps[i].pid, (int)ps[i].tid, ps[i].samples,
+		       ps[i].dropped, ps[i].clamped, ps[i].backlog, ps[i].alive ? "yes" : "no");
+	free(ps);
+}
+
+static int cmd_dump(const char *name, int argc, char **argv)
 {
 	struct tally_segment *seg;
 	struct tally_segment_info in;
-	int rc = tally_segment_open(name, TALLY_OPEN_READER, 1000, &seg);
+	int rc = simple_opts("dump", dump_help, &name, argc, argv);
 
-	if (rc)
-		return fail_open(name, rc);
-	tally_segment_info(seg, &in);
+	if (rc >= 0)
+		return rc;
+	if (optind != argc) {
+		fprintf(stderr, "tally dump: unexpected argument \"%s\"\n", argv[optind]);
+		fputs(dump_help, stderr);
+		return CLI_EXIT_USAGE;
+	}
+	if ((rc = cli_open_reader(name, &seg)))
+		return rc;
+	if ((rc = tally_segment_info(seg, &in))) {
+		tally_segment_close(&seg);
+		return cli_fail(name, rc);
+	}
 	printf("segment          %s\n", in.name);
 	printf("layout version   %u.%u\n", in.abi_major, in.abi_minor);
 	printf("size             %" PRIu64 " bytes\n", in.total_size);
@@ -76,9 +269,28 @@ static int cmd_dump(const char *name)
 	       in.slot_stride);
 	printf("  pending        %-12" PRIu64 " %" PRIu64 "\n", in.pending.off, in.pending.size);
 	printf("  snapshot       %-12" PRIu64 " %" PRIu64 "\n", in.snapshot.off, in.snapshot.size);
+	dump_slots(seg, in.config.producer_slots);
 	tally_segment_close(&seg);
 	return 0;
 }
+
+/* ---- record ------------------------------------------------------------------- */
+
+static const char record_help[] =
+	"usage: tally record [-s SEGMENT] SUBJECT NS...\n"
+	"       tally record [-s SEGMENT] < LINES\n"
+	"\n"
+	"Record latencies in nanoseconds as a producer of the segment: the values\n"
+	"given for SUBJECT, or with no operand \"SUBJECT NS\" lines from stdin until\n"
+	"EOF (blank lines and lines starting with # are skipped). A bad line is\n"
+	"reported with its line number and skipped; the rest is recorded. At the\n"
+	"end it prints how many were recorded, rejected and dropped (ring full).\n"
+	"\n"
+	"  -s, --segment NAME   segment (default $TALLY_SEGMENT, else \"tally\")\n"
+	"  -h, --help           this help\n"
+	"\n"
+	"exit status: 0 all recorded, 1 some rejected or dropped, 2 bad usage,\n"
+	"4 error (no segment, no permission, no free producer slot, ...)\n";
 
 struct recorder {
 	struct tally_segment *seg;
@@ -89,18 +301,17 @@ struct recorder {
 static int record_one(struct recorder *r, const char *subject, const char *value, const char *where)
 {
 	tally_subject_t id;
-	char *end;
+	uint64_t ns;
 
-	errno = 0;
-	unsigned long long ns = strtoull(value, &end, 10);
-	if (errno || end == value || *end || value[0] == '-') {
+	if (cli_parse_u64(value, &ns)) {
 		fprintf(stderr, "tally: %s: \"%s\" is not a latency in nanoseconds (a whole number >= 0)\n",
 			where, value);
 		return -1;
 	}
 	int rc = tally_subject_intern(r->seg, subject, &id);
 	if (rc) {
-		fprintf(stderr, "tally: %s: %s\n", where, tally_errmsg());
+		fprintf(stderr, "tally: %s: %s\n", where,
+			*tally_errmsg() ? tally_errmsg() : tally_strerror(rc));
 		return -1;
 	}
 	if (!tally_record(r->p, id, ns)) {
@@ -146,20 +357,24 @@ static void record_stdin(struct recorder *r)
 static int cmd_record(const char *name, int argc, char **argv)
 {
 	struct recorder r = { 0 };
-	int rc = tally_segment_open(name, TALLY_OPEN_PRODUCER, 1000, &r.seg);
+	int rc = simple_opts("record", record_help, &name, argc, argv);
 
-	if (rc)
-		return fail_open(name, rc);
-	if ((rc = tally_producer_attach(r.seg, &r.p))) {
-		tally_segment_close(&r.seg);
-		return fail_open(name, rc);
-	}
-	if (argc >= 1 && argc < 2) {
-		fprintf(stderr, "tally: record %s: give at least one value in ns, or none to read stdin\n",
+	if (rc >= 0)
+		return rc;
+	argc -= optind;
+	argv += optind;
+	if (argc == 1) {
+		fprintf(stderr, "tally record %s: give at least one value in ns, or none to read stdin\n",
 			argv[0]);
-		tally_producer_detach(&r.p);
+		fputs(record_help, stderr);
+		return CLI_EXIT_USAGE;
+	}
+	if ((rc = tally_segment_open(name, TALLY_OPEN_PRODUCER, 1000, &r.seg)))
+		return cli_fail(name, rc);
+	if ((rc = tally_producer_attach(r.seg, &r.p))) {
+		cli_fail(name, rc);
 		tally_segment_close(&r.seg);
-		return EXIT_USAGE;
+		return CLI_EXIT_ERROR;
 	}
 	if (argc == 0) {
 		record_stdin(&r);
@@ -175,7 +390,16 @@ static int cmd_record(const char *name, int argc, char **argv)
 	tally_segment_close(&r.seg);
 	printf("recorded %" PRIu64 ", rejected %" PRIu64 ", dropped %" PRIu64 "\n", r.recorded,
 	       r.rejected, r.dropped);
-	return r.rejected || r.dropped ? 1 : 0;
+	return r.rejected || r.dropped ? CLI_EXIT_PARTIAL : CLI_EXIT_OK;
+}
+
+/* ---- main --------------------------------------------------------------------- */
+
+static const char *segment_name(const char *opt)
+{
+	const char *env = getenv("TALLY_SEGMENT");
+
+	return opt ? opt : env && *env ? env : "tally";
 }
 
 int main(int argc, char **argv)
@@ -189,6 +413,8 @@ int main(int argc, char **argv)
 	const char *seg_opt = NULL;
 	int c;
 
+	/* Characters only: numbers (and so JSON) stay in the C locale. */
+	setlocale(LC_CTYPE, "");
 	while ((c = getopt_long(argc, argv, "+s:h", opts, NULL)) != -1) {
 		switch (c) {
 		case 's':
@@ -202,19 +428,29 @@ int main(int argc, char **argv)
 			return 0;
 		default:
 			usage(stderr);
-			return EXIT_USAGE;
+			return CLI_EXIT_USAGE;
 		}
 	}
 	if (optind >= argc) {
+		fprintf(stderr, "tally: no command given\n");
 		usage(stderr);
-		return EXIT_USAGE;
+		return CLI_EXIT_USAGE;
 	}
-	const char *cmd = argv[optind++], *name = segment_name(seg_opt);
-	if (strcmp(cmd, "dump") == 0 && optind == argc)
-		return cmd_dump(name);
+	const char *cmd = argv[optind], *name = segment_name(seg_opt);
+	int cargc = argc - optind;
+	char **cargv = argv + optind;
+
+	if (strcmp(cmd, "stat") == 0)
+		return tally_cmd_stat(name, cargc, cargv);
+	if (strcmp(cmd, "status") == 0)
+		return tally_cmd_status(name, cargc, cargv);
+	if (strcmp(cmd, "top") == 0)
+		return tally_cmd_top(name, cargc, cargv);
+	if (strcmp(cmd, "dump") == 0)
+		return cmd_dump(name, cargc, cargv);
 	if (strcmp(cmd, "record") == 0)
-		return cmd_record(name, argc - optind, argv + optind);
-	fprintf(stderr, "tally: unknown command or arguments: %s\n", cmd);
+		return cmd_record(name, cargc, cargv);
+	fprintf(stderr, "tally: unknown command \"%s\"\n", cmd);
 	usage(stderr);
-	return EXIT_USAGE;
+	return CLI_EXIT_USAGE;
 }

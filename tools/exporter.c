@@ -1,0 +1,729 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * exporter.c: tallyd's GET /metrics (contract in exporter.h). A scrape
+ * reads everything once into arrays (subjects through the engine's RCU
+ * snapshot, producers, consumers and the poller through the segment), then
+ * writes the families of metrics.def in their table order, each with its
+ * HELP and TYPE lines, into one growing buffer that libmicrohttpd frees
+ * after sending. Nothing is cached between scrapes and nothing is written
+ * to the segment.
+ */
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "exporter.h"
+
+/* ---- the metric table ---- */
+
+enum tallyd_metric_id {
+#define TALLY_METRIC(id, name, type, help) TM_##id,
+#include "metrics.def"
+#undef TALLY_METRIC
+	TM__COUNT
+};
+
+static const struct metric_def {
+	const char *name, *type, *help;
+} metric_defs[TM__COUNT] = {
+#define TALLY_METRIC(id, name, type, help) [TM_##id] = { name, type, help },
+#include "metrics.def"
+#undef TALLY_METRIC
+};
+
+/* ---- output buffer ---- */
+
+struct buf {
+	char *p;
+	size_t len, cap;
+	bool oom;
+};
+
+static void buf_reserve(struct buf *b, size_t more)
+{
+	size_t cap = b->cap ? b->cap : 16384;
+	char *p;
+
+	if (b->oom || b->len + more + 1 <= b->cap)
+		return;
+	while (cap < b->len + more + 1)
+		cap *= 2;
+	if (!(p = realloc(b->p, cap))) {
+		b->oom = true;
+		return;
+	}
+	b->p = p;
+	b->cap = cap;
+}
+
+static void bputs(struct buf *b, const char *s, size_t n)
+{
+	buf_reserve(b, n);
+	if (b->oom)
+		return;
+	memcpy(b->p + b->len, s, n);
+	b->len += n;
+	b->p[b->len] = '\0';
+}
+
+__attribute__((format(printf, 2, 3))) static void bprintf(struct buf *b, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	buf_reserve(b, 128);
+	if (b->oom)
+		return;
+	va_start(ap, fmt);
+	n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if ((size_t)n >= b->cap - b->len) {
+		buf_reserve(b, (size_t)n);
+		if (b->oom)
+			return;
+		va_start(ap, fmt);
+		vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
+		va_end(ap);
+	}
+	b->len += (size_t)n;
+}
+
+/* A label value with \\, \" and \n escaped (text format 0.0.4). */
+static void bescape(struct buf *b, const char *s)
+{
+	for (; *s; s++) {
+		if (*s == '\\')
+			bputs(b, "\\\\", 2);
+		else if (*s == '"')
+			bputs(b, "\\\"", 2);
+		else if (*s == '\n')
+			bputs(b, "\\n", 2);
+		else
+			bputs(b, s, 1);
+	}
+}
+
+static void family(struct buf *b, enum tallyd_metric_id id)
+{
+	const struct metric_def *m = &metric_defs[id];
+
+	/* HELP texts are ours (no backslash or newline to escape). */
+	bprintf(b, "# HELP %s %s\n# TYPE %s %s\n", m->name, m->help, m->name, m->type);
+}
+
+/*
+ * One sample: name (with suffix), then labels given as pairs of strings
+ * ending with NULL, then the value already formatted.
+ */
+static void sample(struct buf *b, enum tallyd_metric_id id, const char *suffix, const char *value,
+		   ...)
+{
+	va_list ap;
+	const char *k;
+	bool first = true;
+
+	bprintf(b, "%s%s", metric_defs[id].name, suffix ? suffix : "");
+	va_start(ap, value);
+	while ((k = va_arg(ap, const char *))) {
+		const char *v = va_arg(ap, const char *);
+
+		bprintf(b, "%s%s=\"", first ? "{" : ",", k);
+		bescape(b, v ? v : "");
+		bputs(b, "\"", 1);
+		first = false;
+	}
+	va_end(ap);
+	bprintf(b, "%s %s\n", first ? "" : "}", value);
+}
+
+/* ns as exact decimal seconds: 50000000 -> "0.05". */
+static const char *fmt_sec(char *s, size_t n, uint64_t ns)
+{
+	int len = snprintf(s, n, "%" PRIu64 ".%09" PRIu64, ns / 1000000000u, ns % 1000000000u);
+
+	while (len > 0 && s[len - 1] == '0')
+		s[--len] = '\0';
+	if (len > 0 && s[len - 1] == '.')
+		s[--len] = '\0';
+	return s;
+}
+
+static const char *fmt_u64(char *s, size_t n, uint64_t v)
+{
+	snprintf(s, n, "%" PRIu64, v);
+	return s;
+}
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- what one scrape reads ---- */
+
+struct subj {
+	char name[TALLY_SUBJECT_MAX + 1];
+	struct tally_subject_stats st;
+};
+
+struct scrape {
+	struct tally_segment_info info;
+	struct subj *subj;
+	uint32_t nsubj;
+	struct tally_producer_stats *prod;
+	int nprod;
+	struct tally_consumer_stats *cons;
+	int ncons;
+	struct tally_engine_counters ec;
+	struct tally_poller_stats ps;
+	bool poller;
+	uint64_t now;
+};
+
+static int read_subjects(struct tallyd_exporter_source *src, struct scrape *sc)
+{
+	uint32_t cap = tally_subject_capacity(src->seg);
+
+	sc->subj = calloc(cap ? cap : 1, sizeof(*sc->subj));
+	if (!sc->subj)
+		return -ENOMEM;
+	for (uint32_t id = 0; id < cap; id++) {
+		struct subj *s = &sc->subj[sc->nsubj];
+
+		if (tally_subject_name(src->seg, id, s->name, sizeof(s->name)) != 0)
+			continue;
+		if (tally_engine_read(src->engine, id, &s->st) != 0)
+			continue;
+		sc->nsubj++;
+	}
+	return 0;
+}
+
+static int scrape_read(struct tallyd_exporter_source *src, struct scrape *sc)
+{
+	int rc;
+
+	memset(sc, 0, sizeof(*sc));
+	sc->now = mono_ns();
+	if ((rc = tally_segment_info(src->seg, &sc->info)) != 0)
+		return rc;
+	if ((rc = read_subjects(src, sc)) != 0)
+		return rc;
+	sc->prod = calloc(sc->info.config.producer_slots + 1, sizeof(*sc->prod));
+	sc->cons = calloc(sc->info.config.pending_capacity + 1, sizeof(*sc->cons));
+	if (!sc->prod || !sc->cons)
+		return -ENOMEM;
+	sc->nprod = tally_read_producers(src->seg, sc->prod, sc->info.config.producer_slots);
+	sc->ncons = tally_read_consumers(src->seg, sc->cons, sc->info.config.pending_capacity);
+	if (sc->ncons < 0) /* a poll raced the read twice: retry once */
+		sc->ncons = tally_read_consumers(src->seg, sc->cons, sc->info.config.pending_capacity);
+	tally_engine_counters(src->engine, &sc->ec);
+	sc->poller = atomic_load(&src->poller_on) && tally_read_poller(src->seg, &sc->ps) == 0;
+	return 0;
+}
+
+static void scrape_free(struct scrape *sc)
+{
+	free(sc->subj);
+	free(sc->prod);
+	free(sc->cons);
+}
+
+/* ---- families ---- */
+
+static void put_identity(struct buf *b, const struct scrape *sc)
+{
+	char pid[24], gen[24], v[32];
+
+	family(b, TM_build_info);
+	sample(b, TM_build_info, NULL, "1", "version", PACKAGE_VERSION, "library", tally_version(),
+	       NULL);
+	family(b, TM_segment_info);
+	snprintf(pid, sizeof(pid), "%ld", (long)sc->info.owner_pid);
+	sample(b, TM_segment_info, NULL, "1", "segment", sc->info.name, "owner_pid", pid, "generation",
+	       fmt_u64(gen, sizeof(gen), sc->info.generation), NULL);
+	family(b, TM_segment_size);
+	sample(b, TM_segment_size, NULL, fmt_u64(v, sizeof(v), sc->info.total_size), NULL);
+	family(b, TM_segment_subjects);
+	sample(b, TM_segment_subjects, NULL, fmt_u64(v, sizeof(v), sc->info.subjects_used), NULL);
+	family(b, TM_segment_subject_capacity);
+	sample(b, TM_segment_subject_capacity, NULL,
+	       fmt_u64(v, sizeof(v), sc->info.config.subject_capacity), NULL);
+}
+
+static void put_latency(struct buf *b, const struct scrape *sc)
+{
+	static const char *const qn[] = { "0.5", "0.9", "0.95", "0.99", "0.999" };
+	char v[32];
+
+	family(b, TM_subject_latency);
+	for (uint32_t i = 0; i < sc->nsubj; i++) {
+		const struct subj *s = &sc->subj[i];
+
+		sample(b, TM_subject_latency, "_sum", fmt_sec(v, sizeof(v), s->st.total_sum), "subject",
+		       s->name, NULL);
+		sample(b, TM_subject_latency, "_count", fmt_u64(v, sizeof(v), s->st.total_count),
+		       "subject", s->name, NULL);
+	}
+	family(b, TM_subject_latency_window);
+	for (uint32_t i = 0; i < sc->nsubj; i++) {
+		const struct subj *s = &sc->subj[i];
+		const uint64_t q[] = { s->st.p50_ns, s->st.p90_ns, s->st.p95_ns, s->st.p99_ns,
+				       s->st.p999_ns };
+
+		for (size_t k = 0; s->st.has_data && k < sizeof(q) / sizeof(q[0]); k++)
+			sample(b, TM_subject_latency_window, NULL, fmt_sec(v, sizeof(v), q[k]),
+			       "subject", s->name, "quantile", qn[k], NULL);
+	}
+	family(b, TM_subject_latency_window_max);
+	for (uint32_t i = 0; i < sc->nsubj; i++)
+		if (sc->subj[i].st.has_data)
+			sample(b, TM_subject_latency_window_max, NULL,
+			       fmt_sec(v, sizeof(v), sc->subj[i].st.max_ns), "subject", sc->subj[i].name,
+			       NULL);
+}
+
+/* A per-subject family whose value is f(stats), formatted by the caller. */
+#define PER_SUBJECT(b, sc, id, expr)                                                       \
+	do {                                                                               \
+		family(b, id);                                                             \
+		for (uint32_t i_ = 0; i_ < (sc)->nsubj; i_++) {                            \
+			const struct tally_subject_stats *st = &(sc)->subj[i_].st;         \
+			char v_[32];                                                       \
+			(void)st;                                                          \
+			sample(b, id, NULL, (expr), "subject", (sc)->subj[i_].name, NULL); \
+		}                                                                          \
+	} while (0)
+
+static void put_subject_reasons(struct buf *b, const struct scrape *sc)
+{
+	static const struct { uint32_t bit; const char *name; } rs[] = {
+		{ TALLY_REASON_LATENCY, "latency" }, { TALLY_REASON_PENDING, "pending" },
+		{ TALLY_REASON_STALE, "stale" },     { TALLY_REASON_NO_DATA, "no_data" },
+		{ TALLY_REASON_FAIL_OPEN, "fail_open" },
+	};
+
+	family(b, TM_subject_verdict_reason);
+	for (uint32_t i = 0; i < sc->nsubj; i++)
+		for (size_t k = 0; k < sizeof(rs) / sizeof(rs[0]); k++)
+			if (sc->subj[i].st.reasons & rs[k].bit)
+				sample(b, TM_subject_verdict_reason, NULL, "1", "subject",
+				       sc->subj[i].name, "reason", rs[k].name, NULL);
+}
+
+static uint64_t age_ns(uint64_t now, uint64_t since)
+{
+	return since && now > since ? now - since : 0;
+}
+
+static void put_subjects(struct buf *b, const struct scrape *sc)
+{
+	put_latency(b, sc);
+	PER_SUBJECT(b, sc, TM_subject_window_samples, fmt_u64(v_, sizeof(v_), st->count));
+	PER_SUBJECT(b, sc, TM_subject_window_length, fmt_sec(v_, sizeof(v_), st->window_ns));
+	PER_SUBJECT(b, sc, TM_subject_pending, fmt_u64(v_, sizeof(v_), st->pending));
+	PER_SUBJECT(b, sc, TM_subject_pending_consumers,
+		    fmt_u64(v_, sizeof(v_), st->pending_consumers));
+	PER_SUBJECT(b, sc, TM_subject_verdict, fmt_u64(v_, sizeof(v_), (uint64_t)st->verdict));
+	put_subject_reasons(b, sc);
+	PER_SUBJECT(b, sc, TM_subject_verdict_age,
+		    fmt_sec(v_, sizeof(v_), age_ns(sc->now, st->verdict_since_ns)));
+	PER_SUBJECT(b, sc, TM_subject_retry_after,
+		    fmt_sec(v_, sizeof(v_), (uint64_t)st->retry_after_ms * 1000000u));
+}
+
+/* A per-consumer family whose value is a field of struct tally_consumer_stats. */
+static void put_consumer_u64(struct buf *b, const struct scrape *sc, enum tallyd_metric_id id,
+			     size_t off)
+{
+	char v[32];
+
+	family(b, id);
+	for (int i = 0; i < sc->ncons; i++) {
+		uint64_t x;
+
+		memcpy(&x, (const char *)&sc->cons[i] + off, sizeof(x));
+		sample(b, id, NULL, fmt_u64(v, sizeof(v), x), "stream", sc->cons[i].stream, "consumer",
+		       sc->cons[i].consumer, NULL);
+	}
+}
+
+static void put_consumers(struct buf *b, const struct scrape *sc)
+{
+	static const char *const sources[] = { "live", "cached", "never", "gone" };
+	char v[32];
+
+	put_consumer_u64(b, sc, TM_consumer_pending, offsetof(struct tally_consumer_stats, num_pending));
+	put_consumer_u64(b, sc, TM_consumer_ack_pending,
+			 offsetof(struct tally_consumer_stats, num_ack_pending));
+	put_consumer_u64(b, sc, TM_consumer_redelivered,
+			 offsetof(struct tally_consumer_stats, num_redelivered));
+	put_consumer_u64(b, sc, TM_consumer_waiting, offsetof(struct tally_consumer_stats, num_waiting));
+	put_consumer_u64(b, sc, TM_consumer_delivered_seq,
+			 offsetof(struct tally_consumer_stats, delivered_stream_seq));
+	put_consumer_u64(b, sc, TM_consumer_ack_floor_seq,
+			 offsetof(struct tally_consumer_stats, ack_floor_stream_seq));
+	family(b, TM_consumer_source);
+	for (int i = 0; i < sc->ncons; i++)
+		for (size_t k = 0; k < sizeof(sources) / sizeof(sources[0]); k++)
+			sample(b, TM_consumer_source, NULL,
+			       sc->cons[i].source && strcmp(sc->cons[i].source, sources[k]) == 0 ? "1"
+												  : "0",
+			       "stream", sc->cons[i].stream, "consumer", sc->cons[i].consumer, "source",
+			       sources[k], NULL);
+	family(b, TM_consumer_data_age);
+	for (int i = 0; i < sc->ncons; i++)
+		if (sc->cons[i].age_ms != UINT64_MAX)
+			sample(b, TM_consumer_data_age, NULL,
+			       fmt_sec(v, sizeof(v), sc->cons[i].age_ms * 1000000u), "stream",
+			       sc->cons[i].stream, "consumer", sc->cons[i].consumer, NULL);
+}
+
+static void put_producer_u64(struct buf *b, const struct scrape *sc, enum tallyd_metric_id id,
+			     size_t off)
+{
+	char v[32], slot[16], pid[16], tid[16];
+
+	family(b, id);
+	for (int i = 0; i < sc->nprod; i++) {
+		const struct tally_producer_stats *p = &sc->prod[i];
+		uint64_t x;
+
+		if (off == SIZE_MAX)
+			x = p->alive;
+		else
+			memcpy(&x, (const char *)p + off, sizeof(x));
+		snprintf(slot, sizeof(slot), "%" PRIu32, p->slot);
+		snprintf(pid, sizeof(pid), "%ld", (long)p->pid);
+		snprintf(tid, sizeof(tid), "%ld", (long)p->tid);
+		sample(b, id, NULL, fmt_u64(v, sizeof(v), x), "slot", slot, "pid", pid, "tid", tid,
+		       NULL);
+	}
+}
+
+static void put_producers(struct buf *b, const struct scrape *sc)
+{
+	put_producer_u64(b, sc, TM_producer_samples, offsetof(struct tally_producer_stats, samples));
+	put_producer_u64(b, sc, TM_producer_dropped, offsetof(struct tally_producer_stats, dropped));
+	put_producer_u64(b, sc, TM_producer_clamped, offsetof(struct tally_producer_stats, clamped));
+	put_producer_u64(b, sc, TM_producer_backlog, offsetof(struct tally_producer_stats, backlog));
+	put_producer_u64(b, sc, TM_producer_alive, SIZE_MAX);
+}
+
+static void put_one(struct buf *b, enum tallyd_metric_id id, const char *value)
+{
+	family(b, id);
+	sample(b, id, NULL, value, NULL);
+}
+
+static void put_engine(struct buf *b, const struct scrape *sc)
+{
+	char v[32];
+	uint64_t active = 0;
+
+	for (uint32_t i = 0; i < sc->nsubj; i++)
+		active += sc->subj[i].st.has_data;
+	put_one(b, TM_engine_drained, fmt_u64(v, sizeof(v), sc->ec.drained));
+	put_one(b, TM_engine_rejected, fmt_u64(v, sizeof(v), sc->ec.rejected));
+	put_one(b, TM_engine_publishes, fmt_u64(v, sizeof(v), sc->ec.publishes));
+	put_one(b, TM_engine_publish_duration, fmt_sec(v, sizeof(v), sc->ec.last_publish_ns));
+	put_one(b, TM_engine_subjects_active, fmt_u64(v, sizeof(v), active));
+	put_one(b, TM_engine_producers_died, fmt_u64(v, sizeof(v), sc->ec.producers_died));
+	put_one(b, TM_engine_producers_released, fmt_u64(v, sizeof(v), sc->ec.producers_released));
+}
+
+static void put_poller(struct buf *b, const struct scrape *sc)
+{
+	static const char *const states[] = { "closed", "open", "half-open" };
+	const struct tally_poller_stats *p = &sc->ps;
+	char v[32];
+
+	if (!sc->poller)
+		return;
+	put_one(b, TM_poller_connected, p->connected ? "1" : "0");
+	put_one(b, TM_poller_polls_ok, fmt_u64(v, sizeof(v), p->polls_ok));
+	put_one(b, TM_poller_polls_failed, fmt_u64(v, sizeof(v), p->polls_failed));
+	family(b, TM_poller_polls_skipped);
+	sample(b, TM_poller_polls_skipped, NULL, fmt_u64(v, sizeof(v), p->skipped_overrun), "reason",
+	       "overrun", NULL);
+	sample(b, TM_poller_polls_skipped, NULL, fmt_u64(v, sizeof(v), p->skipped_open), "reason",
+	       "breaker_open", NULL);
+	family(b, TM_poller_breaker_state);
+	for (size_t k = 0; k < sizeof(states) / sizeof(states[0]); k++)
+		sample(b, TM_poller_breaker_state, NULL,
+		       p->breaker && strcmp(p->breaker, states[k]) == 0 ? "1" : "0", "state", states[k],
+		       NULL);
+	put_one(b, TM_poller_breaker_opens, fmt_u64(v, sizeof(v), p->opens_total));
+	put_one(b, TM_poller_consecutive_failures, fmt_u64(v, sizeof(v), p->consecutive_failures));
+	family(b, TM_poller_last_ok_age);
+	if (p->last_ok_age_ms != UINT64_MAX)
+		sample(b, TM_poller_last_ok_age, NULL, fmt_sec(v, sizeof(v), p->last_ok_age_ms * 1000000u),
+		       NULL);
+}
+
+int tallyd_metrics_render(struct tallyd_exporter_source *src, char **out, size_t *len)
+{
+	struct scrape sc;
+	struct buf b = { 0 };
+	int rc = scrape_read(src, &sc);
+
+	*out = NULL;
+	*len = 0;
+	if (rc != 0) {
+		scrape_free(&sc);
+		return rc;
+	}
+	put_identity(&b, &sc);
+	put_subjects(&b, &sc);
+	put_consumers(&b, &sc);
+	put_producers(&b, &sc);
+	put_engine(&b, &sc);
+	put_poller(&b, &sc);
+	scrape_free(&sc);
+	if (b.oom) {
+		free(b.p);
+		return -ENOMEM;
+	}
+	*out = b.p;
+	*len = b.len;
+	return 0;
+}
+
+/* ---- listen address ---- */
+
+static int parse_port(const char *s, uint16_t *port, char *why, size_t whylen)
+{
+	char *end;
+	unsigned long v;
+
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (!*s || *end || errno || v > 65535 || *s == '-' || *s == '+') {
+		snprintf(why, whylen, "\"%s\" is not a port (0..65535)", s);
+		return -EINVAL;
+	}
+	*port = (uint16_t)v;
+	return 0;
+}
+
+int tallyd_parse_listen(const char *s, struct sockaddr_storage *ss, socklen_t *sslen, char *why,
+			size_t whylen)
+{
+	char host[128];
+	const char *colon;
+	uint16_t port;
+	size_t hl;
+
+	memset(ss, 0, sizeof(*ss));
+	if (s[0] == '[') {
+		const char *rb = strchr(s, ']');
+
+		if (!rb || rb[1] != ':' || (size_t)(rb - s - 1) >= sizeof(host)) {
+			snprintf(why, whylen, "\"%s\": expected [IPV6]:PORT", s);
+			return -EINVAL;
+		}
+		hl = (size_t)(rb - s - 1);
+		memcpy(host, s + 1, hl);
+		host[hl] = '\0';
+		colon = rb + 1;
+	} else {
+		colon = strrchr(s, ':');
+		if (!colon || (size_t)(colon - s) >= sizeof(host)) {
+			snprintf(why, whylen, "\"%s\": expected ADDR:PORT, e.g. 127.0.0.1:9464", s);
+			return -EINVAL;
+		}
+		hl = (size_t)(colon - s);
+		memcpy(host, s, hl);
+		host[hl] = '\0';
+	}
+	if (parse_port(colon + 1, &port, why, whylen))
+		return -EINVAL;
+	if (s[0] == '[') {
+		struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+
+		a->sin6_family = AF_INET6;
+		a->sin6_port = htons(port);
+		if (inet_pton(AF_INET6, host, &a->sin6_addr) != 1) {
+			snprintf(why, whylen, "\"%s\" is not an IPv6 address", host);
+			return -EINVAL;
+		}
+		*sslen = sizeof(*a);
+		return 0;
+	}
+	struct sockaddr_in *a = (struct sockaddr_in *)ss;
+
+	a->sin_family = AF_INET;
+	a->sin_port = htons(port);
+	if (strcmp(host, "*") == 0 || strcmp(host, "0.0.0.0") == 0) {
+		a->sin_addr.s_addr = htonl(INADDR_ANY);
+	} else if (inet_pton(AF_INET, host, &a->sin_addr) != 1) {
+		snprintf(why, whylen, "\"%s\" is not an IPv4 address (use [ADDR]:PORT for IPv6)", host);
+		return -EINVAL;
+	}
+	*sslen = sizeof(*a);
+	return 0;
+}
+
+/* ---- HTTP ---- */
+
+struct tallyd_exporter {
+	struct MHD_Daemon *d;
+	struct tallyd_exporter_source *src;
+	tallyd_log_fn log;
+	uint16_t port;
+};
+
+static enum MHD_Result reply(struct MHD_Connection *c, unsigned status, const char *text,
+			     const char *allow)
+{
+	struct MHD_Response *r;
+	enum MHD_Result ret;
+
+	r = MHD_create_response_from_buffer(strlen(text), (void *)text, MHD_RESPMEM_PERSISTENT);
+	if (!r)
+		return MHD_NO;
+	MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain; charset=utf-8");
+	if (allow)
+		MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, allow);
+	ret = MHD_queue_response(c, status, r);
+	MHD_destroy_response(r);
+	return ret;
+}
+
+static enum MHD_Result serve_metrics(struct tallyd_exporter *x, struct MHD_Connection *c)
+{
+	struct MHD_Response *r;
+	enum MHD_Result ret;
+	char *body;
+	size_t len;
+	int rc = tallyd_metrics_render(x->src, &body, &len);
+
+	if (rc != 0) {
+		x->log(0, "GET /metrics: %s", tally_strerror(rc));
+		return reply(c, MHD_HTTP_INTERNAL_SERVER_ERROR, "cannot read the segment\n", NULL);
+	}
+	r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+	if (!r) {
+		free(body);
+		return MHD_NO;
+	}
+	MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE,
+				"text/plain; version=0.0.4; charset=utf-8");
+	MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+	ret = MHD_queue_response(c, MHD_HTTP_OK, r);
+	MHD_destroy_response(r);
+	return ret;
+}
+
+/*
+ * A wrong path or method is answered on the first call, when only the
+ * headers have been read: its body is never read (libmicrohttpd closes the
+ * connection after the reply). GET and HEAD /metrics are answered on the
+ * second call, once the request is complete, so that the connection can
+ * be kept alive; a body sent with them is discarded as it arrives (the
+ * connection's memory limit bounds what is buffered).
+ */
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
+				  const char *method, const char *version, const char *upload,
+				  size_t *upload_size, void **req_cls)
+{
+	static int started;
+	struct tallyd_exporter *x = cls;
+
+	(void)version;
+	(void)upload;
+	if (*req_cls == NULL) {
+		if (strcmp(url, "/metrics") != 0)
+			return reply(c, MHD_HTTP_NOT_FOUND, "not found: try GET /metrics\n", NULL);
+		if (strcmp(method, MHD_HTTP_METHOD_GET) != 0 &&
+		    strcmp(method, MHD_HTTP_METHOD_HEAD) != 0)
+			return reply(c, MHD_HTTP_METHOD_NOT_ALLOWED, "method not allowed: use GET\n",
+				     "GET, HEAD");
+		*req_cls = &started;
+		return MHD_YES;
+	}
+	if (*upload_size) {
+		*upload_size = 0;
+		return MHD_YES;
+	}
+	return serve_metrics(x, c);
+}
+
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+	struct tallyd_exporter *x = cls;
+	char msg[512];
+	size_t n;
+
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	n = strlen(msg);
+	while (n > 0 && msg[n - 1] == '\n')
+		msg[--n] = '\0';
+	x->log(1, "http: %s", msg);
+}
+
+int tallyd_exporter_start(const char *listen, struct tallyd_exporter_source *src, tallyd_log_fn log,
+			  struct tallyd_exporter **out, char *why, size_t whylen)
+{
+	struct sockaddr_storage ss;
+	socklen_t sslen;
+	struct tallyd_exporter *x;
+	const union MHD_DaemonInfo *info;
+	unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
+
+	*out = NULL;
+	if (tallyd_parse_listen(listen, &ss, &sslen, why, whylen))
+		return -EINVAL;
+	if (!(x = calloc(1, sizeof(*x))))
+		return -ENOMEM;
+	x->src = src;
+	x->log = log;
+	if (ss.ss_family == AF_INET6)
+		flags |= MHD_USE_IPv6;
+	x->d = MHD_start_daemon(flags, 0, NULL, NULL, on_request, x,
+				MHD_OPTION_EXTERNAL_LOGGER, mhd_log, x,
+				MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+				MHD_OPTION_CONNECTION_LIMIT, (unsigned)TALLYD_HTTP_MAX_CONN,
+				MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)TALLYD_HTTP_MEM_LIMIT,
+				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)TALLYD_HTTP_TIMEOUT_S,
+				MHD_OPTION_END);
+	if (!x->d) {
+		int err = errno ? errno : EADDRINUSE;
+
+		snprintf(why, whylen, "cannot listen on %s: %s", listen, strerror(err));
+		free(x);
+		return -err;
+	}
+	info = MHD_get_daemon_info(x->d, MHD_DAEMON_INFO_BIND_PORT);
+	x->port = info ? info->port : 0;
+	*out = x;
+	return 0;
+}
+
+uint16_t tallyd_exporter_port(const struct tallyd_exporter *x)
+{
+	return x ? x->port : 0;
+}
+
+void tallyd_exporter_stop(struct tallyd_exporter **px)
+{
+	if (!px || !*px)
+		return;
+	MHD_stop_daemon((*px)->d);
+	free(*px);
+	*px = NULL;
+}

@@ -1,0 +1,694 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * tally_stat.c: one read of everything a segment publishes (struct
+ * cli_view, shared with tally top), and the commands that print it once:
+ * `tally stat` (tables), `tally stat --json` (the stable schema of
+ * docs/json-schema.md, built with jansson) and `tally status SUBJECT`
+ * (one verdict, as an exit status for scripts and health checks).
+ *
+ * Stale data is never shown as live. When the owner is dead or stopped,
+ * or has stopped publishing, stat says so in its first line (and in
+ * segment.stale / stale_reason of the JSON), every subject's verdict is
+ * reported as unknown with the last published one beside it, and status
+ * exits 3 (unknown). The values themselves are still printed: they are
+ * what a post-mortem needs.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <jansson.h>
+
+#include "cli.h"
+
+/* ---- reading ------------------------------------------------------------------ */
+
+static uint64_t clock_ns(clockid_t id)
+{
+	struct timespec ts;
+
+	clock_gettime(id, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int by_name(const void *a, const void *b)
+{
+	return strcmp(((const struct cli_subject *)a)->name, ((const struct cli_subject *)b)->name);
+}
+
+/* Read subject id into s; sets *stale on TALLY_ESTALE. 0, 1 (no such id), or an error. */
+static int read_one(struct tally_segment *seg, tally_subject_t id, struct cli_subject *s, bool *stale)
+{
+	int rc = tally_subject_name(seg, id, s->name, sizeof(s->name));
+
+	if (rc == -ENOENT)
+		return 1;
+	if (rc)
+		return rc;
+	for (int tries = 0; tries < 5; tries++) {
+		rc = tally_read_subject(seg, id, &s->st);
+		if (rc != TALLY_EBUSY_RETRY)
+			break;
+	}
+	if (rc == 0 || rc == TALLY_ESTALE) {
+		s->published = true;
+		*stale |= rc == TALLY_ESTALE;
+		return 0;
+	}
+	if (rc == -ENOENT) { /* interned after the last publish */
+		memset(&s->st, 0, sizeof(s->st));
+		s->st.id = id;
+		s->published = false;
+		return 0;
+	}
+	return rc;
+}
+
+static int read_subjects(struct tally_segment *seg, struct cli_view *v, bool *stale)
+{
+	uint32_t cap = tally_subject_capacity(seg);
+	size_t room = 0;
+
+	for (uint32_t id = 0; id < cap; id++) {
+		if (v->nsubjects == room) {
+			size_t nroom = room ? room * 2 : 64;
+			void *p = realloc(v->subjects, nroom * sizeof(*v->subjects));
+			if (!p)
+				return -ENOMEM;
+			v->subjects = p;
+			room = nroom;
+		}
+		int rc = read_one(seg, id, &v->subjects[v->nsubjects], stale);
+		if (rc < 0)
+			return rc;
+		if (rc == 0)
+			v->nsubjects++;
+	}
+	if (v->nsubjects)
+		qsort(v->subjects, v->nsubjects, sizeof(*v->subjects), by_name);
+	return 0;
+}
+
+static int read_tables(struct tally_segment *seg, struct cli_view *v)
+{
+	uint32_t ns = v->info.config.producer_slots, nc = v->info.config.pending_capacity;
+	int rc = TALLY_EBUSY_RETRY;
+
+	v->producers = calloc(ns ? ns : 1, sizeof(*v->producers));
+	v->consumers = calloc(nc ? nc : 1, sizeof(*v->consumers));
+	if (!v->producers || !v->consumers)
+		return -ENOMEM;
+	v->nproducers = tally_read_producers(seg, v->producers, ns);
+	if (v->nproducers < 0)
+		return v->nproducers;
+	for (int tries = 0; tries < 5 && rc == TALLY_EBUSY_RETRY; tries++)
+		rc = tally_read_consumers(seg, v->consumers, nc);
+	if (rc < 0)
+		return rc;
+	v->nconsumers = rc;
+	rc = TALLY_EBUSY_RETRY;
+	for (int tries = 0; tries < 5 && rc == TALLY_EBUSY_RETRY; tries++)
+		rc = tally_read_poller(seg, &v->poller);
+	if (rc < 0)
+		return rc;
+	v->poller_ran = v->poller.polls_ok || v->poller.polls_failed || v->poller.connected ||
+			v->poller.opens_total || v->nconsumers > 0;
+	return 0;
+}
+
+static void judge_staleness(struct cli_view *v, bool subject_stale)
+{
+	bool any_published = false;
+
+	for (size_t i = 0; i < v->nsubjects; i++)
+		any_published |= v->subjects[i].published;
+	if (v->alive == TALLY_EREPLACED)
+		v->stale_reason = "segment_replaced";
+	else if (v->alive != 1)
+		v->stale_reason = v->info.owner_stopped ? "owner_stopped" : "owner_dead";
+	else if (subject_stale)
+		v->stale_reason = "snapshot_stale";
+	else if (!any_published && v->published_age_ms > CLI_STALE_NO_SUBJECT_MS)
+		v->stale_reason = "snapshot_stale";
+	v->stale = v->stale_reason != NULL;
+}
+
+int cli_view_read(struct tally_segment *seg, struct cli_view *v)
+{
+	bool subject_stale = false;
+	int rc;
+
+	memset(v, 0, sizeof(*v));
+	if ((rc = tally_segment_info(seg, &v->info)))
+		return rc;
+	v->alive = tally_segment_owner_alive(seg);
+	if (v->alive < 0 && v->alive != TALLY_EREPLACED)
+		return v->alive;
+	uint64_t mono = clock_ns(CLOCK_MONOTONIC), real = clock_ns(CLOCK_REALTIME);
+	uint64_t hb = v->info.owner_heartbeat_ns, ago = mono > hb ? mono - hb : 0;
+	v->now_mono_ns = mono;
+	v->published_age_ms = ago / 1000000u;
+	v->published_at_ms = (int64_t)((real - ago) / 1000000u);
+	if ((rc = read_subjects(seg, v, &subject_stale)) || (rc = read_tables(seg, v))) {
+		cli_view_free(v);
+		return rc;
+	}
+	judge_staleness(v, subject_stale);
+	return 0;
+}
+
+void cli_view_free(struct cli_view *v)
+{
+	free(v->subjects);
+	free(v->producers);
+	free(v->consumers);
+	v->subjects = NULL;
+	v->producers = NULL;
+	v->consumers = NULL;
+	v->nsubjects = 0;
+	v->nproducers = v->nconsumers = 0;
+}
+
+enum tally_verdict cli_effective_verdict(const struct cli_view *v, const struct cli_subject *s)
+{
+	return v->stale || !s->published ? TALLY_VERDICT_UNKNOWN : s->st.verdict;
+}
+
+/* ---- stat: tables -------------------------------------------------------------- */
+
+static const char stat_help[] =
+	"usage: tally stat [-s SEGMENT] [--json]\n"
+	"\n"
+	"Print, once, what the segment's owner publishes: per subject the window's\n"
+	"count, rate, P50/P95/P99/max, pending (backlog of the JetStream consumers\n"
+	"that feed it) and verdict with its reasons; the producer slots (samples,\n"
+	"drops, alive); the watched consumers; the poller and its circuit breaker.\n"
+	"The first line names the segment, the owner and how old the data is. If the\n"
+	"owner is dead or has stopped publishing, it says so and every verdict is\n"
+	"shown as unknown (with the last published one): stale data is not live.\n"
+	"\n"
+	"  -s, --segment NAME   segment (default $TALLY_SEGMENT, else \"tally\")\n"
+	"  -j, --json           one JSON document (schema: docs/json-schema.md)\n"
+	"  -h, --help           this help\n"
+	"\n"
+	"exit status: 0 (also when the data is stale: see the output), 2 bad usage,\n"
+	"4 error (no segment, no permission, version mismatch, corrupt segment)\n";
+
+static const char *owner_word(const struct cli_view *v)
+{
+	if (v->alive == TALLY_EREPLACED)
+		return "REPLACED";
+	if (v->alive == 1)
+		return "alive";
+	return v->info.owner_stopped ? "STOPPED" : "DEAD";
+}
+
+static void print_header(const struct cli_view *v)
+{
+	char age[32];
+
+	printf("segment \"%s\"  owner pid %d %s  generation %" PRIu64 "  published %s ago\n",
+	       v->info.name, (int)v->info.owner_pid, owner_word(v), v->info.generation,
+	       cli_fmt_age_ms(age, sizeof(age), v->published_age_ms));
+	if (!v->stale)
+		return;
+	if (strcmp(v->stale_reason, "snapshot_stale") == 0)
+		printf("*** STALE: the owner (pid %d) has not published for %s: the values below are old, not live; verdicts are unknown ***\n",
+		       (int)v->info.owner_pid, age);
+	else if (strcmp(v->stale_reason, "segment_replaced") == 0)
+		printf("*** STALE: segment \"%s\" was replaced by a newer one while reading: run again ***\n",
+		       v->info.name);
+	else
+		printf("*** OWNER %s: pid %d %s; the values below are its last publish, %s ago, not live; verdicts are unknown ***\n",
+		       v->info.owner_stopped ? "STOPPED" : "DEAD", (int)v->info.owner_pid,
+		       v->info.owner_stopped ? "closed the segment" : "is not running", age);
+}
+
+static int name_width(const struct cli_view *v)
+{
+	int w = 7;
+
+	for (size_t i = 0; i < v->nsubjects; i++) {
+		int n = cli_width(v->subjects[i].name);
+		if (n > w)
+			w = n;
+	}
+	return w > 40 ? 40 : w;
+}
+
+static void print_ns_cell(bool has, uint64_t ns)
+{
+	char b[32];
+
+	putchar(' ');
+	cli_pad(stdout, has ? cli_fmt_ns(b, sizeof(b), ns) : "-", 8);
+}
+
+static void print_verdict_cell(const struct cli_view *v, const struct cli_subject *s)
+{
+	char reasons[96];
+	enum tally_verdict ev = cli_effective_verdict(v, s);
+
+	if (!s->published) {
+		printf("  unknown (no_data: no sample since the owner started)");
+		return;
+	}
+	tally_reasons_format(s->st.reasons, reasons, sizeof(reasons));
+	printf("  %s", tally_verdict_name(ev));
+	if (v->stale)
+		printf(" (%s; last published: %s%s%s%s)", v->stale_reason,
+		       tally_verdict_name(s->st.verdict), *reasons ? " (" : "", reasons,
+		       *reasons ? ")" : "");
+	else if (*reasons)
+		printf(" (%s)", reasons);
+}
+
+static void print_subjects(const struct cli_view *v)
+{
+	int w = name_width(v);
+	char b[32];
+
+	printf("\nSUBJECTS (%zu)\n", v->nsubjects);
+	if (!v->nsubjects) {
+		printf("  none: nothing recorded in this segment yet\n");
+		return;
+	}
+	printf("  %-*s %8s %9s %8s %8s %8s %8s %8s  %s\n", w, "SUBJECT", "COUNT", "RATE/s", "P50",
+	       "P95", "P99", "MAX", "PENDING", "VERDICT");
+	for (size_t i = 0; i < v->nsubjects; i++) {
+		const struct cli_subject *s = &v->subjects[i];
+		const struct tally_subject_stats *st = &s->st;
+		bool has = s->published && st->has_data;
+		printf("  ");
+		cli_pad(stdout, s->name, -w);
+		printf(" %8" PRIu64 " %9.1f", st->count, st->rate);
+		print_ns_cell(has, st->p50_ns);
+		print_ns_cell(has, st->p95_ns);
+		print_ns_cell(has, st->p99_ns);
+		print_ns_cell(has, st->max_ns);
+		if (st->pending_consumers)
+			printf(" %8s", cli_fmt_count(b, sizeof(b), st->pending));
+		else
+			printf(" %8s", "-");
+		print_verdict_cell(v, s);
+		putchar('\n');
+	}
+}
+
+static void print_producers(const struct cli_view *v)
+{
+	printf("\nPRODUCERS (%d of %u slots in use)\n", v->nproducers, v->info.config.producer_slots);
+	if (!v->nproducers)
+		return;
+	printf("  %4s %8s %8s %-9s %12s %10s %6s\n", "SLOT", "PID", "TID", "STATE", "SAMPLES",
+	       "DROPPED", "ALIVE");
+	for (int i = 0; i < v->nproducers; i++) {
+		const struct tally_producer_stats *p = &v->producers[i];
+		printf("  %4u %8d %8d %-9s %12" PRIu64 " %10" PRIu64 " %6s\n", p->slot, (int)p->pid,
+		       (int)p->tid, p->state, p->samples, p->dropped, p->alive ? "yes" : "no");
+	}
+}
+
+static void print_consumers(const struct cli_view *v)
+{
+	char age[32];
+
+	printf("\nCONSUMERS (%d)\n", v->nconsumers);
+	if (!v->nconsumers)
+		return;
+	printf("  %-32s %10s %11s %-7s %7s  %s\n", "STREAM/CONSUMER", "PENDING", "ACK_PENDING",
+	       "SOURCE", "AGE", "FILTER");
+	for (int i = 0; i < v->nconsumers; i++) {
+		const struct tally_consumer_stats *c = &v->consumers[i];
+		char sc[260];
+		snprintf(sc, sizeof(sc), "%s/%s", c->stream, c->consumer);
+		printf("  %-32s %10" PRIu64 " %11" PRIu64 " %-7s %7s  %s\n", sc, c->num_pending,
+		       c->num_ack_pending, c->source, cli_fmt_age_ms(age, sizeof(age), c->age_ms),
+		       *c->map ? c->map : *c->filter ? c->filter : "-");
+	}
+}
+
+static void print_poller(const struct cli_view *v)
+{
+	const struct tally_poller_stats *p = &v->poller;
+	char age[32];
+
+	printf("\nPOLLER\n");
+	if (!v->poller_ran) {
+		printf("  not running: no JetStream poll has been made on this segment\n");
+		return;
+	}
+	printf("  breaker %s (for %s), %s, polls %" PRIu64 " ok %" PRIu64 " failed, %u consecutive failures\n",
+	       p->breaker, cli_fmt_age_ms(age, sizeof(age), p->state_age_ms),
+	       p->connected ? "connected" : "NOT CONNECTED", p->polls_ok, p->polls_failed,
+	       p->consecutive_failures);
+	if (p->last_ok_age_ms == UINT64_MAX)
+		printf("  no good poll yet\n");
+	else
+		printf("  last good poll %s ago\n", cli_fmt_age_ms(age, sizeof(age), p->last_ok_age_ms));
+	if (*p->last_error)
+		printf("  last error: %s\n", p->last_error);
+}
+
+/* ---- stat: JSON ---------------------------------------------------------------- */
+
+static json_t *jint(uint64_t v)
+{
+	return json_integer(v > INT64_MAX ? INT64_MAX : (json_int_t)v);
+}
+
+static json_t *jns(bool has, uint64_t v)
+{
+	return has ? jint(v) : json_null();
+}
+
+static json_t *jstr_or_null(const char *s)
+{
+	return s && *s ? json_string(s) : json_null();
+}
+
+static const char *pending_source_name(uint32_t src)
+{
+	switch (src) {
+	case TALLY_PENDING_LIVE: return "live";
+	case TALLY_PENDING_CACHED: return "cached";
+	case TALLY_PENDING_NEVER: return "never";
+	case TALLY_PENDING_GONE: return "gone";
+	default: return "none";
+	}
+}
+
+static json_t *json_reasons(uint32_t bits, const char *extra)
+{
+	char buf[128], *save, *tok;
+	json_t *a = json_array();
+
+	if (extra)
+		json_array_append_new(a, json_string(extra));
+	tally_reasons_format(bits, buf, sizeof(buf));
+	for (tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save))
+		json_array_append_new(a, json_string(tok));
+	return a;
+}
+
+static json_t *json_segment(const struct cli_view *v)
+{
+	return json_pack("{s:s, s:i, s:b, s:b, s:I, s:I, s:I, s:I, s:b, s:o, s:i, s:i}",
+			 "name", v->info.name, "owner_pid", (int)v->info.owner_pid,
+			 "owner_alive", v->alive == 1, "owner_stopped", (int)v->info.owner_stopped,
+			 "generation", (json_int_t)v->info.generation,
+			 "created_at", (json_int_t)(v->info.created_ns / 1000000u),
+			 "published_at", (json_int_t)v->published_at_ms,
+			 "published_age_ms", (json_int_t)v->published_age_ms,
+			 "stale", (int)v->stale, "stale_reason", jstr_or_null(v->stale_reason),
+			 "abi_major", (int)v->info.abi_major, "abi_minor", (int)v->info.abi_minor);
+}
+
+static json_t *json_subject(const struct cli_view *v, const struct cli_subject *s)
+{
+	const struct tally_subject_stats *st = &s->st;
+	bool has = s->published && st->has_data, pend = s->published && st->pending_consumers;
+	uint64_t mono = v->now_mono_ns;
+	json_t *o = json_object();
+
+	json_object_set_new(o, "name", json_string(s->name));
+	json_object_set_new(o, "count", jint(st->count));
+	json_object_set_new(o, "rate", json_real(st->rate));
+	json_object_set_new(o, "mean_ns", has ? json_real(st->mean) : json_null());
+	json_object_set_new(o, "min_ns", jns(has, st->min_ns));
+	json_object_set_new(o, "max_ns", jns(has, st->max_ns));
+	json_object_set_new(o, "p50_ns", jns(has, st->p50_ns));
+	json_object_set_new(o, "p90_ns", jns(has, st->p90_ns));
+	json_object_set_new(o, "p95_ns", jns(has, st->p95_ns));
+	json_object_set_new(o, "p99_ns", jns(has, st->p99_ns));
+	json_object_set_new(o, "p999_ns", jns(has, st->p999_ns));
+	json_object_set_new(o, "total_count", jint(st->total_count));
+	json_object_set_new(o, "window_ms", s->published ? jint(st->window_ns / 1000000u) : json_null());
+	json_object_set_new(o, "pending", pend ? jint(st->pending) : json_null());
+	json_object_set_new(o, "pending_consumers", jint(s->published ? st->pending_consumers : 0));
+	json_object_set_new(o, "pending_source", json_string(pending_source_name(st->pending_source)));
+	json_object_set_new(o, "pending_age_ms", pend && st->pending_age_ns != UINT64_MAX ?
+							 jint(st->pending_age_ns / 1000000u) : json_null());
+	json_object_set_new(o, "verdict", json_string(tally_verdict_name(cli_effective_verdict(v, s))));
+	json_object_set_new(o, "reasons", !s->published ? json_reasons(TALLY_REASON_NO_DATA, NULL) :
+					   json_reasons(st->reasons, v->stale_reason));
+	json_object_set_new(o, "published_verdict", s->published ?
+					   json_string(tally_verdict_name(st->verdict)) : json_null());
+	json_object_set_new(o, "verdict_age_ms", s->published && mono >= st->verdict_since_ns ?
+					   jint((mono - st->verdict_since_ns) / 1000000u) : json_null());
+	json_object_set_new(o, "retry_after_ms", jint(s->published ? st->retry_after_ms : 0));
+	return o;
+}
+
+static json_t *json_producer(const struct tally_producer_stats *p)
+{
+	return json_pack("{s:i, s:i, s:i, s:s, s:o, s:o, s:o, s:o, s:b}", "slot", (int)p->slot,
+			 "pid", (int)p->pid, "tid", (int)p->tid, "state", p->state,
+			 "samples", jint(p->samples), "dropped", jint(p->dropped),
+			 "clamped", jint(p->clamped), "backlog", jint(p->backlog), "alive", (int)p->alive);
+}
+
+static json_t *json_consumer(const struct tally_consumer_stats *c)
+{
+	return json_pack("{s:s, s:s, s:o, s:o, s:o, s:o, s:o, s:o, s:s, s:o, s:i, s:o}",
+			 "stream", c->stream, "consumer", c->consumer,
+			 "filter", jstr_or_null(c->filter), "map_subject", jstr_or_null(c->map),
+			 "num_pending", jint(c->num_pending), "num_ack_pending", jint(c->num_ack_pending),
+			 "num_redelivered", jint(c->num_redelivered), "num_waiting", jint(c->num_waiting),
+			 "source", c->source,
+			 "age_ms", c->age_ms == UINT64_MAX ? json_null() : jint(c->age_ms),
+			 "consecutive_failures", (int)c->consecutive_failures,
+			 "last_error", jstr_or_null(c->last_error));
+}
+
+static json_t *json_poller(const struct cli_view *v)
+{
+	const struct tally_poller_stats *p = &v->poller;
+
+	return json_pack("{s:b, s:s, s:b, s:o, s:o, s:i, s:o, s:o, s:o, s:o}", "running", (int)v->poller_ran,
+			 "breaker", p->breaker ? p->breaker : "closed", "connected", (int)p->connected,
+			 "polls_ok", jint(p->polls_ok), "polls_failed", jint(p->polls_failed),
+			 "consecutive_failures", (int)p->consecutive_failures,
+			 "opens_total", jint(p->opens_total),
+			 "last_ok_age_ms", p->last_ok_age_ms == UINT64_MAX ? json_null() : jint(p->last_ok_age_ms),
+			 "state_age_ms", p->state_age_ms == UINT64_MAX ? json_null() : jint(p->state_age_ms),
+			 "last_error", jstr_or_null(p->last_error));
+}
+
+static int print_json(const struct cli_view *v)
+{
+	json_t *subjects = json_array(), *producers = json_array(), *consumers = json_array();
+
+	for (size_t i = 0; i < v->nsubjects; i++)
+		json_array_append_new(subjects, json_subject(v, &v->subjects[i]));
+	for (int i = 0; i < v->nproducers; i++)
+		json_array_append_new(producers, json_producer(&v->producers[i]));
+	for (int i = 0; i < v->nconsumers; i++)
+		json_array_append_new(consumers, json_consumer(&v->consumers[i]));
+	json_t *doc = json_pack("{s:i, s:o, s:o, s:o, s:o, s:o}", "version", 1,
+				"segment", json_segment(v), "subjects", subjects,
+				"consumers", consumers, "producers", producers,
+				"poller", json_poller(v));
+	if (!doc) {
+		fprintf(stderr, "tally stat: could not build the JSON document (out of memory?)\n");
+		return CLI_EXIT_ERROR;
+	}
+	int rc = json_dumpf(doc, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(12));
+	putchar('\n');
+	json_decref(doc);
+	if (rc || fflush(stdout)) {
+		fprintf(stderr, "tally stat: writing the JSON document failed: %s\n", strerror(errno));
+		return CLI_EXIT_ERROR;
+	}
+	return CLI_EXIT_OK;
+}
+
+int tally_cmd_stat(const char *segment, int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "segment", required_argument, NULL, 's' },
+		{ "json", no_argument, NULL, 'j' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct tally_segment *seg;
+	struct cli_view v;
+	bool json = false;
+	int c, rc;
+
+	optind = 0;
+	while ((c = getopt_long(argc, argv, "+s:jh", opts, NULL)) != -1) {
+		switch (c) {
+		case 's': segment = optarg; break;
+		case 'j': json = true; break;
+		case 'h': fputs(stat_help, stdout); return CLI_EXIT_OK;
+		default: fputs(stat_help, stderr); return CLI_EXIT_USAGE;
+		}
+	}
+	if (optind != argc) {
+		fprintf(stderr, "tally stat: unexpected argument \"%s\"\n", argv[optind]);
+		fputs(stat_help, stderr);
+		return CLI_EXIT_USAGE;
+	}
+	if ((rc = cli_open_reader(segment, &seg)))
+		return rc;
+	rc = cli_view_read(seg, &v);
+	tally_segment_close(&seg);
+	if (rc)
+		return cli_fail(segment, rc);
+	if (json) {
+		rc = print_json(&v);
+	} else {
+		print_header(&v);
+		print_subjects(&v);
+		print_producers(&v);
+		print_consumers(&v);
+		print_poller(&v);
+		rc = CLI_EXIT_OK;
+	}
+	cli_view_free(&v);
+	return rc;
+}
+
+/* ---- status ------------------------------------------------------------------- */
+
+static const char status_help[] =
+	"usage: tally status [-s SEGMENT] SUBJECT\n"
+	"\n"
+	"Print the backpressure verdict of SUBJECT as its owner last published it,\n"
+	"its reasons and the values that decided it (P95, pending, since when,\n"
+	"retry-after), and exit with it, for scripts and health checks:\n"
+	"\n"
+	"  0  ok\n"
+	"  1  warn\n"
+	"  2  overload\n"
+	"  3  unknown: too few samples and no pending signal, pending stale under a\n"
+	"     fail-closed policy, nothing published for SUBJECT yet, or the data is\n"
+	"     not live: the segment's owner is dead or stopped, or has stopped\n"
+	"     publishing (the last published verdict is printed beside it)\n"
+	"  4  error: no such segment, no such subject in it, a subject name that is\n"
+	"     not a valid NATS subject, no permission, version mismatch; and bad\n"
+	"     usage too (message on stderr): exit 2 means overload here, so a\n"
+	"     mistyped health check never reads as a verdict\n"
+	"\n"
+	"  -s, --segment NAME   segment (default $TALLY_SEGMENT, else \"tally\")\n"
+	"  -q, --quiet          print nothing, only exit with the status\n"
+	"  -h, --help           this help\n";
+
+static void print_status(const struct cli_view *v, const struct cli_subject *s)
+{
+	const struct tally_subject_stats *st = &s->st;
+	char b1[32], b2[32], reasons[96];
+
+	tally_reasons_format(st->reasons, reasons, sizeof(reasons));
+	if (v->stale) {
+		printf("%s: unknown (%s)\n", s->name, v->stale_reason);
+		printf("  not live: owner pid %d %s, last publish %s ago; it said %s%s%s%s\n",
+		       (int)v->info.owner_pid, owner_word(v),
+		       cli_fmt_age_ms(b1, sizeof(b1), v->published_age_ms), tally_verdict_name(st->verdict),
+		       *reasons ? " (" : "", reasons, *reasons ? ")" : "");
+		return;
+	}
+	printf("%s: %s%s%s%s\n", s->name, tally_verdict_name(st->verdict), *reasons ? " (" : "",
+	       reasons, *reasons ? ")" : "");
+	if (st->has_data)
+		printf("  p95 %s over %" PRIu64 " samples (%.1f/s) in the last %s\n",
+		       cli_fmt_ns(b1, sizeof(b1), st->p95_ns), st->count, st->rate,
+		       cli_fmt_age_ms(b2, sizeof(b2), st->window_ns / 1000000u));
+	else
+		printf("  p95 -: no sample in the last %s\n",
+		       cli_fmt_age_ms(b2, sizeof(b2), st->window_ns / 1000000u));
+	if (st->pending_consumers)
+		printf("  pending %" PRIu64 " from %u consumer%s (%s, %s old)\n", st->pending,
+		       st->pending_consumers, st->pending_consumers == 1 ? "" : "s",
+		       pending_source_name(st->pending_source),
+		       st->pending_age_ns == UINT64_MAX ? "never fetched" :
+		       cli_fmt_age_ms(b1, sizeof(b1), st->pending_age_ns / 1000000u));
+	else
+		printf("  pending -: no watched consumer feeds this subject\n");
+	uint64_t since = v->now_mono_ns > st->verdict_since_ns ? v->now_mono_ns - st->verdict_since_ns : 0;
+	printf("  since %s ago, retry-after %u ms\n", cli_fmt_age_ms(b1, sizeof(b1), since / 1000000u),
+	       st->retry_after_ms);
+}
+
+static int status_exit(enum tally_verdict v)
+{
+	switch (v) {
+	case TALLY_VERDICT_OK: return 0;
+	case TALLY_VERDICT_WARN: return 1;
+	case TALLY_VERDICT_OVERLOAD: return 2;
+	default: return 3;
+	}
+}
+
+/* Find subject in the view; NULL and exit 4 printed if it is not there. */
+static const struct cli_subject *status_find(const struct cli_view *v, const char *segment,
+					     const char *subject)
+{
+	for (size_t i = 0; i < v->nsubjects; i++)
+		if (strcmp(v->subjects[i].name, subject) == 0)
+			return &v->subjects[i];
+	fprintf(stderr, "tally status: no subject \"%s\" in segment \"%s\": nothing was ever recorded for it (list them with: tally -s %s stat)\n",
+		subject, segment, segment);
+	return NULL;
+}
+
+int tally_cmd_status(const char *segment, int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "segment", required_argument, NULL, 's' },
+		{ "quiet", no_argument, NULL, 'q' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct tally_segment *seg;
+	struct cli_view v;
+	bool quiet = false;
+	int c, rc;
+
+	optind = 0;
+	while ((c = getopt_long(argc, argv, "s:qh", opts, NULL)) != -1) {
+		switch (c) {
+		case 's': segment = optarg; break;
+		case 'q': quiet = true; break;
+		case 'h': fputs(status_help, stdout); return CLI_EXIT_OK;
+		default: fputs(status_help, stderr); return CLI_EXIT_ERROR;
+		}
+	}
+	if (argc - optind != 1) {
+		fprintf(stderr, "tally status: give exactly one SUBJECT\n");
+		fputs(status_help, stderr);
+		return CLI_EXIT_ERROR;
+	}
+	const char *subject = argv[optind];
+	if ((rc = tally_subject_validate(subject, false))) {
+		fprintf(stderr, "tally status: %s\n", *tally_errmsg() ? tally_errmsg() : tally_strerror(rc));
+		return CLI_EXIT_ERROR;
+	}
+	if ((rc = cli_open_reader(segment, &seg)))
+		return rc;
+	rc = cli_view_read(seg, &v);
+	tally_segment_close(&seg);
+	if (rc)
+		return cli_fail(segment, rc);
+	const struct cli_subject *s = status_find(&v, segment, subject);
+	if (!s) {
+		rc = CLI_EXIT_ERROR;
+	} else if (!s->published) {
+		if (!quiet)
+			printf("%s: unknown (no_data)\n  no sample of it since the owner started (nothing published for it)\n",
+			       s->name);
+		rc = 3;
+	} else {
+		if (!quiet)
+			print_status(&v, s);
+		rc = status_exit(cli_effective_verdict(&v, s));
+	}
+	cli_view_free(&v);
+	return rc;
+}

@@ -1,0 +1,680 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * tally_top.c: `tally top`, a live full-screen view of a segment in the
+ * manner of top or varnishstat (ncurses). Every refresh (500 ms by
+ * default) it reads the whole segment once (cli_view_read, the same read
+ * as tally stat) and draws:
+ *
+ *   row 0     segment, owner pid and liveness, generation, publish age
+ *   row 1     poller and circuit breaker; producers, samples and drops
+ *   row 2     warnings: owner dead/stopped, data stale, waiting for a segment
+ *   row 3..   subjects, sorted by P95 ('p'), pending ('n') or name ('a'),
+ *             verdicts in colour (ok green, warn yellow, overload red)
+ *   bottom    producer slots and watched consumers, as far as room allows
+ *   last row  keys, or the filter prompt ('/': substring of the subject)
+ *
+ * It fits 80x24 and uses wider terminals for a MAX column, longer names and
+ * the reasons. It survives the owner's restart: when the name comes to hold
+ * a newer segment (tally_segment_owner_alive() says TALLY_EREPLACED) or no
+ * segment at all, it shows "waiting for segment ..." and tries to open it
+ * again at every refresh. A dead owner's last data stays on screen under a
+ * red banner, with every verdict shown as unknown.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <curses.h>
+
+#include "cli.h"
+
+enum { PAIR_OK = 1, PAIR_WARN, PAIR_OVER, PAIR_BAD };
+
+struct top {
+	const char *segment;
+	struct tally_segment *seg;
+	struct cli_view v;
+	bool have_view;
+	char waiting[512];      /* non-empty: no segment to show, and why */
+	uint64_t delay_ms;
+	uint64_t iterations;    /* 0: until 'q' */
+	char sort;              /* 'p' p95, 'n' pending, 'a' name */
+	char filter[128];
+	bool prompting;
+	char saved_filter[128]; /* restored when the prompt is cancelled */
+	bool color;
+};
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	stop_requested = 1;
+}
+
+/* ---- reading, re-attaching ------------------------------------------------------- */
+
+static void top_detach(struct top *t)
+{
+	if (t->have_view)
+		cli_view_free(&t->v);
+	t->have_view = false;
+	tally_segment_close(&t->seg);
+}
+
+static void top_wait(struct top *t, const char *what, int rc)
+{
+	const char *msg = tally_errmsg();
+
+	snprintf(t->waiting, sizeof(t->waiting), "waiting for segment \"%s\" (%s): %s", t->segment,
+		 what, msg && *msg ? msg : tally_strerror(rc));
+}
+
+static void top_read(struct top *t)
+{
+	int rc;
+
+	if (t->seg && tally_segment_owner_alive(t->seg) == TALLY_EREPLACED)
+		top_detach(t); /* a new owner took the name, or it was removed */
+	if (!t->seg && (rc = tally_segment_open(t->segment, TALLY_OPEN_READER, 0, &t->seg))) {
+		t->seg = NULL;
+		top_wait(t, "not open", rc);
+		return;
+	}
+	if (t->have_view)
+		cli_view_free(&t->v);
+	t->have_view = false;
+	if ((rc = cli_view_read(t->seg, &t->v))) {
+		top_detach(t);
+		top_wait(t, "unreadable", rc);
+		return;
+	}
+	t->have_view = true;
+	t->waiting[0] = '\0';
+}
+
+/* ---- drawing helpers -------------------------------------------------------------- */
+
+/* Byte length of the first cols characters of s. */
+static int clip_bytes(const char *s, int cols)
+{
+	int n = 0, w = 0;
+
+	while (s[n]) {
+		if (((unsigned char)s[n] & 0xc0) != 0x80 && w++ == cols)
+			break;
+		n++;
+	}
+	return n;
+}
+
+static void put(int row, int col, chtype attr, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+static void put(int row, int col, chtype attr, const char *fmt, ...)
+{
+	char buf[1024];
+	va_list ap;
+
+	if (row < 0 || row >= LINES || col >= COLS)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	attrset((int)attr);
+	mvaddnstr(row, col, buf, clip_bytes(buf, COLS - col));
+	attrset(A_NORMAL);
+}
+
+/* text over as many rows as it needs from row on, broken at spaces where
+ * possible; returns the row after it. */
+static int put_wrapped(int row, chtype attr, const char *text)
+{
+	while (*text && row < LINES - 1) {
+		int n = clip_bytes(text, COLS), cut = n;
+		if (text[n]) {
+			for (int i = n; i > 0; i--)
+				if (text[i] == ' ') {
+					cut = i;
+					break;
+				}
+		}
+		put(row++, 0, attr, "%.*s", cut, text);
+		text += cut;
+		while (*text == ' ')
+			text++;
+	}
+	return row;
+}
+
+/* A right-aligned cell of w columns (UTF-8 aware) into buf. */
+static const char *cell(char *buf, size_t len, const char *s, int w)
+{
+	int fill = w - cli_width(s);
+
+	if (fill < 0)
+		fill = 0;
+	snprintf(buf, len, "%*s%s", fill, "", s);
+	return buf;
+}
+
+static chtype verdict_attr(const struct top *t, enum tally_verdict v)
+{
+	if (!t->color)
+		return v == TALLY_VERDICT_OVERLOAD ? A_BOLD : A_NORMAL;
+	switch (v) {
+	case TALLY_VERDICT_OK: return COLOR_PAIR(PAIR_OK);
+	case TALLY_VERDICT_WARN: return COLOR_PAIR(PAIR_WARN) | A_BOLD;
+	case TALLY_VERDICT_OVERLOAD: return COLOR_PAIR(PAIR_OVER) | A_BOLD;
+	default: return A_NORMAL;
+	}
+}
+
+static chtype alarm_attr(const struct top *t)
+{
+	return t->color ? (COLOR_PAIR(PAIR_BAD) | A_BOLD) : (A_REVERSE | A_BOLD);
+}
+
+/* ---- the header rows ------------------------------------------------------------ */
+
+static void draw_header(const struct top *t)
+{
+	const struct cli_view *v = &t->v;
+	char age[32];
+
+	if (!t->have_view) {
+		put(0, 0, A_BOLD, "tally top  segment \"%s\"", t->segment);
+		int row = put_wrapped(2, alarm_attr(t), t->waiting);
+		put(row + 1, 0, A_NORMAL, "trying again every %" PRIu64 " ms; q quits", t->delay_ms);
+		return;
+	}
+	/* Generation last: on a narrow terminal it is what gets cut. */
+	put(0, 0, A_BOLD, "tally top  \"%s\"  owner pid %d %s  published %s ago  generation %" PRIu64,
+	    v->info.name, (int)v->info.owner_pid,
+	    v->alive == 1 ? "alive" : v->info.owner_stopped ? "STOPPED" : "DEAD",
+	    cli_fmt_age_ms(age, sizeof(age), v->published_age_ms), v->info.generation);
+	if (v->stale && strcmp(v->stale_reason, "snapshot_stale") == 0)
+		put(2, 0, alarm_attr(t), " STALE: the owner has not published for %s: values are old, verdicts unknown ", age);
+	else if (v->stale)
+		put(2, 0, alarm_attr(t), " OWNER %s (pid %d): last data from %s ago, not live; waiting for a new owner ",
+		    v->info.owner_stopped ? "STOPPED" : "DEAD", (int)v->info.owner_pid, age);
+}
+
+static void draw_poller(const struct top *t)
+{
+	const struct cli_view *v = &t->v;
+	const struct tally_poller_stats *p = &v->poller;
+	uint64_t samples = 0, dropped = 0;
+	int alive = 0;
+	char b1[32], b2[32], line[256];
+
+	for (int i = 0; i < v->nproducers; i++) {
+		samples += v->producers[i].samples;
+		dropped += v->producers[i].dropped;
+		alive += v->producers[i].alive;
+	}
+	if (v->poller_ran)
+		snprintf(line, sizeof(line), "poller: breaker %s, %s, %" PRIu64 " ok %" PRIu64 " failed",
+			 p->breaker, p->connected ? "connected" : "NOT CONNECTED", p->polls_ok,
+			 p->polls_failed);
+	else
+		snprintf(line, sizeof(line), "poller: not running");
+	chtype attr = v->poller_ran && (strcmp(p->breaker, "closed") != 0 || !p->connected) ?
+			   verdict_attr(t, TALLY_VERDICT_WARN) : A_NORMAL;
+	put(1, 0, attr, "%s", line);
+	int col = cli_width(line);
+	put(1, col, dropped ? verdict_attr(t, TALLY_VERDICT_WARN) : A_NORMAL,
+	    " | producers %d/%d alive, %s samples, %s dropped", alive, v->nproducers,
+	    cli_fmt_count(b1, sizeof(b1), samples), cli_fmt_count(b2, sizeof(b2), dropped));
+}
+
+/* ---- subjects -------------------------------------------------------------------- */
+
+static const struct top *sort_ctx;
+
+static int cmp_subjects(const void *pa, const void *pb)
+{
+	const struct cli_subject *a = *(const struct cli_subject *const *)pa;
+	const struct cli_subject *b = *(const struct cli_subject *const *)pb;
+	bool ha = a->published && a->st.has_data, hb = b->published && b->st.has_data;
+
+	if (sort_ctx->sort == 'p') {
+		if (ha != hb)
+			return ha ? -1 : 1;
+		if (ha && a->st.p95_ns != b->st.p95_ns)
+			return a->st.p95_ns > b->st.p95_ns ? -1 : 1;
+	} else if (sort_ctx->sort == 'n') {
+		uint64_t pa_ = a->st.pending_consumers ? a->st.pending : 0;
+		uint64_t pb_ = b->st.pending_consumers ? b->st.pending : 0;
+		if (pa_ != pb_)
+			return pa_ > pb_ ? -1 : 1;
+	}
+	return strcmp(a->name, b->name);
+}
+
+/* Subjects that pass the filter, sorted; count in *n. Caller frees. */
+static const struct cli_subject **visible_subjects(const struct top *t, size_t *n)
+{
+	const struct cli_subject **out = calloc(t->v.nsubjects + 1, sizeof(*out));
+
+	*n = 0;
+	if (!out)
+		return NULL;
+	for (size_t i = 0; i < t->v.nsubjects; i++)
+		if (!*t->filter || strstr(t->v.subjects[i].name, t->filter))
+			out[(*n)++] = &t->v.subjects[i];
+	sort_ctx = t;
+	qsort(out, *n, sizeof(*out), cmp_subjects);
+	return out;
+}
+
+struct columns {
+	int name;      /* width of the name column */
+	bool max;      /* a MAX column */
+	bool reasons;  /* reasons after the verdict */
+};
+
+static struct columns layout(void)
+{
+	struct columns c = { .name = COLS - 57, .max = COLS >= 90, .reasons = false };
+
+	if (c.max)
+		c.name -= 8;
+	if (c.name > 40) {
+		c.reasons = true;
+		c.name = 40;
+	}
+	if (c.name < 8)
+		c.name = 8;
+	return c;
+}
+
+static void draw_subject_header(const struct top *t, int row, const struct columns *c)
+{
+	char line[512];
+	int n = snprintf(line, sizeof(line), "%-*s %7s %7s %7s %7s %7s", c->name, "SUBJECT", "COUNT",
+			 "RATE/s", "P50", t->sort == 'p' ? "P95 v" : "P95", "P99");
+	if (c->max)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", "MAX");
+	snprintf(line + n, sizeof(line) - (size_t)n, " %7s %-8s%s", t->sort == 'n' ? "PEND v" : "PENDING",
+		 "VERDICT", c->reasons ? " REASONS" : "");
+	put(row, 0, A_REVERSE, "%-*s", COLS, line);
+}
+
+static void draw_subject(const struct top *t, int row, const struct columns *c,
+			 const struct cli_subject *s)
+{
+	const struct tally_subject_stats *st = &s->st;
+	bool has = s->published && st->has_data;
+	char line[768], b[32], cl[5][48];
+	int n, w = clip_bytes(s->name, c->name);
+
+	n = snprintf(line, sizeof(line), "%.*s%*s", w, s->name, c->name - cli_width(s->name) > 0 ?
+			     c->name - cli_width(s->name) : 0, "");
+	n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s %7s",
+		      cli_fmt_count(cl[0], sizeof(cl[0]), st->count),
+		      st->rate < 99999.5 ? (snprintf(b, sizeof(b), "%.1f", st->rate), b) :
+					   cli_fmt_count(b, sizeof(b), (uint64_t)st->rate));
+	uint64_t q[4] = { st->p50_ns, st->p95_ns, st->p99_ns, st->max_ns };
+	for (int i = 0; i < (c->max ? 4 : 3); i++) {
+		char v[32];
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %s",
+			      cell(cl[i + 1], sizeof(cl[i + 1]), has ? cli_fmt_ns(v, sizeof(v), q[i]) : "-", 7));
+	}
+	snprintf(line + n, sizeof(line) - (size_t)n, " %7s ", s->published && st->pending_consumers ?
+			   cli_fmt_count(b, sizeof(b), st->pending) : "-");
+	put(row, 0, A_NORMAL, "%s", line);
+	enum tally_verdict ev = cli_effective_verdict(&t->v, s);
+	int col = cli_width(line);
+	put(row, col, verdict_attr(t, ev), "%-8s", tally_verdict_name(ev));
+	if (c->reasons && s->published) {
+		char r[96];
+		tally_reasons_format(st->reasons, r, sizeof(r));
+		put(row, col + 9, A_NORMAL, "%s", t->v.stale ? t->v.stale_reason : r);
+	}
+}
+
+/* Draw subjects into rows [first, last); returns the next row. */
+static int draw_subjects(const struct top *t, int first, int last)
+{
+	struct columns c = layout();
+	size_t n;
+	const struct cli_subject **vis = visible_subjects(t, &n);
+	int row = first;
+
+	draw_subject_header(t, row++, &c);
+	if (!vis)
+		return row;
+	if (!n)
+		put(row++, 0, A_DIM, *t->filter ? "no subject matches \"%s\"" :
+			       "no subjects: nothing recorded in this segment yet", t->filter);
+	for (size_t i = 0; i < n && row < last; i++) {
+		if (row == last - 1 && i + 1 < n) {
+			put(row++, 0, A_DIM, "... %zu more (filter with /)", n - i);
+			break;
+		}
+		draw_subject(t, row++, &c, vis[i]);
+	}
+	free(vis);
+	return row;
+}
+
+/* ---- producers and consumers ----------------------------------------------------- */
+
+static void draw_producers(const struct top *t, int row, int rows)
+{
+	const struct cli_view *v = &t->v;
+
+	put(row++, 0, A_REVERSE, "%-*s", COLS, "SLOT     PID     TID STATE         SAMPLES    DROPPED ALIVE");
+	for (int i = 0; i < v->nproducers && rows > 1; i++, rows--) {
+		const struct tally_producer_stats *p = &v->producers[i];
+		if (rows == 2 && i + 1 < v->nproducers) {
+			put(row, 0, A_DIM, "... %d more producers", v->nproducers - i);
+			return;
+		}
+		put(row, 0, p->dropped ? verdict_attr(t, TALLY_VERDICT_WARN) : A_NORMAL,
+		    "%4u %7d %7d %-9s %11" PRIu64 " %10" PRIu64 " %s", p->slot, (int)p->pid, (int)p->tid,
+		    p->state, p->samples, p->dropped, p->alive ? "yes" : "NO");
+		row++;
+	}
+}
+
+static void draw_consumers(const struct top *t, int row, int rows)
+{
+	const struct cli_view *v = &t->v;
+	char age[32], sc[260];
+
+	put(row++, 0, A_REVERSE, "%-*s", COLS, "STREAM/CONSUMER                   PENDING ACK_PENDING SOURCE     AGE");
+	for (int i = 0; i < v->nconsumers && rows > 1; i++, rows--) {
+		const struct tally_consumer_stats *c = &v->consumers[i];
+		if (rows == 2 && i + 1 < v->nconsumers) {
+			put(row, 0, A_DIM, "... %d more consumers", v->nconsumers - i);
+			return;
+		}
+		snprintf(sc, sizeof(sc), "%s/%s", c->stream, c->consumer);
+		put(row, 0, strcmp(c->source, "live") ? verdict_attr(t, TALLY_VERDICT_WARN) : A_NORMAL,
+		    "%-32.32s %8" PRIu64 " %11" PRIu64 " %-7s %6s", sc, c->num_pending, c->num_ack_pending,
+		    c->source, cli_fmt_age_ms(age, sizeof(age), c->age_ms));
+		row++;
+	}
+}
+
+/* Rows for the bottom sections out of avail, leaving the subjects at least 4. */
+static void bottom_rows(const struct top *t, int avail, int *prod, int *cons)
+{
+	int want_p = t->v.nproducers ? 1 + (t->v.nproducers < 4 ? t->v.nproducers : 4) : 0;
+	int want_c = t->v.nconsumers ? 1 + (t->v.nconsumers < 4 ? t->v.nconsumers : 4) : 0;
+	int room = avail - 4;
+
+	if (room < 0)
+		room = 0;
+	*prod = want_p < room ? want_p : room;
+	room -= *prod;
+	*cons = want_c < room ? want_c : room;
+	if (*prod == 1)
+		*prod = 0;
+	if (*cons == 1)
+		*cons = 0;
+}
+
+static void draw_keys(const struct top *t)
+{
+	static const char *names[] = { ['p'] = "p95", ['n'] = "pending", ['a'] = "name" };
+
+	if (t->prompting) {
+		put(LINES - 1, 0, A_BOLD, "filter (Enter applies, Esc cancels): %s_", t->filter);
+		return;
+	}
+	put(LINES - 1, 0, A_DIM, "q quit  p/n/a sort  / filter   sort %s%s%s%s  every %" PRIu64 " ms",
+	    names[(unsigned char)t->sort], *t->filter ? "  filter \"" : "", t->filter,
+	    *t->filter ? "\"" : "", t->delay_ms);
+}
+
+static void draw(const struct top *t)
+{
+	erase();
+	draw_header(t);
+	if (t->have_view) {
+		int prod, cons, first = 3, last = LINES - 1;
+		draw_poller(t);
+		bottom_rows(t, last - first, &prod, &cons);
+		draw_subjects(t, first, last - prod - cons);
+		if (prod)
+			draw_producers(t, last - prod - cons, prod);
+		if (cons)
+			draw_consumers(t, last - cons, cons);
+	}
+	draw_keys(t);
+	refresh();
+}
+
+/* ---- keys ----------------------------------------------------------------------- */
+
+/* Handle one key; false to quit. */
+static bool on_key(struct top *t, int ch)
+{
+	size_t len = strlen(t->filter);
+
+	if (t->prompting) {
+		if (ch == '\n' || ch == '\r' || ch == KEY_ENTER) {
+			t->prompting = false;
+		} else if (ch == 27) {
+			t->prompting = false;
+			snprintf(t->filter, sizeof(t->filter), "%s", t->saved_filter);
+		} else if (ch == KEY_BACKSPACE || ch == 127 || ch == 8) {
+			if (len)
+				t->filter[len - 1] = '\0';
+		} else if (ch >= 32 && ch < 127 && len + 1 < sizeof(t->filter)) {
+			t->filter[len] = (char)ch;
+			t->filter[len + 1] = '\0';
+		}
+		return true;
+	}
+	switch (ch) {
+	case 'q': case 'Q': return false;
+	case 'p': case 'n': case 'a': t->sort = (char)ch; break;
+	case 'P': case 'N': case 'A': t->sort = (char)(ch - 'A' + 'a'); break;
+	case '/':
+		t->prompting = true;
+		snprintf(t->saved_filter, sizeof(t->saved_filter), "%s", t->filter);
+		break;
+	case 12: clearok(curscr, TRUE); break; /* Ctrl-L */
+	default: break;
+	}
+	return true;
+}
+
+static uint64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void run(struct top *t)
+{
+	uint64_t refreshes = 0;
+
+	for (;;) {
+		top_read(t);
+		draw(t);
+		if (t->iterations && ++refreshes >= t->iterations)
+			return;
+		/* Keys redraw at once; the data is read again when the delay is over. */
+		uint64_t due = mono_ms() + t->delay_ms;
+		for (uint64_t now = mono_ms(); now < due; now = mono_ms()) {
+			if (stop_requested)
+				return;
+			timeout((int)(due - now));
+			int ch = getch();
+			if (stop_requested)
+				return;
+			if (ch == ERR)
+				continue;
+			if (!on_key(t, ch))
+				return;
+			draw(t);
+		}
+	}
+}
+
+/* ---- options, terminal ------------------------------------------------------------ */
+
+static const char top_help[] =
+	"usage: tally top [-s SEGMENT] [-d SECONDS] [-n COUNT] [--sort KEY] [--filter TEXT]\n"
+	"\n"
+	"Live full-screen view of a segment: subjects with count, rate, P50, P95,\n"
+	"P99, pending and verdict (ok green, warn yellow, overload red), producers\n"
+	"and drops, watched consumers, the poller and its breaker. Fits 80x24.\n"
+	"If the segment does not exist yet, or its owner restarts, it shows\n"
+	"\"waiting for segment\" and attaches again by itself. A dead owner's\n"
+	"last data stays on screen under a banner, every verdict shown unknown.\n"
+	"\n"
+	"keys: p sort by P95 (default), n by pending, a by name; / filter by a\n"
+	"substring of the subject (Enter applies, Esc cancels, empty clears);\n"
+	"Ctrl-L redraws; q quits (so do Ctrl-C and SIGTERM).\n"
+	"\n"
+	"  -s, --segment NAME   segment (default $TALLY_SEGMENT, else \"tally\")\n"
+	"  -d, --delay SECONDS  refresh interval, e.g. 0.5 or 250ms (default 0.5,\n"
+	"                       from 0.05 to 3600)\n"
+	"  -n, --iterations N   exit after N refreshes (default: run until q)\n"
+	"      --sort KEY       p95, pending or name\n"
+	"  -f, --filter TEXT    start with this filter\n"
+	"  -h, --help           this help\n"
+	"\n"
+	"exit status: 0, 2 bad usage, 4 error (not a terminal, bad segment name)\n";
+
+static int parse_delay(const char *s, uint64_t *ms)
+{
+	char *end;
+	double v;
+
+	errno = 0;
+	v = strtod(s, &end);
+	if (errno || end == s || v != v)
+		return -1;
+	if (strcmp(end, "ms") == 0)
+		v /= 1000.0;
+	else if (strcmp(end, "s") != 0 && *end)
+		return -1;
+	if (v < 0.05 || v > 3600)
+		return -1;
+	*ms = (uint64_t)(v * 1000.0 + 0.5);
+	return 0;
+}
+
+static int top_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static int top_usage_error(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "tally top: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	fputs(top_help, stderr);
+	return CLI_EXIT_USAGE;
+}
+
+static int top_options(struct top *t, int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "segment", required_argument, NULL, 's' },
+		{ "delay", required_argument, NULL, 'd' },
+		{ "iterations", required_argument, NULL, 'n' },
+		{ "sort", required_argument, NULL, 'S' },
+		{ "filter", required_argument, NULL, 'f' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	int c;
+
+	optind = 0;
+	while ((c = getopt_long(argc, argv, "s:d:n:f:h", opts, NULL)) != -1) {
+		switch (c) {
+		case 's': t->segment = optarg; break;
+		case 'd':
+			if (parse_delay(optarg, &t->delay_ms))
+				return top_usage_error("-d %s: give seconds from 0.05 to 3600 (e.g. 0.5 or 250ms)", optarg);
+			break;
+		case 'n':
+			if (cli_parse_u64(optarg, &t->iterations) || !t->iterations)
+				return top_usage_error("-n %s: give a count of refreshes >= 1", optarg);
+			break;
+		case 'S':
+			if (!strcmp(optarg, "p95") || !strcmp(optarg, "pending") || !strcmp(optarg, "name"))
+				t->sort = optarg[0] == 'p' && optarg[1] == 'e' ? 'n' : optarg[0] == 'n' ? 'a' : 'p';
+			else
+				return top_usage_error("--sort %s: give p95, pending or name", optarg);
+			break;
+		case 'f': snprintf(t->filter, sizeof(t->filter), "%s", optarg); break;
+		case 'h': fputs(top_help, stdout); return CLI_EXIT_OK;
+		default: fputs(top_help, stderr); return CLI_EXIT_USAGE;
+		}
+	}
+	if (optind != argc)
+		return top_usage_error("unexpected argument \"%s\"", argv[optind]);
+	return -1;
+}
+
+static int start_terminal(struct top *t, SCREEN **scr)
+{
+	if (!isatty(STDIN_FILENO) || !isatty(STDOUT_FILENO)) {
+		fprintf(stderr, "tally top: needs a terminal; for one reading use \"tally stat\" (or --json)\n");
+		return CLI_EXIT_ERROR;
+	}
+	if (!(*scr = newterm(NULL, stdout, stdin))) {
+		fprintf(stderr, "tally top: cannot drive terminal type \"%s\": set TERM (e.g. TERM=xterm)\n",
+			getenv("TERM") ? getenv("TERM") : "");
+		return CLI_EXIT_ERROR;
+	}
+	cbreak();
+	noecho();
+	keypad(stdscr, TRUE);
+	curs_set(0);
+	set_escdelay(25);
+	if (has_colors() && start_color() == OK) {
+		use_default_colors();
+		init_pair(PAIR_OK, COLOR_GREEN, -1);
+		init_pair(PAIR_WARN, COLOR_YELLOW, -1);
+		init_pair(PAIR_OVER, COLOR_RED, -1);
+		init_pair(PAIR_BAD, COLOR_WHITE, COLOR_RED);
+		t->color = true;
+	}
+	return 0;
+}
+
+int tally_cmd_top(const char *segment, int argc, char **argv)
+{
+	struct top t = { .segment = segment, .delay_ms = 500, .sort = 'p' };
+	struct sigaction sa = { .sa_handler = on_signal };
+	SCREEN *scr = NULL;
+	int rc = top_options(&t, argc, argv);
+
+	if (rc >= 0)
+		return rc;
+	if ((rc = tally_segment_name_validate(t.segment)))
+		return cli_fail(t.segment, rc);
+	if ((rc = start_terminal(&t, &scr)))
+		return rc;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGHUP, &sa, NULL);
+	run(&t);
+	endwin();
+	delscreen(scr);
+	top_detach(&t);
+	return CLI_EXIT_OK;
+}
