@@ -54,8 +54,7 @@ case "${1:-}" in
 deps) deps ;;
 build) deps; build ;;
 test) deps; build; check ;;
-# Until `tally demo` lands, the main job is the record benchmark.
-demo) deps; build; make -C "$BUILD_DIR" bench BENCH_ARGS="--part record --reps 3" ;;
+demo) deps; build; exec "$BUILD_DIR/tools/tally" demo ;;
 bench) deps; build; make -C "$BUILD_DIR" bench ;;
 *) echo "usage: ./dev.sh demo|test|deps|build|bench" >&2; exit 2 ;;
 esac

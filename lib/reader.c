@@ -136,11 +136,14 @@ static uint64_t age_ms(uint64_t now, uint64_t then)
 	return now > then ? (now - then) / 1000000u : 0;
 }
 
+/* Map a pending-table reader error onto the documented ones: anything but
+ * a busy writer means the table is not what the header promised. */
 static int pending_error(int rc, const struct tally_segment *seg)
 {
-	if (rc == -EBADMSG)
-		return tally__fail(TALLY_ECORRUPT, "segment \"%s\": its pending table is corrupt", seg->name);
-	return rc == -EAGAIN ? TALLY_EBUSY_RETRY : rc;
+	if (rc == -EAGAIN)
+		return TALLY_EBUSY_RETRY;
+	return tally__fail(TALLY_ECORRUPT, "segment \"%s\": its pending table is corrupt (%s)",
+			   seg->name, tally_strerror(rc));
 }
 
 TALLY_API int tally_read_consumers(const struct tally_segment *seg, struct tally_consumer_stats *out,

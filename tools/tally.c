@@ -156,6 +156,7 @@ static void usage(FILE *to)
 		"  dump                     header, sections and producer slots of the segment\n"
 		"  record SUBJECT NS...     record latencies (ns) for SUBJECT as a producer\n"
 		"  record                   read \"SUBJECT NS\" lines from stdin until EOF\n"
+		"  demo                     the live demo: nats-server, a router, rising load, verdicts\n"
 		"\n"
 		"options:\n"
 		"  -s, --segment NAME       segment name (default $TALLY_SEGMENT, else \"tally\")\n"
@@ -450,6 +451,8 @@ int main(int argc, char **argv)
 		return cmd_dump(name, cargc, cargv);
 	if (strcmp(cmd, "record") == 0)
 		return cmd_record(name, cargc, cargv);
+	if (strcmp(cmd, "demo") == 0) /* its own segment unless one is named */
+		return tally_cmd_demo(seg_opt || getenv("TALLY_SEGMENT") ? name : "tally-demo", cargc, cargv);
 	fprintf(stderr, "tally: unknown command \"%s\"\n", cmd);
 	usage(stderr);
 	return CLI_EXIT_USAGE;
