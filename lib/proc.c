@@ -18,7 +18,8 @@
 
 #include "proc.h"
 
-uint64_t tally__proc_start_time(pid_t pid)
+/* Start time (field 22) and state (field 3) of pid; 0 if unreadable. */
+static uint64_t stat_of(pid_t pid, char *state)
 {
 	char path[64], buf[1024];
 	ssize_t n;
@@ -37,6 +38,8 @@ uint64_t tally__proc_start_time(pid_t pid)
 	char *p = strrchr(buf, ')');
 	if (!p)
 		return 0;
+	if (state)
+		*state = p[1] == ' ' ? p[2] : '?';
 	/* After ')' each space opens the next field: the first opens field 3,
 	 * so the 20th opens field 22, starttime. */
 	for (int spaces = 0; spaces < 20; spaces++) {
@@ -47,15 +50,25 @@ uint64_t tally__proc_start_time(pid_t pid)
 	return strtoull(p, NULL, 10);
 }
 
+uint64_t tally__proc_start_time(pid_t pid)
+{
+	return stat_of(pid, NULL);
+}
+
 bool tally__proc_alive(pid_t pid, uint64_t start_time)
 {
+	char state = '?';
+
 	if (pid <= 0)
 		return false;
 	if (kill(pid, 0) != 0 && errno == ESRCH)
 		return false;
-	uint64_t st = tally__proc_start_time(pid);
+	uint64_t st = stat_of(pid, &state);
 	/* A process we cannot read (hidepid) but that exists counts as alive. */
-	return st == 0 ? kill(pid, 0) == 0 || errno == EPERM : st == start_time;
+	if (st == 0)
+		return kill(pid, 0) == 0 || errno == EPERM;
+	/* A zombie (exited, not yet reaped by its parent) is dead to us. */
+	return st == start_time && state != 'Z' && state != 'X';
 }
 
 bool tally__thread_alive(pid_t pid, pid_t tid)

@@ -9,7 +9,8 @@
  * stdout, stderr and exit status: stat, stat --json against the schema of
  * docs/json-schema.md, status and its exit codes, a dead owner, no
  * segment, no permission, a version mismatch, bad arguments, record from
- * stdin, dump, and tally top in a real terminal (tmux, 80x24): sorting,
+ * stdin, dump, live consumer pending from a real nats-server, and tally
+ * top in a real terminal (tmux, 80x24): sorting,
  * filter, colours, quitting, and re-attaching across an owner restart.
  */
 #include "config.h"
@@ -28,8 +29,10 @@
 #include <unistd.h>
 
 #include <jansson.h>
+#include <nats/nats.h>
 
 #include "common/helpers.h"
+#include "common/nats_server.h"
 
 #define TALLY_BIN TALLY_TEST_BUILDDIR "/tools/tally"
 #define MS 1000000ull
@@ -398,6 +401,101 @@ Test(cli, stat_json_follows_the_schema, .timeout = 20)
 	owner_stop(&w);
 }
 
+/* A real nats-server: a stream, a filtered consumer with a backlog, polled live. */
+struct js {
+	struct tally_test_nats srv;
+	natsConnection *nc;
+	jsCtx *js;
+};
+
+static void js_setup(struct js *j, int backlog)
+{
+	const char *subjects = "orders.>";
+	jsStreamConfig sc;
+	jsConsumerConfig cc;
+	jsErrCode ec = 0;
+
+	memset(j, 0, sizeof(*j));
+	cr_assert_eq(tally_test_nats_start(&j->srv, NULL, true), 0, "%s", j->srv.errmsg);
+	cr_assert_eq(natsConnection_ConnectTo(&j->nc, j->srv.url), NATS_OK);
+	cr_assert_eq(natsConnection_JetStream(&j->js, j->nc, NULL), NATS_OK);
+	jsStreamConfig_Init(&sc);
+	sc.Name = "ORDERS";
+	sc.Subjects = &subjects;
+	sc.SubjectsLen = 1;
+	cr_assert_eq(js_AddStream(NULL, j->js, &sc, NULL, &ec), NATS_OK, "stream: %d", (int)ec);
+	jsConsumerConfig_Init(&cc);
+	cc.Durable = "router";
+	cc.AckPolicy = js_AckExplicit;
+	cc.FilterSubject = "orders.created";
+	cr_assert_eq(js_AddConsumer(NULL, j->js, "ORDERS", &cc, NULL, &ec), NATS_OK, "consumer: %d", (int)ec);
+	for (int i = 0; i < backlog; i++)
+		cr_assert_eq(js_Publish(NULL, j->js, "orders.created", "x", 1, NULL, &ec), NATS_OK);
+}
+
+static void js_teardown(struct js *j)
+{
+	jsCtx_Destroy(j->js);
+	natsConnection_Destroy(j->nc);
+	tally_test_nats_stop(&j->srv);
+}
+
+Test(cli, live_pending_from_jetstream_in_stat_json_and_status, .timeout = 30)
+{
+	static const struct tally_poller_watch watch = { .stream = "ORDERS" };
+	struct owner w;
+	struct js j;
+	struct run r;
+	json_t *doc = NULL;
+
+	js_setup(&j, 30);
+	owner_start(&w, NULL, true, false);
+	struct tally_poller_config pc = {
+		.urls = j.srv.url, .poll_interval_ms = 50, .request_timeout_ms = 1000,
+		.watches = &watch, .nwatches = 1, .log = silent_log,
+	};
+	cr_assert_eq(tally_poller_start(w.seg, &pc, &w.poller), 0, "%s", tally_errmsg());
+	for (int i = 0; i < 100; i++) {
+		TALLY(&r, NULL, "-s", w.name, "stat", "--json");
+		cr_assert_eq(r.status, 0, "%s", r.err);
+		doc = parse(&r);
+		json_t *p = get(subject_named(doc, "orders.created"), "pending");
+		if (json_is_integer(p) && json_integer_value(p) == 30)
+			break;
+		json_decref(doc);
+		doc = NULL;
+		tt_sleep_ms(30);
+	}
+	cr_assert(doc, "pending 30 never appeared: %s", r.out);
+	json_t *s = subject_named(doc, "orders.created");
+	cr_expect_str_eq(json_string_value(get(s, "pending_source")), "live");
+	expect_int(s, "pending_consumers", 1);
+	cr_expect(json_is_integer(get(s, "pending_age_ms")));
+	cr_expect(json_is_null(get(subject_named(doc, "orders.paid"), "pending")), "no consumer feeds it");
+	json_t *c = json_array_get(get(doc, "consumers"), 0);
+	cr_assert(c, "%s", r.out);
+	cr_expect_str_eq(json_string_value(get(c, "stream")), "ORDERS");
+	cr_expect_str_eq(json_string_value(get(c, "consumer")), "router");
+	cr_expect_str_eq(json_string_value(get(c, "filter")), "orders.created");
+	expect_int(c, "num_pending", 30);
+	expect_int(c, "num_ack_pending", 0);
+	cr_expect_str_eq(json_string_value(get(c, "source")), "live");
+	cr_expect(json_is_integer(get(c, "age_ms")));
+	json_t *pl = get(doc, "poller");
+	cr_expect(json_is_true(get(pl, "running")) && json_is_true(get(pl, "connected")));
+	cr_expect_str_eq(json_string_value(get(pl, "breaker")), "closed");
+	cr_expect(json_integer_value(get(pl, "polls_ok")) >= 1);
+	json_decref(doc);
+
+	TALLY(&r, NULL, "-s", w.name, "status", "orders.created");
+	cr_expect_eq(r.status, 2, "%s", r.out);
+	cr_expect(strstr(r.out, "pending 30 from 1 consumer (live,"), "%s", r.out);
+	TALLY(&r, NULL, "-s", w.name, "stat");
+	cr_expect(strstr(r.out, "ORDERS/router") && strstr(r.out, "live"), "%s", r.out);
+	owner_stop(&w);
+	js_teardown(&j);
+}
+
 /* ---- status ------------------------------------------------------------------------ */
 
 Test(cli, status_exit_codes, .timeout = 20)
@@ -675,8 +773,7 @@ Test(cli, dump_shows_header_sections_and_slots, .timeout = 20)
 /* ---- top, in a real terminal (tmux) ------------------------------------------------------ */
 
 struct tmux {
-	char sock[64];
-	char target[64];
+	char sock[128];   /* the tmux server's socket, removed by tmux_stop() */
 };
 
 static int shell(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -699,9 +796,8 @@ static void tmux_start(struct tmux *t, const char *segment, const char *extra)
 
 	cr_assert_eq(shell("command -v tmux >/dev/null"), 0,
 		     "tmux is needed to test tally top in a terminal: apt-get install tmux");
-	snprintf(t->sock, sizeof(t->sock), "tally-test-%d-%d", (int)getpid(), n++);
-	snprintf(t->target, sizeof(t->target), "top");
-	cr_assert_eq(shell("tmux -L %s -f /dev/null new-session -d -s top -x 80 -y 24 "
+	snprintf(t->sock, sizeof(t->sock), "/tmp/tally-test-tmux-%d-%d", (int)getpid(), n++);
+	cr_assert_eq(shell("tmux -S %s -f /dev/null new-session -d -s top -x 80 -y 24 "
 			   "'env LC_ALL=C.UTF-8 TERM=screen %s -s %s top -d 0.1 %s; sleep 30'",
 			   t->sock, TALLY_BIN, segment, extra ? extra : ""), 0);
 }
@@ -711,7 +807,7 @@ static void tmux_capture(const struct tmux *t, bool esc, char *buf, size_t len)
 {
 	char cmd[256];
 
-	snprintf(cmd, sizeof(cmd), "tmux -L %s capture-pane -p %s -t top", t->sock, esc ? "-e" : "");
+	snprintf(cmd, sizeof(cmd), "tmux -S %s capture-pane -p %s -t top", t->sock, esc ? "-e" : "");
 	FILE *f = popen(cmd, "r");
 	cr_assert(f);
 	size_t n = fread(buf, 1, len - 1, f);
@@ -719,12 +815,19 @@ static void tmux_capture(const struct tmux *t, bool esc, char *buf, size_t len)
 	pclose(f);
 }
 
-/* Wait until the screen contains want (or does not, with absent); 3 s. */
+/* A whole frame: its last row is drawn last ("q quit ..." with data,
+ * "trying again ..." while waiting for a segment). */
+static bool frame_complete(const char *screen)
+{
+	return strstr(screen, "q quit") || strstr(screen, "trying again");
+}
+
+/* Wait until a whole frame contains want (or does not, with absent); 3 s. */
 static bool tmux_wait(const struct tmux *t, const char *want, bool absent, char *buf, size_t len)
 {
 	for (int i = 0; i < 150; i++) {
 		tmux_capture(t, false, buf, len);
-		if (!strstr(buf, want) == absent)
+		if (!strstr(buf, want) == absent && frame_complete(buf))
 			return true;
 		tt_sleep_ms(20);
 	}
@@ -733,12 +836,13 @@ static bool tmux_wait(const struct tmux *t, const char *want, bool absent, char 
 
 static void tmux_keys(const struct tmux *t, const char *keys)
 {
-	cr_assert_eq(shell("tmux -L %s send-keys -t top %s", t->sock, keys), 0);
+	cr_assert_eq(shell("tmux -S %s send-keys -t top %s", t->sock, keys), 0);
 }
 
 static void tmux_stop(const struct tmux *t)
 {
-	shell("tmux -L %s kill-server 2>/dev/null", t->sock);
+	shell("tmux -S %s kill-server 2>/dev/null", t->sock);
+	unlink(t->sock);
 }
 
 /* Index of the line holding s on the screen, or -1. */
@@ -805,7 +909,12 @@ Test(cli, top_sorts_filters_colours_and_quits_in_80x24, .timeout = 30)
 	tmux_keys(&t, "/ BSpace BSpace BSpace BSpace Enter");
 	cr_assert(tmux_wait(&t, "orders.created", false, screen, sizeof(screen)), "cleared: %s", screen);
 	tmux_keys(&t, "q");
-	cr_expect(tmux_wait(&t, "SUBJECT", true, screen, sizeof(screen)), "q did not quit:\n%s", screen);
+	bool quit = false;
+	for (int i = 0; i < 150 && !quit; i++, tt_sleep_ms(20)) {
+		tmux_capture(&t, false, screen, sizeof(screen));
+		quit = !strstr(screen, "SUBJECT") && !frame_complete(screen);
+	}
+	cr_expect(quit, "q did not quit:\n%s", screen);
 	tmux_stop(&t);
 	owner_stop(&w);
 }

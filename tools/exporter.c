@@ -183,29 +183,48 @@ struct subj {
 struct scrape {
 	struct tally_segment_info info;
 	struct subj *subj;
-	uint32_t nsubj;
+	uint32_t nsubj, subj_cap;
 	struct tally_producer_stats *prod;
 	int nprod;
+	uint32_t prod_cap;
 	struct tally_consumer_stats *cons;
 	int ncons;
+	uint32_t cons_cap;
 	struct tally_engine_counters ec;
 	struct tally_poller_stats ps;
 	bool poller;
 	uint64_t now;
 };
 
+/* Make room for n elements of size sz in *arr (kept between scrapes). */
+static int grow(void *arr, uint32_t *cap, uint32_t n, size_t sz)
+{
+	void *p;
+
+	if (n <= *cap)
+		return 0;
+	if (!(p = realloc(*(void **)arr, (size_t)n * sz)))
+		return -ENOMEM;
+	*(void **)arr = p;
+	*cap = n;
+	return 0;
+}
+
 static int read_subjects(struct tallyd_exporter_source *src, struct scrape *sc)
 {
-	uint32_t cap = tally_subject_capacity(src->seg);
+	uint32_t cap = tally_subject_capacity(src->seg), named = 0;
 
-	sc->subj = calloc(cap ? cap : 1, sizeof(*sc->subj));
-	if (!sc->subj)
-		return -ENOMEM;
-	for (uint32_t id = 0; id < cap; id++) {
-		struct subj *s = &sc->subj[sc->nsubj];
+	/* ids are table slots, sparse: stop once every interned name was seen */
+	for (uint32_t id = 0; id < cap && named < sc->info.subjects_used; id++) {
+		struct subj *s;
 
+		if (sc->nsubj == sc->subj_cap &&
+		    grow(&sc->subj, &sc->subj_cap, sc->subj_cap ? sc->subj_cap * 2 : 64, sizeof(*s)))
+			return -ENOMEM;
+		s = &sc->subj[sc->nsubj];
 		if (tally_subject_name(src->seg, id, s->name, sizeof(s->name)) != 0)
 			continue;
+		named++;
 		if (tally_engine_read(src->engine, id, &s->st) != 0)
 			continue;
 		sc->nsubj++;
@@ -213,24 +232,28 @@ static int read_subjects(struct tallyd_exporter_source *src, struct scrape *sc)
 	return 0;
 }
 
+/* Read everything a scrape shows into sc; its arrays are reused. */
 static int scrape_read(struct tallyd_exporter_source *src, struct scrape *sc)
 {
+	uint32_t nprod, ncons;
 	int rc;
 
-	memset(sc, 0, sizeof(*sc));
+	sc->nsubj = 0;
+	sc->nprod = sc->ncons = 0;
 	sc->now = mono_ns();
 	if ((rc = tally_segment_info(src->seg, &sc->info)) != 0)
 		return rc;
 	if ((rc = read_subjects(src, sc)) != 0)
 		return rc;
-	sc->prod = calloc(sc->info.config.producer_slots + 1, sizeof(*sc->prod));
-	sc->cons = calloc(sc->info.config.pending_capacity + 1, sizeof(*sc->cons));
-	if (!sc->prod || !sc->cons)
+	nprod = sc->info.config.producer_slots;
+	ncons = sc->info.config.pending_capacity;
+	if (grow(&sc->prod, &sc->prod_cap, nprod + 1, sizeof(*sc->prod)) ||
+	    grow(&sc->cons, &sc->cons_cap, ncons + 1, sizeof(*sc->cons)))
 		return -ENOMEM;
-	sc->nprod = tally_read_producers(src->seg, sc->prod, sc->info.config.producer_slots);
-	sc->ncons = tally_read_consumers(src->seg, sc->cons, sc->info.config.pending_capacity);
+	sc->nprod = tally_read_producers(src->seg, sc->prod, nprod);
+	sc->ncons = tally_read_consumers(src->seg, sc->cons, ncons);
 	if (sc->ncons < 0) /* a poll raced the read twice: retry once */
-		sc->ncons = tally_read_consumers(src->seg, sc->cons, sc->info.config.pending_capacity);
+		sc->ncons = tally_read_consumers(src->seg, sc->cons, ncons);
 	tally_engine_counters(src->engine, &sc->ec);
 	sc->poller = atomic_load(&src->poller_on) && tally_read_poller(src->seg, &sc->ps) == 0;
 	return 0;
@@ -241,6 +264,7 @@ static void scrape_free(struct scrape *sc)
 	free(sc->subj);
 	free(sc->prod);
 	free(sc->cons);
+	memset(sc, 0, sizeof(*sc));
 }
 
 /* ---- families ---- */
@@ -475,25 +499,21 @@ static void put_poller(struct buf *b, const struct scrape *sc)
 		       NULL);
 }
 
-int tallyd_metrics_render(struct tallyd_exporter_source *src, char **out, size_t *len)
+static int render(struct tallyd_exporter_source *src, struct scrape *sc, char **out, size_t *len)
 {
-	struct scrape sc;
 	struct buf b = { 0 };
-	int rc = scrape_read(src, &sc);
+	int rc = scrape_read(src, sc);
 
 	*out = NULL;
 	*len = 0;
-	if (rc != 0) {
-		scrape_free(&sc);
+	if (rc != 0)
 		return rc;
-	}
-	put_identity(&b, &sc);
-	put_subjects(&b, &sc);
-	put_consumers(&b, &sc);
-	put_producers(&b, &sc);
-	put_engine(&b, &sc);
-	put_poller(&b, &sc);
-	scrape_free(&sc);
+	put_identity(&b, sc);
+	put_subjects(&b, sc);
+	put_consumers(&b, sc);
+	put_producers(&b, sc);
+	put_engine(&b, sc);
+	put_poller(&b, sc);
 	if (b.oom) {
 		free(b.p);
 		return -ENOMEM;
@@ -501,6 +521,15 @@ int tallyd_metrics_render(struct tallyd_exporter_source *src, char **out, size_t
 	*out = b.p;
 	*len = b.len;
 	return 0;
+}
+
+int tallyd_metrics_render(struct tallyd_exporter_source *src, char **out, size_t *len)
+{
+	struct scrape sc = { 0 };
+	int rc = render(src, &sc, out, len);
+
+	scrape_free(&sc);
+	return rc;
 }
 
 /* ---- listen address ---- */
@@ -583,6 +612,7 @@ int tallyd_parse_listen(const char *s, struct sockaddr_storage *ss, socklen_t *s
 struct tallyd_exporter {
 	struct MHD_Daemon *d;
 	struct tallyd_exporter_source *src;
+	struct scrape sc;   /* arrays reused by every scrape: one HTTP thread */
 	tallyd_log_fn log;
 	uint16_t port;
 };
@@ -610,7 +640,7 @@ static enum MHD_Result serve_metrics(struct tallyd_exporter *x, struct MHD_Conne
 	enum MHD_Result ret;
 	char *body;
 	size_t len;
-	int rc = tallyd_metrics_render(x->src, &body, &len);
+	int rc = render(x->src, &x->sc, &body, &len);
 
 	if (rc != 0) {
 		x->log(0, "GET /metrics: %s", tally_strerror(rc));
@@ -724,6 +754,7 @@ void tallyd_exporter_stop(struct tallyd_exporter **px)
 	if (!px || !*px)
 		return;
 	MHD_stop_daemon((*px)->d);
+	scrape_free(&(*px)->sc);
 	free(*px);
 	*px = NULL;
 }

@@ -171,8 +171,7 @@ static void usage(FILE *to)
  * Options every command takes: -s/--segment and -h/--help. Returns -1 to
  * go on (optind at the operands), else the exit status.
  */
-static int simple_opts(const char *cmd, const char *help, const char **segment, int argc,
-		       char **argv)
+static int simple_opts(const char *help, const char **segment, int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{ "segment", required_argument, NULL, 's' },
@@ -195,7 +194,6 @@ static int simple_opts(const char *cmd, const char *help, const char **segment, 
 			return CLI_EXIT_USAGE;
 		}
 	}
-	(void)cmd;
 	return -1;
 }
 
@@ -238,7 +236,7 @@ static int cmd_dump(const char *name, int argc, char **argv)
 {
 	struct tally_segment *seg;
 	struct tally_segment_info in;
-	int rc = simple_opts("dump", dump_help, &name, argc, argv);
+	int rc = simple_opts(dump_help, &name, argc, argv);
 
 	if (rc >= 0)
 		return rc;
@@ -358,7 +356,7 @@ static void record_stdin(struct recorder *r)
 static int cmd_record(const char *name, int argc, char **argv)
 {
 	struct recorder r = { 0 };
-	int rc = simple_opts("record", record_help, &name, argc, argv);
+	int rc = simple_opts(record_help, &name, argc, argv);
 
 	if (rc >= 0)
 		return rc;

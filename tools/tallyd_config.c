@@ -708,7 +708,8 @@ static int apply_overrides(struct parser *p, const struct tallyd_overrides *ov)
 
 	if (ov && ov->segment) {
 		if (tally_segment_name_validate(ov->segment) != 0) {
-			perr(p, 0, "segment name \"%s\": %s", ov->segment, tally_errmsg());
+			perr(p, -1, "segment name \"%s\" (-s or TALLY_SEGMENT): %s", ov->segment,
+			     tally_errmsg());
 			return -EINVAL;
 		}
 		if (set_str(&c->segment_name, ov->segment))
@@ -718,7 +719,7 @@ static int apply_overrides(struct parser *p, const struct tallyd_overrides *ov)
 		return -ENOMEM;
 	if (ov && ov->http) {
 		if (tallyd_parse_listen(ov->http, &ss, &sl, why, sizeof(why)) != 0) {
-			perr(p, 0, "--http: %s", why);
+			perr(p, -1, "--http: %s", why);
 			return -EINVAL;
 		}
 		if (set_str(&c->http_listen, ov->http))

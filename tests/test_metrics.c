@@ -1,0 +1,383 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * test_metrics.c: tallyd's Prometheus endpoint, from outside: tallyd runs
+ * as a child (TALLY_TEST_BUILDDIR/tools/tallyd --http 127.0.0.1:0, the
+ * port read from its "ready" log line), the test records through a
+ * producer and talks HTTP over a plain socket. The exposition passes
+ * `promtool check metrics`, label values are escaped, only GET and HEAD
+ * /metrics are answered (404, 405 otherwise), oversized requests are
+ * refused, and a real Prometheus server (the Debian package) scrapes
+ * tallyd and returns a value through its query API.
+ */
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/helpers.h"
+
+#define TALLYD TALLY_TEST_BUILDDIR "/tools/tallyd"
+#define PROMTOOL "promtool"
+#define PROMETHEUS "prometheus"
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* ---- a child process with its output in a log file ---- */
+
+struct child {
+	pid_t pid;
+	char log[160];
+};
+
+static void child_start(struct child *c, const char *log, const char *const *argv)
+{
+	snprintf(c->log, sizeof(c->log), "%s", log);
+	c->pid = fork();
+	cr_assert_neq(c->pid, -1);
+	if (c->pid == 0) {
+		int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
+
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0)
+			_exit(127);
+		execvp(argv[0], (char *const *)argv);
+		_exit(127);
+	}
+}
+
+static const char *child_log(const struct child *c)
+{
+	static char buf[65536];
+	FILE *f = fopen(c->log, "r");
+	size_t n = 0;
+
+	if (f) {
+		n = fread(buf, 1, sizeof(buf) - 1, f);
+		fclose(f);
+	}
+	buf[n] = '\0';
+	/* the tail is what matters in a long log */
+	return n > 8000 ? buf + n - 8000 : buf;
+}
+
+/* SIGTERM, wait up to timeout_ms, then SIGKILL. The exit code, or -1. */
+static int child_stop(struct child *c, unsigned timeout_ms)
+{
+	uint64_t end = now_ms() + timeout_ms;
+	int st = 0;
+
+	if (c->pid <= 0)
+		return -1;
+	kill(c->pid, SIGTERM);
+	while (waitpid(c->pid, &st, WNOHANG) == 0) {
+		if (now_ms() >= end) {
+			kill(c->pid, SIGKILL);
+			waitpid(c->pid, &st, 0);
+			c->pid = 0;
+			return -1;
+		}
+		tt_sleep_ms(10);
+	}
+	c->pid = 0;
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* ---- tallyd with its exporter ---- */
+
+struct env {
+	char dir[64];
+	char seg[128];
+	struct child td;
+	int port;
+	struct tally_segment *seg_h;
+	struct tally_producer *p;
+};
+
+static void env_start(struct env *e, const char *tag)
+{
+	char log[160];
+	const char *s;
+
+	memset(e, 0, sizeof(*e));
+	snprintf(e->dir, sizeof(e->dir), "/tmp/tally-metrics-XXXXXX");
+	cr_assert_not_null(mkdtemp(e->dir));
+	snprintf(e->seg, sizeof(e->seg), "%s", tt_segname(tag));
+	snprintf(log, sizeof(log), "%s/tallyd.log", e->dir);
+	child_start(&e->td, log,
+		    (const char *const[]){ TALLYD, "-s", e->seg, "--http", "127.0.0.1:0", NULL });
+	for (uint64_t end = now_ms() + 10000; now_ms() < end; tt_sleep_ms(10)) {
+		if ((s = strstr(child_log(&e->td), "http://127.0.0.1:"))) {
+			e->port = atoi(s + strlen("http://127.0.0.1:"));
+			break;
+		}
+	}
+	cr_assert_gt(e->port, 0, "tallyd did not report its port; log:\n%s", child_log(&e->td));
+	cr_assert_eq(tally_segment_open(e->seg, TALLY_OPEN_PRODUCER, 2000, &e->seg_h), 0, "%s",
+		     tally_errmsg());
+	cr_assert_eq(tally_producer_attach(e->seg_h, &e->p), 0);
+}
+
+static void env_stop(struct env *e)
+{
+	char cmd[128];
+
+	tally_producer_detach(&e->p);
+	tally_segment_close(&e->seg_h);
+	cr_expect_eq(child_stop(&e->td, 5000), 0, "tallyd exit; log:\n%s", child_log(&e->td));
+	tally_segment_unlink(e->seg);
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", e->dir);
+	cr_expect_eq(system(cmd), 0);
+}
+
+/* Record n samples of ns each for subject; wait until published. */
+static void record(struct env *e, const char *subject, uint64_t ns, unsigned n)
+{
+	struct tally_subject_stats st;
+	tally_subject_t id;
+
+	cr_assert_eq(tally_subject_intern(e->seg_h, subject, &id), 0, "%s", tally_errmsg());
+	for (unsigned i = 0; i < n; i++)
+		cr_assert(tally_record(e->p, id, ns));
+	for (uint64_t end = now_ms() + 5000; now_ms() < end; tt_sleep_ms(10))
+		if (tally_read_subject(e->seg_h, id, &st) == 0 && st.total_count >= n)
+			return;
+	cr_assert_fail("%u samples of %s not published in 5 s", n, subject);
+}
+
+/* ---- HTTP over a plain socket ---- */
+
+/*
+ * Send req as it is, read the reply until the server closes (5 s at most)
+ * into a malloc'd buffer. Returns the status code (0: no reply).
+ */
+static int http_raw(int port, const char *req, size_t reqlen, char **reply)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+	struct timeval tv = { .tv_sec = 5 };
+	size_t len = 0, cap = 1 << 16;
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	char *buf = malloc(cap);
+	int status = 0;
+	ssize_t n;
+
+	cr_assert(fd >= 0 && buf);
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) { /* not listening (yet) */
+		close(fd);
+		buf[0] = '\0';
+		*reply = buf;
+		return 0;
+	}
+	for (size_t off = 0; off < reqlen; off += (size_t)n)
+		if ((n = send(fd, req + off, reqlen - off, MSG_NOSIGNAL)) <= 0)
+			break;
+	while ((n = recv(fd, buf + len, cap - len - 1, 0)) > 0) {
+		len += (size_t)n;
+		if (len + 1 == cap && !(buf = realloc(buf, cap *= 2)))
+			cr_assert_fail("out of memory");
+	}
+	buf[len] = '\0';
+	close(fd);
+	sscanf(buf, "HTTP/1.%*d %d", &status);
+	*reply = buf;
+	return status;
+}
+
+static int http(int port, const char *method, const char *path, char **reply)
+{
+	char req[512];
+	int n = snprintf(req, sizeof(req), "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+				   "Connection: close\r\n\r\n", method, path);
+
+	return http_raw(port, req, (size_t)n, reply);
+}
+
+static const char *body_of(const char *reply)
+{
+	const char *b = strstr(reply, "\r\n\r\n");
+
+	return b ? b + 4 : "";
+}
+
+/* ---- tests ---- */
+
+Test(metrics, exposition_passes_promtool, .timeout = 30)
+{
+	struct env e;
+	char *reply, path[128], cmd[512], want[512];
+	FILE *f;
+	int rc;
+
+	env_start(&e, "mx-content");
+	record(&e, "orders.created", 50000000, 40);      /* 50 ms */
+	record(&e, "odd.sub\"ject\\x", 1500, 3);         /* needs escaping */
+	cr_assert_eq(http(e.port, "GET", "/metrics", &reply), 200, "%s", reply);
+	cr_expect(strstr(reply, "Content-Type: text/plain; version=0.0.4"), "%s", reply);
+	const char *body = body_of(reply);
+
+	cr_expect(strstr(body, "# TYPE tally_subject_latency_seconds summary\n"));
+	cr_expect(strstr(body, "tally_subject_latency_seconds_count{subject=\"orders.created\"} 40\n"),
+		  "%s", body);
+	cr_expect(strstr(body, "tally_subject_latency_seconds_sum{subject=\"orders.created\"} 2\n"),
+		  "40 x 50 ms = 2 s:\n%s", body);
+	cr_expect(strstr(body, "tally_subject_latency_window_seconds{subject=\"orders.created\","
+			       "quantile=\"0.95\"} 0.0"), "%s", body);
+	cr_expect(strstr(body, "tally_subject_latency_seconds_count{subject=\"odd.sub\\\"ject\\\\x\"} "
+			       "3\n"), "label values escaped:\n%s", body);
+	snprintf(want, sizeof(want), "tally_segment_info{segment=\"%s\",owner_pid=\"%d\",generation=\"",
+		 e.seg, (int)e.td.pid);
+	cr_expect(strstr(body, want), "%s", body);
+	cr_expect(strstr(body, "tally_subject_verdict{subject=\"orders.created\"} "), "%s", body);
+	cr_expect(strstr(body, "# TYPE tally_producer_dropped_samples_total counter\n"));
+	cr_expect(strstr(body, "tally_engine_drained_samples_total 43\n"), "%s", body);
+	cr_expect(!strstr(body, "tally_poller_"), "poller families without a poller");
+
+	snprintf(path, sizeof(path), "%s/metrics.txt", e.dir);
+	cr_assert_not_null(f = fopen(path, "w"));
+	fputs(body, f);
+	fclose(f);
+	snprintf(cmd, sizeof(cmd), PROMTOOL " check metrics < '%s' > '%s.out' 2>&1", path, path);
+	rc = system(cmd);
+	snprintf(path, sizeof(path), "%s/metrics.txt.out", e.dir);
+	struct child out = { 0 };
+	snprintf(out.log, sizeof(out.log), "%s", path);
+	cr_expect(WIFEXITED(rc) && WEXITSTATUS(rc) == 0, "promtool check metrics failed (%d):\n%s",
+		  rc, child_log(&out));
+	free(reply);
+	env_stop(&e);
+}
+
+Test(metrics, only_get_and_head_on_metrics, .timeout = 30)
+{
+	struct env e;
+	char *reply;
+
+	env_start(&e, "mx-http");
+	cr_expect_eq(http(e.port, "GET", "/", &reply), 404);
+	free(reply);
+	cr_expect_eq(http(e.port, "GET", "/metrics/x", &reply), 404);
+	free(reply);
+	cr_expect_eq(http(e.port, "GET", "/metricsx", &reply), 404);
+	free(reply);
+	cr_expect_eq(http(e.port, "GET", "/metrics?x=1", &reply), 200);
+	free(reply);
+	for (int i = 0; i < 3; i++) {
+		const char *m[] = { "POST", "PUT", "DELETE" };
+
+		cr_expect_eq(http(e.port, m[i], "/metrics", &reply), 405, "%s", m[i]);
+		cr_expect(strstr(reply, "Allow: GET, HEAD"), "%s", reply);
+		free(reply);
+	}
+	cr_expect_eq(http(e.port, "HEAD", "/metrics", &reply), 200);
+	cr_expect_str_eq(body_of(reply), "", "HEAD has no body");
+	free(reply);
+
+	/* a 100 KiB header: refused (431) or the connection closed, never served */
+	size_t big = 100 * 1024;
+	char *req = malloc(big + 256);
+	int n = snprintf(req, 256, "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ");
+
+	memset(req + n, 'a', big);
+	memcpy(req + n + big, "\r\n\r\n", 5);
+	int st = http_raw(e.port, req, (size_t)n + big + 4, &reply);
+	cr_expect(st == 0 || st == 431 || st == 413, "oversized request got %d", st);
+	free(reply);
+	free(req);
+	cr_expect_eq(http(e.port, "GET", "/metrics", &reply), 200, "still serving");
+	free(reply);
+	env_stop(&e);
+}
+
+/* A TCP port that was free a moment ago. */
+static int free_port(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET };
+	socklen_t len = sizeof(a);
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+	cr_assert_eq(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+	close(fd);
+	return ntohs(a.sin_port);
+}
+
+Test(metrics, prometheus_scrapes_tallyd, .timeout = 55)
+{
+	struct env e;
+	struct child prom;
+	char cfg[160], tsdb[160], listen[64], log[160], *reply = NULL;
+	int pport = free_port(), st = 0;
+	FILE *f;
+
+	env_start(&e, "mx-prom");
+	record(&e, "orders.created", 2000000, 25);
+	snprintf(cfg, sizeof(cfg), "%s/prometheus.yml", e.dir);
+	snprintf(tsdb, sizeof(tsdb), "%s/tsdb", e.dir);
+	snprintf(log, sizeof(log), "%s/prometheus.log", e.dir);
+	snprintf(listen, sizeof(listen), "--web.listen-address=127.0.0.1:%d", pport);
+	cr_assert_not_null(f = fopen(cfg, "w"));
+	fprintf(f, "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+		   "scrape_configs:\n  - job_name: tallyd\n    static_configs:\n"
+		   "      - targets: ['127.0.0.1:%d']\n", e.port);
+	fclose(f);
+	char cfgarg[200], tsdbarg[200];
+
+	snprintf(cfgarg, sizeof(cfgarg), "--config.file=%s", cfg);
+	snprintf(tsdbarg, sizeof(tsdbarg), "--storage.tsdb.path=%s", tsdb);
+	child_start(&prom, log, (const char *const[]){ PROMETHEUS, cfgarg, tsdbarg, listen,
+						       "--log.level=warn", NULL });
+	/* ready, then the value of a query, each bounded */
+	for (uint64_t end = now_ms() + 20000; now_ms() < end; tt_sleep_ms(200)) {
+		st = 0;
+		if (kill(prom.pid, 0) != 0)
+			break;
+		st = http(pport, "GET", "/-/ready", &reply);
+		free(reply);
+		reply = NULL;
+		if (st == 200)
+			break;
+	}
+	cr_assert_eq(st, 200, "prometheus not ready; log:\n%s", child_log(&prom));
+	bool found = false;
+
+	for (uint64_t end = now_ms() + 20000; !found && now_ms() < end; tt_sleep_ms(300)) {
+		free(reply);
+		st = http(pport, "GET", "/api/v1/query?query=tally_subject_latency_seconds_count",
+			  &reply);
+		found = st == 200 && strstr(reply, "\"subject\":\"orders.created\"") &&
+			strstr(reply, ",\"25\"]");
+	}
+	cr_expect(found, "the query did not return the value; last reply:\n%s\nprometheus log:\n%s",
+		  reply, child_log(&prom));
+	free(reply);
+	cr_expect_eq(http(pport, "GET", "/api/v1/query?query=up%7Bjob%3D%22tallyd%22%7D", &reply),
+		     200);
+	cr_expect(strstr(reply, ",\"1\"]"), "target not up: %s", reply);
+	free(reply);
+	child_stop(&prom, 10000);
+	env_stop(&e);
+}

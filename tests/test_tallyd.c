@@ -1,0 +1,593 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * test_tallyd.c: the daemon, run as a child process of the test
+ * (TALLY_TEST_BUILDDIR/tools/tallyd) with a temporary config file and its
+ * stderr in a log file: it creates and removes its segment, refuses a
+ * segment with a live owner and names that owner's pid, replaces a dead
+ * owner's leftovers only with --replace, rejects bad usage and bad config
+ * lines with FILE:LINE (exit 2), keeps running on SIGHUP with a bad file,
+ * applies new thresholds on SIGHUP without losing statistics, stops
+ * cleanly on SIGTERM (exit 0, segment removed; kept with --keep), honours
+ * TALLY_SEGMENT, and polls a real nats-server's consumers.
+ *
+ * Every wait is bounded; a tallyd left behind by a failed assertion dies
+ * with the test process (PR_SET_PDEATHSIG).
+ */
+#include "config.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <nats/nats.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/helpers.h"
+#include "common/nats_server.h"
+
+#define TALLYD TALLY_TEST_BUILDDIR "/tools/tallyd"
+
+/* ---- a tallyd child ---- */
+
+struct td {
+	pid_t pid;
+	int status;       /* after td_wait_exit */
+	char dir[64];     /* temp dir: tallyd.ini, tallyd.log */
+	char cfg[128], log[128];
+	char seg[128];
+};
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void td_init(struct td *d, const char *tag)
+{
+	memset(d, 0, sizeof(*d));
+	snprintf(d->dir, sizeof(d->dir), "/tmp/tallyd-test-XXXXXX");
+	cr_assert_not_null(mkdtemp(d->dir));
+	snprintf(d->cfg, sizeof(d->cfg), "%s/tallyd.ini", d->dir);
+	snprintf(d->log, sizeof(d->log), "%s/tallyd.log", d->dir);
+	snprintf(d->seg, sizeof(d->seg), "%s", tt_segname(tag));
+}
+
+__attribute__((format(printf, 2, 3))) static void td_write_cfg(struct td *d, const char *fmt, ...)
+{
+	char tmp[160];
+	va_list ap;
+	FILE *f;
+
+	/* written beside and renamed: a SIGHUP never reads half a file */
+	snprintf(tmp, sizeof(tmp), "%s.new", d->cfg);
+	f = fopen(tmp, "w");
+	cr_assert_not_null(f);
+	va_start(ap, fmt);
+	vfprintf(f, fmt, ap);
+	va_end(ap);
+	cr_assert_eq(fclose(f), 0);
+	cr_assert_eq(rename(tmp, d->cfg), 0);
+}
+
+/* Start tallyd with argv (NULL-terminated, without the program name). */
+static void td_startv(struct td *d, const char *const *args)
+{
+	const char *argv[32] = { TALLYD };
+	size_t n = 1;
+
+	for (; args && *args && n < 31; args++)
+		argv[n++] = *args;
+	argv[n] = NULL;
+	d->pid = fork();
+	cr_assert_neq(d->pid, -1);
+	if (d->pid == 0) {
+		int fd = open(d->log, O_WRONLY | O_CREAT | O_APPEND, 0600);
+
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0)
+			_exit(127);
+		execv(TALLYD, (char *const *)argv);
+		_exit(127);
+	}
+}
+
+/* The whole log so far (static buffer). */
+static const char *td_logtext(const struct td *d)
+{
+	static char buf[65536];
+	FILE *f = fopen(d->log, "r");
+	size_t n = 0;
+
+	if (f) {
+		n = fread(buf, 1, sizeof(buf) - 1, f);
+		fclose(f);
+	}
+	buf[n] = '\0';
+	return buf;
+}
+
+/* Wait until the log holds needle (true) or timeout_ms passes, or tallyd exits. */
+static bool td_wait_log(struct td *d, const char *needle, unsigned timeout_ms)
+{
+	uint64_t end = now_ms() + timeout_ms;
+
+	do {
+		if (strstr(td_logtext(d), needle))
+			return true;
+		tt_sleep_ms(10);
+	} while (now_ms() < end);
+	return strstr(td_logtext(d), needle) != NULL;
+}
+
+/* Count of needle in the log. */
+static int td_log_count(struct td *d, const char *needle)
+{
+	const char *s = td_logtext(d);
+	int n = 0;
+
+	while ((s = strstr(s, needle))) {
+		n++;
+		s += strlen(needle);
+	}
+	return n;
+}
+
+static bool td_wait_exit(struct td *d, unsigned timeout_ms)
+{
+	uint64_t end = now_ms() + timeout_ms;
+
+	while (d->pid > 0) {
+		pid_t r = waitpid(d->pid, &d->status, WNOHANG);
+
+		if (r == d->pid) {
+			d->pid = 0;
+			return true;
+		}
+		if (now_ms() >= end)
+			return false;
+		tt_sleep_ms(10);
+	}
+	return true;
+}
+
+static int td_exit_code(const struct td *d)
+{
+	return WIFEXITED(d->status) ? WEXITSTATUS(d->status) : 128 + WTERMSIG(d->status);
+}
+
+/* Run to completion (bounded): the exit code. */
+static int td_run(struct td *d, const char *const *args)
+{
+	td_startv(d, args);
+	cr_assert(td_wait_exit(d, 10000), "tallyd did not exit; log:\n%s", td_logtext(d));
+	return td_exit_code(d);
+}
+
+static void td_start_ready(struct td *d, const char *const *args)
+{
+	td_startv(d, args);
+	cr_assert(td_wait_log(d, "ready:", 10000), "tallyd not ready; log:\n%s", td_logtext(d));
+}
+
+/* SIGTERM and wait; kill -9 if it hangs; removes the temp dir. */
+static void td_cleanup(struct td *d)
+{
+	char path[200];
+
+	if (d->pid > 0) {
+		kill(d->pid, SIGTERM);
+		if (!td_wait_exit(d, 5000)) {
+			kill(d->pid, SIGKILL);
+			td_wait_exit(d, 5000);
+		}
+	}
+	tally_segment_unlink(d->seg);
+	snprintf(path, sizeof(path), "%s.new", d->cfg);
+	unlink(path);
+	unlink(d->cfg);
+	unlink(d->log);
+	rmdir(d->dir);
+}
+
+static bool seg_exists(const char *name)
+{
+	char path[256];
+
+	snprintf(path, sizeof(path), "/dev/shm/%s", name);
+	return access(path, F_OK) == 0;
+}
+
+/* ---- start, stop, keep ---- */
+
+Test(tallyd, creates_then_removes_segment_on_sigterm)
+{
+	struct td d;
+	struct tally_segment *seg = NULL;
+	struct tally_segment_info info;
+
+	td_init(&d, "td-start");
+	td_write_cfg(&d, "[segment]\nname = %s\nproducer_slots = 8\nring_capacity = 1024\n"
+			 "subject_capacity = 64\npending_capacity = 8\n[http]\nenabled = false\n",
+		     d.seg);
+	td_start_ready(&d, (const char *const[]){ "-c", d.cfg, NULL });
+	cr_assert_eq(tally_segment_open(d.seg, TALLY_OPEN_READER, 1000, &seg), 0, "%s",
+		     tally_errmsg());
+	cr_assert_eq(tally_segment_info(seg, &info), 0);
+	cr_expect_eq(info.owner_pid, d.pid);
+	cr_expect_eq(info.config.producer_slots, 8);
+	cr_expect_eq(info.config.subject_capacity, 64);
+	cr_expect(info.owner_alive);
+	tally_segment_close(&seg);
+	cr_expect(strstr(td_logtext(&d), "Z tallyd[") && strstr(td_logtext(&d), "] info: ready:"),
+		  "log lines carry an ISO time, the pid and a level:\n%s", td_logtext(&d));
+
+	kill(d.pid, SIGTERM);
+	cr_assert(td_wait_exit(&d, 5000), "no exit after SIGTERM");
+	cr_expect_eq(td_exit_code(&d), 0, "exit %d; log:\n%s", td_exit_code(&d), td_logtext(&d));
+	cr_expect(!seg_exists(d.seg), "segment left in /dev/shm");
+	cr_expect_eq(tally_segment_open(d.seg, TALLY_OPEN_READER, 0, &seg), -ENOENT);
+	td_cleanup(&d);
+}
+
+Test(tallyd, sigint_and_keep)
+{
+	struct td d;
+	struct tally_segment *seg = NULL;
+	struct tally_segment_info info;
+
+	td_init(&d, "td-keep");
+	td_start_ready(&d, (const char *const[]){ "-s", d.seg, "--no-http", "--keep", NULL });
+	kill(d.pid, SIGINT);
+	cr_assert(td_wait_exit(&d, 5000));
+	cr_expect_eq(td_exit_code(&d), 0);
+	cr_assert(seg_exists(d.seg), "--keep removed the segment; log:\n%s", td_logtext(&d));
+	cr_assert_eq(tally_segment_open(d.seg, TALLY_OPEN_READER, 1000, &seg), 0);
+	cr_assert_eq(tally_segment_info(seg, &info), 0);
+	cr_expect(info.owner_stopped, "a kept segment says its owner stopped");
+	cr_expect_eq(tally_segment_owner_alive(seg), 0);
+	tally_segment_close(&seg);
+	td_cleanup(&d);
+}
+
+Test(tallyd, segment_name_from_environment)
+{
+	struct td d;
+	struct tally_segment *seg = NULL;
+
+	td_init(&d, "td-env");
+	setenv("TALLY_SEGMENT", d.seg, 1);
+	td_start_ready(&d, (const char *const[]){ "--no-http", NULL });
+	unsetenv("TALLY_SEGMENT");
+	cr_expect_eq(tally_segment_open(d.seg, TALLY_OPEN_READER, 1000, &seg), 0, "%s",
+		     tally_errmsg());
+	tally_segment_close(&seg);
+	td_cleanup(&d);
+}
+
+/* ---- owners ---- */
+
+Test(tallyd, second_tallyd_on_a_live_segment_is_refused)
+{
+	struct td a, b;
+	char pid[32];
+
+	td_init(&a, "td-two");
+	td_init(&b, "td-two-b");
+	strcpy(b.seg, a.seg);
+	td_start_ready(&a, (const char *const[]){ "-s", a.seg, "--no-http", NULL });
+	int rc = td_run(&b, (const char *const[]){ "-s", a.seg, "--no-http", NULL });
+
+	cr_expect_eq(rc, 1, "second tallyd exit %d; log:\n%s", rc, td_logtext(&b));
+	snprintf(pid, sizeof(pid), "pid %d", (int)a.pid);
+	cr_expect(strstr(td_logtext(&b), pid), "the refusal names the live owner (%s):\n%s", pid,
+		  td_logtext(&b));
+	cr_expect_eq(kill(a.pid, 0), 0, "the first tallyd is still running");
+	cr_expect(seg_exists(a.seg), "the refused tallyd left the owner's segment alone");
+	b.seg[0] = '\0';
+	td_cleanup(&b);
+	td_cleanup(&a);
+}
+
+Test(tallyd, dead_owner_replaced_only_with_replace)
+{
+	struct td a, b;
+
+	td_init(&a, "td-dead");
+	td_init(&b, "td-dead-b");
+	strcpy(b.seg, a.seg);
+	td_start_ready(&a, (const char *const[]){ "-s", a.seg, "--no-http", NULL });
+	kill(a.pid, SIGKILL);
+	cr_assert(td_wait_exit(&a, 5000));
+	cr_assert(seg_exists(a.seg));
+
+	int rc = td_run(&b, (const char *const[]){ "-s", a.seg, "--no-http", NULL });
+	cr_expect_eq(rc, 1, "exit %d; log:\n%s", rc, td_logtext(&b));
+	cr_expect(strstr(td_logtext(&b), "--replace"), "the refusal says how to replace:\n%s",
+		  td_logtext(&b));
+
+	td_start_ready(&b, (const char *const[]){ "-s", a.seg, "--no-http", "--replace", NULL });
+	kill(b.pid, SIGTERM);
+	cr_assert(td_wait_exit(&b, 5000));
+	cr_expect_eq(td_exit_code(&b), 0);
+	cr_expect(!seg_exists(a.seg));
+	td_cleanup(&b);
+	a.seg[0] = '\0';
+	td_cleanup(&a);
+}
+
+/* ---- usage and configuration errors ---- */
+
+Test(tallyd, bad_usage_exits_2_with_usage)
+{
+	struct td d;
+
+	td_init(&d, "td-usage");
+	cr_expect_eq(td_run(&d, (const char *const[]){ "--no-such-option", NULL }), 2);
+	cr_expect(strstr(td_logtext(&d), "Usage: tallyd"), "%s", td_logtext(&d));
+	cr_expect_eq(td_run(&d, (const char *const[]){ "extra-argument", NULL }), 2);
+	cr_expect_eq(td_run(&d, (const char *const[]){ "--http", "nonsense", "-s", d.seg, NULL }), 2);
+	cr_expect(strstr(td_logtext(&d), "--http: "), "%s", td_logtext(&d));
+	cr_expect_eq(td_run(&d, (const char *const[]){ "-s", "bad/name", NULL }), 2);
+	cr_expect_eq(td_run(&d, (const char *const[]){ "-c", "/nonexistent/tallyd.ini", NULL }), 2);
+	cr_expect(strstr(td_logtext(&d), "/nonexistent/tallyd.ini: cannot read"), "%s",
+		  td_logtext(&d));
+	cr_expect(!seg_exists(d.seg));
+	td_cleanup(&d);
+}
+
+Test(tallyd, bad_config_lines_name_file_and_line)
+{
+	struct td d;
+	char where[200];
+
+	td_init(&d, "td-badcfg");
+	td_write_cfg(&d,
+		     "; a comment\n"                  /* 1 */
+		     "[segment]\n"                    /* 2 */
+		     "ring_capacity = 1000\n"         /* 3: not a power of two */
+		     "[engine]\n"                     /* 4 */
+		     "slice_ms = 100ms\n"             /* 5: a unit */
+		     "[thresholds orders.*]\n"        /* 6 */
+		     "stale_policy = maybe\n"         /* 7 */
+		     "[bogus]\n"                      /* 8 */
+		     "a line without a value\n"       /* 9 */
+		     "[thresholds orders..x]\n");     /* 10 */
+	int rc = td_run(&d, (const char *const[]){ "-c", d.cfg, "-s", d.seg, NULL });
+
+	cr_expect_eq(rc, 2, "exit %d", rc);
+	for (int line = 3; line <= 10; line++) {
+		if (line == 4 || line == 6)
+			continue;
+		snprintf(where, sizeof(where), "%s:%d: ", d.cfg, line);
+		cr_expect(strstr(td_logtext(&d), where), "no error for %s in:\n%s", where,
+			  td_logtext(&d));
+	}
+	cr_expect(strstr(td_logtext(&d), "power of two"));
+	cr_expect(strstr(td_logtext(&d), "without a unit"));
+	cr_expect(strstr(td_logtext(&d), "fail-open or fail-closed"));
+	cr_expect(strstr(td_logtext(&d), "unknown section [bogus]"));
+	cr_expect(!seg_exists(d.seg), "a bad config created the segment");
+	td_cleanup(&d);
+}
+
+Test(tallyd, unknown_key_lists_the_valid_ones)
+{
+	struct td d;
+	char where[200];
+
+	td_init(&d, "td-unk");
+	td_write_cfg(&d, "[http]\nlisten = 127.0.0.1:0\nport = 9464\n");
+	cr_expect_eq(td_run(&d, (const char *const[]){ "-c", d.cfg, "-s", d.seg, NULL }), 2);
+	snprintf(where, sizeof(where), "%s:3: unknown key \"port\" in [http]; valid keys: listen, "
+				       "enabled", d.cfg);
+	cr_expect(strstr(td_logtext(&d), where), "expected \"%s\" in:\n%s", where, td_logtext(&d));
+	td_cleanup(&d);
+}
+
+Test(tallyd, inconsistent_thresholds_rejected)
+{
+	struct td d;
+	char where[200];
+
+	td_init(&d, "td-thr");
+	td_write_cfg(&d, "[thresholds]\np95_warn_ms = 0.5\n[thresholds orders.>]\n"
+			 "p95_warn_ms = 900\np95_overload_ms = 100\n");
+	cr_expect_eq(td_run(&d, (const char *const[]){ "-c", d.cfg, "-s", d.seg, NULL }), 2);
+	snprintf(where, sizeof(where), "%s:3: [thresholds orders.>]", d.cfg);
+	cr_expect(strstr(td_logtext(&d), where), "%s", td_logtext(&d));
+	td_cleanup(&d);
+}
+
+/* ---- SIGHUP ---- */
+
+struct rec {
+	struct tally_segment *seg;
+	struct tally_producer *p;
+	tally_subject_t id;
+};
+
+static void rec_open(struct rec *r, const char *seg, const char *subject)
+{
+	cr_assert_eq(tally_segment_open(seg, TALLY_OPEN_PRODUCER, 2000, &r->seg), 0, "%s",
+		     tally_errmsg());
+	cr_assert_eq(tally_subject_intern(r->seg, subject, &r->id), 0);
+	cr_assert_eq(tally_producer_attach(r->seg, &r->p), 0, "%s", tally_errmsg());
+}
+
+static void rec_close(struct rec *r)
+{
+	tally_producer_detach(&r->p);
+	tally_segment_close(&r->seg);
+}
+
+/* Record ns every 5 ms until the verdict is v (true) or timeout_ms passes. */
+static bool record_until(struct rec *r, uint64_t ns, enum tally_verdict v, unsigned timeout_ms,
+			 struct tally_subject_stats *st)
+{
+	uint64_t end = now_ms() + timeout_ms;
+
+	do {
+		for (int i = 0; i < 5; i++)
+			tally_record(r->p, r->id, ns);
+		tt_sleep_ms(5);
+		if (tally_read_subject(r->seg, r->id, st) == 0 && st->verdict == v)
+			return true;
+	} while (now_ms() < end);
+	return false;
+}
+
+#define FAST_ENGINE "[engine]\nslice_ms = 100\nwindow_ms = 1000\npublish_interval_ms = 20\n"
+
+Test(tallyd, sighup_with_a_bad_config_keeps_the_old_one)
+{
+	struct td d;
+	struct rec r;
+	struct tally_subject_stats st;
+	char where[200];
+
+	td_init(&d, "td-hupbad");
+	td_write_cfg(&d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
+			 "[thresholds]\nmin_samples = 1\np95_warn_ms = 10\np95_overload_ms = 20\n",
+		     d.seg);
+	td_start_ready(&d, (const char *const[]){ "-c", d.cfg, NULL });
+	rec_open(&r, d.seg, "orders.created");
+	cr_assert(record_until(&r, 50000000, TALLY_VERDICT_OVERLOAD, 5000, &st));
+
+	td_write_cfg(&d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
+			 "[thresholds]\nmin_samples = 1\np95_warn_ms = 1000\np95_overload_ms = 2000\n"
+			 "clear_ratio = 2\n",
+		     d.seg);
+	kill(d.pid, SIGHUP);
+	snprintf(where, sizeof(where), "%s:13: clear_ratio", d.cfg);
+	cr_assert(td_wait_log(&d, "reload failed", 5000), "%s", td_logtext(&d));
+	cr_expect(strstr(td_logtext(&d), where), "the reload error names FILE:LINE:\n%s",
+		  td_logtext(&d));
+	cr_expect_eq(kill(d.pid, 0), 0, "tallyd died on a bad reload");
+
+	/* still serving, with the old thresholds: new samples keep it in overload */
+	uint64_t before = st.total_count;
+	tt_sleep_ms(300);
+	cr_assert(record_until(&r, 50000000, TALLY_VERDICT_OVERLOAD, 5000, &st));
+	tt_sleep_ms(100);
+	cr_assert_eq(tally_read_subject(r.seg, r.id, &st), 0, "published data went stale");
+	cr_expect_gt(st.total_count, before, "no new samples aggregated after the bad reload");
+	cr_expect_eq(st.verdict, TALLY_VERDICT_OVERLOAD, "thresholds changed by a bad file");
+	rec_close(&r);
+	td_cleanup(&d);
+}
+
+Test(tallyd, sighup_applies_new_thresholds_and_keeps_statistics)
+{
+	struct td d;
+	struct rec r;
+	struct tally_subject_stats st;
+	uint64_t before;
+
+	td_init(&d, "td-hup");
+	td_write_cfg(&d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
+			 "[thresholds]\nmin_samples = 1\np95_warn_ms = 1000\np95_overload_ms = 2000\n",
+		     d.seg);
+	td_start_ready(&d, (const char *const[]){ "-c", d.cfg, NULL });
+	rec_open(&r, d.seg, "orders.created");
+	cr_assert(record_until(&r, 50000000, TALLY_VERDICT_OK, 5000, &st),
+		  "verdict %d with a 1 s warn level", st.verdict);
+	before = st.total_count;
+
+	/* a pattern rule for orders.* that makes 50 ms an overload */
+	td_write_cfg(&d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
+			 "[thresholds]\nmin_samples = 1\np95_warn_ms = 1000\np95_overload_ms = 2000\n"
+			 "[thresholds orders.*]\np95_warn_ms = 10\np95_overload_ms = 20\n",
+		     d.seg);
+	kill(d.pid, SIGHUP);
+	cr_assert(td_wait_log(&d, "reloaded", 5000), "%s", td_logtext(&d));
+	cr_assert(record_until(&r, 50000000, TALLY_VERDICT_OVERLOAD, 5000, &st),
+		  "verdict %d after the reload; log:\n%s", st.verdict, td_logtext(&d));
+	cr_expect(st.reasons & TALLY_REASON_LATENCY);
+	cr_expect_geq(st.total_count, before, "statistics were reset by the reload");
+	cr_expect_eq(kill(d.pid, 0), 0);
+
+	/* a change that needs a restart is logged, not applied */
+	td_write_cfg(&d, "[segment]\nname = %s\nproducer_slots = 9\n[http]\nenabled = no\n"
+			 FAST_ENGINE "[thresholds]\nmin_samples = 1\n", d.seg);
+	kill(d.pid, SIGHUP);
+	cr_assert(td_wait_log(&d, "only after a restart", 5000), "%s", td_logtext(&d));
+	cr_expect_eq(td_log_count(&d, "reloaded"), 2);
+	rec_close(&r);
+
+	kill(d.pid, SIGTERM);
+	cr_assert(td_wait_exit(&d, 5000));
+	cr_expect_eq(td_exit_code(&d), 0);
+	td_cleanup(&d);
+}
+
+/* ---- the poller against a real nats-server ---- */
+
+static void js_setup(const char *url)
+{
+	natsConnection *nc = NULL;
+	jsCtx *js = NULL;
+	jsStreamConfig sc;
+	jsConsumerConfig cc;
+	jsErrCode ec = 0;
+	const char *subj = "orders.>";
+
+	cr_assert_eq(natsConnection_ConnectTo(&nc, url), NATS_OK);
+	cr_assert_eq(natsConnection_JetStream(&js, nc, NULL), NATS_OK);
+	jsStreamConfig_Init(&sc);
+	sc.Name = "ORDERS";
+	sc.Subjects = &subj;
+	sc.SubjectsLen = 1;
+	cr_assert_eq(js_AddStream(NULL, js, &sc, NULL, &ec), NATS_OK, "add stream: %d", (int)ec);
+	jsConsumerConfig_Init(&cc);
+	cc.Durable = "dispatch";
+	cc.AckPolicy = js_AckExplicit;
+	cc.FilterSubject = "orders.created";
+	cr_assert_eq(js_AddConsumer(NULL, js, "ORDERS", &cc, NULL, &ec), NATS_OK, "%d", (int)ec);
+	for (int i = 0; i < 7; i++)
+		cr_assert_eq(js_Publish(NULL, js, "orders.created", "x", 1, NULL, &ec), NATS_OK);
+	jsCtx_Destroy(js);
+	natsConnection_Destroy(nc);
+}
+
+Test(tallyd, polls_jetstream_consumers, .timeout = 40)
+{
+	struct tally_test_nats srv;
+	struct tally_consumer_stats cs[8];
+	struct tally_segment *seg = NULL;
+	struct td d;
+	int n = 0;
+
+	memset(&srv, 0, sizeof(srv));
+	cr_assert_eq(tally_test_nats_start(&srv, NULL, true), 0, "%s", srv.errmsg);
+	js_setup(srv.url);
+	td_init(&d, "td-nats");
+	td_write_cfg(&d, "[http]\nenabled = false\n[nats]\npoll_interval_ms = 100\n"
+			 "[watch ORDERS]\n");
+	td_start_ready(&d, (const char *const[]){ "-c", d.cfg, "-s", d.seg, "--nats", srv.url, NULL });
+	cr_assert_eq(tally_segment_open(d.seg, TALLY_OPEN_READER, 1000, &seg), 0);
+	for (uint64_t end = now_ms() + 10000; now_ms() < end; tt_sleep_ms(50)) {
+		n = tally_read_consumers(seg, cs, 8);
+		if (n == 1 && strcmp(cs[0].source, "live") == 0 && cs[0].num_pending == 7)
+			break;
+	}
+	cr_assert_eq(n, 1, "consumers: %d; log:\n%s", n, td_logtext(&d));
+	cr_expect_str_eq(cs[0].stream, "ORDERS");
+	cr_expect_str_eq(cs[0].consumer, "dispatch");
+	cr_expect_str_eq(cs[0].source, "live");
+	cr_expect_eq(cs[0].num_pending, 7);
+	cr_expect_str_eq(cs[0].filter, "orders.created");
+	tally_segment_close(&seg);
+	td_cleanup(&d);
+	tally_test_nats_stop(&srv);
+}
