@@ -73,6 +73,9 @@ struct snap {
 	struct rcu_head rcu;
 	uint64_t published_ns;
 	uint32_t n;
+	uint32_t nedges;
+	uint32_t *bucket_row;           /* by subject id: row + 1 in buckets, 0 none */
+	uint64_t *buckets;              /* rows of nedges cumulative counts, then count, sum */
 	struct tally_subject_stats s[]; /* by subject id; published_ns 0: absent */
 };
 
@@ -81,6 +84,10 @@ struct subject_state {
 	struct tally__verdict_state vs;
 	const struct tally_threshold_rule *rule; /* cached match, valid while rule_gen is current */
 	uint64_t rule_gen;
+	/* since start, over closed slices: counts below each export edge, and
+	 * the count and sum they total (the histogram Prometheus scrapes) */
+	uint64_t *le_total;
+	uint64_t closed_count, closed_sum;
 	char name[TALLY_SUBJECT_MAX + 1];
 };
 
@@ -102,6 +109,8 @@ struct tally_engine {
 	uint32_t npviews;
 	struct tally__snap_writer latch;
 	uint64_t cur_slice, next_publish, next_reap;
+	uint64_t edges[TALLY__HIST_DEFAULT_NEDGES]; /* export bucket edges, ns */
+	uint32_t nedges;
 	_Atomic uint64_t drained, rejected, publishes, last_publish_ns, died, released;
 	pthread_mutex_t start_lock;
 	pthread_cond_t start_cond;
@@ -145,8 +154,11 @@ static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, ui
 	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
 		return NULL;
 	struct subject_state *st = calloc(1, sizeof(*st));
-	if (!st || tally_subject_name(seg, id, st->name, sizeof(st->name)) != 0 ||
+	if (!st || !(st->le_total = calloc(e->nedges, sizeof(uint64_t))) ||
+	    tally_subject_name(seg, id, st->name, sizeof(st->name)) != 0 ||
 	    tally__window_init(&st->win, &e->wcfg, now) != 0) {
+		if (st)
+			free(st->le_total);
 		free(st);
 		return NULL;
 	}
@@ -202,6 +214,22 @@ static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 	return total;
 }
 
+/* A slice is closing: fold it into the subject's since-start export
+ * buckets (one pass over its nonempty blocks). */
+static void fold_closing_slice(struct tally_engine *e, struct subject_state *st)
+{
+	uint64_t below[TALLY__HIST_DEFAULT_NEDGES];
+	bool sat = false;
+
+	if (st->win.cur.count == 0 ||
+	    tally__hist_cumulative_le(&st->win.cur, e->edges, e->nedges, below) != 0)
+		return;
+	for (uint32_t k = 0; k < e->nedges; k++)
+		st->le_total[k] += below[k];
+	st->closed_count += st->win.cur.count;
+	st->closed_sum = tally__hist_sat_add(st->closed_sum, st->win.cur.sum, &sat);
+}
+
 /* Entering a new slice: close the previous one in every window. */
 static void advance_all(struct tally_engine *e, uint64_t now)
 {
@@ -210,8 +238,12 @@ static void advance_all(struct tally_engine *e, uint64_t now)
 	if (slice == e->cur_slice)
 		return;
 	e->cur_slice = slice;
-	for (uint32_t i = 0; i < e->nactive; i++)
-		tally__window_advance(&e->subjects[e->active[i]]->win, now);
+	for (uint32_t i = 0; i < e->nactive; i++) {
+		struct subject_state *st = e->subjects[e->active[i]];
+		if (st->win.cur_slice != slice)
+			fold_closing_slice(e, st);
+		tally__window_advance(&st->win, now);
+	}
 }
 
 /* ---- publish -------------------------------------------------------------- */
@@ -359,9 +391,39 @@ static void latch_publish(struct tally_engine *e, const struct snap *sn, uint64_
 	}
 }
 
+static void snap_free(struct snap *sn)
+{
+	if (!sn)
+		return;
+	free(sn->bucket_row);
+	free(sn->buckets);
+	free(sn);
+}
+
 static void free_snap(struct rcu_head *head)
 {
-	free(caa_container_of(head, struct snap, rcu));
+	snap_free(caa_container_of(head, struct snap, rcu));
+}
+
+/* Copy every active subject's export buckets into the snapshot. */
+static int snap_buckets(struct tally_engine *e, struct snap *sn)
+{
+	uint32_t row_len = e->nedges + 2;
+
+	sn->nedges = e->nedges;
+	sn->bucket_row = calloc(sn->n, sizeof(uint32_t));
+	sn->buckets = malloc(((size_t)e->nactive + 1) * row_len * sizeof(uint64_t));
+	if (!sn->bucket_row || !sn->buckets)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < e->nactive; i++) {
+		const struct subject_state *st = e->subjects[e->active[i]];
+		uint64_t *row = sn->buckets + (size_t)i * row_len;
+		memcpy(row, st->le_total, e->nedges * sizeof(uint64_t));
+		row[e->nedges] = st->closed_count;
+		row[e->nedges + 1] = st->closed_sum;
+		sn->bucket_row[e->active[i]] = i + 1;
+	}
+	return 0;
 }
 
 static void publish(struct tally_engine *e, uint64_t now)
@@ -374,6 +436,10 @@ static void publish(struct tally_engine *e, uint64_t now)
 		return; /* keep the previous snapshot; try again next interval */
 	sn->n = n;
 	sn->published_ns = now;
+	if (snap_buckets(e, sn) != 0) {
+		snap_free(sn);
+		return;
+	}
 	thresholds_pickup(e);
 	pending_gather(e);
 	for (uint32_t i = 0; i < e->nactive; i++) {
@@ -451,6 +517,7 @@ static void *aggregator_main(void *arg)
 	now = tally__mono_ns();
 	while (drain_all(e, now))
 		;
+	advance_all(e, now);
 	publish(e, now);
 	return NULL;
 }
@@ -461,6 +528,7 @@ static void engine_free(struct tally_engine *e)
 
 	for (uint32_t i = 0; i < e->nactive; i++) {
 		tally__window_destroy(&e->subjects[e->active[i]]->win);
+		free(e->subjects[e->active[i]]->le_total);
 		free(e->subjects[e->active[i]]);
 	}
 	tally_thresholds_free(&next);
@@ -503,6 +571,7 @@ TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_e
 	e->pviews = calloc(seg->pending_cap, sizeof(e->pviews[0]));
 	e->thresholds = tally_thresholds_new();
 	e->thresholds_gen = 1;
+	e->nedges = (uint32_t)tally__hist_default_edges(e->edges, TALLY__HIST_DEFAULT_NEDGES);
 	if (!e->subjects || !e->active || !e->pviews || !e->thresholds) {
 		engine_free(e);
 		return -ENOMEM;
@@ -535,7 +604,7 @@ TALLY_API void tally_engine_stop(struct tally_engine **ep)
 	struct snap *last = e->current;
 	snap_assign(e->current, NULL);
 	synchronize_rcu();
-	free(last);
+	snap_free(last);
 	rcu_barrier(); /* every call_rcu callback has run: nothing leaks */
 	e->seg->engine_attached = false;
 	pthread_mutex_destroy(&e->start_lock);
@@ -579,4 +648,27 @@ TALLY_API int tally_engine_set_thresholds(struct tally_engine *e, struct tally_t
 	tally_thresholds_free(&old);
 	*t = NULL;
 	return 0;
+}
+
+TALLY_API int tally_engine_read_buckets(struct tally_engine *e, tally_subject_t id,
+					struct tally_subject_buckets *out)
+{
+	int rc = -ENOENT;
+
+	rcu_read_lock();
+	struct snap *sn = snap_deref(e->current);
+	uint32_t row = sn && id < sn->n ? sn->bucket_row[id] : 0;
+	if (row) {
+		const uint64_t *r = sn->buckets + (size_t)(row - 1) * (sn->nedges + 2);
+		out->n = sn->nedges < TALLY_BUCKETS_MAX ? sn->nedges : TALLY_BUCKETS_MAX;
+		for (uint32_t k = 0; k < out->n; k++) {
+			out->le_ns[k] = e->edges[k] - 1; /* counts are of values < edge */
+			out->cumulative[k] = r[k];
+		}
+		out->count = r[sn->nedges];
+		out->sum_ns = r[sn->nedges + 1];
+		rc = 0;
+	}
+	rcu_read_unlock();
+	return rc;
 }

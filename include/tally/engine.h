@@ -105,6 +105,30 @@ enum tally_pending_source {
 TALLY_API int tally_engine_read(struct tally_engine *e, tally_subject_t id,
 				struct tally_subject_stats *out);
 
+#define TALLY_BUCKETS_MAX 96
+
+/*
+ * A subject's latency since the engine started, as a cumulative histogram
+ * for Prometheus: cumulative[i] samples were <= le_ns[i] ns; count (the
+ * +Inf bucket) and sum_ns cover the same samples. The bounds are bucket
+ * edges of the engine's histograms, so the counts are exact: 4 per octave
+ * from about 1 us to 1 s, then 1 per octave to about 37 min. They cover
+ * closed time slices only, so they lag by at most one slice (default 1 s)
+ * and, being counters, never go down.
+ */
+struct tally_subject_buckets {
+	uint32_t n;
+	uint64_t le_ns[TALLY_BUCKETS_MAX];
+	uint64_t cumulative[TALLY_BUCKETS_MAX];
+	uint64_t count;
+	uint64_t sum_ns;
+};
+
+/* In-process read of subject id's buckets from the latest snapshot. 0 or
+ * -ENOENT. Lock-free, any thread; copies about 1.5 KB. */
+TALLY_API int tally_engine_read_buckets(struct tally_engine *e, tally_subject_t id,
+					struct tally_subject_buckets *out);
+
 struct tally_engine_counters {
 	uint64_t drained;        /* samples taken from rings */
 	uint64_t rejected;       /* entries with a subject id not in the table */
