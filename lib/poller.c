@@ -995,7 +995,7 @@ static int consumer_field(struct jr *j, const char *key, void *ctx)
 static int error_field(struct jr *j, const char *key, void *ctx)
 {
 	struct tally__js_error *e = ctx;
-	uint64_t v;
+	uint64_t v = 0; /* jr_u64 leaves it unset on a bad number */
 	int rc;
 
 	if (strcmp(key, "description") == 0)
@@ -1073,7 +1073,7 @@ static int jr_done(struct jr *j, int rc)
 int tally__js_parse_list(const char *json, size_t len, struct tally__js_page *page,
 			 tally__js_consumer_fn fn, void *ctx)
 {
-	struct jr j = { .p = json, .end = json + len };
+	struct jr j = { .p = json, .end = json ? json + len : json }; /* NULL + 0 is UB */
 	struct list_parse lp = { .page = page, .fn = fn, .ctx = ctx };
 
 	memset(page, 0, sizeof(*page));
@@ -1099,7 +1099,7 @@ static int info_field(struct jr *j, const char *key, void *ctx)
 int tally__js_parse_info(const char *json, size_t len, struct tally__js_consumer *out,
 			 struct tally__js_error *err)
 {
-	struct jr j = { .p = json, .end = json + len };
+	struct jr j = { .p = json, .end = json ? json + len : json }; /* NULL + 0 is UB */
 	struct info_parse ip = { .c = out, .e = err };
 
 	memset(out, 0, sizeof(*out));

@@ -53,14 +53,43 @@ static uint64_t now_ms(void)
 	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-static void td_init(struct td *d, const char *tag)
+/*
+ * The tallyds of a test live here, not on its stack, so that the suite's
+ * fini can stop them after a failed assertion (which leaves the test's
+ * frame). Each test runs in a process of its own.
+ */
+static struct td pool[4];
+static bool pool_used[4];
+
+static void td_cleanup(struct td *d);
+
+static void suite_fini(void)
 {
+	for (size_t i = 0; i < 4; i++)
+		if (pool_used[i])
+			td_cleanup(&pool[i]);
+}
+
+TestSuite(tallyd, .fini = suite_fini, .timeout = 40);
+
+static struct td *td_new(const char *tag)
+{
+	struct td *d = NULL;
+
+	for (size_t i = 0; i < 4 && !d; i++) {
+		if (!pool_used[i]) {
+			pool_used[i] = true;
+			d = &pool[i];
+		}
+	}
+	cr_assert_not_null(d);
 	memset(d, 0, sizeof(*d));
 	snprintf(d->dir, sizeof(d->dir), "/tmp/tallyd-test-XXXXXX");
 	cr_assert_not_null(mkdtemp(d->dir));
 	snprintf(d->cfg, sizeof(d->cfg), "%s/tallyd.ini", d->dir);
 	snprintf(d->log, sizeof(d->log), "%s/tallyd.log", d->dir);
 	snprintf(d->seg, sizeof(d->seg), "%s", tt_segname(tag));
+	return d;
 }
 
 __attribute__((format(printf, 2, 3))) static void td_write_cfg(struct td *d, const char *fmt, ...)
@@ -185,6 +214,9 @@ static void td_cleanup(struct td *d)
 {
 	char path[200];
 
+	for (size_t i = 0; i < 4; i++)
+		if (&pool[i] == d)
+			pool_used[i] = false;
 	if (d->pid > 0) {
 		kill(d->pid, SIGTERM);
 		if (!td_wait_exit(d, 5000)) {
@@ -212,147 +244,147 @@ static bool seg_exists(const char *name)
 
 Test(tallyd, creates_then_removes_segment_on_sigterm)
 {
-	struct td d;
+	struct td *d;
 	struct tally_segment *seg = NULL;
 	struct tally_segment_info info;
 
-	td_init(&d, "td-start");
-	td_write_cfg(&d, "[segment]\nname = %s\nproducer_slots = 8\nring_capacity = 1024\n"
+	d = td_new("td-start");
+	td_write_cfg(d, "[segment]\nname = %s\nproducer_slots = 8\nring_capacity = 1024\n"
 			 "subject_capacity = 64\npending_capacity = 8\n[http]\nenabled = false\n",
-		     d.seg);
-	td_start_ready(&d, (const char *const[]){ "-c", d.cfg, NULL });
-	cr_assert_eq(tally_segment_open(d.seg, TALLY_OPEN_READER, 1000, &seg), 0, "%s",
+		     d->seg);
+	td_start_ready(d, (const char *const[]){ "-c", d->cfg, NULL });
+	cr_assert_eq(tally_segment_open(d->seg, TALLY_OPEN_READER, 1000, &seg), 0, "%s",
 		     tally_errmsg());
 	cr_assert_eq(tally_segment_info(seg, &info), 0);
-	cr_expect_eq(info.owner_pid, d.pid);
+	cr_expect_eq(info.owner_pid, d->pid);
 	cr_expect_eq(info.config.producer_slots, 8);
 	cr_expect_eq(info.config.subject_capacity, 64);
 	cr_expect(info.owner_alive);
 	tally_segment_close(&seg);
-	cr_expect(strstr(td_logtext(&d), "Z tallyd[") && strstr(td_logtext(&d), "] info: ready:"),
-		  "log lines carry an ISO time, the pid and a level:\n%s", td_logtext(&d));
+	cr_expect(strstr(td_logtext(d), "Z tallyd[") && strstr(td_logtext(d), "] info: ready:"),
+		  "log lines carry an ISO time, the pid and a level:\n%s", td_logtext(d));
 
-	kill(d.pid, SIGTERM);
-	cr_assert(td_wait_exit(&d, 5000), "no exit after SIGTERM");
-	cr_expect_eq(td_exit_code(&d), 0, "exit %d; log:\n%s", td_exit_code(&d), td_logtext(&d));
-	cr_expect(!seg_exists(d.seg), "segment left in /dev/shm");
-	cr_expect_eq(tally_segment_open(d.seg, TALLY_OPEN_READER, 0, &seg), -ENOENT);
-	td_cleanup(&d);
+	kill(d->pid, SIGTERM);
+	cr_assert(td_wait_exit(d, 5000), "no exit after SIGTERM");
+	cr_expect_eq(td_exit_code(d), 0, "exit %d; log:\n%s", td_exit_code(d), td_logtext(d));
+	cr_expect(!seg_exists(d->seg), "segment left in /dev/shm");
+	cr_expect_eq(tally_segment_open(d->seg, TALLY_OPEN_READER, 0, &seg), -ENOENT);
+	td_cleanup(d);
 }
 
 Test(tallyd, sigint_and_keep)
 {
-	struct td d;
+	struct td *d;
 	struct tally_segment *seg = NULL;
 	struct tally_segment_info info;
 
-	td_init(&d, "td-keep");
-	td_start_ready(&d, (const char *const[]){ "-s", d.seg, "--no-http", "--keep", NULL });
-	kill(d.pid, SIGINT);
-	cr_assert(td_wait_exit(&d, 5000));
-	cr_expect_eq(td_exit_code(&d), 0);
-	cr_assert(seg_exists(d.seg), "--keep removed the segment; log:\n%s", td_logtext(&d));
-	cr_assert_eq(tally_segment_open(d.seg, TALLY_OPEN_READER, 1000, &seg), 0);
+	d = td_new("td-keep");
+	td_start_ready(d, (const char *const[]){ "-s", d->seg, "--no-http", "--keep", NULL });
+	kill(d->pid, SIGINT);
+	cr_assert(td_wait_exit(d, 5000));
+	cr_expect_eq(td_exit_code(d), 0);
+	cr_assert(seg_exists(d->seg), "--keep removed the segment; log:\n%s", td_logtext(d));
+	cr_assert_eq(tally_segment_open(d->seg, TALLY_OPEN_READER, 1000, &seg), 0);
 	cr_assert_eq(tally_segment_info(seg, &info), 0);
 	cr_expect(info.owner_stopped, "a kept segment says its owner stopped");
 	cr_expect_eq(tally_segment_owner_alive(seg), 0);
 	tally_segment_close(&seg);
-	td_cleanup(&d);
+	td_cleanup(d);
 }
 
 Test(tallyd, segment_name_from_environment)
 {
-	struct td d;
+	struct td *d;
 	struct tally_segment *seg = NULL;
 
-	td_init(&d, "td-env");
-	setenv("TALLY_SEGMENT", d.seg, 1);
-	td_start_ready(&d, (const char *const[]){ "--no-http", NULL });
+	d = td_new("td-env");
+	setenv("TALLY_SEGMENT", d->seg, 1);
+	td_start_ready(d, (const char *const[]){ "--no-http", NULL });
 	unsetenv("TALLY_SEGMENT");
-	cr_expect_eq(tally_segment_open(d.seg, TALLY_OPEN_READER, 1000, &seg), 0, "%s",
+	cr_expect_eq(tally_segment_open(d->seg, TALLY_OPEN_READER, 1000, &seg), 0, "%s",
 		     tally_errmsg());
 	tally_segment_close(&seg);
-	td_cleanup(&d);
+	td_cleanup(d);
 }
 
 /* ---- owners ---- */
 
 Test(tallyd, second_tallyd_on_a_live_segment_is_refused)
 {
-	struct td a, b;
+	struct td *a, *b;
 	char pid[32];
 
-	td_init(&a, "td-two");
-	td_init(&b, "td-two-b");
-	strcpy(b.seg, a.seg);
-	td_start_ready(&a, (const char *const[]){ "-s", a.seg, "--no-http", NULL });
-	int rc = td_run(&b, (const char *const[]){ "-s", a.seg, "--no-http", NULL });
+	a = td_new("td-two");
+	b = td_new("td-two-b");
+	strcpy(b->seg, a->seg);
+	td_start_ready(a, (const char *const[]){ "-s", a->seg, "--no-http", NULL });
+	int rc = td_run(b, (const char *const[]){ "-s", a->seg, "--no-http", NULL });
 
-	cr_expect_eq(rc, 1, "second tallyd exit %d; log:\n%s", rc, td_logtext(&b));
-	snprintf(pid, sizeof(pid), "pid %d", (int)a.pid);
-	cr_expect(strstr(td_logtext(&b), pid), "the refusal names the live owner (%s):\n%s", pid,
-		  td_logtext(&b));
-	cr_expect_eq(kill(a.pid, 0), 0, "the first tallyd is still running");
-	cr_expect(seg_exists(a.seg), "the refused tallyd left the owner's segment alone");
-	b.seg[0] = '\0';
-	td_cleanup(&b);
-	td_cleanup(&a);
+	cr_expect_eq(rc, 1, "second tallyd exit %d; log:\n%s", rc, td_logtext(b));
+	snprintf(pid, sizeof(pid), "pid %d", (int)a->pid);
+	cr_expect(strstr(td_logtext(b), pid), "the refusal names the live owner (%s):\n%s", pid,
+		  td_logtext(b));
+	cr_expect_eq(kill(a->pid, 0), 0, "the first tallyd is still running");
+	cr_expect(seg_exists(a->seg), "the refused tallyd left the owner's segment alone");
+	b->seg[0] = '\0';
+	td_cleanup(b);
+	td_cleanup(a);
 }
 
 Test(tallyd, dead_owner_replaced_only_with_replace)
 {
-	struct td a, b;
+	struct td *a, *b;
 
-	td_init(&a, "td-dead");
-	td_init(&b, "td-dead-b");
-	strcpy(b.seg, a.seg);
-	td_start_ready(&a, (const char *const[]){ "-s", a.seg, "--no-http", NULL });
-	kill(a.pid, SIGKILL);
-	cr_assert(td_wait_exit(&a, 5000));
-	cr_assert(seg_exists(a.seg));
+	a = td_new("td-dead");
+	b = td_new("td-dead-b");
+	strcpy(b->seg, a->seg);
+	td_start_ready(a, (const char *const[]){ "-s", a->seg, "--no-http", NULL });
+	kill(a->pid, SIGKILL);
+	cr_assert(td_wait_exit(a, 5000));
+	cr_assert(seg_exists(a->seg));
 
-	int rc = td_run(&b, (const char *const[]){ "-s", a.seg, "--no-http", NULL });
-	cr_expect_eq(rc, 1, "exit %d; log:\n%s", rc, td_logtext(&b));
-	cr_expect(strstr(td_logtext(&b), "--replace"), "the refusal says how to replace:\n%s",
-		  td_logtext(&b));
+	int rc = td_run(b, (const char *const[]){ "-s", a->seg, "--no-http", NULL });
+	cr_expect_eq(rc, 1, "exit %d; log:\n%s", rc, td_logtext(b));
+	cr_expect(strstr(td_logtext(b), "--replace"), "the refusal says how to replace:\n%s",
+		  td_logtext(b));
 
-	td_start_ready(&b, (const char *const[]){ "-s", a.seg, "--no-http", "--replace", NULL });
-	kill(b.pid, SIGTERM);
-	cr_assert(td_wait_exit(&b, 5000));
-	cr_expect_eq(td_exit_code(&b), 0);
-	cr_expect(!seg_exists(a.seg));
-	td_cleanup(&b);
-	a.seg[0] = '\0';
-	td_cleanup(&a);
+	td_start_ready(b, (const char *const[]){ "-s", a->seg, "--no-http", "--replace", NULL });
+	kill(b->pid, SIGTERM);
+	cr_assert(td_wait_exit(b, 5000));
+	cr_expect_eq(td_exit_code(b), 0);
+	cr_expect(!seg_exists(a->seg));
+	td_cleanup(b);
+	a->seg[0] = '\0';
+	td_cleanup(a);
 }
 
 /* ---- usage and configuration errors ---- */
 
 Test(tallyd, bad_usage_exits_2_with_usage)
 {
-	struct td d;
+	struct td *d;
 
-	td_init(&d, "td-usage");
-	cr_expect_eq(td_run(&d, (const char *const[]){ "--no-such-option", NULL }), 2);
-	cr_expect(strstr(td_logtext(&d), "Usage: tallyd"), "%s", td_logtext(&d));
-	cr_expect_eq(td_run(&d, (const char *const[]){ "extra-argument", NULL }), 2);
-	cr_expect_eq(td_run(&d, (const char *const[]){ "--http", "nonsense", "-s", d.seg, NULL }), 2);
-	cr_expect(strstr(td_logtext(&d), "--http: "), "%s", td_logtext(&d));
-	cr_expect_eq(td_run(&d, (const char *const[]){ "-s", "bad/name", NULL }), 2);
-	cr_expect_eq(td_run(&d, (const char *const[]){ "-c", "/nonexistent/tallyd.ini", NULL }), 2);
-	cr_expect(strstr(td_logtext(&d), "/nonexistent/tallyd.ini: cannot read"), "%s",
-		  td_logtext(&d));
-	cr_expect(!seg_exists(d.seg));
-	td_cleanup(&d);
+	d = td_new("td-usage");
+	cr_expect_eq(td_run(d, (const char *const[]){ "--no-such-option", NULL }), 2);
+	cr_expect(strstr(td_logtext(d), "Usage: tallyd"), "%s", td_logtext(d));
+	cr_expect_eq(td_run(d, (const char *const[]){ "extra-argument", NULL }), 2);
+	cr_expect_eq(td_run(d, (const char *const[]){ "--http", "nonsense", "-s", d->seg, NULL }), 2);
+	cr_expect(strstr(td_logtext(d), "--http: "), "%s", td_logtext(d));
+	cr_expect_eq(td_run(d, (const char *const[]){ "-s", "bad/name", NULL }), 2);
+	cr_expect_eq(td_run(d, (const char *const[]){ "-c", "/nonexistent/tallyd.ini", NULL }), 2);
+	cr_expect(strstr(td_logtext(d), "/nonexistent/tallyd.ini: cannot read"), "%s",
+		  td_logtext(d));
+	cr_expect(!seg_exists(d->seg));
+	td_cleanup(d);
 }
 
 Test(tallyd, bad_config_lines_name_file_and_line)
 {
-	struct td d;
+	struct td *d;
 	char where[200];
 
-	td_init(&d, "td-badcfg");
-	td_write_cfg(&d,
+	d = td_new("td-badcfg");
+	td_write_cfg(d,
 		     "; a comment\n"                  /* 1 */
 		     "[segment]\n"                    /* 2 */
 		     "ring_capacity = 1000\n"         /* 3: not a power of two */
@@ -363,50 +395,50 @@ Test(tallyd, bad_config_lines_name_file_and_line)
 		     "[bogus]\n"                      /* 8 */
 		     "a line without a value\n"       /* 9 */
 		     "[thresholds orders..x]\n");     /* 10 */
-	int rc = td_run(&d, (const char *const[]){ "-c", d.cfg, "-s", d.seg, NULL });
+	int rc = td_run(d, (const char *const[]){ "-c", d->cfg, "-s", d->seg, NULL });
 
 	cr_expect_eq(rc, 2, "exit %d", rc);
 	for (int line = 3; line <= 10; line++) {
 		if (line == 4 || line == 6)
 			continue;
-		snprintf(where, sizeof(where), "%s:%d: ", d.cfg, line);
-		cr_expect(strstr(td_logtext(&d), where), "no error for %s in:\n%s", where,
-			  td_logtext(&d));
+		snprintf(where, sizeof(where), "%s:%d: ", d->cfg, line);
+		cr_expect(strstr(td_logtext(d), where), "no error for %s in:\n%s", where,
+			  td_logtext(d));
 	}
-	cr_expect(strstr(td_logtext(&d), "power of two"));
-	cr_expect(strstr(td_logtext(&d), "without a unit"));
-	cr_expect(strstr(td_logtext(&d), "fail-open or fail-closed"));
-	cr_expect(strstr(td_logtext(&d), "unknown section [bogus]"));
-	cr_expect(!seg_exists(d.seg), "a bad config created the segment");
-	td_cleanup(&d);
+	cr_expect(strstr(td_logtext(d), "power of two"));
+	cr_expect(strstr(td_logtext(d), "without a unit"));
+	cr_expect(strstr(td_logtext(d), "fail-open or fail-closed"));
+	cr_expect(strstr(td_logtext(d), "unknown section [bogus]"));
+	cr_expect(!seg_exists(d->seg), "a bad config created the segment");
+	td_cleanup(d);
 }
 
 Test(tallyd, unknown_key_lists_the_valid_ones)
 {
-	struct td d;
+	struct td *d;
 	char where[200];
 
-	td_init(&d, "td-unk");
-	td_write_cfg(&d, "[http]\nlisten = 127.0.0.1:0\nport = 9464\n");
-	cr_expect_eq(td_run(&d, (const char *const[]){ "-c", d.cfg, "-s", d.seg, NULL }), 2);
+	d = td_new("td-unk");
+	td_write_cfg(d, "[http]\nlisten = 127.0.0.1:0\nport = 9464\n");
+	cr_expect_eq(td_run(d, (const char *const[]){ "-c", d->cfg, "-s", d->seg, NULL }), 2);
 	snprintf(where, sizeof(where), "%s:3: unknown key \"port\" in [http]; valid keys: listen, "
-				       "enabled", d.cfg);
-	cr_expect(strstr(td_logtext(&d), where), "expected \"%s\" in:\n%s", where, td_logtext(&d));
-	td_cleanup(&d);
+				       "enabled", d->cfg);
+	cr_expect(strstr(td_logtext(d), where), "expected \"%s\" in:\n%s", where, td_logtext(d));
+	td_cleanup(d);
 }
 
 Test(tallyd, inconsistent_thresholds_rejected)
 {
-	struct td d;
+	struct td *d;
 	char where[200];
 
-	td_init(&d, "td-thr");
-	td_write_cfg(&d, "[thresholds]\np95_warn_ms = 0.5\n[thresholds orders.>]\n"
+	d = td_new("td-thr");
+	td_write_cfg(d, "[thresholds]\np95_warn_ms = 0.5\n[thresholds orders.>]\n"
 			 "p95_warn_ms = 900\np95_overload_ms = 100\n");
-	cr_expect_eq(td_run(&d, (const char *const[]){ "-c", d.cfg, "-s", d.seg, NULL }), 2);
-	snprintf(where, sizeof(where), "%s:3: [thresholds orders.>]", d.cfg);
-	cr_expect(strstr(td_logtext(&d), where), "%s", td_logtext(&d));
-	td_cleanup(&d);
+	cr_expect_eq(td_run(d, (const char *const[]){ "-c", d->cfg, "-s", d->seg, NULL }), 2);
+	snprintf(where, sizeof(where), "%s:3: [thresholds orders.>]", d->cfg);
+	cr_expect(strstr(td_logtext(d), where), "%s", td_logtext(d));
+	td_cleanup(d);
 }
 
 /* ---- SIGHUP ---- */
@@ -451,29 +483,29 @@ static bool record_until(struct rec *r, uint64_t ns, enum tally_verdict v, unsig
 
 Test(tallyd, sighup_with_a_bad_config_keeps_the_old_one)
 {
-	struct td d;
+	struct td *d;
 	struct rec r;
 	struct tally_subject_stats st;
 	char where[200];
 
-	td_init(&d, "td-hupbad");
-	td_write_cfg(&d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
+	d = td_new("td-hupbad");
+	td_write_cfg(d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
 			 "[thresholds]\nmin_samples = 1\np95_warn_ms = 10\np95_overload_ms = 20\n",
-		     d.seg);
-	td_start_ready(&d, (const char *const[]){ "-c", d.cfg, NULL });
-	rec_open(&r, d.seg, "orders.created");
+		     d->seg);
+	td_start_ready(d, (const char *const[]){ "-c", d->cfg, NULL });
+	rec_open(&r, d->seg, "orders.created");
 	cr_assert(record_until(&r, 50000000, TALLY_VERDICT_OVERLOAD, 5000, &st));
 
-	td_write_cfg(&d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
+	td_write_cfg(d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
 			 "[thresholds]\nmin_samples = 1\np95_warn_ms = 1000\np95_overload_ms = 2000\n"
 			 "clear_ratio = 2\n",
-		     d.seg);
-	kill(d.pid, SIGHUP);
-	snprintf(where, sizeof(where), "%s:13: clear_ratio", d.cfg);
-	cr_assert(td_wait_log(&d, "reload failed", 5000), "%s", td_logtext(&d));
-	cr_expect(strstr(td_logtext(&d), where), "the reload error names FILE:LINE:\n%s",
-		  td_logtext(&d));
-	cr_expect_eq(kill(d.pid, 0), 0, "tallyd died on a bad reload");
+		     d->seg);
+	kill(d->pid, SIGHUP);
+	snprintf(where, sizeof(where), "%s:13: clear_ratio", d->cfg);
+	cr_assert(td_wait_log(d, "reload failed", 5000), "%s", td_logtext(d));
+	cr_expect(strstr(td_logtext(d), where), "the reload error names FILE:LINE:\n%s",
+		  td_logtext(d));
+	cr_expect_eq(kill(d->pid, 0), 0, "tallyd died on a bad reload");
 
 	/* still serving, with the old thresholds: new samples keep it in overload */
 	uint64_t before = st.total_count;
@@ -484,51 +516,51 @@ Test(tallyd, sighup_with_a_bad_config_keeps_the_old_one)
 	cr_expect_gt(st.total_count, before, "no new samples aggregated after the bad reload");
 	cr_expect_eq(st.verdict, TALLY_VERDICT_OVERLOAD, "thresholds changed by a bad file");
 	rec_close(&r);
-	td_cleanup(&d);
+	td_cleanup(d);
 }
 
 Test(tallyd, sighup_applies_new_thresholds_and_keeps_statistics)
 {
-	struct td d;
+	struct td *d;
 	struct rec r;
 	struct tally_subject_stats st;
 	uint64_t before;
 
-	td_init(&d, "td-hup");
-	td_write_cfg(&d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
+	d = td_new("td-hup");
+	td_write_cfg(d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
 			 "[thresholds]\nmin_samples = 1\np95_warn_ms = 1000\np95_overload_ms = 2000\n",
-		     d.seg);
-	td_start_ready(&d, (const char *const[]){ "-c", d.cfg, NULL });
-	rec_open(&r, d.seg, "orders.created");
+		     d->seg);
+	td_start_ready(d, (const char *const[]){ "-c", d->cfg, NULL });
+	rec_open(&r, d->seg, "orders.created");
 	cr_assert(record_until(&r, 50000000, TALLY_VERDICT_OK, 5000, &st),
 		  "verdict %d with a 1 s warn level", st.verdict);
 	before = st.total_count;
 
 	/* a pattern rule for orders.* that makes 50 ms an overload */
-	td_write_cfg(&d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
+	td_write_cfg(d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE
 			 "[thresholds]\nmin_samples = 1\np95_warn_ms = 1000\np95_overload_ms = 2000\n"
 			 "[thresholds orders.*]\np95_warn_ms = 10\np95_overload_ms = 20\n",
-		     d.seg);
-	kill(d.pid, SIGHUP);
-	cr_assert(td_wait_log(&d, "reloaded", 5000), "%s", td_logtext(&d));
+		     d->seg);
+	kill(d->pid, SIGHUP);
+	cr_assert(td_wait_log(d, "reloaded", 5000), "%s", td_logtext(d));
 	cr_assert(record_until(&r, 50000000, TALLY_VERDICT_OVERLOAD, 5000, &st),
-		  "verdict %d after the reload; log:\n%s", st.verdict, td_logtext(&d));
+		  "verdict %d after the reload; log:\n%s", st.verdict, td_logtext(d));
 	cr_expect(st.reasons & TALLY_REASON_LATENCY);
 	cr_expect_geq(st.total_count, before, "statistics were reset by the reload");
-	cr_expect_eq(kill(d.pid, 0), 0);
+	cr_expect_eq(kill(d->pid, 0), 0);
 
 	/* a change that needs a restart is logged, not applied */
-	td_write_cfg(&d, "[segment]\nname = %s\nproducer_slots = 9\n[http]\nenabled = no\n"
-			 FAST_ENGINE "[thresholds]\nmin_samples = 1\n", d.seg);
-	kill(d.pid, SIGHUP);
-	cr_assert(td_wait_log(&d, "only after a restart", 5000), "%s", td_logtext(&d));
-	cr_expect_eq(td_log_count(&d, "reloaded"), 2);
+	td_write_cfg(d, "[segment]\nname = %s\nproducer_slots = 9\n[http]\nenabled = no\n"
+			 FAST_ENGINE "[thresholds]\nmin_samples = 1\n", d->seg);
+	kill(d->pid, SIGHUP);
+	cr_assert(td_wait_log(d, "only after a restart", 5000), "%s", td_logtext(d));
+	cr_expect_eq(td_log_count(d, "reloaded"), 2);
 	rec_close(&r);
 
-	kill(d.pid, SIGTERM);
-	cr_assert(td_wait_exit(&d, 5000));
-	cr_expect_eq(td_exit_code(&d), 0);
-	td_cleanup(&d);
+	kill(d->pid, SIGTERM);
+	cr_assert(td_wait_exit(d, 5000));
+	cr_expect_eq(td_exit_code(d), 0);
+	td_cleanup(d);
 }
 
 /* ---- the poller against a real nats-server ---- */
@@ -560,34 +592,34 @@ static void js_setup(const char *url)
 	natsConnection_Destroy(nc);
 }
 
-Test(tallyd, polls_jetstream_consumers, .timeout = 40)
+Test(tallyd, polls_jetstream_consumers)
 {
 	struct tally_test_nats srv;
 	struct tally_consumer_stats cs[8];
 	struct tally_segment *seg = NULL;
-	struct td d;
+	struct td *d;
 	int n = 0;
 
 	memset(&srv, 0, sizeof(srv));
 	cr_assert_eq(tally_test_nats_start(&srv, NULL, true), 0, "%s", srv.errmsg);
 	js_setup(srv.url);
-	td_init(&d, "td-nats");
-	td_write_cfg(&d, "[http]\nenabled = false\n[nats]\npoll_interval_ms = 100\n"
+	d = td_new("td-nats");
+	td_write_cfg(d, "[http]\nenabled = false\n[nats]\npoll_interval_ms = 100\n"
 			 "[watch ORDERS]\n");
-	td_start_ready(&d, (const char *const[]){ "-c", d.cfg, "-s", d.seg, "--nats", srv.url, NULL });
-	cr_assert_eq(tally_segment_open(d.seg, TALLY_OPEN_READER, 1000, &seg), 0);
+	td_start_ready(d, (const char *const[]){ "-c", d->cfg, "-s", d->seg, "--nats", srv.url, NULL });
+	cr_assert_eq(tally_segment_open(d->seg, TALLY_OPEN_READER, 1000, &seg), 0);
 	for (uint64_t end = now_ms() + 10000; now_ms() < end; tt_sleep_ms(50)) {
 		n = tally_read_consumers(seg, cs, 8);
 		if (n == 1 && strcmp(cs[0].source, "live") == 0 && cs[0].num_pending == 7)
 			break;
 	}
-	cr_assert_eq(n, 1, "consumers: %d; log:\n%s", n, td_logtext(&d));
+	cr_assert_eq(n, 1, "consumers: %d; log:\n%s", n, td_logtext(d));
 	cr_expect_str_eq(cs[0].stream, "ORDERS");
 	cr_expect_str_eq(cs[0].consumer, "dispatch");
 	cr_expect_str_eq(cs[0].source, "live");
 	cr_expect_eq(cs[0].num_pending, 7);
 	cr_expect_str_eq(cs[0].filter, "orders.created");
 	tally_segment_close(&seg);
-	td_cleanup(&d);
+	td_cleanup(d);
 	tally_test_nats_stop(&srv);
 }

@@ -176,6 +176,7 @@ static uint64_t mono_ns(void)
 /* ---- what one scrape reads ---- */
 
 struct subj {
+	tally_subject_t id;
 	char name[TALLY_SUBJECT_MAX + 1];
 	struct tally_subject_stats st;
 };
@@ -194,6 +195,7 @@ struct scrape {
 	struct tally_poller_stats ps;
 	bool poller;
 	uint64_t now;
+	struct tally_engine *engine;
 };
 
 /* Make room for n elements of size sz in *arr (kept between scrapes). */
@@ -225,6 +227,7 @@ static int read_subjects(struct tallyd_exporter_source *src, struct scrape *sc)
 		if (tally_subject_name(src->seg, id, s->name, sizeof(s->name)) != 0)
 			continue;
 		named++;
+		s->id = id;
 		if (tally_engine_read(src->engine, id, &s->st) != 0)
 			continue;
 		sc->nsubj++;
@@ -241,6 +244,7 @@ static int scrape_read(struct tallyd_exporter_source *src, struct scrape *sc)
 	sc->nsubj = 0;
 	sc->nprod = sc->ncons = 0;
 	sc->now = mono_ns();
+	sc->engine = src->engine;
 	if ((rc = tally_segment_info(src->seg, &sc->info)) != 0)
 		return rc;
 	if ((rc = read_subjects(src, sc)) != 0)
@@ -289,20 +293,53 @@ static void put_identity(struct buf *b, const struct scrape *sc)
 	       fmt_u64(v, sizeof(v), sc->info.config.subject_capacity), NULL);
 }
 
+/*
+ * The since-start histogram: the engine's exact cumulative counts at its
+ * export edges (closed slices only, so _count may trail the window stats
+ * by one slice), with _count as the +Inf bucket and _sum of the same
+ * samples. Read per subject while writing: 1.5 KB each, not kept.
+ */
+/* Buckets exported: the engine's edges at 2^k and 1.5 x 2^k ns (two per
+ * octave, about 50 series per subject instead of 92); dropping bounds of
+ * a cumulative histogram keeps every exported count exact. */
+static bool exported_edge(uint64_t le_ns)
+{
+	uint64_t e = le_ns + 1, third = e / 3;
+
+	return (e & (e - 1)) == 0 || (e % 3 == 0 && (third & (third - 1)) == 0);
+}
+
+static void put_histogram(struct buf *b, const struct scrape *sc)
+{
+	struct tally_subject_buckets hb;
+	char v[32], le[32];
+
+	family(b, TM_subject_latency);
+	for (uint32_t i = 0; i < sc->nsubj; i++) {
+		const char *name = sc->subj[i].name;
+
+		if (tally_engine_read_buckets(sc->engine, sc->subj[i].id, &hb) != 0)
+			continue;
+		for (uint32_t k = 0; k < hb.n; k++)
+			if (exported_edge(hb.le_ns[k]))
+				sample(b, TM_subject_latency, "_bucket",
+				       fmt_u64(v, sizeof(v), hb.cumulative[k]), "subject", name, "le",
+				       fmt_sec(le, sizeof(le), hb.le_ns[k]), NULL);
+		sample(b, TM_subject_latency, "_bucket", fmt_u64(v, sizeof(v), hb.count), "subject",
+		       name, "le", "+Inf", NULL);
+		sample(b, TM_subject_latency, "_sum", fmt_sec(v, sizeof(v), hb.sum_ns), "subject", name,
+		       NULL);
+		sample(b, TM_subject_latency, "_count", fmt_u64(v, sizeof(v), hb.count), "subject", name,
+		       NULL);
+	}
+}
+
 static void put_latency(struct buf *b, const struct scrape *sc)
 {
 	static const char *const qn[] = { "0.5", "0.9", "0.95", "0.99", "0.999" };
 	char v[32];
 
-	family(b, TM_subject_latency);
-	for (uint32_t i = 0; i < sc->nsubj; i++) {
-		const struct subj *s = &sc->subj[i];
-
-		sample(b, TM_subject_latency, "_sum", fmt_sec(v, sizeof(v), s->st.total_sum), "subject",
-		       s->name, NULL);
-		sample(b, TM_subject_latency, "_count", fmt_u64(v, sizeof(v), s->st.total_count),
-		       "subject", s->name, NULL);
-	}
+	put_histogram(b, sc);
 	family(b, TM_subject_latency_window);
 	for (uint32_t i = 0; i < sc->nsubj; i++) {
 		const struct subj *s = &sc->subj[i];

@@ -3,8 +3,9 @@
  * exporter.h: tallyd's Prometheus endpoint. An HTTP server (libmicrohttpd,
  * one internal polling thread) that answers GET and HEAD /metrics with the
  * text exposition format (version 0.0.4) of the families in metrics.def,
- * read in-process: subjects through tally_engine_read() (RCU, no locks),
- * producers, consumers and the poller through the segment.
+ * read in-process: subjects through tally_engine_read() and
+ * tally_engine_read_buckets() (RCU, no locks), producers, consumers and
+ * the poller through the segment.
  *
  * Hardening: binds 127.0.0.1:9464 unless told otherwise; any other path is
  * 404, any other method on /metrics 405 (with Allow: GET, HEAD); at most
