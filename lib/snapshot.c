@@ -9,6 +9,8 @@
 #include <errno.h>
 #include <string.h>
 
+#include <ck_backoff.h>
+
 #include "common.h"
 #include "snapshot.h"
 
@@ -77,9 +79,13 @@ int tally__snapshot_read(const void *section, uint32_t nentries, uint32_t id,
 {
 	struct tally__snap_hdr *h = (struct tally__snap_hdr *)section;
 
+	ck_backoff_t backoff = 16; /* iterations; doubles on every retry */
+
 	if (id >= nentries)
 		return -ERANGE;
 	for (int tries = 0; tries < TALLY__SNAP_READ_TRIES; tries++) {
+		if (tries) /* the writer flipped twice under us: give it room */
+			ck_backoff_eb(&backoff);
 		uint64_t seq = atomic_load_explicit(&h->seq, memory_order_acquire);
 		uint64_t idx = seq & 1; /* odd: copy 0 is being written, read 1 */
 		const struct tally__snap_entry *e = copy_of(section, nentries, idx) + id;

@@ -23,6 +23,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <ck_backoff.h>
+
 #include "common.h"
 #include "proc.h"
 #include "segment.h"
@@ -183,12 +185,18 @@ static bool entry_is(const struct tally__shm_subject *e, uint32_t h, const char 
 static uint32_t wait_ready(struct tally__shm_subject *e)
 {
 	uint64_t deadline = tally__mono_ns() + INTERN_WAIT_NS;
+	ck_backoff_t backoff = 64;
 	uint32_t st;
 
+	/* The writer needs a few hundred ns: spin with backoff first, then
+	 * yield the CPU (it may be preempted), up to the bound. */
 	while ((st = atomic_load_explicit(&e->state, memory_order_acquire)) == TALLY__SUBJ_CLAIMED) {
 		if (tally__mono_ns() > deadline)
 			break;
-		sched_yield();
+		if (backoff < 65536)
+			ck_backoff_eb(&backoff);
+		else
+			sched_yield();
 	}
 	return st;
 }
