@@ -16,17 +16,41 @@
 #include <stdint.h>
 
 struct bench_opts {
-	int reps;         /* repetitions per case (default 7) */
-	double scale;     /* multiplies operation counts (default 1.0) */
-	int max_threads;  /* thread sweeps go up to this (default: online cores) */
-	const char *sizes;/* part-specific size list, e.g. "100,1000,10000" */
+	int reps;              /* repetitions per case (default 7; --quick 3) */
+	double scale;          /* multiplies operation counts (default 1.0; --quick 0.25) */
+	int max_threads;       /* the thread sweep runs 1..this (default: online cores) */
+	const char *subjects;  /* subject sweep of publish and ingest (--subjects, alias --sizes) */
+	const char *consumers; /* consumer sweep of pending (--consumers) */
+	const char *slices;    /* window sweep, slices of 1 s per window (--slices) */
 };
 
 extern struct bench_opts bench_opts;
 
-/* Rows: unit "ns/op", "ms", "Msamples/s", ...; higher_is_better for rates. */
+/* Set by a part that could not measure (e.g. no nats-server) or found a
+ * result outside a documented bound: tally-bench then exits 1, after the
+ * table. */
+extern bool bench_failed;
+
+/*
+ * Rows: unit "ns/op", "ms", "Msamples/s", ...; higher_is_better for rates.
+ * baseline: names of rows of the same part, separated by '|', or NULL.
+ * param: the swept quantity (threads, subjects, slices, consumers), 0 none.
+ * bench_row_series() also names the curve the row belongs to in a sweep
+ * (the JSON "series", which bench/plot.sh draws as one line); bench_row()
+ * uses the row's name as its series.
+ */
 void bench_row(const char *part, const char *name, const char *unit, bool higher_is_better,
 	       const double *samples, int n, const char *baseline, double param);
+void bench_row_series(const char *part, const char *series, const char *name, const char *unit,
+		      bool higher_is_better, const double *samples, int n, const char *baseline,
+		      double param);
+
+/*
+ * Walk a comma-separated list of positive integers (a sweep option):
+ * returns the next value and advances *s, 0 at the end; a malformed entry
+ * is reported (naming what) and ends the walk.
+ */
+unsigned long bench_next_size(const char **s, const char *what, unsigned long max);
 
 /* Median of n doubles (sorts a copy). */
 double bench_median(const double *v, int n);
@@ -55,5 +79,8 @@ void bench_part_ingest(void);
 void bench_part_publish(void);
 void bench_part_read(void);
 void bench_part_visible(void);
+void bench_part_window(void);
+void bench_part_pending(void);
+void bench_part_error(void);
 
 #endif

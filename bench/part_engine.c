@@ -7,11 +7,19 @@
  *            ingest loop as in engine.c (drain_slot/drain_all are static
  *            there, so the same loop is reproduced here) over rings filled
  *            beforehand by this thread, so no thread competes with the
- *            timed loop; then end to end through the real engine, one
- *            producer thread recording as fast as it can (sharing the
- *            machine's cores with the aggregator).
+ *            timed loop, with the samples spread over each --subjects count
+ *            (the subject sweep: more subjects, more cache misses); then end
+ *            to end through the real engine at 100 subjects, one producer
+ *            thread recording as fast as it can (sharing the machine's
+ *            cores with the aggregator).
  *   publish  duration of one publish (tally_engine_counters().
- *            last_publish_ns) with 100, 1,000 and 10,000 active subjects.
+ *            last_publish_ns) for each --subjects count of active subjects.
+ *   window   the window length sweep, --slices slices of 1 s: the real
+ *            engine's publish with 1,000 subjects and that window; and,
+ *            on windows driven here with a synthetic clock and filled to
+ *            the brim (1,000 values per subject per slice, every slice of
+ *            the window closed), the slice close and the stats call of
+ *            1,000 subjects and the heap held per subject.
  *   read     tally_engine_read (in-process, RCU) and tally_read_subject
  *            (a second, read-only handle; and a forked process that opens
  *            the segment itself) beside a mutex-protected copy of the
@@ -24,6 +32,7 @@
  */
 #include "config.h"
 
+#include <malloc.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -165,7 +174,7 @@ static void wait_drained(struct tally_engine *e, uint64_t target)
 
 #define INGEST_SLOTS 8u
 #define INGEST_RING (1u << 16)
-#define INGEST_SUBJECTS 100u
+#define E2E_SUBJECTS 100u
 #define DRAIN_BATCH 4096u /* as engine.c */
 
 /* The engine's per-subject state and the part of struct tally_engine that
@@ -277,8 +286,11 @@ static uint64_t ingest_drain(struct ingest *g, uint64_t *got)
 	return bench_now_ns() - t0;
 }
 
-static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d)
+#define R_INGEST "ingest loop as in engine.c, 1 core"
+
+static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d, uint32_t nsubjects)
 {
+	char row[72];
 	struct ingest g = { .seg = seg, .slice_ns = TALLY__WINDOW_DEFAULT_SLICE_NS };
 	struct tally_producer *p[INGEST_SLOTS];
 	double rate[256];
@@ -308,8 +320,8 @@ static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d)
 				(unsigned long long)g.rejected);
 		rate[r] = (double)got / (double)ns * 1e3; /* Msamples/s */
 	}
-	bench_row("ingest", "ingest loop as in engine.c, 1 core", "Msamples/s", true, rate, bench_opts.reps,
-		  NULL, (double)(fills * INGEST_SLOTS * INGEST_RING));
+	snprintf(row, sizeof(row), R_INGEST ", %u subj", nsubjects);
+	bench_row_series("ingest", R_INGEST, row, "Msamples/s", true, rate, bench_opts.reps, NULL, nsubjects);
 	for (uint32_t k = 0; k < INGEST_SLOTS; k++)
 		tally_producer_detach(&p[k]);
 	for (uint32_t i = 0; i < g.nactive; i++) {
@@ -373,40 +385,56 @@ static void ingest_e2e(struct tally_segment *seg, const struct ingest_data *d)
 		rate[r - 1] = (double)x.n / (double)(t1 - atomic_load(&x.t_start)) * 1e3;
 	}
 	pthread_join(th, NULL);
+	char base[72];
+	snprintf(base, sizeof(base), R_INGEST ", %u subj", E2E_SUBJECTS);
 	bench_row("ingest", "end to end: 1 producer thread + engine", "Msamples/s", true, rate, bench_opts.reps,
-		  "ingest loop as in engine.c, 1 core", (double)x.n);
+		  base, E2E_SUBJECTS);
 	printf("  %-10s %-44s producer found its ring full %llu times (retried)\n", "ingest",
 	       "end to end: 1 producer thread + engine", (unsigned long long)atomic_load(&x.spins));
 	tally_engine_stop(&e);
 }
 
-void bench_part_ingest(void)
+/* A segment with n subjects interned, and d's ids spread over them. */
+static struct tally_segment *ingest_segment(const char *tag, uint32_t n, struct ingest_data *d,
+					    char *name, size_t len)
 {
 	struct tally_segment_config cfg;
-	struct tally_segment *seg;
-	struct ingest_data *d = malloc(sizeof(*d));
-	tally_subject_t ids[INGEST_SUBJECTS];
+	tally_subject_t *ids = malloc(n * sizeof(*ids));
 	uint64_t seed = 0x1234567u;
-	char name[64];
 
-	if (!d)
+	if (!ids)
 		abort();
 	tally_segment_config_init(&cfg);
 	cfg.producer_slots = INGEST_SLOTS + 1;
 	cfg.ring_capacity = INGEST_RING;
-	seg = seg_create("ingest", &cfg, name, sizeof(name));
-	for (uint32_t i = 0; i < INGEST_SUBJECTS; i++)
+	cfg.subject_capacity = n + n / 4 + 16;
+	struct tally_segment *seg = seg_create(tag, &cfg, name, len);
+	for (uint32_t i = 0; i < n; i++)
 		ids[i] = intern(seg, "ingest", i);
 	for (uint32_t i = 0; i < INGEST_RING; i++) {
 		d->values[i] = latency(&seed);
-		d->ids[i] = ids[bench_rand(&seed) % INGEST_SUBJECTS];
+		d->ids[i] = ids[bench_rand(&seed) % n];
 	}
-	ingest_loop(seg, d);
-	seg_close(&seg, name); /* a fresh segment: the loop's slots stay releasing */
-	seg = seg_create("ingest2", &cfg, name, sizeof(name));
-	for (uint32_t i = 0; i < INGEST_SUBJECTS; i++)
-		if (intern(seg, "ingest", i) != ids[i])
-			abort(); /* same names, same table size: same ids */
+	free(ids);
+	return seg;
+}
+
+void bench_part_ingest(void)
+{
+	struct ingest_data *d = malloc(sizeof(*d));
+	const char *list = bench_opts.subjects;
+	unsigned long n;
+	char name[64];
+
+	if (!d)
+		abort();
+	while ((n = bench_next_size(&list, "--subjects", 1000000)) != 0) {
+		/* a fresh segment each time: the loop's slots stay releasing */
+		struct tally_segment *seg = ingest_segment("ingest", (uint32_t)n, d, name, sizeof(name));
+		ingest_loop(seg, d, (uint32_t)n);
+		seg_close(&seg, name);
+	}
+	struct tally_segment *seg = ingest_segment("ingest2", E2E_SUBJECTS, d, name, sizeof(name));
 	ingest_e2e(seg, d);
 	seg_close(&seg, name);
 	free(d);
@@ -416,27 +444,34 @@ void bench_part_ingest(void)
 
 #define PUBLISHES_PER_REP 25
 
-static void publish_size(uint32_t n)
+/* The medians of PUBLISHES_PER_REP publishes of n subjects, one per rep,
+ * into ms[]; the window is slices x 1 s. */
+static void publish_run(uint32_t n, uint32_t slices, double *ms)
 {
 	struct tally_segment_config cfg;
+	struct tally_engine_config ecfg;
 	struct tally_engine_counters c;
-	char name[64], rowname[64], tag[32];
-	double ms[256];
+	struct tally_engine *e;
+	char name[64], tag[32];
 	uint64_t seed = n;
+	int rc;
 
 	tally_segment_config_init(&cfg);
 	cfg.producer_slots = 4;
 	cfg.subject_capacity = n + n / 4 + 16;
-	snprintf(tag, sizeof(tag), "publish%u", n);
+	snprintf(tag, sizeof(tag), "publish%u-%u", n, slices);
 	struct tally_segment *seg = seg_create(tag, &cfg, name, sizeof(name));
-	struct tally_engine *e = engine_start(seg, 1);
+	tally_engine_config_init(&ecfg);
+	ecfg.publish_interval_ms = 1;
+	ecfg.window_ns = (uint64_t)slices * ecfg.slice_ns;
+	if ((rc = tally_engine_start(seg, &ecfg, &e)) != 0)
+		die("tally_engine_start", rc);
 	struct tally_producer *p = attach(seg);
 	for (uint32_t i = 0; i < n; i++) {
 		tally_subject_t id = intern(seg, "publish", i);
 		while (!tally_record(p, id, latency(&seed)))
 			sleep_ns(100000);
 	}
-	tally_engine_counters(e, &c);
 	wait_drained(e, n);
 	tally_engine_counters(e, &c);
 	uint64_t seen = c.publishes + 2; /* skip publishes that began before the last drain */
@@ -452,8 +487,6 @@ static void publish_size(uint32_t n)
 		}
 		ms[r] = bench_median(one, PUBLISHES_PER_REP);
 	}
-	snprintf(rowname, sizeof(rowname), "publish, %u active subjects", n);
-	bench_row("publish", rowname, "ms", false, ms, bench_opts.reps, NULL, n);
 	tally_producer_detach(&p);
 	tally_engine_stop(&e);
 	seg_close(&seg, name);
@@ -461,18 +494,124 @@ static void publish_size(uint32_t n)
 
 void bench_part_publish(void)
 {
-	const char *s = bench_opts.sizes ? bench_opts.sizes : "100,1000,10000";
+	const char *list = bench_opts.subjects;
+	unsigned long n;
+	double ms[256];
+	char row[72];
 
-	while (*s) {
-		char *end;
-		unsigned long n = strtoul(s, &end, 10);
-		if (end == s || n < 1 || n > 1000000) {
-			fprintf(stderr, "tally-bench: publish: bad --sizes entry at \"%s\"\n", s);
-			return;
-		}
-		publish_size((uint32_t)n);
-		s = *end == ',' ? end + 1 : end;
+	while ((n = bench_next_size(&list, "--subjects", 1000000)) != 0) {
+		publish_run((uint32_t)n, 10, ms);
+		snprintf(row, sizeof(row), "publish, %lu active subjects", n);
+		bench_row_series("publish", "publish (real engine, 10 s window)", row, "ms", false, ms,
+				 bench_opts.reps, NULL, (double)n);
 	}
+}
+
+/* ---- window ------------------------------------------------------------------ */
+
+#define WIN_SUBJECTS 1000u
+#define WIN_VALUES 1000u    /* per subject per slice */
+#define WIN_TABLE (1u << 16)
+
+/* Heap bytes in use by this thread's arena (the main one): windows are
+ * made here, so the difference is what they hold. */
+static size_t heap_in_use(void)
+{
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+	return mallinfo2().uordblks;
+#else
+	return 0; /* unknown: the memory row is left out */
+#endif
+}
+
+static void win_fill(struct tally__window *w, const uint64_t *tab, uint64_t *seed)
+{
+	for (uint32_t s = 0; s < WIN_SUBJECTS; s++) {
+		uint32_t off = (uint32_t)bench_rand(seed);
+		for (uint32_t i = 0; i < WIN_VALUES; i++)
+			tally__window_add(&w[s], tab[(off + i) & (WIN_TABLE - 1)]);
+	}
+}
+
+/* Advance every window to t, then read its stats: ms for each loop. */
+static void win_step(struct tally__window *w, uint64_t t, double *adv_ms, double *stats_ms)
+{
+	struct tally__window_stats st;
+	uint64_t t0 = bench_now_ns();
+
+	for (uint32_t s = 0; s < WIN_SUBJECTS; s++)
+		if (tally__window_advance(&w[s], t) != 0)
+			abort();
+	uint64_t t1 = bench_now_ns();
+	for (uint32_t s = 0; s < WIN_SUBJECTS; s++)
+		if (tally__window_stats(&w[s], t + 1, &st) != 0)
+			abort();
+	*adv_ms = (double)(t1 - t0) / 1e6;
+	*stats_ms = (double)(bench_now_ns() - t1) / 1e6;
+}
+
+static void window_direct(uint32_t slices, const uint64_t *tab)
+{
+	const uint64_t slice = TALLY__WINDOW_DEFAULT_SLICE_NS;
+	struct tally__window_config wc = { slice, slices * slice, TALLY__HIST_DEFAULT_MAX };
+	double adv[256], sta[256], kb;
+	uint64_t t = 1000 * slice, seed = slices;
+	char row[72];
+
+	size_t before = heap_in_use();
+	struct tally__window *w = calloc(WIN_SUBJECTS, sizeof(*w));
+	if (!w)
+		abort();
+	for (uint32_t s = 0; s < WIN_SUBJECTS; s++)
+		if (tally__window_init(&w[s], &wc, t) != 0)
+			abort();
+	for (uint32_t k = 0; k <= slices; k++, t += slice) { /* every slice of the window closed */
+		win_fill(w, tab, &seed);
+		if (k < slices)
+			win_step(w, t + slice, &adv[0], &sta[0]);
+	}
+	kb = (double)(heap_in_use() - before) / WIN_SUBJECTS / 1024;
+	for (int r = 0; r < bench_opts.reps; r++, t += slice) {
+		win_step(w, t, &adv[r], &sta[r]);
+		win_fill(w, tab, &seed);
+	}
+	snprintf(row, sizeof(row), "close a slice, 1,000 subj, window %u x 1 s", slices);
+	bench_row_series("window", "close a slice, 1,000 subjects", row, "ms", false, adv, bench_opts.reps,
+			 NULL, slices);
+	snprintf(row, sizeof(row), "stats of 1,000 subj, window %u x 1 s", slices);
+	bench_row_series("window", "stats of 1,000 subjects (publish's share)", row, "ms", false, sta,
+			 bench_opts.reps, NULL, slices);
+	if (before || kb > 0) {
+		snprintf(row, sizeof(row), "heap per subject, window %u x 1 s", slices);
+		bench_row_series("window", "heap per subject", row, "KB", false, &kb, 1, NULL, slices);
+	}
+	for (uint32_t s = 0; s < WIN_SUBJECTS; s++)
+		tally__window_destroy(&w[s]);
+	free(w);
+}
+
+void bench_part_window(void)
+{
+	const char *list = bench_opts.slices;
+	uint64_t *tab = malloc(WIN_TABLE * sizeof(*tab)), seed = 11;
+	unsigned long n;
+	double ms[256];
+	char row[72];
+
+	if (!tab)
+		abort();
+	for (uint32_t i = 0; i < WIN_TABLE; i++)
+		tab[i] = latency(&seed);
+	printf("  %-8s synthetic windows: %u subjects, %u values per subject per slice, all slices closed\n",
+	       "window", WIN_SUBJECTS, WIN_VALUES);
+	while ((n = bench_next_size(&list, "--slices", TALLY__WINDOW_MAX_SLICES)) != 0) {
+		publish_run(WIN_SUBJECTS, (uint32_t)n, ms);
+		snprintf(row, sizeof(row), "publish, 1,000 subj, window %lu x 1 s", n);
+		bench_row_series("window", "publish, 1,000 subjects (real engine)", row, "ms", false, ms,
+				 bench_opts.reps, NULL, (double)n);
+		window_direct((uint32_t)n, tab);
+	}
+	free(tab);
 }
 
 /* ---- read ------------------------------------------------------------------- */

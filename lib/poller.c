@@ -695,7 +695,7 @@ static int js_failure(struct tally__poller *p, const char *what, natsStatus s, j
  * Why not cnats' js_Consumers / js_GetConsumerInfo: they decode every
  * field of every consumer into allocated objects, about 70 us per consumer
  * here, which is 20 times the cost of the request itself for a page of 256
- * (measured by bench_poller). This reader pulls out the dozen fields the
+ * (measured by tally-bench --part pending). This reader pulls out the dozen fields the
  * table needs and skips the rest. It trusts nothing: every read is bounded
  * by the buffer end, nesting by JR_MAX_DEPTH, strings are copied with
  * truncation into fixed buffers, numbers saturate, and anything malformed
