@@ -75,14 +75,28 @@
 #endif
 #define DRAIN_BATCH 4096u
 
+/* Immutable data that changes more slowly than snapshots (the row of
+ * each subject id; the export buckets, which change when a slice closes):
+ * built when it changes, shared by the snapshots published meanwhile,
+ * retired with call_rcu when replaced, like a snapshot. */
+struct shared {
+	struct rcu_head rcu;
+	uint32_t n;      /* entries */
+	uint64_t data[]; /* row_of: n uint32 packed in pairs; buckets: n uint64 */
+};
+
+/* An immutable snapshot: one stats row per active subject (dense), and the
+ * shared row map and buckets current when it was published. */
 struct snap {
 	struct rcu_head rcu;
 	uint64_t published_ns;
-	uint32_t n;
+	uint32_t n;                     /* subject ids (table size) */
+	uint32_t nrows;
 	uint32_t nedges;
-	uint32_t *bucket_row;           /* by subject id: row + 1 in buckets, 0 none */
-	uint64_t *buckets;              /* rows of nedges cumulative counts, then count, sum */
-	struct tally_subject_stats s[]; /* by subject id; published_ns 0: absent */
+	const uint32_t *row_of;         /* [n]: row + 1, 0 none (in a shared block) */
+	const uint64_t *buckets;        /* [rows][nedges + 2] (in a shared block), rows <= nrows */
+	uint32_t nbucket_rows;
+	struct tally_subject_stats rows[]; /* [nrows] */
 };
 
 struct subject_state {
@@ -105,8 +119,13 @@ struct tally_engine {
 	pthread_t thread;
 	atomic_bool stop;
 	struct subject_state **subjects; /* [table_size], allocated on first sample */
-	uint32_t *active;
+	uint32_t *active;                /* ids in order of arrival: row i is active[i] */
+	uint32_t *row_of;                /* [table_size]: row + 1, 0 not active */
 	uint32_t nactive;
+	struct shared *row_block;        /* published copy of row_of, shared */
+	struct shared *bucket_block;     /* published export buckets, shared */
+	struct shared *retiring[2];      /* replaced blocks, retired after the next publish */
+	bool rows_changed, buckets_changed;
 	struct snap *current;            /* RCU-protected */
 	struct tally_thresholds *thresholds;           /* aggregator's own */
 	struct tally_thresholds *_Atomic next_thresholds; /* handed over by set_thresholds */
@@ -172,6 +191,8 @@ static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, ui
 	tally__verdict_init(&st->vs, now);
 	e->subjects[id] = st;
 	e->active[e->nactive++] = id;
+	e->row_of[id] = e->nactive;
+	e->rows_changed = e->buckets_changed = true;
 	atomic_store_explicit(&e->subjects_active, e->nactive, memory_order_relaxed);
 	return st;
 }
@@ -234,6 +255,7 @@ static void fold_closing_slice(struct tally_engine *e, struct subject_state *st)
 		return;
 	for (uint32_t k = 0; k < e->nedges; k++)
 		st->le_total[k] += below[k];
+	e->buckets_changed = true;
 	st->closed_count += st->win.cur.count;
 	st->closed_sum = tally__hist_sat_add(st->closed_sum, st->win.cur.sum, &sat);
 }
@@ -389,7 +411,7 @@ static void latch_publish(struct tally_engine *e, const struct snap *sn, uint64_
 		uint32_t c = tally__snapshot_write_begin(&e->latch);
 		struct tally__snap_meta *m = &e->latch.hdr->meta[c];
 		for (uint32_t i = 0; i < e->nactive; i++)
-			latch_fill(&e->latch.copies[c][e->active[i]], &sn->s[e->active[i]]);
+			latch_fill(&e->latch.copies[c][e->active[i]], &sn->rows[i]);
 		tally__snapshot_store(&m->published_mono_ns, now);
 		tally__snapshot_store(&m->published_real_ns, tally__real_ns());
 		tally__snapshot_store(&m->publish_count, atomic_load(&e->publishes) + 1);
@@ -399,70 +421,120 @@ static void latch_publish(struct tally_engine *e, const struct snap *sn, uint64_
 	}
 }
 
-static void snap_free(struct snap *sn)
+static void free_rcu_snap(struct rcu_head *head)
 {
-	if (!sn)
-		return;
-	free(sn->bucket_row);
-	free(sn->buckets);
-	free(sn);
+	free(caa_container_of(head, struct snap, rcu));
 }
 
-static void free_snap(struct rcu_head *head)
+static void free_rcu_shared(struct rcu_head *head)
 {
-	snap_free(caa_container_of(head, struct snap, rcu));
+	free(caa_container_of(head, struct shared, rcu));
 }
 
-/* Copy every active subject's export buckets into the snapshot. */
-static int snap_buckets(struct tally_engine *e, struct snap *sn)
+static struct shared *shared_new(uint32_t n)
+{
+	struct shared *b = malloc(sizeof(*b) + (size_t)n * sizeof(uint64_t));
+
+	if (b)
+		b->n = n;
+	return b;
+}
+
+/* Install b as *slot. The block it replaces is still reachable through
+ * the current snapshot, so it is retired (call_rcu) only once the next
+ * snapshot is published (retire_shared). */
+static void shared_swap(struct tally_engine *e, int which, struct shared **slot, struct shared *b)
+{
+	if (e->retiring[which])
+		free(*slot); /* a publish failed after the last swap: never published */
+	else
+		e->retiring[which] = *slot;
+	*slot = b;
+}
+
+static void retire_shared(struct tally_engine *e)
+{
+	for (int i = 0; i < 2; i++)
+		if (e->retiring[i]) {
+			call_rcu(&e->retiring[i]->rcu, free_rcu_shared);
+			e->retiring[i] = NULL;
+		}
+}
+
+/* Rebuild the shared row map and buckets when they changed. 0 or -ENOMEM. */
+static int shared_refresh(struct tally_engine *e)
 {
 	uint32_t row_len = e->nedges + 2;
 
-	sn->nedges = e->nedges;
-	sn->bucket_row = calloc(sn->n, sizeof(uint32_t));
-	sn->buckets = malloc(((size_t)e->nactive + 1) * row_len * sizeof(uint64_t));
-	if (!sn->bucket_row || !sn->buckets)
-		return -ENOMEM;
-	for (uint32_t i = 0; i < e->nactive; i++) {
-		const struct subject_state *st = e->subjects[e->active[i]];
-		uint64_t *row = sn->buckets + (size_t)i * row_len;
-		memcpy(row, st->le_total, e->nedges * sizeof(uint64_t));
-		row[e->nedges] = st->closed_count;
-		row[e->nedges + 1] = st->closed_sum;
-		sn->bucket_row[e->active[i]] = i + 1;
+	if (e->rows_changed || !e->row_block) {
+		struct shared *b = shared_new((e->seg->table_size + 1) / 2);
+		if (!b)
+			return -ENOMEM;
+		memcpy(b->data, e->row_of, (size_t)e->seg->table_size * sizeof(uint32_t));
+		shared_swap(e, 0, &e->row_block, b);
+		e->rows_changed = false;
+	}
+	if (e->buckets_changed || !e->bucket_block) {
+		struct shared *b = shared_new(e->nactive * row_len);
+		if (!b)
+			return -ENOMEM;
+		for (uint32_t i = 0; i < e->nactive; i++) {
+			const struct subject_state *st = e->subjects[e->active[i]];
+			uint64_t *row = b->data + (size_t)i * row_len;
+			memcpy(row, st->le_total, e->nedges * sizeof(uint64_t));
+			row[e->nedges] = st->closed_count;
+			row[e->nedges + 1] = st->closed_sum;
+		}
+		shared_swap(e, 1, &e->bucket_block, b);
+		e->buckets_changed = false;
 	}
 	return 0;
 }
 
+/* A snapshot sized for the active subjects, rows not yet filled. */
+static struct snap *snap_alloc(struct tally_engine *e, uint64_t now)
+{
+	if (shared_refresh(e) != 0)
+		return NULL;
+	struct snap *sn = malloc(sizeof(*sn) + (size_t)e->nactive * sizeof(sn->rows[0]));
+	if (!sn)
+		return NULL;
+	memset(sn, 0, sizeof(*sn));
+	sn->published_ns = now;
+	sn->n = e->seg->table_size;
+	sn->nrows = e->nactive;
+	sn->nedges = e->nedges;
+	sn->row_of = (const uint32_t *)e->row_block->data;
+	sn->buckets = e->bucket_block->data;
+	sn->nbucket_rows = e->bucket_block->n / (e->nedges + 2);
+	return sn;
+}
+
 static void publish(struct tally_engine *e, uint64_t now)
 {
-	uint32_t n = e->seg->table_size;
-	struct snap *sn = calloc(1, sizeof(*sn) + (size_t)n * sizeof(sn->s[0]));
 	struct tally__window_stats ws;
+	struct snap *sn = snap_alloc(e, now);
 
 	if (!sn)
 		return; /* keep the previous snapshot; try again next interval */
-	sn->n = n;
-	sn->published_ns = now;
-	if (snap_buckets(e, sn) != 0) {
-		snap_free(sn);
-		return;
-	}
 	thresholds_pickup(e);
 	pending_gather(e);
 	for (uint32_t i = 0; i < e->nactive; i++) {
 		uint32_t id = e->active[i];
 		struct subject_state *st = e->subjects[id];
+		struct tally_subject_stats *row = &sn->rows[i];
 		tally__window_stats(&st->win, now, &ws);
-		fill_stats(&sn->s[id], id, &ws, now, e->cfg.window_ns);
-		pending_of(e, st->name, now, &sn->s[id]);
-		judge(e, st, now, &sn->s[id]);
+		fill_stats(row, id, &ws, now, e->cfg.window_ns);
+		pending_of(e, st->name, now, row);
+		judge(e, st, now, row);
 	}
 	latch_publish(e, sn, now);
 	struct snap *old = e->current;
 	snap_assign(e->current, sn);
+	/* Only now is nothing new reachable from what we retire. */
 	if (old)
-		call_rcu(&old->rcu, free_snap);
+		call_rcu(&old->rcu, free_rcu_snap);
+	retire_shared(e);
 	atomic_store_explicit(&e->seg->hdr->owner_heartbeat_ns, now, memory_order_relaxed);
 	atomic_fetch_add_explicit(&e->publishes, 1, memory_order_relaxed);
 	atomic_store_explicit(&e->last_publish_ns, tally__mono_ns() - now, memory_order_relaxed);
@@ -543,6 +615,7 @@ static void engine_free(struct tally_engine *e)
 	tally_thresholds_free(&e->thresholds);
 	free(e->subjects);
 	free(e->active);
+	free(e->row_of);
 	free(e->pviews);
 	e->magic = 0;
 	free(e);
@@ -576,11 +649,12 @@ TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_e
 	e->wcfg = (struct tally__window_config){ cfg->slice_ns, cfg->window_ns, seg->max_value_ns };
 	e->subjects = calloc(seg->table_size, sizeof(e->subjects[0]));
 	e->active = calloc(seg->table_size, sizeof(e->active[0]));
+	e->row_of = calloc(seg->table_size, sizeof(e->row_of[0]));
 	e->pviews = calloc(seg->pending_cap, sizeof(e->pviews[0]));
 	e->thresholds = tally_thresholds_new();
 	e->thresholds_gen = 1;
 	e->nedges = (uint32_t)tally__hist_default_edges(e->edges, TALLY__HIST_DEFAULT_NEDGES);
-	if (!e->subjects || !e->active || !e->pviews || !e->thresholds) {
+	if (!e->subjects || !e->active || !e->row_of || !e->pviews || !e->thresholds) {
 		engine_free(e);
 		return -ENOMEM;
 	}
@@ -612,7 +686,12 @@ TALLY_API void tally_engine_stop(struct tally_engine **ep)
 	struct snap *last = e->current;
 	snap_assign(e->current, NULL);
 	synchronize_rcu();
-	snap_free(last);
+	free(last);
+	free(e->row_block);
+	free(e->bucket_block);
+	free(e->retiring[0]);
+	free(e->retiring[1]);
+	e->row_block = e->bucket_block = e->retiring[0] = e->retiring[1] = NULL;
 	rcu_barrier(); /* every call_rcu callback has run: nothing leaks */
 	e->seg->engine_attached = false;
 	pthread_mutex_destroy(&e->start_lock);
@@ -628,8 +707,9 @@ TALLY_API int tally_engine_read(struct tally_engine *e, tally_subject_t id,
 
 	rcu_read_lock();
 	struct snap *sn = snap_deref(e->current);
-	if (sn && id < sn->n && sn->s[id].published_ns) {
-		*out = sn->s[id];
+	uint32_t row = sn && id < sn->n ? sn->row_of[id] : 0;
+	if (row && row <= sn->nrows) {
+		*out = sn->rows[row - 1];
 		rc = 0;
 	}
 	rcu_read_unlock();
@@ -665,8 +745,8 @@ TALLY_API int tally_engine_read_buckets(struct tally_engine *e, tally_subject_t 
 
 	rcu_read_lock();
 	struct snap *sn = snap_deref(e->current);
-	uint32_t row = sn && id < sn->n ? sn->bucket_row[id] : 0;
-	if (row) {
+	uint32_t row = sn && id < sn->n ? sn->row_of[id] : 0;
+	if (row && row <= sn->nbucket_rows) {
 		const uint64_t *r = sn->buckets + (size_t)(row - 1) * (sn->nedges + 2);
 		out->n = sn->nedges < TALLY_BUCKETS_MAX ? sn->nedges : TALLY_BUCKETS_MAX;
 		for (uint32_t k = 0; k < out->n; k++) {

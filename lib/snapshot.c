@@ -69,11 +69,6 @@ uint32_t tally__snapshot_write_begin(struct tally__snap_writer *w)
 	return (uint32_t)((seq & 1) ^ 1); /* odd: readers on copy 1, write 0 */
 }
 
-void tally__snapshot_store(_Atomic uint64_t *word, uint64_t v)
-{
-	atomic_store_explicit(word, v, memory_order_release);
-}
-
 int tally__snapshot_read(const void *section, uint32_t nentries, uint32_t id,
 			 uint64_t words[TALLY__SW_WORDS], uint64_t meta[8])
 {

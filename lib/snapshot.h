@@ -104,7 +104,10 @@ struct tally__snap_writer {
 void tally__snapshot_writer_init(struct tally__snap_writer *w, void *section);
 uint32_t tally__snapshot_write_begin(struct tally__snap_writer *w);
 /* Store one word of the copy being written (release; see above). */
-void tally__snapshot_store(_Atomic uint64_t *word, uint64_t v);
+static inline void tally__snapshot_store(_Atomic uint64_t *word, uint64_t v)
+{
+	atomic_store_explicit(word, v, memory_order_release);
+}
 
 /* Reader: consistent copy of entry id (words) and of the meta of the copy
  * it came from. 0, -ERANGE, TALLY_EBUSY_RETRY. */

@@ -136,9 +136,13 @@ static void *reader(void *p)
 {
 	struct read_arg *a = p;
 	struct tally_subject_stats s;
+	struct tally_subject_buckets b;
 
 	while (!atomic_load(a->stop)) {
 		int rc = a->e ? tally_engine_read(a->e, a->id, &s) : tally_read_subject(a->seg, a->id, &s);
+		if (a->e && tally_engine_read_buckets(a->e, a->id, &b) == 0 && b.n &&
+		    b.cumulative[b.n - 1] > b.count)
+			a->bad++; /* a cumulative bucket above the total: torn */
 		if (rc == 0) {
 			a->reads++;
 			a->bad += s.has_data && !(s.min_ns <= s.p50_ns && s.p50_ns <= s.p95_ns &&
