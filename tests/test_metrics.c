@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "common/helpers.h"
+#include "common/http.h"
 
 #define TALLYD TALLY_TEST_BUILDDIR "/tools/tallyd"
 #define PROMTOOL "promtool"
@@ -198,60 +199,8 @@ static void record(struct env *e, const char *subject, uint64_t ns, unsigned n)
 
 /* ---- HTTP over a plain socket ---- */
 
-/*
- * Send req as it is, read the reply until the server closes (5 s at most)
- * into a malloc'd buffer. Returns the status code (0: no reply).
- */
-static int http_raw(int port, const char *req, size_t reqlen, char **reply)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
-	struct timeval tv = { .tv_sec = 5 };
-	size_t len = 0, cap = 1 << 16;
-	int fd = socket(AF_INET, SOCK_STREAM, 0);
-	char *buf = malloc(cap);
-	int status = 0;
-	ssize_t n;
 
-	cr_assert(fd >= 0 && buf);
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) { /* not listening (yet) */
-		close(fd);
-		buf[0] = '\0';
-		*reply = buf;
-		return 0;
-	}
-	for (size_t off = 0; off < reqlen; off += (size_t)n)
-		if ((n = send(fd, req + off, reqlen - off, MSG_NOSIGNAL)) <= 0)
-			break;
-	while ((n = recv(fd, buf + len, cap - len - 1, 0)) > 0) {
-		len += (size_t)n;
-		if (len + 1 == cap && !(buf = realloc(buf, cap *= 2)))
-			cr_assert_fail("out of memory");
-	}
-	buf[len] = '\0';
-	close(fd);
-	sscanf(buf, "HTTP/1.%*d %d", &status);
-	*reply = buf;
-	return status;
-}
 
-static int http(int port, const char *method, const char *path, char **reply)
-{
-	char req[512];
-	int n = snprintf(req, sizeof(req), "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-				   "Connection: close\r\n\r\n", method, path);
-
-	return http_raw(port, req, (size_t)n, reply);
-}
-
-static const char *body_of(const char *reply)
-{
-	const char *b = strstr(reply, "\r\n\r\n");
-
-	return b ? b + 4 : "";
-}
 
 /* GET /metrics until it holds want (the histogram trails by a slice): the reply. */
 static char *scrape_until(int port, const char *want)
@@ -260,7 +209,7 @@ static char *scrape_until(int port, const char *want)
 
 	for (uint64_t end = now_ms() + 5000; now_ms() < end; tt_sleep_ms(50)) {
 		char *reply;
-		int st = http(port, "GET", "/metrics", &reply);
+		int st = tt_http(port, "GET", "/metrics", &reply);
 
 		free(last);
 		last = reply;
@@ -317,7 +266,7 @@ Test(metrics, exposition_passes_promtool)
 	reply = scrape_until(e->port, "tally_subject_latency_seconds_count{subject=\"orders.created\"} "
 				      "40\n");
 	cr_expect(strstr(reply, "Content-Type: text/plain; version=0.0.4"), "%s", reply);
-	const char *body = body_of(reply);
+	const char *body = tt_http_body(reply);
 
 	cr_expect(strstr(body, "# TYPE tally_subject_latency_seconds histogram\n"));
 	cr_expect(strstr(body, "tally_subject_latency_seconds_count{subject=\"orders.created\"} 40\n"),
@@ -358,23 +307,23 @@ Test(metrics, only_get_and_head_on_metrics)
 	char *reply;
 
 	env_start(e, "mx-http");
-	cr_expect_eq(http(e->port, "GET", "/", &reply), 404);
+	cr_expect_eq(tt_http(e->port, "GET", "/", &reply), 404);
 	free(reply);
-	cr_expect_eq(http(e->port, "GET", "/metrics/x", &reply), 404);
+	cr_expect_eq(tt_http(e->port, "GET", "/metrics/x", &reply), 404);
 	free(reply);
-	cr_expect_eq(http(e->port, "GET", "/metricsx", &reply), 404);
+	cr_expect_eq(tt_http(e->port, "GET", "/metricsx", &reply), 404);
 	free(reply);
-	cr_expect_eq(http(e->port, "GET", "/metrics?x=1", &reply), 200);
+	cr_expect_eq(tt_http(e->port, "GET", "/metrics?x=1", &reply), 200);
 	free(reply);
 	for (int i = 0; i < 3; i++) {
 		const char *m[] = { "POST", "PUT", "DELETE" };
 
-		cr_expect_eq(http(e->port, m[i], "/metrics", &reply), 405, "%s", m[i]);
+		cr_expect_eq(tt_http(e->port, m[i], "/metrics", &reply), 405, "%s", m[i]);
 		cr_expect(strstr(reply, "Allow: GET, HEAD"), "%s", reply);
 		free(reply);
 	}
-	cr_expect_eq(http(e->port, "HEAD", "/metrics", &reply), 200);
-	cr_expect_str_eq(body_of(reply), "", "HEAD has no body");
+	cr_expect_eq(tt_http(e->port, "HEAD", "/metrics", &reply), 200);
+	cr_expect_str_eq(tt_http_body(reply), "", "HEAD has no body");
 	free(reply);
 
 	/* a 100 KiB header: refused (431) or the connection closed, never served */
@@ -384,35 +333,22 @@ Test(metrics, only_get_and_head_on_metrics)
 
 	memset(req + n, 'a', big);
 	memcpy(req + n + big, "\r\n\r\n", 5);
-	int st = http_raw(e->port, req, (size_t)n + big + 4, &reply);
+	int st = tt_http_raw(e->port, req, (size_t)n + big + 4, &reply);
 	cr_expect(st == 0 || st == 431 || st == 413, "oversized request got %d", st);
 	free(reply);
 	free(req);
-	cr_expect_eq(http(e->port, "GET", "/metrics", &reply), 200, "still serving");
+	cr_expect_eq(tt_http(e->port, "GET", "/metrics", &reply), 200, "still serving");
 	free(reply);
 	env_stop(e);
 }
 
-/* A TCP port that was free a moment ago. */
-static int free_port(void)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET };
-	socklen_t len = sizeof(a);
-	int fd = socket(AF_INET, SOCK_STREAM, 0);
-
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-	cr_assert_eq(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-	close(fd);
-	return ntohs(a.sin_port);
-}
 
 Test(metrics, prometheus_scrapes_tallyd)
 {
 	struct env *e = &the_env;
 	struct child *prom = &the_prom;
 	char cfg[160], tsdb[160], listen[64], log[160], *reply = NULL;
-	int pport = free_port(), st = 0;
+	int pport = tt_free_port(), st = 0;
 	FILE *f;
 
 	env_start(e, "mx-prom");
@@ -438,7 +374,7 @@ Test(metrics, prometheus_scrapes_tallyd)
 		st = 0;
 		if (kill(prom->pid, 0) != 0)
 			break;
-		st = http(pport, "GET", "/-/ready", &reply);
+		st = tt_http(pport, "GET", "/-/ready", &reply);
 		free(reply);
 		reply = NULL;
 		if (st == 200)
@@ -449,7 +385,7 @@ Test(metrics, prometheus_scrapes_tallyd)
 
 	for (uint64_t end = now_ms() + 20000; !found && now_ms() < end; tt_sleep_ms(300)) {
 		free(reply);
-		st = http(pport, "GET", "/api/v1/query?query=tally_subject_latency_seconds_count",
+		st = tt_http(pport, "GET", "/api/v1/query?query=tally_subject_latency_seconds_count",
 			  &reply);
 		found = st == 200 && strstr(reply, "\"subject\":\"orders.created\"") &&
 			strstr(reply, ",\"25\"]");
@@ -457,7 +393,7 @@ Test(metrics, prometheus_scrapes_tallyd)
 	cr_expect(found, "the query did not return the value; last reply:\n%s\nprometheus log:\n%s",
 		  reply, child_log(prom));
 	free(reply);
-	cr_expect_eq(http(pport, "GET", "/api/v1/query?query=up%7Bjob%3D%22tallyd%22%7D", &reply),
+	cr_expect_eq(tt_http(pport, "GET", "/api/v1/query?query=up%7Bjob%3D%22tallyd%22%7D", &reply),
 		     200);
 	cr_expect(strstr(reply, ",\"1\"]"), "target not up: %s", reply);
 	free(reply);
