@@ -197,10 +197,7 @@ static void record(struct env *e, const char *subject, uint64_t ns, unsigned n)
 	cr_assert_fail("%u samples of %s not published in 5 s", n, subject);
 }
 
-/* ---- HTTP over a plain socket ---- */
-
-
-
+/* ---- scraping (tests/common/http.c) ---- */
 
 /* GET /metrics until it holds want (the histogram trails by a slice): the reply. */
 static char *scrape_until(int port, const char *want)
