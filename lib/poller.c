@@ -1064,10 +1064,14 @@ static int list_field(struct jr *j, const char *key, void *ctx)
 }
 
 /* Nothing but whitespace may follow the top-level value. */
+/* The parse's result: a negative rc as it is (a syntax error is -EBADMSG,
+ * a callback's own error passes through), else -EBADMSG for trailing junk. */
 static int jr_done(struct jr *j, int rc)
 {
+	if (rc < 0)
+		return rc;
 	jr_ws(j);
-	return rc < 0 || j->p != j->end ? -EBADMSG : 0;
+	return j->p != j->end ? -EBADMSG : 0;
 }
 
 int tally__js_parse_list(const char *json, size_t len, struct tally__js_page *page,

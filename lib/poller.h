@@ -146,7 +146,8 @@ struct tally__js_page {
 	struct tally__js_error error;
 };
 
-/* Called per consumer of a page; missing: only c->name is set. Nonzero stops the parse. */
+/* Called per consumer of a page; missing: only c->name is set. A negative
+ * return stops the parse and is what the parse returns. */
 typedef int (*tally__js_consumer_fn)(void *ctx, const struct tally__js_consumer *c, bool missing);
 
 /*

@@ -63,7 +63,7 @@ static bool try_claim(struct tally__slot *s)
 						       memory_order_acquire, memory_order_relaxed);
 }
 
-static void fill_claim(struct producer_full *f, struct tally__slot *s, uint32_t idx)
+static bool fill_claim(struct producer_full *f, struct tally__slot *s, uint32_t idx)
 {
 	pid_t pid = getpid();
 	uint64_t now = tally__mono_ns();
@@ -91,7 +91,15 @@ static void fill_claim(struct producer_full *f, struct tally__slot *s, uint32_t 
 	f->pub.shm_tail = (uint64_t *)&s->tail;
 	f->pub.shm_head = (const uint64_t *)&s->head;
 	f->pub.max_value_ns = f->seg->max_value_ns;
-	set_state(s, TALLY__SLOT_ACTIVE, now);
+	/* A CAS, not a store: if we stalled here longer than the cool-off, the
+	 * reaper may have taken the slot back (CLAIMING -> COOLING); then it
+	 * is not ours, and we look for another. */
+	uint32_t expect = TALLY__SLOT_CLAIMING;
+	if (!atomic_compare_exchange_strong_explicit(&s->ctl.state, &expect, TALLY__SLOT_ACTIVE,
+						     memory_order_release, memory_order_relaxed))
+		return false;
+	atomic_store_explicit(&s->ctl.since_ns, now, memory_order_relaxed);
+	return true;
 }
 
 TALLY_API int tally_producer_attach(struct tally_segment *seg, struct tally_producer **out)
@@ -115,8 +123,7 @@ TALLY_API int tally_producer_attach(struct tally_segment *seg, struct tally_prod
 	for (uint32_t n = 0; n < seg->nslots; n++) {
 		uint32_t i = (start + n) % seg->nslots;
 		struct tally__slot *s = tally__seg_slot(seg, i);
-		if (try_claim(s)) {
-			fill_claim(f, s, i);
+		if (try_claim(s) && fill_claim(f, s, i)) {
 			*out = &f->pub;
 			return 0;
 		}

@@ -292,9 +292,11 @@ Test(engine, readers_in_threads_and_another_process_during_publishing)
 		if (tally_segment_open(name, TALLY_OPEN_READER, 1000, &crd))
 			_exit(1);
 		ca = (struct reader_arg){ .seg = crd, .id = id };
-		uint64_t end = tally_now_ns() + 400000000ull;
+		/* at least 400 ms and 100 good reads (bounded: 20 s, for valgrind) */
+		uint64_t start = tally_now_ns(), end = start + 20000000000ull;
 		struct tally_subject_stats s;
-		while (tally_now_ns() < end) {
+		while (tally_now_ns() < end &&
+		       (ca.reads < 100 || tally_now_ns() - start < 400000000ull)) {
 			int rc = tally_read_subject(crd, id, &s);
 			if (rc == 0) {
 				ca.reads++;

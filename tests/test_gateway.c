@@ -94,7 +94,7 @@ static int get(int port, const char *path, char **reply)
 
 Test(gateway, sheds_load_from_verdicts_and_fails_open, .timeout = 60)
 {
-	char name[TALLY_NAME_MAX + 1], log[256], hdr[128], *reply;
+	char name[TALLY_NAME_MAX + 1], log[256], hdr[128] = "", *reply;
 	int ready[2], port = tt_free_port();
 
 	strcpy(name, tt_segname("gw"));

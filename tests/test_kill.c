@@ -12,19 +12,20 @@
  *    segment, claiming a slot, recording). Per iteration: what the slot
  *    published (tail moved) is exactly what the drainer got for that
  *    iteration's subject, at most one ring was pending at the kill; every
- *    producer attaches (16 slots for hundreds of producers: a slot that
- *    were never reclaimed would wedge attach within 16 iterations); at the
+ *    producer attaches (16 slots for hundreds of producers: a slot never
+ *    reclaimed would wedge attach within 16 iterations); at the
  *    end every slot is free and total drained = total published.
  *  - The owner killed while readers read: the readers see
- *    tally_segment_owner_alive() turn 0, tally_read_subject() keeps the
+ *    tally_segment_owner_alive() turn 0 (already while the killed owner is
+ *    an unreaped zombie), tally_read_subject() keeps the
  *    last values and turns TALLY_ESTALE after the staleness bound (never
  *    sooner), producers are refused, a live owner cannot be replaced, a
  *    new owner replaces the dead one's name only with
  *    TALLY_CREATE_REPLACE_DEAD, and the old mapping says TALLY_EREPLACED.
- *  - Readers killed mid-read, over and over, while the engine publishes
- *    every millisecond: the owner keeps publishing and draining, and a
- *    reader thread and a reader process that are not killed see only
- *    consistent values.
+ *  - Readers killed mid-read, over and over, while an owner process
+ *    publishes every millisecond: the owner keeps publishing (no gap of a
+ *    second) and drains all it recorded, and a reader thread and a reader
+ *    process that are not killed see only whole, live values.
  */
 #include "config.h"
 
@@ -488,10 +489,12 @@ Test(kill, owner_killed_readers_see_it_dead_and_a_new_owner_replaces_it, .timeou
 	atomic_store(&kill_at, mono_us());
 	cr_assert_eq(kill(owner, SIGKILL), 0);
 	/* Until it is reaped the owner is a zombie: its pid and start time
-	 * still exist in /proc. Note what the readers say then. */
+	 * still exist in /proc, but it is dead (a parent that is slow to reap
+	 * must not keep it "alive"). */
 	for (int i = 0; i < 1000 && !proc_is_zombie(owner); i++)
 		sleep_us(1000);
 	int zombie_alive = tally_segment_owner_alive(rd[0]);
+	cr_expect_eq(zombie_alive, 0, "an owner killed but not yet reaped (a zombie) is dead");
 	cr_assert_eq(waitpid(owner, &status, 0), owner);
 	uint64_t reaped = mono_us();
 	cr_expect_eq(tally_segment_owner_alive(rd[0]), 0, "owner reaped: readers must see it dead");
@@ -562,12 +565,12 @@ Test(kill, owner_killed_readers_see_it_dead_and_a_new_owner_replaces_it, .timeou
 /* ---- readers killed mid-read ------------------------------------------------- */
 
 struct rk_shared {
-	_Atomic uint64_t reads, bad; /* summed over the reader processes */
+	_Atomic uint64_t reads; /* summed over the killed reader processes */
 };
 
 /* A reader process: reads the subject, the producers and the consumers in
- * a loop. With `seconds` it stops then and reports on `out`; else it
- * loops until killed. */
+ * a loop. With `seconds` it stops then and reports {reads, bad} on `out`;
+ * else it loops until killed. */
 static void reader_child(const char *name, tally_subject_t id, struct rk_shared *sh,
 			 unsigned seconds, int out)
 {
@@ -600,84 +603,161 @@ static void reader_child(const char *name, tally_subject_t id, struct rk_shared 
 }
 
 struct rec_thread {
-	struct tally_segment *seg;
+	struct tally_producer *p;
 	tally_subject_t id;
-	atomic_bool *stop;
-	struct tally_producer_counters c;
+	atomic_bool stop;
 };
 
 static void *recorder_main(void *arg)
 {
 	struct rec_thread *r = arg;
-	struct tally_producer *p = NULL;
 
-	if (tally_producer_attach(r->seg, &p))
-		return NULL;
-	for (uint64_t i = 0; !atomic_load(r->stop); i++) {
-		tally_record(p, r->id, 1000 + i % 1000);
+	for (uint64_t i = 0; !atomic_load(&r->stop); i++) {
+		tally_record(r->p, r->id, 1000 + i % 1000);
 		if ((i & 255) == 255)
 			sleep_us(100);
 	}
-	tally_producer_counters(p, &r->c);
-	tally_producer_detach(&p);
 	return NULL;
 }
 
-#define RK_READERS 4
+/* What the owner reports when told to stop. */
+struct rk_owner_report {
+	uint64_t recorded, dropped, drained, publishes;
+};
 
-Test(kill, readers_killed_mid_read_change_nothing, .timeout = 120)
+/* The owner of the reader-kill test, in a process of its own (the test
+ * process forks readers, and fork stalls every thread of the process that
+ * forks: the owner must not be that process). Publishes every 1 ms while a
+ * thread records; on a byte from `cmd` it stops recording, waits for the
+ * engine to drain it all, reports on `out` and exits 0. */
+static void rk_owner(const char *name, int ready, int cmd, int out)
 {
-	char name[TALLY_NAME_MAX + 1];
 	struct tally_segment_config cfg;
 	struct tally_engine_config ecfg;
-	struct tally_segment *seg = NULL, *rd = NULL;
+	struct tally_segment *seg = NULL;
 	struct tally_engine *e = NULL;
-	struct tally_engine_counters c0, c1;
-	struct rk_shared *sh;
-	atomic_bool stop = false;
-	tally_subject_t id;
-	pid_t readers[RK_READERS];
-	unsigned kills = (unsigned)env_ul("TALLY_KILL_READERS", 200);
-	uint64_t seed = mono_us() | 1;
-	int fds[2], status;
+	struct tally_engine_counters c;
+	struct tally_producer_counters pc;
+	struct rk_owner_report rep;
+	struct rec_thread rt;
+	pthread_t th;
+	char b = 1;
 
-	snprintf(name, sizeof(name), "%s", tt_segname("rkill"));
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
 	tt_config(&cfg);
 	cfg.ring_capacity = 1u << 14;
 	tally_engine_config_init(&ecfg);
 	ecfg.publish_interval_ms = 1;
 	ecfg.slice_ns = 100000000;
 	ecfg.window_ns = 1000000000;
-	cr_assert_eq(tally_segment_create(name, &cfg, 0, &seg), 0, "%s", tally_errmsg());
-	cr_assert_eq(tally_engine_start(seg, &ecfg, &e), 0, "%s", tally_errmsg());
-	cr_assert_eq(tally_subject_intern(seg, "reader.killed", &id), 0);
+	memset(&rt, 0, sizeof(rt));
+	if (tally_segment_create(name, &cfg, 0, &seg) || tally_engine_start(seg, &ecfg, &e) ||
+	    tally_subject_intern(seg, "reader.killed", &rt.id) || tally_producer_attach(seg, &rt.p) ||
+	    pthread_create(&th, NULL, recorder_main, &rt))
+		_exit(2);
+	if (write(ready, &b, 1) != 1 || read(cmd, &b, 1) != 1)
+		_exit(3);
+	atomic_store(&rt.stop, true);
+	pthread_join(th, NULL);
+	tally_producer_counters(rt.p, &pc);
+	for (int i = 0; i < 5000; i++, sleep_us(1000)) {
+		tally_engine_counters(e, &c);
+		if (c.drained >= pc.recorded)
+			break;
+	}
+	rep = (struct rk_owner_report){ pc.recorded, pc.dropped, c.drained, c.publishes };
+	if (write(out, &rep, sizeof(rep)) != sizeof(rep))
+		_exit(4);
+	tally_producer_detach(&rt.p);
+	tally_engine_stop(&e);
+	tally_segment_close(&seg);
+	_exit(0);
+}
+
+/* A reader thread that also watches the owner publish: the longest time
+ * between two publishes it saw, and how many distinct ones. */
+struct watch_reader {
+	struct owner_reader r;
+	uint64_t last_pub, max_gap_ns, publishes;
+};
+
+static void *watch_reader_main(void *arg)
+{
+	struct watch_reader *w = arg;
+	struct tally_subject_stats s;
+
+	while (!atomic_load(w->r.stop)) {
+		int rc = tally_read_subject(w->r.seg, w->r.id, &s);
+
+		w->r.reads++;
+		if (rc == 0 || rc == TALLY_ESTALE) {
+			w->r.bad += !stats_sane(&s);
+			if (s.published_ns != w->last_pub) {
+				if (w->last_pub && s.published_ns - w->last_pub > w->max_gap_ns)
+					w->max_gap_ns = s.published_ns - w->last_pub;
+				w->last_pub = s.published_ns;
+				w->publishes++;
+			}
+		}
+		if (rc == 0)
+			w->r.ok++;
+		else if (rc == TALLY_ESTALE)
+			w->r.stale++;
+		else if (rc == TALLY_EBUSY_RETRY)
+			w->r.busy++;
+		else
+			w->r.other++, w->r.other_rc = rc;
+		sleep_us(200);
+	}
+	return NULL;
+}
+
+#define RK_READERS 4
+
+Test(kill, readers_killed_mid_read_change_nothing, .timeout = 300)
+{
+	char name[TALLY_NAME_MAX + 1];
+	struct tally_segment *rd = NULL;
+	struct rk_owner_report rep;
+	struct rk_shared *sh;
+	atomic_bool stop = false;
+	tally_subject_t id;
+	pid_t readers[RK_READERS];
+	unsigned kills = (unsigned)env_ul("TALLY_KILL_READERS", 200);
+	uint64_t seed = mono_us() | 1;
+	int ready[2], cmd[2], out[2], wfd[2], status;
+	char b = 1;
+
+	snprintf(name, sizeof(name), "%s", tt_segname("rkill"));
 	sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	cr_assert_neq(sh, MAP_FAILED);
 	memset(sh, 0, sizeof(*sh));
-
-	struct rec_thread rt = { .seg = seg, .id = id, .stop = &stop };
-	pthread_t rth;
-	cr_assert_eq(pthread_create(&rth, NULL, recorder_main, &rt), 0);
-	/* wait for data */
+	cr_assert(pipe(ready) == 0 && pipe(cmd) == 0 && pipe(out) == 0 && pipe(wfd) == 0);
+	pid_t owner = fork();
+	cr_assert_neq(owner, -1);
+	if (owner == 0)
+		rk_owner(name, ready[1], cmd[0], out[1]);
+	cr_assert_eq(read(ready[0], &b, 1), 1, "the owner did not start");
+	cr_assert_eq(tally_segment_open(name, TALLY_OPEN_READER, 1000, &rd), 0);
+	cr_assert_eq(tally_subject_lookup(rd, "reader.killed", &id), 0);
 	struct tally_subject_stats s;
-	for (int i = 0; i < 5000 && (tally_engine_read(e, id, &s) || !s.count); i++)
+	int rc = -1;
+	for (int i = 0; i < 5000 && (rc = tally_read_subject(rd, id, &s)) != 0; i++)
 		sleep_us(1000);
-	cr_assert_gt(s.count, 0);
+	cr_assert_eq(rc, 0, "no data published: %s", tally_strerror(rc));
 
 	/* a witness process that is never killed, and a witness thread */
-	cr_assert_eq(pipe(fds), 0);
 	unsigned witness_s = 2 + kills / 100;
 	pid_t witness = fork();
 	cr_assert_neq(witness, -1);
-	if (witness == 0) {
-		close(fds[0]);
-		reader_child(name, id, sh, witness_s, fds[1]);
-	}
-	close(fds[1]);
-	cr_assert_eq(tally_segment_open(name, TALLY_OPEN_READER, 1000, &rd), 0);
-	struct owner_reader wt = { .seg = rd, .id = id, .stop = &stop, .kill_at = &(_Atomic uint64_t){ 0 } };
+	if (witness == 0)
+		reader_child(name, id, sh, witness_s, wfd[1]);
+	struct watch_reader wt;
+	memset(&wt, 0, sizeof(wt));
+	wt.r = (struct owner_reader){ .seg = rd, .id = id, .stop = &stop,
+				      .kill_at = &(_Atomic uint64_t){ 0 } };
 	pthread_t wth;
-	cr_assert_eq(pthread_create(&wth, NULL, owner_reader_main, &wt), 0);
+	cr_assert_eq(pthread_create(&wth, NULL, watch_reader_main, &wt), 0);
 
 	for (int i = 0; i < RK_READERS; i++) {
 		readers[i] = fork();
@@ -685,7 +765,6 @@ Test(kill, readers_killed_mid_read_change_nothing, .timeout = 120)
 		if (readers[i] == 0)
 			reader_child(name, id, sh, 0, -1);
 	}
-	tally_engine_counters(e, &c0);
 	uint64_t t0 = mono_us();
 	for (unsigned k = 0; k < kills; k++) {
 		int i = (int)(rnd_next(&seed) % RK_READERS);
@@ -700,50 +779,53 @@ Test(kill, readers_killed_mid_read_change_nothing, .timeout = 120)
 			reader_child(name, id, sh, 0, -1);
 	}
 	uint64_t dt = mono_us() - t0;
-	tally_engine_counters(e, &c1);
 	for (int i = 0; i < RK_READERS; i++) {
 		kill(readers[i], SIGKILL);
 		waitpid(readers[i], &status, 0);
 	}
 	uint64_t res[2] = { 0, 0 };
-	cr_assert_eq(read(fds[0], res, sizeof(res)), (ssize_t)sizeof(res));
-	close(fds[0]);
+	cr_assert_eq(read(wfd[0], res, sizeof(res)), (ssize_t)sizeof(res));
 	cr_assert_eq(waitpid(witness, &status, 0), witness);
 	cr_expect(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 	atomic_store(&stop, true);
 	pthread_join(wth, NULL);
-	pthread_join(rth, NULL);
-	struct tally_engine_counters cf;
-	for (int i = 0; i < 2000; i++, sleep_us(1000)) {
-		tally_engine_counters(e, &cf);
-		if (cf.drained >= rt.c.recorded)
-			break;
+	cr_assert_eq(tally_segment_owner_alive(rd), 1);
+	cr_assert_eq(write(cmd[1], &b, 1), 1);
+	cr_assert_eq(read(out[0], &rep, sizeof(rep)), (ssize_t)sizeof(rep));
+	cr_assert_eq(waitpid(owner, &status, 0), owner);
+	cr_expect(WIFEXITED(status) && WEXITSTATUS(status) == 0, "owner status %#x", status);
+	for (int i = 0; i < 2; i++) {
+		close(ready[i]);
+		close(cmd[i]);
+		close(out[i]);
+		close(wfd[i]);
 	}
 
-	/* The owner kept publishing: at least one publish per 5 ms on average
-	 * (the interval is 1 ms; sanitizers and loaded CI machines are slow). */
-	uint64_t pubs = c1.publishes - c0.publishes;
-	cr_expect_geq(pubs * 5000u, dt, "%llu publishes in %llu us of reader kills",
-		      (unsigned long long)pubs, (unsigned long long)dt);
+	/* The owner kept publishing (every 1 ms; a publish late by more than a
+	 * second would have turned readers stale) and drained all it recorded. */
+	cr_expect_gt(wt.publishes * 20000u, dt, "%llu publishes seen in %llu us",
+		     (unsigned long long)wt.publishes, (unsigned long long)dt);
+	cr_expect_lt(wt.max_gap_ns, 1000000000u, "a gap of %llu ns between two publishes",
+		     (unsigned long long)wt.max_gap_ns);
+	cr_expect_gt(rep.recorded, 0);
+	cr_expect_eq(rep.drained, rep.recorded, "drained %llu, recorded %llu (%llu dropped)",
+		     (unsigned long long)rep.drained, (unsigned long long)rep.recorded,
+		     (unsigned long long)rep.dropped);
+	/* and every reader that was not killed saw only whole, live values */
 	cr_expect_gt(res[0], 0);
 	cr_expect_eq(res[1], 0, "the witness process saw %llu bad reads of %llu",
 		     (unsigned long long)res[1], (unsigned long long)res[0]);
-	cr_expect_gt(wt.ok, 0);
-	cr_expect_eq(wt.bad + wt.other + wt.stale, 0, "witness thread: %llu bad, %llu errors, "
-		     "%llu stale", (unsigned long long)wt.bad, (unsigned long long)wt.other,
-		     (unsigned long long)wt.stale);
-	/* and drained everything that was recorded */
-	cr_expect_gt(rt.c.recorded, 0);
-	cr_expect_eq(cf.drained, rt.c.recorded, "drained %llu, recorded %llu (%llu dropped)",
-		     (unsigned long long)cf.drained, (unsigned long long)rt.c.recorded,
-		     (unsigned long long)rt.c.dropped);
-	tally_engine_stop(&e);
+	cr_expect_gt(wt.r.ok, 0);
+	cr_expect_eq(wt.r.bad + wt.r.other + wt.r.stale, 0, "witness thread: %llu bad, %llu errors, "
+		     "%llu stale", (unsigned long long)wt.r.bad, (unsigned long long)wt.r.other,
+		     (unsigned long long)wt.r.stale);
 	tally_segment_close(&rd);
-	tally_segment_close(&seg);
 	fprintf(stderr, "reader kills: %u readers killed mid-read in %.2f s; the owner published "
-		"%llu times meanwhile; witness process %llu reads, thread %llu reads, 0 bad; "
-		"killed readers read %llu times\n", kills, (double)dt / 1e6,
-		(unsigned long long)pubs, (unsigned long long)res[0], (unsigned long long)wt.reads,
+		"%llu times in all (longest gap seen %.1f ms), drained %llu = recorded; witness "
+		"process %llu reads, thread %llu reads, 0 bad; killed readers read %llu times\n",
+		kills, (double)dt / 1e6, (unsigned long long)rep.publishes,
+		(double)wt.max_gap_ns / 1e6, (unsigned long long)rep.drained,
+		(unsigned long long)res[0], (unsigned long long)wt.r.reads,
 		(unsigned long long)atomic_load(&sh->reads));
 	munmap(sh, sizeof(*sh));
 }
