@@ -223,6 +223,10 @@ void tally__slots_reap(struct tally_segment *seg, uint64_t now, struct tally__re
 		uint32_t state = atomic_load_explicit(&s->ctl.state, memory_order_acquire);
 		uint64_t since = atomic_load_explicit(&s->ctl.since_ns, memory_order_relaxed);
 
+		if (state != TALLY__SLOT_CLAIMING &&
+		    atomic_load_explicit(&s->ctl.reaper_seen_ns, memory_order_relaxed))
+			atomic_store_explicit(&s->ctl.reaper_seen_ns, 0, memory_order_relaxed);
+
 		switch (state) {
 		case TALLY__SLOT_ACTIVE:
 			st->died += producer_gone(s) && move(s, state, TALLY__SLOT_DEAD, now);
@@ -238,10 +242,17 @@ void tally__slots_reap(struct tally_segment *seg, uint64_t now, struct tally__re
 			st->reused += now - since >= cooloff && move(s, state, TALLY__SLOT_FREE, now);
 			break;
 		case TALLY__SLOT_CLAIMING:
-			/* A claimer killed between its CAS and ACTIVE. */
-			if (now - since >= cooloff && producer_gone(s))
-				move(s, state, TALLY__SLOT_COOLING, now);
-			break;
+			/* A claimer killed between its CAS and ACTIVE. since_ns
+			 * cannot tell (the claimer writes it after its CAS), so
+			 * the reaper times the state itself: a claim takes
+			 * microseconds, one still pending a cool-off after the
+			 * reaper first saw it is dead. */
+			if (!atomic_load_explicit(&s->ctl.reaper_seen_ns, memory_order_relaxed))
+				atomic_store_explicit(&s->ctl.reaper_seen_ns, now, memory_order_relaxed);
+			else if (now - atomic_load_explicit(&s->ctl.reaper_seen_ns, memory_order_relaxed) >= cooloff &&
+				 producer_gone(s) && move(s, state, TALLY__SLOT_COOLING, now))
+				atomic_store_explicit(&s->ctl.reaper_seen_ns, 0, memory_order_relaxed);
+			continue;
 		default:
 			break;
 		}

@@ -130,6 +130,7 @@ struct tally__slot_ctl { /* block 0: written at claim/release and by the owner's
 	_Atomic uint64_t since_ns;     /* CLOCK_MONOTONIC of the last state change */
 	_Atomic uint64_t dead_drained; /* samples drained after the owner died (all claims) */
 	_Atomic uint64_t rejected;     /* entries with an unknown subject id (all claims) */
+	_Atomic uint64_t reaper_seen_ns; /* owner's reaper: when it first saw this CLAIMING, 0 none */
 };
 
 struct tally__slot {

@@ -89,10 +89,12 @@ int tally__snapshot_read(const void *section, uint32_t nentries, uint32_t id,
 		 * not model those, and these give the same ordering. */
 		for (int i = 0; i < TALLY__SW_WORDS; i++)
 			words[i] = atomic_load_explicit(&e->w[i], memory_order_acquire);
-		if (meta) {
-			const _Atomic uint64_t *m = &h->meta[idx].published_mono_ns;
-			for (int i = 0; i < 8; i++)
-				meta[i] = atomic_load_explicit(&m[i], memory_order_acquire);
+		if (meta) { /* only what a reader of one subject needs */
+			const struct tally__snap_meta *m = &h->meta[idx];
+			memset(meta, 0, 8 * sizeof(meta[0]));
+			meta[0] = atomic_load_explicit(&m->published_mono_ns, memory_order_acquire);
+			meta[4] = atomic_load_explicit(&m->window_ns, memory_order_acquire);
+			meta[5] = atomic_load_explicit(&m->reserved[0], memory_order_acquire);
 		}
 		if (atomic_load_explicit(&h->seq, memory_order_relaxed) == seq)
 			return 0;

@@ -110,7 +110,8 @@ static inline void tally__snapshot_store(_Atomic uint64_t *word, uint64_t v)
 }
 
 /* Reader: consistent copy of entry id (words) and of the meta of the copy
- * it came from. 0, -ERANGE, TALLY_EBUSY_RETRY. */
+ * it came from (meta[0] published_mono_ns, [4] window_ns, [5] publish
+ * interval; the rest 0). 0, -ERANGE, TALLY_EBUSY_RETRY. */
 int tally__snapshot_read(const void *section, uint32_t nentries, uint32_t id,
 			 uint64_t words[TALLY__SW_WORDS], uint64_t meta[8]);
 
