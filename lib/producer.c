@@ -26,6 +26,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -207,6 +208,15 @@ static bool move(struct tally__slot *s, uint32_t from, uint32_t to, uint64_t now
 	return true;
 }
 
+/* A claimer writes its pid first, then its tid and start time: judge a
+ * CLAIMING slot by the pid alone (a process that no longer exists). */
+static bool claimer_gone(struct tally__slot *s)
+{
+	pid_t pid = atomic_load_explicit(&s->ctl.pid, memory_order_relaxed);
+
+	return pid <= 0 || (kill(pid, 0) != 0 && errno == ESRCH);
+}
+
 static bool drained(struct tally__slot *s)
 {
 	return atomic_load_explicit(&s->head, memory_order_relaxed) ==
@@ -250,7 +260,7 @@ void tally__slots_reap(struct tally_segment *seg, uint64_t now, struct tally__re
 			if (!atomic_load_explicit(&s->ctl.reaper_seen_ns, memory_order_relaxed))
 				atomic_store_explicit(&s->ctl.reaper_seen_ns, now, memory_order_relaxed);
 			else if (now - atomic_load_explicit(&s->ctl.reaper_seen_ns, memory_order_relaxed) >= cooloff &&
-				 producer_gone(s) && move(s, state, TALLY__SLOT_COOLING, now))
+				 claimer_gone(s) && move(s, state, TALLY__SLOT_COOLING, now))
 				atomic_store_explicit(&s->ctl.reaper_seen_ns, 0, memory_order_relaxed);
 			continue;
 		default:
