@@ -525,7 +525,9 @@ Test(kill, owner_killed_readers_see_it_dead_and_a_new_owner_replaces_it, .timeou
 		cr_expect_geq(after + OWNER_PUBLISH_MS * 1000u, 1000000u - 20000u,
 			      "reader %d: stale %llu us after the kill, before the bound", i,
 			      (unsigned long long)after);
-		cr_expect_leq(after, 1500000u, "reader %d: stale only %llu us after the kill", i,
+		/* how soon after the bound a reader notices depends on when the
+		 * scheduler runs it: only "within the loop's 5 s" is behaviour */
+		cr_expect_leq(after, 5000000u, "reader %d: stale only %llu us after the kill", i,
 			      (unsigned long long)after);
 		cr_expect_lt(r[i].last_ok_after_kill_us, r[i].first_stale_us);
 		cr_expect_eq(r[i].bad, 0, "reader %d: %llu inconsistent reads", i,
