@@ -45,6 +45,7 @@
 
 #include <tally/tally.h>
 
+#include "engine_priv.h"
 #include "harness.h"
 #include "producer.h"
 #include "segment.h"
@@ -175,87 +176,8 @@ static void wait_drained(struct tally_engine *e, uint64_t target)
 #define INGEST_SLOTS 8u
 #define INGEST_RING (1u << 16)
 #define E2E_SUBJECTS 100u
-#define DRAIN_BATCH 4096u /* as engine.c */
-
-/* The engine's per-subject state and the part of struct tally_engine that
- * its ingest touches, as in engine.c. */
-struct subject_state {
-	struct tally__window win;
-};
-
-struct ingest {
-	struct tally_segment *seg;
-	struct tally__window_config wcfg;
-	struct subject_state **subjects; /* [table_size] */
-	uint32_t *active;
-	uint32_t nactive;
-	uint64_t cur_slice, slice_ns, rejected;
-};
-
-/* Ingest loop as in engine.c: subject_new(). */
-static struct subject_state *loop_subject_new(struct ingest *g, uint32_t id, uint64_t now)
-{
-	struct tally__shm_subject *ent = tally__seg_subject(g->seg, id);
-
-	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
-		return NULL;
-	struct subject_state *st = calloc(1, sizeof(*st));
-	if (!st || tally__window_init(&st->win, &g->wcfg, now) != 0) {
-		free(st);
-		return NULL;
-	}
-	g->subjects[id] = st;
-	g->active[g->nactive++] = id;
-	return st;
-}
-
-/* Ingest loop as in engine.c: drain_slot(). */
-static uint64_t loop_drain_slot(struct ingest *g, struct tally__slot *s, uint64_t now)
-{
-	struct tally_segment *seg = g->seg;
-	uint64_t head, n = tally__slot_ready(seg, s, &head), rejected = 0;
-	uint64_t mask = seg->ring_cap - 1, max = seg->max_value_ns;
-
-	if (n == 0)
-		return 0;
-	if (n > DRAIN_BATCH)
-		n = DRAIN_BATCH;
-	for (uint64_t k = 0; k < n; k++) {
-		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
-		uint32_t id = r->subject;
-		uint64_t v = r->value_ns;
-		struct subject_state *st = id < seg->table_size ? g->subjects[id] : NULL;
-
-		if (TALLY__UNLIKELY(!st) && (id >= seg->table_size || !(st = loop_subject_new(g, id, now)))) {
-			rejected++;
-			continue;
-		}
-		tally__window_add(&st->win, v < max ? v : max);
-	}
-	tally__slot_consume(s, head, n);
-	g->rejected += rejected;
-	return n - rejected;
-}
-
-/* Ingest loop as in engine.c: drain_all() and, per pass, advance_all(). */
-static uint64_t loop_drain_all(struct ingest *g, uint64_t now)
-{
-	struct tally_segment *seg = g->seg;
-	uint64_t total = 0;
-
-	if (now / g->slice_ns != g->cur_slice) {
-		g->cur_slice = now / g->slice_ns;
-		for (uint32_t i = 0; i < g->nactive; i++)
-			tally__window_advance(&g->subjects[g->active[i]]->win, now);
-	}
-	for (uint32_t i = 0; i < seg->nslots; i++) {
-		struct tally__slot *s = tally__seg_slot(seg, i);
-		if (atomic_load_explicit(&s->ctl.state, memory_order_relaxed) == TALLY__SLOT_FREE)
-			continue;
-		total += loop_drain_slot(g, s, now);
-	}
-	return total;
-}
+/* The ingest is engine.c's own loop (tally__engine_ingest), run on an
+ * engine without its thread so that it has one core to itself. */
 
 struct ingest_data {
 	uint64_t values[INGEST_RING];
@@ -275,11 +197,11 @@ static uint64_t ingest_fill(struct tally_producer **p, const struct ingest_data 
 }
 
 /* Drain until empty; returns ns spent, adds the samples taken to *got. */
-static uint64_t ingest_drain(struct ingest *g, uint64_t *got)
+static uint64_t ingest_drain(struct tally_engine *g, uint64_t *got)
 {
 	uint64_t t0 = bench_now_ns(), now = t0, n;
 
-	while ((n = loop_drain_all(g, now)) != 0) {
+	while ((n = tally__engine_ingest(g, now)) != 0) {
 		*got += n;
 		now = bench_now_ns();
 	}
@@ -291,45 +213,37 @@ static uint64_t ingest_drain(struct ingest *g, uint64_t *got)
 static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d, uint32_t nsubjects)
 {
 	char row[72];
-	struct ingest g = { .seg = seg, .slice_ns = TALLY__WINDOW_DEFAULT_SLICE_NS };
+	struct tally_engine *g;
 	struct tally_producer *p[INGEST_SLOTS];
 	double rate[256];
 	uint64_t fills = scaled(16, 1);
 
-	g.wcfg = (struct tally__window_config){ TALLY__WINDOW_DEFAULT_SLICE_NS,
-						TALLY__WINDOW_DEFAULT_WINDOW_NS, seg->max_value_ns };
-	g.subjects = calloc(seg->table_size, sizeof(g.subjects[0]));
-	g.active = calloc(seg->table_size, sizeof(g.active[0]));
-	if (!g.subjects || !g.active)
+	if (tally__engine_new(seg, NULL, &g) != 0) {
+		fprintf(stderr, "bench: ingest: %s\n", tally_errmsg());
 		abort();
-	g.cur_slice = bench_now_ns() / g.slice_ns;
+	}
 	for (uint32_t k = 0; k < INGEST_SLOTS; k++)
 		p[k] = attach(seg);
 	uint64_t warm = 0;
 	ingest_fill(p, d); /* warm-up: creates the windows, faults their pages */
-	ingest_drain(&g, &warm);
+	ingest_drain(g, &warm);
 	for (int r = 0; r < bench_opts.reps; r++) {
 		uint64_t ns = 0, got = 0, filled = 0;
 		for (uint64_t f = 0; f < fills; f++) {
 			filled += ingest_fill(p, d);
-			ns += ingest_drain(&g, &got);
+			ns += ingest_drain(g, &got);
 		}
-		if (got != filled || g.rejected)
+		if (got != filled || tally__engine_rejected(g))
 			fprintf(stderr, "bench: ingest drained %llu of %llu, %llu rejected\n",
 				(unsigned long long)got, (unsigned long long)filled,
-				(unsigned long long)g.rejected);
+				(unsigned long long)tally__engine_rejected(g));
 		rate[r] = (double)got / (double)ns * 1e3; /* Msamples/s */
 	}
 	snprintf(row, sizeof(row), R_INGEST ", %u subj", nsubjects);
 	bench_row_series("ingest", R_INGEST, row, "Msamples/s", true, rate, bench_opts.reps, NULL, nsubjects);
 	for (uint32_t k = 0; k < INGEST_SLOTS; k++)
 		tally_producer_detach(&p[k]);
-	for (uint32_t i = 0; i < g.nactive; i++) {
-		tally__window_destroy(&g.subjects[g.active[i]]->win);
-		free(g.subjects[g.active[i]]);
-	}
-	free(g.subjects);
-	free(g.active);
+	tally__engine_free(&g);
 }
 
 /* End to end: one producer thread, the real aggregator thread. */

@@ -47,6 +47,7 @@
 #include <tally/engine.h>
 
 #include "common.h"
+#include "engine_priv.h"
 #include "pending.h"
 #include "proc.h"
 #include "producer.h"
@@ -621,8 +622,8 @@ static void engine_free(struct tally_engine *e)
 	free(e);
 }
 
-TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_engine_config *cfg,
-				 struct tally_engine **out)
+int tally__engine_new(struct tally_segment *seg, const struct tally_engine_config *cfg,
+		      struct tally_engine **out)
 {
 	struct tally_engine_config defaults;
 	struct tally_engine *e;
@@ -659,17 +660,50 @@ TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_e
 		return -ENOMEM;
 	}
 	tally__snapshot_writer_init(&e->latch, tally__seg_section(seg, &seg->snapshot));
+	e->cur_slice = tally__mono_ns() / cfg->slice_ns;
+	seg->engine_attached = true;
+	*out = e;
+	return 0;
+}
+
+uint64_t tally__engine_ingest(struct tally_engine *e, uint64_t now)
+{
+	advance_all(e, now);
+	return drain_all(e, now);
+}
+
+uint64_t tally__engine_rejected(struct tally_engine *e)
+{
+	return atomic_load_explicit(&e->rejected, memory_order_relaxed);
+}
+
+void tally__engine_free(struct tally_engine **ep)
+{
+	if (!ep || !*ep)
+		return;
+	(*ep)->seg->engine_attached = false;
+	engine_free(*ep);
+	*ep = NULL;
+}
+
+TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_engine_config *cfg,
+				 struct tally_engine **out)
+{
+	struct tally_engine *e;
+	int rc;
+
+	if ((rc = tally__engine_new(seg, cfg, &e)))
+		return rc;
 	pthread_mutex_init(&e->start_lock, NULL);
 	pthread_cond_init(&e->start_cond, NULL);
 	if ((rc = pthread_create(&e->thread, NULL, aggregator_main, e)) != 0) {
-		engine_free(e);
+		tally__engine_free(&e);
 		return tally__fail(-rc, "cannot start the aggregator thread: %s", strerror(rc));
 	}
 	pthread_mutex_lock(&e->start_lock);
 	while (!e->started)
 		pthread_cond_wait(&e->start_cond, &e->start_lock);
 	pthread_mutex_unlock(&e->start_lock);
-	seg->engine_attached = true;
 	*out = e;
 	return 0;
 }

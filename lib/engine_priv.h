@@ -1,0 +1,27 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * engine_priv.h (private): an engine without its thread, driven by the
+ * caller, so that the benchmark measures the real ingest loop of
+ * engine.c on one core instead of a copy of it.
+ */
+#ifndef TALLY_LIB_ENGINE_PRIV_H
+#define TALLY_LIB_ENGINE_PRIV_H
+
+#include <tally/engine.h>
+
+/* An engine on seg with no aggregator thread. Same errors as
+ * tally_engine_start(). Free with tally__engine_free(). */
+int tally__engine_new(struct tally_segment *seg, const struct tally_engine_config *cfg,
+		      struct tally_engine **out);
+
+/* One pass of the aggregator's ingest at time now: close slices that
+ * ended, then drain every ring once (a bounded batch each). Returns the
+ * samples taken. Only on an engine from tally__engine_new(). */
+uint64_t tally__engine_ingest(struct tally_engine *e, uint64_t now);
+
+/* Samples rejected so far (bad subject ids). */
+uint64_t tally__engine_rejected(struct tally_engine *e);
+
+void tally__engine_free(struct tally_engine **e);
+
+#endif /* TALLY_LIB_ENGINE_PRIV_H */
