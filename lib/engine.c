@@ -39,7 +39,8 @@
  * Debian's library does not place at the 128-byte alignment its type
  * declares, and UBSan stops on that (liburcu's own code, out of line,
  * is not instrumented). */
-#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+#include "sanitize.h"
+#if !TALLY__ASAN && !TALLY__TSAN
 #define _LGPL_SOURCE
 #endif
 #include <urcu-bp.h>
@@ -67,7 +68,7 @@
  * everything else. Grace periods (rcu_read_lock, call_rcu) are liburcu's
  * in both builds.
  */
-#if defined(__SANITIZE_THREAD__)
+#if TALLY__TSAN
 #define snap_assign(p, v) __atomic_store_n(&(p), (v), __ATOMIC_RELEASE)
 #define snap_deref(p) __atomic_load_n(&(p), __ATOMIC_ACQUIRE)
 #else
@@ -659,7 +660,7 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 		engine_free(e);
 		return -ENOMEM;
 	}
-	tally__snapshot_writer_init(&e->latch, tally__seg_section(seg, &seg->snapshot));
+	tally__snapshot_writer_init(&e->latch, tally__seg_section(seg, &seg->snapshot), seg->table_size);
 	e->cur_slice = tally__mono_ns() / cfg->slice_ns;
 	seg->engine_attached = true;
 	*out = e;

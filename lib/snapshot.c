@@ -48,10 +48,10 @@ static struct tally__snap_entry *copy_of(const void *section, uint32_t nentries,
 	return e + idx * nentries;
 }
 
-void tally__snapshot_writer_init(struct tally__snap_writer *w, void *section)
+void tally__snapshot_writer_init(struct tally__snap_writer *w, void *section, uint32_t nentries)
 {
 	w->hdr = section;
-	w->nentries = w->hdr->nentries;
+	w->nentries = nentries;
 	w->copies[0] = copy_of(section, w->nentries, 0);
 	w->copies[1] = copy_of(section, w->nentries, 1);
 }

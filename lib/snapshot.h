@@ -101,7 +101,9 @@ struct tally__snap_writer {
 	struct tally__snap_entry *copies[2];
 	uint32_t nentries;
 };
-void tally__snapshot_writer_init(struct tally__snap_writer *w, void *section);
+/* The geometry is the owner's own (its table size), never the section
+ * header's: every producer maps that header writable. */
+void tally__snapshot_writer_init(struct tally__snap_writer *w, void *section, uint32_t nentries);
 uint32_t tally__snapshot_write_begin(struct tally__snap_writer *w);
 /* Store one word of the copy being written (release; see above). */
 static inline void tally__snapshot_store(_Atomic uint64_t *word, uint64_t v)

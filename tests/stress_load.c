@@ -59,16 +59,8 @@
 #define MAX_THREADS 16
 #define NSUBJ 4
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define SANITIZED 1
-#endif
-#endif
-#ifndef SANITIZED
-#define SANITIZED 0
-#endif
+#include "sanitize.h"
+#define SANITIZED (TALLY__ASAN || TALLY__TSAN)
 
 static uint64_t mono_ms(void)
 {

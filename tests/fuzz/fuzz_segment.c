@@ -294,7 +294,7 @@ static void populate(struct tally_segment *seg)
 	tally__pending_write_breaker(tally__pending_breaker_at(pend), &(struct tally__pending_breaker_view){
 		.state = TALLY__BREAKER_HALF_OPEN, .consecutive_failures = 3, .connected = true,
 		.last_error = "no responders" });
-	tally__snapshot_writer_init(&w, tally__seg_section(seg, &seg->snapshot));
+	tally__snapshot_writer_init(&w, tally__seg_section(seg, &seg->snapshot), seg->table_size);
 	for (int half = 0; half < 2; half++) {
 		uint32_t c = tally__snapshot_write_begin(&w);
 		for (int i = 0; i < 4; i++) {
