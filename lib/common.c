@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "failpoint.h"
 
 static __thread char errmsg_buf[512];
 
@@ -69,6 +70,7 @@ static const struct {
 	{ TALLY_EREPLACED, "the segment was re-created; re-open it" },
 	{ TALLY_ESTALE, "data is stale" },
 	{ TALLY_EBUSY_RETRY, "no consistent read within the retry bound" },
+	{ TALLY_EREVOKED, "the producer handle no longer holds its slot" },
 };
 
 TALLY_API const char *tally_strerror(int err)
@@ -96,3 +98,6 @@ const char *tally__human_size(uint64_t bytes, char *buf, size_t len)
 	snprintf(buf, len, u ? "%.1f %s" : "%.0f %s", v, units[u]);
 	return buf;
 }
+
+/* failpoint.h: set only by tests. */
+void (*tally__failpoint_hook)(const char *point) = NULL;

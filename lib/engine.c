@@ -132,13 +132,16 @@ struct tally_engine {
 	struct tally_thresholds *thresholds;           /* aggregator's own */
 	struct tally_thresholds *_Atomic next_thresholds; /* handed over by set_thresholds */
 	uint64_t thresholds_gen;
-	struct tally__pending_view *pviews; /* used pending entries, read once per publish */
+	struct tally__pending_view *pviews; /* [pending_cap]: last good copy of each entry */
+	uint8_t *pvalid;                    /* [pending_cap]: pviews[i] holds a good copy */
+	uint32_t *pused;                    /* indexes of the valid views, this publish */
 	uint32_t npviews;
 	struct tally__snap_writer latch;
 	uint64_t cur_slice, next_publish, next_reap;
 	uint64_t edges[TALLY__HIST_DEFAULT_NEDGES]; /* export bucket edges, ns */
 	uint32_t nedges;
 	_Atomic uint64_t drained, rejected, publishes, last_publish_ns, died, released;
+	_Atomic uint64_t pending_kept, claims_expired, subjects_tombstoned;
 	_Atomic uint64_t subjects_active;
 	pthread_mutex_t start_lock;
 	pthread_cond_t start_cond;
@@ -199,12 +202,16 @@ static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, ui
 	return st;
 }
 
-static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64_t now)
+/* Drain up to DRAIN_BATCH entries of s, and none at or past position
+ * upto (UINT64_MAX: no bound). */
+static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64_t now, uint64_t upto)
 {
 	struct tally_segment *seg = e->seg;
 	uint64_t head, n = tally__slot_ready(seg, s, &head), rejected = 0;
 	uint64_t mask = seg->ring_cap - 1, max = seg->max_value_ns;
 
+	if (upto != UINT64_MAX)
+		n = upto > head && upto - head < n ? upto - head : upto > head ? n : 0;
 	if (n == 0)
 		return 0;
 	if (n > DRAIN_BATCH)
@@ -237,12 +244,39 @@ static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 
 	for (uint32_t i = 0; i < seg->nslots; i++) {
 		struct tally__slot *s = tally__seg_slot(seg, i);
-		if (atomic_load_explicit(&s->ctl.state, memory_order_relaxed) == TALLY__SLOT_FREE)
+		uint64_t lease = atomic_load_explicit(&s->ctl.lease, memory_order_relaxed);
+		if (tally__lease_state(lease) == TALLY__SLOT_FREE)
 			continue;
-		total += drain_slot(e, s, now);
+		total += drain_slot(e, s, now, UINT64_MAX);
 	}
 	atomic_fetch_add_explicit(&e->drained, total, memory_order_relaxed);
 	return total;
+}
+
+/* Stop: drain every ring up to the tail it had when the stop began, and
+ * no further, so that producers still recording flat out cannot keep the
+ * engine from stopping. Bounded: at most one ring's worth per slot. */
+static void drain_to_stop(struct tally_engine *e, uint64_t now)
+{
+	struct tally_segment *seg = e->seg;
+	uint64_t *upto = calloc(seg->nslots, sizeof(*upto)), total = 0;
+	bool more = true;
+
+	if (!upto) { /* no memory for the bounds: one pass, what is there now */
+		drain_all(e, now);
+		return;
+	}
+	for (uint32_t i = 0; i < seg->nslots; i++)
+		upto[i] = atomic_load_explicit(&tally__seg_slot(seg, i)->tail, memory_order_acquire);
+	while (more) {
+		uint64_t got = 0;
+		for (uint32_t i = 0; i < seg->nslots; i++)
+			got += drain_slot(e, tally__seg_slot(seg, i), now, upto[i]);
+		total += got;
+		more = got != 0;
+	}
+	atomic_fetch_add_explicit(&e->drained, total, memory_order_relaxed);
+	free(upto);
 }
 
 /* A slice is closing: fold it into the subject's since-start export
@@ -304,16 +338,35 @@ static void fill_stats(struct tally_subject_stats *o, uint32_t id, const struct 
 
 /* ---- pending and verdicts ------------------------------------------------------ */
 
-/* Read every used pending entry once per publish (the poller writes them). */
+/* Read every used pending entry once per publish (the poller writes
+ * them). An entry that cannot be read this time (its writer is mid-write,
+ * or the copy read is torn or invalid) keeps its last good copy: its age
+ * (now - last_ok_ns) goes on growing, so the stale policy and the dwell
+ * judge it as they would any cached value. Only an entry read as unused
+ * is dropped. */
 static void pending_gather(struct tally_engine *e)
 {
 	struct tally_segment *seg = e->seg;
 	const void *sec = tally__seg_section(seg, &seg->pending);
+	struct tally__pending_view v;
+	uint64_t kept = 0;
 
 	e->npviews = 0;
-	for (uint32_t i = 0; i < seg->pending_cap; i++)
-		if (tally__pending_read_entry(sec, seg->pending.size, i, &e->pviews[e->npviews]) == 0)
-			e->npviews++;
+	for (uint32_t i = 0; i < seg->pending_cap; i++) {
+		int rc = tally__pending_read_entry(sec, seg->pending.size, i, &v);
+		if (rc == 0) {
+			e->pviews[i] = v;
+			e->pvalid[i] = 1;
+		} else if (rc == -ENOENT) {
+			e->pvalid[i] = 0;
+		} else if (e->pvalid[i]) {
+			kept++;
+		}
+		if (e->pvalid[i])
+			e->pused[e->npviews++] = i;
+	}
+	if (kept)
+		atomic_fetch_add_explicit(&e->pending_kept, kept, memory_order_relaxed);
 }
 
 static uint32_t public_source(uint32_t s, uint32_t matched)
@@ -336,7 +389,7 @@ static void pending_of(struct tally_engine *e, const char *subject, uint64_t now
 	struct tally__pending_result r = { .source = TALLY__PENDING_NEVER };
 
 	for (uint32_t i = 0; i < e->npviews; i++) {
-		const struct tally__pending_view *v = &e->pviews[i];
+		const struct tally__pending_view *v = &e->pviews[e->pused[i]];
 		const char *pattern = v->map[0] ? v->map : v->filter;
 		if (pattern[0] && tally__subject_match(pattern, subject))
 			tally__pending_combine(&r, v, &pol, now);
@@ -551,7 +604,9 @@ static void reap(struct tally_engine *e, uint64_t now)
 	tally__slots_reap(e->seg, now, &st);
 	atomic_fetch_add_explicit(&e->died, st.died, memory_order_relaxed);
 	atomic_fetch_add_explicit(&e->released, st.released, memory_order_relaxed);
-	tally__subjects_reap(e->seg);
+	atomic_fetch_add_explicit(&e->claims_expired, st.claims_expired, memory_order_relaxed);
+	atomic_fetch_add_explicit(&e->subjects_tombstoned, tally__subjects_reap(e->seg, now),
+				  memory_order_relaxed);
 }
 
 static void tick(struct tally_engine *e, uint64_t now)
@@ -597,8 +652,7 @@ static void *aggregator_main(void *arg)
 			sleep_us(e->cfg.drain_interval_us);
 	}
 	now = tally__mono_ns();
-	while (drain_all(e, now))
-		;
+	drain_to_stop(e, now);
 	advance_all(e, now);
 	publish(e, now);
 	return NULL;
@@ -619,6 +673,8 @@ static void engine_free(struct tally_engine *e)
 	free(e->active);
 	free(e->row_of);
 	free(e->pviews);
+	free(e->pvalid);
+	free(e->pused);
 	e->magic = 0;
 	free(e);
 }
@@ -653,14 +709,21 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	e->active = calloc(seg->table_size, sizeof(e->active[0]));
 	e->row_of = calloc(seg->table_size, sizeof(e->row_of[0]));
 	e->pviews = calloc(seg->pending_cap, sizeof(e->pviews[0]));
+	e->pvalid = calloc(seg->pending_cap, sizeof(e->pvalid[0]));
+	e->pused = calloc(seg->pending_cap, sizeof(e->pused[0]));
 	e->thresholds = tally_thresholds_new();
 	e->thresholds_gen = 1;
 	e->nedges = (uint32_t)tally__hist_default_edges(e->edges, TALLY__HIST_DEFAULT_NEDGES);
-	if (!e->subjects || !e->active || !e->row_of || !e->pviews || !e->thresholds) {
+	if (!e->subjects || !e->active || !e->row_of || !e->pviews || !e->pvalid || !e->pused ||
+	    !e->thresholds) {
 		engine_free(e);
 		return -ENOMEM;
 	}
 	tally__snapshot_writer_init(&e->latch, tally__seg_section(seg, &seg->snapshot), seg->table_size);
+	/* Restart hygiene: rows an earlier engine on this segment published
+	 * describe windows this one does not have. Readers must not get them
+	 * with this engine's fresh publish times: clear both copies first. */
+	tally__snapshot_reset(&e->latch);
 	e->cur_slice = tally__mono_ns() / cfg->slice_ns;
 	seg->engine_attached = true;
 	*out = e;
@@ -760,6 +823,9 @@ TALLY_API void tally_engine_counters(struct tally_engine *e, struct tally_engine
 	o->subjects_active = atomic_load_explicit(&e->subjects_active, memory_order_relaxed);
 	o->producers_died = atomic_load_explicit(&e->died, memory_order_relaxed);
 	o->producers_released = atomic_load_explicit(&e->released, memory_order_relaxed);
+	o->pending_kept = atomic_load_explicit(&e->pending_kept, memory_order_relaxed);
+	o->claims_expired = atomic_load_explicit(&e->claims_expired, memory_order_relaxed);
+	o->subjects_tombstoned = atomic_load_explicit(&e->subjects_tombstoned, memory_order_relaxed);
 }
 
 TALLY_API int tally_engine_set_thresholds(struct tally_engine *e, struct tally_thresholds **t)

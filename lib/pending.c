@@ -6,6 +6,8 @@
  * backlogs. The layout, the seqlock protocol and the combination rule are
  * described in pending.h.
  */
+#include <ck_backoff.h>
+
 #include "pending.h"
 #include "subject.h"
 
@@ -245,10 +247,23 @@ static bool view_ok(const struct tally__pending_view *o, bool full)
 
 static int read_entry(const struct tally__pending_entry *e, struct tally__pending_view *o, bool full)
 {
-	for (int i = 0; i < TALLY__PENDING_READ_TRIES; i++) {
-		uint32_t s1 = atomic_load_explicit(&e->seq, memory_order_acquire);
-		uint32_t used;
+	ck_backoff_t backoff = 16; /* iterations; doubles on every retry */
 
+	for (int i = 0; i < TALLY__PENDING_READ_TRIES; i++) {
+		uint32_t s1, used;
+
+		/* A writer inside (odd) or one that moved under us: back off
+		 * instead of spinning, it may be preempted mid-write. The
+		 * pause doubles up to 4096 iterations (about 2^18 pauses in
+		 * all, a few ms at worst): a writer held longer is the
+		 * caller's to judge (the engine keeps the last good copy). */
+		if (i) {
+			ck_backoff_t pause = backoff;
+			ck_backoff_eb(&pause);
+			if (backoff < 4096)
+				backoff <<= 1;
+		}
+		s1 = atomic_load_explicit(&e->seq, memory_order_acquire);
 		if (s1 & 1u)
 			continue;
 		used = RELAXED(e->used);

@@ -64,20 +64,16 @@ bool tally__proc_alive(pid_t pid, uint64_t start_time)
 	if (kill(pid, 0) != 0 && errno == ESRCH)
 		return false;
 	uint64_t st = stat_of(pid, &state);
-	/* A process we cannot read (hidepid) but that exists counts as alive. */
+	/* A process we cannot read now (hidepid, a race with its exit) but
+	 * that exists counts as alive: death must be proved, never assumed. */
 	if (st == 0)
 		return kill(pid, 0) == 0 || errno == EPERM;
 	/* A zombie (exited, not yet reaped by its parent) is dead to us. */
-	return st == start_time && state != 'Z' && state != 'X';
-}
-
-bool tally__thread_alive(pid_t pid, pid_t tid)
-{
-	char path[64];
-	struct stat st;
-
-	snprintf(path, sizeof(path), "/proc/%d/task/%d", (int)pid, (int)tid);
-	return stat(path, &st) == 0;
+	if (state == 'Z' || state == 'X')
+		return false;
+	/* Start time unknown when the identity was taken (unreadable then):
+	 * the pid alone is all we have, and it exists. */
+	return start_time == 0 || st == start_time;
 }
 
 static uint64_t clock_ns(clockid_t id)

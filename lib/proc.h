@@ -14,11 +14,11 @@
  * boot), or 0 if the process does not exist or cannot be read. */
 uint64_t tally__proc_start_time(pid_t pid);
 
-/* true if pid exists and has the given start time. */
+/* true unless pid is proved gone: it does not exist, is a zombie, or has
+ * another start time than the given one (0: unknown, the pid alone
+ * decides). A pid <= 0 is never alive. Liveness is per process only:
+ * threads come and go while their process's handles live on. */
 bool tally__proc_alive(pid_t pid, uint64_t start_time);
-
-/* true if thread tid of process pid still exists. */
-bool tally__thread_alive(pid_t pid, pid_t tid);
 
 /* CLOCK_MONOTONIC and CLOCK_REALTIME in ns. */
 uint64_t tally__mono_ns(void);

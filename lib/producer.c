@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * producer.c: claiming and releasing producer slots, the slow paths of
- * tally_record(), and the owner's reaper.
+ * producer.c: claiming and releasing producer slots by lease, the slow
+ * paths of tally_record(), thread-local handles, and the owner's reaper.
  *
  * Ring design. Each slot is a single-producer single-consumer ring of
  * 16-byte entries with two free-running 64-bit positions: tail, stored by
@@ -15,17 +15,65 @@
  * own. Drop and clamp counters have a single writer (the producer), so
  * they are updated with a plain load and store, never an atomic add.
  *
- * Slot life. A producer claims a FREE slot with one CAS, fills in its
- * pid, tid and process start time, and publishes ACTIVE. Detaching stores
- * RELEASING; the owner frees the slot once the ring is drained. If the
- * process or thread dies without detaching, the reaper sees it (pid +
- * start time, then /proc/<pid>/task/<tid>), marks the slot DEAD, lets the
- * aggregator drain what was published, and frees it after a cool-off so
- * that a stale reader never confuses the old producer with a new one.
+ * Leases. A slot is owned by a claim, not by a thread. The slot's lease
+ * word holds (generation << 8 | state); a claim increments the
+ * generation, and the handle keeps the lease it was granted (ACTIVE,
+ * gen). Every slow path of the handle (full ring, clamp, heartbeat,
+ * detach) first checks that the slot still holds exactly that lease, and
+ * every change of state, by either side, is a CAS from an expected
+ * (state, generation). A handle whose claim has ended (its slot was taken
+ * back, the process forked, the segment was closed) is revoked: from then
+ * on every record goes to the slow path, stores nothing and is counted as
+ * lost, and heartbeat returns TALLY_EREVOKED. It never writes into a slot
+ * that another claim holds.
+ *
+ * Liveness is judged per process (pid + start time), never per thread: a
+ * handle may move between threads, and the thread that attached may exit
+ * while another records. A live process keeps its slots until it detaches
+ * them; a thread that wants its slot back when it exits uses
+ * tally_producer_local(), whose handles a pthread key destructor detaches.
+ *
+ * Slot state machine (lease = (gen, state); "owner" is the segment
+ * owner's reaper, tally__slots_reap, a single thread):
+ *
+ *   FREE(g)      -> CLAIMING(g+1)  producer, CAS. The generation is new,
+ *                                   so no older handle matches the slot.
+ *   CLAIMING(g)  -> ACTIVE(g)      producer, CAS, after storing pid,
+ *                                   start time, base and heartbeat. The
+ *                                   release of the CAS publishes them.
+ *   CLAIMING(g)  -> COOLING(g)     owner, CAS, when the claim is still
+ *                                   pending TALLY__CLAIM_TIMEOUT_MS after the
+ *                                   owner first saw it (the claimer was
+ *                                   killed, or stalled: a stalled claimer's
+ *                                   CAS to ACTIVE fails and it tries another
+ *                                   slot), or a cool-off after its pid is
+ *                                   known to be gone. The owner times this
+ *                                   in its own memory, never from shm.
+ *   ACTIVE(g)    -> RELEASING(g)   producer (detach), CAS. Fails if the
+ *                                   slot was taken back: then it is left
+ *                                   alone.
+ *   ACTIVE(g)    -> DEAD(g)        owner, CAS, when the claimer's process
+ *                                   (pid + start time) no longer exists. A
+ *                                   dead process cannot write, so nothing
+ *                                   still writes the ring.
+ *   RELEASING(g) -> FREE(g)        owner, CAS, once the ring is drained.
+ *   DEAD(g)      -> COOLING(g)     owner, CAS, once the ring is drained.
+ *   COOLING(g)   -> FREE(g)        owner, CAS, after the cool-off, so that a
+ *                                   reader that saw the old claim does not
+ *                                   confuse it with the next.
+ *   anything else (a state that is not in the enum: the slot was
+ *   scribbled on) is timed like CLAIMING and taken to COOLING.
+ *
+ * Before it moves a slot to FREE the owner stores pid 0, so a CLAIMING
+ * slot holds either 0 or its own claimer's pid, never the previous
+ * owner's. Bounds: a slot whose claimer is killed mid-claim is FREE again
+ * within TALLY__CLAIM_TIMEOUT_MS + cool-off + 2 reap intervals; one whose
+ * process dies while ACTIVE within a reap interval + the drain + cool-off.
  */
 #include "config.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,16 +81,30 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "failpoint.h"
 #include "proc.h"
 #include "producer.h"
+
+/* Why a handle was revoked (0: it was not). */
+enum revoke_reason {
+	REVOKE_NONE = 0,
+	REVOKE_LEASE,  /* the slot no longer holds our lease */
+	REVOKE_FORK,   /* this process is a fork child of the one that claimed */
+	REVOKE_CLOSED, /* the segment was closed under the handle */
+};
 
 struct producer_full {
 	struct tally_producer pub; /* first: the handle the caller holds */
 	struct tally_segment *seg;
 	struct tally__slot *slot;
 	uint32_t idx;
+	uint64_t lease; /* (gen, ACTIVE) granted to this claim */
 	uint64_t base_tail, base_dropped, base_clamped;
 	uint64_t dropped, clamped; /* cumulative values of the slot, ours to store */
+	uint64_t lost;             /* records refused after the revocation */
+	enum revoke_reason revoked;
+	bool local;                /* a thread-local handle (tally_producer_local) */
+	struct producer_full *prev, *next; /* the process's registry of handles */
 };
 
 static struct producer_full *full_of(struct tally_producer *p)
@@ -50,40 +112,120 @@ static struct producer_full *full_of(struct tally_producer *p)
 	return (struct producer_full *)p;
 }
 
-static void set_state(struct tally__slot *s, uint32_t state, uint64_t now)
+/* ---- the process's registry of handles --------------------------------------- */
+
+/* Every live handle of this process, so that a fork child and a closed
+ * segment can revoke them. Taken only on attach, detach, fork and close. */
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct producer_full *registry;
+static pthread_once_t registry_once = PTHREAD_ONCE_INIT;
+static pthread_key_t local_key;
+
+static void revoke_handle(struct producer_full *f, enum revoke_reason why)
 {
-	atomic_store_explicit(&s->ctl.since_ns, now, memory_order_relaxed);
-	atomic_store_explicit(&s->ctl.state, state, memory_order_release);
+	if (f->revoked)
+		return;
+	f->revoked = why;
+	/* capacity 0: every tally_record() now takes the slow path, where it
+	 * sees the revocation; nothing reaches the ring again. */
+	f->pub.capacity = 0;
 }
 
-static bool try_claim(struct tally__slot *s)
+static void atfork_prepare(void)
 {
-	uint32_t expect = TALLY__SLOT_FREE;
-
-	return atomic_compare_exchange_strong_explicit(&s->ctl.state, &expect, TALLY__SLOT_CLAIMING,
-						       memory_order_acquire, memory_order_relaxed);
+	pthread_mutex_lock(&registry_lock);
 }
 
-static bool fill_claim(struct producer_full *f, struct tally__slot *s, uint32_t idx)
+static void atfork_parent(void)
 {
-	pid_t pid = getpid();
-	uint64_t now = tally__mono_ns();
+	pthread_mutex_unlock(&registry_lock);
+}
 
-	/* since first: the reaper leaves a CLAIMING slot alone for a cool-off
-	 * counted from here. */
-	atomic_store_explicit(&s->ctl.since_ns, now, memory_order_relaxed);
-	atomic_store_explicit(&s->ctl.pid, pid, memory_order_relaxed);
-	atomic_store_explicit(&s->ctl.tid, (int32_t)syscall(SYS_gettid), memory_order_relaxed);
-	atomic_store_explicit(&s->ctl.start_time, tally__proc_start_time(pid), memory_order_relaxed);
-	atomic_store_explicit(&s->ctl.heartbeat_ns, now, memory_order_relaxed);
-	atomic_fetch_add_explicit(&s->ctl.claims, 1, memory_order_relaxed);
+/* The child has copies of the parent's handles pointing at the parent's
+ * rings: recording through them would make two producers of one ring. */
+static void atfork_child(void)
+{
+	for (struct producer_full *f = registry; f; f = f->next)
+		revoke_handle(f, REVOKE_FORK);
+	pthread_mutex_unlock(&registry_lock);
+}
+
+static void local_destroy(void *list);
+
+static void registry_init(void)
+{
+	if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0 ||
+	    pthread_key_create(&local_key, local_destroy) != 0)
+		tally__die(__FILE__, __LINE__, "cannot register the fork handler or thread key");
+}
+
+static void registry_add(struct producer_full *f)
+{
+	pthread_once(&registry_once, registry_init);
+	pthread_mutex_lock(&registry_lock);
+	f->prev = NULL;
+	f->next = registry;
+	if (registry)
+		registry->prev = f;
+	registry = f;
+	pthread_mutex_unlock(&registry_lock);
+}
+
+static void registry_remove(struct producer_full *f)
+{
+	pthread_mutex_lock(&registry_lock);
+	if (f->prev)
+		f->prev->next = f->next;
+	else
+		registry = f->next;
+	if (f->next)
+		f->next->prev = f->prev;
+	pthread_mutex_unlock(&registry_lock);
+}
+
+uint32_t tally__producers_revoke_segment(struct tally_segment *seg)
+{
+	uint32_t n = 0;
+
+	pthread_mutex_lock(&registry_lock);
+	for (struct producer_full *f = registry; f; f = f->next)
+		if (f->seg == seg) {
+			revoke_handle(f, REVOKE_CLOSED);
+			f->seg = NULL;
+			f->slot = NULL;
+			n++;
+		}
+	pthread_mutex_unlock(&registry_lock);
+	return n;
+}
+
+/* ---- claiming --------------------------------------------------------------- */
+
+static bool lease_cas(struct tally__slot *s, uint64_t from, uint64_t to)
+{
+	return atomic_compare_exchange_strong_explicit(&s->ctl.lease, &from, to, memory_order_acq_rel,
+						       memory_order_relaxed);
+}
+
+/* FREE(g) -> CLAIMING(g+1). Returns the new lease, or 0. */
+static uint64_t try_claim(struct tally__slot *s)
+{
+	uint64_t l = atomic_load_explicit(&s->ctl.lease, memory_order_acquire);
+
+	if (tally__lease_state(l) != TALLY__SLOT_FREE)
+		return 0;
+	uint64_t next = tally__lease(tally__lease_gen(l) + 1, TALLY__SLOT_CLAIMING);
+	return lease_cas(s, l, next) ? next : 0;
+}
+
+static void fill_handle(struct producer_full *f, struct tally__slot *s, uint32_t idx)
+{
 	f->slot = s;
 	f->idx = idx;
 	/* A FREE slot is drained: head == tail, and we continue from there. */
 	f->base_tail = atomic_load_explicit(&s->tail, memory_order_relaxed);
 	f->dropped = f->base_dropped = atomic_load_explicit(&s->dropped, memory_order_relaxed);
 	f->clamped = f->base_clamped = atomic_load_explicit(&s->clamped, memory_order_relaxed);
-	atomic_store_explicit(&s->ctl.base, f->base_tail, memory_order_relaxed);
 	f->pub.ring = s->ring;
 	f->pub.capacity = f->seg->ring_cap;
 	f->pub.mask = f->seg->ring_cap - 1;
@@ -92,18 +234,31 @@ static bool fill_claim(struct producer_full *f, struct tally__slot *s, uint32_t 
 	f->pub.shm_tail = (uint64_t *)&s->tail;
 	f->pub.shm_head = (const uint64_t *)&s->head;
 	f->pub.max_value_ns = f->seg->max_value_ns;
-	/* A CAS, not a store: if we stalled here longer than the cool-off, the
-	 * reaper may have taken the slot back (CLAIMING -> COOLING); then it
-	 * is not ours, and we look for another. */
-	uint32_t expect = TALLY__SLOT_CLAIMING;
-	if (!atomic_compare_exchange_strong_explicit(&s->ctl.state, &expect, TALLY__SLOT_ACTIVE,
-						     memory_order_release, memory_order_relaxed))
-		return false;
-	atomic_store_explicit(&s->ctl.since_ns, now, memory_order_relaxed);
-	return true;
 }
 
-TALLY_API int tally_producer_attach(struct tally_segment *seg, struct tally_producer **out)
+/* CLAIMING(g): fill in the claim and publish ACTIVE(g). false if the
+ * owner took the claim back meanwhile (we stalled past the claim
+ * timeout): then the slot is not ours and we look for another. */
+static bool activate(struct producer_full *f, struct tally__slot *s, uint32_t idx, uint64_t claiming)
+{
+	pid_t pid = getpid();
+	uint64_t now = tally__mono_ns();
+
+	TALLY__FAILPOINT("claim.claimed");
+	atomic_store_explicit(&s->ctl.pid, pid, memory_order_relaxed);
+	atomic_store_explicit(&s->ctl.tid, (int32_t)syscall(SYS_gettid), memory_order_relaxed);
+	atomic_store_explicit(&s->ctl.start_time, tally__proc_start_time(pid), memory_order_relaxed);
+	atomic_store_explicit(&s->ctl.heartbeat_ns, now, memory_order_relaxed);
+	atomic_store_explicit(&s->ctl.since_ns, now, memory_order_relaxed);
+	atomic_fetch_add_explicit(&s->ctl.claims, 1, memory_order_relaxed);
+	fill_handle(f, s, idx);
+	atomic_store_explicit(&s->ctl.base, f->base_tail, memory_order_relaxed);
+	TALLY__FAILPOINT("claim.filled");
+	f->lease = tally__lease(tally__lease_gen(claiming), TALLY__SLOT_ACTIVE);
+	return lease_cas(s, claiming, f->lease);
+}
+
+static int attach(struct tally_segment *seg, bool local, struct tally_producer **out)
 {
 	struct producer_full *f;
 
@@ -118,13 +273,16 @@ TALLY_API int tally_producer_attach(struct tally_segment *seg, struct tally_prod
 	if (!(f = calloc(1, sizeof(*f))))
 		return -ENOMEM;
 	f->seg = seg;
+	f->local = local;
 	/* Start the search at a spot that depends on the thread, so threads
 	 * attaching together do not all race for slot 0. */
 	uint32_t start = (uint32_t)syscall(SYS_gettid) % seg->nslots;
 	for (uint32_t n = 0; n < seg->nslots; n++) {
 		uint32_t i = (start + n) % seg->nslots;
 		struct tally__slot *s = tally__seg_slot(seg, i);
-		if (try_claim(s) && fill_claim(f, s, i)) {
+		uint64_t claiming = try_claim(s);
+		if (claiming && activate(f, s, i, claiming)) {
+			registry_add(f);
 			*out = &f->pub;
 			return 0;
 		}
@@ -134,22 +292,64 @@ TALLY_API int tally_producer_attach(struct tally_segment *seg, struct tally_prod
 			   "producer_slots, or detach idle threads", seg->nslots, seg->name);
 }
 
+TALLY_API int tally_producer_attach(struct tally_segment *seg, struct tally_producer **out)
+{
+	return attach(seg, false, out);
+}
+
+/* Is the slot still ours? Revokes the handle if not. */
+static bool lease_held(struct producer_full *f)
+{
+	if (f->revoked)
+		return false;
+	if (atomic_load_explicit(&f->slot->ctl.lease, memory_order_acquire) == f->lease)
+		return true;
+	revoke_handle(f, REVOKE_LEASE);
+	return false;
+}
+
+static void release(struct producer_full *f)
+{
+	registry_remove(f);
+	/* ACTIVE(g) -> RELEASING(g) only while the claim is ours: a handle
+	 * whose slot was taken back leaves the next claim alone. */
+	if (lease_held(f)) {
+		atomic_store_explicit(&f->slot->ctl.since_ns, tally__mono_ns(), memory_order_relaxed);
+		TALLY__FAILPOINT("detach.before");
+		lease_cas(f->slot, f->lease, tally__lease(tally__lease_gen(f->lease), TALLY__SLOT_RELEASING));
+	}
+	memset(f, 0, sizeof(*f));
+	free(f);
+}
+
 TALLY_API void tally_producer_detach(struct tally_producer **pp)
 {
 	struct producer_full *f = pp && *pp ? full_of(*pp) : NULL;
 
 	if (!f)
 		return;
-	set_state(f->slot, TALLY__SLOT_RELEASING, tally__mono_ns());
-	memset(f, 0, sizeof(*f));
-	free(f);
+	/* A thread-local handle is its thread's until that thread exits;
+	 * detaching one only forgets the caller's pointer. */
+	if (!f->local)
+		release(f);
 	*pp = NULL;
 }
 
-TALLY_API void tally_producer_heartbeat(struct tally_producer *p)
+TALLY_API int tally_producer_heartbeat(struct tally_producer *p)
 {
-	atomic_store_explicit(&full_of(p)->slot->ctl.heartbeat_ns, tally__mono_ns(),
-			      memory_order_relaxed);
+	struct producer_full *f = full_of(p);
+
+	if (!lease_held(f))
+		return TALLY_EREVOKED;
+	atomic_store_explicit(&f->slot->ctl.heartbeat_ns, tally__mono_ns(), memory_order_relaxed);
+	return 0;
+}
+
+TALLY_API int tally_producer_status(const struct tally_producer *p)
+{
+	struct producer_full *f = full_of((struct tally_producer *)p);
+
+	return lease_held(f) ? 0 : TALLY_EREVOKED;
 }
 
 TALLY_API void tally_producer_counters(const struct tally_producer *p,
@@ -160,13 +360,19 @@ TALLY_API void tally_producer_counters(const struct tally_producer *p,
 	out->recorded = p->tail - f->base_tail;
 	out->dropped = f->dropped - f->base_dropped;
 	out->clamped = f->clamped - f->base_clamped;
+	out->lost = f->lost;
 	out->slot = f->idx;
+	out->revoked = f->revoked != REVOKE_NONE;
 }
 
 TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subject, uint64_t ns)
 {
 	struct producer_full *f = full_of(p);
 
+	if (TALLY__UNLIKELY(!lease_held(f))) {
+		f->lost++;
+		return false;
+	}
 	/* Acquire: pairs with the aggregator's release of head, so the entries
 	 * it has consumed are no longer being read when we overwrite them. */
 	p->cached_head = __atomic_load_n(p->shm_head, __ATOMIC_ACQUIRE);
@@ -182,39 +388,139 @@ TALLY_API uint64_t tally__record_clamp(struct tally_producer *p, uint64_t ns)
 	struct producer_full *f = full_of(p);
 
 	(void)ns;
-	atomic_store_explicit(&f->slot->clamped, ++f->clamped, memory_order_relaxed);
+	if (lease_held(f))
+		atomic_store_explicit(&f->slot->clamped, ++f->clamped, memory_order_relaxed);
 	return p->max_value_ns;
+}
+
+/* ---- thread-local handles ------------------------------------------------------ */
+
+/* The calling thread's handles, one per segment it records into. Looked
+ * up by segment handle and generation, so a segment closed and reopened at
+ * the same address is not mistaken for the old one. */
+struct local_entry {
+	struct tally_segment *seg;
+	uint64_t generation;
+	struct producer_full *f;
+};
+
+struct local_list {
+	uint32_t n, cap;
+	struct local_entry e[];
+};
+
+static __thread struct local_list *local_list;
+
+static void local_destroy(void *arg)
+{
+	struct local_list *l = arg;
+
+	for (uint32_t i = 0; i < l->n; i++)
+		if (l->e[i].f)
+			release(l->e[i].f);
+	free(l);
+	local_list = NULL;
+}
+
+static struct local_entry *local_find(struct tally_segment *seg)
+{
+	struct local_list *l = local_list;
+
+	for (uint32_t i = 0; l && i < l->n; i++)
+		if (l->e[i].seg == seg && l->e[i].generation == seg->generation && l->e[i].f &&
+		    l->e[i].f->seg == seg)
+			return &l->e[i];
+	return NULL;
+}
+
+static int local_add(struct tally_segment *seg, struct producer_full *f)
+{
+	struct local_list *l = local_list;
+
+	/* reuse the entry of a handle whose segment was closed */
+	for (uint32_t i = 0; l && i < l->n; i++)
+		if (!l->e[i].f || l->e[i].f->seg != l->e[i].seg) {
+			if (l->e[i].f)
+				release(l->e[i].f);
+			l->e[i] = (struct local_entry){ seg, seg->generation, f };
+			return 0;
+		}
+	if (!l || l->n == l->cap) {
+		uint32_t cap = l ? l->cap * 2 : 4;
+		struct local_list *m = realloc(l, sizeof(*m) + cap * sizeof(m->e[0]));
+		if (!m)
+			return -ENOMEM;
+		if (!l)
+			m->n = 0;
+		m->cap = cap;
+		l = local_list = m;
+		pthread_setspecific(local_key, l);
+	}
+	l->e[l->n++] = (struct local_entry){ seg, seg->generation, f };
+	return 0;
+}
+
+TALLY_API int tally_producer_local(struct tally_segment *seg, struct tally_producer **out)
+{
+	struct local_entry *le = local_find(seg);
+	struct tally_producer *p;
+	int rc;
+
+	if (TALLY__LIKELY(le != NULL)) {
+		*out = &le->f->pub;
+		return 0;
+	}
+	if ((rc = attach(seg, true, &p)) != 0)
+		return rc;
+	if ((rc = local_add(seg, full_of(p))) != 0) {
+		release(full_of(p));
+		return rc;
+	}
+	*out = p;
+	return 0;
 }
 
 /* ---- the owner's reaper ------------------------------------------------- */
 
-static bool producer_gone(struct tally__slot *s)
+/* Reaper transitions are CASes from the lease it saw: a producer that
+ * changes the lease meanwhile (detach, a new claim) wins. */
+static bool move(struct tally__slot *s, uint64_t from, uint32_t to, uint64_t now)
 {
-	pid_t pid = atomic_load_explicit(&s->ctl.pid, memory_order_relaxed);
-	pid_t tid = atomic_load_explicit(&s->ctl.tid, memory_order_relaxed);
-	uint64_t st = atomic_load_explicit(&s->ctl.start_time, memory_order_relaxed);
-
-	return !tally__proc_alive(pid, st) || !tally__thread_alive(pid, tid);
-}
-
-/* Reaper transitions are CASes from the state it saw: a producer that
- * changes the state meanwhile (detach, a new claim) wins. */
-static bool move(struct tally__slot *s, uint32_t from, uint32_t to, uint64_t now)
-{
-	if (!atomic_compare_exchange_strong_explicit(&s->ctl.state, &from, to, memory_order_acq_rel,
-						     memory_order_relaxed))
+	if (to == TALLY__SLOT_FREE) /* see the header: a FREE slot holds pid 0 */
+		atomic_store_explicit(&s->ctl.pid, 0, memory_order_relaxed);
+	if (!lease_cas(s, from, tally__lease(tally__lease_gen(from), to)))
 		return false;
 	atomic_store_explicit(&s->ctl.since_ns, now, memory_order_relaxed);
 	return true;
 }
 
-/* A claimer writes its pid first, then its tid and start time: judge a
- * CLAIMING slot by the pid alone (a process that no longer exists). */
-static bool claimer_gone(struct tally__slot *s)
+static bool process_gone(struct tally__slot *s)
 {
 	pid_t pid = atomic_load_explicit(&s->ctl.pid, memory_order_relaxed);
+	uint64_t st = atomic_load_explicit(&s->ctl.start_time, memory_order_relaxed);
 
-	return pid <= 0 || (kill(pid, 0) != 0 && errno == ESRCH);
+	return !tally__proc_alive(pid, st);
+}
+
+/* A pending claim (or a state no claim can be in): has it been pending
+ * long enough to take back? Timed in the owner's own memory, from when
+ * the reaper first saw this exact lease. */
+static bool claim_expired(struct tally_segment *seg, uint32_t i, uint64_t lease, uint64_t now)
+{
+	struct tally__reap_memory *m = &seg->reap;
+	uint64_t cooloff = (uint64_t)seg->cooloff_ms * 1000000u;
+
+	if (m->slot_lease[i] != lease || !m->slot_seen_ns[i]) {
+		m->slot_lease[i] = lease;
+		m->slot_seen_ns[i] = now;
+		return false;
+	}
+	uint64_t age = now - m->slot_seen_ns[i];
+	if (age >= (uint64_t)TALLY__CLAIM_TIMEOUT_MS * 1000000u)
+		return true;
+	/* A claimer that wrote its pid and is gone need not wait the timeout. */
+	pid_t pid = atomic_load_explicit(&tally__seg_slot(seg, i)->ctl.pid, memory_order_relaxed);
+	return age >= cooloff && pid > 0 && kill(pid, 0) != 0 && errno == ESRCH;
 }
 
 static bool drained(struct tally__slot *s)
@@ -228,43 +534,39 @@ void tally__slots_reap(struct tally_segment *seg, uint64_t now, struct tally__re
 	uint64_t cooloff = (uint64_t)seg->cooloff_ms * 1000000u;
 
 	memset(st, 0, sizeof(*st));
+	TALLY__ASSERT(seg->is_owner && seg->reap.slot_lease);
 	for (uint32_t i = 0; i < seg->nslots; i++) {
 		struct tally__slot *s = tally__seg_slot(seg, i);
-		uint32_t state = atomic_load_explicit(&s->ctl.state, memory_order_acquire);
+		uint64_t l = atomic_load_explicit(&s->ctl.lease, memory_order_acquire);
 		uint64_t since = atomic_load_explicit(&s->ctl.since_ns, memory_order_relaxed);
 
-		if (state != TALLY__SLOT_CLAIMING &&
-		    atomic_load_explicit(&s->ctl.reaper_seen_ns, memory_order_relaxed))
-			atomic_store_explicit(&s->ctl.reaper_seen_ns, 0, memory_order_relaxed);
-
-		switch (state) {
+		switch (tally__lease_state(l)) {
+		case TALLY__SLOT_FREE:
+			break;
 		case TALLY__SLOT_ACTIVE:
-			st->died += producer_gone(s) && move(s, state, TALLY__SLOT_DEAD, now);
+			st->died += process_gone(s) && move(s, l, TALLY__SLOT_DEAD, now);
 			break;
 		case TALLY__SLOT_RELEASING:
-			st->released += drained(s) && move(s, state, TALLY__SLOT_FREE, now);
+			st->released += drained(s) && move(s, l, TALLY__SLOT_FREE, now);
 			break;
 		case TALLY__SLOT_DEAD:
 			if (drained(s))
-				move(s, state, TALLY__SLOT_COOLING, now);
+				move(s, l, TALLY__SLOT_COOLING, now);
 			break;
 		case TALLY__SLOT_COOLING:
-			st->reused += now - since >= cooloff && move(s, state, TALLY__SLOT_FREE, now);
+			/* since_ns is the producer side's to scribble on: a value
+			 * from the future counts from now, never forever. */
+			if (since > now)
+				atomic_store_explicit(&s->ctl.since_ns, now, memory_order_relaxed);
+			st->reused += now - since >= cooloff && since <= now &&
+				      move(s, l, TALLY__SLOT_FREE, now);
 			break;
 		case TALLY__SLOT_CLAIMING:
-			/* A claimer killed between its CAS and ACTIVE. since_ns
-			 * cannot tell (the claimer writes it after its CAS), so
-			 * the reaper times the state itself: a claim takes
-			 * microseconds, one still pending a cool-off after the
-			 * reaper first saw it is dead. */
-			if (!atomic_load_explicit(&s->ctl.reaper_seen_ns, memory_order_relaxed))
-				atomic_store_explicit(&s->ctl.reaper_seen_ns, now, memory_order_relaxed);
-			else if (now - atomic_load_explicit(&s->ctl.reaper_seen_ns, memory_order_relaxed) >= cooloff &&
-				 claimer_gone(s) && move(s, state, TALLY__SLOT_COOLING, now))
-				atomic_store_explicit(&s->ctl.reaper_seen_ns, 0, memory_order_relaxed);
+		default: /* not a state: the slot was scribbled on */
+			if (claim_expired(seg, i, l, now) && move(s, l, TALLY__SLOT_COOLING, now))
+				st->claims_expired++;
 			continue;
-		default:
-			break;
 		}
+		seg->reap.slot_seen_ns[i] = 0;
 	}
 }

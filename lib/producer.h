@@ -43,6 +43,7 @@ struct tally__reap_stats {
 	uint32_t died;     /* ACTIVE slots found with their process or thread gone */
 	uint32_t released; /* RELEASING slots drained and freed */
 	uint32_t reused;   /* COOLING slots freed after the cool-off */
+	uint32_t claims_expired; /* CLAIMING (or scribbled) slots taken back after the claim timeout */
 };
 
 /* Walk every slot once: detect dead producers, free drained slots. Call

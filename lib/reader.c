@@ -105,7 +105,8 @@ TALLY_API int tally_read_producers(const struct tally_segment *seg, struct tally
 
 	for (uint32_t i = 0; i < seg->nslots && n < cap; i++) {
 		struct tally__slot *s = tally__seg_slot(seg, i);
-		uint32_t st = atomic_load_explicit(&s->ctl.state, memory_order_acquire);
+		uint64_t lease = atomic_load_explicit(&s->ctl.lease, memory_order_acquire);
+		uint32_t st = tally__lease_state(lease);
 		const char *name = state_name(st);
 		if (st == TALLY__SLOT_FREE)
 			continue;
@@ -122,9 +123,9 @@ TALLY_API int tally_read_producers(const struct tally_segment *seg, struct tally
 		o->backlog = tail >= head && tail - head <= seg->ring_cap ? tail - head : 0;
 		o->dropped = atomic_load_explicit(&s->dropped, memory_order_relaxed);
 		o->clamped = atomic_load_explicit(&s->clamped, memory_order_relaxed);
+		o->generation = tally__lease_gen(lease);
 		o->alive = st == TALLY__SLOT_ACTIVE &&
-			   tally__proc_alive(o->pid, atomic_load_explicit(&s->ctl.start_time, memory_order_relaxed)) &&
-			   tally__thread_alive(o->pid, o->tid);
+			   tally__proc_alive(o->pid, atomic_load_explicit(&s->ctl.start_time, memory_order_relaxed));
 	}
 	return (int)n;
 }

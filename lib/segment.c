@@ -184,6 +184,9 @@ static struct tally_segment *seg_alloc(const char *name)
 
 static void seg_free(struct tally_segment *seg)
 {
+	free(seg->reap.slot_lease);
+	free(seg->reap.slot_seen_ns);
+	free(seg->reap.subj_seen_ns);
 	if (seg->base)
 		munmap(seg->base, seg->len);
 	if (seg->fd >= 0)
@@ -311,6 +314,11 @@ static int create_once(struct tally_segment *seg, const struct tally_segment_con
 	seg->hdr = (struct tally__shm_hdr *)seg->base;
 	if ((rc = adopt_layout(seg, seg->hdr)))
 		return rc;
+	seg->reap.slot_lease = calloc(seg->nslots, sizeof(uint64_t));
+	seg->reap.slot_seen_ns = calloc(seg->nslots, sizeof(uint64_t));
+	seg->reap.subj_seen_ns = calloc(seg->table_size, sizeof(uint64_t));
+	if (!seg->reap.slot_lease || !seg->reap.slot_seen_ns || !seg->reap.subj_seen_ns)
+		return -ENOMEM;
 	if ((rc = tally__pending_init(tally__seg_section(seg, &seg->pending), seg->pending.size,
 				      seg->pending_cap)))
 		return tally__fail(rc, "segment \"%s\": cannot format its pending table", seg->name);
@@ -501,6 +509,9 @@ TALLY_API void tally_segment_close(struct tally_segment **segp)
 	if (!seg)
 		return;
 	TALLY__ASSERT(seg->magic == TALLY__SEGMENT_MAGIC);
+	/* Handles still attached would write into memory about to be
+	 * unmapped: revoke them (their records become lost, counted). */
+	tally__producers_revoke_segment(seg);
 	if (seg->is_owner && seg->hdr) {
 		atomic_store_explicit(&seg->hdr->owner_state, TALLY__OWNER_STOPPED, memory_order_release);
 		if (!seg->keep && still_ours(seg))

@@ -19,6 +19,14 @@
 
 #define TALLY__SEGMENT_MAGIC 0x5e6a11e7u
 
+/* The owner's reaper keeps its clocks in its own memory, never in the
+ * segment: a producer could write a timestamp there that never expires. */
+struct tally__reap_memory {
+	uint64_t *slot_lease;   /* [nslots]: the pending lease last seen */
+	uint64_t *slot_seen_ns; /* [nslots]: when the reaper first saw it, 0 none */
+	uint64_t *subj_seen_ns; /* [table_size]: when a CLAIMED entry was first seen, 0 none */
+};
+
 struct tally_segment {
 	uint32_t magic; /* TALLY__SEGMENT_MAGIC while open */
 	bool read_only, is_owner, keep;
@@ -35,6 +43,7 @@ struct tally_segment {
 	uint64_t max_value_ns, generation, owner_start_time, created_ns;
 	pid_t owner_pid;
 	struct tally__section subjects, slots, pending, snapshot;
+	struct tally__reap_memory reap; /* owner only */
 };
 
 static inline struct tally__shm_subject *tally__seg_subject(const struct tally_segment *s, uint32_t i)
@@ -56,9 +65,14 @@ static inline void *tally__seg_section(const struct tally_segment *s, const stru
  * twice the capacity, so probes stay short. */
 uint32_t tally__subject_table_size(uint32_t capacity);
 
-/* Owner's reaper for the subject table: entries claimed by a process
- * that died before finishing the name become tombstones. */
-void tally__subjects_reap(struct tally_segment *seg);
+/* Owner's reaper for the subject table: entries whose claimer died, or
+ * that stayed CLAIMED for TALLY__CLAIM_TIMEOUT_MS, become tombstones.
+ * Returns how many it turned. */
+uint32_t tally__subjects_reap(struct tally_segment *seg, uint64_t now_ns);
+
+/* Revoke every producer handle of this process on seg (segment close).
+ * Returns how many there were. producer.c. */
+uint32_t tally__producers_revoke_segment(struct tally_segment *seg);
 
 /* The pending section is pending.c's (tally__pending_section_size), the
  * snapshot section snapshot.c's (tally__snapshot_section_size). */

@@ -35,7 +35,7 @@
 #include <tally/record.h>
 
 #define TALLY__MAGIC 0x314d4853594c4c41ULL /* "ALLYSHM1" little-endian, "tally shm" v1 */
-#define TALLY__ABI_MAJOR 1u
+#define TALLY__ABI_MAJOR 2u /* 2: slot leases (state + generation in one word) */
 #define TALLY__ABI_MINOR 0u
 #define TALLY__READY 0x52454459u /* "READ": the ready word's value once complete */
 #define TALLY__HDR_SIZE 4096u
@@ -86,13 +86,24 @@ _Static_assert(offsetof(struct tally__shm_hdr, magic) == 0, "magic first");
 _Static_assert(offsetof(struct tally__shm_hdr, abi_major) == 8, "ABI at a fixed place for all versions");
 _Static_assert(sizeof(_Atomic uint64_t) == sizeof(uint64_t), "atomic words have plain layout");
 
-/* Subject table entry. state goes EMPTY -> CLAIMED (by one CAS) -> READY
- * (release, after the name is written). Entries are never removed. */
+/* Subject table entry. state goes EMPTY -> CLAIMED (one CAS by the
+ * claimer) -> READY (a CAS by the claimer, after the name is written), or
+ * CLAIMED -> TOMBSTONE (a CAS by the owner's reaper, when the claimer died
+ * or has held the claim for TALLY__CLAIM_TIMEOUT_MS). Entries are never
+ * removed: ids stay valid for the segment's life. subject.c has the
+ * whole protocol. */
 enum tally__subject_state {
 	TALLY__SUBJ_EMPTY = 0,
 	TALLY__SUBJ_CLAIMED = 1,
 	TALLY__SUBJ_READY = 2,
+	TALLY__SUBJ_TOMBSTONE = 3,
 };
+
+/* A claim (of a subject entry or a producer slot) that is still pending
+ * this long after the owner's reaper first saw it is taken back, whether
+ * or not its claimer lives: a claim takes microseconds. The claimer's own
+ * final CAS then fails and it tries again elsewhere. */
+#define TALLY__CLAIM_TIMEOUT_MS 1000u
 
 struct tally__shm_subject {
 	_Atomic uint32_t state;
@@ -104,11 +115,11 @@ struct tally__shm_subject {
 };
 _Static_assert(sizeof(struct tally__shm_subject) == 272, "subject entry size");
 
-/* Producer slot life cycle. Transitions (who):
- *   FREE -> CLAIMING (producer, CAS) -> ACTIVE (producer)
- *   ACTIVE -> RELEASING (producer detach)  -> FREE (owner, once drained)
- *   ACTIVE -> DEAD (owner: process or thread gone) -> COOLING (owner,
- *   drained) -> FREE (owner, after the cool-off) */
+/* Producer slot states. The state lives in the low 8 bits of the slot's
+ * lease word, the claim generation in the other 56: every transition is a
+ * CAS from an expected (state, generation), so a handle whose claim has
+ * ended can never change a later claim's slot. producer.c's header has
+ * the state machine: every transition, who makes it and why it is safe. */
 enum tally__slot_state {
 	TALLY__SLOT_FREE = 0,
 	TALLY__SLOT_CLAIMING = 1,
@@ -118,19 +129,32 @@ enum tally__slot_state {
 	TALLY__SLOT_COOLING = 5,
 };
 
+static inline uint32_t tally__lease_state(uint64_t lease)
+{
+	return (uint32_t)(lease & 0xffu);
+}
+
+static inline uint64_t tally__lease_gen(uint64_t lease)
+{
+	return lease >> 8;
+}
+
+static inline uint64_t tally__lease(uint64_t gen, uint32_t state)
+{
+	return gen << 8 | (state & 0xffu);
+}
+
 struct tally__slot_ctl { /* block 0: written at claim/release and by the owner's reaper */
-	_Atomic uint32_t state;
-	_Atomic int32_t pid;
-	_Atomic int32_t tid;
-	uint32_t reserved;
-	_Atomic uint64_t start_time;   /* of pid, /proc clock ticks */
+	_Atomic uint64_t lease;        /* generation << 8 | state */
+	_Atomic int32_t pid;           /* claimer's process; 0 while FREE */
+	_Atomic int32_t tid;           /* thread that attached (diagnostics only, never liveness) */
+	_Atomic uint64_t start_time;   /* of pid, /proc clock ticks; 0 unreadable */
 	_Atomic uint64_t claims;       /* how many times the slot was claimed */
 	_Atomic uint64_t heartbeat_ns; /* CLOCK_MONOTONIC */
 	_Atomic uint64_t base;         /* tail when the current claim began */
 	_Atomic uint64_t since_ns;     /* CLOCK_MONOTONIC of the last state change */
 	_Atomic uint64_t dead_drained; /* samples drained after the owner died (all claims) */
 	_Atomic uint64_t rejected;     /* entries with an unknown subject id (all claims) */
-	_Atomic uint64_t reaper_seen_ns; /* owner's reaper: when it first saw this CLAIMING, 0 none */
 };
 
 struct tally__slot {

@@ -101,3 +101,21 @@ int tally__snapshot_read(const void *section, uint32_t nentries, uint32_t id,
 	}
 	return TALLY_EBUSY_RETRY;
 }
+
+void tally__snapshot_reset(struct tally__snap_writer *w)
+{
+	w->hdr->magic = TALLY__SNAP_MAGIC;
+	w->hdr->nentries = w->nentries;
+	w->hdr->entry_size = sizeof(struct tally__snap_entry);
+	for (int half = 0; half < 2; half++) {
+		uint32_t c = tally__snapshot_write_begin(w);
+		struct tally__snap_meta *m = &w->hdr->meta[c];
+		for (uint32_t i = 0; i < w->nentries; i++)
+			for (int k = 0; k < TALLY__SW_WORDS; k++)
+				tally__snapshot_store(&w->copies[c][i].w[k], 0);
+		tally__snapshot_store(&m->published_mono_ns, 0);
+		tally__snapshot_store(&m->published_real_ns, 0);
+		tally__snapshot_store(&m->publish_count, 0);
+		tally__snapshot_store(&m->subjects_present, 0);
+	}
+}

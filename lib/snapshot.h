@@ -105,6 +105,10 @@ struct tally__snap_writer {
  * header's: every producer maps that header writable. */
 void tally__snapshot_writer_init(struct tally__snap_writer *w, void *section, uint32_t nentries);
 uint32_t tally__snapshot_write_begin(struct tally__snap_writer *w);
+/* Rewrite the section header with the writer's geometry and clear both
+ * copies and their meta, through the latch (readers racing it retry and
+ * then see no subject). At engine start. */
+void tally__snapshot_reset(struct tally__snap_writer *w);
 /* Store one word of the copy being written (release; see above). */
 static inline void tally__snapshot_store(_Atomic uint64_t *word, uint64_t v)
 {

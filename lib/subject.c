@@ -11,8 +11,23 @@
  * then stores READY with release. Two processes interning the same name
  * walk the same probe sequence, so the loser of the CAS finds the
  * winner's entry, waits (bounded) for READY and returns the same id: a
- * name can never get two ids. A claimer that dies between CLAIMED and
- * READY leaves an entry that the owner's reaper turns into a tombstone.
+ * name can never get two ids.
+ *
+ * Entry states (shm_layout.h) and who moves them:
+ *   EMPTY -> CLAIMED      claimer, CAS (and subjects_used counted first)
+ *   CLAIMED -> READY      claimer, CAS, after hash, len, pid and name
+ *   CLAIMED -> TOMBSTONE  owner's reaper, CAS, once the claimer's pid is
+ *                         gone, or the entry has been CLAIMED for
+ *                         TALLY__CLAIM_TIMEOUT_MS (timed in the owner's
+ *                         memory: the claimer may have died before it
+ *                         stored its pid). A claimer that loses this race
+ *                         (it stalled) sees its CAS to READY fail and
+ *                         probes again; tombstones are skipped by every
+ *                         probe, so no name gets two ids.
+ * So an entry left CLAIMED by a SIGKILL anywhere in the claim holds up
+ * interns and lookups that pass it for at most TALLY__CLAIM_TIMEOUT_MS +
+ * one reap interval; each such call waits up to INTERN_WAIT_NS, then
+ * returns -EAGAIN (try again) if the owner has not cleared it yet.
  */
 #include "config.h"
 
@@ -26,11 +41,11 @@
 #include <ck_backoff.h>
 
 #include "common.h"
+#include "failpoint.h"
 #include "proc.h"
 #include "segment.h"
 #include "subject.h"
 
-#define TALLY__SUBJ_TOMBSTONE 3u
 #define INTERN_WAIT_NS (200u * 1000u * 1000u) /* wait for a half-written entry */
 
 uint32_t tally__subject_hash(const char *s, size_t len)
@@ -219,13 +234,19 @@ static int claim(struct tally_segment *seg, struct tally__shm_subject *e, uint32
 		atomic_fetch_sub_explicit(&seg->hdr->subjects_used, 1, memory_order_relaxed);
 		return 1; /* someone else claimed it: look again */
 	}
+	TALLY__FAILPOINT("intern.claimed");
+	atomic_store_explicit(&e->claimer_pid, (int32_t)getpid(), memory_order_relaxed);
 	e->hash = h;
 	e->len = (uint16_t)len;
-	atomic_store_explicit(&e->claimer_pid, (int32_t)getpid(), memory_order_relaxed);
 	memcpy(e->name, name, len);
 	e->name[len] = '\0';
-	/* Release: hash, len and name are visible before READY. */
-	atomic_store_explicit(&e->state, TALLY__SUBJ_READY, memory_order_release);
+	TALLY__FAILPOINT("intern.named");
+	/* Release: hash, len and name are visible before READY. A CAS: the
+	 * reaper may have taken a claim this slow (see the header). */
+	expect = TALLY__SUBJ_CLAIMED;
+	if (!atomic_compare_exchange_strong_explicit(&e->state, &expect, TALLY__SUBJ_READY,
+						     memory_order_release, memory_order_relaxed))
+		return 2; /* tombstoned under us: probe again from the start */
 	return 0;
 }
 
@@ -234,7 +255,11 @@ static int probe(struct tally_segment *seg, const char *name, size_t len, bool c
 		 tally_subject_t *id)
 {
 	uint32_t h = tally__subject_hash(name, len), mask = seg->table_size - 1;
-	uint32_t i = h & mask;
+	uint32_t i;
+	int restarts = 0;
+
+again:
+	i = h & mask;
 
 	for (uint32_t n = 0; n < seg->table_size; n++, i = (i + 1) & mask) {
 		struct tally__shm_subject *e = tally__seg_subject(seg, i);
@@ -250,6 +275,13 @@ static int probe(struct tally_segment *seg, const char *name, size_t len, bool c
 			}
 			if (rc < 0)
 				return rc;
+			if (rc == 2) { /* our claim was taken back: start over */
+				if (++restarts > 8)
+					return tally__fail(-EAGAIN, "subject \"%s\": the owner of segment \"%s\" "
+							   "took back our claim %d times; try again", name,
+							   seg->name, restarts);
+				goto again;
+			}
 			st = atomic_load_explicit(&e->state, memory_order_acquire);
 		}
 		if (st == TALLY__SUBJ_CLAIMED)
@@ -330,19 +362,31 @@ TALLY_API uint32_t tally_subject_capacity(const struct tally_segment *seg)
 	return seg->table_size;
 }
 
-void tally__subjects_reap(struct tally_segment *seg)
+uint32_t tally__subjects_reap(struct tally_segment *seg, uint64_t now)
 {
+	uint64_t *seen = seg->reap.subj_seen_ns;
+	uint32_t turned = 0;
+
+	TALLY__ASSERT(seg->is_owner && seen);
 	for (uint32_t i = 0; i < seg->table_size; i++) {
 		struct tally__shm_subject *e = tally__seg_subject(seg, i);
 		uint32_t expect = TALLY__SUBJ_CLAIMED;
 
-		if (atomic_load_explicit(&e->state, memory_order_relaxed) != TALLY__SUBJ_CLAIMED)
+		if (atomic_load_explicit(&e->state, memory_order_relaxed) != TALLY__SUBJ_CLAIMED) {
+			seen[i] = 0;
 			continue;
+		}
+		if (!seen[i])
+			seen[i] = now ? now : 1;
 		pid_t pid = atomic_load_explicit(&e->claimer_pid, memory_order_relaxed);
-		/* pid 0: the claim is a few instructions old. Alive: still writing. */
-		if (pid <= 0 || kill(pid, 0) == 0 || errno == EPERM)
-			continue;
-		atomic_compare_exchange_strong_explicit(&e->state, &expect, TALLY__SUBJ_TOMBSTONE,
-							memory_order_relaxed, memory_order_relaxed);
+		bool gone = pid > 0 && kill(pid, 0) != 0 && errno == ESRCH;
+		bool expired = now - seen[i] >= (uint64_t)TALLY__CLAIM_TIMEOUT_MS * 1000000u;
+		if ((gone || expired) &&
+		    atomic_compare_exchange_strong_explicit(&e->state, &expect, TALLY__SUBJ_TOMBSTONE,
+							    memory_order_relaxed, memory_order_relaxed)) {
+			seen[i] = 0;
+			turned++;
+		}
 	}
+	return turned;
 }

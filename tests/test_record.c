@@ -2,14 +2,16 @@
 /*
  * test_record.c: the record path: exact accounting (recorded = drained +
  * dropped) from threads and forked processes, ring wrap-around, a full
- * ring, clamping, slot release and reclaim, and producers killed with
- * SIGKILL mid-stream.
+ * ring, clamping, slot release and reclaim, producers killed with
+ * SIGKILL mid-stream, and leases: a handle moved between threads, a
+ * thread-local handle, a revoked handle, a fork child.
  */
 #include "config.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -17,7 +19,7 @@
 #include <unistd.h>
 
 #include "common/helpers.h"
-#include "shm_layout.h"
+#include "segment.h"
 
 static struct tally_segment *make_cfg(const char *tag, struct tally_segment_config *cfg)
 {
@@ -299,38 +301,260 @@ Test(record, producer_killed_mid_stream_is_drained_and_reclaimed)
 	tally_segment_close(&seg);
 }
 
-/* The handle the thread below abandons: kept reachable so that valgrind
- * (tests/run-valgrind) does not call it a leak. */
-static struct tally_producer *volatile abandoned; /* volatile: the store must stay */
+/* ---- leases: a slot belongs to its claim, never to a thread ---------------- */
 
-static void *exit_without_detach(void *arg)
+struct handoff {
+	struct tally_segment *seg;
+	struct tally_producer *p; /* attached by T1, recorded by T2 */
+	tally_subject_t subject;
+	unsigned n;
+	pthread_barrier_t *go;
+	struct tally_producer_counters c;
+};
+
+static void *attach_and_exit(void *arg)
 {
-	struct tally_producer *p;
+	struct handoff *h = arg;
 
-	if (tally_producer_attach(arg, &p) == 0)
-		for (int i = 0; i < 100; i++)
-			tally_record(p, 2, 1);
-	abandoned = p;
-	return NULL; /* never detaches, on purpose: the reaper must notice */
+	cr_assert_eq(tally_producer_attach(h->seg, &h->p), 0, "%s", tally_errmsg());
+	return NULL; /* T1 exits; its handle lives on in T2 */
 }
 
-Test(record, thread_exit_without_detach_frees_slot)
+/* Record n samples, waiting for room rather than dropping (the drainer is
+ * slower than a flat-out producer): the count that must be drained is n. */
+static void *record_n(void *arg)
 {
-	struct tally_segment *seg = make("thr");
-	struct tt_drainer d;
-	pthread_t th;
+	struct handoff *h = arg;
 
-	pthread_create(&th, NULL, exit_without_detach, seg);
-	pthread_join(th, NULL);
+	if (h->go)
+		pthread_barrier_wait(h->go);
+	for (unsigned i = 0; i < h->n; i++)
+		while (!tally_record(h->p, h->subject, i))
+			sched_yield();
+	tally_producer_counters(h->p, &h->c);
+	return NULL;
+}
+
+/* The issue's reproduction: T1 attaches and exits, T2 records through
+ * T1's handle, T3 attaches meanwhile. The first stage freed T1's slot by
+ * its tid and gave T3 the same ring: 60,320 of 120,000 samples arrived. */
+Test(record, handle_moved_to_another_thread_keeps_its_slot, .timeout = 60)
+{
+	struct tally_segment *seg = make("moved");
+	struct handoff h2 = { .seg = seg, .n = 60000 }, h3 = { .seg = seg, .n = 60000 };
+	struct tally_producer *p4;
+	struct tt_drainer d;
+	struct tt_slot_view v;
+	pthread_barrier_t go;
+	pthread_t t1, t2, t3;
+
+	tally_subject_intern(seg, "moved.t2", &h2.subject);
+	tally_subject_intern(seg, "moved.t3", &h3.subject);
+	pthread_create(&t1, NULL, attach_and_exit, &h2);
+	pthread_join(t1, NULL);
 	tt_drainer_init(&d, seg);
-	for (int i = 0; i < 100 && atomic_load(&d.reused) == 0; i++) {
+	for (int i = 0; i < 10; i++) { /* the reaper has every chance to misjudge */
 		tt_drain_once(&d, true);
 		tt_sleep_ms(10);
 	}
-	cr_expect_eq(d.died, 1);
-	cr_expect_eq(d.reused, 1);
-	cr_expect_eq(d.per_subject[2], 100);
+	cr_expect_eq(atomic_load(&d.died), 0, "a live process's slot is never dead");
+	cr_assert_eq(tally_producer_attach(seg, &h3.p), 0, "%s", tally_errmsg());
+	struct tally_producer_counters c2, c3;
+	tally_producer_counters(h2.p, &c2);
+	tally_producer_counters(h3.p, &c3);
+	cr_assert_neq(c2.slot, c3.slot, "T3 got T2's ring");
+	pthread_barrier_init(&go, NULL, 2);
+	h2.go = h3.go = &go;
+	d.reap_every_ms = 1;
+	tt_drainer_start(&d);
+	pthread_create(&t2, NULL, record_n, &h2);
+	pthread_create(&t3, NULL, record_n, &h3);
+	pthread_join(t2, NULL);
+	pthread_join(t3, NULL);
+	/* T2 detaches while T3 is active: T3's slot must be untouched */
+	tally_producer_detach(&h2.p);
+	tt_slot_view(seg, c3.slot, &v);
+	cr_expect_eq(v.state, TALLY__SLOT_ACTIVE, "T3's slot is %u", v.state);
+	cr_assert_eq(tally_producer_attach(seg, &p4), 0);
+	struct tally_producer_counters c4;
+	tally_producer_counters(p4, &c4);
+	cr_expect_neq(c4.slot, c3.slot, "T4 was given T3's ring");
+	tally_producer_detach(&p4);
+	tally_producer_detach(&h3.p);
+	tt_drainer_stop(&d);
+	tt_drain_once(&d, true);
+	cr_expect_eq(h2.c.recorded, 60000);
+	cr_expect_eq(h3.c.recorded, 60000);
+	cr_expect_eq(h2.c.lost + h3.c.lost, 0);
+	cr_expect_eq(d.per_subject[h2.subject], 60000, "T2: %lu drained",
+		     (unsigned long)d.per_subject[h2.subject]);
+	cr_expect_eq(d.per_subject[h3.subject], 60000, "T3: %lu drained",
+		     (unsigned long)d.per_subject[h3.subject]);
+	pthread_barrier_destroy(&go);
 	tally_segment_close(&seg);
+}
+
+/* A start time that reads as 0 (hidepid, a /proc we may not read) is no
+ * proof of death: the first stage freed such slots under live handles. */
+Test(record, unreadable_start_time_is_not_death)
+{
+	struct tally_segment *seg = make("st0");
+	struct tally_producer *p;
+	struct tally_producer_counters c;
+	struct tt_drainer d;
+	struct tt_slot_view v;
+
+	cr_assert_eq(tally_producer_attach(seg, &p), 0);
+	tally_producer_counters(p, &c);
+	atomic_store(&tally__seg_slot(seg, c.slot)->ctl.start_time, 0);
+	tt_drainer_init(&d, seg);
+	for (int i = 0; i < 5; i++) {
+		tt_drain_once(&d, true);
+		tt_sleep_ms(20);
+	}
+	tt_slot_view(seg, c.slot, &v);
+	cr_expect_eq(v.state, TALLY__SLOT_ACTIVE);
+	cr_expect_eq(d.died, 0);
+	cr_expect_eq(tally_producer_heartbeat(p), 0);
+	tally_producer_detach(&p);
+	tally_segment_close(&seg);
+}
+
+static void *local_records_and_exits(void *arg)
+{
+	struct handoff *h = arg;
+	struct tally_producer *p, *again;
+
+	cr_assert_eq(tally_producer_local(h->seg, &p), 0, "%s", tally_errmsg());
+	cr_assert_eq(tally_producer_local(h->seg, &again), 0);
+	cr_assert_eq(p, again, "one handle per thread and segment");
+	h->p = p;
+	for (unsigned i = 0; i < h->n; i++)
+		tally_record(p, h->subject, i);
+	tally_producer_counters(p, &h->c);
+	return NULL; /* never detaches: the thread's exit does */
+}
+
+/* A thread that exits without detaching is handled in its own process:
+ * its thread-local handle is detached by the thread key's destructor. */
+Test(record, local_handle_is_detached_when_its_thread_exits)
+{
+	struct tally_segment *seg = make("local");
+	struct handoff h = { .seg = seg, .n = 100 };
+	struct tt_drainer d;
+	struct tt_slot_view v;
+	pthread_t th;
+
+	tally_subject_intern(seg, "local.a", &h.subject);
+	pthread_create(&th, NULL, local_records_and_exits, &h);
+	pthread_join(th, NULL);
+	tt_slot_view(seg, h.c.slot, &v);
+	cr_expect_eq(v.state, TALLY__SLOT_RELEASING, "state %u after the thread exit", v.state);
+	tt_drainer_init(&d, seg);
+	tt_drain_once(&d, true);
+	tt_slot_view(seg, h.c.slot, &v);
+	cr_expect_eq(v.state, TALLY__SLOT_FREE);
+	cr_expect_eq(d.released, 1);
+	cr_expect_eq(d.per_subject[h.subject], 100);
+	tally_segment_close(&seg);
+}
+
+/* A handle whose slot was taken back (here: the lease word moved on, as
+ * an owner's reaper or a new claim would move it) finds out on its next
+ * slow path and never writes the slot again. */
+Test(record, revoked_handle_stores_nothing_and_counts_the_loss)
+{
+	struct tally_segment_config cfg;
+	struct tally_segment *seg;
+	struct tally_producer *p;
+	struct tally_producer_counters c;
+	struct tt_slot_view before, after;
+
+	tt_config(&cfg);
+	cfg.ring_capacity = 64;
+	seg = make_cfg("revoked", &cfg);
+	cr_assert_eq(tally_producer_attach(seg, &p), 0);
+	tally_producer_counters(p, &c);
+	struct tally__slot *s = tally__seg_slot(seg, c.slot);
+	uint64_t mine = atomic_load(&s->ctl.lease);
+	/* another claim now holds the slot: generation + 1, ACTIVE */
+	uint64_t theirs = tally__lease(tally__lease_gen(mine) + 1, TALLY__SLOT_ACTIVE);
+	atomic_store(&s->ctl.lease, theirs);
+	cr_expect_eq(tally_producer_status(p), TALLY_EREVOKED);
+	cr_expect_eq(tally_producer_heartbeat(p), TALLY_EREVOKED);
+	tt_slot_view(seg, c.slot, &before);
+	unsigned stored = 0;
+	for (int i = 0; i < 500; i++)
+		stored += tally_record(p, 1, 5);
+	cr_expect_eq(stored, 0, "a revoked handle stored %u samples", stored);
+	cr_expect_eq(tally_record(p, 1, UINT64_MAX), false, "nor through the clamp path");
+	tt_slot_view(seg, c.slot, &after);
+	cr_expect_eq(after.tail, before.tail, "the ring was written");
+	cr_expect_eq(after.dropped, before.dropped);
+	cr_expect_eq(after.clamped, before.clamped);
+	tally_producer_counters(p, &c);
+	cr_expect(c.revoked);
+	cr_expect_eq(c.lost, 501);
+	tally_producer_detach(&p);
+	cr_expect_eq(atomic_load(&s->ctl.lease), theirs, "detach changed the other claim's slot");
+	tally_segment_close(&seg);
+}
+
+/* A fork child has copies of its parent's handles: recording through them
+ * would make two producers of one ring. They are revoked in the child. */
+Test(record, fork_child_cannot_record_through_parents_handle)
+{
+	struct tally_segment *seg = make("forked");
+	struct tally_producer *p;
+	struct tt_drainer d;
+	tally_subject_t a;
+
+	tally_subject_intern(seg, "forked.a", &a);
+	cr_assert_eq(tally_producer_attach(seg, &p), 0);
+	for (int i = 0; i < 10; i++)
+		tally_record(p, a, 1);
+	pid_t pid = fork();
+	if (pid == 0) {
+		struct tally_producer_counters c;
+		int bad = 0;
+		for (int i = 0; i < 10; i++)
+			bad += tally_record(p, a, 2);
+		tally_producer_counters(p, &c);
+		bad += tally_producer_heartbeat(p) != TALLY_EREVOKED;
+		bad += !c.revoked || c.lost != 10;
+		tally_producer_detach(&p); /* leaves the parent's slot alone */
+		_exit(bad ? 1 : 0);
+	}
+	int status;
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_expect(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the child recorded or was not told");
+	cr_expect_eq(tally_producer_status(p), 0, "the parent's handle is still good");
+	for (int i = 0; i < 10; i++)
+		cr_expect(tally_record(p, a, 3));
+	tt_drainer_init(&d, seg);
+	tt_drain_once(&d, true);
+	cr_expect_eq(d.per_subject[a], 20);
+	cr_expect_eq(d.sum, 10 * 1 + 10 * 3, "a child's sample arrived");
+	tally_producer_detach(&p);
+	tally_segment_close(&seg);
+}
+
+/* Closing the segment under attached handles revokes them: their next
+ * records are lost (counted), not writes into unmapped memory. */
+Test(record, segment_closed_under_a_handle_revokes_it)
+{
+	struct tally_segment *seg = make("closed");
+	struct tally_producer *p;
+	struct tally_producer_counters c;
+
+	cr_assert_eq(tally_producer_attach(seg, &p), 0);
+	cr_expect(tally_record(p, 1, 1));
+	tally_segment_close(&seg);
+	cr_expect_not(tally_record(p, 1, 1));
+	cr_expect_eq(tally_producer_status(p), TALLY_EREVOKED);
+	tally_producer_counters(p, &c);
+	cr_expect_eq(c.lost, 1);
+	tally_producer_detach(&p);
 }
 
 Test(record, attach_refused_when_owner_is_gone)

@@ -505,6 +505,9 @@ static void put_engine(struct buf *b, const struct scrape *sc)
 	put_one(b, TM_engine_subjects_active, fmt_u64(v, sizeof(v), active));
 	put_one(b, TM_engine_producers_died, fmt_u64(v, sizeof(v), sc->ec.producers_died));
 	put_one(b, TM_engine_producers_released, fmt_u64(v, sizeof(v), sc->ec.producers_released));
+	put_one(b, TM_engine_claims_expired, fmt_u64(v, sizeof(v), sc->ec.claims_expired));
+	put_one(b, TM_engine_subjects_tombstoned, fmt_u64(v, sizeof(v), sc->ec.subjects_tombstoned));
+	put_one(b, TM_engine_pending_kept, fmt_u64(v, sizeof(v), sc->ec.pending_kept));
 }
 
 static void put_poller(struct buf *b, const struct scrape *sc)

@@ -43,6 +43,7 @@ enum tally_error {
 	TALLY_EREPLACED   = -10007, /* the name now refers to a newer segment */
 	TALLY_ESTALE      = -10008, /* the data has not been refreshed in time */
 	TALLY_EBUSY_RETRY = -10009, /* a consistent read failed within its bounded retries */
+	TALLY_EREVOKED    = -10010, /* a producer handle's claim ended: its slot is not its own */
 };
 
 /* Name of an error code returned by any tally function (static string). */

@@ -58,8 +58,12 @@ TALLY_API void tally_engine_config_init(struct tally_engine_config *cfg);
 TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_engine_config *cfg,
 				 struct tally_engine **out);
 
-/* Stop the aggregator (a last drain and publish first), free everything,
- * NULL *e. Blocks until the thread has exited and RCU callbacks ran. */
+/* Stop the aggregator, free everything, NULL *e. The last drain takes
+ * every ring up to the tail it had when the stop began, and no further
+ * (producers may go on recording; what they add after that stays in the
+ * ring for the next engine), then publishes once. Blocks until the thread
+ * has exited and RCU callbacks ran: bounded by one ring per slot, never by
+ * how fast producers record. */
 TALLY_API void tally_engine_stop(struct tally_engine **e);
 
 
@@ -136,6 +140,9 @@ struct tally_engine_counters {
 	uint64_t last_publish_ns;/* duration of the last publish */
 	uint64_t subjects_active;
 	uint64_t producers_died, producers_released;
+	uint64_t pending_kept;       /* pending entries unreadable at a publish: their last good copy was used */
+	uint64_t claims_expired;     /* producer claims taken back after TALLY's claim timeout (killed mid-claim) */
+	uint64_t subjects_tombstoned;/* subject entries left half-claimed, cleared by the reaper */
 };
 TALLY_API void tally_engine_counters(struct tally_engine *e, struct tally_engine_counters *out);
 
@@ -157,12 +164,13 @@ TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_
 struct tally_producer_stats {
 	uint32_t slot;
 	const char *state;  /* "active", "releasing", "dead", "cooling", "claiming" */
-	pid_t pid, tid;
+	pid_t pid, tid;     /* tid: the thread that attached (it may have exited since) */
+	uint64_t generation; /* of the claim: grows by one with every claim of the slot */
 	uint64_t samples;   /* stored in the ring by the current (or last) claim */
 	uint64_t dropped;   /* ring full, since the segment was created */
 	uint64_t clamped;
 	uint64_t backlog;   /* published and not yet drained */
-	bool alive;         /* active and its process and thread exist */
+	bool alive;         /* active and its process exists (pid + start time) */
 };
 
 /*

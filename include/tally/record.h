@@ -11,9 +11,25 @@
  * the sample and counts the drop; recording never blocks.
  *
  * Threading contract (the _spsc of it): one struct tally_producer belongs
- * to one thread at a time. Give each worker thread its own; never share
- * one between threads. The aggregator in the owner process is the single
- * consumer of every ring.
+ * to one thread at a time. Give each worker thread its own; never record
+ * through one handle from two threads at once. A handle may be handed to
+ * another thread (with the usual happens-before of the hand-over, a mutex
+ * or a queue): it belongs to its claim, not to the thread that attached,
+ * and the thread that attached may exit meanwhile. The aggregator in the
+ * owner process is the single consumer of every ring.
+ *
+ * Life of a handle. tally_producer_attach() leases a slot; the lease
+ * ends with tally_producer_detach() or with the death of the process.
+ * A thread that exits without detaching keeps its slot leased while the
+ * process lives (its handle may have moved on): a thread that wants its
+ * slot back at exit uses tally_producer_local() instead, whose handle is
+ * detached by the thread's exit. Should the lease end under a handle
+ * anyway (the process forked: a child's copies of its parent's handles;
+ * the segment closed; the slot taken back by its owner), the handle is
+ * revoked: tally_record() then returns false and counts the sample as
+ * lost, tally_producer_heartbeat() and tally_producer_status() return
+ * TALLY_EREVOKED, and nothing is written into the slot again. Detach a
+ * revoked handle as usual.
  *
  * Values are uint64 nanoseconds; 0 is valid; values above the segment's
  * max_value_ns are stored as max_value_ns and counted as clamped.
@@ -62,22 +78,43 @@ struct tally_producer {
 TALLY_API int tally_producer_attach(struct tally_segment *seg, struct tally_producer **out);
 
 /*
+ * The calling thread's own handle for seg: attached on the first call in
+ * each thread (as tally_producer_attach, same errors), the same handle on
+ * every later call (a thread-local lookup, a few ns), and detached when
+ * the thread exits (a pthread key destructor). For threads the
+ * application does not control (an Erlang scheduler, a thread pool).
+ * Never hand it to another thread; tally_producer_detach() of it only
+ * NULLs the pointer. Close the segment only after those threads exit,
+ * or their handles are revoked. Thread-safe.
+ */
+TALLY_API int tally_producer_local(struct tally_segment *seg, struct tally_producer **out);
+
+/*
  * Release the slot: it becomes free once the aggregator has drained what
- * is left in the ring. NULLs *p. Never blocks. Call from the owning thread
- * (or after it has stopped recording).
+ * is left in the ring. Changes the slot only while the handle still
+ * holds its lease (a revoked handle leaves the slot alone). NULLs *p.
+ * Never blocks on the owner (a process-wide mutex, held for a few
+ * instructions). Call from the thread that holds the handle now.
  */
 TALLY_API void tally_producer_detach(struct tally_producer **p);
 
 /* Store a heartbeat (CLOCK_MONOTONIC) in the slot; for threads that may
- * stay idle for long. Cheap, optional: liveness is judged by pid, tid and
- * process start time. */
-TALLY_API void tally_producer_heartbeat(struct tally_producer *p);
+ * stay idle for long, and to find out that the lease ended. 0, or
+ * TALLY_EREVOKED (the handle is revoked; detach it and attach again).
+ * Cheap, optional: liveness is judged by process (pid + start time). */
+TALLY_API int tally_producer_heartbeat(struct tally_producer *p);
+
+/* 0 while the handle holds its lease, TALLY_EREVOKED once it does not.
+ * One load of the slot's lease word. Call from the holding thread. */
+TALLY_API int tally_producer_status(const struct tally_producer *p);
 
 struct tally_producer_counters {
 	uint64_t recorded; /* samples stored in the ring by this handle */
 	uint64_t dropped;  /* samples lost to a full ring */
 	uint64_t clamped;  /* values above max_value_ns */
+	uint64_t lost;     /* samples refused because the handle was revoked */
 	uint32_t slot;     /* slot index in the segment */
+	bool revoked;      /* the lease ended under the handle */
 };
 /* This handle's own counters. Call from the owning thread. */
 TALLY_API void tally_producer_counters(const struct tally_producer *p,

@@ -74,6 +74,7 @@ uint64_t tt_drain_once(struct tt_drainer *d, bool reap)
 		atomic_fetch_add(&d->died, st.died);
 		atomic_fetch_add(&d->released, st.released);
 		atomic_fetch_add(&d->reused, st.reused);
+		tally__subjects_reap(seg, tally__mono_ns());
 	}
 	return n_all;
 }
@@ -122,7 +123,10 @@ void tt_slot_view(struct tally_segment *seg, uint32_t i, struct tt_slot_view *o)
 {
 	struct tally__slot *s = tally__seg_slot(seg, i);
 
-	o->state = atomic_load(&s->ctl.state);
+	uint64_t lease = atomic_load(&s->ctl.lease);
+
+	o->state = tally__lease_state(lease);
+	o->generation = tally__lease_gen(lease);
 	o->pid = atomic_load(&s->ctl.pid);
 	o->tid = atomic_load(&s->ctl.tid);
 	o->tail = atomic_load(&s->tail);

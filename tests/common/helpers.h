@@ -48,7 +48,7 @@ void tt_sleep_ms(unsigned ms);
 struct tt_slot_view {
 	uint32_t state;
 	int32_t pid, tid;
-	uint64_t tail, head, dropped, clamped, base, claims;
+	uint64_t generation, tail, head, dropped, clamped, base, claims;
 };
 void tt_slot_view(struct tally_segment *seg, uint32_t i, struct tt_slot_view *out);
 

@@ -201,7 +201,7 @@ static void fields_subjects_slots(const struct tally_segment *seg)
 	}
 	for (uint32_t i = 0; i < seg->nslots; i++) {
 		uint64_t b = seg->slots.off + (uint64_t)i * seg->slot_stride;
-		F(b, struct tally__slot, ctl.state);
+		F(b, struct tally__slot, ctl.lease);
 		F(b, struct tally__slot, ctl.pid);
 		F(b, struct tally__slot, ctl.tid);
 		F(b, struct tally__slot, ctl.start_time);
@@ -309,13 +309,13 @@ static void populate(struct tally_segment *seg)
 		tally__snapshot_store(&w.hdr->meta[c].reserved[0], 1000000000ull);
 	}
 	struct tally__slot *s = tally__seg_slot(seg, 0);
-	atomic_store(&s->ctl.state, TALLY__SLOT_ACTIVE);
+	atomic_store(&s->ctl.lease, tally__lease(1, TALLY__SLOT_ACTIVE));
 	atomic_store(&s->ctl.pid, (int32_t)getpid());
 	atomic_store(&s->ctl.tid, (int32_t)getpid());
 	atomic_store(&s->tail, 70);
 	atomic_store(&s->head, 10);
 	atomic_store(&s->ctl.base, 3);
-	atomic_store(&tally__seg_slot(seg, 1)->ctl.state, TALLY__SLOT_COOLING);
+	atomic_store(&tally__seg_slot(seg, 1)->ctl.lease, tally__lease(1, TALLY__SLOT_COOLING));
 }
 
 static void make_image(void)
