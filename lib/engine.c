@@ -202,16 +202,20 @@ static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, ui
 	return st;
 }
 
-/* Drain up to DRAIN_BATCH entries of s, and none at or past position
- * upto (UINT64_MAX: no bound). */
-static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64_t now, uint64_t upto)
+/* Drain up to DRAIN_BATCH entries of s, and at most `budget` of them
+ * (UINT64_MAX: no bound). *consumed (if not NULL) gets how many entries
+ * were taken, accepted or rejected. Returns the samples accepted. */
+static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64_t now, uint64_t budget,
+			   uint64_t *consumed)
 {
 	struct tally_segment *seg = e->seg;
 	uint64_t head, n = tally__slot_ready(seg, s, &head), rejected = 0;
 	uint64_t mask = seg->ring_cap - 1, max = seg->max_value_ns;
 
-	if (upto != UINT64_MAX)
-		n = upto > head && upto - head < n ? upto - head : upto > head ? n : 0;
+	if (n > budget)
+		n = budget;
+	if (consumed)
+		*consumed = 0;
 	if (n == 0)
 		return 0;
 	if (n > DRAIN_BATCH)
@@ -229,6 +233,8 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 		tally__window_add(&st->win, v < max ? v : max);
 	}
 	tally__slot_consume(s, head, n);
+	if (consumed)
+		*consumed = n;
 	if (rejected) /* single writer of this counter: the aggregator */
 		atomic_store_explicit(&s->ctl.rejected,
 				      atomic_load_explicit(&s->ctl.rejected, memory_order_relaxed) + rejected,
@@ -247,7 +253,7 @@ static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 		uint64_t lease = atomic_load_explicit(&s->ctl.lease, memory_order_relaxed);
 		if (tally__lease_state(lease) == TALLY__SLOT_FREE)
 			continue;
-		total += drain_slot(e, s, now, UINT64_MAX);
+		total += drain_slot(e, s, now, UINT64_MAX, NULL);
 	}
 	atomic_fetch_add_explicit(&e->drained, total, memory_order_relaxed);
 	return total;
@@ -255,28 +261,37 @@ static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 
 /* Stop: drain every ring up to the tail it had when the stop began, and
  * no further, so that producers still recording flat out cannot keep the
- * engine from stopping. Bounded: at most one ring's worth per slot. */
+ * engine from stopping. Bounded: each slot gets a budget of what it held
+ * then (at most a ring), counted down by the entries taken, so not even a
+ * producer that rewinds its head can make the loop run on. */
 static void drain_to_stop(struct tally_engine *e, uint64_t now)
 {
 	struct tally_segment *seg = e->seg;
-	uint64_t *upto = calloc(seg->nslots, sizeof(*upto)), total = 0;
+	uint64_t *budget = calloc(seg->nslots, sizeof(*budget)), total = 0;
 	bool more = true;
 
-	if (!upto) { /* no memory for the bounds: one pass, what is there now */
+	if (!budget) { /* no memory for the bounds: one pass, what is there now */
 		drain_all(e, now);
 		return;
 	}
-	for (uint32_t i = 0; i < seg->nslots; i++)
-		upto[i] = atomic_load_explicit(&tally__seg_slot(seg, i)->tail, memory_order_acquire);
+	for (uint32_t i = 0; i < seg->nslots; i++) {
+		struct tally__slot *s = tally__seg_slot(seg, i);
+		uint64_t head;
+		budget[i] = tally__slot_ready(seg, s, &head);
+	}
 	while (more) {
-		uint64_t got = 0;
-		for (uint32_t i = 0; i < seg->nslots; i++)
-			got += drain_slot(e, tally__seg_slot(seg, i), now, upto[i]);
-		total += got;
-		more = got != 0;
+		more = false;
+		for (uint32_t i = 0; i < seg->nslots; i++) {
+			uint64_t took;
+			if (!budget[i])
+				continue;
+			total += drain_slot(e, tally__seg_slot(seg, i), now, budget[i], &took);
+			budget[i] = took ? budget[i] - took : 0;
+			more |= budget[i] != 0;
+		}
 	}
 	atomic_fetch_add_explicit(&e->drained, total, memory_order_relaxed);
-	free(upto);
+	free(budget);
 }
 
 /* A slice is closing: fold it into the subject's since-start export
@@ -350,10 +365,15 @@ static void pending_gather(struct tally_engine *e)
 	const void *sec = tally__seg_section(seg, &seg->pending);
 	struct tally__pending_view v;
 	uint64_t kept = 0;
+	int failed = 0;
 
 	e->npviews = 0;
 	for (uint32_t i = 0; i < seg->pending_cap; i++) {
-		int rc = tally__pending_read_entry(sec, seg->pending.size, i, &v);
+		/* a few entries held by a writer cost full retries; past that
+		 * (a scribbled table) each gets two, so a publish stays short */
+		int rc = tally__pending_read_entry_tries(sec, seg->pending.size, i, &v,
+							 failed < 4 ? TALLY__PENDING_READ_TRIES : 2);
+		failed += rc != 0 && rc != -ENOENT;
 		if (rc == 0) {
 			e->pviews[i] = v;
 			e->pvalid[i] = 1;
@@ -361,6 +381,9 @@ static void pending_gather(struct tally_engine *e)
 			e->pvalid[i] = 0;
 		} else if (e->pvalid[i]) {
 			kept++;
+			/* what readers see: not refreshed this time */
+			if (e->pviews[i].source == TALLY__PENDING_LIVE)
+				e->pviews[i].source = TALLY__PENDING_CACHED;
 		}
 		if (e->pvalid[i])
 			e->pused[e->npviews++] = i;

@@ -245,18 +245,20 @@ static bool view_ok(const struct tally__pending_view *o, bool full)
 			 o->is_leader >= -1 && o->is_leader <= 1);
 }
 
-static int read_entry(const struct tally__pending_entry *e, struct tally__pending_view *o, bool full)
+static int read_entry(const struct tally__pending_entry *e, struct tally__pending_view *o, bool full,
+		      int tries)
 {
 	ck_backoff_t backoff = 16; /* iterations; doubles on every retry */
 
-	for (int i = 0; i < TALLY__PENDING_READ_TRIES; i++) {
+	for (int i = 0; i < tries; i++) {
 		uint32_t s1, used;
 
 		/* A writer inside (odd) or one that moved under us: back off
 		 * instead of spinning, it may be preempted mid-write. The
-		 * pause doubles up to 4096 iterations (about 2^18 pauses in
-		 * all, a few ms at worst): a writer held longer is the
-		 * caller's to judge (the engine keeps the last good copy). */
+		 * wait (a compiler-barrier loop, ck_backoff_eb) doubles up to
+		 * 4096 iterations, about 2^18 in all at 64 tries: a writer held
+		 * longer is the caller's to judge (the engine keeps the last
+		 * good copy, and spends fewer tries once several failed). */
 		if (i) {
 			ck_backoff_t pause = backoff;
 			ck_backoff_eb(&pause);
@@ -288,7 +290,19 @@ int tally__pending_read_entry(const void *section, size_t len, uint32_t idx,
 		return cap;
 	if (idx >= (uint32_t)cap)
 		return -ERANGE;
-	return read_entry(entry_at_c(section, idx), out, true);
+	return read_entry(entry_at_c(section, idx), out, true, TALLY__PENDING_READ_TRIES);
+}
+
+int tally__pending_read_entry_tries(const void *section, size_t len, uint32_t idx,
+				    struct tally__pending_view *out, int tries)
+{
+	int cap = tally__pending_check(section, len);
+
+	if (cap < 0)
+		return cap;
+	if (idx >= (uint32_t)cap)
+		return -ERANGE;
+	return read_entry(entry_at_c(section, idx), out, true, tries < 1 ? 1 : tries);
 }
 
 static void load_breaker_fields(const struct tally__pending_breaker *b,
@@ -380,7 +394,7 @@ int tally__pending_for_subject(const void *section, size_t len, const char *subj
 		return -EINVAL;
 	*out = (struct tally__pending_result){ .source = TALLY__PENDING_NEVER };
 	for (uint32_t i = 0; i < (uint32_t)cap; i++) {
-		int r = read_entry(entry_at_c(section, i), &v, false);
+		int r = read_entry(entry_at_c(section, i), &v, false, TALLY__PENDING_READ_TRIES);
 		const char *pattern;
 
 		if (r == -ENOENT)

@@ -201,6 +201,10 @@ int tally__pending_check(const void *section, size_t len);
 int tally__pending_read_entry(const void *section, size_t len, uint32_t idx,
 			      struct tally__pending_view *out);
 
+/* The same with a bound of its own on the tries (at least 1). */
+int tally__pending_read_entry_tries(const void *section, size_t len, uint32_t idx,
+				    struct tally__pending_view *out, int tries);
+
 /* Consistent copy of the breaker block. Returns 0, -EBADMSG, -EAGAIN. */
 int tally__pending_read_breaker(const void *section, size_t len,
 				struct tally__pending_breaker_view *out);

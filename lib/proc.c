@@ -6,6 +6,7 @@
  */
 #include "config.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -18,14 +19,14 @@
 
 #include "proc.h"
 
-/* Start time (field 22) and state (field 3) of pid; 0 if unreadable. */
-static uint64_t stat_of(pid_t pid, char *state)
+/* Start time (field 22) and state (field 3) from a stat file of /proc;
+ * 0 if unreadable. */
+static uint64_t stat_file(const char *path, char *state)
 {
-	char path[64], buf[1024];
+	char buf[1024];
 	ssize_t n;
 	int fd;
 
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
 	fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return 0;
@@ -50,6 +51,39 @@ static uint64_t stat_of(pid_t pid, char *state)
 	return strtoull(p, NULL, 10);
 }
 
+/* Does any thread of pid still run (a task whose state is not Z or X)?
+ * For a leader that shows Z: whole process exited, or only main did. */
+static bool any_task_runs(pid_t pid)
+{
+	char path[64];
+	struct dirent *d;
+	bool runs = false;
+	DIR *dir;
+
+	snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+	if (!(dir = opendir(path)))
+		return false;
+	while (!runs && (d = readdir(dir))) {
+		char state = '?';
+		int tid = atoi(d->d_name);
+		if (tid <= 0)
+			continue;
+		snprintf(path, sizeof(path), "/proc/%d/task/%d/stat", (int)pid, tid);
+		if (stat_file(path, &state) && state != 'Z' && state != 'X')
+			runs = true;
+	}
+	closedir(dir);
+	return runs;
+}
+
+static uint64_t stat_of(pid_t pid, char *state)
+{
+	char path[64];
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	return stat_file(path, state);
+}
+
 uint64_t tally__proc_start_time(pid_t pid)
 {
 	return stat_of(pid, NULL);
@@ -68,8 +102,10 @@ bool tally__proc_alive(pid_t pid, uint64_t start_time)
 	 * that exists counts as alive: death must be proved, never assumed. */
 	if (st == 0)
 		return kill(pid, 0) == 0 || errno == EPERM;
-	/* A zombie (exited, not yet reaped by its parent) is dead to us. */
-	if (state == 'Z' || state == 'X')
+	/* A zombie (exited, not yet reaped by its parent) is dead to us,
+	 * unless only its main thread exited (pthread_exit in main): the
+	 * leader then shows Z while the other threads run on. */
+	if ((state == 'Z' || state == 'X') && !any_task_runs(pid))
 		return false;
 	/* Start time unknown when the identity was taken (unreadable then):
 	 * the pid alone is all we have, and it exists. */

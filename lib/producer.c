@@ -38,9 +38,16 @@
  *
  *   FREE(g)      -> CLAIMING(g+1)  producer, CAS. The generation is new,
  *                                   so no older handle matches the slot.
- *   CLAIMING(g)  -> ACTIVE(g)      producer, CAS, after storing pid,
- *                                   start time, base and heartbeat. The
- *                                   release of the CAS publishes them.
+ *   CLAIMING(g)  -> ACTIVE(g)      producer, CAS, after installing its
+ *                                   identity (ident = g:pid, birth =
+ *                                   start time:g, each a CAS from the
+ *                                   g:nothing the owner left) and storing
+ *                                   base and heartbeat. The release of the
+ *                                   CAS publishes them. A claimer whose
+ *                                   identity CAS fails (its claim was taken
+ *                                   back while it stalled) writes nothing
+ *                                   more: no late store can give a later
+ *                                   claim a stranger's identity.
  *   CLAIMING(g)  -> COOLING(g)     owner, CAS, when the claim is still
  *                                   pending TALLY__CLAIM_TIMEOUT_MS after the
  *                                   owner first saw it (the claimer was
@@ -53,9 +60,12 @@
  *                                   slot was taken back: then it is left
  *                                   alone.
  *   ACTIVE(g)    -> DEAD(g)        owner, CAS, when the claimer's process
- *                                   (pid + start time) no longer exists. A
- *                                   dead process cannot write, so nothing
- *                                   still writes the ring.
+ *                                   (pid + start time, believed only with
+ *                                   both tags = g) no longer exists. A dead
+ *                                   process cannot write, so nothing still
+ *                                   writes the ring. A process whose main
+ *                                   thread exited (pthread_exit) but whose
+ *                                   other threads run is alive.
  *   RELEASING(g) -> FREE(g)        owner, CAS, once the ring is drained.
  *   DEAD(g)      -> COOLING(g)     owner, CAS, once the ring is drained.
  *   COOLING(g)   -> FREE(g)        owner, CAS, after the cool-off, so that a
@@ -64,9 +74,9 @@
  *   anything else (a state that is not in the enum: the slot was
  *   scribbled on) is timed like CLAIMING and taken to COOLING.
  *
- * Before it moves a slot to FREE the owner stores pid 0, so a CLAIMING
- * slot holds either 0 or its own claimer's pid, never the previous
- * owner's. Bounds: a slot whose claimer is killed mid-claim is FREE again
+ * Before it moves a slot to FREE(g) the owner stores ident = (g+1):0 and
+ * birth = 0:(g+1), what the next claim expects, so a CLAIMING slot holds
+ * either no pid or its own claimer's, never the previous owner's. Bounds: a slot whose claimer is killed mid-claim is FREE again
  * within TALLY__CLAIM_TIMEOUT_MS + cool-off + 2 reap intervals; one whose
  * process dies while ACTIVE within a reap interval + the drain + cool-off.
  */
@@ -82,6 +92,7 @@
 
 #include "common.h"
 #include "failpoint.h"
+#include "follow.h"
 #include "proc.h"
 #include "producer.h"
 
@@ -95,13 +106,21 @@ enum revoke_reason {
 
 struct producer_full {
 	struct tally_producer pub; /* first: the handle the caller holds */
-	struct tally_segment *seg;
+	struct tally_segment *seg;    /* the origin: the segment the caller attached to */
+	struct tally_segment *target; /* the segment the slot is in: seg, or a successor */
+	struct tally__remap *remap;   /* seg's ids -> target's; NULL while target == seg */
 	struct tally__slot *slot;
 	uint32_t idx;
 	uint64_t lease; /* (gen, ACTIVE) granted to this claim */
 	uint64_t base_tail, base_dropped, base_clamped;
 	uint64_t dropped, clamped; /* cumulative values of the slot, ours to store */
-	uint64_t lost;             /* records refused after the revocation */
+	uint64_t carried_recorded, carried_dropped, carried_clamped; /* of slots left behind */
+	uint64_t lost;             /* records refused: revoked, or no live owner */
+	uint64_t moves;            /* owner restarts followed */
+	uint64_t next_check_ns;    /* a full ring asks whether the owner lives at most this often */
+	bool orphaned;             /* no live owner found at the last check: records are lost */
+	pid_t pid;                 /* the claimer: a fork child's copy of the handle is not it */
+	_Atomic bool poked;        /* the watcher saw the owner gone */
 	enum revoke_reason revoked;
 	bool local;                /* a thread-local handle (tally_producer_local) */
 	struct producer_full *prev, *next; /* the process's registry of handles */
@@ -111,6 +130,9 @@ static struct producer_full *full_of(struct tally_producer *p)
 {
 	return (struct producer_full *)p;
 }
+
+static bool lease_held(struct producer_full *f);
+static void release_slot_locked(struct producer_full *f);
 
 /* ---- the process's registry of handles --------------------------------------- */
 
@@ -128,7 +150,21 @@ static void revoke_handle(struct producer_full *f, enum revoke_reason why)
 	f->revoked = why;
 	/* capacity 0: every tally_record() now takes the slow path, where it
 	 * sees the revocation; nothing reaches the ring again. */
-	f->pub.capacity = 0;
+	__atomic_store_n(&f->pub.capacity, 0, __ATOMIC_RELAXED);
+}
+
+void tally__producers_poke(struct tally_segment *origin)
+{
+	pthread_mutex_lock(&registry_lock);
+	for (struct producer_full *f = registry; f; f = f->next)
+		if (f->seg == origin) {
+			/* capacity first, then the flag, both seq_cst: a handle
+			 * restoring its capacity looks at the flag after its store
+			 * (owner_check), so one of the two sees the other */
+			__atomic_store_n(&f->pub.capacity, 0, __ATOMIC_SEQ_CST);
+			atomic_store_explicit(&f->poked, true, memory_order_seq_cst);
+		}
+	pthread_mutex_unlock(&registry_lock);
 }
 
 static void atfork_prepare(void)
@@ -171,16 +207,14 @@ static void registry_add(struct producer_full *f)
 	pthread_mutex_unlock(&registry_lock);
 }
 
-static void registry_remove(struct producer_full *f)
+static void registry_unlink_locked(struct producer_full *f)
 {
-	pthread_mutex_lock(&registry_lock);
 	if (f->prev)
 		f->prev->next = f->next;
 	else
 		registry = f->next;
 	if (f->next)
 		f->next->prev = f->prev;
-	pthread_mutex_unlock(&registry_lock);
 }
 
 uint32_t tally__producers_revoke_segment(struct tally_segment *seg)
@@ -190,9 +224,9 @@ uint32_t tally__producers_revoke_segment(struct tally_segment *seg)
 	pthread_mutex_lock(&registry_lock);
 	for (struct producer_full *f = registry; f; f = f->next)
 		if (f->seg == seg) {
+			release_slot_locked(f); /* the slot goes back; the handle stays the caller's */
 			revoke_handle(f, REVOKE_CLOSED);
 			f->seg = NULL;
-			f->slot = NULL;
 			n++;
 		}
 	pthread_mutex_unlock(&registry_lock);
@@ -220,6 +254,8 @@ static uint64_t try_claim(struct tally__slot *s)
 
 static void fill_handle(struct producer_full *f, struct tally__slot *s, uint32_t idx)
 {
+	struct tally_segment *t = f->target;
+
 	f->slot = s;
 	f->idx = idx;
 	/* A FREE slot is drained: head == tail, and we continue from there. */
@@ -227,13 +263,13 @@ static void fill_handle(struct producer_full *f, struct tally__slot *s, uint32_t
 	f->dropped = f->base_dropped = atomic_load_explicit(&s->dropped, memory_order_relaxed);
 	f->clamped = f->base_clamped = atomic_load_explicit(&s->clamped, memory_order_relaxed);
 	f->pub.ring = s->ring;
-	f->pub.capacity = f->seg->ring_cap;
-	f->pub.mask = f->seg->ring_cap - 1;
+	__atomic_store_n(&f->pub.capacity, t->ring_cap, __ATOMIC_RELAXED);
+	f->pub.mask = t->ring_cap - 1;
 	f->pub.tail = f->base_tail;
 	f->pub.cached_head = atomic_load_explicit(&s->head, memory_order_acquire);
 	f->pub.shm_tail = (uint64_t *)&s->tail;
 	f->pub.shm_head = (const uint64_t *)&s->head;
-	f->pub.max_value_ns = f->seg->max_value_ns;
+	f->pub.max_value_ns = t->max_value_ns;
 }
 
 /* CLAIMING(g): fill in the claim and publish ACTIVE(g). false if the
@@ -242,20 +278,52 @@ static void fill_handle(struct producer_full *f, struct tally__slot *s, uint32_t
 static bool activate(struct producer_full *f, struct tally__slot *s, uint32_t idx, uint64_t claiming)
 {
 	pid_t pid = getpid();
-	uint64_t now = tally__mono_ns();
+	uint64_t now = tally__mono_ns(), gen = tally__lease_gen(claiming);
+	uint64_t ident = tally__ident(gen, 0), birth = tally__birth(gen, 0);
 
 	TALLY__FAILPOINT("claim.claimed");
-	atomic_store_explicit(&s->ctl.pid, pid, memory_order_relaxed);
+	/* Identity first, each word by a CAS from what the owner left for
+	 * this generation: if we stalled and the claim was taken back (and
+	 * maybe given to another), the CAS fails and we write nothing more. */
+	if (!atomic_compare_exchange_strong_explicit(&s->ctl.ident, &ident, tally__ident(gen, pid),
+						     memory_order_relaxed, memory_order_relaxed) ||
+	    !atomic_compare_exchange_strong_explicit(&s->ctl.birth, &birth,
+						     tally__birth(gen, tally__proc_start_time(pid)),
+						     memory_order_relaxed, memory_order_relaxed))
+		return false;
+	/* diagnostics: a stalled claimer may still store these late */
 	atomic_store_explicit(&s->ctl.tid, (int32_t)syscall(SYS_gettid), memory_order_relaxed);
-	atomic_store_explicit(&s->ctl.start_time, tally__proc_start_time(pid), memory_order_relaxed);
 	atomic_store_explicit(&s->ctl.heartbeat_ns, now, memory_order_relaxed);
 	atomic_store_explicit(&s->ctl.since_ns, now, memory_order_relaxed);
 	atomic_fetch_add_explicit(&s->ctl.claims, 1, memory_order_relaxed);
 	fill_handle(f, s, idx);
 	atomic_store_explicit(&s->ctl.base, f->base_tail, memory_order_relaxed);
+	atomic_store_explicit(&s->ctl.lost, f->lost, memory_order_relaxed);
+	atomic_store_explicit(&s->ctl.moves, f->moves, memory_order_relaxed);
 	TALLY__FAILPOINT("claim.filled");
-	f->lease = tally__lease(tally__lease_gen(claiming), TALLY__SLOT_ACTIVE);
+	f->lease = tally__lease(gen, TALLY__SLOT_ACTIVE);
+	f->pid = pid;
+	/* Release (in the acq_rel CAS): identity and base are visible to the
+	 * reaper that sees ACTIVE. */
 	return lease_cas(s, claiming, f->lease);
+}
+
+/* Claim a slot of f->target for f. 0 or TALLY_EFULL. */
+static int claim_slot(struct producer_full *f)
+{
+	struct tally_segment *t = f->target;
+	/* Start the search at a spot that depends on the thread, so threads
+	 * attaching together do not all race for slot 0. */
+	uint32_t start = (uint32_t)syscall(SYS_gettid) % t->nslots;
+
+	for (uint32_t n = 0; n < t->nslots; n++) {
+		uint32_t i = (start + n) % t->nslots;
+		struct tally__slot *s = tally__seg_slot(t, i);
+		uint64_t claiming = try_claim(s);
+		if (claiming && activate(f, s, i, claiming))
+			return 0;
+	}
+	return TALLY_EFULL;
 }
 
 static int attach(struct tally_segment *seg, bool local, struct tally_producer **out)
@@ -269,27 +337,22 @@ static int attach(struct tally_segment *seg, bool local, struct tally_producer *
 				   "TALLY_OPEN_PRODUCER to record", seg->name);
 	if (tally_segment_owner_alive(seg) != 1)
 		return tally__fail(TALLY_EOWNERDEAD, "segment \"%s\": its owner (pid %d) is not running, "
-				   "so nothing would drain the ring", seg->name, (int)seg->owner_pid);
+				   "so nothing would drain the ring; open the segment again once its "
+				   "owner (tallyd -s %s) runs", seg->name, (int)seg->owner_pid, seg->name);
 	if (!(f = calloc(1, sizeof(*f))))
 		return -ENOMEM;
-	f->seg = seg;
+	f->seg = f->target = seg;
 	f->local = local;
-	/* Start the search at a spot that depends on the thread, so threads
-	 * attaching together do not all race for slot 0. */
-	uint32_t start = (uint32_t)syscall(SYS_gettid) % seg->nslots;
-	for (uint32_t n = 0; n < seg->nslots; n++) {
-		uint32_t i = (start + n) % seg->nslots;
-		struct tally__slot *s = tally__seg_slot(seg, i);
-		uint64_t claiming = try_claim(s);
-		if (claiming && activate(f, s, i, claiming)) {
-			registry_add(f);
-			*out = &f->pub;
-			return 0;
-		}
+	if (claim_slot(f) != 0) {
+		free(f);
+		return tally__fail(TALLY_EFULL, "all %u producer slots of segment \"%s\" are taken: "
+				   "raise producer_slots, or detach idle threads", seg->nslots, seg->name);
 	}
-	free(f);
-	return tally__fail(TALLY_EFULL, "all %u producer slots of segment \"%s\" are taken: raise "
-			   "producer_slots, or detach idle threads", seg->nslots, seg->name);
+	registry_add(f);
+	if (seg->follow)
+		tally__follow_watch(seg);
+	*out = &f->pub;
+	return 0;
 }
 
 TALLY_API int tally_producer_attach(struct tally_segment *seg, struct tally_producer **out)
@@ -302,22 +365,34 @@ static bool lease_held(struct producer_full *f)
 {
 	if (f->revoked)
 		return false;
+	if (f->pid != getpid()) { /* a fork the atfork handler did not see (clone, _Fork) */
+		revoke_handle(f, REVOKE_FORK);
+		return false;
+	}
 	if (atomic_load_explicit(&f->slot->ctl.lease, memory_order_acquire) == f->lease)
 		return true;
 	revoke_handle(f, REVOKE_LEASE);
 	return false;
 }
 
+/* ACTIVE(g) -> RELEASING(g) only while the claim is ours: a handle whose
+ * slot was taken back leaves the next claim alone. Registry lock held, so
+ * a segment close cannot unmap the slot under us. */
+static void release_slot_locked(struct producer_full *f)
+{
+	if (!lease_held(f))
+		return;
+	atomic_store_explicit(&f->slot->ctl.since_ns, tally__mono_ns(), memory_order_relaxed);
+	TALLY__FAILPOINT("detach.before");
+	lease_cas(f->slot, f->lease, tally__lease(tally__lease_gen(f->lease), TALLY__SLOT_RELEASING));
+}
+
 static void release(struct producer_full *f)
 {
-	registry_remove(f);
-	/* ACTIVE(g) -> RELEASING(g) only while the claim is ours: a handle
-	 * whose slot was taken back leaves the next claim alone. */
-	if (lease_held(f)) {
-		atomic_store_explicit(&f->slot->ctl.since_ns, tally__mono_ns(), memory_order_relaxed);
-		TALLY__FAILPOINT("detach.before");
-		lease_cas(f->slot, f->lease, tally__lease(tally__lease_gen(f->lease), TALLY__SLOT_RELEASING));
-	}
+	pthread_mutex_lock(&registry_lock);
+	release_slot_locked(f);
+	registry_unlink_locked(f);
+	pthread_mutex_unlock(&registry_lock);
 	memset(f, 0, sizeof(*f));
 	free(f);
 }
@@ -335,10 +410,92 @@ TALLY_API void tally_producer_detach(struct tally_producer **pp)
 	*pp = NULL;
 }
 
+/* ---- following a new owner (follow.c) ------------------------------------------ */
+
+/* Leave the current slot for one in the segment that now has the name:
+ * what the dead owner left in the old ring is lost, and counted. The new
+ * slot is claimed through a scratch handle first, so that a new segment
+ * with every slot taken leaves this handle as it was (it tries again). */
+static bool move_to_current(struct producer_full *f)
+{
+	struct tally_segment *to;
+	struct tally__remap *m;
+	struct producer_full *n;
+
+	if (!f->seg->follow || tally__follow_current(f->seg, &to, &m) != 0)
+		return false;
+	if (to == f->target)
+		return true;
+	uint64_t head = atomic_load_explicit(&f->slot->head, memory_order_acquire);
+	uint64_t left = f->pub.tail - head <= f->target->ring_cap ? f->pub.tail - head : 0;
+	if (!(n = calloc(1, sizeof(*n))))
+		return false;
+	n->seg = f->seg;
+	n->target = to;
+	n->lost = f->lost + left;
+	n->moves = f->moves + 1;
+	if (claim_slot(n) != 0) {
+		free(n);
+		return false;
+	}
+	struct tally_producer_counters c;
+	tally_producer_counters(&f->pub, &c);
+	lease_cas(f->slot, f->lease, tally__lease(tally__lease_gen(f->lease), TALLY__SLOT_RELEASING));
+	f->carried_recorded = c.recorded;
+	f->carried_dropped = c.dropped;
+	f->carried_clamped = c.clamped;
+	f->target = to;
+	f->remap = m;
+	f->slot = n->slot;
+	f->idx = n->idx;
+	f->lease = n->lease;
+	f->base_tail = n->base_tail;
+	f->base_dropped = n->base_dropped;
+	f->base_clamped = n->base_clamped;
+	f->dropped = n->dropped;
+	f->clamped = n->clamped;
+	f->lost = n->lost;
+	f->moves = n->moves;
+	f->pub.ring = n->pub.ring;
+	f->pub.mask = n->pub.mask;
+	f->pub.tail = n->pub.tail;
+	f->pub.cached_head = n->pub.cached_head;
+	f->pub.shm_tail = n->pub.shm_tail;
+	f->pub.shm_head = n->pub.shm_head;
+	f->pub.max_value_ns = n->pub.max_value_ns;
+	f->pub.remap = m;
+	__atomic_store_n(&f->pub.capacity, to->ring_cap, __ATOMIC_RELAXED);
+	free(n);
+	return true;
+}
+
+/* Does the handle's segment still have a live owner? If not, move to the
+ * one that has the name now. false: no live owner for now (the record is
+ * lost). Restores capacity after a poke. */
+static bool owner_check(struct producer_full *f, uint64_t now)
+{
+	f->next_check_ns = now + (uint64_t)TALLY__FOLLOW_RETRY_MS * 1000000u;
+	atomic_store_explicit(&f->poked, false, memory_order_seq_cst);
+	/* capacity stays 0 while orphaned: every record comes here */
+	f->orphaned = tally_segment_owner_alive(f->target) != 1 && !move_to_current(f);
+	if (f->orphaned)
+		return false;
+	if (!f->revoked) {
+		__atomic_store_n(&f->pub.capacity, f->target->ring_cap, __ATOMIC_SEQ_CST);
+		if (atomic_load_explicit(&f->poked, memory_order_seq_cst)) /* poked meanwhile */
+			__atomic_store_n(&f->pub.capacity, 0, __ATOMIC_SEQ_CST);
+	}
+	return true;
+}
+
 TALLY_API int tally_producer_heartbeat(struct tally_producer *p)
 {
 	struct producer_full *f = full_of(p);
 
+	if (f->revoked)
+		return TALLY_EREVOKED;
+	if (!owner_check(f, tally__mono_ns()))
+		return TALLY_EOWNERDEAD;
 	if (!lease_held(f))
 		return TALLY_EREVOKED;
 	atomic_store_explicit(&f->slot->ctl.heartbeat_ns, tally__mono_ns(), memory_order_relaxed);
@@ -357,10 +514,11 @@ TALLY_API void tally_producer_counters(const struct tally_producer *p,
 {
 	const struct producer_full *f = (const struct producer_full *)p;
 
-	out->recorded = p->tail - f->base_tail;
-	out->dropped = f->dropped - f->base_dropped;
-	out->clamped = f->clamped - f->base_clamped;
+	out->recorded = f->carried_recorded + (p->tail - f->base_tail);
+	out->dropped = f->carried_dropped + (f->dropped - f->base_dropped);
+	out->clamped = f->carried_clamped + (f->clamped - f->base_clamped);
 	out->lost = f->lost;
+	out->moves = f->moves;
 	out->slot = f->idx;
 	out->revoked = f->revoked != REVOKE_NONE;
 }
@@ -368,7 +526,23 @@ TALLY_API void tally_producer_counters(const struct tally_producer *p,
 TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subject, uint64_t ns)
 {
 	struct producer_full *f = full_of(p);
+	struct tally_segment *before = f->target;
 
+	if (TALLY__UNLIKELY(f->revoked)) {
+		f->lost++;
+		return false;
+	}
+	/* orphaned: ask again once the retry period is over; poked, or a
+	 * capacity left at 0 by a poke we raced: ask now */
+	bool poked = atomic_load_explicit(&f->poked, memory_order_relaxed) ||
+		     __atomic_load_n(&p->capacity, __ATOMIC_RELAXED) == 0;
+	if (f->orphaned || poked) {
+		uint64_t now = tally__mono_ns();
+		if ((poked || now >= f->next_check_ns) ? !owner_check(f, now) : true) {
+			f->lost++;
+			return false;
+		}
+	}
 	if (TALLY__UNLIKELY(!lease_held(f))) {
 		f->lost++;
 		return false;
@@ -376,21 +550,57 @@ TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subj
 	/* Acquire: pairs with the aggregator's release of head, so the entries
 	 * it has consumed are no longer being read when we overwrite them. */
 	p->cached_head = __atomic_load_n(p->shm_head, __ATOMIC_ACQUIRE);
-	if (p->tail - p->cached_head < p->capacity)
-		return tally_record(p, subject, ns);
-	/* Single writer: a plain store of our own count, no atomic add. */
-	atomic_store_explicit(&f->slot->dropped, ++f->dropped, memory_order_relaxed);
-	return false;
+	if (p->tail - p->cached_head >= __atomic_load_n(&p->capacity, __ATOMIC_RELAXED)) {
+		/* Full: is anyone draining it? Asked at most every retry period. */
+		uint64_t now = tally__mono_ns();
+		if (now >= f->next_check_ns && !owner_check(f, now)) {
+			f->lost++;
+			return false;
+		}
+		if (f->target == before) {
+			/* Single writer: a plain store of our own count, no atomic add. */
+			atomic_store_explicit(&f->slot->dropped, ++f->dropped, memory_order_relaxed);
+			return false;
+		}
+	}
+	if (f->target != before) { /* moved: subject is an id of the segment we left */
+		if (before != f->seg) {
+			f->lost++;
+			return false;
+		}
+		uint32_t id = tally__remap_id(f->remap, subject);
+		if (id == UINT32_MAX) {
+			f->lost++;
+			return false;
+		}
+		subject = id;
+	}
+	return tally__record_raw(p, subject, ns);
 }
 
-TALLY_API uint64_t tally__record_clamp(struct tally_producer *p, uint64_t ns)
+TALLY_API bool tally__record_remapped(struct tally_producer *p, tally_subject_t subject, uint64_t ns)
+{
+	struct producer_full *f = full_of(p);
+	uint32_t id = tally__remap_id(f->remap, subject);
+
+	if (id == UINT32_MAX) { /* the name cannot be interned there now */
+		f->lost++;
+		return false;
+	}
+	return tally__record_raw(p, id, ns);
+}
+
+TALLY_API bool tally__record_clamped(struct tally_producer *p, tally_subject_t subject, uint64_t ns)
 {
 	struct producer_full *f = full_of(p);
 
 	(void)ns;
-	if (lease_held(f))
-		atomic_store_explicit(&f->slot->clamped, ++f->clamped, memory_order_relaxed);
-	return p->max_value_ns;
+	if (!lease_held(f)) { /* revoked: nothing reaches the ring */
+		f->lost++;
+		return false;
+	}
+	atomic_store_explicit(&f->slot->clamped, ++f->clamped, memory_order_relaxed);
+	return tally__record_raw(p, subject, p->max_value_ns); /* at the maximum: no recursion */
 }
 
 /* ---- thread-local handles ------------------------------------------------------ */
@@ -428,7 +638,7 @@ static struct local_entry *local_find(struct tally_segment *seg)
 
 	for (uint32_t i = 0; l && i < l->n; i++)
 		if (l->e[i].seg == seg && l->e[i].generation == seg->generation && l->e[i].f &&
-		    l->e[i].f->seg == seg)
+		    l->e[i].f->seg == seg && !l->e[i].f->revoked)
 			return &l->e[i];
 	return NULL;
 }
@@ -437,9 +647,10 @@ static int local_add(struct tally_segment *seg, struct producer_full *f)
 {
 	struct local_list *l = local_list;
 
-	/* reuse the entry of a handle whose segment was closed */
+	/* reuse the entry of a handle whose segment was closed, or that was
+	 * revoked (a fork child's copy, a lost lease) */
 	for (uint32_t i = 0; l && i < l->n; i++)
-		if (!l->e[i].f || l->e[i].f->seg != l->e[i].seg) {
+		if (!l->e[i].f || l->e[i].f->seg != l->e[i].seg || l->e[i].f->revoked) {
 			if (l->e[i].f)
 				release(l->e[i].f);
 			l->e[i] = (struct local_entry){ seg, seg->generation, f };
@@ -486,19 +697,29 @@ TALLY_API int tally_producer_local(struct tally_segment *seg, struct tally_produ
  * changes the lease meanwhile (detach, a new claim) wins. */
 static bool move(struct tally__slot *s, uint64_t from, uint32_t to, uint64_t now)
 {
-	if (to == TALLY__SLOT_FREE) /* see the header: a FREE slot holds pid 0 */
-		atomic_store_explicit(&s->ctl.pid, 0, memory_order_relaxed);
-	if (!lease_cas(s, from, tally__lease(tally__lease_gen(from), to)))
-		return false;
+	uint64_t gen = tally__lease_gen(from);
+
+	/* Before FREE(g): the identity words the claim of g + 1 expects (see
+	 * activate); a claimer of g or older finds its CAS failing. */
+	if (to == TALLY__SLOT_FREE) {
+		atomic_store_explicit(&s->ctl.ident, tally__ident(gen + 1, 0), memory_order_relaxed);
+		atomic_store_explicit(&s->ctl.birth, tally__birth(gen + 1, 0), memory_order_relaxed);
+	}
 	atomic_store_explicit(&s->ctl.since_ns, now, memory_order_relaxed);
-	return true;
+	return lease_cas(s, from, tally__lease(gen, to));
 }
 
-static bool process_gone(struct tally__slot *s)
+/* Is the process of the claim `lease` proved gone? Only an identity whose
+ * tags are this claim's is believed: anything else (a scribbled word)
+ * proves nothing, and the slot is left alone. */
+static bool process_gone(struct tally__slot *s, uint64_t lease)
 {
-	pid_t pid = atomic_load_explicit(&s->ctl.pid, memory_order_relaxed);
-	uint64_t st = atomic_load_explicit(&s->ctl.start_time, memory_order_relaxed);
+	uint64_t gen = tally__lease_gen(lease), st;
+	int32_t pid;
 
+	if (!tally__ident_of(atomic_load_explicit(&s->ctl.ident, memory_order_relaxed), gen, &pid) ||
+	    !tally__birth_of(atomic_load_explicit(&s->ctl.birth, memory_order_relaxed), gen, &st))
+		return false;
 	return !tally__proc_alive(pid, st);
 }
 
@@ -519,8 +740,10 @@ static bool claim_expired(struct tally_segment *seg, uint32_t i, uint64_t lease,
 	if (age >= (uint64_t)TALLY__CLAIM_TIMEOUT_MS * 1000000u)
 		return true;
 	/* A claimer that wrote its pid and is gone need not wait the timeout. */
-	pid_t pid = atomic_load_explicit(&tally__seg_slot(seg, i)->ctl.pid, memory_order_relaxed);
-	return age >= cooloff && pid > 0 && kill(pid, 0) != 0 && errno == ESRCH;
+	int32_t pid;
+	uint64_t ident = atomic_load_explicit(&tally__seg_slot(seg, i)->ctl.ident, memory_order_relaxed);
+	return age >= cooloff && tally__ident_of(ident, tally__lease_gen(lease), &pid) && pid > 0 &&
+	       kill(pid, 0) != 0 && errno == ESRCH;
 }
 
 static bool drained(struct tally__slot *s)
@@ -544,7 +767,7 @@ void tally__slots_reap(struct tally_segment *seg, uint64_t now, struct tally__re
 		case TALLY__SLOT_FREE:
 			break;
 		case TALLY__SLOT_ACTIVE:
-			st->died += process_gone(s) && move(s, l, TALLY__SLOT_DEAD, now);
+			st->died += process_gone(s, l) && move(s, l, TALLY__SLOT_DEAD, now);
 			break;
 		case TALLY__SLOT_RELEASING:
 			st->released += drained(s) && move(s, l, TALLY__SLOT_FREE, now);

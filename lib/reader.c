@@ -114,7 +114,11 @@ TALLY_API int tally_read_producers(const struct tally_segment *seg, struct tally
 		memset(o, 0, sizeof(*o));
 		o->slot = i;
 		o->state = name ? name : "corrupt";
-		o->pid = atomic_load_explicit(&s->ctl.pid, memory_order_relaxed);
+		uint64_t gen = tally__lease_gen(lease), start_time;
+		int32_t pid;
+		bool ident_ok = tally__ident_of(atomic_load_explicit(&s->ctl.ident, memory_order_relaxed), gen, &pid) &&
+				tally__birth_of(atomic_load_explicit(&s->ctl.birth, memory_order_relaxed), gen, &start_time);
+		o->pid = pid;
 		o->tid = atomic_load_explicit(&s->ctl.tid, memory_order_relaxed);
 		uint64_t tail = atomic_load_explicit(&s->tail, memory_order_acquire);
 		uint64_t head = atomic_load_explicit(&s->head, memory_order_relaxed);
@@ -123,9 +127,10 @@ TALLY_API int tally_read_producers(const struct tally_segment *seg, struct tally
 		o->backlog = tail >= head && tail - head <= seg->ring_cap ? tail - head : 0;
 		o->dropped = atomic_load_explicit(&s->dropped, memory_order_relaxed);
 		o->clamped = atomic_load_explicit(&s->clamped, memory_order_relaxed);
+		o->lost = atomic_load_explicit(&s->ctl.lost, memory_order_relaxed);
+		o->moves = atomic_load_explicit(&s->ctl.moves, memory_order_relaxed);
 		o->generation = tally__lease_gen(lease);
-		o->alive = st == TALLY__SLOT_ACTIVE &&
-			   tally__proc_alive(o->pid, atomic_load_explicit(&s->ctl.start_time, memory_order_relaxed));
+		o->alive = st == TALLY__SLOT_ACTIVE && ident_ok && tally__proc_alive(pid, start_time);
 	}
 	return (int)n;
 }

@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "follow.h"
 #include "pending.h"
 #include "proc.h"
 #include "segment.h"
@@ -187,6 +188,14 @@ static void seg_free(struct tally_segment *seg)
 	free(seg->reap.slot_lease);
 	free(seg->reap.slot_seen_ns);
 	free(seg->reap.subj_seen_ns);
+	/* Handles were still attached at close: a thread may still be in
+	 * tally_record() with them (a bug of the caller, but not one that may
+	 * crash the router). Put private zero pages where the segment was,
+	 * so that such a late store lands there, and keep the range. */
+	if (seg->base && seg->revoked_at_close &&
+	    mmap(seg->base, seg->len, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS,
+		 -1, 0) != MAP_FAILED)
+		seg->base = NULL;
 	if (seg->base)
 		munmap(seg->base, seg->len);
 	if (seg->fd >= 0)
@@ -324,6 +333,11 @@ static int create_once(struct tally_segment *seg, const struct tally_segment_con
 		return tally__fail(rc, "segment \"%s\": cannot format its pending table", seg->name);
 	tally__snapshot_section_init(tally__seg_section(seg, &seg->snapshot), seg->snapshot.size,
 				     seg->table_size);
+	for (uint32_t i = 0; i < seg->nslots; i++) { /* what the first claim (generation 1) expects */
+		struct tally__slot *sl = tally__seg_slot(seg, i);
+		atomic_store_explicit(&sl->ctl.ident, tally__ident(1, 0), memory_order_relaxed);
+		atomic_store_explicit(&sl->ctl.birth, tally__birth(1, 0), memory_order_relaxed);
+	}
 	struct stat st;
 	if (fstat(seg->fd, &st) == 0) {
 		seg->dev = st.st_dev;
@@ -473,6 +487,10 @@ TALLY_API int tally_segment_open(const char *name, enum tally_open_mode mode, ui
 		return rc;
 	}
 	seg->hdr = (struct tally__shm_hdr *)seg->base;
+	if (!seg->read_only && (rc = tally__follow_init(seg)) != 0) {
+		seg_free(seg);
+		return rc;
+	}
 	*out = seg;
 	return 0;
 }
@@ -511,8 +529,11 @@ TALLY_API void tally_segment_close(struct tally_segment **segp)
 	TALLY__ASSERT(seg->magic == TALLY__SEGMENT_MAGIC);
 	/* Handles still attached would write into memory about to be
 	 * unmapped: revoke them (their records become lost, counted). */
-	tally__producers_revoke_segment(seg);
-	if (seg->is_owner && seg->hdr) {
+	seg->revoked_at_close = tally__producers_revoke_segment(seg) > 0;
+	tally__follow_free(seg);
+	/* Only the owner process itself: a fork child closing its copy of
+	 * the owner's handle must not stop or unlink the owner's segment. */
+	if (seg->is_owner && seg->hdr && getpid() == seg->owner_pid) {
 		atomic_store_explicit(&seg->hdr->owner_state, TALLY__OWNER_STOPPED, memory_order_release);
 		if (!seg->keep && still_ours(seg))
 			tally_segment_unlink(seg->name);

@@ -31,6 +31,7 @@ struct tally_segment {
 	uint32_t magic; /* TALLY__SEGMENT_MAGIC while open */
 	bool read_only, is_owner, keep;
 	bool engine_attached; /* an engine runs on this handle */
+	bool revoked_at_close; /* producer handles were still attached when it closed */
 	int fd;
 	unsigned char *base;
 	size_t len;
@@ -44,6 +45,8 @@ struct tally_segment {
 	pid_t owner_pid;
 	struct tally__section subjects, slots, pending, snapshot;
 	struct tally__reap_memory reap; /* owner only */
+	struct tally__follow *follow;   /* producer mode: successors (follow.c) */
+	struct tally_segment *follower_of; /* a successor: the origin that opened it */
 };
 
 static inline struct tally__shm_subject *tally__seg_subject(const struct tally_segment *s, uint32_t i)

@@ -30,6 +30,7 @@
 #define TALLY_SHM_LAYOUT_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <tally/record.h>
@@ -144,17 +145,47 @@ static inline uint64_t tally__lease(uint64_t gen, uint32_t state)
 	return gen << 8 | (state & 0xffu);
 }
 
+/* The claimer's identity, tagged with its claim's generation so that a
+ * claimer stalled past the claim timeout can never overwrite a later
+ * claim's identity: each word is installed by a CAS from the value the
+ * owner left for exactly this generation (tag, nothing), and the reaper
+ * believes an identity only when its tags match the lease. */
+static inline uint64_t tally__ident(uint64_t gen, int32_t pid)
+{
+	return (gen & 0xffffffffu) << 32 | (uint32_t)pid;
+}
+
+static inline uint64_t tally__birth(uint64_t gen, uint64_t start_time)
+{
+	return start_time << 16 | (gen & 0xffffu);
+}
+
+static inline bool tally__ident_of(uint64_t ident, uint64_t gen, int32_t *pid)
+{
+	*pid = (int32_t)(uint32_t)ident;
+	return ident >> 32 == (gen & 0xffffffffu);
+}
+
+static inline bool tally__birth_of(uint64_t birth, uint64_t gen, uint64_t *start_time)
+{
+	*start_time = birth >> 16;
+	return (birth & 0xffffu) == (gen & 0xffffu);
+}
+
 struct tally__slot_ctl { /* block 0: written at claim/release and by the owner's reaper */
 	_Atomic uint64_t lease;        /* generation << 8 | state */
-	_Atomic int32_t pid;           /* claimer's process; 0 while FREE */
+	_Atomic uint64_t ident;        /* tally__ident(gen, pid): the claimer's process; pid 0 unclaimed */
+	_Atomic uint64_t birth;        /* tally__birth(gen, start time of pid in /proc ticks; 0 unreadable) */
 	_Atomic int32_t tid;           /* thread that attached (diagnostics only, never liveness) */
-	_Atomic uint64_t start_time;   /* of pid, /proc clock ticks; 0 unreadable */
+	uint32_t reserved;
 	_Atomic uint64_t claims;       /* how many times the slot was claimed */
 	_Atomic uint64_t heartbeat_ns; /* CLOCK_MONOTONIC */
 	_Atomic uint64_t base;         /* tail when the current claim began */
 	_Atomic uint64_t since_ns;     /* CLOCK_MONOTONIC of the last state change */
 	_Atomic uint64_t dead_drained; /* samples drained after the owner died (all claims) */
 	_Atomic uint64_t rejected;     /* entries with an unknown subject id (all claims) */
+	_Atomic uint64_t lost;         /* claimer's records lost to owner restarts before it came here */
+	_Atomic uint64_t moves;        /* how many owner restarts the claimer's handle followed */
 };
 
 struct tally__slot {

@@ -384,6 +384,9 @@ uint32_t tally__subjects_reap(struct tally_segment *seg, uint64_t now)
 		if ((gone || expired) &&
 		    atomic_compare_exchange_strong_explicit(&e->state, &expect, TALLY__SUBJ_TOMBSTONE,
 							    memory_order_relaxed, memory_order_relaxed)) {
+			/* the claim's count back: a tombstone holds no subject
+			 * (the table is twice the capacity, probes stay short) */
+			atomic_fetch_sub_explicit(&seg->hdr->subjects_used, 1, memory_order_relaxed);
 			seen[i] = 0;
 			turned++;
 		}

@@ -379,6 +379,9 @@ Test(cli, stat_json_follows_the_schema, .timeout = 20)
 	expect_int(p, "pid", getpid());
 	expect_int(p, "samples", 152);
 	expect_int(p, "dropped", 0);
+	expect_int(p, "lost", 0);
+	expect_int(p, "moves", 0);
+	cr_expect(json_integer_value(get(p, "generation")) >= 1);
 	cr_expect(json_is_true(get(p, "alive")));
 
 	json_t *c = json_array_get(get(doc, "consumers"), 0);

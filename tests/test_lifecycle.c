@@ -303,6 +303,75 @@ Test(lifecycle, stalled_claimer_loses_its_claim_and_takes_another, .timeout = 30
 	owner_stop(&o);
 }
 
+struct stalled_attach {
+	struct tally_segment *seg;
+	int rc;
+};
+
+static void *stalled_attach_main(void *arg)
+{
+	struct stalled_attach *a = arg;
+	struct tally_producer *p = NULL;
+
+	a->rc = tally_producer_attach(a->seg, &p);
+	if (a->rc == 0)
+		tally_producer_detach(&p);
+	return NULL;
+}
+
+/* The review's case: a claimer stalls before it installs its identity,
+ * the owner takes the claim back, frees the slot, and another claims it.
+ * The stalled claimer's late identity must not land on the new claim
+ * (that would make the reaper judge the new claim by the wrong process). */
+Test(lifecycle, stalled_claimer_cannot_overwrite_the_next_claims_identity, .timeout = 30)
+{
+	struct tally_segment_config cfg;
+	struct tally_engine_config ec;
+	struct tally_segment *seg;
+	struct tally_engine *eng;
+	struct tally_producer *b;
+	struct stalled_attach a;
+	pthread_t th;
+
+	tt_config(&cfg);
+	cfg.producer_slots = 1;
+	cfg.producer_cooloff_ms = COOLOFF_MS;
+	cr_assert_eq(tally_segment_create(tt_segname("ident"), &cfg, 0, &seg), 0);
+	tally_engine_config_init(&ec);
+	ec.reap_interval_ms = REAP_MS;
+	cr_assert_eq(tally_engine_start(seg, &ec, &eng), 0);
+	a.seg = seg;
+	kill_point = "claim.claimed";
+	stall_ms = TALLY__CLAIM_TIMEOUT_MS + 600;
+	tally__failpoint_hook = at_point;
+	pthread_create(&th, NULL, stalled_attach_main, &a);
+	/* wait for the claim to be taken back and the slot freed */
+	struct tt_slot_view v;
+	uint64_t t0 = mono_ms();
+	do {
+		tt_sleep_ms(10);
+		tt_slot_view(seg, 0, &v);
+	} while (!(v.state == TALLY__SLOT_FREE && v.generation >= 1) && mono_ms() - t0 < 3000);
+	cr_assert_eq(v.state, TALLY__SLOT_FREE, "the stalled claim was not taken back");
+	cr_assert_eq(tally_producer_attach(seg, &b), 0, "%s", tally_errmsg());
+	pthread_join(th, NULL);
+	tally__failpoint_hook = NULL;
+	stall_ms = 0;
+	cr_expect_eq(a.rc, TALLY_EFULL, "the stalled claimer got %d", a.rc);
+	struct tally__slot *s = tally__seg_slot(seg, 0);
+	uint64_t lease = atomic_load(&s->ctl.lease);
+	int32_t pid;
+	uint64_t st;
+	cr_expect_eq(tally__lease_state(lease), TALLY__SLOT_ACTIVE);
+	cr_expect(tally__ident_of(atomic_load(&s->ctl.ident), tally__lease_gen(lease), &pid) &&
+		  pid == getpid(), "the new claim's identity is not its own");
+	cr_expect(tally__birth_of(atomic_load(&s->ctl.birth), tally__lease_gen(lease), &st));
+	cr_expect_eq(tally_producer_status(b), 0);
+	tally_producer_detach(&b);
+	tally_engine_stop(&eng);
+	tally_segment_close(&seg);
+}
+
 Test(lifecycle, stalled_interner_probes_again_and_gets_one_id, .timeout = 30)
 {
 	struct owner o;
@@ -487,7 +556,7 @@ static void *flat_out_main(void *arg)
 	cr_assert_eq(tally_producer_attach(f->seg, &p), 0);
 	while (!atomic_load_explicit(&f->stop, memory_order_relaxed))
 		n += tally_record(p, f->id, 100);
-	atomic_store(&f->recorded, n);
+	atomic_fetch_add(&f->recorded, n);
 	tally_producer_detach(&p);
 	return NULL;
 }

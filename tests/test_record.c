@@ -406,7 +406,9 @@ Test(record, unreadable_start_time_is_not_death)
 
 	cr_assert_eq(tally_producer_attach(seg, &p), 0);
 	tally_producer_counters(p, &c);
-	atomic_store(&tally__seg_slot(seg, c.slot)->ctl.start_time, 0);
+	struct tally__slot *sl = tally__seg_slot(seg, c.slot);
+	uint64_t gen = tally__lease_gen(atomic_load(&sl->ctl.lease));
+	atomic_store(&sl->ctl.birth, tally__birth(gen, 0));
 	tt_drainer_init(&d, seg);
 	for (int i = 0; i < 5; i++) {
 		tt_drain_once(&d, true);
@@ -417,6 +419,71 @@ Test(record, unreadable_start_time_is_not_death)
 	cr_expect_eq(d.died, 0);
 	cr_expect_eq(tally_producer_heartbeat(p), 0);
 	tally_producer_detach(&p);
+	tally_segment_close(&seg);
+}
+
+static void *record_forever(void *arg)
+{
+	struct handoff *h = arg;
+
+	for (uint64_t i = 0;; i++) {
+		tally_record(h->p, h->subject, 1);
+		if (i % 64 == 0)
+			usleep(100);
+	}
+	return NULL;
+}
+
+/* A process whose main thread exits (pthread_exit) while another thread
+ * records shows its leader as a zombie: it is alive all the same, and its
+ * slot must not be taken back under the recording thread. */
+Test(record, main_thread_exit_is_not_process_death, .timeout = 30)
+{
+	struct tally_segment *seg = make("mainexit");
+	struct tt_drainer d;
+	struct tt_slot_view v;
+	int fds[2];
+	uint32_t slot = 0;
+
+	cr_assert_eq(pipe(fds), 0);
+	pid_t pid = fork();
+	if (pid == 0) {
+		static struct handoff h;
+		pthread_t th;
+		struct tally_producer_counters c;
+		h.seg = seg;
+		h.subject = 3;
+		if (tally_producer_attach(seg, &h.p) != 0)
+			_exit(2);
+		tally_producer_counters(h.p, &c);
+		if (write(fds[1], &c.slot, sizeof(c.slot)) != (ssize_t)sizeof(c.slot))
+			_exit(3);
+		pthread_create(&th, NULL, record_forever, &h);
+		pthread_exit(NULL);
+	}
+	cr_assert_eq(read(fds[0], &slot, sizeof(slot)), (ssize_t)sizeof(slot));
+	tt_drainer_init(&d, seg);
+	for (int i = 0; i < 20; i++) {
+		tt_drain_once(&d, true);
+		tt_sleep_ms(10);
+	}
+	tt_slot_view(seg, slot, &v);
+	cr_expect_eq(v.state, TALLY__SLOT_ACTIVE, "the slot of a live process is %u", v.state);
+	cr_expect_eq(d.died, 0);
+	uint64_t tail = v.tail;
+	tt_drain_once(&d, false);
+	tt_sleep_ms(20);
+	tt_slot_view(seg, slot, &v);
+	cr_expect_gt(v.tail, tail, "the recording thread stopped");
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	for (int i = 0; i < 100 && atomic_load(&d.died) == 0; i++) {
+		tt_drain_once(&d, true);
+		tt_sleep_ms(5);
+	}
+	cr_expect_eq(d.died, 1, "the killed process's slot was not reclaimed");
+	close(fds[0]);
+	close(fds[1]);
 	tally_segment_close(&seg);
 }
 

@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <nats/nats.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -622,4 +623,142 @@ Test(tallyd, polls_jetstream_consumers)
 	tally_segment_close(&seg);
 	td_cleanup(d);
 	tally_test_nats_stop(&srv);
+}
+
+/* ---- producers follow a restarted owner (issue: owner restarts) ---- */
+
+/* A router thread: records one sample every 100 us through a handle of
+ * the segment it opened before any restart, until told to stop. */
+struct follower {
+	struct rec r;
+	pthread_t th;
+	atomic_bool stop;
+	_Atomic uint64_t ok, refused;
+};
+
+static void *follower_main(void *arg)
+{
+	struct follower *f = arg;
+
+	while (!atomic_load(&f->stop)) {
+		if (tally_record(f->r.p, f->r.id, 2000))
+			atomic_fetch_add(&f->ok, 1);
+		else
+			atomic_fetch_add(&f->refused, 1);
+		struct timespec ts = { 0, 100000 };
+		nanosleep(&ts, NULL);
+	}
+	return NULL;
+}
+
+/* The subject's total count as the segment now named `seg` publishes it
+ * (0 while it has none). */
+static uint64_t total_in(const char *seg, const char *subject)
+{
+	struct tally_segment *s = NULL;
+	struct tally_subject_stats st;
+	tally_subject_t id;
+	uint64_t n = 0;
+
+	if (tally_segment_open(seg, TALLY_OPEN_READER, 0, &s) != 0)
+		return 0;
+	if (tally_subject_lookup(s, subject, &id) == 0 && tally_read_subject(s, id, &st) == 0)
+		n = st.total_count;
+	tally_segment_close(&s);
+	return n;
+}
+
+enum restart_kind { CLEAN_RESTART, KILL_AND_REPLACE, KEEP_AND_REPLACE };
+
+static void producers_follow(enum restart_kind kind)
+{
+	static const char *const names[] = { "SIGTERM + restart", "SIGKILL + restart --replace",
+					     "SIGINT --keep + restart --replace" };
+	struct td *a = td_new("td-follow"), *b = td_new("td-follow-b");
+	struct follower f = { 0 };
+	struct tally_producer_counters c;
+
+	strcpy(b->seg, a->seg);
+	td_write_cfg(a, "[http]\nenabled = false\n" FAST_ENGINE);
+	strcpy(b->cfg, a->cfg);
+	td_start_ready(a, (const char *const[]){ "-c", a->cfg, "-s", a->seg,
+						 kind == KEEP_AND_REPLACE ? "--keep" : "-v", NULL });
+	rec_open(&f.r, a->seg, "follow.subject");
+	pthread_create(&f.th, NULL, follower_main, &f);
+	tt_sleep_ms(300);
+	uint64_t in_a = total_in(a->seg, "follow.subject");
+	cr_expect_gt(in_a, 0, "the first owner got nothing");
+
+	kill(a->pid, kind == CLEAN_RESTART ? SIGTERM : kind == KILL_AND_REPLACE ? SIGKILL : SIGINT);
+	cr_assert(td_wait_exit(a, 5000));
+	/* the first owner's last word, through the handle the router holds */
+	struct tally_subject_stats st;
+	if (kind != KILL_AND_REPLACE && tally_read_subject(f.r.seg, f.r.id, &st) != -ENOENT)
+		in_a = st.total_count;
+	tt_sleep_ms(200); /* no owner for a while: records are refused, counted */
+	uint64_t t0 = now_ms();
+	td_start_ready(b, (const char *const[]){ "-c", b->cfg, "-s", b->seg,
+						 kind == CLEAN_RESTART ? "-v" : "--replace", NULL });
+	uint64_t ready = now_ms() - t0, seen = 0, in_b = 0;
+	while ((in_b = total_in(b->seg, "follow.subject")) == 0 && now_ms() - t0 < 5000)
+		tt_sleep_ms(5);
+	seen = now_ms() - t0;
+	cr_assert_gt(in_b, 0, "%s: the new owner never got a sample from the router; its log:\n%s",
+		     names[kind], td_logtext(b));
+	tt_sleep_ms(200);
+	atomic_store(&f.stop, true);
+	pthread_join(f.th, NULL);
+	tally_producer_counters(f.r.p, &c);
+	cr_expect_eq(c.moves, 1, "%s: moves %llu", names[kind], (unsigned long long)c.moves);
+	cr_expect_eq(c.dropped, 0);
+	cr_expect_gt(c.lost, 0, "records while no owner ran are counted lost");
+	cr_expect_geq(c.lost, atomic_load(&f.refused), "every refused record is counted");
+	/* tally stat shows the loss for the new slot */
+	struct tally_segment *rs = NULL;
+	struct tally_producer_stats ps[4];
+	cr_assert_eq(tally_segment_open(b->seg, TALLY_OPEN_READER, 1000, &rs), 0);
+	int n = tally_read_producers(rs, ps, 4);
+	cr_assert_eq(n, 1, "producers in the new segment: %d", n);
+	cr_expect_eq(ps[0].moves, 1);
+	cr_expect_eq(ps[0].pid, getpid());
+	tally_segment_close(&rs);
+	rec_close(&f.r);
+	tt_sleep_ms(100); /* the new owner drains what the handle left */
+	in_b = total_in(b->seg, "follow.subject");
+	uint64_t ok = atomic_load(&f.ok), left = c.lost - atomic_load(&f.refused);
+	/* refused = lost while no owner ran; the rest of lost is what the
+	 * old ring held when the handle moved */
+	if (kind != KILL_AND_REPLACE) /* a stopped owner published its last drain: exact */
+		cr_expect_eq(in_a + in_b + left, ok, "%s: %llu + %llu drained + %llu left in the "
+			     "old ring != %llu recorded", names[kind], (unsigned long long)in_a,
+			     (unsigned long long)in_b, (unsigned long long)left, (unsigned long long)ok);
+	else
+		cr_expect_leq(in_a + in_b + left, ok);
+	fprintf(stderr, "counters: recorded %llu dropped %llu lost %llu moves %llu; ok %llu refused %llu\n",
+		(unsigned long long)c.recorded, (unsigned long long)c.dropped, (unsigned long long)c.lost,
+		(unsigned long long)c.moves, (unsigned long long)ok, (unsigned long long)atomic_load(&f.refused));
+	fprintf(stderr, "follow (%s): new owner ready %llu ms after start, first sample visible "
+		"%llu ms after start; %llu recorded, %llu + %llu drained by the two owners, %llu "
+		"lost (%llu refused while no owner ran, %llu left in the old ring)\n", names[kind],
+		(unsigned long long)ready, (unsigned long long)seen, (unsigned long long)ok,
+		(unsigned long long)in_a, (unsigned long long)in_b, (unsigned long long)c.lost,
+		(unsigned long long)atomic_load(&f.refused), (unsigned long long)left);
+	a->seg[0] = '\0';
+	td_cleanup(a);
+	td_cleanup(b);
+}
+
+Test(tallyd, producers_follow_a_clean_restart)
+{
+	producers_follow(CLEAN_RESTART);
+}
+
+Test(tallyd, producers_follow_a_killed_owner_replaced)
+{
+	producers_follow(KILL_AND_REPLACE);
+}
+
+Test(tallyd, producers_follow_a_kept_segment_replaced)
+{
+	producers_follow(KEEP_AND_REPLACE);
 }

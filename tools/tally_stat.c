@@ -305,12 +305,17 @@ static void print_producers(const struct cli_view *v)
 	printf("\nPRODUCERS (%d of %u slots in use)\n", v->nproducers, v->info.config.producer_slots);
 	if (!v->nproducers)
 		return;
-	printf("  %4s %8s %8s %-9s %12s %10s %6s\n", "SLOT", "PID", "TID", "STATE", "SAMPLES",
-	       "DROPPED", "ALIVE");
+	printf("  %4s %8s %8s %-9s %12s %10s %10s %6s\n", "SLOT", "PID", "TID", "STATE", "SAMPLES",
+	       "DROPPED", "LOST", "ALIVE");
 	for (int i = 0; i < v->nproducers; i++) {
 		const struct tally_producer_stats *p = &v->producers[i];
-		printf("  %4u %8d %8d %-9s %12" PRIu64 " %10" PRIu64 " %6s\n", p->slot, (int)p->pid,
-		       (int)p->tid, p->state, p->samples, p->dropped, p->alive ? "yes" : "no");
+		printf("  %4u %8d %8d %-9s %12" PRIu64 " %10" PRIu64 " %10" PRIu64 " %6s", p->slot,
+		       (int)p->pid, (int)p->tid, p->state, p->samples, p->dropped, p->lost,
+		       p->alive ? "yes" : "no");
+		if (p->moves)
+			printf("  (followed %" PRIu64 " owner restart%s; LOST: records in between)",
+			       p->moves, p->moves == 1 ? "" : "s");
+		putchar('\n');
 	}
 }
 
@@ -447,10 +452,12 @@ static json_t *json_subject(const struct cli_view *v, const struct cli_subject *
 
 static json_t *json_producer(const struct tally_producer_stats *p)
 {
-	return json_pack("{s:i, s:i, s:i, s:s, s:o, s:o, s:o, s:o, s:b}", "slot", (int)p->slot,
-			 "pid", (int)p->pid, "tid", (int)p->tid, "state", p->state,
-			 "samples", jint(p->samples), "dropped", jint(p->dropped),
-			 "clamped", jint(p->clamped), "backlog", jint(p->backlog), "alive", (int)p->alive);
+	return json_pack("{s:i, s:i, s:i, s:s, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:b}", "slot",
+			 (int)p->slot, "pid", (int)p->pid, "tid", (int)p->tid, "state", p->state,
+			 "generation", jint(p->generation), "samples", jint(p->samples),
+			 "dropped", jint(p->dropped), "clamped", jint(p->clamped),
+			 "backlog", jint(p->backlog), "lost", jint(p->lost), "moves", jint(p->moves),
+			 "alive", (int)p->alive);
 }
 
 static json_t *json_consumer(const struct tally_consumer_stats *c)

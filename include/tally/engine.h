@@ -170,6 +170,8 @@ struct tally_producer_stats {
 	uint64_t dropped;   /* ring full, since the segment was created */
 	uint64_t clamped;
 	uint64_t backlog;   /* published and not yet drained */
+	uint64_t lost;      /* the claimer's records lost to owner restarts before it came here */
+	uint64_t moves;     /* owner restarts the claimer's handle followed */
 	bool alive;         /* active and its process exists (pid + start time) */
 };
 

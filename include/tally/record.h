@@ -20,6 +20,20 @@
  *
  * Life of a handle. tally_producer_attach() leases a slot; the lease
  * ends with tally_producer_detach() or with the death of the process.
+ *
+ * Owner restarts. When the segment's owner stops or dies and a new owner
+ * (a restarted tallyd) creates a segment of the same name, every handle
+ * of this process follows it: a watcher thread (one per segment opened
+ * for producing, checking every 200 ms) notices, and each handle moves to
+ * a slot of the new segment on its next record (or heartbeat). Subject
+ * ids stay the caller's: they are translated to the new segment's, each
+ * name interned there on its first record (a lookup more per record from
+ * then on; reopen the segment to drop it). What could not be recorded in
+ * between (records while no owner ran, and what the dead owner left
+ * undrained in the old ring) is lost, counted in the handle's counters
+ * (lost, moves) and shown by `tally stat` for the new slot. The caller's
+ * segment handle stays the old one: reads through it (tally_read_subject)
+ * report the old owner dead; readers reopen by name.
  * A thread that exits without detaching keeps its slot leased while the
  * process lives (its handle may have moved on): a thread that wants its
  * slot back at exit uses tally_producer_local() instead, whose handle is
@@ -61,19 +75,23 @@ struct tally_ring_entry {
 struct tally_producer {
 	struct tally_ring_entry *ring; /* slot's ring in the segment */
 	uint64_t mask;                 /* capacity - 1 */
-	uint64_t capacity;
+	uint64_t capacity;             /* 0 sends every record to the slow path (atomic: the
+				        * library's watcher may store it from another thread) */
 	uint64_t tail;                 /* next position to write (private copy) */
 	uint64_t cached_head;          /* last head seen: refreshed only when the ring looks full */
 	uint64_t *shm_tail;            /* published tail, read by the aggregator */
 	const uint64_t *shm_head;      /* consumer position, written by the aggregator */
 	uint64_t max_value_ns;
+	const void *remap;             /* NULL, or ids to translate: the handle follows a new owner */
 };
 
 /*
- * Claim a producer slot for the calling thread. 0 and *out, or -EROFS (a
- * read-only handle), TALLY_EFULL (every slot taken: raise producer_slots),
- * TALLY_EOWNERDEAD, -ENOMEM. Lock-free (one CAS per slot tried); does not
- * block. Thread-safe.
+ * Lease a producer slot. 0 and *out, or -EROFS (a read-only handle),
+ * TALLY_EFULL (every slot taken: raise producer_slots), TALLY_EOWNERDEAD,
+ * -ENOMEM. One CAS per slot tried, a read of /proc/self/stat and a
+ * process-wide mutex held for a few instructions (the registry of
+ * handles); starts the segment's watcher thread on the first attach
+ * (see "Owner restarts"). Never waits for the owner. Thread-safe.
  */
 TALLY_API int tally_producer_attach(struct tally_segment *seg, struct tally_producer **out);
 
@@ -112,32 +130,31 @@ struct tally_producer_counters {
 	uint64_t recorded; /* samples stored in the ring by this handle */
 	uint64_t dropped;  /* samples lost to a full ring */
 	uint64_t clamped;  /* values above max_value_ns */
-	uint64_t lost;     /* samples refused because the handle was revoked */
-	uint32_t slot;     /* slot index in the segment */
+	uint64_t lost;     /* samples refused (revoked; no live owner) or left undrained by a dead owner */
+	uint64_t moves;    /* owner restarts this handle followed to a new segment */
+	uint32_t slot;     /* slot index in the segment it records into now */
 	bool revoked;      /* the lease ended under the handle */
 };
 /* This handle's own counters. Call from the owning thread. */
 TALLY_API void tally_producer_counters(const struct tally_producer *p,
 				       struct tally_producer_counters *out);
 
-/* Slow paths of tally_record(); exported only for the inline below. */
+/* Slow paths of tally_record(); exported only for the inlines below. */
 TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subject, uint64_t ns);
-TALLY_API uint64_t tally__record_clamp(struct tally_producer *p, uint64_t ns);
+TALLY_API bool tally__record_clamped(struct tally_producer *p, tally_subject_t subject, uint64_t ns);
+TALLY_API bool tally__record_remapped(struct tally_producer *p, tally_subject_t subject, uint64_t ns);
 
-/*
- * Record one latency for subject. Returns true if stored, false if dropped
- * (ring full; counted). Wait-free; owning thread only. subject is not
- * checked here: an id that is not in the table is counted as rejected by
- * the aggregator, never written anywhere but this producer's own ring.
- */
-static inline bool tally_record(struct tally_producer *p, tally_subject_t subject, uint64_t ns)
+/* The record path proper, for a subject id of the segment the slot is in. */
+static inline bool tally__record_raw(struct tally_producer *p, tally_subject_t subject, uint64_t ns)
 {
 	uint64_t t = p->tail;
 
-	if (__builtin_expect(t - p->cached_head >= p->capacity, 0))
+	/* Relaxed load: a plain move; the library may zero capacity from
+	 * another thread to send us to the slow path (see above). */
+	if (__builtin_expect(t - p->cached_head >= __atomic_load_n(&p->capacity, __ATOMIC_RELAXED), 0))
 		return tally__record_full(p, subject, ns);
 	if (__builtin_expect(ns > p->max_value_ns, 0))
-		ns = tally__record_clamp(p, ns);
+		return tally__record_clamped(p, subject, ns);
 	struct tally_ring_entry *e = &p->ring[t & p->mask];
 	e->value_ns = ns;
 	e->subject = subject;
@@ -147,6 +164,22 @@ static inline bool tally_record(struct tally_producer *p, tally_subject_t subjec
 	 * acquire). On x86 this is a plain store; no fence is emitted. */
 	__atomic_store_n(p->shm_tail, t + 1, __ATOMIC_RELEASE);
 	return true;
+}
+
+/*
+ * Record one latency for subject. Returns true if stored, false if dropped
+ * (ring full; counted) or lost (no owner to record to: counted, see "Life
+ * of a handle"). Wait-free; owning thread only. subject is not checked
+ * here: an id that is not in the table is counted as rejected by the
+ * aggregator, never written anywhere but this producer's own ring. After
+ * the handle followed a new owner, ids are translated to the new
+ * segment's (one lookup more, out of line).
+ */
+static inline bool tally_record(struct tally_producer *p, tally_subject_t subject, uint64_t ns)
+{
+	if (__builtin_expect(p->remap != NULL, 0))
+		return tally__record_remapped(p, subject, ns);
+	return tally__record_raw(p, subject, ns);
 }
 
 /* CLOCK_MONOTONIC in ns: through the vDSO, no syscall (about 20 ns). */

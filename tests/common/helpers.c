@@ -127,7 +127,7 @@ void tt_slot_view(struct tally_segment *seg, uint32_t i, struct tt_slot_view *o)
 
 	o->state = tally__lease_state(lease);
 	o->generation = tally__lease_gen(lease);
-	o->pid = atomic_load(&s->ctl.pid);
+	o->pid = (int32_t)(uint32_t)atomic_load(&s->ctl.ident);
 	o->tid = atomic_load(&s->ctl.tid);
 	o->tail = atomic_load(&s->tail);
 	o->head = atomic_load(&s->head);

@@ -202,9 +202,9 @@ static void fields_subjects_slots(const struct tally_segment *seg)
 	for (uint32_t i = 0; i < seg->nslots; i++) {
 		uint64_t b = seg->slots.off + (uint64_t)i * seg->slot_stride;
 		F(b, struct tally__slot, ctl.lease);
-		F(b, struct tally__slot, ctl.pid);
+		F(b, struct tally__slot, ctl.ident);
 		F(b, struct tally__slot, ctl.tid);
-		F(b, struct tally__slot, ctl.start_time);
+		F(b, struct tally__slot, ctl.birth);
 		F(b, struct tally__slot, ctl.base);
 		F(b, struct tally__slot, tail);
 		F(b, struct tally__slot, head);
@@ -310,7 +310,7 @@ static void populate(struct tally_segment *seg)
 	}
 	struct tally__slot *s = tally__seg_slot(seg, 0);
 	atomic_store(&s->ctl.lease, tally__lease(1, TALLY__SLOT_ACTIVE));
-	atomic_store(&s->ctl.pid, (int32_t)getpid());
+	atomic_store(&s->ctl.ident, tally__ident(1, (int32_t)getpid()));
 	atomic_store(&s->ctl.tid, (int32_t)getpid());
 	atomic_store(&s->tail, 70);
 	atomic_store(&s->head, 10);
