@@ -68,6 +68,26 @@ uint32_t tally__subject_table_size(uint32_t capacity)
 	return n;
 }
 
+TALLY_API size_t tally_utf8_seq(const unsigned char *s, size_t n)
+{
+	if (n == 0)
+		return 0;
+	unsigned char c = s[0];
+	if (c < 0x80)
+		return 1;
+	size_t len = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 ? 2 : 0;
+
+	if (len == 0 || c > 0xf4 || len > n)
+		return 0;
+	for (size_t i = 1; i < len; i++)
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+	if ((c == 0xe0 && s[1] < 0xa0) || (c == 0xed && s[1] >= 0xa0) || (c == 0xf0 && s[1] < 0x90) ||
+	    (c == 0xf4 && s[1] >= 0x90))
+		return 0;
+	return len;
+}
+
 static int check_token(const char *tok, size_t n, bool last, bool allow_wildcards,
 		       size_t at, char *why, size_t why_len)
 {
@@ -90,6 +110,20 @@ static int check_token(const char *tok, size_t n, bool last, bool allow_wildcard
 			snprintf(why, why_len, "%s byte 0x%02x at byte %zu", c == ' ' ? "space" : "control",
 				 c, at + i);
 			return TALLY_EBADNAME;
+		}
+		if (c >= 0x80) { /* UTF-8: one whole sequence, and no C1 control */
+			size_t len = tally_utf8_seq((const unsigned char *)tok + i, n - i);
+			if (len == 0) {
+				snprintf(why, why_len, "byte 0x%02x at byte %zu is not valid UTF-8", c, at + i);
+				return TALLY_EBADNAME;
+			}
+			if (c == 0xc2 && (unsigned char)tok[i + 1] < 0xa0) {
+				snprintf(why, why_len, "control character U+%04X at byte %zu",
+					 (unsigned char)tok[i + 1], at + i);
+				return TALLY_EBADNAME;
+			}
+			i += len - 1;
+			continue;
 		}
 		if (c == '*' || c == '>') {
 			snprintf(why, why_len, "'%c' at byte %zu is not a whole token", c, at + i);

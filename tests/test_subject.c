@@ -47,6 +47,32 @@ Test(subject, invalid_names_say_why)
 	cr_expect_eq(tally_subject_validate(longname, false), TALLY_EBADNAME, "256 bytes is too long");
 }
 
+/* A subject that is not valid UTF-8 broke every export (Prometheus
+ * rejected the scrape, JSON lost the name): refused at intern, saying why. */
+Test(subject, not_utf8_or_control_is_refused)
+{
+	static const char *const bad[] = {
+		"q.\xff", "q.\xc3", "q.\xc0\xaf" /* overlong '/' */, "q.\xed\xa0\x80" /* surrogate */,
+		"q.\xf4\x90\x80\x80" /* above U+10FFFF */, "q.\xc2\x85" /* C1 NEL */, "q.a\x7f",
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		cr_expect_eq(tally_subject_validate(bad[i], false), TALLY_EBADNAME, "accepted case %zu", i);
+		cr_expect(strstr(tally_errmsg(), "UTF-8") || strstr(tally_errmsg(), "control"),
+			  "case %zu: %s", i, tally_errmsg());
+	}
+	cr_expect_eq(tally_subject_validate("q.caf\xc3\xa9", false), 0, "%s", tally_errmsg());
+	cr_expect_eq(tally_subject_validate("q.\xe6\x97\xa5\xe6\x9c\xac", false), 0);
+	cr_expect_eq(tally_subject_validate("q.\xf0\x9f\x98\x80", false), 0);
+	struct tally_segment_config cfg;
+	struct tally_segment *seg;
+	tally_subject_t id;
+	tt_config(&cfg);
+	cr_assert_eq(tally_segment_create(tt_segname("utf8"), &cfg, 0, &seg), 0);
+	cr_expect_eq(tally_subject_intern(seg, "q.\xff", &id), TALLY_EBADNAME);
+	cr_expect(strstr(tally_errmsg(), "not valid UTF-8"), "%s", tally_errmsg());
+	tally_segment_close(&seg);
+}
+
 Test(subject, wildcard_patterns)
 {
 	cr_expect_eq(tally_subject_validate("a.*", true), 0);

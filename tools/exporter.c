@@ -22,6 +22,7 @@
 #include <time.h>
 
 #include "exporter.h"
+#include "text.h"
 
 /* ---- the metric table ---- */
 
@@ -99,10 +100,15 @@ __attribute__((format(printf, 2, 3))) static void bprintf(struct buf *b, const c
 	b->len += (size_t)n;
 }
 
-/* A label value with \\, \" and \n escaped (text format 0.0.4). */
-static void bescape(struct buf *b, const char *s)
+/* A label value with \\, \" and \n escaped (text format 0.0.4), and
+ * valid UTF-8 whatever the segment held (Prometheus rejects the whole
+ * scrape otherwise): invalid bytes and controls become U+FFFD. */
+static void bescape(struct buf *b, const char *in)
 {
-	for (; *s; s++) {
+	char clean[4 * 256];
+
+	text_utf8_clean(in, clean, sizeof(clean));
+	for (const char *s = clean; *s; s++) {
 		if (*s == '\\')
 			bputs(b, "\\\\", 2);
 		else if (*s == '"')

@@ -25,6 +25,7 @@
 #include <jansson.h>
 
 #include "cli.h"
+#include "text.h"
 
 /* ---- reading ------------------------------------------------------------------ */
 
@@ -372,9 +373,19 @@ static json_t *jns(bool has, uint64_t v)
 	return has ? jint(v) : json_null();
 }
 
+/* A JSON string that is valid UTF-8 whatever the segment held (jansson
+ * refuses invalid UTF-8, which would drop the field): see text.h. */
+static json_t *jtext(const char *s)
+{
+	char clean[4 * 256];
+
+	text_utf8_clean(s, clean, sizeof(clean));
+	return json_string(clean);
+}
+
 static json_t *jstr_or_null(const char *s)
 {
-	return s && *s ? json_string(s) : json_null();
+	return s && *s ? jtext(s) : json_null();
 }
 
 static const char *pending_source_name(uint32_t src)
@@ -421,7 +432,7 @@ static json_t *json_subject(const struct cli_view *v, const struct cli_subject *
 	uint64_t mono = v->now_mono_ns;
 	json_t *o = json_object();
 
-	json_object_set_new(o, "name", json_string(s->name));
+	json_object_set_new(o, "name", jtext(s->name));
 	json_object_set_new(o, "count", jint(st->count));
 	json_object_set_new(o, "rate", json_real(st->rate));
 	json_object_set_new(o, "mean_ns", has ? json_real(st->mean) : json_null());

@@ -137,9 +137,17 @@ TALLY_API int tally_segment_owner_alive(const struct tally_segment *seg);
  * 0 if subject is a valid NATS subject; with allow_wildcards, '*' and '>'
  * tokens are accepted as in a subscription pattern ('>' only last).
  * Otherwise TALLY_EBADNAME and tally_errmsg() says which byte or token is
- * wrong. Pure function, thread-safe.
+ * wrong. Subjects are valid UTF-8 with no control character (C0, DEL or
+ * C1): exports (Prometheus labels, JSON) need that, and a subject that
+ * is not is refused here and at intern. Pure function, thread-safe.
  */
 TALLY_API int tally_subject_validate(const char *subject, bool allow_wildcards);
+
+/* Length (1..4) of the valid UTF-8 sequence at s, looking at no more than
+ * n bytes, or 0 if there is none (a stray or cut byte, an overlong form,
+ * a surrogate, above U+10FFFF: RFC 3629). The rule subjects are held to;
+ * for tools that must clean text the same way. Pure. */
+TALLY_API size_t tally_utf8_seq(const unsigned char *s, size_t n);
 
 /* 1 if the NATS pattern (with '*'/'>') matches subject, else 0. Pure. */
 TALLY_API int tally_subject_match(const char *pattern, const char *subject);
