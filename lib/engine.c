@@ -311,8 +311,10 @@ static void pending_gather(struct tally_engine *e)
 	const void *sec = tally__seg_section(seg, &seg->pending);
 
 	e->npviews = 0;
+	/* The owner's capacity, never the section header's (producers can write it). */
 	for (uint32_t i = 0; i < seg->pending_cap; i++)
-		if (tally__pending_read_entry(sec, seg->pending.size, i, &e->pviews[e->npviews]) == 0)
+		if (tally__pending_read_entry_cap(sec, seg->pending.size, seg->pending_cap, i,
+						  &e->pviews[e->npviews]) == 0)
 			e->npviews++;
 }
 
