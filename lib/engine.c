@@ -599,7 +599,13 @@ static void *aggregator_main(void *arg)
 			sleep_us(e->cfg.drain_interval_us);
 	}
 	now = tally__mono_ns();
-	while (drain_all(e, now))
+	/* What was published before the stop, not what producers keep
+	 * publishing after it: a ring holds at most ring_cap entries and a
+	 * pass takes up to DRAIN_BATCH of each, so this many passes empty every
+	 * ring once. Unbounded, a producer keeping its ring full (flat out, or
+	 * hostile: it owns its tail) would keep stop from ever returning. */
+	for (uint64_t pass = 0, passes = e->seg->ring_cap / DRAIN_BATCH + 2;
+	     pass < passes && drain_all(e, now); pass++)
 		;
 	advance_all(e, now);
 	publish(e, now);

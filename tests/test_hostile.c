@@ -27,6 +27,10 @@
  *    publish counter advances after the scribble, stop returns, every
  *    child exits 0 (an ASan report or a crash in a child makes it exit
  *    non-zero), every reader result is an error or sane.
+ *  - stop_while_flooded: a producer process keeps every ring full (each
+ *    slot's state active, tail = head + capacity, again as soon as the
+ *    owner consumes): the owner keeps publishing, and tally_engine_stop
+ *    returns (its final drain is bounded).
  *  - field_{hdr,snap,pending}: for each field of struct tally__shm_hdr
  *    (each section's off and size too), the snapshot section header's
  *    magic, nentries, entry_size and seq, and each pending section header
@@ -628,6 +632,84 @@ Test(hostile, scribble_random_before) { scribble_before(M_RANDOM, "hr-b"); }
 Test(hostile, scribble_zeros_running) { scribble_running(M_ZERO, "hz-r"); }
 Test(hostile, scribble_ones_running) { scribble_running(M_ONES, "hf-r"); }
 Test(hostile, scribble_random_running) { scribble_running(M_RANDOM, "hr-r"); }
+
+/* ---- a producer that never lets the rings drain ---------------------------------------- */
+
+/* Marks every slot active and keeps each ring full: tail = head + capacity,
+ * again as soon as the owner consumes. */
+_Noreturn static void kid_flooder(struct world *w)
+{
+	struct tally_segment *seg = NULL;
+
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	if (tally_segment_open(w->name, TALLY_OPEN_PRODUCER, 1000, &seg))
+		_exit(2);
+	/* entries of a real subject, as a producer recording flat out leaves them */
+	for (uint32_t i = 0; i < seg->nslots; i++)
+		for (uint32_t k = 0; k < seg->ring_cap; k++)
+			tally__seg_slot(seg, i)->ring[k] = (struct tally_ring_entry){ .subject = w->ids[0],
+										       .value_ns = 1000 + k };
+	atomic_store(&w->pg->ready_scribble, 1);
+	while (!atomic_load(&w->pg->stop)) {
+		for (uint32_t i = 0; i < seg->nslots; i++) {
+			struct tally__slot *s = tally__seg_slot(seg, i);
+			atomic_store_explicit(&s->ctl.state, TALLY__SLOT_ACTIVE, memory_order_relaxed);
+			atomic_store_explicit(&s->tail, atomic_load(&s->head) + seg->ring_cap,
+					      memory_order_release);
+		}
+		atomic_fetch_add(&w->pg->passes, 1);
+	}
+	tally_segment_close(&seg);
+	_exit(0);
+}
+
+struct stopper {
+	struct tally_engine *eng;
+	_Atomic int done;
+};
+
+static void *stop_thread(void *arg)
+{
+	struct stopper *st = arg;
+
+	tally_engine_stop(&st->eng);
+	atomic_store(&st->done, 1);
+	return NULL;
+}
+
+/* Stop drains what was published before it, not what a producer keeps
+ * publishing after: it returns even while every ring is kept full. */
+Test(hostile, stop_while_flooded)
+{
+	struct tally_engine_config ec;
+	struct stopper st = { 0 };
+	struct world w;
+	pthread_t t;
+
+	world_create(&w, "hflood");
+	engine_cfg(&ec);
+	fflush(NULL);
+	if ((w.kid_scribble = fork()) == 0)
+		kid_flooder(&w);
+	wait_flag(&w.pg->ready_scribble, 5000, "the flooding process");
+	cr_assert_eq(tally_engine_start(w.seg, &ec, &w.eng), 0);
+	tt_sleep_ms(30);
+	expect_publishing(w.eng, 3, "while every ring is kept full");
+	cr_assert_gt(atomic_load(&w.pg->passes), 1);
+	st.eng = w.eng;
+	w.eng = NULL;
+	cr_assert_eq(pthread_create(&t, NULL, stop_thread, &st), 0);
+	uint64_t end = mono_ms() + 5000;
+	while (!atomic_load(&st.done) && mono_ms() < end)
+		tt_sleep_ms(2);
+	cr_assert(atomic_load(&st.done), "tally_engine_stop did not return within 5 s while rings were flooded");
+	pthread_join(t, NULL);
+	atomic_store(&w.pg->stop, 1);
+	expect_kid_ok(&w, w.kid_scribble, "flooding process");
+	tally_segment_close(&w.rd);
+	tally_segment_close(&w.seg);
+	munmap(w.pg, sizeof(*w.pg));
+}
 
 /* ---- one geometry field at a time ----------------------------------------------------- */
 
