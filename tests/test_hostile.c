@@ -37,7 +37,10 @@
  *    field, the values 0, 1, 1<<24 and the type's maximum, written through
  *    a separate TALLY_OPEN_PRODUCER mapping: once while the engine runs
  *    (it must keep publishing, readers must stay sane), then once before
- *    each engine start, and for pending fields before a poller start too.
+ *    each engine start, and for pending fields before a poller start too:
+ *    the poller must start (it sizes the table from the owner's
+ *    configuration) and the watched consumer must still reach the
+ *    owner's verdicts (pending_consumers, source never).
  *
  * TALLY_HOSTILE_SEED replays the random cases (the seed is printed).
  * Everything runs under ASan + UBSan in CI (make check in an ASan build).
