@@ -264,6 +264,10 @@ void tally__slots_reap(struct tally_segment *seg, uint64_t now, struct tally__re
 				atomic_store_explicit(&s->ctl.reaper_seen_ns, 0, memory_order_relaxed);
 			continue;
 		default:
+			/* No producer leaves a state outside the enum: a scribbled
+			 * slot. Taken back like a dead producer's, after the cool-off. */
+			if (state > TALLY__SLOT_COOLING)
+				move(s, state, TALLY__SLOT_COOLING, now);
 			break;
 		}
 	}
