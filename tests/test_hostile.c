@@ -27,8 +27,8 @@
  *    publish counter advances after the scribble, stop returns, every
  *    child exits 0 (an ASan report or a crash in a child makes it exit
  *    non-zero), every reader result is an error or sane.
- *  - stop_while_flooded: a producer process keeps every ring full (each
- *    slot's state active; as soon as the owner consumes, the tail moves to
+ *  - stop_while_flooded: a producer process keeps every ring full (it
+ *    attaches to every slot; as soon as the owner consumes, the tail moves to
  *    head + capacity or the head back to tail - capacity): the owner keeps
  *    publishing, and tally_engine_stop returns (its final drain is
  *    bounded).
@@ -656,17 +656,24 @@ Test(hostile, scribble_random_running) { scribble_running(M_RANDOM, "hr-r"); }
 
 /* ---- a producer that never lets the rings drain ---------------------------------------- */
 
-/* Marks every slot active and keeps each ring full as soon as the owner
+/* Attaches a producer to every slot and keeps each ring full as soon as the owner
  * consumes: the tail moved to head + capacity, or the head moved back to
  * tail - capacity (a stop that drains "up to the tails it saw" is not
  * bounded by that alone: the head is the producer's to write too). */
 _Noreturn static void kid_flooder(struct world *w)
 {
 	struct tally_segment *seg = NULL;
+	struct tally_producer *p[64] = { 0 };
+	uint32_t np = 0;
 
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
 	if (tally_segment_open(w->name, TALLY_OPEN_PRODUCER, 1000, &seg))
 		_exit(2);
+	/* every slot claimed the ordinary way, so the owner drains them all */
+	while (np < 64 && tally_producer_attach(seg, &p[np]) == 0)
+		np++;
+	if (np != seg->nslots)
+		_exit(4);
 	/* entries of a real subject, as a producer recording flat out leaves them */
 	for (uint32_t i = 0; i < seg->nslots; i++)
 		for (uint32_t k = 0; k < seg->ring_cap; k++)
@@ -677,7 +684,6 @@ _Noreturn static void kid_flooder(struct world *w)
 		for (uint32_t i = 0; i < seg->nslots; i++) {
 			struct tally__slot *s = tally__seg_slot(seg, i);
 			uint64_t h = atomic_load(&s->head), t = atomic_load(&s->tail);
-			atomic_store_explicit(&s->ctl.state, TALLY__SLOT_ACTIVE, memory_order_relaxed);
 			if (t - h == seg->ring_cap)
 				continue;
 			/* Refill: a tail moved ahead, or (head is in the segment too)
@@ -689,6 +695,8 @@ _Noreturn static void kid_flooder(struct world *w)
 		}
 		atomic_fetch_add(&w->pg->passes, 1);
 	}
+	while (np)
+		tally_producer_detach(&p[--np]);
 	tally_segment_close(&seg);
 	_exit(0);
 }
