@@ -110,7 +110,7 @@ static bool side_start(struct side *sd, const char *url, const char *stream, int
 	}
 	cfg.watches = w;
 	cfg.nwatches = n;
-	rc = tally__poller_start(&cfg, sd->section, len, &sd->p);
+	rc = tally__poller_start(&cfg, sd->section, len, (uint32_t)consumers + 8, &sd->p);
 	free(w);
 	free(names);
 	if (rc < 0)

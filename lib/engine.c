@@ -222,8 +222,10 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 		n = DRAIN_BATCH;
 	for (uint64_t k = 0; k < n; k++) {
 		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
-		uint32_t id = r->subject;
-		uint64_t v = r->value_ns;
+		/* One load each (a plain mov on x86): id is checked and then used
+		 * as an index, and the producer may rewrite the entry meanwhile. */
+		uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
+		uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
 		struct subject_state *st = id < seg->table_size ? e->subjects[id] : NULL;
 
 		if (TALLY__UNLIKELY(!st) && (id >= seg->table_size || !(st = subject_new(e, id, now)))) {
@@ -371,8 +373,8 @@ static void pending_gather(struct tally_engine *e)
 	for (uint32_t i = 0; i < seg->pending_cap; i++) {
 		/* a few entries held by a writer cost full retries; past that
 		 * (a scribbled table) each gets two, so a publish stays short */
-		int rc = tally__pending_read_entry_tries(sec, seg->pending.size, i, &v,
-							 failed < 4 ? TALLY__PENDING_READ_TRIES : 2);
+		int rc = tally__pending_read_entry_cap(sec, seg->pending.size, seg->pending_cap, i, &v,
+						       failed < 4 ? TALLY__PENDING_READ_TRIES : 2);
 		failed += rc != 0 && rc != -ENOENT;
 		if (rc == 0) {
 			e->pviews[i] = v;

@@ -56,21 +56,31 @@ int tally__pending_init(void *section, size_t len, uint32_t capacity)
 	return 0;
 }
 
+/* One load of a header word. Every producer maps the section writable, so
+ * a word may change between two plain reads of it; each is read once, and
+ * only the copy is checked and used. */
+static uint32_t hdr_word(const uint32_t *w)
+{
+	return __atomic_load_n(w, __ATOMIC_RELAXED);
+}
+
 int tally__pending_check(const void *section, size_t len)
 {
 	const struct tally__pending_header *h = section;
 
 	if (!section || len < sizeof(*h))
 		return -EBADMSG;
-	if (h->magic != TALLY__PENDING_MAGIC || h->version != TALLY__PENDING_VERSION ||
-	    h->header_size != sizeof(struct tally__pending_header) ||
-	    h->breaker_size != sizeof(struct tally__pending_breaker) ||
-	    h->entry_size != sizeof(struct tally__pending_entry))
+	uint32_t capacity = hdr_word(&h->capacity);
+	uint64_t section_size = __atomic_load_n(&h->section_size, __ATOMIC_RELAXED);
+	if (hdr_word(&h->magic) != TALLY__PENDING_MAGIC || hdr_word(&h->version) != TALLY__PENDING_VERSION ||
+	    hdr_word(&h->header_size) != sizeof(struct tally__pending_header) ||
+	    hdr_word(&h->breaker_size) != sizeof(struct tally__pending_breaker) ||
+	    hdr_word(&h->entry_size) != sizeof(struct tally__pending_entry))
 		return -EBADMSG;
-	if (h->capacity == 0 || h->capacity > TALLY__PENDING_MAX_CAPACITY ||
-	    h->section_size != tally__pending_section_size(h->capacity) || h->section_size > len)
+	if (capacity == 0 || capacity > TALLY__PENDING_MAX_CAPACITY ||
+	    section_size != tally__pending_section_size(capacity) || section_size > len)
 		return -EBADMSG;
-	return (int)h->capacity;
+	return (int)capacity;
 }
 
 struct tally__pending_entry *tally__pending_entry_at(void *section, uint32_t idx)
@@ -293,14 +303,14 @@ int tally__pending_read_entry(const void *section, size_t len, uint32_t idx,
 	return read_entry(entry_at_c(section, idx), out, true, TALLY__PENDING_READ_TRIES);
 }
 
-int tally__pending_read_entry_tries(const void *section, size_t len, uint32_t idx,
-				    struct tally__pending_view *out, int tries)
+int tally__pending_read_entry_cap(const void *section, size_t len, uint32_t capacity, uint32_t idx,
+				  struct tally__pending_view *out, int tries)
 {
-	int cap = tally__pending_check(section, len);
+	size_t need = tally__pending_section_size(capacity);
 
-	if (cap < 0)
-		return cap;
-	if (idx >= (uint32_t)cap)
+	if (!section || need == 0 || need > len)
+		return -EINVAL;
+	if (idx >= capacity)
 		return -ERANGE;
 	return read_entry(entry_at_c(section, idx), out, true, tries < 1 ? 1 : tries);
 }

@@ -18,8 +18,11 @@
  * which the sequence check discards, but never performs a data race.
  *
  * Readers trust nothing: magic, version, entry and block sizes and the
- * capacity are checked against the mapped length (-EBADMSG), strings must
- * be NUL-terminated within their field, enums within range.
+ * capacity are checked against the mapped length (-EBADMSG), each header
+ * word read once, strings must be NUL-terminated within their field, enums
+ * within range. The owner (engine, poller) goes further: it takes the
+ * capacity from its own configuration and never reads the section header
+ * (tally__pending_read_entry_cap, tally__poller_start).
  *
  * Backlog for a subject (tally__pending_for_subject): every live entry
  * whose match pattern matches the subject contributes backlog = num_pending
@@ -201,9 +204,17 @@ int tally__pending_check(const void *section, size_t len);
 int tally__pending_read_entry(const void *section, size_t len, uint32_t idx,
 			      struct tally__pending_view *out);
 
-/* The same with a bound of its own on the tries (at least 1). */
-int tally__pending_read_entry_tries(const void *section, size_t len, uint32_t idx,
-				    struct tally__pending_view *out, int tries);
+/*
+ * The same for a caller that knows the capacity (the owner: its own
+ * configuration, validated when it created the segment). The section
+ * header is not read at all: every producer maps it writable, and a
+ * scribbled header must neither move the owner's reads nor hide the
+ * entries from it. Returns 0, -ENOENT, -ERANGE (idx >= capacity), -EINVAL
+ * (len too short for capacity: a bug of the caller), -EBADMSG (corrupt
+ * entry), -EAGAIN (after `tries` tries, at least 1).
+ */
+int tally__pending_read_entry_cap(const void *section, size_t len, uint32_t capacity, uint32_t idx,
+				  struct tally__pending_view *out, int tries);
 
 /* Consistent copy of the breaker block. Returns 0, -EBADMSG, -EAGAIN. */
 int tally__pending_read_breaker(const void *section, size_t len,

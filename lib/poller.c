@@ -1653,14 +1653,15 @@ static void first_state(struct tally__poller *p)
 }
 
 int tally__poller_start(const struct tally_poller_config *cfg, void *pending_section, size_t len,
-			struct tally__poller **out)
+			uint32_t capacity, struct tally__poller **out)
 {
 	struct tally__poller *p = NULL;
-	int cap = tally__pending_check(pending_section, len), rc;
+	size_t need = tally__pending_section_size(capacity);
+	int cap = (int)capacity, rc;
 
 	*out = NULL;
-	if (cap < 0)
-		return cap;
+	if (!pending_section || need == 0 || need > len)
+		return -EBADMSG;
 	rc = validate(cfg, (uint32_t)cap, NULL);
 	if (rc < 0)
 		return rc;

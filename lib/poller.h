@@ -78,15 +78,18 @@ struct tally__poller;
 int tally__poller_config_check(const struct tally_poller_config *cfg, char *why, size_t why_len);
 
 /*
- * Start polling into the pending section (formatted by tally__pending_init;
- * the poller becomes its only writer). Copies cfg. A server that is down
- * is not an error. Returns 0 and *out, or -EINVAL (bad config, logged),
- * -EBADMSG (section), -ENOSPC (more explicit pairs than entries), -ENOMEM,
+ * Start polling into the pending section (formatted by tally__pending_init
+ * for capacity entries; the poller becomes its only writer). capacity is
+ * the owner's own (its configuration), never the section header's: every
+ * producer maps that header writable, and the poller writes entries by
+ * index. Copies cfg. A server that is down is not an error. Returns 0 and
+ * *out, or -EINVAL (bad config, logged), -EBADMSG (len cannot hold
+ * capacity entries), -ENOSPC (more explicit pairs than entries), -ENOMEM,
  * or a pthread error. Does not block on the network: the thread (or the
  * first tally__poller_poll_once in manual mode) connects.
  */
 int tally__poller_start(const struct tally_poller_config *cfg, void *pending_section, size_t len,
-			struct tally__poller **out);
+			uint32_t capacity, struct tally__poller **out);
 
 /*
  * Stop the thread (waits for a poll in progress: at most about

@@ -41,7 +41,8 @@ TALLY_API int tally_poller_start(struct tally_segment *seg, const struct tally_p
 	if (!(p = calloc(1, sizeof(*p))))
 		return -ENOMEM;
 	p->seg = seg;
-	rc = tally__poller_start(cfg, tally__seg_section(seg, &seg->pending), seg->pending.size, &p->impl);
+	rc = tally__poller_start(cfg, tally__seg_section(seg, &seg->pending), seg->pending.size,
+				 seg->pending_cap, &p->impl);
 	if (rc) {
 		free(p);
 		if (rc == -ENOSPC)

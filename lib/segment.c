@@ -544,7 +544,11 @@ TALLY_API void tally_segment_close(struct tally_segment **segp)
 
 TALLY_API int tally_segment_owner_alive(const struct tally_segment *seg)
 {
-	if (!seg->is_owner && !still_ours(seg))
+	/* The owner's own handle: this process is the owner and it is running.
+	 * Not owner_state, which every producer can overwrite. */
+	if (seg->is_owner && getpid() == seg->owner_pid)
+		return 1;
+	if (!still_ours(seg))
 		return TALLY_EREPLACED;
 	if (atomic_load_explicit(&seg->hdr->owner_state, memory_order_acquire) != TALLY__OWNER_RUNNING)
 		return 0;

@@ -34,9 +34,12 @@ int tally__snapshot_check(const void *section, uint64_t len, uint32_t want_entri
 {
 	const struct tally__snap_hdr *h = section;
 
-	if (len < sizeof(*h) || h->magic != TALLY__SNAP_MAGIC || h->nentries != want_entries ||
-	    h->entry_size != sizeof(struct tally__snap_entry) ||
-	    tally__snapshot_section_size(h->nentries) > len)
+	/* Each word loaded once (producers map it writable); only the
+	 * caller's want_entries is ever used for geometry. */
+	if (len < sizeof(*h) || __atomic_load_n(&h->magic, __ATOMIC_RELAXED) != TALLY__SNAP_MAGIC ||
+	    __atomic_load_n(&h->nentries, __ATOMIC_RELAXED) != want_entries ||
+	    __atomic_load_n(&h->entry_size, __ATOMIC_RELAXED) != sizeof(struct tally__snap_entry) ||
+	    tally__snapshot_section_size(want_entries) > len)
 		return TALLY_ECORRUPT;
 	return 0;
 }

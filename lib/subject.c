@@ -377,7 +377,9 @@ TALLY_API int tally_subject_name(const struct tally_segment *seg, tally_subject_
 					   memory_order_acquire);
 	if (st != TALLY__SUBJ_READY)
 		return -ENOENT;
-	uint16_t n = e->len;
+	/* One load: the length is checked and then used for the copy, and any
+	 * producer may rewrite it in between (a plain read may be re-done). */
+	uint16_t n = __atomic_load_n(&e->len, __ATOMIC_RELAXED);
 	if (n == 0 || n > TALLY_SUBJECT_MAX)
 		return tally__fail(TALLY_ECORRUPT, "subject entry %u of segment \"%s\" has length %u",
 				   id, seg->name, n);

@@ -88,6 +88,7 @@ struct env {
 	jsCtx *js;
 	void *section;
 	size_t len;
+	uint32_t cap; /* entries the section was formatted for */
 	struct tally__poller *p;
 };
 
@@ -110,6 +111,7 @@ static void env_connect(struct env *e)
 static void env_section(struct env *e, uint32_t cap)
 {
 	e->len = tally__pending_section_size(cap);
+	e->cap = cap;
 	e->section = aligned_alloc(64, (e->len + 63) & ~(size_t)63);
 	cr_assert_not_null(e->section);
 	cr_assert_eq(tally__pending_init(e->section, e->len, cap), 0);
@@ -225,7 +227,7 @@ static struct tally__pending_breaker_view breaker(const struct env *e)
 
 static void start_poller(struct env *e, const struct tally_poller_config *cfg)
 {
-	int rc = tally__poller_start(cfg, e->section, e->len, &e->p);
+	int rc = tally__poller_start(cfg, e->section, e->len, e->cap, &e->p);
 
 	cr_assert_eq(rc, 0, "poller start: %d (%s)", rc, strerror(-rc));
 	cr_assert_not_null(e->p);
@@ -911,7 +913,7 @@ Test(poller, bad_configuration_is_rejected_with_a_reason)
 	cfg.watches = ok;
 	cr_assert_eq(tally__poller_config_check(&cfg, why, sizeof(why)), -EINVAL);
 	cr_assert(strstr(why, "1..127 bytes"), "%s", why);
-	cr_assert_eq(tally__poller_start(&cfg, e.section, e.len, &e.p), -EINVAL);
+	cr_assert_eq(tally__poller_start(&cfg, e.section, e.len, e.cap, &e.p), -EINVAL);
 	cr_assert_null(e.p);
 	ok[0].stream = "A";
 	cfg.js_domain = "hub";
@@ -919,7 +921,7 @@ Test(poller, bad_configuration_is_rejected_with_a_reason)
 	cr_assert_eq(tally__poller_config_check(&cfg, why, sizeof(why)), -EINVAL);
 	cfg.js_prefix = NULL;
 	cr_assert_eq(tally__poller_config_check(&cfg, why, sizeof(why)), 0);
-	cr_assert_eq(tally__poller_start(&cfg, e.section, 100, &e.p), -EBADMSG);
+	cr_assert_eq(tally__poller_start(&cfg, e.section, 100, e.cap, &e.p), -EBADMSG);
 	env_free(&e);
 }
 
