@@ -14,6 +14,7 @@
 #include "config.h"
 
 #include <criterion/criterion.h>
+#include <jansson.h>
 #include <nats/nats.h>
 #include <stdio.h>
 #include <string.h>
@@ -22,6 +23,7 @@
 #include "common/nats_server.h"
 
 #define MS 1000000ull
+#define TALLY_BIN TALLY_TEST_BUILDDIR "/tools/tally"
 
 struct bl {
 	struct tally_test_nats srv;
@@ -356,5 +358,38 @@ Test(backlog, wildcard_consumer_marks_its_rows_shared, .timeout = 60)
 	s = rd(&b, sent);
 	cr_expect(!s.pending_shared, "one consumer, one subject: not shared");
 	cr_expect_str_eq(s.pending_consumer, "BILLING/sent");
+
+	/* what an operator sees: tally stat --json, and the text table's mark */
+	char cmd[512], out[16384];
+	snprintf(cmd, sizeof(cmd), "%s -s %s stat --json", TALLY_BIN, b.name);
+	FILE *f = popen(cmd, "r");
+	cr_assert(f);
+	size_t len = fread(out, 1, sizeof(out) - 1, f);
+	out[len] = '\0';
+	cr_expect_eq(pclose(f), 0);
+	json_error_t jerr;
+	json_t *doc = json_loads(out, 0, &jerr);
+	cr_assert(doc, "%s: %s", jerr.text, out);
+	size_t i;
+	json_t *subj;
+	int seen = 0;
+	json_array_foreach(json_object_get(doc, "subjects"), i, subj) {
+		const char *nm = json_string_value(json_object_get(subj, "name"));
+		bool orders = nm && !strncmp(nm, "orders.", 7);
+		cr_expect(json_is_boolean(json_object_get(subj, "pending_shared")), "%s", nm);
+		cr_expect_eq(json_is_true(json_object_get(subj, "pending_shared")), orders, "%s", nm);
+		cr_expect_str_eq(json_string_value(json_object_get(subj, "pending_consumer")),
+				 orders ? "ORDERS/all" : "BILLING/sent");
+		seen++;
+	}
+	cr_expect_eq(seen, 3, "%s", out);
+	json_decref(doc);
+	snprintf(cmd, sizeof(cmd), "%s -s %s stat", TALLY_BIN, b.name);
+	f = popen(cmd, "r");
+	cr_assert(f);
+	len = fread(out, 1, sizeof(out) - 1, f);
+	out[len] = '\0';
+	pclose(f);
+	cr_expect(strstr(out, " 50*") && strstr(out, "* shared backlog"), "%s", out);
 	bl_stop(&b);
 }
