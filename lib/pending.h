@@ -50,10 +50,15 @@
  * Shared backlog. A consumer's num_pending counts every message of its
  * filter, not per subject: a consumer on "orders.>" gives its whole
  * backlog to orders.created and to orders.paid alike. The table cannot
- * split it (JetStream reports num_pending per consumer only; per-subject
- * counts exist only as a stream's message counts, STREAM.INFO with
- * subjects_filter, which for a limits or interest stream include messages
- * every consumer already acked, so they are not a backlog; see README).
+ * split it: JetStream reports num_pending per consumer only. Per-subject
+ * counts exist only as the stream's stored messages (STREAM.INFO with
+ * subjects_filter, state.subjects): under limits retention they include
+ * messages every consumer already acked; under interest retention they are
+ * what some consumer still holds; only under work-queue retention (one
+ * consumer per subject, messages removed on ack) are they that consumer's
+ * backlog per subject (num_pending + num_ack_pending). That one case could
+ * replace the approximation; it is not implemented (no STREAM.INFO
+ * request is made, and the table has no per-subject counts).
  * The engine therefore keeps the approximation "backlog of the subject =
  * backlog of the consumer" and says so: result.top is the entry that gave
  * the maximum, and a row whose top entry matches more than one subject
