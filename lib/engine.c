@@ -29,6 +29,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -135,6 +136,8 @@ struct tally_engine {
 	struct tally__pending_view *pviews; /* [pending_cap]: last good copy of each entry */
 	uint8_t *pvalid;                    /* [pending_cap]: pviews[i] holds a good copy */
 	uint32_t *pused;                    /* indexes of the valid views, this publish */
+	uint32_t *pmatch;                   /* [pending_cap]: rows each entry matched, this publish */
+	uint32_t *ptop;                     /* [table_size]: per row, the entry that gave its backlog */
 	uint32_t npviews;
 	struct tally__snap_writer latch;
 	uint64_t cur_slice, next_publish, next_reap;
@@ -370,6 +373,7 @@ static void pending_gather(struct tally_engine *e)
 	int failed = 0;
 
 	e->npviews = 0;
+	memset(e->pmatch, 0, seg->pending_cap * sizeof(e->pmatch[0]));
 	for (uint32_t i = 0; i < seg->pending_cap; i++) {
 		/* a few entries held by a writer cost full retries; past that
 		 * (a scribbled table) each gets two, so a publish stays short */
@@ -402,27 +406,63 @@ static uint32_t public_source(uint32_t s, uint32_t matched)
 	case TALLY__PENDING_LIVE: return TALLY_PENDING_LIVE;
 	case TALLY__PENDING_CACHED: return TALLY_PENDING_CACHED;
 	case TALLY__PENDING_GONE: return TALLY_PENDING_GONE;
+	case TALLY__PENDING_NOTFOUND: return TALLY_PENDING_NOT_FOUND;
 	default: return TALLY_PENDING_NEVER;
 	}
 }
 
-/* Backlog of the consumers whose filter (or mapped pattern) matches. */
-static void pending_of(struct tally_engine *e, const char *subject, uint64_t now,
+/* The subject's threshold rule, refreshed when the thresholds changed. */
+static const struct tally_threshold_rule *rule_of(struct tally_engine *e, struct subject_state *st)
+{
+	if (st->rule_gen != e->thresholds_gen) {
+		st->rule = tally_thresholds_match(e->thresholds, st->name, NULL);
+		st->rule_gen = e->thresholds_gen;
+	}
+	return st->rule;
+}
+
+/* Backlog of the consumers whose filter (or mapped pattern) matches,
+ * judged entry by entry against the rule's stale_after_ms (pending.h):
+ * only the best tier present decides, so a stale or deleted consumer does
+ * not make the subject stale beside a live one. row is the row's index,
+ * for pending_mark_shared. */
+static void pending_of(struct tally_engine *e, struct subject_state *st, uint32_t row, uint64_t now,
 		       struct tally_subject_stats *o)
 {
-	const struct tally__pending_policy pol = { .include_ack_pending = e->cfg.pending_include_ack };
-	struct tally__pending_result r = { .source = TALLY__PENDING_NEVER };
+	const struct tally__pending_policy pol = {
+		.include_ack_pending = e->cfg.pending_include_ack,
+		.stale_after_ns = (uint64_t)rule_of(e, st)->stale_after_ms * 1000000u,
+	};
+	struct tally__pending_result r = TALLY__PENDING_RESULT_INIT;
 
 	for (uint32_t i = 0; i < e->npviews; i++) {
-		const struct tally__pending_view *v = &e->pviews[e->pused[i]];
+		uint32_t idx = e->pused[i];
+		const struct tally__pending_view *v = &e->pviews[idx];
 		const char *pattern = v->map[0] ? v->map : v->filter;
-		if (pattern[0] && tally__subject_match(pattern, subject))
-			tally__pending_combine(&r, v, &pol, now);
+		if (pattern[0] && tally__subject_match(pattern, st->name)) {
+			tally__pending_combine(&r, v, idx, &pol, now);
+			e->pmatch[idx]++;
+		}
 	}
 	o->pending = r.backlog;
-	o->pending_consumers = r.matched;
+	o->pending_consumers = r.counted;
 	o->pending_source = public_source(r.source, r.matched);
-	o->pending_age_ns = r.matched ? r.oldest_age_ns : 0;
+	o->pending_age_ns = r.counted ? r.oldest_age_ns : 0;
+	o->pending_shared = false;
+	o->pending_consumer[0] = '\0';
+	e->ptop[row] = r.top;
+	if (r.top != UINT32_MAX)
+		snprintf(o->pending_consumer, sizeof(o->pending_consumer), "%s/%s",
+			 e->pviews[r.top].stream, e->pviews[r.top].consumer);
+}
+
+/* After every row's pending_of: a row whose backlog comes from a consumer
+ * that matched more than one row shares that backlog (pending.h). */
+static void pending_mark_shared(struct tally_engine *e, struct snap *sn)
+{
+	for (uint32_t i = 0; i < e->nactive; i++)
+		if (e->ptop[i] != UINT32_MAX && e->pmatch[e->ptop[i]] > 1)
+			sn->rows[i].pending_shared = true;
 }
 
 static void judge(struct tally_engine *e, struct subject_state *st, uint64_t now,
@@ -456,11 +496,12 @@ static void thresholds_pickup(struct tally_engine *e)
 	e->thresholds_gen++;
 }
 
-static void latch_fill(struct tally__snap_entry *dst, const struct tally_subject_stats *s)
+static void latch_fill(struct tally__snap_entry *dst, const struct tally_subject_stats *s, uint32_t top)
 {
 	uint64_t w[TALLY__SW_WORDS] = { 0 };
 
-	w[TALLY__SW_FLAGS] = TALLY__SF_PRESENT | (s->has_data ? TALLY__SF_QUANTILES : 0);
+	w[TALLY__SW_FLAGS] = TALLY__SF_PRESENT | (s->has_data ? TALLY__SF_QUANTILES : 0) |
+			     (s->pending_shared ? TALLY__SF_PENDING_SHARED : 0);
 	w[TALLY__SW_COUNT] = s->count;
 	w[TALLY__SW_SUM] = s->sum;
 	w[TALLY__SW_MIN] = s->min_ns;
@@ -481,6 +522,7 @@ static void latch_fill(struct tally__snap_entry *dst, const struct tally_subject
 	w[TALLY__SW_RETRY_AFTER] = s->retry_after_ms;
 	w[TALLY__SW_DECIDED_P95] = s->p95_ns;
 	w[TALLY__SW_DECIDED_PENDING] = s->pending;
+	w[TALLY__SW_PENDING_ENTRY] = top == UINT32_MAX ? 0 : (uint64_t)top + 1;
 	for (int i = 0; i < TALLY__SW_WORDS; i++)
 		tally__snapshot_store(&dst->w[i], w[i]);
 }
@@ -491,7 +533,7 @@ static void latch_publish(struct tally_engine *e, const struct snap *sn, uint64_
 		uint32_t c = tally__snapshot_write_begin(&e->latch);
 		struct tally__snap_meta *m = &e->latch.hdr->meta[c];
 		for (uint32_t i = 0; i < e->nactive; i++)
-			latch_fill(&e->latch.copies[c][e->active[i]], &sn->rows[i]);
+			latch_fill(&e->latch.copies[c][e->active[i]], &sn->rows[i], e->ptop[i]);
 		tally__snapshot_store(&m->published_mono_ns, now);
 		tally__snapshot_store(&m->published_real_ns, tally__real_ns());
 		tally__snapshot_store(&m->publish_count, atomic_load(&e->publishes) + 1);
@@ -605,9 +647,10 @@ static void publish(struct tally_engine *e, uint64_t now)
 		struct tally_subject_stats *row = &sn->rows[i];
 		tally__window_stats(&st->win, now, &ws);
 		fill_stats(row, id, &ws, now, e->cfg.window_ns);
-		pending_of(e, st->name, now, row);
+		pending_of(e, st, i, now, row);
 		judge(e, st, now, row);
 	}
+	pending_mark_shared(e, sn);
 	latch_publish(e, sn, now);
 	struct snap *old = e->current;
 	snap_assign(e->current, sn);
@@ -700,6 +743,8 @@ static void engine_free(struct tally_engine *e)
 	free(e->pviews);
 	free(e->pvalid);
 	free(e->pused);
+	free(e->pmatch);
+	free(e->ptop);
 	e->magic = 0;
 	free(e);
 }
@@ -736,10 +781,13 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	e->pviews = calloc(seg->pending_cap, sizeof(e->pviews[0]));
 	e->pvalid = calloc(seg->pending_cap, sizeof(e->pvalid[0]));
 	e->pused = calloc(seg->pending_cap, sizeof(e->pused[0]));
+	e->pmatch = calloc(seg->pending_cap, sizeof(e->pmatch[0]));
+	e->ptop = calloc(seg->table_size, sizeof(e->ptop[0]));
 	e->thresholds = tally_thresholds_new();
 	e->thresholds_gen = 1;
 	e->nedges = (uint32_t)tally__hist_default_edges(e->edges, TALLY__HIST_DEFAULT_NEDGES);
 	if (!e->subjects || !e->active || !e->row_of || !e->pviews || !e->pvalid || !e->pused ||
+	    !e->pmatch || !e->ptop ||
 	    !e->thresholds) {
 		engine_free(e);
 		return -ENOMEM;

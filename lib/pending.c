@@ -12,6 +12,7 @@
 #include "subject.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -246,7 +247,7 @@ static void load_entry_fields(const struct tally__pending_entry *e, struct tally
 
 static bool view_ok(const struct tally__pending_view *o, bool full)
 {
-	if (o->source > TALLY__PENDING_GONE || !str_ok(o->filter, sizeof(o->filter)) ||
+	if (o->source > TALLY__PENDING_SOURCE_MAX || !str_ok(o->filter, sizeof(o->filter)) ||
 	    !str_ok(o->map, sizeof(o->map)))
 		return false;
 	return !full || (str_ok(o->stream, sizeof(o->stream)) &&
@@ -356,37 +357,112 @@ int tally__pending_read_breaker(const void *section, size_t len,
 	return -EAGAIN;
 }
 
+int tally__pending_read_name(const void *section, size_t len, uint32_t idx, char *buf, size_t cap)
+{
+	char stream[TALLY__PENDING_NAME_MAX], consumer[TALLY__PENDING_NAME_MAX];
+	const struct tally__pending_entry *e;
+	int cnt = tally__pending_check(section, len);
+
+	if (cap)
+		buf[0] = '\0';
+	if (cnt < 0)
+		return cnt;
+	if (idx >= (uint32_t)cnt)
+		return -ERANGE;
+	e = entry_at_c(section, idx);
+	for (int i = 0; i < TALLY__PENDING_READ_TRIES; i++) {
+		uint32_t s1 = atomic_load_explicit(&e->seq, memory_order_acquire), used;
+
+		if (s1 & 1u)
+			continue;
+		used = RELAXED(e->used);
+		LOAD_STR(e->stream, stream);
+		LOAD_STR(e->consumer, consumer);
+		if (atomic_load_explicit(&e->seq, memory_order_relaxed) != s1)
+			continue;
+		if (!used)
+			return -ENOENT;
+		if (!str_ok(stream, sizeof(stream)) || !str_ok(consumer, sizeof(consumer)))
+			return -EBADMSG;
+		if (cap)
+			snprintf(buf, cap, "%s/%s", stream, consumer);
+		return 0;
+	}
+	return -EAGAIN;
+}
+
 /* ---- combination per subject ---- */
 
-/* Trust rank: higher is less trustworthy (see struct tally__pending_result). */
+/* Trust rank within a tier: higher is less trustworthy (struct tally__pending_result). */
 static int rank(uint32_t source)
 {
-	static const int r[] = { [TALLY__PENDING_LIVE] = 0, [TALLY__PENDING_GONE] = 1,
-				 [TALLY__PENDING_CACHED] = 2, [TALLY__PENDING_NEVER] = 3 };
+	static const int r[] = { [TALLY__PENDING_LIVE] = 0, [TALLY__PENDING_CACHED] = 1,
+				 [TALLY__PENDING_NEVER] = 2, [TALLY__PENDING_NOTFOUND] = 0,
+				 [TALLY__PENDING_GONE] = 1 };
 
 	return r[source];
 }
 
-void tally__pending_combine(struct tally__pending_result *out, const struct tally__pending_view *v,
-			    const struct tally__pending_policy *pol, uint64_t now)
+static uint64_t entry_age(const struct tally__pending_view *v, uint64_t now)
 {
-	uint64_t backlog = 0, age = UINT64_MAX;
+	if (v->last_ok_ns == 0)
+		return UINT64_MAX;
+	return now > v->last_ok_ns ? now - v->last_ok_ns : 0;
+}
 
-	if (v->source == TALLY__PENDING_LIVE || v->source == TALLY__PENDING_CACHED) {
-		backlog = v->num_pending;
-		if (pol->include_ack_pending)
-			backlog = backlog + v->num_ack_pending < backlog ? UINT64_MAX
-									 : backlog + v->num_ack_pending;
-	}
-	if (v->last_ok_ns != 0)
-		age = now > v->last_ok_ns ? now - v->last_ok_ns : 0;
-	if (out->matched == 0 || rank(v->source) > rank(out->source))
-		out->source = v->source;
-	if (backlog > out->backlog)
-		out->backlog = backlog;
-	if (out->matched == 0 || age > out->oldest_age_ns)
-		out->oldest_age_ns = age;
+uint32_t tally__pending_tier(const struct tally__pending_view *v, const struct tally__pending_policy *pol,
+			     uint64_t now)
+{
+	if (v->source == TALLY__PENDING_GONE || v->source == TALLY__PENDING_NOTFOUND)
+		return TALLY__PENDING_TIER_ABSENT;
+	if (v->source == TALLY__PENDING_NEVER || v->last_ok_ns == 0)
+		return TALLY__PENDING_TIER_STALE;
+	if (pol->stale_after_ns && entry_age(v, now) > pol->stale_after_ns)
+		return TALLY__PENDING_TIER_STALE;
+	return TALLY__PENDING_TIER_FRESH;
+}
+
+static uint64_t entry_backlog(const struct tally__pending_view *v, const struct tally__pending_policy *pol)
+{
+	uint64_t b;
+
+	if (v->source != TALLY__PENDING_LIVE && v->source != TALLY__PENDING_CACHED)
+		return 0;
+	b = v->num_pending;
+	if (pol->include_ack_pending)
+		b = b + v->num_ack_pending < b ? UINT64_MAX : b + v->num_ack_pending;
+	return b;
+}
+
+void tally__pending_combine(struct tally__pending_result *out, const struct tally__pending_view *v,
+			    uint32_t idx, const struct tally__pending_policy *pol, uint64_t now)
+{
+	uint32_t tier = tally__pending_tier(v, pol, now);
+	uint64_t backlog = entry_backlog(v, pol);
+	uint64_t age = tier == TALLY__PENDING_TIER_ABSENT ? 0 : entry_age(v, now);
+
 	out->matched++;
+	if (tier != TALLY__PENDING_TIER_ABSENT)
+		out->counted++;
+	if (out->matched == 1 || tier > out->tier) {
+		/* first entry, or the first of a better tier: it alone decides so far */
+		out->tier = tier;
+		out->source = v->source;
+		out->backlog = backlog;
+		out->oldest_age_ns = age;
+		out->top = tier == TALLY__PENDING_TIER_ABSENT ? UINT32_MAX : idx;
+		return;
+	}
+	if (tier < out->tier)
+		return; /* a worse tier never counts beside a better one */
+	if (rank(v->source) > rank(out->source))
+		out->source = v->source;
+	if (tier != TALLY__PENDING_TIER_ABSENT && backlog > out->backlog) {
+		out->backlog = backlog;
+		out->top = idx;
+	}
+	if (age > out->oldest_age_ns)
+		out->oldest_age_ns = age;
 }
 
 int tally__pending_for_subject(const void *section, size_t len, const char *subject,
@@ -402,7 +478,7 @@ int tally__pending_for_subject(const void *section, size_t len, const char *subj
 		return cap;
 	if (!subject || !out)
 		return -EINVAL;
-	*out = (struct tally__pending_result){ .source = TALLY__PENDING_NEVER };
+	*out = TALLY__PENDING_RESULT_INIT;
 	for (uint32_t i = 0; i < (uint32_t)cap; i++) {
 		int r = read_entry(entry_at_c(section, i), &v, false, TALLY__PENDING_READ_TRIES);
 		const char *pattern;
@@ -415,16 +491,16 @@ int tally__pending_for_subject(const void *section, size_t len, const char *subj
 		}
 		pattern = v.map[0] ? v.map : v.filter;
 		if (pattern[0] && tally__subject_match(pattern, subject))
-			tally__pending_combine(out, &v, pol ? pol : &def, now);
+			tally__pending_combine(out, &v, i, pol ? pol : &def, now);
 	}
 	return rc;
 }
 
 const char *tally__pending_source_name(uint32_t source)
 {
-	static const char *const names[] = { "never", "live", "cached", "gone" };
+	static const char *const names[] = { "never", "live", "cached", "gone", "not_found" };
 
-	return source < 4 ? names[source] : "?";
+	return source <= TALLY__PENDING_SOURCE_MAX ? names[source] : "?";
 }
 
 const char *tally__breaker_state_name(uint32_t state)

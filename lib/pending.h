@@ -24,19 +24,54 @@
  * capacity from its own configuration and never reads the section header
  * (tally__pending_read_entry_cap, tally__poller_start).
  *
- * Backlog for a subject (tally__pending_for_subject): every live entry
- * whose match pattern matches the subject contributes backlog = num_pending
- * (+ num_ack_pending when the policy says so, the default); several
- * consumers on one subject combine by their MAXIMUM (each consumer sees the
- * same messages of a subject, so the slowest one is the backlog, and a sum
- * would count each message once per consumer). The match pattern is the
- * map_subject configured for the entry if any, else the consumer's filter
- * subject. An entry with neither (an unfiltered consumer without
- * map_subject) matches no subject: the table does not know its stream's
- * subjects, and guessing "every subject" would let one consumer of an
- * unrelated stream shed load everywhere. Configure map_subject for it.
- * Gone entries (consumer deleted) match but contribute 0 and report
- * source gone; never-refreshed entries contribute 0 and report never.
+ * Backlog for a subject (tally__pending_for_subject): every entry whose
+ * match pattern matches the subject is a candidate; its backlog is
+ * num_pending (+ num_ack_pending when the policy says so, the default).
+ * The match pattern is the map_subject configured for the entry if any,
+ * else the consumer's filter subject. An entry with neither (an unfiltered
+ * consumer without map_subject) matches no subject: the table does not
+ * know its stream's subjects, and guessing "every subject" would let one
+ * consumer of an unrelated stream shed load everywhere. Configure
+ * map_subject for it.
+ *
+ * Entries are judged one by one, in three tiers, and only the best tier
+ * present decides the subject's backlog, source and age:
+ *   fresh   live or cached, refreshed within the policy's stale_after_ns
+ *           (0: no age limit); the backlog is their MAXIMUM (each consumer
+ *           sees the same messages of a subject, so the slowest one is the
+ *           backlog, and a sum would count each message once per consumer);
+ *   stale   cached past stale_after_ns, or never refreshed: the same
+ *           maximum, with the age of the oldest; the caller's stale policy
+ *           decides what it is worth (tally/verdict.h);
+ *   absent  gone (consumer or stream deleted: the server said so) or not
+ *           found (configured, never seen): no backlog, and no staleness.
+ * So one stale or deleted consumer never makes a subject stale while
+ * another matching consumer is fresh, and a missing consumer is never a
+ * large backlog: a subject whose candidates are all absent has no pending
+ * signal (counted 0), its source says gone or not_found.
+ *
+ * Shared backlog. A consumer's num_pending counts every message of its
+ * filter, not per subject: a consumer on "orders.>" gives its whole
+ * backlog to orders.created and to orders.paid alike. The table cannot
+ * split it: JetStream reports num_pending per consumer only. Per-subject
+ * counts exist only as the stream's stored messages (STREAM.INFO with
+ * subjects_filter, state.subjects): under limits retention they include
+ * messages every consumer already acked; under interest retention they are
+ * what some consumer still holds; only under work-queue retention (one
+ * consumer per subject, messages removed on ack) are they that consumer's
+ * backlog per subject (num_pending + num_ack_pending). That one case could
+ * replace the approximation; it is not implemented (no STREAM.INFO
+ * request is made, and the table has no per-subject counts).
+ * The engine therefore keeps the approximation "backlog of the subject =
+ * backlog of the consumer" and says so: result.top is the entry that gave
+ * the maximum, and a row whose top entry matches more than one subject
+ * row is marked pending_shared, with that consumer named.
+ *
+ * Lifecycle (poller.c): a consumer deleted after it was seen turns gone;
+ * after the poller's gone_grace_ms it is removed from the table (an entry
+ * of a whole-stream watch) or turns not_found (a configured
+ * STREAM/CONSUMER pair stays listed). A configured pair the server never
+ * reported is not_found from the first answer, never gone.
  */
 #ifndef TALLY_PENDING_H
 #define TALLY_PENDING_H
@@ -58,7 +93,16 @@ enum tally__pending_source {
 	TALLY__PENDING_NEVER = 0,  /* configured, never refreshed successfully */
 	TALLY__PENDING_LIVE = 1,   /* last poll refreshed it */
 	TALLY__PENDING_CACHED = 2, /* last poll failed; values are the last good ones */
-	TALLY__PENDING_GONE = 3,   /* consumer (or its stream) no longer exists; values zeroed */
+	TALLY__PENDING_GONE = 3,   /* consumer (or its stream) was deleted; values zeroed */
+	TALLY__PENDING_NOTFOUND = 4, /* configured, but the server never had it; values zeroed */
+};
+#define TALLY__PENDING_SOURCE_MAX TALLY__PENDING_NOTFOUND
+
+/* Tiers of an entry when combining (see the header comment). */
+enum tally__pending_tier {
+	TALLY__PENDING_TIER_ABSENT = 0, /* gone, not found */
+	TALLY__PENDING_TIER_STALE = 1,  /* never refreshed, or cached past stale_after_ns */
+	TALLY__PENDING_TIER_FRESH = 2,  /* live or cached within stale_after_ns */
 };
 
 enum tally__breaker_state {
@@ -164,17 +208,25 @@ struct tally__pending_breaker_view {
 
 struct tally__pending_policy {
 	bool include_ack_pending;   /* backlog = num_pending + num_ack_pending (default true) */
+	uint64_t stale_after_ns;    /* an entry older than this is stale; 0 (default): no age limit */
 };
 
 #define TALLY__PENDING_POLICY_DEFAULT ((struct tally__pending_policy){ .include_ack_pending = true })
 
 struct tally__pending_result {
-	uint64_t backlog;       /* maximum over the live/cached matching entries; 0 if none */
-	uint32_t source;        /* least trustworthy among matches: never > cached > gone > live
-				 * (gone is a fact, zero backlog; cached is stale; never is no data) */
-	uint32_t matched;       /* matching entries */
-	uint64_t oldest_age_ns; /* largest now - last_ok_ns among matches; UINT64_MAX if one never refreshed */
+	uint64_t backlog;       /* maximum over the entries of the best tier; 0 if none holds one */
+	uint32_t source;        /* least trustworthy within the best tier: never > cached > live,
+				 * and gone > not found in the absent tier */
+	uint32_t tier;          /* enum tally__pending_tier of the entries that decided */
+	uint32_t matched;       /* matching entries, absent ones included */
+	uint32_t counted;       /* matching entries that may hold a backlog (tiers fresh, stale) */
+	uint64_t oldest_age_ns; /* largest now - last_ok_ns in the best tier; UINT64_MAX if one
+				 * never refreshed; 0 in the absent tier */
+	uint32_t top;           /* index of the entry that gave the maximum; UINT32_MAX none */
 };
+
+#define TALLY__PENDING_RESULT_INIT \
+	((struct tally__pending_result){ .source = TALLY__PENDING_NEVER, .top = UINT32_MAX })
 
 /* ---- section management (owner side) ---- */
 
@@ -231,15 +283,27 @@ int tally__pending_for_subject(const void *section, size_t len, const char *subj
 			       struct tally__pending_result *out);
 
 /*
- * Fold one entry (already known to match) into a result, as
- * tally__pending_for_subject does; start from a zeroed result with source
- * TALLY__PENDING_NEVER. For callers that read the entries once and match
- * many subjects against them (the engine at every publish).
+ * Fold entry idx (its view v, already known to match) into a result, as
+ * tally__pending_for_subject does; start from TALLY__PENDING_RESULT_INIT.
+ * For callers that read the entries once and match many subjects against
+ * them (the engine at every publish). Never fails, never blocks.
  */
 void tally__pending_combine(struct tally__pending_result *out, const struct tally__pending_view *v,
-			    const struct tally__pending_policy *pol, uint64_t now);
+			    uint32_t idx, const struct tally__pending_policy *pol, uint64_t now);
 
-/* Short name of a source / breaker state ("live", "open", ...; "?" if out of range). */
+/* Tier of one entry under pol at now. */
+uint32_t tally__pending_tier(const struct tally__pending_view *v, const struct tally__pending_policy *pol,
+			     uint64_t now);
+
+/*
+ * Stream and consumer names of entry idx, as "STREAM/CONSUMER" into buf
+ * (cap bytes, truncated). For readers that hold an entry index (the
+ * snapshot's TALLY__SW_PENDING_ENTRY): reads only the two names. Returns
+ * 0, -ENOENT (unused), -ERANGE, -EBADMSG, -EAGAIN; buf is "" on error.
+ */
+int tally__pending_read_name(const void *section, size_t len, uint32_t idx, char *buf, size_t cap);
+
+/* Short name of a source / breaker state ("live", "not_found", "open", ...; "?" if out of range). */
 const char *tally__pending_source_name(uint32_t source);
 const char *tally__breaker_state_name(uint32_t state);
 

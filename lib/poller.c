@@ -27,6 +27,7 @@
 #define DEF_COOLDOWN_MS   5000u
 #define DEF_RECONNECT_MS  1000u
 #define DEF_JITTER_MS     200u
+#define DEF_GONE_GRACE_MS 60000u
 #define ERR_LEN           256
 #define NS_PER_MS         1000000ull
 
@@ -40,7 +41,9 @@ struct slot {
 	char err[TALLY__PENDING_ERR_MAX];
 	struct tally__pending_values v;         /* numbers; strings are set at write */
 	int sw;                                 /* whole-stream watch covering it, -1 none */
+	uint64_t gone_since_ns;                 /* when it turned gone (for gone_grace_ms) */
 	bool used, pair, refreshed;
+	bool found;                             /* the server reported it at least once */
 };
 
 struct tally__poller {
@@ -283,6 +286,7 @@ static int cfg_dup(struct tally_poller_config *dst, const struct tally_poller_co
 	dst->breaker_cooldown_ms = or_default(src->breaker_cooldown_ms, DEF_COOLDOWN_MS);
 	dst->reconnect_wait_ms = or_default(src->reconnect_wait_ms, DEF_RECONNECT_MS);
 	dst->reconnect_jitter_ms = or_default(src->reconnect_jitter_ms, DEF_JITTER_MS);
+	dst->gone_grace_ms = or_default(src->gone_grace_ms, DEF_GONE_GRACE_MS);
 	if (!oom)
 		return 0;
 	cfg_free(dst);
@@ -1128,8 +1132,10 @@ static int32_t leader_of(const struct tally__js_consumer *c, const char *server_
 static int slot_live(struct tally__poller *p, struct slot *s, const struct tally__js_consumer *c,
 		     uint64_t now)
 {
-	int back = s->v.source == TALLY__PENDING_GONE;
+	int back = s->v.source == TALLY__PENDING_GONE ||
+		   (s->v.source == TALLY__PENDING_NOTFOUND && s->found);
 
+	s->found = true;
 	s->v.source = TALLY__PENDING_LIVE;
 	s->v.num_pending = c->num_pending;
 	s->v.num_ack_pending = c->num_ack_pending;
@@ -1149,12 +1155,22 @@ static int slot_live(struct tally__poller *p, struct slot *s, const struct tally
 	return back;
 }
 
-/* Returns 1 if this turned the slot gone (for the caller's one log line). */
+static bool absent(uint32_t source)
+{
+	return source == TALLY__PENDING_GONE || source == TALLY__PENDING_NOTFOUND;
+}
+
+/* The server says s does not exist: gone if it was seen before (and its
+ * grace period starts), not found if it never was. Returns 1 if this
+ * turned the slot gone or not found (for the caller's one log line). */
 static int slot_gone(struct tally__poller *p, struct slot *s, const char *why, uint64_t now)
 {
-	int turned = s->v.source != TALLY__PENDING_GONE;
-	uint32_t source = TALLY__PENDING_GONE;
+	int turned = !absent(s->v.source);
+	uint32_t source = s->found && s->v.source != TALLY__PENDING_NOTFOUND ? TALLY__PENDING_GONE
+									    : TALLY__PENDING_NOTFOUND;
 
+	if (turned)
+		s->gone_since_ns = now;
 	memset(&s->v, 0, sizeof(s->v));
 	s->v.source = source;
 	s->v.is_leader = -1;
@@ -1163,6 +1179,35 @@ static int slot_gone(struct tally__poller *p, struct slot *s, const char *why, u
 	s->refreshed = true;
 	slot_publish(p, s);
 	return turned;
+}
+
+/* After a good poll: gone entries past gone_grace_ms leave the table (a
+ * whole-stream watch's) or turn not found (a configured pair stays). */
+static void expire_gone(struct tally__poller *p, uint64_t now)
+{
+	uint64_t grace = (uint64_t)p->cfg.gone_grace_ms * NS_PER_MS;
+	uint32_t cleared = 0;
+	char first[2 * TALLY__PENDING_NAME_MAX] = "";
+
+	for (uint32_t i = 0; i < p->cap; i++) {
+		struct slot *s = &p->slots[i];
+
+		if (!s->used || s->v.source != TALLY__PENDING_GONE || now - s->gone_since_ns < grace)
+			continue;
+		if (s->pair) {
+			s->v.source = TALLY__PENDING_NOTFOUND;
+			slot_publish(p, s);
+			continue;
+		}
+		if (cleared++ == 0)
+			snprintf(first, sizeof(first), "%s/%s", s->stream, s->consumer);
+		slot_clear(p, s);
+	}
+	if (cleared) {
+		plog(p, LOG_INFO, "%u consumer(s) gone for %u ms removed from the pending table, first %s",
+		     cleared, p->cfg.gone_grace_ms, first);
+		hash_rebuild(p);
+	}
 }
 
 /* Values stay, live turns cached; never and gone stay what they are. */
@@ -1344,7 +1389,8 @@ static int poll_pair(struct tally__poller *p, struct slot *s, uint64_t now)
 		const char *why = e.err_code == JSStreamNotFoundErr ? "stream not found" : "consumer not found";
 
 		if (slot_gone(p, s, why, now))
-			plog(p, LOG_WARN, "consumer %s/%s: %s; marked gone", s->stream, s->consumer, why);
+			plog(p, LOG_WARN, "consumer %s/%s: %s; marked %s", s->stream, s->consumer, why,
+			     tally__pending_source_name(s->v.source));
 		return 0;
 	}
 	if (e.code != 0)
@@ -1475,6 +1521,7 @@ static int poll_locked(struct tally__poller *p)
 	if (rc == 0)
 		rc = poll_targets(p, t0);
 	if (rc == 0) {
+		expire_gone(p, now_ns());
 		poll_succeeded(p, now_ns());
 	} else {
 		for (uint32_t i = 0; i < p->cap; i++)

@@ -22,7 +22,11 @@
  * when failing starts, one when it ends; what happens in between is at
  * debug level. A stream or consumer that does not exist is not a failure:
  * its entries turn gone (values zeroed, never the stream's total), one line
- * per stream and poll when that happens.
+ * per stream and poll when that happens; a configured pair the server has
+ * never reported turns not_found instead. After a good poll, entries gone
+ * for gone_grace_ms are removed (whole-stream watches) or turn not_found
+ * (configured pairs, which stay listed): deleting and recreating consumers
+ * leaves nothing behind.
  *
  * Circuit breaker (one per connection, mirrored in the segment): after
  * breaker_threshold consecutive failed polls it opens for

@@ -19,9 +19,11 @@
 
 #include "proc.h"
 
-/* Start time (field 22) and state (field 3) from a stat file of /proc;
- * 0 if unreadable. */
-static uint64_t stat_file(const char *path, char *state)
+#define PF_EXITING_FLAG 0x4u /* the kernel's PF_EXITING, field 9 of a task's stat */
+
+/* Start time (field 22), state (field 3) and flags (field 9) from a stat
+ * file of /proc; 0 if unreadable. */
+static uint64_t stat_file(const char *path, char *state, unsigned long *flags)
 {
 	char buf[1024];
 	ssize_t n;
@@ -42,17 +44,20 @@ static uint64_t stat_file(const char *path, char *state)
 	if (state)
 		*state = p[1] == ' ' ? p[2] : '?';
 	/* After ')' each space opens the next field: the first opens field 3,
-	 * so the 20th opens field 22, starttime. */
+	 * so the 7th opens field 9 (flags) and the 20th field 22, starttime. */
 	for (int spaces = 0; spaces < 20; spaces++) {
 		p = strchr(p + 1, ' ');
 		if (!p)
 			return 0;
+		if (spaces == 6 && flags)
+			*flags = strtoul(p, NULL, 10);
 	}
 	return strtoull(p, NULL, 10);
 }
 
-/* Does any thread of pid still run (a task whose state is not Z or X)?
- * For a leader that shows Z: whole process exited, or only main did. */
+/* Does any thread of pid still run (a task that is neither Z nor X nor
+ * exiting: a process being killed has threads on their way out)? For a
+ * leader that shows Z: the whole process exited, or only main did. */
 static bool any_task_runs(pid_t pid)
 {
 	char path[64];
@@ -65,11 +70,13 @@ static bool any_task_runs(pid_t pid)
 		return false;
 	while (!runs && (d = readdir(dir))) {
 		char state = '?';
+		unsigned long flags = PF_EXITING_FLAG;
 		int tid = atoi(d->d_name);
 		if (tid <= 0)
 			continue;
 		snprintf(path, sizeof(path), "/proc/%d/task/%d/stat", (int)pid, tid);
-		if (stat_file(path, &state) && state != 'Z' && state != 'X')
+		if (stat_file(path, &state, &flags) && state != 'Z' && state != 'X' &&
+		    !(flags & PF_EXITING_FLAG))
 			runs = true;
 	}
 	closedir(dir);
@@ -81,7 +88,7 @@ static uint64_t stat_of(pid_t pid, char *state)
 	char path[64];
 
 	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	return stat_file(path, state);
+	return stat_file(path, state, NULL);
 }
 
 uint64_t tally__proc_start_time(pid_t pid)

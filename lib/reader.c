@@ -52,14 +52,28 @@ static void stats_from_words(struct tally_subject_stats *o, uint32_t id, const u
 							   : TALLY_VERDICT_UNKNOWN;
 	o->reasons = (uint32_t)(v >> 8) & 0xff;
 	o->pending_source = (uint32_t)(v >> 16) & 0xff;
-	if (o->pending_source > TALLY_PENDING_GONE)
+	if (o->pending_source > TALLY_PENDING_NOT_FOUND)
 		o->pending_source = TALLY_PENDING_NEVER;
 	o->pending_consumers = (uint32_t)(v >> 32);
 	o->pending = w[TALLY__SW_PENDING];
 	o->pending_age_ns = w[TALLY__SW_PENDING_AGE];
+	o->pending_shared = (w[TALLY__SW_FLAGS] & TALLY__SF_PENDING_SHARED) != 0;
 	o->verdict_since_ns = w[TALLY__SW_VERDICT_SINCE];
 	o->retry_after_ms = w[TALLY__SW_RETRY_AFTER] > UINT32_MAX ? UINT32_MAX
 								  : (uint32_t)w[TALLY__SW_RETRY_AFTER];
+}
+
+/* The consumer behind the backlog, resolved through the pending table by
+ * the index the owner published. The entry may have been reused since the
+ * publish (a consumer removed and another one added): the name is then the
+ * entry's current one, for at most one publish interval. An unreadable
+ * entry leaves the name empty; the stats stay valid. */
+static void pending_name(const struct tally_segment *seg, uint64_t word, struct tally_subject_stats *o)
+{
+	if (word == 0 || word > seg->pending_cap)
+		return;
+	(void)tally__pending_read_name(tally__seg_section(seg, &seg->pending), seg->pending.size,
+				       (uint32_t)(word - 1), o->pending_consumer, sizeof(o->pending_consumer));
 }
 
 TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_t id,
@@ -75,6 +89,7 @@ TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_
 	if (!(w[TALLY__SW_FLAGS] & TALLY__SF_PRESENT) || meta[0] == 0)
 		return -ENOENT;
 	stats_from_words(out, id, w, meta);
+	pending_name(seg, w[TALLY__SW_PENDING_ENTRY], out);
 	/* The coarse clock (a few ns, no syscall, ticks of a few ms) is plenty
 	 * for a staleness limit of at least a second. */
 	struct timespec ts;

@@ -55,12 +55,13 @@ enum tally__snap_word {
 	TALLY__SW_CLAMPED,      /* clamped values since start */
 	TALLY__SW_RESERVED1,
 	TALLY__SW_RESERVED2,
-	TALLY__SW_RESERVED3,
+	TALLY__SW_PENDING_ENTRY,/* pending-table index + 1 of the consumer that gave the backlog; 0 none */
 	TALLY__SW_WORDS
 };
 
 #define TALLY__SF_PRESENT   0x1u /* the subject exists and was published */
 #define TALLY__SF_QUANTILES 0x2u /* count > 0: quantiles, min, max are meaningful */
+#define TALLY__SF_PENDING_SHARED 0x4u /* the backlog's consumer also feeds other subjects */
 
 struct tally__snap_entry {
 	_Atomic uint64_t w[TALLY__SW_WORDS];

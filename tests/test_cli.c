@@ -339,6 +339,8 @@ static void check_json_subjects(json_t *doc)
 	cr_expect(json_is_real(get(s, "rate")));
 	cr_expect(json_is_null(get(s, "pending")));
 	cr_expect_str_eq(json_string_value(get(s, "pending_source")), "none");
+	cr_expect(json_is_false(get(s, "pending_shared")));
+	cr_expect(json_is_null(get(s, "pending_consumer")));
 	for (const char *const *k = (const char *const[]){ "p50_ns", "p90_ns", "p99_ns", "p999_ns",
 							   "max_ns", NULL }; *k; k++)
 		cr_expect(json_is_integer(get(s, *k)), "%s", *k);
@@ -475,6 +477,8 @@ Test(cli, live_pending_from_jetstream_in_stat_json_and_status, .timeout = 30)
 	cr_expect_str_eq(json_string_value(get(s, "pending_source")), "live");
 	expect_int(s, "pending_consumers", 1);
 	cr_expect(json_is_integer(get(s, "pending_age_ms")));
+	cr_expect(json_is_false(get(s, "pending_shared")), "router's filter covers one subject");
+	cr_expect_str_eq(json_string_value(get(s, "pending_consumer")), "ORDERS/router");
 	cr_expect(json_is_null(get(subject_named(doc, "orders.paid"), "pending")), "no consumer feeds it");
 	json_t *c = json_array_get(get(doc, "consumers"), 0);
 	cr_assert(c, "%s", r.out);

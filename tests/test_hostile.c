@@ -192,7 +192,7 @@ static bool rc_in(int rc, const int *ok, size_t n)
 static bool stats_sane(const struct tally_subject_stats *s, tally_subject_t id)
 {
 	return s->id == id && s->verdict <= TALLY_VERDICT_OVERLOAD &&
-	       s->pending_source <= TALLY_PENDING_GONE;
+	       s->pending_source <= TALLY_PENDING_NOT_FOUND;
 }
 
 /* One pass of every segment reader over seg; returns a description of the

@@ -353,8 +353,15 @@ Test(pending, combine_by_maximum_for_subject)
 	cr_assert_eq(r.backlog, 0);
 	put(sec, 5, "new", "billing.>", "", TALLY__PENDING_NEVER, 0, 0, 0);
 	cr_assert_eq(tally__pending_for_subject(sec, len, "billing.x", NULL, &r), 0);
+	cr_assert_eq(r.source, TALLY__PENDING_CACHED, "a never-fetched entry does not outweigh a fresh one");
+	cr_assert_lt(r.oldest_age_ns, 3000000000ull);
+	cr_assert_eq(r.counted, 2, "mapped and new; the gone one matches but is not counted");
+	struct tally__pending_policy strict = { .include_ack_pending = true, .stale_after_ns = 1000000000ull };
+	cr_assert_eq(tally__pending_for_subject(sec, len, "billing.x", &strict, &r), 0);
+	cr_assert_eq(r.tier, TALLY__PENDING_TIER_STALE, "cached 2 s > 1 s: nothing fresh is left");
 	cr_assert_eq(r.source, TALLY__PENDING_NEVER);
 	cr_assert_eq(r.oldest_age_ns, UINT64_MAX);
+	cr_assert_eq(r.backlog, 8, "the stale value stays, for the stale policy to judge");
 	put(sec, 6, "huge", "big", "", TALLY__PENDING_LIVE, UINT64_MAX - 1, 5, now);
 	cr_assert_eq(tally__pending_for_subject(sec, len, "big", NULL, &r), 0);
 	cr_assert_eq(r.backlog, UINT64_MAX, "saturates");
@@ -688,6 +695,86 @@ Test(poller, server_killed_then_restarted)
 	cr_assert_eq(log_count(2, "recovered"), 1, "one line when it ends:\n%s", g_log.text);
 	cr_assert_eq(log_count(1, "circuit breaker open"), 1, "%s", g_log.text);
 	env_free(&e);
+}
+
+/* Issue 13: consumer "router" (orders.created) deleted while "all"
+ * (orders.>) is live with 6,620 pending: the subject must read live 6,620,
+ * not stale. Every case of the per-entry rule (pending.h), on one table. */
+Test(pending, combine_judges_each_entry_not_the_subject)
+{
+	size_t len;
+	void *sec = section_new(8, &len);
+	uint64_t now = tally__pending_now_ns();
+	struct tally__pending_policy pol = { .include_ack_pending = true, .stale_after_ns = 5000000000ull };
+	struct tally__pending_result r;
+
+	put(sec, 0, "router", "orders.created", "", TALLY__PENDING_GONE, 0, 0, now);
+	put(sec, 1, "all", "orders.>", "", TALLY__PENDING_LIVE, 6600, 20, now);
+	cr_assert_eq(tally__pending_for_subject(sec, len, "orders.created", &pol, &r), 0);
+	cr_expect_eq(r.backlog, 6620);
+	cr_expect_eq(r.source, TALLY__PENDING_LIVE, "the gone entry does not make it stale");
+	cr_expect_eq(r.tier, TALLY__PENDING_TIER_FRESH);
+	cr_expect_eq(r.matched, 2);
+	cr_expect_eq(r.counted, 1);
+	cr_expect_eq(r.top, 1, "the backlog is the live consumer's");
+
+	/* a cached entry past stale_after, with a larger backlog, beside the live one */
+	put(sec, 2, "old", "orders.created", "", TALLY__PENDING_CACHED, 99999, 0, now - 10000000000ull);
+	cr_assert_eq(tally__pending_for_subject(sec, len, "orders.created", &pol, &r), 0);
+	cr_expect_eq(r.backlog, 6620, "a stale entry never counts beside a fresh one");
+	cr_expect_eq(r.source, TALLY__PENDING_LIVE);
+	cr_expect_lt(r.oldest_age_ns, 5000000000ull);
+	cr_expect_eq(r.counted, 2);
+	/* a cached entry within stale_after counts, and is the maximum */
+	put(sec, 3, "slow", "orders.created", "", TALLY__PENDING_CACHED, 7000, 0, now - 2000000000ull);
+	cr_assert_eq(tally__pending_for_subject(sec, len, "orders.created", &pol, &r), 0);
+	cr_expect_eq(r.backlog, 7000);
+	cr_expect_eq(r.source, TALLY__PENDING_CACHED);
+	cr_expect_geq(r.oldest_age_ns, 2000000000ull);
+	cr_expect_eq(r.top, 3);
+
+	/* only stale and never: the stale tier decides, with the oldest age */
+	tally__pending_clear_entry(tally__pending_entry_at(sec, 1));
+	tally__pending_clear_entry(tally__pending_entry_at(sec, 3));
+	put(sec, 4, "new", "orders.*", "", TALLY__PENDING_NEVER, 0, 0, 0);
+	cr_assert_eq(tally__pending_for_subject(sec, len, "orders.created", &pol, &r), 0);
+	cr_expect_eq(r.tier, TALLY__PENDING_TIER_STALE);
+	cr_expect_eq(r.backlog, 99999);
+	cr_expect_eq(r.source, TALLY__PENDING_NEVER);
+	cr_expect_eq(r.oldest_age_ns, UINT64_MAX);
+	cr_expect_eq(r.top, 2);
+
+	/* only absent entries: no backlog, no staleness, nothing counted */
+	tally__pending_clear_entry(tally__pending_entry_at(sec, 2));
+	tally__pending_clear_entry(tally__pending_entry_at(sec, 4));
+	put(sec, 5, "ghost", "orders.created", "", TALLY__PENDING_NOTFOUND, 0, 0, now);
+	cr_assert_eq(tally__pending_for_subject(sec, len, "orders.created", &pol, &r), 0);
+	cr_expect_eq(r.tier, TALLY__PENDING_TIER_ABSENT);
+	cr_expect_eq(r.backlog, 0);
+	cr_expect_eq(r.counted, 0);
+	cr_expect_eq(r.matched, 2);
+	cr_expect_eq(r.source, TALLY__PENDING_GONE, "gone says more than not found");
+	cr_expect_eq(r.top, UINT32_MAX);
+	tally__pending_clear_entry(tally__pending_entry_at(sec, 0));
+	cr_assert_eq(tally__pending_for_subject(sec, len, "orders.created", &pol, &r), 0);
+	cr_expect_eq(r.source, TALLY__PENDING_NOTFOUND);
+	cr_expect_str_eq(tally__pending_source_name(r.source), "not_found");
+	free(sec);
+}
+
+Test(pending, read_name_of_an_entry)
+{
+	size_t len;
+	void *sec = section_new(2, &len);
+	char buf[TALLY__PENDING_NAME_MAX * 2];
+
+	put(sec, 1, "all", "orders.>", "", TALLY__PENDING_LIVE, 1, 0, 1);
+	cr_assert_eq(tally__pending_read_name(sec, len, 1, buf, sizeof(buf)), 0);
+	cr_expect_str_eq(buf, "S/all");
+	cr_expect_eq(tally__pending_read_name(sec, len, 0, buf, sizeof(buf)), -ENOENT);
+	cr_expect_str_eq(buf, "");
+	cr_expect_eq(tally__pending_read_name(sec, len, 2, buf, sizeof(buf)), -ERANGE);
+	free(sec);
 }
 
 Test(poller, deleted_consumer_and_stream_turn_gone)

@@ -431,7 +431,7 @@ static void put_consumer_u64(struct buf *b, const struct scrape *sc, enum tallyd
 
 static void put_consumers(struct buf *b, const struct scrape *sc)
 {
-	static const char *const sources[] = { "live", "cached", "never", "gone" };
+	static const char *const sources[] = { "live", "cached", "never", "gone", "not_found" };
 	char v[32];
 
 	put_consumer_u64(b, sc, TM_consumer_pending, offsetof(struct tally_consumer_stats, num_pending));

@@ -272,7 +272,8 @@ static void print_verdict_cell(const struct cli_view *v, const struct cli_subjec
 static void print_subjects(const struct cli_view *v)
 {
 	int w = name_width(v);
-	char b[32];
+	char b[32], cell[40];
+	size_t shared = 0;
 
 	printf("\nSUBJECTS (%zu)\n", v->nsubjects);
 	if (!v->nsubjects) {
@@ -292,13 +293,21 @@ static void print_subjects(const struct cli_view *v)
 		print_ns_cell(has, st->p95_ns);
 		print_ns_cell(has, st->p99_ns);
 		print_ns_cell(has, st->max_ns);
-		if (st->pending_consumers)
-			printf(" %8s", cli_fmt_count(b, sizeof(b), st->pending));
-		else
+		if (st->pending_consumers) {
+			/* "*": one consumer's backlog, given to several subjects */
+			snprintf(cell, sizeof(cell), "%s%s", cli_fmt_count(b, sizeof(b), st->pending),
+				 st->pending_shared ? "*" : "");
+			shared += st->pending_shared;
+			printf(" %8s", cell);
+		} else {
 			printf(" %8s", "-");
+		}
 		print_verdict_cell(v, s);
 		putchar('\n');
 	}
+	if (shared)
+		printf("  * shared backlog: the consumer behind it also feeds other subjects, and its\n"
+		       "    num_pending counts them all (tally status SUBJECT names the consumer)\n");
 }
 
 static void print_producers(const struct cli_view *v)
@@ -395,6 +404,7 @@ static const char *pending_source_name(uint32_t src)
 	case TALLY_PENDING_CACHED: return "cached";
 	case TALLY_PENDING_NEVER: return "never";
 	case TALLY_PENDING_GONE: return "gone";
+	case TALLY_PENDING_NOT_FOUND: return "not_found";
 	default: return "none";
 	}
 }
@@ -450,6 +460,8 @@ static json_t *json_subject(const struct cli_view *v, const struct cli_subject *
 	json_object_set_new(o, "pending_source", json_string(pending_source_name(st->pending_source)));
 	json_object_set_new(o, "pending_age_ms", pend && st->pending_age_ns != UINT64_MAX ?
 							 jint(st->pending_age_ns / 1000000u) : json_null());
+	json_object_set_new(o, "pending_shared", json_boolean(pend && st->pending_shared));
+	json_object_set_new(o, "pending_consumer", pend ? jstr_or_null(st->pending_consumer) : json_null());
 	json_object_set_new(o, "verdict", json_string(tally_verdict_name(cli_effective_verdict(v, s))));
 	json_object_set_new(o, "reasons", !s->published ? json_reasons(TALLY_REASON_NO_DATA, NULL) :
 					   json_reasons(st->reasons, v->stale_reason));
@@ -621,14 +633,21 @@ static void print_status(const struct cli_view *v, const struct cli_subject *s)
 	else
 		printf("  p95 -: no sample in the last %s\n",
 		       cli_fmt_age_ms(b2, sizeof(b2), st->window_ns / 1000000u));
-	if (st->pending_consumers)
+	if (st->pending_consumers) {
 		printf("  pending %" PRIu64 " from %u consumer%s (%s, %s old)\n", st->pending,
 		       st->pending_consumers, st->pending_consumers == 1 ? "" : "s",
 		       pending_source_name(st->pending_source),
 		       st->pending_age_ns == UINT64_MAX ? "never fetched" :
 		       cli_fmt_age_ms(b1, sizeof(b1), st->pending_age_ns / 1000000u));
-	else
+		if (st->pending_consumer[0])
+			printf("  backlog of %s%s\n", st->pending_consumer,
+			       st->pending_shared ? ", shared: its filter covers other subjects too" : "");
+	} else if (st->pending_source == TALLY_PENDING_GONE || st->pending_source == TALLY_PENDING_NOT_FOUND) {
+		printf("  pending -: the consumer feeding this subject %s\n",
+		       st->pending_source == TALLY_PENDING_GONE ? "was deleted" : "was not found");
+	} else {
 		printf("  pending -: no watched consumer feeds this subject\n");
+	}
 	uint64_t since = v->now_mono_ns > st->verdict_since_ns ? v->now_mono_ns - st->verdict_since_ns : 0;
 	printf("  since %s ago, retry-after %u ms\n", cli_fmt_age_ms(b1, sizeof(b1), since / 1000000u),
 	       st->retry_after_ms);

@@ -104,6 +104,7 @@ static const struct key nats_keys[] = {
 	{ "breaker_cooldown_ms", K_U32, CF(nats.breaker_cooldown_ms), 1, 3600000 },
 	{ "reconnect_wait_ms", K_U32, CF(nats.reconnect_wait_ms), 1, 3600000 },
 	{ "reconnect_jitter_ms", K_U32, CF(nats.reconnect_jitter_ms), 1, 3600000 },
+	{ "gone_grace_ms", K_U32, CF(nats.gone_grace_ms), 1, 86400000 },
 	{ "include_ack_pending", K_BOOL, CF(include_ack_pending), 0, 0 },
 	{ NULL, 0, 0, 0, 0 },
 };

@@ -67,6 +67,9 @@ TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_e
 TALLY_API void tally_engine_stop(struct tally_engine **e);
 
 
+/* "STREAM/CONSUMER" with both names at their longest (127 bytes each), NUL included. */
+#define TALLY_PENDING_CONSUMER_MAX 256
+
 /* Statistics of one subject as published. */
 struct tally_subject_stats {
 	tally_subject_t id;
@@ -86,6 +89,13 @@ struct tally_subject_stats {
 	uint32_t pending_consumers; /* how many matched; 0: no pending signal */
 	uint32_t pending_source;    /* enum tally_pending_source */
 	uint64_t pending_age_ns;    /* since its last good refresh; UINT64_MAX never */
+	/* The backlog is one consumer's, and that consumer's filter (or
+	 * map_subject) also matches other subjects' rows: its num_pending
+	 * counts all of them, so this subject's share of it is unknown. */
+	bool pending_shared;
+	/* "STREAM/CONSUMER" that gave the backlog ("" none). Read from another
+	 * process it is resolved through the pending table at read time. */
+	char pending_consumer[TALLY_PENDING_CONSUMER_MAX];
 	/* verdict (tally/verdict.h) */
 	enum tally_verdict verdict;
 	uint32_t reasons;           /* TALLY_REASON_* */
@@ -98,7 +108,8 @@ enum tally_pending_source {
 	TALLY_PENDING_LIVE = 1,   /* refreshed by the last poll */
 	TALLY_PENDING_CACHED = 2, /* last good value; the poller is failing */
 	TALLY_PENDING_NEVER = 3,  /* configured, never fetched */
-	TALLY_PENDING_GONE = 4,   /* the consumer no longer exists */
+	TALLY_PENDING_GONE = 4,   /* the consumer was deleted (removed after the poller's grace period) */
+	TALLY_PENDING_NOT_FOUND = 5, /* configured, but the server never had it */
 };
 
 /*
@@ -190,7 +201,7 @@ struct tally_consumer_stats {
 	char map[256];           /* subjects mapped by configuration ("" none) */
 	uint64_t num_pending, num_ack_pending, num_redelivered, num_waiting;
 	uint64_t delivered_stream_seq, ack_floor_stream_seq;
-	const char *source;      /* "live", "cached", "never", "gone" */
+	const char *source;      /* "live", "cached", "never", "gone", "not_found" */
 	uint64_t age_ms;         /* since the last good refresh; UINT64_MAX never */
 	int is_leader;           /* 1, 0, -1 unknown */
 	uint32_t consecutive_failures;

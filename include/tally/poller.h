@@ -5,7 +5,9 @@
  * server with cnats: per watched stream, CONSUMER.LIST in pages of 256;
  * per explicitly listed consumer, one CONSUMER.INFO. Failures keep the
  * last good values, marked cached with their age; a circuit breaker stops
- * hammering a failing server; deleted consumers are marked gone. Readers
+ * hammering a failing server; deleted consumers are marked gone, then
+ * removed after gone_grace_ms; configured consumers the server never had
+ * are marked not_found. Readers
  * see it all through tally_read_consumers() and tally_read_poller()
  * (tally/engine.h), and the engine folds the backlog of the consumers
  * whose filter subject matches into each subject's stats and verdict.
@@ -47,6 +49,13 @@ struct tally_poller_config {
 	uint32_t breaker_cooldown_ms;     /* 0: 5000 */
 	uint32_t reconnect_wait_ms;       /* 0: 1000 */
 	uint32_t reconnect_jitter_ms;     /* 0: 200 */
+	/*
+	 * How long a deleted consumer stays in the table as gone (it never
+	 * counts as a backlog nor as stale data meanwhile). Then an entry of
+	 * a whole-stream watch is removed and a configured STREAM/CONSUMER
+	 * pair turns not_found. 0: 60000.
+	 */
+	uint32_t gone_grace_ms;
 	const struct tally_poller_watch *watches;
 	size_t nwatches;
 	/*

@@ -524,7 +524,8 @@ static void check_subjects(const struct tally_segment *seg)
 		EXPECT(rc == 0 || rc == -ENOENT || rc == TALLY_ESTALE || rc == TALLY_EBUSY_RETRY);
 		if (rc == 0 || rc == TALLY_ESTALE)
 			EXPECT(st.id == id && st.verdict <= TALLY_VERDICT_OVERLOAD &&
-			       st.pending_source <= TALLY_PENDING_GONE);
+			       st.pending_source <= TALLY_PENDING_NOT_FOUND &&
+			       memchr(st.pending_consumer, 0, sizeof(st.pending_consumer)));
 		if (id >= cap)
 			EXPECT(rc == -ENOENT);
 	}
@@ -559,7 +560,7 @@ static void check_view_strings(const struct tally__pending_view *v)
 	EXPECT(memchr(v->stream, 0, sizeof(v->stream)) && memchr(v->consumer, 0, sizeof(v->consumer)));
 	EXPECT(memchr(v->filter, 0, sizeof(v->filter)) && memchr(v->map, 0, sizeof(v->map)));
 	EXPECT(memchr(v->last_error, 0, sizeof(v->last_error)));
-	EXPECT(v->source <= TALLY__PENDING_GONE);
+	EXPECT(v->source <= TALLY__PENDING_SOURCE_MAX);
 }
 
 static void check_pending(const struct tally_segment *seg)
@@ -592,7 +593,8 @@ static void check_pending(const struct tally_segment *seg)
 		rc = tally__pending_for_subject(sec, len, probe_names[i], NULL, &r);
 		EXPECT(rc == 0 || rc == -EBADMSG || rc == -EAGAIN);
 		if (rc != -EBADMSG || cap > 0)
-			EXPECT(r.source <= TALLY__PENDING_GONE && r.matched <= (uint32_t)cap);
+			EXPECT(r.source <= TALLY__PENDING_SOURCE_MAX && r.matched <= (uint32_t)cap &&
+			       r.counted <= r.matched && (r.top == UINT32_MAX || r.top < (uint32_t)cap));
 	}
 	/* The public readers of the same section. */
 	uint32_t n = seg->pending_cap < 64 ? seg->pending_cap : 64;
