@@ -11,7 +11,10 @@
  * measured time from the first message to the shed is printed (it goes
  * into RELIABILITY.md).
  *
- * Second case: a subject whose backlog is above pending_overload and has
+ * The dead router: one that recorded and acked, then stopped, is shed
+ * the same way, a stall time after its last completion.
+ *
+ * Last case: a subject whose backlog is above pending_overload and has
  * no sample at all is overload on pending alone, well before its stall
  * time.
  */
@@ -302,5 +305,61 @@ Test(e2e_stalled, a_backlog_above_overload_with_no_sample_is_overload_on_pending
 	cr_expect_lt(at, 10000, "before the stall time");
 	cr_expect(strstr(s.out, "orders.flood: overload (pending)"), "pending alone, not stalled: %s", s.out);
 	cr_expect(strstr(s.out, "pending 300 from 1 consumer"), "%s", s.out);
+	cleanup();
+}
+
+/* The dead router: it recorded and acked every message, then stopped. */
+Test(e2e_stalled, a_router_that_stops_completing_is_shed)
+{
+	char err[256];
+	struct status s;
+	struct tally_segment *seg;
+
+	cr_assert_eq(tally_test_nats_start(&nats, NULL, true), 0, "%s", nats.errmsg);
+	cr_assert_eq(sim_setup(nats.url, "ORDERS", "orders.>", false, "router", "orders.created", err,
+			       sizeof(err)), 0, "%s", err);
+	tallyd_start("%s[thresholds orders.created]\npending_warn = 100000\npending_overload = 1000000\n"
+		     "min_samples = 5\nstall_after_ms = %d\nmin_dwell_ms = 500\n", ini_common, STALL_AFTER_MS);
+	cr_assert_eq(tally_segment_open(tallyd.seg, TALLY_OPEN_PRODUCER, 2000, &seg), 0, "%s", tally_errmsg());
+	struct sim_router_config rc = { .url = nats.url, .stream = "ORDERS", .consumer = "router",
+					.filter = "orders.created", .seg = seg, .workers = 1,
+					.processing_ns = 1 * MS, .sigma = 0.3 };
+	struct sim_router *router;
+	cr_assert_eq(sim_router_start(&rc, &router, err, sizeof(err)), 0, "%s", err);
+	struct sim_publisher_config pc = { .url = nats.url, .subjects = (const char *const[]){ "orders.created" },
+					   .nsubjects = 1, .rate = MSG_RATE };
+	struct sim_publisher *pub;
+	cr_assert_eq(sim_publisher_start(&pc, &pub, err, sizeof(err)), 0, "%s", err);
+	bool ok = false;
+	for (int i = 0; i < 200 && !ok; i++) {
+		status_of("orders.created", &s);
+		ok = s.code == 0 && strstr(s.out, "samples");
+		if (!ok)
+			tt_sleep_ms(50);
+	}
+	cr_assert(ok, "a working router is ok: exit %d\n%s", s.code, s.out);
+	tt_sleep_ms(STALL_AFTER_MS + 500);
+	status_of("orders.created", &s);
+	cr_expect_eq(s.code, 0, "a router that keeps up is never stalled: %s", s.out);
+
+	sim_router_stop(&router);
+	uint64_t t_stop = tally_now_ns();
+	double shed_ms = -1;
+	while (ms_since(t_stop) < STALL_AFTER_MS + 10000) {
+		status_of("orders.created", &s);
+		if (s.code == 2) {
+			shed_ms = ms_since(t_stop);
+			break;
+		}
+		tt_sleep_ms(20);
+	}
+	fprintf(stderr, "[e2e stalled] router stopped: shed after %.0f ms (stall_after_ms %d)\n%s", shed_ms,
+		STALL_AFTER_MS, s.out);
+	cr_assert_geq(shed_ms, 0, "never shed: %s", s.out);
+	cr_expect_leq(shed_ms, 1000 / MSG_RATE + STALL_AFTER_MS + POLL_INTERVAL_MS + PUBLISH_INTERVAL_MS +
+				       SLACK_MS, "%.0f ms", shed_ms);
+	cr_expect(strstr(s.out, "orders.created: overload (stalled)"), "%s", s.out);
+	sim_publisher_stop(&pub);
+	tally_segment_close(&seg);
 	cleanup();
 }
