@@ -7,7 +7,9 @@
  *
  *   POST|GET /SUBJECT   200 "accepted"         verdict ok or warn (warn is
  *                                              said in X-Tally-Verdict)
- *                       503 + Retry-After      verdict overload
+ *                       503 + Retry-After      verdict overload (X-Tally-Reasons
+ *                                              says why: latency, pending,
+ *                                              stalled, ...)
  *                       200 + X-Tally-Fail-Open  unknown, stale data, owner
  *                                              dead, no segment: the gateway
  *                                              fails open and says so
@@ -67,6 +69,8 @@ static void logf_(const char *fmt, ...)
 	fputc('\n', stderr);
 }
 
+static const char verdict_unknown[] = "verdict unknown";
+
 /* The verdict for subject, or a fail-open reason. Called with g->lock held. */
 static enum tally_verdict judge(struct gateway *g, const char *subject, struct tally_subject_stats *s,
 				const char **why)
@@ -95,12 +99,13 @@ static enum tally_verdict judge(struct gateway *g, const char *subject, struct t
 		return TALLY_VERDICT_UNKNOWN;
 	}
 	if (s->verdict == TALLY_VERDICT_UNKNOWN)
-		*why = "verdict unknown";
+		*why = verdict_unknown;
 	return s->verdict;
 }
 
 static enum MHD_Result reply(struct MHD_Connection *c, unsigned status, const char *body,
-			     const char *verdict, const char *retry_after, const char *fail_open)
+			     const char *verdict, const char *retry_after, const char *fail_open,
+			     const char *reasons)
 {
 	struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), (void *)body,
 								 MHD_RESPMEM_MUST_COPY);
@@ -112,6 +117,8 @@ static enum MHD_Result reply(struct MHD_Connection *c, unsigned status, const ch
 		MHD_add_response_header(r, "Retry-After", retry_after);
 	if (fail_open)
 		MHD_add_response_header(r, "X-Tally-Fail-Open", fail_open);
+	if (reasons && *reasons)
+		MHD_add_response_header(r, "X-Tally-Reasons", reasons);
 	enum MHD_Result ret = MHD_queue_response(c, status, r);
 	MHD_destroy_response(r);
 	return ret;
@@ -124,7 +131,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 	struct gateway *g = cls;
 	struct tally_subject_stats s;
 	const char *why;
-	char body[256], retry[16];
+	char body[256], retry[16], reasons[96] = "";
 
 	(void)method;
 	(void)version;
@@ -137,7 +144,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 	const char *subject = url[0] == '/' ? url + 1 : url;
 	if (tally_subject_validate(subject, false) != 0) {
 		snprintf(body, sizeof(body), "bad subject: %s\n", tally_errmsg());
-		return reply(c, MHD_HTTP_BAD_REQUEST, body, "unknown", NULL, NULL);
+		return reply(c, MHD_HTTP_BAD_REQUEST, body, "unknown", NULL, NULL, NULL);
 	}
 	pthread_mutex_lock(&g->lock);
 	enum tally_verdict v = judge(g, subject, &s, &why);
@@ -148,18 +155,20 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 		logf_("failing open: %s (%s)", why, g->segment);
 	else if (!g->failing_open && was_failing)
 		logf_("segment %s is live again", g->segment);
+	if (v != TALLY_VERDICT_UNKNOWN || why == verdict_unknown) /* s was read: say why */
+		tally_reasons_format(s.reasons, reasons, sizeof(reasons));
 	if (v == TALLY_VERDICT_OVERLOAD) {
 		unsigned secs = (s.retry_after_ms + 999) / 1000;
 		snprintf(retry, sizeof(retry), "%u", secs ? secs : 1);
 		snprintf(body, sizeof(body), "overloaded: retry after %s s\n", retry);
 		atomic_fetch_add(&g->rejected, 1);
-		return reply(c, MHD_HTTP_SERVICE_UNAVAILABLE, body, "overload", retry, NULL);
+		return reply(c, MHD_HTTP_SERVICE_UNAVAILABLE, body, "overload", retry, NULL, reasons);
 	}
 	atomic_fetch_add(why ? &g->fail_open : &g->accepted, 1);
 	snprintf(body, sizeof(body), "accepted%s%s\n", why ? " (fail-open: " : "", why ? why : "");
 	if (why)
 		strcat(body + strlen(body) - 1, ")\n");
-	return reply(c, MHD_HTTP_OK, body, tally_verdict_name(v), NULL, why);
+	return reply(c, MHD_HTTP_OK, body, tally_verdict_name(v), NULL, why, reasons);
 }
 
 static void usage(FILE *to)

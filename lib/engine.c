@@ -23,6 +23,25 @@
  * the table, or of an entry that is not READY, is counted as rejected and
  * the sample dropped; nothing is written anywhere but that subject's own
  * window.
+ *
+ * Subjects known before their first sample. A subject gets its state (and
+ * so a published row, count 0, and a verdict) on its first sample, and
+ * also without one when the engine knows it otherwise, because a router
+ * that has stopped completing messages records nothing and is exactly the
+ * subject that must be judged (stalled, or on its backlog alone):
+ *   - the literal patterns of the threshold rules (no wildcard), when a
+ *     threshold set is picked up;
+ *   - the literal filter subject (or map_subject) of every pending entry,
+ *     at every reap interval;
+ *   - every READY entry of the subject table, at every reap interval (a
+ *     router that interned a subject and is stuck on its first message).
+ * The owner interns the first two into its own table itself
+ * (tally_subject_intern on the owner's handle; it may wait, bounded, for
+ * an entry another process is writing, see subject.c). The table scan
+ * runs only when subjects_used has changed since the last complete scan,
+ * or that scan met an entry still being claimed, so an idle table costs
+ * one load per reap. A wildcard names no subject: subjects under it get
+ * rows when they are interned or recorded.
  */
 #include "config.h"
 
@@ -146,6 +165,8 @@ struct tally_engine {
 	_Atomic uint64_t drained, rejected, publishes, last_publish_ns, died, released;
 	_Atomic uint64_t pending_kept, claims_expired, subjects_tombstoned;
 	_Atomic uint64_t subjects_active;
+	uint32_t scan_used;              /* subjects_used at the last complete table scan */
+	bool scan_again;                 /* that scan met a CLAIMED entry */
 	pthread_mutex_t start_lock;
 	pthread_cond_t start_cond;
 	bool started;
@@ -473,7 +494,7 @@ static void judge(struct tally_engine *e, struct subject_state *st, uint64_t now
 		st->rule_gen = e->thresholds_gen;
 	}
 	struct tally__verdict_input in = {
-		.count = o->count, .p95_ns = o->p95_ns, .rate = o->rate,
+		.count = o->count, .total_count = o->total_count, .p95_ns = o->p95_ns, .rate = o->rate,
 		.pending_consumers = o->pending_consumers, .pending_source = o->pending_source,
 		.pending = o->pending, .pending_age_ns = o->pending_age_ns,
 	};
@@ -485,7 +506,68 @@ static void judge(struct tally_engine *e, struct subject_state *st, uint64_t now
 	o->retry_after_ms = out.retry_after_ms;
 }
 
-static void thresholds_pickup(struct tally_engine *e)
+/* ---- subjects known before their first sample (see the header) ---------- */
+
+/* name, when it is a literal subject: interned (owner) and given its state. */
+static void subject_known(struct tally_engine *e, const char *name, uint64_t now)
+{
+	tally_subject_t id;
+
+	if (!name[0] || tally__subject_check(name, strlen(name), false, NULL, 0) != 0)
+		return; /* a wildcard pattern (or nothing): names no one subject */
+	if (tally_subject_intern(e->seg, name, &id) != 0 || id >= e->seg->table_size)
+		return; /* table full, or an entry held up: the next reap tries again */
+	if (!e->subjects[id])
+		subject_new(e, id, now);
+}
+
+static void known_from_thresholds(struct tally_engine *e, uint64_t now)
+{
+	size_t n = tally__thresholds_count(e->thresholds);
+
+	for (size_t i = 0; i < n; i++)
+		subject_known(e, tally__thresholds_pattern(e->thresholds, i), now);
+}
+
+/* From the pending views of the last publish. */
+static void known_from_pending(struct tally_engine *e, uint64_t now)
+{
+	for (uint32_t i = 0; i < e->npviews; i++) {
+		const struct tally__pending_view *v = &e->pviews[e->pused[i]];
+		subject_known(e, v->map[0] ? v->map : v->filter, now);
+	}
+}
+
+/* Every READY entry without state gets one; skipped while the table has
+ * not changed since the last complete scan. */
+static void known_from_table(struct tally_engine *e, uint64_t now)
+{
+	struct tally_segment *seg = e->seg;
+	uint32_t used = atomic_load_explicit(&seg->hdr->subjects_used, memory_order_relaxed);
+	bool claimed = false;
+
+	if (used == e->scan_used && !e->scan_again)
+		return;
+	for (uint32_t id = 0; id < seg->table_size; id++) {
+		if (e->subjects[id])
+			continue;
+		uint32_t st = atomic_load_explicit(&tally__seg_subject(seg, id)->state, memory_order_acquire);
+		if (st == TALLY__SUBJ_READY)
+			subject_new(e, id, now);
+		else if (st == TALLY__SUBJ_CLAIMED)
+			claimed = true;
+	}
+	e->scan_used = used;
+	e->scan_again = claimed;
+}
+
+static void subjects_discover(struct tally_engine *e, uint64_t now)
+{
+	known_from_pending(e, now);
+	known_from_table(e, now);
+}
+
+static void thresholds_pickup(struct tally_engine *e, uint64_t now)
 {
 	struct tally_thresholds *t = atomic_exchange(&e->next_thresholds, NULL);
 
@@ -494,6 +576,7 @@ static void thresholds_pickup(struct tally_engine *e)
 	tally_thresholds_free(&e->thresholds);
 	e->thresholds = t;
 	e->thresholds_gen++;
+	known_from_thresholds(e, now);
 }
 
 static void latch_fill(struct tally__snap_entry *dst, const struct tally_subject_stats *s, uint32_t top)
@@ -635,11 +718,13 @@ static struct snap *snap_alloc(struct tally_engine *e, uint64_t now)
 static void publish(struct tally_engine *e, uint64_t now)
 {
 	struct tally__window_stats ws;
+
+	/* before the snapshot is sized: a new threshold set may add subjects */
+	thresholds_pickup(e, now);
 	struct snap *sn = snap_alloc(e, now);
 
 	if (!sn)
 		return; /* keep the previous snapshot; try again next interval */
-	thresholds_pickup(e);
 	pending_gather(e);
 	for (uint32_t i = 0; i < e->nactive; i++) {
 		uint32_t id = e->active[i];
@@ -686,6 +771,7 @@ static void tick(struct tally_engine *e, uint64_t now)
 	}
 	if (now >= e->next_reap) {
 		reap(e, now);
+		subjects_discover(e, now);
 		e->next_reap = now + (uint64_t)e->cfg.reap_interval_ms * 1000000u;
 	}
 }

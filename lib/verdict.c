@@ -10,8 +10,18 @@
  * the highest level whose clear level the value still reaches. So a value
  * oscillating around a threshold trips once and holds, and a recovering
  * subject goes overload -> warn -> ok, each step after the dwell time.
- * The verdict is the higher of the two levels, or unknown when there is
+ * The verdict is the higher of the levels, or unknown when there is
  * nothing to judge (see tally/verdict.h for staleness).
+ *
+ * The third signal, stalled, has only the levels 0 and 2. Progress is a
+ * publish at which the subject's since-start sample count grew, or its
+ * live backlog was lower than at the last live reading, or 0: each resets
+ * progress_ns. The stall trips when a live backlog above 0 has seen no
+ * progress for stall_after_ms, and clears (after min_dwell_ms) at the
+ * first publish that finds progress within stall_after_ms again. Pending
+ * data that is stale or missing is no reading: the stall level drops with
+ * it (as the backlog's does) and the backlog moves no progress; the count
+ * still does.
  */
 #include "config.h"
 
@@ -49,6 +59,7 @@ TALLY_API void tally_threshold_rule_init(struct tally_threshold_rule *r)
 	r->clear_ratio = 0.8;
 	r->min_dwell_ms = 2000;
 	r->retry_after_ms = 1000;
+	r->stall_after_ms = 10000;
 }
 
 TALLY_API struct tally_thresholds *tally_thresholds_new(void)
@@ -84,6 +95,11 @@ static int rule_check(const char *pattern, const struct tally_threshold_rule *r)
 	if (!(r->clear_ratio > 0.0 && r->clear_ratio <= 1.0))
 		return tally__fail(-EINVAL, "thresholds for \"%s\": clear_ratio %g is outside (0, 1]",
 				   what, r->clear_ratio);
+	if (r->stall_after_ms && (r->stall_after_ms < TALLY__STALL_MIN_MS ||
+				  r->stall_after_ms > TALLY__STALL_MAX_MS))
+		return tally__fail(-EINVAL, "thresholds for \"%s\": stall_after_ms %u is outside %u..%u "
+				   "(0 turns the stall check off)", what, r->stall_after_ms,
+				   TALLY__STALL_MIN_MS, TALLY__STALL_MAX_MS);
 	if (r->stale_policy != TALLY_STALE_FAIL_OPEN && r->stale_policy != TALLY_STALE_FAIL_CLOSED)
 		return tally__fail(-EINVAL, "thresholds for \"%s\": unknown stale policy %d", what,
 				   (int)r->stale_policy);
@@ -138,6 +154,16 @@ TALLY_API const struct tally_threshold_rule *tally_thresholds_match(const struct
 	return best ? &best->rule : &t->def;
 }
 
+size_t tally__thresholds_count(const struct tally_thresholds *t)
+{
+	return t->n;
+}
+
+const char *tally__thresholds_pattern(const struct tally_thresholds *t, size_t i)
+{
+	return i < t->n ? t->rules[i].pattern : NULL;
+}
+
 TALLY_API const char *tally_verdict_name(enum tally_verdict v)
 {
 	switch (v) {
@@ -153,7 +179,7 @@ TALLY_API const char *tally_reasons_format(uint32_t reasons, char *buf, size_t l
 	static const struct { uint32_t bit; const char *name; } names[] = {
 		{ TALLY_REASON_LATENCY, "latency" }, { TALLY_REASON_PENDING, "pending" },
 		{ TALLY_REASON_STALE, "stale" }, { TALLY_REASON_NO_DATA, "no_data" },
-		{ TALLY_REASON_FAIL_OPEN, "fail_open" },
+		{ TALLY_REASON_FAIL_OPEN, "fail_open" }, { TALLY_REASON_STALLED, "stalled" },
 	};
 	size_t used = 0;
 
@@ -221,6 +247,7 @@ void tally__verdict_init(struct tally__verdict_state *st, uint64_t now)
 	st->verdict = TALLY_VERDICT_UNKNOWN;
 	st->reasons = TALLY_REASON_NO_DATA;
 	st->since_ns = now;
+	st->progress_ns = now;
 }
 
 static bool pending_stale(const struct tally_threshold_rule *r, const struct tally__verdict_input *in)
@@ -247,6 +274,40 @@ static uint32_t retry_after(const struct tally_threshold_rule *r, const struct t
 	return (uint32_t)ms;
 }
 
+/* The stalled signal (see the header): progress, then level 0 or 2. */
+static void stall_step(struct tally__verdict_state *st, const struct tally_threshold_rule *r,
+		       const struct tally__verdict_input *in, bool live, uint64_t now)
+{
+	bool progress = in->total_count != st->stall_total;
+
+	st->stall_total = in->total_count;
+	if (live) {
+		if (in->pending == 0 || (st->stall_seen && in->pending < st->stall_pending))
+			progress = true;
+		st->stall_pending = in->pending;
+		st->stall_seen = true;
+	}
+	if (progress)
+		st->progress_ns = now;
+	if (!r->stall_after_ms || !live) {
+		st->stall = (struct tally__signal_state){ 0, now };
+		return;
+	}
+	bool stuck = now - st->progress_ns >= (uint64_t)r->stall_after_ms * 1000000u;
+	bool dwelt = now - st->stall.since_ns >= (uint64_t)r->min_dwell_ms * 1000000u;
+	if (stuck && st->stall.level == 0)
+		st->stall = (struct tally__signal_state){ 2, now };
+	else if (!stuck && st->stall.level && dwelt)
+		st->stall = (struct tally__signal_state){ 0, now };
+}
+
+static uint8_t max3(uint8_t a, uint8_t b, uint8_t c)
+{
+	uint8_t m = a > b ? a : b;
+
+	return m > c ? m : c;
+}
+
 void tally__verdict_update(struct tally__verdict_state *st, const struct tally_threshold_rule *r,
 			   const struct tally__verdict_input *in, uint64_t now,
 			   struct tally__verdict_out *out)
@@ -255,6 +316,7 @@ void tally__verdict_update(struct tally__verdict_state *st, const struct tally_t
 	bool latency_data = latency_on && in->count >= r->min_samples;
 	bool pending_on = (r->pending_warn || r->pending_overload) && in->pending_consumers > 0;
 	bool stale = pending_on && pending_stale(r, in);
+	bool backlog_live = in->pending_consumers > 0 && !pending_stale(r, in);
 	uint32_t reasons = 0;
 	enum tally_verdict v;
 
@@ -264,13 +326,14 @@ void tally__verdict_update(struct tally__verdict_state *st, const struct tally_t
 		signal_step(&st->pending, in->pending, r->pending_warn, r->pending_overload, r, now);
 	else
 		st->pending = (struct tally__signal_state){ 0, now };
+	stall_step(st, r, in, backlog_live, now);
 
 	if (stale) {
 		reasons |= TALLY_REASON_STALE;
 		if (r->stale_policy == TALLY_STALE_FAIL_OPEN)
 			reasons |= TALLY_REASON_FAIL_OPEN;
 	}
-	uint8_t level = st->latency.level > st->pending.level ? st->latency.level : st->pending.level;
+	uint8_t level = max3(st->latency.level, st->pending.level, st->stall.level);
 	if (stale && r->stale_policy == TALLY_STALE_FAIL_CLOSED) {
 		v = TALLY_VERDICT_UNKNOWN;
 	} else if (!latency_data && !(pending_on && !stale) && level == 0) {
@@ -282,6 +345,8 @@ void tally__verdict_update(struct tally__verdict_state *st, const struct tally_t
 			reasons |= TALLY_REASON_LATENCY;
 		if (level && st->pending.level == level)
 			reasons |= TALLY_REASON_PENDING;
+		if (level && st->stall.level == level)
+			reasons |= TALLY_REASON_STALLED;
 	}
 	if (v != st->verdict)
 		st->since_ns = now;

@@ -15,8 +15,16 @@ struct tally__signal_state {
 	uint64_t since_ns;
 };
 
+/* Bounds of a rule's stall_after_ms when it is not 0. */
+#define TALLY__STALL_MIN_MS 100u
+#define TALLY__STALL_MAX_MS 86400000u
+
 struct tally__verdict_state {
-	struct tally__signal_state latency, pending;
+	struct tally__signal_state latency, pending, stall; /* stall: level 0 or 2 */
+	uint64_t progress_ns;   /* last publish that saw a completion or a falling backlog */
+	uint64_t stall_total;   /* total_count at the last update */
+	uint64_t stall_pending; /* backlog at the last live reading */
+	bool stall_seen;        /* stall_pending holds a live reading */
 	enum tally_verdict verdict;
 	uint32_t reasons;
 	uint64_t since_ns;
@@ -24,6 +32,7 @@ struct tally__verdict_state {
 
 struct tally__verdict_input {
 	uint64_t count;          /* samples in the window */
+	uint64_t total_count;    /* samples since the engine started: completions */
 	uint64_t p95_ns;
 	double rate;             /* samples per second */
 	uint32_t pending_consumers;
@@ -39,7 +48,12 @@ struct tally__verdict_out {
 	uint32_t retry_after_ms;
 };
 
-/* Start state: unknown since now. */
+/* The patterns of t's rules (not the default rule), i < count: for the
+ * engine, which gives the literal ones rows before their first sample. */
+size_t tally__thresholds_count(const struct tally_thresholds *t);
+const char *tally__thresholds_pattern(const struct tally_thresholds *t, size_t i);
+
+/* Start state: unknown since now, progress (for the stall) now. */
 void tally__verdict_init(struct tally__verdict_state *st, uint64_t now_ns);
 
 /* One step of the state machine for one subject. */

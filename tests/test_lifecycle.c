@@ -446,10 +446,16 @@ Test(lifecycle, restart_serves_no_row_from_before, .timeout = 30)
 	record_some(o.seg, busy, 7, 1000);
 	cr_assert(wait_count(&o, busy, 7), "the busy subject's new row");
 	tt_sleep_ms(100); /* several publishes of the new engine */
+	/* The quiet subject is in the table, so the new engine gives it a row
+	 * (issue 13: subjects known before their first sample), but a fresh
+	 * one: nothing of the old engine's window or counters. */
 	int rc = tally_read_subject(o.seg, quiet, &st);
-	cr_expect_eq(rc, -ENOENT, "a row from before the restart is served: rc %d, count %llu",
-		     rc, (unsigned long long)st.count);
-	cr_expect_eq(tally_engine_read(o.eng, quiet, &st), -ENOENT);
+	cr_expect(rc == 0 && st.count == 0 && st.total_count == 0 && !st.has_data &&
+		  st.verdict == TALLY_VERDICT_UNKNOWN,
+		  "a row from before the restart is served: rc %d, count %llu, total %llu",
+		  rc, (unsigned long long)st.count, (unsigned long long)st.total_count);
+	cr_expect_eq(tally_engine_read(o.eng, quiet, &st), 0);
+	cr_expect_eq(st.total_count, 0, "in process, the same fresh row");
 	cr_assert_eq(tally_read_subject(o.seg, busy, &st), 0);
 	cr_expect_eq(st.count, 7, "the old window leaked into the new row");
 	cr_expect_lt(st.max_ns, 5000000);

@@ -442,6 +442,22 @@ Test(tallyd, inconsistent_thresholds_rejected)
 	td_cleanup(d);
 }
 
+Test(tallyd, stall_after_ms_out_of_range_is_rejected_naming_the_key)
+{
+	struct td *d;
+	char where[200];
+
+	d = td_new("td-stall");
+	td_write_cfg(d, "[thresholds]\nstall_after_ms = 0\n[thresholds orders.created]\n"
+			 "stall_after_ms = 50\n");
+	cr_expect_eq(td_run(d, (const char *const[]){ "-c", d->cfg, "-s", d->seg, NULL }), 2);
+	snprintf(where, sizeof(where), "%s:3: [thresholds orders.created]", d->cfg);
+	cr_expect(strstr(td_logtext(d), where) && strstr(td_logtext(d), "stall_after_ms 50"), "%s",
+		  td_logtext(d));
+	cr_expect(!seg_exists(d->seg));
+	td_cleanup(d);
+}
+
 /* ---- SIGHUP ---- */
 
 struct rec {

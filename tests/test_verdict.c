@@ -5,7 +5,8 @@
  * threshold, recovery only below the clear level and after the dwell,
  * stale pending data under both policies, no data, retry-after; and the
  * verdict published by a running engine, read in-process and from the
- * segment.
+ * segment; the stalled signal and judging on the backlog alone (fake clock);
+ * rows for configured and interned subjects before their first sample.
  */
 #include "config.h"
 
@@ -242,4 +243,196 @@ Test(verdict, published_by_the_engine_in_process_and_in_the_segment)
 	tally_producer_detach(&p);
 	tally_engine_stop(&e);
 	tally_segment_close(&seg);
+}
+
+/* ---- stalled, and judged on the backlog alone ------------------------------ */
+
+/* One publish of a subject with no latency data: total completions since
+ * start, and a live backlog (src 0: no consumer). */
+static struct tally__verdict_out backlog_step(struct tally__verdict_state *st,
+					      const struct tally_threshold_rule *r, uint64_t total,
+					      uint64_t pending, uint32_t src, uint64_t now)
+{
+	struct tally__verdict_input in = { .count = 0, .total_count = total, .pending_consumers = src ? 1 : 0,
+					   .pending_source = src, .pending = pending };
+	struct tally__verdict_out out;
+
+	tally__verdict_update(st, r, &in, now, &out);
+	return out;
+}
+
+Test(stall, waiting_backlog_and_no_completion_is_stalled_overload)
+{
+	struct tally_threshold_rule r = rule(100, 200, 1000, 10000);
+	struct tally__verdict_state st;
+	uint64_t t = 1000 * MS;
+	struct tally__verdict_out o;
+
+	r.stall_after_ms = 1000;
+	tally__verdict_init(&st, t);
+	o = backlog_step(&st, &r, 0, 5, TALLY_PENDING_LIVE, t);
+	cr_expect_eq(o.verdict, TALLY_VERDICT_OK, "count 0 but a live backlog: judged on it, not unknown");
+	cr_expect_eq(o.reasons, 0);
+	for (int i = 1; i < 10; i++) { /* the backlog grows, nothing completes */
+		o = backlog_step(&st, &r, 0, 5 + (uint64_t)i, TALLY_PENDING_LIVE, t + (uint64_t)i * 100 * MS);
+		cr_expect_eq(o.verdict, TALLY_VERDICT_OK, "not yet: %d00 ms", i);
+	}
+	o = backlog_step(&st, &r, 0, 15, TALLY_PENDING_LIVE, t += 1000 * MS);
+	cr_expect_eq(o.verdict, TALLY_VERDICT_OVERLOAD, "stalled after stall_after_ms");
+	cr_expect_eq(o.reasons, TALLY_REASON_STALLED);
+	cr_expect_eq(o.since_ns, t);
+	cr_expect_eq(o.retry_after_ms, r.retry_after_ms);
+	char buf[64];
+	cr_expect_str_eq(tally_reasons_format(o.reasons, buf, sizeof(buf)), "stalled");
+
+	/* completions resume: the stall holds for its dwell, then clears */
+	o = backlog_step(&st, &r, 3, 15, TALLY_PENDING_LIVE, t += 50 * MS);
+	cr_expect_eq(o.verdict, TALLY_VERDICT_OVERLOAD, "min_dwell_ms not over yet");
+	o = backlog_step(&st, &r, 3, 15, TALLY_PENDING_LIVE, t += 60 * MS);
+	cr_expect_eq(o.verdict, TALLY_VERDICT_OK, "completed recently and dwelt: clear");
+	cr_expect_eq(o.reasons, 0);
+	/* and it stops again: stalled stall_after_ms after the last completion */
+	o = backlog_step(&st, &r, 3, 16, TALLY_PENDING_LIVE, t += 880 * MS);
+	cr_expect_eq(o.verdict, TALLY_VERDICT_OK, "940 ms since the last completion");
+	o = backlog_step(&st, &r, 3, 16, TALLY_PENDING_LIVE, t += 60 * MS);
+	cr_expect_eq(o.verdict, TALLY_VERDICT_OVERLOAD);
+	cr_expect_eq(o.reasons, TALLY_REASON_STALLED);
+}
+
+Test(stall, falling_backlog_clears_and_an_empty_one_never_stalls)
+{
+	struct tally_threshold_rule r = rule(100, 200, 1000, 10000);
+	struct tally__verdict_state st;
+	uint64_t t = 1000 * MS;
+
+	r.stall_after_ms = 1000;
+	tally__verdict_init(&st, t);
+	backlog_step(&st, &r, 0, 50, TALLY_PENDING_LIVE, t);
+	cr_expect_eq(backlog_step(&st, &r, 0, 50, TALLY_PENDING_LIVE, t += 1000 * MS).verdict,
+		     TALLY_VERDICT_OVERLOAD, "a flat backlog is not falling");
+	cr_expect_eq(backlog_step(&st, &r, 0, 40, TALLY_PENDING_LIVE, t += 200 * MS).verdict,
+		     TALLY_VERDICT_OK, "the backlog fell (someone consumes): clear after the dwell");
+	cr_expect_eq(backlog_step(&st, &r, 0, 45, TALLY_PENDING_LIVE, t += 900 * MS).verdict,
+		     TALLY_VERDICT_OK, "rising again, 900 ms since it fell");
+	cr_expect_eq(backlog_step(&st, &r, 0, 45, TALLY_PENDING_LIVE, t += 100 * MS).verdict,
+		     TALLY_VERDICT_OVERLOAD);
+
+	tally__verdict_init(&st, t);
+	for (int i = 0; i < 50; i++)
+		cr_expect_eq(backlog_step(&st, &r, 0, 0, TALLY_PENDING_LIVE, t += 100 * MS).verdict,
+			     TALLY_VERDICT_OK, "nothing waits: an idle router is not stalled");
+}
+
+Test(stall, needs_a_live_backlog_and_can_be_turned_off)
+{
+	struct tally_threshold_rule r = rule(100, 200, 1000, 10000);
+	struct tally__verdict_state st;
+	uint64_t t = 1000 * MS;
+	struct tally__verdict_out o;
+
+	r.stall_after_ms = 1000;
+	tally__verdict_init(&st, t);
+	backlog_step(&st, &r, 0, 50, TALLY_PENDING_LIVE, t);
+	o = backlog_step(&st, &r, 0, 50, TALLY_PENDING_NEVER, t += 5000 * MS);
+	cr_expect_neq(o.verdict, TALLY_VERDICT_OVERLOAD, "stale pending: no one knows it waits");
+	cr_expect_eq(o.reasons & TALLY_REASON_STALLED, 0);
+	o = backlog_step(&st, &r, 0, 50, 0, t += 5000 * MS);
+	cr_expect_eq(o.verdict, TALLY_VERDICT_UNKNOWN, "no consumer, no samples: unknown");
+	cr_expect_eq(o.reasons, TALLY_REASON_NO_DATA);
+	o = backlog_step(&st, &r, 0, 50, TALLY_PENDING_LIVE, t += 100 * MS);
+	cr_expect_eq(o.verdict, TALLY_VERDICT_OVERLOAD, "live again and still no progress: stalled at once");
+	cr_expect_eq(o.reasons, TALLY_REASON_STALLED);
+
+	r.stall_after_ms = 0;
+	tally__verdict_init(&st, t);
+	backlog_step(&st, &r, 0, 50, TALLY_PENDING_LIVE, t);
+	cr_expect_eq(backlog_step(&st, &r, 0, 50, TALLY_PENDING_LIVE, t += 3600000 * MS).verdict,
+		     TALLY_VERDICT_OK, "stall_after_ms = 0: off");
+}
+
+Test(stall, no_latency_data_is_judged_on_pending_alone)
+{
+	struct tally_threshold_rule r = rule(100, 200, 100, 1000);
+	struct tally__verdict_state st;
+	uint64_t t = 1000 * MS;
+	struct tally__verdict_out o;
+
+	r.min_samples = 20;
+	r.stall_after_ms = 10000;
+	tally__verdict_init(&st, t);
+	o = backlog_step(&st, &r, 0, 5000, TALLY_PENDING_LIVE, t);
+	cr_expect_eq(o.verdict, TALLY_VERDICT_OVERLOAD, "count 0, backlog above pending_overload");
+	cr_expect_eq(o.reasons, TALLY_REASON_PENDING, "on pending alone, not stalled yet");
+	o = backlog_step(&st, &r, 0, 6000, TALLY_PENDING_LIVE, t += 10000 * MS);
+	cr_expect_eq(o.reasons, TALLY_REASON_PENDING | TALLY_REASON_STALLED, "then stalled too");
+	tally__verdict_init(&st, t);
+	o = backlog_step(&st, &r, 0, 500, TALLY_PENDING_LIVE, t);
+	cr_expect_eq(o.verdict, TALLY_VERDICT_WARN);
+	cr_expect_eq(o.reasons, TALLY_REASON_PENDING);
+}
+
+Test(stall, stall_after_ms_is_validated_and_defaults_to_10_s)
+{
+	struct tally_thresholds *t = tally_thresholds_new();
+	struct tally_threshold_rule r;
+
+	tally_threshold_rule_init(&r);
+	cr_expect_eq(r.stall_after_ms, 10000);
+	r.stall_after_ms = 50;
+	cr_expect_eq(tally_thresholds_add(t, "orders.created", &r), -EINVAL);
+	cr_expect(strstr(tally_errmsg(), "orders.created") && strstr(tally_errmsg(), "stall_after_ms"),
+		  "%s", tally_errmsg());
+	r.stall_after_ms = 0;
+	cr_expect_eq(tally_thresholds_add(t, "orders.created", &r), 0, "0 turns it off");
+	r.stall_after_ms = 100;
+	cr_expect_eq(tally_thresholds_add(t, "orders.paid", &r), 0);
+	tally_thresholds_free(&t);
+}
+
+/* The engine gives configured literal subjects, and subjects interned but
+ * never recorded, a row (count 0) before any sample. */
+Test(stall, configured_and_interned_subjects_have_rows_before_a_sample)
+{
+	struct tally_segment_config cfg;
+	struct tally_segment *seg, *rd;
+	struct tally_engine_config ec;
+	struct tally_engine *e;
+	struct tally_threshold_rule r = rule(1000, 10000, 0, 0);
+	tally_subject_t id, stuck;
+	struct tally_subject_stats s;
+	const char *name = tt_segname("known");
+
+	tt_config(&cfg);
+	cr_assert_eq(tally_segment_create(name, &cfg, 0, &seg), 0);
+	tally_engine_config_init(&ec);
+	ec.publish_interval_ms = 5;
+	ec.reap_interval_ms = 10;
+	cr_assert_eq(tally_engine_start(seg, &ec, &e), 0);
+	struct tally_thresholds *t = tally_thresholds_new();
+	cr_assert_eq(tally_thresholds_add(t, "cfg.literal", &r), 0);
+	cr_assert_eq(tally_thresholds_add(t, "cfg.*", &r), 0);
+	cr_assert_eq(tally_engine_set_thresholds(e, &t), 0);
+	cr_assert_eq(tally_subject_intern(seg, "router.stuck", &stuck), 0);
+	cr_assert_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), 0);
+	int rc = -1;
+	for (int i = 0; i < 200 && rc != 0; i++) {
+		tt_sleep_ms(5);
+		if (tally_subject_lookup(rd, "cfg.literal", &id) == 0)
+			rc = tally_read_subject(rd, id, &s);
+	}
+	cr_assert_eq(rc, 0, "the threshold rule's subject was interned and published");
+	cr_expect_eq(s.count, 0);
+	cr_expect_eq(s.verdict, TALLY_VERDICT_UNKNOWN);
+	cr_expect_eq(s.reasons, TALLY_REASON_NO_DATA);
+	cr_expect_eq(tally_engine_read(e, id, &s), 0, "in process too");
+	cr_expect_eq(tally_subject_lookup(rd, "cfg.*", &id), TALLY_EBADNAME, "a wildcard names no subject");
+	rc = -1;
+	for (int i = 0; i < 200 && rc != 0; i++, tt_sleep_ms(5))
+		rc = tally_read_subject(rd, stuck, &s);
+	cr_expect_eq(rc, 0, "a subject interned and never recorded has a row");
+	cr_expect_eq(s.count, 0);
+	tally_segment_close(&rd);
+	tally_engine_stop(&e);
+	tally_segment_close(&seg);
+	tally_segment_unlink(name);
 }

@@ -381,7 +381,7 @@ static void put_subject_reasons(struct buf *b, const struct scrape *sc)
 	static const struct { uint32_t bit; const char *name; } rs[] = {
 		{ TALLY_REASON_LATENCY, "latency" }, { TALLY_REASON_PENDING, "pending" },
 		{ TALLY_REASON_STALE, "stale" },     { TALLY_REASON_NO_DATA, "no_data" },
-		{ TALLY_REASON_FAIL_OPEN, "fail_open" },
+		{ TALLY_REASON_FAIL_OPEN, "fail_open" }, { TALLY_REASON_STALLED, "stalled" },
 	};
 
 	family(b, TM_subject_verdict_reason);

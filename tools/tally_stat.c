@@ -670,7 +670,7 @@ static const struct cli_subject *status_find(const struct cli_view *v, const cha
 	for (size_t i = 0; i < v->nsubjects; i++)
 		if (strcmp(v->subjects[i].name, subject) == 0)
 			return &v->subjects[i];
-	fprintf(stderr, "tally status: no subject \"%s\" in segment \"%s\": nothing was ever recorded for it (list them with: tally -s %s stat)\n",
+	fprintf(stderr, "tally status: no subject \"%s\" in segment \"%s\": no threshold rule or watched consumer names it and nothing was ever recorded for it (list them with: tally -s %s stat)\n",
 		subject, segment, segment);
 	return NULL;
 }

@@ -125,6 +125,7 @@ static const struct key thresh_keys[] = {
 	{ "clear_ratio", K_RATIO, TR(clear_ratio), 0, 0 },
 	{ "min_dwell_ms", K_U32, TR(min_dwell_ms), 0, U32MAX },
 	{ "retry_after_ms", K_U32, TR(retry_after_ms), 0, U32MAX },
+	{ "stall_after_ms", K_U32, TR(stall_after_ms), 0, U32MAX },
 	{ NULL, 0, 0, 0, 0 },
 };
 

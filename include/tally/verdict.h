@@ -17,7 +17,18 @@
  * consumer gone) follows the rule's policy: fail-open judges on latency
  * alone and says so (reason STALE with the verdict of the latency);
  * fail-closed makes the verdict unknown. Too few samples (min_samples) and
- * no pending signal: unknown with reason NO_DATA.
+ * no pending signal: unknown with reason NO_DATA. A subject with no latency
+ * data but a live pending signal is judged on its backlog alone.
+ *
+ * Stalled. A subject is stalled when messages wait for it (a live backlog
+ * above 0), the backlog has not fallen and no completion has been recorded
+ * for it (its since-start sample count has not grown) for stall_after_ms:
+ * the state of a router that stopped completing messages, whatever the
+ * size of the backlog. A stalled subject is overload with reason STALLED.
+ * The stall clears when completions resume or the backlog falls, once it
+ * has held for min_dwell_ms, like the other signals. Stale pending data
+ * (see above) never makes a subject stalled: the backlog is not known to
+ * be waiting.
  */
 #ifndef TALLY_VERDICT_H
 #define TALLY_VERDICT_H
@@ -35,6 +46,8 @@ extern "C" {
 #define TALLY_REASON_STALE   0x04u /* pending data too old, never fetched or gone */
 #define TALLY_REASON_NO_DATA 0x08u /* fewer than min_samples and no pending signal */
 #define TALLY_REASON_FAIL_OPEN 0x10u /* stale pending ignored: judged on latency alone */
+#define TALLY_REASON_STALLED 0x20u /* messages wait, the backlog is not falling and no
+				      * completion was recorded for stall_after_ms */
 
 enum tally_stale_policy {
 	TALLY_STALE_FAIL_OPEN = 0,
@@ -50,6 +63,7 @@ struct tally_threshold_rule {
 	double clear_ratio;                      /* default 0.8, in (0, 1] */
 	uint32_t min_dwell_ms;                   /* default 2000 */
 	uint32_t retry_after_ms;                 /* hint in overload (default 1000); warn: half */
+	uint32_t stall_after_ms;                 /* stalled after this long (default 10000); 0: off */
 };
 
 /* The defaults above. Never fails. */
