@@ -9,7 +9,8 @@
  * each subject's total_count exactly. A tallyd stopped for good makes
  * record stop within its --wait-timeout with an error that names the
  * segment, the owner and the line; a tallyd killed while record waits
- * makes it stop at once.
+ * makes it stop at once. On a terminal (script(1) gives it one) record
+ * shows its progress on stderr while it waits, and clears it at the end.
  *
  * Every wait is bounded; every process started here is stopped by pid at
  * the end, and a tallyd left behind by a failed assertion dies with the
@@ -75,6 +76,11 @@ static void td_stop(void)
 	if (td.seg[0])
 		tally_segment_unlink(td.seg);
 	if (td.dir[0]) {
+		char path[160];
+		snprintf(path, sizeof(path), "%s/in.txt", td.dir);
+		unlink(path);
+		snprintf(path, sizeof(path), "%s/tty.out", td.dir);
+		unlink(path);
 		unlink(td.cfg);
 		unlink(td.log);
 		rmdir(td.dir);
@@ -352,5 +358,46 @@ Test(record_import, an_owner_that_dies_while_record_waits_stops_it_at_once)
 	cr_expect(r.ms < 5000, "stopped after %" PRIu64 " ms, not at the 30 s timeout", r.ms);
 	cr_expect(strstr(r.err, td.seg) && strstr(r.err, "not running"), "%s", r.err);
 	cr_expect(strstr(r.err, "stopped at stdin:1025"), "%s", r.err);
+	td_stop();
+}
+
+static void *cont_later(void *arg)
+{
+	(void)arg;
+	tt_sleep_ms(2500);
+	kill(td.pid, SIGCONT);
+	return NULL;
+}
+
+Test(record_import, on_a_terminal_progress_is_shown_while_it_waits_then_cleared)
+{
+	char in[160], tty[160], cmd[600];
+	static char text[8192];
+	pthread_t cont;
+	FILE *f;
+
+	td_start(1024);
+	snprintf(in, sizeof(in), "%s/in.txt", td.dir);
+	snprintf(tty, sizeof(tty), "%s/tty.out", td.dir);
+	int fd = open(in, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	cr_assert(fd >= 0);
+	feed(fd, 100000);
+	/* script(1) runs it on a pseudo-terminal and copies what it wrote to tty */
+	snprintf(cmd, sizeof(cmd), "%s -s %s record --wait-timeout 30 < %s", TALLY_BIN, td.seg, in);
+	const char *argv[] = { "/usr/bin/script", "-qec", cmd, tty, NULL };
+	int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+	kill(td.pid, SIGSTOP);
+	cr_assert_eq(pthread_create(&cont, NULL, cont_later, NULL), 0);
+	int st = wait_status(spawn(argv, null, null, null));
+	pthread_join(cont, NULL);
+	close(null);
+	cr_assert_eq(st, 0, "script/tally record exit %d", st);
+	cr_assert_not_null(f = fopen(tty, "r"));
+	text[fread(text, 1, sizeof(text) - 1, f)] = '\0';
+	fclose(f);
+	cr_expect(strstr(text, "\rtally record: 1025 lines read, 1024 recorded\033[K"),
+		  "progress while the owner is stopped: %s", text);
+	const char *clear = strstr(text, "\r\033[Krecorded 100000, rejected 0, dropped 0");
+	cr_expect(clear, "the progress line is cleared before the summary: %s", text);
 	td_stop();
 }
