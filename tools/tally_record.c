@@ -216,8 +216,10 @@ static int stall_fail(struct recorder *r, enum stall why, const char *where)
 
 /*
  * After the last value: wait until the owner has drained the ring, then
- * until it has published a snapshot taken after that (the engine drains,
- * then publishes with a time read before the drain). 0 or CLI_EXIT_ERROR.
+ * until it has published a snapshot stamped after that. The engine reads
+ * the time, drains, then publishes stamped with that time, so a stamp
+ * later than the moment the ring was seen empty belongs to a snapshot
+ * built after the last drain: it holds every value. 0 or CLI_EXIT_ERROR.
  */
 static int wait_drained(struct recorder *r)
 {
