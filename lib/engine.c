@@ -47,6 +47,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
@@ -626,14 +627,22 @@ static void latch_publish(struct tally_engine *e, const struct snap *sn, uint64_
 	}
 }
 
+/* The block that holds head. Not liburcu's caa_container_of(): its cast
+ * from char * trips clang's -Wcast-align; through void * it does not (a
+ * struct's member minus its offset is the struct, aligned as it was). */
+static void *block_of(struct rcu_head *head, size_t offset)
+{
+	return (char *)head - offset;
+}
+
 static void free_rcu_snap(struct rcu_head *head)
 {
-	free(caa_container_of(head, struct snap, rcu));
+	free(block_of(head, offsetof(struct snap, rcu)));
 }
 
 static void free_rcu_shared(struct rcu_head *head)
 {
-	free(caa_container_of(head, struct shared, rcu));
+	free(block_of(head, offsetof(struct shared, rcu)));
 }
 
 static struct shared *shared_new(uint32_t n)

@@ -84,19 +84,26 @@ int tally__pending_check(const void *section, size_t len)
 	return (int)capacity;
 }
 
+/* The section is page-aligned and ENTRIES_OFF and BREAKER_OFF are
+ * multiples of the structs' alignment: through void *, as -Wcast-align
+ * (clang) cannot know that. */
 struct tally__pending_entry *tally__pending_entry_at(void *section, uint32_t idx)
 {
-	return (struct tally__pending_entry *)((char *)section + ENTRIES_OFF) + idx;
+	struct tally__pending_entry *entries = (void *)((char *)section + ENTRIES_OFF);
+
+	return entries + idx;
 }
 
 struct tally__pending_breaker *tally__pending_breaker_at(void *section)
 {
-	return (struct tally__pending_breaker *)((char *)section + BREAKER_OFF);
+	return (void *)((char *)section + BREAKER_OFF);
 }
 
 static const struct tally__pending_entry *entry_at_c(const void *section, uint32_t idx)
 {
-	return (const struct tally__pending_entry *)((const char *)section + ENTRIES_OFF) + idx;
+	const struct tally__pending_entry *entries = (const void *)((const char *)section + ENTRIES_OFF);
+
+	return entries + idx;
 }
 
 /* ---- strings packed into relaxed 64-bit atomic words ---- */
@@ -340,7 +347,7 @@ int tally__pending_read_breaker(const void *section, size_t len,
 
 	if (cap < 0)
 		return cap;
-	b = (const struct tally__pending_breaker *)((const char *)section + BREAKER_OFF);
+	b = (const void *)((const char *)section + BREAKER_OFF);
 	for (int i = 0; i < TALLY__PENDING_READ_TRIES; i++) {
 		uint32_t s1 = atomic_load_explicit(&b->seq, memory_order_acquire);
 

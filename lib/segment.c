@@ -277,7 +277,7 @@ static int set_mode(struct tally_segment *seg, const struct tally_segment_config
 
 static void fill_header(struct tally_segment *seg, const struct tally_segment_config *cfg)
 {
-	struct tally__shm_hdr *h = (struct tally__shm_hdr *)seg->base;
+	struct tally__shm_hdr *h = tally__seg_hdr(seg);
 
 	h->magic = TALLY__MAGIC;
 	h->abi_major = TALLY__ABI_MAJOR;
@@ -320,7 +320,7 @@ static int create_once(struct tally_segment *seg, const struct tally_segment_con
 	}
 	seg->len = size;
 	fill_header(seg, cfg);
-	seg->hdr = (struct tally__shm_hdr *)seg->base;
+	seg->hdr = tally__seg_hdr(seg);
 	if ((rc = adopt_layout(seg, seg->hdr)))
 		return rc;
 	seg->reap.slot_lease = calloc(seg->nslots, sizeof(uint64_t));
@@ -394,7 +394,7 @@ TALLY_API int tally_segment_create(const char *name, const struct tally_segment_
 static int wait_ready(struct tally_segment *seg, uint32_t wait_ms)
 {
 	uint64_t deadline = tally__mono_ns() + (uint64_t)wait_ms * 1000000u;
-	struct tally__shm_hdr *h = (struct tally__shm_hdr *)seg->base;
+	struct tally__shm_hdr *h = tally__seg_hdr(seg);
 
 	while (atomic_load_explicit(&h->ready, memory_order_acquire) != TALLY__READY) {
 		if (tally__mono_ns() >= deadline)
@@ -408,7 +408,7 @@ static int wait_ready(struct tally_segment *seg, uint32_t wait_ms)
 
 static int check_header(struct tally_segment *seg)
 {
-	const struct tally__shm_hdr *h = (const struct tally__shm_hdr *)seg->base;
+	const struct tally__shm_hdr *h = tally__seg_hdr(seg);
 
 	if (h->magic != TALLY__MAGIC)
 		return tally__fail(TALLY_ECORRUPT, "\"%s\" in " SHM_DIR " is not a tally segment "
@@ -486,7 +486,7 @@ TALLY_API int tally_segment_open(const char *name, enum tally_open_mode mode, ui
 		seg_free(seg);
 		return rc;
 	}
-	seg->hdr = (struct tally__shm_hdr *)seg->base;
+	seg->hdr = tally__seg_hdr(seg);
 	if (!seg->read_only && (rc = tally__follow_init(seg)) != 0) {
 		seg_free(seg);
 		return rc;

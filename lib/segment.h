@@ -49,19 +49,39 @@ struct tally_segment {
 	struct tally_segment *follower_of; /* a successor: the origin that opened it */
 };
 
+/*
+ * Typed pointers into the mapping go through void *: base is the page-
+ * aligned start of the mmap, every section offset is a multiple of
+ * TALLY__SECTION_ALIGN and slot_stride a multiple of the slot's alignment
+ * (layout() computes them; open checks the header against it), so the
+ * alignment the casts assume holds; clang's -Wcast-align, which warns on
+ * any cast from unsigned char * on every target, cannot know that.
+ */
+static inline void *tally__seg_section(const struct tally_segment *s, const struct tally__section *sec)
+{
+	return s->base + sec->off;
+}
+
 static inline struct tally__shm_subject *tally__seg_subject(const struct tally_segment *s, uint32_t i)
 {
-	return (struct tally__shm_subject *)(s->base + s->subjects.off) + i;
+	struct tally__shm_subject *table = tally__seg_section(s, &s->subjects);
+
+	return table + i;
 }
 
 static inline struct tally__slot *tally__seg_slot(const struct tally_segment *s, uint32_t i)
 {
-	return (struct tally__slot *)(s->base + s->slots.off + (uint64_t)i * s->slot_stride);
+	void *slot = s->base + s->slots.off + (uint64_t)i * s->slot_stride;
+
+	return slot;
 }
 
-static inline void *tally__seg_section(const struct tally_segment *s, const struct tally__section *sec)
+/* The header at the start of the mapping (page-aligned). */
+static inline struct tally__shm_hdr *tally__seg_hdr(const struct tally_segment *s)
 {
-	return s->base + sec->off;
+	void *hdr = s->base;
+
+	return hdr;
 }
 
 /* Size of the subject hash table for a capacity: a power of two, at least

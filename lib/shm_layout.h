@@ -205,6 +205,8 @@ _Static_assert(offsetof(struct tally__slot, tail) == 1 * TALLY__BLOCK, "tail blo
 _Static_assert(offsetof(struct tally__slot, dropped) == 2 * TALLY__BLOCK, "counter block");
 _Static_assert(offsetof(struct tally__slot, head) == 3 * TALLY__BLOCK, "head block");
 _Static_assert(offsetof(struct tally__slot, ring) == 4 * TALLY__BLOCK, "ring after the blocks");
+_Static_assert(_Alignof(struct tally__slot) <= TALLY__BLOCK && TALLY__BLOCK % _Alignof(struct tally__slot) == 0,
+	       "slot_stride (blocks plus a ring of 16-byte entries, at least 64) keeps every slot aligned");
 _Static_assert(sizeof(struct tally_ring_entry) == 16, "ring entry is 16 bytes");
 
 #endif /* TALLY_SHM_LAYOUT_H */

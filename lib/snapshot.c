@@ -46,8 +46,10 @@ int tally__snapshot_check(const void *section, uint64_t len, uint32_t want_entri
 
 static struct tally__snap_entry *copy_of(const void *section, uint32_t nentries, uint64_t idx)
 {
-	struct tally__snap_entry *e = (struct tally__snap_entry *)((const char *)section +
-								   sizeof(struct tally__snap_hdr));
+	/* Through void *: the section is page-aligned and the header's size a
+	 * multiple of an entry's alignment (clang's -Wcast-align cannot know). */
+	struct tally__snap_entry *e = (void *)((const char *)section + sizeof(struct tally__snap_hdr));
+
 	return e + idx * nentries;
 }
 

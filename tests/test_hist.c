@@ -359,7 +359,7 @@ Test(hist, quantile_errors)
 {
 	struct tally__hist h = mk(TALLY__HIST_DEFAULT_MAX);
 	const struct tally__hist *none[1] = { &h };
-	const double bad[] = { 0.5, 0.4 }, nan_q[] = { NAN }, big[] = { 1.5 };
+	const double bad[] = { 0.5, 0.4 }, nan_q[] = { (double)NAN }, big[] = { 1.5 };
 	uint64_t out[2] = { 42, 42 }, edge = 1000000, half = 1 << 19;
 
 	cr_assert_eq(tally__hist_quantiles(&h, QS, 2, out), -ENODATA);

@@ -759,9 +759,9 @@ Test(kill, readers_killed_mid_read_change_nothing, .timeout = 300)
 	if (witness == 0)
 		reader_child(name, id, sh, witness_s, wfd[1]);
 	struct watch_reader wt;
+	_Atomic uint64_t never_killed = 0; /* clang takes no _Atomic compound literal */
 	memset(&wt, 0, sizeof(wt));
-	wt.r = (struct owner_reader){ .seg = rd, .id = id, .stop = &stop,
-				      .kill_at = &(_Atomic uint64_t){ 0 } };
+	wt.r = (struct owner_reader){ .seg = rd, .id = id, .stop = &stop, .kill_at = &never_killed };
 	pthread_t wth;
 	cr_assert_eq(pthread_create(&wth, NULL, watch_reader_main, &wt), 0);
 

@@ -105,6 +105,8 @@ enum tally_verdict cli_effective_verdict(const struct cli_view *v, const struct 
 int tally_cmd_stat(const char *segment, int argc, char **argv);
 int tally_cmd_status(const char *segment, int argc, char **argv);
 int tally_cmd_top(const char *segment, int argc, char **argv);
+/* tools/tally_record.c */
+int tally_cmd_record(const char *segment, int argc, char **argv);
 /* tools/tally_demo.c (the live demo); dispatched once that file exists. */
 int tally_cmd_demo(const char *segment, int argc, char **argv);
 

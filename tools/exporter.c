@@ -739,7 +739,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 	return serve_metrics(x, c);
 }
 
-static void mhd_log(void *cls, const char *fmt, va_list ap)
+/* fmt is libmicrohttpd's own printf format: the attribute says so, to
+ * the compiler's -Wformat-nonliteral and to its checks of callers. */
+__attribute__((format(printf, 2, 0))) static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
 	struct tallyd_exporter *x = cls;
 	char msg[512];

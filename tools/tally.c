@@ -1,13 +1,13 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * tally.c: the tally command line: global options, dispatch, the helpers
- * every command shares (cli.h), and the two low-level commands: dump
- * (header, sections, producer slots, for diagnosis) and record (as a
- * producer, from arguments or stdin). stat and status live in
- * tally_stat.c, top in tally_top.c.
+ * every command shares (cli.h), and the low-level command dump (header,
+ * sections, producer slots, for diagnosis). stat and status
+ * live in tally_stat.c, top in tally_top.c, record (as a producer, from
+ * arguments or stdin) in tally_record.c.
  *
  * Reads a segment read-only unless it records. Exit status: 0 success,
- * 1 partial failure (some input rejected), 2 bad usage (on stderr),
+ * 1 partial failure (some record input rejected), 2 bad usage (on stderr),
  * 4 error (no segment, no permission, a version mismatch, ...);
  * tally status exits with its verdict (0 ok, 1 warn, 2 overload,
  * 3 unknown) or 4.
@@ -155,7 +155,8 @@ static void usage(FILE *to)
 		"  top                      live full-screen view (q quits)\n"
 		"  dump                     header, sections and producer slots of the segment\n"
 		"  record SUBJECT NS...     record latencies (ns) for SUBJECT as a producer\n"
-		"  record                   read \"SUBJECT NS\" lines from stdin until EOF\n"
+		"  record                   read \"SUBJECT NS\" lines from stdin until EOF;\n"
+		"                           waits for room in the ring, never drops\n"
 		"  demo                     the live demo: nats-server, a router, rising load, verdicts\n"
 		"\n"
 		"options:\n"
@@ -273,125 +274,6 @@ static int cmd_dump(const char *name, int argc, char **argv)
 	return 0;
 }
 
-/* ---- record ------------------------------------------------------------------- */
-
-static const char record_help[] =
-	"usage: tally record [-s SEGMENT] SUBJECT NS...\n"
-	"       tally record [-s SEGMENT] < LINES\n"
-	"\n"
-	"Record latencies in nanoseconds as a producer of the segment: the values\n"
-	"given for SUBJECT, or with no operand \"SUBJECT NS\" lines from stdin until\n"
-	"EOF (blank lines and lines starting with # are skipped). A bad line is\n"
-	"reported with its line number and skipped; the rest is recorded. At the\n"
-	"end it prints how many were recorded, rejected and dropped (ring full).\n"
-	"\n"
-	"  -s, --segment NAME   segment (default $TALLY_SEGMENT, else \"tally\")\n"
-	"  -h, --help           this help\n"
-	"\n"
-	"exit status: 0 all recorded, 1 some rejected or dropped, 2 bad usage,\n"
-	"4 error (no segment, no permission, no free producer slot, ...)\n";
-
-struct recorder {
-	struct tally_segment *seg;
-	struct tally_producer *p;
-	uint64_t recorded, rejected, dropped;
-};
-
-static int record_one(struct recorder *r, const char *subject, const char *value, const char *where)
-{
-	tally_subject_t id;
-	uint64_t ns;
-
-	if (cli_parse_u64(value, &ns)) {
-		fprintf(stderr, "tally: %s: \"%s\" is not a latency in nanoseconds (a whole number >= 0)\n",
-			where, value);
-		return -1;
-	}
-	int rc = tally_subject_intern(r->seg, subject, &id);
-	if (rc) {
-		fprintf(stderr, "tally: %s: %s\n", where,
-			*tally_errmsg() ? tally_errmsg() : tally_strerror(rc));
-		return -1;
-	}
-	if (!tally_record(r->p, id, ns)) {
-		r->dropped++;
-		return 0;
-	}
-	r->recorded++;
-	return 0;
-}
-
-static void record_stdin(struct recorder *r)
-{
-	char line[1024], where[64];
-	unsigned long lineno = 0;
-
-	while (fgets(line, sizeof(line), stdin)) {
-		char *subject, *value, *extra, *save;
-		lineno++;
-		snprintf(where, sizeof(where), "stdin:%lu", lineno);
-		if (!strchr(line, '\n') && !feof(stdin)) {
-			fprintf(stderr, "tally: %s: line longer than %zu bytes\n", where, sizeof(line) - 2);
-			int c;
-			while ((c = getchar()) != EOF && c != '\n')
-				;
-			r->rejected++;
-			continue;
-		}
-		subject = strtok_r(line, " \t\r\n", &save);
-		if (!subject || subject[0] == '#')
-			continue;
-		value = strtok_r(NULL, " \t\r\n", &save);
-		extra = strtok_r(NULL, " \t\r\n", &save);
-		if (!value || extra) {
-			fprintf(stderr, "tally: %s: expected \"SUBJECT NS\"\n", where);
-			r->rejected++;
-			continue;
-		}
-		if (record_one(r, subject, value, where))
-			r->rejected++;
-	}
-}
-
-static int cmd_record(const char *name, int argc, char **argv)
-{
-	struct recorder r = { 0 };
-	int rc = simple_opts(record_help, &name, argc, argv);
-
-	if (rc >= 0)
-		return rc;
-	argc -= optind;
-	argv += optind;
-	if (argc == 1) {
-		fprintf(stderr, "tally record %s: give at least one value in ns, or none to read stdin\n",
-			argv[0]);
-		fputs(record_help, stderr);
-		return CLI_EXIT_USAGE;
-	}
-	if ((rc = tally_segment_open(name, TALLY_OPEN_PRODUCER, 1000, &r.seg)))
-		return cli_fail(name, rc);
-	if ((rc = tally_producer_attach(r.seg, &r.p))) {
-		cli_fail(name, rc);
-		tally_segment_close(&r.seg);
-		return CLI_EXIT_ERROR;
-	}
-	if (argc == 0) {
-		record_stdin(&r);
-	} else {
-		for (int i = 1; i < argc; i++) {
-			char where[32];
-			snprintf(where, sizeof(where), "argument %d", i + 1);
-			if (record_one(&r, argv[0], argv[i], where))
-				r.rejected++;
-		}
-	}
-	tally_producer_detach(&r.p);
-	tally_segment_close(&r.seg);
-	printf("recorded %" PRIu64 ", rejected %" PRIu64 ", dropped %" PRIu64 "\n", r.recorded,
-	       r.rejected, r.dropped);
-	return r.rejected || r.dropped ? CLI_EXIT_PARTIAL : CLI_EXIT_OK;
-}
-
 /* ---- main --------------------------------------------------------------------- */
 
 static const char *segment_name(const char *opt)
@@ -448,7 +330,7 @@ int main(int argc, char **argv)
 	if (strcmp(cmd, "dump") == 0)
 		return cmd_dump(name, cargc, cargv);
 	if (strcmp(cmd, "record") == 0)
-		return cmd_record(name, cargc, cargv);
+		return tally_cmd_record(name, cargc, cargv);
 	if (strcmp(cmd, "demo") == 0) /* its own segment unless one is named */
 		return tally_cmd_demo(seg_opt || getenv("TALLY_SEGMENT") ? name : "tally-demo", cargc, cargv);
 	fprintf(stderr, "tally: unknown command \"%s\"\n", cmd);

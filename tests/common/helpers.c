@@ -6,8 +6,13 @@
  */
 #include "config.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -135,4 +140,102 @@ void tt_slot_view(struct tally_segment *seg, uint32_t i, struct tt_slot_view *o)
 	o->clamped = atomic_load(&s->clamped);
 	o->base = atomic_load(&s->ctl.base);
 	o->claims = atomic_load(&s->ctl.claims);
+}
+
+/* ---- a program another user can run ---------------------------------------- */
+
+static int copy_file(const char *from, const char *to, mode_t mode)
+{
+	char buf[65536];
+	int in = open(from, O_RDONLY | O_CLOEXEC), out = -1, rc = 0;
+	ssize_t n;
+
+	if (in < 0 || (out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)) < 0)
+		rc = -errno;
+	while (rc == 0 && (n = read(in, buf, sizeof(buf))) != 0) {
+		if (n < 0 || write(out, buf, (size_t)n) != n)
+			rc = n < 0 ? -errno : -EIO;
+	}
+	if (rc == 0 && fchmod(out, mode)) /* exactly mode, whatever the umask */
+		rc = -errno;
+	if (in >= 0)
+		close(in);
+	if (out >= 0 && close(out) && rc == 0)
+		rc = -errno;
+	if (rc)
+		fprintf(stderr, "tt_foreign_prog: copy %s to %s: %s\n", from, to, strerror(-rc));
+	return rc;
+}
+
+/* Copy every libtally.so* of the build (the links as files) into fp->libdir. */
+static int copy_libs(struct tt_foreign_prog *fp)
+{
+	const char *src = TALLY_TEST_BUILDDIR "/lib/.libs";
+	DIR *d = opendir(src);
+	struct dirent *e;
+	int rc = 0;
+
+	if (!d) /* a static build: nothing to copy */
+		return errno == ENOENT ? 0 : -errno;
+	while (rc == 0 && (e = readdir(d))) {
+		char from[512], to[512];
+		if (strncmp(e->d_name, "libtally.so", 11) != 0)
+			continue;
+		snprintf(from, sizeof(from), "%s/%s", src, e->d_name);
+		snprintf(to, sizeof(to), "%s/%s", fp->libdir, e->d_name);
+		rc = copy_file(from, to, 0644);
+	}
+	closedir(d);
+	return rc;
+}
+
+int tt_foreign_prog_make(struct tt_foreign_prog *fp, const char *prog)
+{
+	char src[512];
+	int rc;
+
+	memset(fp, 0, sizeof(*fp));
+	snprintf(fp->dir, sizeof(fp->dir), "/tmp/tt-foreign-XXXXXX");
+	if (!mkdtemp(fp->dir)) {
+		rc = -errno;
+		fprintf(stderr, "tt_foreign_prog: %s: %s\n", fp->dir, strerror(-rc));
+		fp->dir[0] = '\0';
+		return rc;
+	}
+	snprintf(fp->path, sizeof(fp->path), "%s/%s", fp->dir, prog);
+	snprintf(fp->libdir, sizeof(fp->libdir), "%s/lib", fp->dir);
+	/* 0755 whatever the umask: the other user must enter both */
+	if (chmod(fp->dir, 0755) || mkdir(fp->libdir, 0700) || chmod(fp->libdir, 0755)) {
+		rc = -errno;
+		fprintf(stderr, "tt_foreign_prog: %s: %s\n", fp->libdir, strerror(-rc));
+		tt_foreign_prog_remove(fp);
+		return rc;
+	}
+	/* libtool's wrapper script execs .libs/PROG with the build's library
+	 * path; with --disable-shared tools/PROG is the program itself. */
+	snprintf(src, sizeof(src), "%s/tools/.libs/%s", TALLY_TEST_BUILDDIR, prog);
+	if (access(src, X_OK))
+		snprintf(src, sizeof(src), "%s/tools/%s", TALLY_TEST_BUILDDIR, prog);
+	if ((rc = copy_file(src, fp->path, 0755)) || (rc = copy_libs(fp)))
+		tt_foreign_prog_remove(fp);
+	return rc;
+}
+
+void tt_foreign_prog_remove(struct tt_foreign_prog *fp)
+{
+	DIR *d;
+	struct dirent *e;
+
+	if (!fp->dir[0])
+		return;
+	if ((d = opendir(fp->libdir))) {
+		while ((e = readdir(d)))
+			if (e->d_name[0] != '.')
+				unlinkat(dirfd(d), e->d_name, 0);
+		closedir(d);
+	}
+	rmdir(fp->libdir);
+	unlink(fp->path);
+	rmdir(fp->dir);
+	fp->dir[0] = '\0';
 }

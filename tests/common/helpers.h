@@ -52,4 +52,23 @@ struct tt_slot_view {
 };
 void tt_slot_view(struct tally_segment *seg, uint32_t i, struct tt_slot_view *out);
 
+/*
+ * A program of the build that another user can run. A test that runs a
+ * built program as another user (setuid to 65534) cannot exec it where it
+ * was built when that user cannot enter the tree (a clone under /root):
+ * this copies the real binary (tools/.libs/PROG behind libtool's wrapper
+ * script, or tools/PROG when there is none) into a new 0755 directory
+ * under /tmp, with the build's libtally.so* in lib/ beside it. Run
+ * tt_foreign_prog.path with LD_LIBRARY_PATH=tt_foreign_prog.libdir.
+ * 0, or -errno after a line on stderr saying what failed.
+ */
+struct tt_foreign_prog {
+	char dir[64];
+	char path[128];
+	char libdir[128];
+};
+int tt_foreign_prog_make(struct tt_foreign_prog *fp, const char *prog);
+/* Remove the copy and its directory. */
+void tt_foreign_prog_remove(struct tt_foreign_prog *fp);
+
 #endif
