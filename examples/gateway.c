@@ -10,9 +10,15 @@
  *                       503 + Retry-After      verdict overload (X-Tally-Reasons
  *                                              says why: latency, pending,
  *                                              stalled, ...)
- *                       200 + X-Tally-Fail-Open  unknown, stale data, owner
- *                                              dead, no segment: the gateway
- *                                              fails open and says so
+ *                       503 + X-Tally-Fail-Closed  unknown because pending
+ *                                              data is stale and the subject's
+ *                                              rule says stale_policy =
+ *                                              fail-closed; with --fail-closed
+ *                                              also no data at all (no
+ *                                              segment, owner dead, no row)
+ *                       200 + X-Tally-Fail-Open  otherwise unknown, stale data,
+ *                                              owner dead, no segment: the
+ *                                              gateway fails open, says so
  *                       400                    not a valid NATS subject
  *
  * A dead owner never makes the gateway reject or stop answering: it logs
@@ -42,7 +48,8 @@ struct gateway {
 	pthread_mutex_t lock; /* guards seg: requests run on MHD's threads */
 	struct tally_segment *seg;
 	bool failing_open;    /* logged once per episode */
-	_Atomic uint64_t accepted, rejected, fail_open;
+	bool fail_closed;     /* --fail-closed: no data at all sheds too */
+	_Atomic uint64_t accepted, rejected, fail_open, fail_closed_n;
 };
 
 static volatile sig_atomic_t stop;
@@ -124,6 +131,25 @@ static enum MHD_Result reply(struct MHD_Connection *c, unsigned status, const ch
 	return ret;
 }
 
+/* 503 for a fail-closed decision: what decided it in X-Tally-Fail-Closed. */
+static enum MHD_Result reply_closed(struct MHD_Connection *c, const char *body, const char *retry,
+				    const char *cause, const char *reasons)
+{
+	struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), (void *)body,
+								 MHD_RESPMEM_MUST_COPY);
+	if (!r)
+		return MHD_NO;
+	MHD_add_response_header(r, "Content-Type", "text/plain; charset=utf-8");
+	MHD_add_response_header(r, "X-Tally-Verdict", "unknown");
+	MHD_add_response_header(r, "Retry-After", retry);
+	MHD_add_response_header(r, "X-Tally-Fail-Closed", cause);
+	if (reasons && *reasons)
+		MHD_add_response_header(r, "X-Tally-Reasons", reasons);
+	enum MHD_Result ret = MHD_queue_response(c, MHD_HTTP_SERVICE_UNAVAILABLE, r);
+	MHD_destroy_response(r);
+	return ret;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
 				  const char *method, const char *version, const char *upload_data,
 				  size_t *upload_data_size, void **con_cls)
@@ -157,6 +183,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 		logf_("segment %s is live again", g->segment);
 	if (v != TALLY_VERDICT_UNKNOWN || why == verdict_unknown) /* s was read: say why */
 		tally_reasons_format(s.reasons, reasons, sizeof(reasons));
+	/* fail-closed: the rule said so (stale pending data, judged unknown
+	 * without the fail-open reason), or the operator did for no data */
+	bool closed_by_rule = why == verdict_unknown && (s.reasons & TALLY_REASON_STALE) &&
+			      !(s.reasons & TALLY_REASON_FAIL_OPEN);
+	if (closed_by_rule || (why && why != verdict_unknown && g->fail_closed)) {
+		const char *cause = closed_by_rule ? "pending data is stale and stale_policy = fail-closed"
+						   : why;
+		snprintf(retry, sizeof(retry), "%u", s.retry_after_ms > 1000 && closed_by_rule
+			 ? (s.retry_after_ms + 999) / 1000 : 1u);
+		snprintf(body, sizeof(body), "shed (fail-closed: %s): retry after %s s\n", cause, retry);
+		atomic_fetch_add(&g->fail_closed_n, 1);
+		return reply_closed(c, body, retry, cause, reasons);
+	}
 	if (v == TALLY_VERDICT_OVERLOAD) {
 		unsigned secs = (s.retry_after_ms + 999) / 1000;
 		snprintf(retry, sizeof(retry), "%u", secs ? secs : 1);
@@ -173,19 +212,24 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 
 static void usage(FILE *to)
 {
-	fprintf(to, "usage: tally-gateway [-s SEGMENT] [--listen ADDR:PORT]\n"
+	fprintf(to, "usage: tally-gateway [-s SEGMENT] [--listen ADDR:PORT] [--fail-closed]\n"
 		    "Answers POST|GET /SUBJECT with 200, or 503 + Retry-After when the router's\n"
-		    "verdict for SUBJECT is overload; fails open (200 + X-Tally-Fail-Open) when\n"
-		    "the verdict is unknown or its owner is not alive.\n"
+		    "verdict for SUBJECT is overload, or unknown on stale pending data under\n"
+		    "stale_policy = fail-closed (X-Tally-Fail-Closed says so); otherwise fails\n"
+		    "open (200 + X-Tally-Fail-Open) when the verdict is unknown or its owner is\n"
+		    "not alive.\n"
 		    "  -s, --segment NAME   segment (default $TALLY_SEGMENT, else \"tally\")\n"
-		    "  -l, --listen A:P     address (default 127.0.0.1:8080)\n");
+		    "  -l, --listen A:P     address (default 127.0.0.1:8080)\n"
+		    "      --fail-closed    shed (503) when there is no data at all too: no\n"
+		    "                       segment, its owner dead, no row for the subject\n");
 }
 
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{ "segment", required_argument, NULL, 's' }, { "listen", required_argument, NULL, 'l' },
-		{ "help", no_argument, NULL, 'h' }, { NULL, 0, NULL, 0 },
+		{ "fail-closed", no_argument, NULL, 'C' }, { "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
 	};
 	struct gateway g = { .segment = getenv("TALLY_SEGMENT") };
 	const char *listen = "127.0.0.1:8080";
@@ -196,6 +240,7 @@ int main(int argc, char **argv)
 		switch (c) {
 		case 's': g.segment = optarg; break;
 		case 'l': listen = optarg; break;
+		case 'C': g.fail_closed = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -229,8 +274,9 @@ int main(int argc, char **argv)
 	pthread_mutex_lock(&g.lock);
 	tally_segment_close(&g.seg);
 	pthread_mutex_unlock(&g.lock);
-	fprintf(stderr, "tally-gateway: %llu accepted, %llu rejected (503), %llu failed open\n",
+	fprintf(stderr, "tally-gateway: %llu accepted, %llu rejected (503), %llu failed open, "
+			"%llu shed fail-closed (503)\n",
 		(unsigned long long)g.accepted, (unsigned long long)g.rejected,
-		(unsigned long long)g.fail_open);
+		(unsigned long long)g.fail_open, (unsigned long long)g.fail_closed_n);
 	return 0;
 }

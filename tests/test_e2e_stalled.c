@@ -363,3 +363,77 @@ Test(e2e_stalled, a_router_that_stops_completing_is_shed)
 	tally_segment_close(&seg);
 	cleanup();
 }
+
+/* ---- stale pending data through the gateway: fail-closed closes ------------- */
+
+/* The JetStream server goes away: the pending data turns stale after
+ * stale_after_ms. Under fail-closed the gateway sheds (503 and
+ * X-Tally-Fail-Closed); under fail-open it admits and says so. */
+static void stale_through_the_gateway(bool closed)
+{
+	char err[256], listen[64], hdr[160] = "", *reply = NULL;
+	int port = tt_free_port();
+
+	cr_assert_eq(tally_test_nats_start(&nats, NULL, true), 0, "%s", nats.errmsg);
+	cr_assert_eq(sim_setup(nats.url, "ORDERS", "orders.>", false, "router", "orders.created", err,
+			       sizeof(err)), 0, "%s", err);
+	tallyd_start("%s[thresholds orders.created]\npending_warn = 1000\npending_overload = 10000\n"
+		     "stale_after_ms = 500\nstale_policy = %s\n", ini_common,
+		     closed ? "fail-closed" : "fail-open");
+	snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
+	gateway.pid = spawn(gateway.log, (const char *const[]){ GATEWAY, "-s", tallyd.seg, "--listen", listen,
+								NULL });
+	/* live backlog 0: admitted, no fail-open */
+	int code = 0;
+	for (int i = 0; i < 200; i++, tt_sleep_ms(50)) {
+		free(reply);
+		reply = NULL;
+		code = tt_http(port, "POST", "/orders.created", &reply);
+		if (code == 200 && tt_http_header(reply, "X-Tally-Fail-Open", hdr, sizeof(hdr)) != 0)
+			break;
+	}
+	cr_assert_eq(code, 200, "%s", reply);
+	free(reply);
+	reply = NULL;
+	uint64_t t0 = tally_now_ns();
+	tally_test_nats_stop(&nats); /* the poller's answers stop: cached, then stale */
+	double at = -1;
+	while (ms_since(t0) < 10000) {
+		free(reply);
+		reply = NULL;
+		code = tt_http(port, "POST", "/orders.created", &reply);
+		if ((closed && code == 503) ||
+		    (!closed && code == 200 && tt_http_header(reply, "X-Tally-Fail-Open", hdr, sizeof(hdr)) == 0)) {
+			at = ms_since(t0);
+			break;
+		}
+		cr_expect_eq(code, 200, "before it is stale: %s", reply);
+		tt_sleep_ms(20);
+	}
+	fprintf(stderr, "[e2e %s] nats-server stopped: gateway %s after %.0f ms (stale_after_ms 500)\n",
+		closed ? "fail-closed" : "fail-open", closed ? "sheds" : "fails open", at);
+	cr_assert_geq(at, 0, "never %s: %d %s\ntallyd log:\n%s", closed ? "shed" : "failed open", code,
+		      reply, slurp_file(tallyd.log));
+	if (closed) {
+		cr_expect_eq(tt_http_header(reply, "X-Tally-Fail-Closed", hdr, sizeof(hdr)), 0, "%s", reply);
+		cr_expect(strstr(hdr, "stale"), "%s", hdr);
+		cr_expect_eq(tt_http_header(reply, "X-Tally-Verdict", hdr, sizeof(hdr)), 0);
+		cr_expect_str_eq(hdr, "unknown");
+		cr_expect_eq(tt_http_header(reply, "Retry-After", hdr, sizeof(hdr)), 0, "%s", reply);
+	} else {
+		cr_expect(strstr(hdr, "unknown") || strstr(hdr, "stale"), "%s", hdr);
+	}
+	cr_expect_geq(at, 400, "stale before stale_after_ms: %.0f ms", at);
+	free(reply);
+	cleanup();
+}
+
+Test(e2e_stalled, fail_closed_sheds_on_stale_pending)
+{
+	stale_through_the_gateway(true);
+}
+
+Test(e2e_stalled, fail_open_admits_on_stale_pending_and_says_so)
+{
+	stale_through_the_gateway(false);
+}
