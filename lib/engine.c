@@ -471,11 +471,8 @@ static void pending_of(struct tally_engine *e, struct subject_state *st, uint32_
 	o->pending_source = public_source(r.source, r.matched);
 	o->pending_age_ns = r.counted ? r.oldest_age_ns : 0;
 	o->pending_shared = false;
-	o->pending_consumer[0] = '\0';
 	e->ptop[row] = r.top;
-	if (r.top != UINT32_MAX)
-		snprintf(o->pending_consumer, sizeof(o->pending_consumer), "%s/%s",
-			 e->pviews[r.top].stream, e->pviews[r.top].consumer);
+	o->pending_entry = r.top != UINT32_MAX ? r.top + 1 : 0;
 }
 
 /* After every row's pending_of: a row whose backlog comes from a consumer

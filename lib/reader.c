@@ -63,17 +63,15 @@ static void stats_from_words(struct tally_subject_stats *o, uint32_t id, const u
 								  : (uint32_t)w[TALLY__SW_RETRY_AFTER];
 }
 
-/* The consumer behind the backlog, resolved through the pending table by
- * the index the owner published. The entry may have been reused since the
- * publish (a consumer removed and another one added): the name is then the
- * entry's current one, for at most one publish interval. An unreadable
- * entry leaves the name empty; the stats stay valid. */
-static void pending_name(const struct tally_segment *seg, uint64_t word, struct tally_subject_stats *o)
+TALLY_API int tally_pending_consumer_name(const struct tally_segment *seg,
+					  const struct tally_subject_stats *st, char *buf, size_t len)
 {
-	if (word == 0 || word > seg->pending_cap)
-		return;
-	(void)tally__pending_read_name(tally__seg_section(seg, &seg->pending), seg->pending.size,
-				       (uint32_t)(word - 1), o->pending_consumer, sizeof(o->pending_consumer));
+	if (len)
+		buf[0] = '\0';
+	if (!st->pending_entry || st->pending_entry > seg->pending_cap)
+		return -ENOENT;
+	return tally__pending_read_name(tally__seg_section(seg, &seg->pending), seg->pending.size,
+					st->pending_entry - 1, buf, len);
 }
 
 TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_t id,
@@ -89,7 +87,8 @@ TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_
 	if (!(w[TALLY__SW_FLAGS] & TALLY__SF_PRESENT) || meta[0] == 0)
 		return -ENOENT;
 	stats_from_words(out, id, w, meta);
-	pending_name(seg, w[TALLY__SW_PENDING_ENTRY], out);
+	out->pending_entry = w[TALLY__SW_PENDING_ENTRY] <= seg->pending_cap
+			     ? (uint32_t)w[TALLY__SW_PENDING_ENTRY] : 0;
 	/* The coarse clock (a few ns, no syscall, ticks of a few ms) is plenty
 	 * for a staleness limit of at least a second. */
 	struct timespec ts;

@@ -73,6 +73,7 @@ struct cli_subject {
 	char name[TALLY_SUBJECT_MAX + 1];
 	bool published;                /* tally_read_subject() returned data */
 	struct tally_subject_stats st; /* valid when published */
+	char pending_consumer[TALLY_PENDING_CONSUMER_MAX]; /* of st.pending_entry, "" none */
 };
 
 struct cli_view {

@@ -59,6 +59,7 @@ static int read_one(struct tally_segment *seg, tally_subject_t id, struct cli_su
 	if (rc == 0 || rc == TALLY_ESTALE) {
 		s->published = true;
 		*stale |= rc == TALLY_ESTALE;
+		tally_pending_consumer_name(seg, &s->st, s->pending_consumer, sizeof(s->pending_consumer));
 		return 0;
 	}
 	if (rc == -ENOENT) { /* interned after the last publish */
@@ -461,7 +462,7 @@ static json_t *json_subject(const struct cli_view *v, const struct cli_subject *
 	json_object_set_new(o, "pending_age_ms", pend && st->pending_age_ns != UINT64_MAX ?
 							 jint(st->pending_age_ns / 1000000u) : json_null());
 	json_object_set_new(o, "pending_shared", json_boolean(pend && st->pending_shared));
-	json_object_set_new(o, "pending_consumer", pend ? jstr_or_null(st->pending_consumer) : json_null());
+	json_object_set_new(o, "pending_consumer", pend ? jstr_or_null(s->pending_consumer) : json_null());
 	json_object_set_new(o, "verdict", json_string(tally_verdict_name(cli_effective_verdict(v, s))));
 	json_object_set_new(o, "reasons", !s->published ? json_reasons(TALLY_REASON_NO_DATA, NULL) :
 					   json_reasons(st->reasons, v->stale_reason));
@@ -639,8 +640,8 @@ static void print_status(const struct cli_view *v, const struct cli_subject *s)
 		       pending_source_name(st->pending_source),
 		       st->pending_age_ns == UINT64_MAX ? "never fetched" :
 		       cli_fmt_age_ms(b1, sizeof(b1), st->pending_age_ns / 1000000u));
-		if (st->pending_consumer[0])
-			printf("  backlog of %s%s\n", st->pending_consumer,
+		if (s->pending_consumer[0])
+			printf("  backlog of %s%s\n", s->pending_consumer,
 			       st->pending_shared ? ", shared: its filter covers other subjects too" : "");
 	} else if (st->pending_source == TALLY_PENDING_GONE || st->pending_source == TALLY_PENDING_NOT_FOUND) {
 		printf("  pending -: the consumer feeding this subject %s\n",

@@ -93,9 +93,11 @@ struct tally_subject_stats {
 	 * map_subject) also matches other subjects' rows: its num_pending
 	 * counts all of them, so this subject's share of it is unknown. */
 	bool pending_shared;
-	/* "STREAM/CONSUMER" that gave the backlog ("" none). Read from another
-	 * process it is resolved through the pending table at read time. */
-	char pending_consumer[TALLY_PENDING_CONSUMER_MAX];
+	/* The consumer that gave the backlog: 0 none, else its pending-table
+	 * entry + 1. tally_pending_consumer_name() turns it into
+	 * "STREAM/CONSUMER" (kept out of the stats so that a read copies no
+	 * string: the in-process read stays a copy of a few cache lines). */
+	uint32_t pending_entry;
 	/* verdict (tally/verdict.h) */
 	enum tally_verdict verdict;
 	uint32_t reasons;           /* TALLY_REASON_* */
@@ -169,6 +171,18 @@ TALLY_API void tally_engine_counters(struct tally_engine *e, struct tally_engine
  * retries (the writer would have to publish twice during one read).
  * Never blocks, never writes. Thread-safe. About 20-40 ns.
  */
+/*
+ * "STREAM/CONSUMER" of the consumer behind st's backlog (st->pending_entry),
+ * read from seg's pending table into buf (at least TALLY_PENDING_CONSUMER_MAX
+ * bytes to never cut a name). 0; -ENOENT (no consumer, or the entry is
+ * unused now); -EAGAIN (its writer kept it busy); TALLY_ECORRUPT. If the
+ * entry was reused since st was published (a consumer removed, another
+ * added), the name is the entry's current one: at most one publish
+ * interval old. Never blocks, never writes. Thread-safe.
+ */
+TALLY_API int tally_pending_consumer_name(const struct tally_segment *seg,
+					  const struct tally_subject_stats *st, char *buf, size_t len);
+
 TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_t id,
 				 struct tally_subject_stats *out);
 

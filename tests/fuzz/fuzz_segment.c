@@ -523,9 +523,13 @@ static void check_subjects(const struct tally_segment *seg)
 		rc = tally_read_subject(seg, (tally_subject_t)id, &st);
 		EXPECT(rc == 0 || rc == -ENOENT || rc == TALLY_ESTALE || rc == TALLY_EBUSY_RETRY);
 		if (rc == 0 || rc == TALLY_ESTALE)
+		{
+			char who[TALLY_PENDING_CONSUMER_MAX];
 			EXPECT(st.id == id && st.verdict <= TALLY_VERDICT_OVERLOAD &&
-			       st.pending_source <= TALLY_PENDING_NOT_FOUND &&
-			       memchr(st.pending_consumer, 0, sizeof(st.pending_consumer)));
+			       st.pending_source <= TALLY_PENDING_NOT_FOUND);
+			int nrc = tally_pending_consumer_name(seg, &st, who, sizeof(who));
+			EXPECT(nrc <= 0 && memchr(who, 0, sizeof(who)));
+		}
 		if (id >= cap)
 			EXPECT(rc == -ENOENT);
 	}
