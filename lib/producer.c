@@ -85,6 +85,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -105,7 +106,7 @@ enum revoke_reason {
 };
 
 struct producer_full {
-	struct tally_producer pub; /* first: the handle the caller holds */
+	struct tally_producer pub; /* first, on a cache line of its own start: the handle */
 	struct tally_segment *seg;    /* the origin: the segment the caller attached to */
 	struct tally_segment *target; /* the segment the slot is in: seg, or a successor */
 	struct tally__remap *remap;   /* seg's ids -> target's; NULL while target == seg */
@@ -117,7 +118,8 @@ struct producer_full {
 	uint64_t carried_recorded, carried_dropped, carried_clamped; /* of slots left behind */
 	uint64_t lost;             /* records refused: revoked, or no live owner */
 	uint64_t moves;            /* owner restarts followed */
-	uint64_t next_check_ns;    /* a full ring asks whether the owner lives at most this often */
+	uint64_t next_check_ns;    /* orphaned: ask again for an owner no sooner than this */
+	uint32_t full_since_check; /* full-ring records since the owner was last asked about */
 	bool orphaned;             /* no live owner found at the last check: records are lost */
 	pid_t pid;                 /* the claimer: a fork child's copy of the handle is not it */
 	_Atomic bool poked;        /* the watcher saw the owner gone */
@@ -129,6 +131,19 @@ struct producer_full {
 static struct producer_full *full_of(struct tally_producer *p)
 {
 	return (struct producer_full *)p;
+}
+
+_Static_assert(offsetof(struct tally_producer, shm_head) == 64,
+	       "the record path's fields fill the handle's first cache line");
+
+/* Zeroed, 64-byte aligned: what tally_record() reads is one cache line. */
+static struct producer_full *handle_alloc(void)
+{
+	struct producer_full *f = aligned_alloc(64, (sizeof(*f) + 63) / 64 * 64);
+
+	if (f)
+		memset(f, 0, sizeof(*f));
+	return f;
 }
 
 static bool lease_held(struct producer_full *f);
@@ -339,7 +354,7 @@ static int attach(struct tally_segment *seg, bool local, struct tally_producer *
 		return tally__fail(TALLY_EOWNERDEAD, "segment \"%s\": its owner (pid %d) is not running, "
 				   "so nothing would drain the ring; open the segment again once its "
 				   "owner (tallyd -s %s) runs", seg->name, (int)seg->owner_pid, seg->name);
-	if (!(f = calloc(1, sizeof(*f))))
+	if (!(f = handle_alloc()))
 		return -ENOMEM;
 	f->seg = f->target = seg;
 	f->local = local;
@@ -365,13 +380,19 @@ static bool lease_held(struct producer_full *f)
 {
 	if (f->revoked)
 		return false;
-	if (f->pid != getpid()) { /* a fork the atfork handler did not see (clone, _Fork) */
-		revoke_handle(f, REVOKE_FORK);
-		return false;
-	}
 	if (atomic_load_explicit(&f->slot->ctl.lease, memory_order_acquire) == f->lease)
 		return true;
 	revoke_handle(f, REVOKE_LEASE);
+	return false;
+}
+
+/* A fork the atfork handler did not see (raw clone, _Fork): a getpid()
+ * (a system call), so only on the rare paths: heartbeat, status, detach. */
+static bool same_process(struct producer_full *f)
+{
+	if (f->revoked || f->pid == getpid())
+		return !f->revoked;
+	revoke_handle(f, REVOKE_FORK);
 	return false;
 }
 
@@ -380,7 +401,7 @@ static bool lease_held(struct producer_full *f)
  * a segment close cannot unmap the slot under us. */
 static void release_slot_locked(struct producer_full *f)
 {
-	if (!lease_held(f))
+	if (!same_process(f) || !lease_held(f))
 		return;
 	atomic_store_explicit(&f->slot->ctl.since_ns, tally__mono_ns(), memory_order_relaxed);
 	TALLY__FAILPOINT("detach.before");
@@ -428,7 +449,7 @@ static bool move_to_current(struct producer_full *f)
 		return true;
 	uint64_t head = atomic_load_explicit(&f->slot->head, memory_order_acquire);
 	uint64_t left = f->pub.tail - head <= f->target->ring_cap ? f->pub.tail - head : 0;
-	if (!(n = calloc(1, sizeof(*n))))
+	if (!(n = handle_alloc()))
 		return false;
 	n->seg = f->seg;
 	n->target = to;
@@ -492,7 +513,7 @@ TALLY_API int tally_producer_heartbeat(struct tally_producer *p)
 {
 	struct producer_full *f = full_of(p);
 
-	if (f->revoked)
+	if (!same_process(f))
 		return TALLY_EREVOKED;
 	if (!owner_check(f, tally__mono_ns()))
 		return TALLY_EOWNERDEAD;
@@ -506,7 +527,7 @@ TALLY_API int tally_producer_status(const struct tally_producer *p)
 {
 	struct producer_full *f = full_of((struct tally_producer *)p);
 
-	return lease_held(f) ? 0 : TALLY_EREVOKED;
+	return same_process(f) && lease_held(f) ? 0 : TALLY_EREVOKED;
 }
 
 TALLY_API void tally_producer_counters(const struct tally_producer *p,
@@ -523,59 +544,64 @@ TALLY_API void tally_producer_counters(const struct tally_producer *p,
 	out->revoked = f->revoked != REVOKE_NONE;
 }
 
+/* The rare reasons to be here: revoked, poked by the watcher, orphaned
+ * (capacity is 0 in all three). false: the record is lost (counted). */
+static bool record_unusual(struct producer_full *f)
+{
+	if (f->revoked)
+		return false;
+	bool poked = atomic_load_explicit(&f->poked, memory_order_relaxed) ||
+		     __atomic_load_n(&f->pub.capacity, __ATOMIC_RELAXED) == 0;
+	uint64_t now = tally__mono_ns();
+	/* orphaned: ask again once the retry period is over; poked, or a
+	 * capacity left at 0 by a poke we raced: ask now */
+	if (f->orphaned && !poked && now < f->next_check_ns)
+		return false;
+	return owner_check(f, now) && lease_held(f);
+}
+
 TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subject, uint64_t ns)
 {
 	struct producer_full *f = full_of(p);
 	struct tally_segment *before = f->target;
+	uint64_t cap = __atomic_load_n(&p->capacity, __ATOMIC_RELAXED);
 
-	if (TALLY__UNLIKELY(f->revoked)) {
-		f->lost++;
-		return false;
-	}
-	/* orphaned: ask again once the retry period is over; poked, or a
-	 * capacity left at 0 by a poke we raced: ask now */
-	bool poked = atomic_load_explicit(&f->poked, memory_order_relaxed) ||
-		     __atomic_load_n(&p->capacity, __ATOMIC_RELAXED) == 0;
-	if (f->orphaned || poked) {
-		uint64_t now = tally__mono_ns();
-		if ((poked || now >= f->next_check_ns) ? !owner_check(f, now) : true) {
+	if (TALLY__UNLIKELY(cap == 0)) {
+		if (!record_unusual(f)) {
 			f->lost++;
 			return false;
 		}
+		if (f->target != before) { /* moved: subject is an id of the segment we left */
+			uint32_t id = before == f->seg ? tally__remap_id(f->remap, subject) : UINT32_MAX;
+			if (id == UINT32_MAX) {
+				f->lost++;
+				return false;
+			}
+			subject = id;
+		}
+		return tally__record_raw(p, subject, ns);
 	}
+	/* The ring looks full. Acquire: pairs with the aggregator's release
+	 * of head, so the entries it has consumed are no longer being read
+	 * when we overwrite them. */
+	p->cached_head = __atomic_load_n(p->shm_head, __ATOMIC_ACQUIRE);
 	if (TALLY__UNLIKELY(!lease_held(f))) {
 		f->lost++;
 		return false;
 	}
-	/* Acquire: pairs with the aggregator's release of head, so the entries
-	 * it has consumed are no longer being read when we overwrite them. */
-	p->cached_head = __atomic_load_n(p->shm_head, __ATOMIC_ACQUIRE);
-	if (p->tail - p->cached_head >= __atomic_load_n(&p->capacity, __ATOMIC_RELAXED)) {
-		/* Full: is anyone draining it? Asked at most every retry period. */
-		uint64_t now = tally__mono_ns();
-		if (now >= f->next_check_ns && !owner_check(f, now)) {
-			f->lost++;
-			return false;
-		}
-		if (f->target == before) {
-			/* Single writer: a plain store of our own count, no atomic add. */
-			atomic_store_explicit(&f->slot->dropped, ++f->dropped, memory_order_relaxed);
-			return false;
-		}
+	if (p->tail - p->cached_head < cap)
+		return tally__record_raw(p, subject, ns);
+	/* Full: is anyone draining it? The watcher thread tells within its
+	 * period; without it (it could not start), ask ourselves every 4096
+	 * full-ring records: a drop stays a few loads and one store. */
+	if (TALLY__UNLIKELY(++f->full_since_check >= 4096)) {
+		f->full_since_check = 0;
+		atomic_store_explicit(&f->poked, true, memory_order_relaxed);
+		__atomic_store_n(&p->capacity, 0, __ATOMIC_RELAXED); /* the next record asks */
 	}
-	if (f->target != before) { /* moved: subject is an id of the segment we left */
-		if (before != f->seg) {
-			f->lost++;
-			return false;
-		}
-		uint32_t id = tally__remap_id(f->remap, subject);
-		if (id == UINT32_MAX) {
-			f->lost++;
-			return false;
-		}
-		subject = id;
-	}
-	return tally__record_raw(p, subject, ns);
+	/* Single writer: a plain store of our own count, no atomic add. */
+	atomic_store_explicit(&f->slot->dropped, ++f->dropped, memory_order_relaxed);
+	return false;
 }
 
 TALLY_API bool tally__record_remapped(struct tally_producer *p, tally_subject_t subject, uint64_t ns)

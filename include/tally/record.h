@@ -73,16 +73,18 @@ struct tally_ring_entry {
  * in the segment.
  */
 struct tally_producer {
+	/* line 0 (the handle is 64-byte aligned): all the record path reads */
 	struct tally_ring_entry *ring; /* slot's ring in the segment */
-	uint64_t mask;                 /* capacity - 1 */
+	uint64_t mask;                 /* ring capacity - 1 */
 	uint64_t capacity;             /* 0 sends every record to the slow path (atomic: the
 				        * library's watcher may store it from another thread) */
 	uint64_t tail;                 /* next position to write (private copy) */
 	uint64_t cached_head;          /* last head seen: refreshed only when the ring looks full */
 	uint64_t *shm_tail;            /* published tail, read by the aggregator */
-	const uint64_t *shm_head;      /* consumer position, written by the aggregator */
 	uint64_t max_value_ns;
 	const void *remap;             /* NULL, or ids to translate: the handle follows a new owner */
+	/* slow path only */
+	const uint64_t *shm_head;      /* consumer position, written by the aggregator */
 };
 
 /*
