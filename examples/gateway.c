@@ -111,7 +111,7 @@ static enum tally_verdict judge(struct gateway *g, const char *subject, struct t
 }
 
 static enum MHD_Result reply(struct MHD_Connection *c, unsigned status, const char *body,
-			     const char *verdict, const char *retry_after, const char *fail_open,
+			     const char *verdict, const char *retry_after, const char *no_data,
 			     const char *reasons)
 {
 	struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), (void *)body,
@@ -122,30 +122,12 @@ static enum MHD_Result reply(struct MHD_Connection *c, unsigned status, const ch
 	MHD_add_response_header(r, "X-Tally-Verdict", verdict);
 	if (retry_after)
 		MHD_add_response_header(r, "Retry-After", retry_after);
-	if (fail_open)
-		MHD_add_response_header(r, "X-Tally-Fail-Open", fail_open);
+	if (no_data) /* 200: the gateway admits without data; 503: it sheds without */
+		MHD_add_response_header(r, status == MHD_HTTP_OK ? "X-Tally-Fail-Open" : "X-Tally-Fail-Closed",
+					no_data);
 	if (reasons && *reasons)
 		MHD_add_response_header(r, "X-Tally-Reasons", reasons);
 	enum MHD_Result ret = MHD_queue_response(c, status, r);
-	MHD_destroy_response(r);
-	return ret;
-}
-
-/* 503 for a fail-closed decision: what decided it in X-Tally-Fail-Closed. */
-static enum MHD_Result reply_closed(struct MHD_Connection *c, const char *body, const char *retry,
-				    const char *cause, const char *reasons)
-{
-	struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), (void *)body,
-								 MHD_RESPMEM_MUST_COPY);
-	if (!r)
-		return MHD_NO;
-	MHD_add_response_header(r, "Content-Type", "text/plain; charset=utf-8");
-	MHD_add_response_header(r, "X-Tally-Verdict", "unknown");
-	MHD_add_response_header(r, "Retry-After", retry);
-	MHD_add_response_header(r, "X-Tally-Fail-Closed", cause);
-	if (reasons && *reasons)
-		MHD_add_response_header(r, "X-Tally-Reasons", reasons);
-	enum MHD_Result ret = MHD_queue_response(c, MHD_HTTP_SERVICE_UNAVAILABLE, r);
 	MHD_destroy_response(r);
 	return ret;
 }
@@ -194,7 +176,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 			 ? (s.retry_after_ms + 999) / 1000 : 1u);
 		snprintf(body, sizeof(body), "shed (fail-closed: %s): retry after %s s\n", cause, retry);
 		atomic_fetch_add(&g->fail_closed_n, 1);
-		return reply_closed(c, body, retry, cause, reasons);
+		return reply(c, MHD_HTTP_SERVICE_UNAVAILABLE, body, "unknown", retry, cause, reasons);
 	}
 	if (v == TALLY_VERDICT_OVERLOAD) {
 		unsigned secs = (s.retry_after_ms + 999) / 1000;
