@@ -55,9 +55,31 @@ static uint64_t stat_file(const char *path, char *state, unsigned long *flags)
 	return strtoull(p, NULL, 10);
 }
 
+/* Is a SIGKILL pending for the task (SigPnd of its status, bit 8)? A
+ * group exit (SIGKILL, exit_group) queues one on every thread before any
+ * of them runs its exit: a thread not yet scheduled to die shows it. */
+static bool kill_pending(pid_t pid, int tid)
+{
+	char path[80], buf[2048];
+	ssize_t n;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%d/task/%d/status", (int)pid, tid);
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+		return true; /* gone meanwhile */
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return true;
+	buf[n] = '\0';
+	const char *p = strstr(buf, "\nSigPnd:");
+	return p && (strtoull(p + 9, NULL, 16) & (1ull << (SIGKILL - 1)));
+}
+
 /* Does any thread of pid still run (a task that is neither Z nor X nor
- * exiting: a process being killed has threads on their way out)? For a
- * leader that shows Z: the whole process exited, or only main did. */
+ * exiting, nor about to: a process being killed has threads on their
+ * way out)? For a leader that shows Z: the whole process exited, or only
+ * its main thread did (pthread_exit). */
 static bool any_task_runs(pid_t pid)
 {
 	char path[64];
@@ -76,7 +98,7 @@ static bool any_task_runs(pid_t pid)
 			continue;
 		snprintf(path, sizeof(path), "/proc/%d/task/%d/stat", (int)pid, tid);
 		if (stat_file(path, &state, &flags) && state != 'Z' && state != 'X' &&
-		    !(flags & PF_EXITING_FLAG))
+		    !(flags & PF_EXITING_FLAG) && !kill_pending(pid, tid))
 			runs = true;
 	}
 	closedir(dir);

@@ -163,18 +163,36 @@ int tally__subject_check(const char *subject, size_t len, bool allow_wildcards, 
 	return 0;
 }
 
+/* The first 64 bytes of a refused subject for a message: bytes that are
+ * not printable ASCII as \xNN, so that an error never prints what made
+ * the name invalid (a control character, a broken UTF-8 sequence). */
+static void shown_name(const char *s, size_t len, char *out, size_t cap)
+{
+	size_t o = 0;
+
+	for (size_t i = 0; i < len && i < 64 && o + 5 < cap; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\')
+			out[o++] = (char)c;
+		else
+			o += (size_t)snprintf(out + o, cap - o, "\\x%02x", c);
+	}
+	snprintf(out + o, cap - o, "%s", len > 64 ? "..." : "");
+}
+
 TALLY_API int tally_subject_validate(const char *subject, bool allow_wildcards)
 {
-	char why[160];
+	char why[160], shown[4 * 64 + 8];
 
 	tally__clear_errmsg();
 	if (!subject)
 		return tally__fail(TALLY_EBADNAME, "subject is NULL");
 	size_t len = strnlen(subject, TALLY_SUBJECT_MAX + 1);
 	int rc = tally__subject_check(subject, len, allow_wildcards, why, sizeof(why));
-	if (rc)
-		return tally__fail(rc, "invalid subject \"%.*s%s\": %s", 64, subject,
-				   len > 64 ? "..." : "", why);
+	if (rc) {
+		shown_name(subject, len, shown, sizeof(shown));
+		return tally__fail(rc, "invalid subject \"%s\": %s", shown, why);
+	}
 	return 0;
 }
 
