@@ -520,13 +520,22 @@ static void drop_subjects(struct tally__poller *p, const char *stream, const cha
 static bool evict_one(struct tally__poller *p)
 {
 	for (uint32_t j = 0; j < p->cap; j++) {
-		if (p->slots[j].used && !p->slots[j].pair) {
-			if (!is_subject_slot(&p->slots[j]))
-				drop_subjects(p, p->slots[j].stream, p->slots[j].consumer);
-			slot_clear(p, &p->slots[j]);
-			hash_rebuild(p);
-			return true;
+		struct slot *s = &p->slots[j], *o;
+
+		if (!s->used || s->pair)
+			continue;
+		/* a consumer takes its per-subject entries along; a per-subject
+		 * entry takes its siblings and makes its consumer shared again */
+		o = is_subject_slot(s) ? slot_find(p, s->stream, s->consumer) : s;
+		drop_subjects(p, s->stream, s->consumer);
+		if (o && o->used && o->v.kind == TALLY__PENDING_SPLIT) {
+			o->v.kind = TALLY__PENDING_CONSUMER;
+			slot_publish(p, o);
 		}
+		if (s->used)
+			slot_clear(p, s);
+		hash_rebuild(p);
+		return true;
 	}
 	return false;
 }
