@@ -439,6 +439,7 @@ Test(backlog, work_queue_stream_gives_the_backlog_per_subject, .timeout = 60)
 	publish(&b, "limits.b", 10);
 	tally_subject_t oa = row(&b, "orders.a"), ob = row(&b, "orders.b");
 	tally_subject_t la = row(&b, "limits.a"), lb = row(&b, "limits.b");
+	tally_subject_t oc = row(&b, "orders.c"); /* nothing stored: no backlog, not 40 */
 	bl_poll(&b, w, 2, 300);
 	cr_assert(WAIT(5000, rd(&b, oa).pending == 30 && rd(&b, ob).pending == 10 &&
 			     rd(&b, la).pending == 40 && rd(&b, lb).pending == 40),
@@ -452,6 +453,10 @@ Test(backlog, work_queue_stream_gives_the_backlog_per_subject, .timeout = 60)
 	s = rd(&b, ob);
 	cr_expect(!s.pending_shared, "work queue: orders.b has its own count");
 	cr_expect_str_eq(consumer_of(b.rd, &s), "WQ/all");
+	s = rd(&b, oc);
+	cr_expect_eq(s.pending, 0, "work queue: orders.c has nothing stored");
+	cr_expect(!s.pending_shared);
+	cr_expect_eq(s.pending_source, TALLY_PENDING_LIVE);
 	s = rd(&b, la);
 	cr_expect(s.pending_shared, "limits: the consumer's whole backlog, shared");
 	s = rd(&b, lb);
