@@ -463,7 +463,9 @@ static void pending_of(struct tally_engine *e, struct subject_state *st, uint32_
 		const char *pattern = v->map[0] ? v->map : v->filter;
 		if (pattern[0] && tally__subject_match(pattern, st->name)) {
 			tally__pending_combine(&r, v, idx, &pol, now);
-			e->pmatch[idx]++;
+			/* a split consumer gives nothing itself: never the shared one */
+			if (v->kind != TALLY__PENDING_SPLIT)
+				e->pmatch[idx]++;
 		}
 	}
 	o->pending = r.backlog;

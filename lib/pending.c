@@ -182,6 +182,7 @@ static void store_entry_fields(struct tally__pending_entry *e, const struct tall
 	SET(e->delivered_stream_seq, v->delivered_stream_seq);
 	SET(e->ack_floor_stream_seq, v->ack_floor_stream_seq);
 	SET(e->last_ok_ns, v->last_ok_ns);
+	SET(e->kind, v->kind);
 	STORE_STR(e->stream, v->stream);
 	STORE_STR(e->consumer, v->consumer);
 	STORE_STR(e->filter, v->filter);
@@ -234,6 +235,7 @@ static void load_entry_fields(const struct tally__pending_entry *e, struct tally
 			      bool full)
 {
 	o->source = RELAXED(e->source);
+	o->kind = RELAXED(e->kind);
 	o->num_pending = RELAXED(e->num_pending);
 	o->num_ack_pending = RELAXED(e->num_ack_pending);
 	o->last_ok_ns = RELAXED(e->last_ok_ns);
@@ -254,7 +256,7 @@ static void load_entry_fields(const struct tally__pending_entry *e, struct tally
 
 static bool view_ok(const struct tally__pending_view *o, bool full)
 {
-	if (o->source > TALLY__PENDING_SOURCE_MAX || !str_ok(o->filter, sizeof(o->filter)) ||
+	if (o->source > TALLY__PENDING_SOURCE_MAX || o->kind > TALLY__PENDING_KIND_MAX || !str_ok(o->filter, sizeof(o->filter)) ||
 	    !str_ok(o->map, sizeof(o->map)))
 		return false;
 	return !full || (str_ok(o->stream, sizeof(o->stream)) &&
@@ -433,8 +435,9 @@ static uint64_t entry_backlog(const struct tally__pending_view *v, const struct 
 {
 	uint64_t b;
 
-	if (v->source != TALLY__PENDING_LIVE && v->source != TALLY__PENDING_CACHED)
-		return 0;
+	if ((v->source != TALLY__PENDING_LIVE && v->source != TALLY__PENDING_CACHED) ||
+	    v->kind == TALLY__PENDING_SPLIT)
+		return 0; /* a split consumer's backlog is in its per-subject entries */
 	b = v->num_pending;
 	if (pol->include_ack_pending)
 		b = b + v->num_ack_pending < b ? UINT64_MAX : b + v->num_ack_pending;

@@ -52,20 +52,35 @@
  *
  * Shared backlog. A consumer's num_pending counts every message of its
  * filter, not per subject: a consumer on "orders.>" gives its whole
- * backlog to orders.created and to orders.paid alike. The table cannot
- * split it: JetStream reports num_pending per consumer only. Per-subject
- * counts exist only as the stream's stored messages (STREAM.INFO with
- * subjects_filter, state.subjects): under limits retention they include
- * messages every consumer already acked; under interest retention they are
- * what some consumer still holds; only under work-queue retention (one
- * consumer per subject, messages removed on ack) are they that consumer's
- * backlog per subject (num_pending + num_ack_pending). That one case could
- * replace the approximation; it is not implemented (no STREAM.INFO
- * request is made, and the table has no per-subject counts).
- * The engine therefore keeps the approximation "backlog of the subject =
- * backlog of the consumer" and says so: result.top is the entry that gave
- * the maximum, and a row whose top entry matches more than one subject
- * row is marked pending_shared, with that consumer named.
+ * backlog to orders.created and to orders.paid alike. JetStream reports
+ * num_pending per consumer only. Per-subject counts exist only as the
+ * stream's stored messages (STREAM.INFO with subjects_filter,
+ * state.subjects): under limits retention they include messages every
+ * consumer already acked; under interest retention they are what some
+ * consumer still holds; only under work-queue retention (one consumer per
+ * subject, messages removed on ack) are they that consumer's backlog per
+ * subject (num_pending + num_ack_pending). That case is used (poller.c,
+ * whole-stream watches): for each live consumer of a work-queue stream,
+ * each poll sends STREAM.INFO with subjects_filter = its filter (or
+ * map_subject) and writes one entry of kind TALLY__PENDING_SUBJECT per
+ * subject in the reply (map = the literal subject, num_pending = its
+ * stored count, num_ack_pending 0: the count holds both, whatever the
+ * policy), and marks the consumer's own entry TALLY__PENDING_SPLIT, which
+ * still matches its pattern (source, tier, age) but gives backlog 0: a
+ * subject without messages stored has none. So a subject's exact entry,
+ * not the consumer's whole backlog, decides, and it matches one row only
+ * (not shared). Bounded: at most TALLY__PENDING_SUBJECTS_MAX subjects per
+ * consumer, in one reply page (nats-server 2.9 pages at 100000 and says
+ * "total"), a subject that fits TALLY__PENDING_SUBJ_MAX, and room in the
+ * table; otherwise the consumer stays TALLY__PENDING_CONSUMER with no
+ * per-subject entries (one log line, counted as subjects_unsplit). A
+ * reader that predates the kind field sees kind as reserved zero: split
+ * consumers give their whole backlog again and the maximum is the old
+ * approximation. Elsewhere the engine keeps the approximation "backlog of
+ * the subject = backlog of the consumer" and says so: result.top is the
+ * entry that gave the maximum, and a row whose top entry matches more than
+ * one subject row is marked pending_shared, with that consumer named (a
+ * split consumer is never counted as matching, so never the shared one).
  *
  * Lifecycle (poller.c): a consumer deleted after it was seen turns gone;
  * after the poller's gone_grace_ms it is removed from the table (an entry
@@ -97,6 +112,19 @@ enum tally__pending_source {
 	TALLY__PENDING_NOTFOUND = 4, /* configured, but the server never had it; values zeroed */
 };
 #define TALLY__PENDING_SOURCE_MAX TALLY__PENDING_NOTFOUND
+
+/* What an entry describes (see "Shared backlog" in the header comment). */
+enum tally__pending_kind {
+	TALLY__PENDING_CONSUMER = 0, /* a consumer: its backlog applies to its whole pattern */
+	TALLY__PENDING_SPLIT = 1,    /* a consumer of a work-queue stream whose backlog is split
+				      * into per-subject entries: it gives backlog 0 itself */
+	TALLY__PENDING_SUBJECT = 2,  /* the stored messages of one literal subject (map) of a
+				      * work-queue stream: that consumer's backlog for it */
+};
+#define TALLY__PENDING_KIND_MAX TALLY__PENDING_SUBJECT
+
+/* Per-subject entries one consumer may hold (a larger state.subjects falls back to sharing). */
+#define TALLY__PENDING_SUBJECTS_MAX 4096u
 
 /* Tiers of an entry when combining (see the header comment). */
 enum tally__pending_tier {
@@ -159,7 +187,9 @@ struct tally__pending_entry {
 	_Atomic uint64_t filter[TALLY__PENDING_SUBJ_MAX / 8];
 	_Atomic uint64_t map[TALLY__PENDING_SUBJ_MAX / 8];
 	_Atomic uint64_t last_error[TALLY__PENDING_ERR_MAX / 8];
-	uint8_t reserved[48];
+	_Atomic uint32_t kind;                  /* enum tally__pending_kind (0 in older writers) */
+	_Atomic uint32_t pad1;
+	uint8_t reserved[40];
 };
 
 _Static_assert(sizeof(struct tally__pending_header) == 64, "pending header is 64 bytes");
@@ -168,6 +198,7 @@ _Static_assert(sizeof(struct tally__pending_entry) == 1024, "pending entry is 10
 _Static_assert(offsetof(struct tally__pending_entry, num_pending) == 24, "entry layout");
 _Static_assert(offsetof(struct tally__pending_entry, stream) == 80, "entry layout");
 _Static_assert(offsetof(struct tally__pending_entry, last_error) == 848, "entry layout");
+_Static_assert(offsetof(struct tally__pending_entry, kind) == 976, "entry layout");
 _Static_assert(offsetof(struct tally__pending_breaker, last_error) == 72, "breaker layout");
 _Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
 	       "atomics have their plain size");
@@ -176,6 +207,7 @@ _Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
 
 struct tally__pending_view {
 	uint32_t source;        /* enum tally__pending_source */
+	uint32_t kind;          /* enum tally__pending_kind */
 	int32_t is_leader;
 	uint32_t consecutive_failures;
 	uint64_t num_pending;
@@ -312,6 +344,7 @@ const char *tally__breaker_state_name(uint32_t state);
 /* Fields the writer publishes; strings NUL-terminated (longer are truncated). */
 struct tally__pending_values {
 	uint32_t source;
+	uint32_t kind;          /* enum tally__pending_kind */
 	int32_t is_leader;
 	uint32_t consecutive_failures;
 	uint64_t num_pending, num_ack_pending, num_redelivered, num_waiting;

@@ -32,18 +32,21 @@
 #define NS_PER_MS         1000000ull
 
 enum { LOG_ERR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
+enum { RET_UNKNOWN = 0, RET_WORKQUEUE = 1, RET_OTHER = 2 }; /* a watched stream's retention */
 
 struct slot {
 	char stream[TALLY__PENDING_NAME_MAX];
 	char consumer[TALLY__PENDING_NAME_MAX];
 	char filter[TALLY__PENDING_SUBJ_MAX];
 	char pair_map[TALLY__PENDING_SUBJ_MAX]; /* map_subject of an explicit pair */
+	char subject[TALLY__PENDING_SUBJ_MAX];  /* a per-subject entry's subject, "" for a consumer */
 	char err[TALLY__PENDING_ERR_MAX];
 	struct tally__pending_values v;         /* numbers; strings are set at write */
 	int sw;                                 /* whole-stream watch covering it, -1 none */
 	uint64_t gone_since_ns;                 /* when it turned gone (for gone_grace_ms) */
 	bool used, pair, refreshed;
 	bool found;                             /* the server reported it at least once */
+	bool seen;                              /* per-subject entry: in this poll's state.subjects */
 };
 
 struct tally__poller {
@@ -53,6 +56,7 @@ struct tally__poller {
 	struct slot *slots;
 	uint32_t *hash;                         /* slot index + 1; 0 empty */
 	bool *sw_missing;                       /* per watch: stream not found (log once) */
+	uint8_t *sw_retention;                  /* per watch: enum retention (0 not known yet) */
 	natsOptions *opts;
 	natsConnection *nc;
 	char api[160];                          /* JetStream API prefix, e.g. "$JS.API" */
@@ -65,7 +69,7 @@ struct tally__poller {
 	pthread_t thread;
 	struct tally__pending_breaker_view brk;
 	uint64_t open_until_ns, fail_since_ns, out_msgs_mark;
-	bool failing, full_logged;
+	bool failing, full_logged, split_logged;
 	int err_code;
 	char err[ERR_LEN];
 	pthread_mutex_t stats_lock;
@@ -311,7 +315,7 @@ static bool conn_changed(const struct tally_poller_config *a, const struct tally
 
 /* ---- slots and their hash ---- */
 
-static uint32_t key_hash(const char *stream, const char *consumer)
+static uint32_t key_hash(const char *stream, const char *consumer, const char *subject)
 {
 	uint32_t h = 2166136261u;
 
@@ -320,12 +324,16 @@ static uint32_t key_hash(const char *stream, const char *consumer)
 	h = (h ^ 0xffu) * 16777619u;
 	for (const char *s = consumer; *s; s++)
 		h = (h ^ (uint8_t)*s) * 16777619u;
+	h = (h ^ 0xffu) * 16777619u;
+	for (const char *s = subject; *s; s++)
+		h = (h ^ (uint8_t)*s) * 16777619u;
 	return h;
 }
 
 static void hash_insert(struct tally__poller *p, uint32_t idx)
 {
-	uint32_t h = key_hash(p->slots[idx].stream, p->slots[idx].consumer) & p->hash_mask;
+	uint32_t h = key_hash(p->slots[idx].stream, p->slots[idx].consumer, p->slots[idx].subject) &
+		     p->hash_mask;
 
 	while (p->hash[h] != 0)
 		h = (h + 1) & p->hash_mask;
@@ -345,17 +353,30 @@ static void hash_rebuild(struct tally__poller *p)
 	p->free_hint = 0;
 }
 
-static struct slot *slot_find(struct tally__poller *p, const char *stream, const char *consumer)
+/* The slot of a consumer (subject "") or of one of its per-subject entries. */
+static struct slot *slot_find3(struct tally__poller *p, const char *stream, const char *consumer,
+			       const char *subject)
 {
-	uint32_t h = key_hash(stream, consumer) & p->hash_mask;
+	uint32_t h = key_hash(stream, consumer, subject) & p->hash_mask;
 
 	for (; p->hash[h] != 0; h = (h + 1) & p->hash_mask) {
 		struct slot *s = &p->slots[p->hash[h] - 1];
 
-		if (strcmp(s->stream, stream) == 0 && strcmp(s->consumer, consumer) == 0)
+		if (strcmp(s->stream, stream) == 0 && strcmp(s->consumer, consumer) == 0 &&
+		    strcmp(s->subject, subject) == 0)
 			return s;
 	}
 	return NULL;
+}
+
+static struct slot *slot_find(struct tally__poller *p, const char *stream, const char *consumer)
+{
+	return slot_find3(p, stream, consumer, "");
+}
+
+static bool is_subject_slot(const struct slot *s)
+{
+	return s->v.kind == TALLY__PENDING_SUBJECT;
 }
 
 static uint32_t slot_index(const struct tally__poller *p, const struct slot *s)
@@ -379,6 +400,8 @@ static void slot_write(struct tally__poller *p, struct slot *s, const char *map)
 /* The pattern the backlog of s applies to besides its filter (see poller.h). */
 static const char *slot_map(const struct tally__poller *p, const struct slot *s)
 {
+	if (is_subject_slot(s))
+		return s->subject;
 	if (s->pair_map[0])
 		return s->pair_map;
 	if (s->sw >= 0 && !s->filter[0] && p->cfg.watches[s->sw].map_subject)
@@ -430,7 +453,8 @@ static struct slot *slot_take_free(struct tally__poller *p)
 }
 
 /* New slot (source never), or NULL when the table is full even after compaction. */
-static struct slot *slot_add(struct tally__poller *p, const char *stream, const char *consumer, int sw)
+static struct slot *slot_add3(struct tally__poller *p, const char *stream, const char *consumer,
+			      const char *subject, int sw)
 {
 	struct slot *s = p->nused < p->cap ? slot_take_free(p) : NULL;
 
@@ -441,6 +465,7 @@ static struct slot *slot_add(struct tally__poller *p, const char *stream, const 
 	memset(s, 0, sizeof(*s));
 	copy_str(s->stream, sizeof(s->stream), stream);
 	copy_str(s->consumer, sizeof(s->consumer), consumer);
+	copy_str(s->subject, sizeof(s->subject), subject);
 	s->v.is_leader = -1;
 	s->v.source = TALLY__PENDING_NEVER;
 	s->sw = sw;
@@ -448,6 +473,11 @@ static struct slot *slot_add(struct tally__poller *p, const char *stream, const 
 	hash_insert(p, slot_index(p, s));
 	p->nused++;
 	return s;
+}
+
+static struct slot *slot_add(struct tally__poller *p, const char *stream, const char *consumer, int sw)
+{
+	return slot_add3(p, stream, consumer, "", sw);
 }
 
 /* ---- watches ---- */
@@ -485,14 +515,27 @@ static size_t count_pairs(const struct tally_poller_config *c)
 }
 
 /* Free one entry that only a whole-stream watch holds (to make room for a pair). */
+static void drop_subjects(struct tally__poller *p, const char *stream, const char *consumer);
+
 static bool evict_one(struct tally__poller *p)
 {
 	for (uint32_t j = 0; j < p->cap; j++) {
-		if (p->slots[j].used && !p->slots[j].pair) {
-			slot_clear(p, &p->slots[j]);
-			hash_rebuild(p);
-			return true;
+		struct slot *s = &p->slots[j], *o;
+
+		if (!s->used || s->pair)
+			continue;
+		/* a consumer takes its per-subject entries along; a per-subject
+		 * entry takes its siblings and makes its consumer shared again */
+		o = is_subject_slot(s) ? slot_find(p, s->stream, s->consumer) : s;
+		drop_subjects(p, s->stream, s->consumer);
+		if (o && o->used && o->v.kind == TALLY__PENDING_SPLIT) {
+			o->v.kind = TALLY__PENDING_CONSUMER;
+			slot_publish(p, o);
 		}
+		if (s->used)
+			slot_clear(p, s);
+		hash_rebuild(p);
+		return true;
 	}
 	return false;
 }
@@ -507,6 +550,11 @@ static void apply_watches(struct tally__poller *p)
 
 		if (!s->used)
 			continue;
+		if (is_subject_slot(s)) { /* the next poll of a work-queue stream makes them again */
+			slot_clear(p, s);
+			continue;
+		}
+		s->v.kind = TALLY__PENDING_CONSUMER;
 		w = pair_watch(p, s);
 		s->sw = stream_watch(p, s->stream);
 		s->pair = w != NULL;
@@ -1117,6 +1165,87 @@ int tally__js_parse_info(const char *json, size_t len, struct tally__js_consumer
 	return jr_done(&j, jr_object(&j, info_field, &ip));
 }
 
+/* STREAM.INFO: {"total":N,"offset":O,"config":{"retention":"workqueue",..},
+ * "state":{..,"subjects":{"orders.a":30,..}},"error":{..}} (nats-server 2.9:
+ * "subjects" only with a subjects_filter, absent when nothing matches; up
+ * to 100000 subjects a page, "total" counts them all). */
+struct stream_info {
+	struct tally__js_error error;
+	uint64_t total, offset, subjects;
+	char retention[32];
+	int (*fn)(void *ctx, const char *subject, bool cut, uint64_t count);
+	void *ctx;
+};
+
+static int sinfo_config(struct jr *j, const char *key, void *ctx)
+{
+	struct stream_info *si = ctx;
+
+	if (strcmp(key, "retention") != 0)
+		return jr_skip(j);
+	return jr_string(j, si->retention, sizeof(si->retention)) < 0 ? -EBADMSG : 0;
+}
+
+/* state.subjects: an object whose keys are subjects (longer than jr_object's keys). */
+static int sinfo_subjects(struct jr *j, struct stream_info *si)
+{
+	char subj[TALLY__PENDING_SUBJ_MAX];
+	uint64_t count;
+	int rc;
+
+	if (jr_peek(j) == 'n')
+		return jr_literal(j, "null");
+	if (++j->depth > JR_MAX_DEPTH || !jr_eat(j, '{'))
+		return -EBADMSG;
+	if (!jr_eat(j, '}')) {
+		do {
+			int cut = jr_string(j, subj, sizeof(subj));
+
+			if (cut < 0 || !jr_eat(j, ':') || jr_u64(j, &count) < 0)
+				return -EBADMSG;
+			si->subjects++;
+			rc = si->fn ? si->fn(si->ctx, subj, cut == 1, count) : 0;
+			if (rc < 0)
+				return rc;
+		} while (jr_eat(j, ','));
+		if (!jr_eat(j, '}'))
+			return -EBADMSG;
+	}
+	j->depth--;
+	return 0;
+}
+
+static int sinfo_state(struct jr *j, const char *key, void *ctx)
+{
+	return strcmp(key, "subjects") == 0 ? sinfo_subjects(j, ctx) : jr_skip(j);
+}
+
+static int sinfo_field(struct jr *j, const char *key, void *ctx)
+{
+	struct stream_info *si = ctx;
+
+	if (strcmp(key, "error") == 0)
+		return jr_object(j, error_field, &si->error);
+	if (strcmp(key, "total") == 0)
+		return jr_u64(j, &si->total);
+	if (strcmp(key, "offset") == 0)
+		return jr_u64(j, &si->offset);
+	if (strcmp(key, "config") == 0)
+		return jr_object_or_null(j, sinfo_config, si);
+	if (strcmp(key, "state") == 0)
+		return jr_object_or_null(j, sinfo_state, si);
+	return jr_skip(j);
+}
+
+static int parse_stream_info(const char *json, size_t len, struct stream_info *si)
+{
+	struct jr j = { .p = json, .end = json ? json + len : json };
+
+	if (!json)
+		return -EBADMSG;
+	return jr_done(&j, jr_object(&j, sinfo_field, si));
+}
+
 /* ---- refreshing entries ---- */
 
 static int32_t leader_of(const struct tally__js_consumer *c, const char *server_id)
@@ -1241,7 +1370,7 @@ static void sweep_stream(struct tally__poller *p, int sw, const char *why, uint6
 	for (uint32_t i = 0; i < p->cap; i++) {
 		struct slot *s = &p->slots[i];
 
-		if (!s->used || s->sw != sw || s->refreshed)
+		if (!s->used || s->sw != sw || s->refreshed || is_subject_slot(s))
 			continue;
 		if (slot_gone(p, s, why, now) && turned++ == 0)
 			first = s->consumer;
@@ -1306,8 +1435,12 @@ static int api_error(struct tally__poller *p, const char *what, const struct tal
 	return fail(p, -EIO, "%s: server error %d (%d): %s", what, e->code, e->err_code, e->description);
 }
 
+static void drop_watch_subjects(struct tally__poller *p, int sw);
+
 static void stream_missing(struct tally__poller *p, int sw, uint64_t now)
 {
+	drop_watch_subjects(p, sw);
+	p->sw_retention[sw] = RET_UNKNOWN; /* a stream made again may differ */
 	if (!p->sw_missing[sw])
 		plog(p, LOG_WARN, "stream %s not found; its consumers are marked gone",
 		     p->cfg.watches[sw].stream);
@@ -1343,6 +1476,222 @@ static int list_page(struct tally__poller *p, struct list_apply *la, uint64_t of
 	return 0;
 }
 
+/* ---- per-subject backlog of work-queue streams (pending.h, "Shared backlog") ---- */
+
+/* Clear the per-subject entries of one consumer and make it a plain consumer again. */
+static void drop_subjects(struct tally__poller *p, const char *stream, const char *consumer)
+{
+	bool cleared = false;
+
+	for (uint32_t i = 0; i < p->cap; i++) {
+		struct slot *s = &p->slots[i];
+
+		if (s->used && is_subject_slot(s) && strcmp(s->stream, stream) == 0 &&
+		    strcmp(s->consumer, consumer) == 0) {
+			slot_clear(p, s);
+			cleared = true;
+		}
+	}
+	if (cleared)
+		hash_rebuild(p);
+}
+
+/* Consumers of watch sw back to plain (shared) consumers, per-subject entries cleared. */
+static void drop_watch_subjects(struct tally__poller *p, int sw)
+{
+	bool cleared = false;
+
+	for (uint32_t i = 0; i < p->cap; i++) {
+		struct slot *s = &p->slots[i];
+
+		if (!s->used || s->sw != sw)
+			continue;
+		if (is_subject_slot(s)) {
+			slot_clear(p, s);
+			cleared = true;
+		} else if (s->v.kind == TALLY__PENDING_SPLIT) {
+			s->v.kind = TALLY__PENDING_CONSUMER;
+			slot_publish(p, s);
+		}
+	}
+	if (cleared)
+		hash_rebuild(p);
+}
+
+struct split_apply {
+	struct tally__poller *p;
+	struct slot *owner;
+	uint64_t now;
+	uint32_t added;
+	bool incomplete;   /* table full, too many subjects, a subject too long */
+};
+
+static int apply_subject(void *ctx, const char *subject, bool cut, uint64_t count)
+{
+	struct split_apply *sa = ctx;
+	struct slot *o = sa->owner, *s;
+
+	if (sa->incomplete)
+		return 0;
+	if (cut || !subject[0] || sa->added >= TALLY__PENDING_SUBJECTS_MAX) {
+		sa->incomplete = true;
+		return 0;
+	}
+	s = slot_find3(sa->p, o->stream, o->consumer, subject);
+	if (!s)
+		s = slot_add3(sa->p, o->stream, o->consumer, subject, o->sw);
+	if (!s) {
+		sa->incomplete = true;
+		return 0;
+	}
+	sa->added++;
+	memset(&s->v, 0, sizeof(s->v));
+	s->v.kind = TALLY__PENDING_SUBJECT;
+	s->v.source = TALLY__PENDING_LIVE;
+	s->v.is_leader = o->v.is_leader;
+	s->v.num_pending = count; /* stored = unacked: num_pending + num_ack_pending */
+	s->v.last_ok_ns = sa->now;
+	s->filter[0] = '\0';
+	s->err[0] = '\0';
+	s->seen = s->refreshed = true;
+	slot_publish(sa->p, s);
+	return 0;
+}
+
+static void note_unsplit(struct tally__poller *p, const struct slot *o, const char *why)
+{
+	pthread_mutex_lock(&p->stats_lock);
+	p->st.subjects_unsplit++;
+	pthread_mutex_unlock(&p->stats_lock);
+	if (!p->split_logged)
+		plog(p, LOG_WARN, "work-queue consumer %s/%s: per-subject backlog not kept (%s); its "
+		     "whole backlog is shared by its subjects (at most %u subjects a consumer, and "
+		     "the pending capacity); later ones are not logged", o->stream, o->consumer, why,
+		     TALLY__PENDING_SUBJECTS_MAX);
+	p->split_logged = true;
+}
+
+/* One consumer of a work-queue stream: its subjects' stored counts. */
+static int split_consumer(struct tally__poller *p, struct slot *o, const char *pattern, uint64_t now)
+{
+	struct split_apply sa = { .p = p, .owner = o, .now = now };
+	struct stream_info si = { .fn = apply_subject, .ctx = &sa };
+	char subj[320], body[TALLY__PENDING_SUBJ_MAX + 32];
+	natsMsg *m = NULL;
+	int rc;
+
+	if (strpbrk(pattern, "\"\\")) {
+		note_unsplit(p, o, "filter not expressible in a request");
+		drop_subjects(p, o->stream, o->consumer);
+		return 0;
+	}
+	snprintf(subj, sizeof(subj), "%s.STREAM.INFO.%s", p->api, o->stream);
+	snprintf(body, sizeof(body), "{\"subjects_filter\":\"%s\"}", pattern);
+	rc = api_request(p, subj, body, &m);
+	if (rc < 0)
+		return rc;
+	rc = parse_stream_info(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), &si);
+	natsMsg_Destroy(m);
+	if (rc < 0)
+		return fail(p, -EIO, "%s: malformed reply", subj);
+	if (si.error.err_code == JSStreamNotFoundErr || strcmp(si.retention, "workqueue") != 0)
+		return 1; /* deleted, or made again with another retention, since the listing */
+	if (si.error.code != 0)
+		return api_error(p, subj, &si.error);
+	if (!sa.incomplete && si.total > si.subjects)
+		sa.incomplete = true; /* paged: more than one page of subjects */
+	if (sa.incomplete) {
+		note_unsplit(p, o, si.total > TALLY__PENDING_SUBJECTS_MAX ? "too many subjects"
+					: "pending table full or a subject too long");
+		drop_subjects(p, o->stream, o->consumer);
+		if (o->v.kind == TALLY__PENDING_SPLIT) {
+			o->v.kind = TALLY__PENDING_CONSUMER;
+			slot_publish(p, o);
+		}
+		return 0;
+	}
+	if (o->v.kind != TALLY__PENDING_SPLIT) {
+		o->v.kind = TALLY__PENDING_SPLIT;
+		slot_publish(p, o);
+	}
+	return 0;
+}
+
+/* After a good listing of watch sw: for a work-queue stream, every live
+ * consumer with a pattern gets per-subject entries (one STREAM.INFO with
+ * subjects_filter each); entries of subjects no longer stored leave. */
+static int poll_subjects(struct tally__poller *p, int sw, uint64_t now)
+{
+	struct stream_info si = { 0 };
+	char subj[320];
+	natsMsg *m = NULL;
+	bool cleared = false;
+	int rc = 0;
+
+	if (p->sw_retention[sw] == RET_UNKNOWN) {
+		/* once per stream (again after it was not found, or a reconfigure):
+		 * retention cannot change on a stream update */
+		snprintf(subj, sizeof(subj), "%s.STREAM.INFO.%s", p->api, p->cfg.watches[sw].stream);
+		rc = api_request(p, subj, "", &m);
+		if (rc < 0)
+			return rc;
+		rc = parse_stream_info(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), &si);
+		natsMsg_Destroy(m);
+		if (rc < 0)
+			return fail(p, -EIO, "%s: malformed reply", subj);
+		if (si.error.err_code == JSStreamNotFoundErr)
+			return 0; /* the next listing says so */
+		if (si.error.code != 0)
+			return api_error(p, subj, &si.error);
+		p->sw_retention[sw] = strcmp(si.retention, "workqueue") == 0 ? RET_WORKQUEUE : RET_OTHER;
+	}
+	if (p->sw_retention[sw] != RET_WORKQUEUE) {
+		drop_watch_subjects(p, sw);
+		return 0;
+	}
+	for (uint32_t i = 0; i < p->cap; i++)
+		if (p->slots[i].used && p->slots[i].sw == sw && is_subject_slot(&p->slots[i]))
+			p->slots[i].seen = false;
+	for (uint32_t i = 0; i < p->cap && rc == 0; i++) {
+		struct slot *o = &p->slots[i];
+		const char *pattern;
+
+		if (!o->used || o->sw != sw || is_subject_slot(o))
+			continue;
+		pattern = slot_map(p, o)[0] ? slot_map(p, o) : o->filter;
+		if (o->v.source != TALLY__PENDING_LIVE || !pattern[0]) {
+			if (o->v.kind == TALLY__PENDING_SPLIT) { /* its entries leave below */
+				o->v.kind = TALLY__PENDING_CONSUMER;
+				slot_publish(p, o);
+			}
+			continue;
+		}
+		rc = split_consumer(p, o, pattern, now);
+	}
+	if (rc < 0)
+		return rc;
+	if (rc == 1) {
+		drop_watch_subjects(p, sw);
+		p->sw_retention[sw] = RET_UNKNOWN;
+		return 0;
+	}
+	for (uint32_t i = 0; i < p->cap; i++) {
+		struct slot *s = &p->slots[i];
+		struct slot *o;
+
+		if (!s->used || s->sw != sw || !is_subject_slot(s))
+			continue;
+		o = slot_find(p, s->stream, s->consumer);
+		if (!s->seen || !o || o->v.kind != TALLY__PENDING_SPLIT) {
+			slot_clear(p, s);
+			cleared = true;
+		}
+	}
+	if (cleared)
+		hash_rebuild(p);
+	return 0;
+}
+
 static int poll_stream(struct tally__poller *p, int sw, uint64_t now)
 {
 	struct list_apply la = { .p = p, .sw = sw, .now = now };
@@ -1366,7 +1715,7 @@ static int poll_stream(struct tally__poller *p, int sw, uint64_t now)
 		plog(p, LOG_INFO, "stream %s: %u consumer(s) marked gone exist again",
 		     p->cfg.watches[sw].stream, la.back);
 	sweep_stream(p, sw, "consumer not found", now, false);
-	return 0;
+	return poll_subjects(p, sw, now);
 }
 
 static int poll_pair(struct tally__poller *p, struct slot *s, uint64_t now)
@@ -1642,6 +1991,7 @@ static void poller_free(struct tally__poller *p)
 	free(p->slots);
 	free(p->hash);
 	free(p->sw_missing);
+	free(p->sw_retention);
 	free(p);
 }
 
@@ -1659,8 +2009,9 @@ static int poller_alloc(struct tally__poller **out, uint32_t cap, const struct t
 	p->slots = calloc(cap, sizeof(*p->slots));
 	p->hash = calloc(hsize, sizeof(*p->hash));
 	p->sw_missing = calloc(cfg->nwatches, sizeof(*p->sw_missing));
+	p->sw_retention = calloc(cfg->nwatches, sizeof(*p->sw_retention));
 	*out = p;
-	if (!p->slots || !p->hash || !p->sw_missing || cfg_dup(&p->cfg, cfg) < 0)
+	if (!p->slots || !p->hash || !p->sw_missing || !p->sw_retention || cfg_dup(&p->cfg, cfg) < 0)
 		return -ENOMEM;
 	return 0;
 }
@@ -1759,13 +2110,16 @@ int tally__poller_reconfigure(struct tally__poller *p, const struct tally_poller
 {
 	struct tally_poller_config next, old;
 	bool *missing;
+	uint8_t *retention;
 	int rc = validate(cfg, p->cap, p);
 
 	if (rc < 0)
 		return rc;
 	missing = calloc(cfg->nwatches, sizeof(*missing));
-	if (!missing || cfg_dup(&next, cfg) < 0) {
+	retention = calloc(cfg->nwatches, sizeof(*retention));
+	if (!missing || !retention || cfg_dup(&next, cfg) < 0) {
 		free(missing);
+		free(retention);
 		return -ENOMEM;
 	}
 	pthread_mutex_lock(&p->poll_lock);
@@ -1773,6 +2127,8 @@ int tally__poller_reconfigure(struct tally__poller *p, const struct tally_poller
 	p->cfg = next;
 	free(p->sw_missing);
 	p->sw_missing = missing;
+	free(p->sw_retention);
+	p->sw_retention = retention;
 	if (conn_changed(&old, &p->cfg)) {
 		drop_connection(p);
 		build_opts(p);

@@ -5,7 +5,10 @@
  * from a NATS server with cnats: per watched stream, $JS.API.CONSUMER.LIST
  * in pages of 256 (the server's page size; {"offset":N} requests); per
  * explicitly listed stream/consumer pair that no whole-stream watch covers,
- * one $JS.API.CONSUMER.INFO. Replies are read by a small bounded JSON
+ * one $JS.API.CONSUMER.INFO; per watched stream, once, $JS.API.STREAM.INFO
+ * for its retention, and for a work-queue stream each poll one STREAM.INFO
+ * with subjects_filter per live consumer (per-subject backlog, pending.h
+ * "Shared backlog"). Replies are read by a small bounded JSON
  * reader of our own (below), not by cnats' js_Consumers, whose decoding of
  * every field cost 20 times the request (see poller.c).
  *
@@ -68,6 +71,7 @@ struct tally__poller_stats {
 	uint64_t last_requests;       /* requests of the last poll */
 	uint64_t last_poll_ns;        /* duration of the last poll */
 	uint64_t table_full;          /* consumers not tracked: pending table full */
+	uint64_t subjects_unsplit;    /* work-queue consumers left shared: per-subject entries did not fit */
 	uint32_t breaker_state;       /* enum tally__breaker_state */
 	uint32_t consumers;           /* entries in use */
 	bool connected;

@@ -9,7 +9,8 @@
  * period; 20 durables deleted and recreated leave nothing behind; a
  * configured consumer that never existed reads not_found and adds no
  * backlog; a wildcard consumer over two subjects marks both rows shared
- * and names itself. Every wait is bounded; figures go to stderr.
+ * and names itself, except on a work-queue stream, where each row reads
+ * its own stored count, not shared. Every wait is bounded; figures go to stderr.
  */
 #include "config.h"
 
@@ -400,5 +401,66 @@ Test(backlog, wildcard_consumer_marks_its_rows_shared, .timeout = 60)
 	out[len] = '\0';
 	pclose(f);
 	cr_expect(strstr(out, " 50*") && strstr(out, "* shared backlog"), "%s", out);
+	bl_stop(&b);
+}
+
+static void add_stream_retention(struct bl *b, const char *name, const char *subject, jsRetentionPolicy ret)
+{
+	jsStreamConfig sc;
+	jsErrCode ec = 0;
+
+	jsStreamConfig_Init(&sc);
+	sc.Name = name;
+	sc.Subjects = &subject;
+	sc.SubjectsLen = 1;
+	sc.Storage = js_FileStorage;
+	sc.Retention = ret;
+	cr_assert_eq(js_AddStream(NULL, b->js, &sc, NULL, &ec), NATS_OK, "stream %s (%d)", name, (int)ec);
+}
+
+/* A work-queue stream's stored messages per subject are its one consumer's
+ * backlog per subject (pending.h, "Shared backlog"): the rows read their
+ * own counts, not shared; the same setup under limits retention keeps the
+ * shared approximation. */
+Test(backlog, work_queue_stream_gives_the_backlog_per_subject, .timeout = 60)
+{
+	static const struct tally_poller_watch w[] = { { .stream = "WQ" }, { .stream = "LIM" } };
+	struct bl b = { 0 };
+	struct tally_subject_stats s;
+
+	bl_start(&b);
+	add_stream_retention(&b, "WQ", "orders.>", js_WorkQueuePolicy);
+	add_stream_retention(&b, "LIM", "limits.>", js_LimitsPolicy);
+	add_consumer(&b, "WQ", "all", "orders.>", false);
+	add_consumer(&b, "LIM", "all", "limits.>", false);
+	publish(&b, "orders.a", 30);
+	publish(&b, "orders.b", 10);
+	publish(&b, "limits.a", 30);
+	publish(&b, "limits.b", 10);
+	tally_subject_t oa = row(&b, "orders.a"), ob = row(&b, "orders.b");
+	tally_subject_t la = row(&b, "limits.a"), lb = row(&b, "limits.b");
+	tally_subject_t oc = row(&b, "orders.c"); /* nothing stored: no backlog, not 40 */
+	bl_poll(&b, w, 2, 300);
+	cr_assert(WAIT(5000, rd(&b, oa).pending == 30 && rd(&b, ob).pending == 10 &&
+			     rd(&b, la).pending == 40 && rd(&b, lb).pending == 40),
+		  "orders.a %llu, orders.b %llu, limits.a %llu, limits.b %llu",
+		  (unsigned long long)rd(&b, oa).pending, (unsigned long long)rd(&b, ob).pending,
+		  (unsigned long long)rd(&b, la).pending, (unsigned long long)rd(&b, lb).pending);
+	s = rd(&b, oa);
+	cr_expect(!s.pending_shared, "work queue: orders.a has its own count");
+	cr_expect_eq(s.pending_source, TALLY_PENDING_LIVE);
+	cr_expect_str_eq(consumer_of(b.rd, &s), "WQ/all");
+	s = rd(&b, ob);
+	cr_expect(!s.pending_shared, "work queue: orders.b has its own count");
+	cr_expect_str_eq(consumer_of(b.rd, &s), "WQ/all");
+	s = rd(&b, oc);
+	cr_expect_eq(s.pending, 0, "work queue: orders.c has nothing stored");
+	cr_expect(!s.pending_shared);
+	cr_expect_eq(s.pending_source, TALLY_PENDING_LIVE);
+	s = rd(&b, la);
+	cr_expect(s.pending_shared, "limits: the consumer's whole backlog, shared");
+	s = rd(&b, lb);
+	cr_expect(s.pending_shared, "limits: the consumer's whole backlog, shared");
+	cr_expect_str_eq(consumer_of(b.rd, &s), "LIM/all");
 	bl_stop(&b);
 }

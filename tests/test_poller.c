@@ -468,7 +468,11 @@ Test(poller, counts_after_publish_filtered_and_unfiltered)
 	tally__poller_stats(e.p, &st);
 	cr_assert_eq(st.polls_ok, 1);
 	cr_assert_eq(st.consumers, 2);
-	cr_assert_eq(st.last_requests, 1, "one CONSUMER.LIST page, got %llu",
+	cr_assert_eq(st.last_requests, 2, "one CONSUMER.LIST page and, on a stream's first poll, "
+		     "one STREAM.INFO for its retention; got %llu", (unsigned long long)st.last_requests);
+	cr_assert_eq(tally__poller_poll_once(e.p), 0);
+	tally__poller_stats(e.p, &st);
+	cr_assert_eq(st.last_requests, 1, "later polls: one CONSUMER.LIST page, got %llu",
 		     (unsigned long long)st.last_requests);
 	cr_assert(tally__poller_policy(e.p).include_ack_pending);
 	env_free(&e);
@@ -613,7 +617,8 @@ Test(poller, thousand_consumers_by_list_paging, .timeout = 120)
 	cr_assert_eq(found, 1000);
 	tally__poller_stats(e.p, &st);
 	cr_assert_eq(st.consumers, 1000);
-	cr_assert_eq(st.last_requests, 4, "1,000 consumers in pages of 256: 4 requests, got %llu",
+	cr_assert_eq(st.last_requests, 5, "1,000 consumers in pages of 256: 4 requests, and the "
+		     "first poll's STREAM.INFO (retention); got %llu",
 		     (unsigned long long)st.last_requests);
 	env_free(&e);
 }
