@@ -1169,13 +1169,7 @@ int tally__js_parse_info(const char *json, size_t len, struct tally__js_consumer
  * "state":{..,"subjects":{"orders.a":30,..}},"error":{..}} (nats-server 2.9:
  * "subjects" only with a subjects_filter, absent when nothing matches; up
  * to 100000 subjects a page, "total" counts them all). */
-struct stream_info {
-	struct tally__js_error error;
-	uint64_t total, offset, subjects;
-	char retention[32];
-	int (*fn)(void *ctx, const char *subject, bool cut, uint64_t count);
-	void *ctx;
-};
+#define stream_info tally__js_stream_info
 
 static int sinfo_config(struct jr *j, const char *key, void *ctx)
 {
@@ -1237,7 +1231,7 @@ static int sinfo_field(struct jr *j, const char *key, void *ctx)
 	return jr_skip(j);
 }
 
-static int parse_stream_info(const char *json, size_t len, struct stream_info *si)
+int tally__js_parse_stream_info(const char *json, size_t len, struct tally__js_stream_info *si)
 {
 	struct jr j = { .p = json, .end = json ? json + len : json };
 
@@ -1590,7 +1584,7 @@ static int split_consumer(struct tally__poller *p, struct slot *o, const char *p
 	rc = api_request(p, subj, body, &m);
 	if (rc < 0)
 		return rc;
-	rc = parse_stream_info(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), &si);
+	rc = tally__js_parse_stream_info(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), &si);
 	natsMsg_Destroy(m);
 	if (rc < 0)
 		return fail(p, -EIO, "%s: malformed reply", subj);
@@ -1635,7 +1629,7 @@ static int poll_subjects(struct tally__poller *p, int sw, uint64_t now)
 		rc = api_request(p, subj, "", &m);
 		if (rc < 0)
 			return rc;
-		rc = parse_stream_info(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), &si);
+		rc = tally__js_parse_stream_info(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), &si);
 		natsMsg_Destroy(m);
 		if (rc < 0)
 			return fail(p, -EIO, "%s: malformed reply", subj);

@@ -174,4 +174,20 @@ int tally__js_parse_list(const char *json, size_t len, struct tally__js_page *pa
 int tally__js_parse_info(const char *json, size_t len, struct tally__js_consumer *out,
 			 struct tally__js_error *err);
 
+/* A $JS.API.STREAM.INFO reply: retention, paging, and state.subjects
+ * (with a subjects_filter request) passed to fn one subject at a time
+ * (cut: the subject did not fit its buffer). Callers zero it and set fn
+ * and ctx before the parse. */
+struct tally__js_stream_info {
+	struct tally__js_error error;
+	uint64_t total, offset, subjects;
+	char retention[32];
+	int (*fn)(void *ctx, const char *subject, bool cut, uint64_t count);
+	void *ctx;
+};
+
+/* Returns 0, -EBADMSG, or fn's negative return. Never reads outside
+ * [json, json + len). Thread-safe. A fuzz target (fuzz_jsreply). */
+int tally__js_parse_stream_info(const char *json, size_t len, struct tally__js_stream_info *si);
+
 #endif /* TALLY_POLLER_H */

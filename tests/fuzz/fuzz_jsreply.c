@@ -48,6 +48,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pending.h"
 #include "poller.h"
 
 /* libFuzzer's entry point. */
@@ -364,6 +365,40 @@ static void fuzz_truncated(const char *buf, size_t n)
 	EXPECT(tally__js_parse_list(buf, n - 1, &page, NULL, NULL) == -EBADMSG);
 }
 
+/* STREAM.INFO with its per-subject counts: 0 or -EBADMSG, strings
+ * terminated, the subjects counted match the callbacks, deterministic. */
+struct subj_seen {
+	uint64_t calls, sum;
+};
+
+static int on_subject(void *ctx, const char *subject, bool cut, uint64_t count)
+{
+	struct subj_seen *s = ctx;
+
+	EXPECT(memchr(subject, '\0', TALLY__PENDING_SUBJ_MAX) != NULL);
+	(void)cut;
+	s->calls++;
+	s->sum += count;
+	return 0;
+}
+
+static void fuzz_stream_info(const char *buf, size_t n)
+{
+	struct subj_seen a = { 0 }, b = { 0 };
+	struct tally__js_stream_info si = { .fn = on_subject, .ctx = &a }, si2 = { .fn = on_subject, .ctx = &b };
+	int rc = tally__js_parse_stream_info(buf, n, &si);
+
+	EXPECT(rc == 0 || rc == -EBADMSG);
+	TERMINATED(si.retention);
+	check_error(&si.error);
+	EXPECT(si.subjects == a.calls);
+	EXPECT(tally__js_parse_stream_info(buf, n, &si2) == rc);
+	EXPECT(a.calls == b.calls && a.sum == b.sum && strcmp(si.retention, si2.retention) == 0);
+	if (rc == 0 && n > 0) /* an accepted reply without its last byte is not one */
+		EXPECT(tally__js_parse_stream_info(buf, n - 1, &si2) == -EBADMSG || buf[n - 1] == ' ' ||
+		       buf[n - 1] == '\n' || buf[n - 1] == '\t' || buf[n - 1] == '\r');
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	char *buf = malloc(size ? size : 1);
@@ -376,12 +411,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	memcpy(buf, data, size);
 	fuzz_info(buf, size);
 	fuzz_list(buf, size);
+	fuzz_stream_info(buf, size);
 	bool info_ok = tally__js_parse_info(buf, size, &c, &e) == 0;
 	bool list_ok = tally__js_parse_list(buf, size, &page, NULL, NULL) == 0;
 	if (info_ok || list_ok)
 		fuzz_truncated(buf, size);
 	EXPECT(tally__js_parse_info(NULL, 0, &c, &e) == -EBADMSG);
 	EXPECT(tally__js_parse_list(NULL, 0, &page, NULL, NULL) == -EBADMSG);
+	struct tally__js_stream_info none = { 0 };
+	EXPECT(tally__js_parse_stream_info(NULL, 0, &none) == -EBADMSG);
 	free(buf);
 	return 0;
 }
