@@ -367,6 +367,10 @@ Test(record_import, an_owner_that_dies_and_does_not_come_back_is_an_error)
 /* tallyd restarted while tally record imports: record follows the new
  * owner (the library moves its handle), nothing is refused for good, and
  * what the old owner had not drained is reported lost. */
+/* The new tallyd's PR_SET_PDEATHSIG fires when the thread that forked it
+ * exits, not the process: this thread stays until the test is done. */
+static atomic_bool restart_done;
+
 static void *restart_later(void *arg)
 {
 	(void)arg;
@@ -384,6 +388,8 @@ static void *restart_later(void *arg)
 		execl(TALLYD, TALLYD, "-c", td.cfg, (char *)NULL);
 		_exit(127);
 	}
+	while (!atomic_load(&restart_done))
+		tt_sleep_ms(10);
 	return NULL;
 }
 
@@ -396,7 +402,6 @@ Test(record_import, an_owner_restarted_while_record_imports_is_followed)
 	td_start(1024);
 	cr_assert_eq(pthread_create(&restarter, NULL, restart_later, NULL), 0);
 	record(&r, LINES, (const char *const[]){ "--wait-timeout", "10", NULL });
-	pthread_join(restarter, NULL);
 	cr_assert(sscanf(r.out, "recorded %llu, rejected %llu, dropped %llu, lost %llu (the owner "
 			 "restarted %llu time", &rec, &rej, &drop, &lost, &restarts) == 5,
 		  "exit %d; stdout: %s; stderr:\n%s", r.status, r.out, r.err);
@@ -414,6 +419,8 @@ Test(record_import, an_owner_restarted_while_record_imports_is_followed)
 	fprintf(stderr, "record across a tallyd restart: %llu lines in %" PRIu64 " ms, %lld in the new "
 		"owner, %llu lost in the old owner's ring\n", rec, r.ms, (long long)in_new, lost);
 	td_stop();
+	atomic_store(&restart_done, true);
+	pthread_join(restarter, NULL);
 }
 
 static void *cont_later(void *arg)
