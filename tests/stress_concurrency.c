@@ -5,7 +5,10 @@
  * cannot start): threads interning the same subjects, threads recording
  * while a drainer consumes with exact accounting, and the engine
  * publishing every millisecond while readers read it in-process (RCU) and
- * through the segment's latch. Runs in every `make check` too.
+ * through the segment's latch, and recording threads (thread-local
+ * handles) following an owner that is stopped and created again while
+ * they record (the library's watcher thread against the recorders).
+ * Runs in every `make check` too.
  */
 #include "config.h"
 
@@ -219,11 +222,95 @@ static void publishing(void)
 	tally_segment_close(&seg);
 }
 
+/* ---- 4: following an owner restart while recording ------------------------------ */
+
+struct follow_arg {
+	struct tally_segment *seg; /* opened by name for producing: it follows */
+	tally_subject_t id;
+	atomic_bool *stop;
+	struct tally_producer_counters c;
+};
+
+static void *follow_recorder(void *p)
+{
+	struct follow_arg *a = p;
+	struct tally_producer *prod;
+
+	if (tally_producer_local(a->seg, &prod))
+		return NULL;
+	for (uint64_t i = 0; !atomic_load_explicit(a->stop, memory_order_relaxed); i++) {
+		tally_record(prod, a->id, i & 0xffff);
+		if ((i & 1023) == 0)
+			tt_sleep_ms(1);
+	}
+	tally_producer_counters(prod, &a->c);
+	return NULL; /* the thread's exit detaches the local handle */
+}
+
+static struct tally_engine *own(const char *name, struct tally_segment **seg)
+{
+	struct tally_segment_config cfg;
+	struct tally_engine_config ec;
+	struct tally_engine *e = NULL;
+
+	tt_config(&cfg);
+	tally_engine_config_init(&ec);
+	ec.publish_interval_ms = 5;
+	ec.reap_interval_ms = 5;
+	if (tally_segment_create(name, &cfg, 0, seg) || tally_engine_start(*seg, &ec, &e))
+		fprintf(stderr, "owner %s: %s\n", name, tally_errmsg());
+	return e;
+}
+
+static void following(void)
+{
+	const char *name = tt_segname("sf");
+	struct tally_segment *owner = NULL, *prod = NULL;
+	struct tally_engine *e = own(name, &owner);
+	struct follow_arg a[2];
+	pthread_t th[2];
+	atomic_bool stop = false;
+	tally_subject_t id = 0;
+
+	if (!e || tally_segment_open(name, TALLY_OPEN_PRODUCER, 1000, &prod) ||
+	    tally_subject_intern(prod, "stress.follow", &id)) {
+		tap_ok(0, "following: set up: %s", tally_errmsg());
+		tap_ok(0, "following: no data");
+		return;
+	}
+	for (int t = 0; t < 2; t++) {
+		a[t] = (struct follow_arg){ .seg = prod, .id = id, .stop = &stop };
+		pthread_create(&th[t], NULL, follow_recorder, &a[t]);
+	}
+	tt_sleep_ms(200);
+	tally_engine_stop(&e); /* the owner goes away: a clean stop and unlink */
+	tally_segment_close(&owner);
+	tt_sleep_ms(100);
+	e = own(name, &owner); /* and comes back under the same name */
+	tt_sleep_ms(600);
+	atomic_store(&stop, true);
+	for (int t = 0; t < 2; t++)
+		pthread_join(th[t], NULL);
+	struct tally_subject_stats st = { 0 };
+	tally_subject_t nid;
+	int rc = tally_subject_lookup(owner, "stress.follow", &nid);
+	for (int i = 0; rc == 0 && i < 100 && tally_engine_read(e, nid, &st) != 0; i++)
+		tt_sleep_ms(5);
+	tap_ok(a[0].c.moves == 1 && a[1].c.moves == 1, "following: both handles moved once (%llu, %llu)",
+	       (unsigned long long)a[0].c.moves, (unsigned long long)a[1].c.moves);
+	tap_ok(rc == 0 && st.total_count > 0, "following: the new owner drained %llu samples",
+	       (unsigned long long)st.total_count);
+	tally_segment_close(&prod);
+	tally_engine_stop(&e);
+	tally_segment_close(&owner);
+}
+
 int main(void)
 {
-	tap_plan(7);
+	tap_plan(9);
 	interning();
 	recording();
 	publishing();
+	following();
 	return tap_done();
 }

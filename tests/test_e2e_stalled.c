@@ -333,14 +333,16 @@ Test(e2e_stalled, a_router_that_stops_completing_is_shed)
 	bool ok = false;
 	for (int i = 0; i < 200 && !ok; i++) {
 		status_of("orders.created", &s);
-		ok = s.code == 0 && strstr(s.out, "samples");
+		ok = (s.code == 0 || s.code == 1) && strstr(s.out, "samples"); /* warn: a loaded machine */
 		if (!ok)
 			tt_sleep_ms(50);
 	}
 	cr_assert(ok, "a working router is ok: exit %d\n%s", s.code, s.out);
 	tt_sleep_ms(STALL_AFTER_MS + 500);
 	status_of("orders.created", &s);
-	cr_expect_eq(s.code, 0, "a router that keeps up is never stalled: %s", s.out);
+	/* on a loaded machine its latency may warn; what matters: not stalled */
+	cr_expect(s.code != 2 && !strstr(s.out, "stalled"), "a router that keeps up is never stalled: %s",
+		  s.out);
 
 	sim_router_stop(&router);
 	uint64_t t_stop = tally_now_ns();
