@@ -25,8 +25,14 @@ const char *tt_segname(const char *tag)
 {
 	static _Atomic unsigned counter;
 	static __thread char buf[128];
+	struct timespec ts;
 
-	snprintf(buf, sizeof(buf), "tt-%s-%d-%u", tag, (int)getpid(), atomic_fetch_add(&counter, 1));
+	/* pid + counter alone collide with what an earlier run left behind
+	 * (a failed test, a killed run) once pids wrap: the start time of the
+	 * name's first use makes each run's names its own */
+	clock_gettime(CLOCK_REALTIME, &ts);
+	snprintf(buf, sizeof(buf), "tt-%s-%d-%u-%lx", tag, (int)getpid(), atomic_fetch_add(&counter, 1),
+		 (unsigned long)(ts.tv_nsec ^ ts.tv_sec) & 0xfffffu);
 	return buf;
 }
 
