@@ -45,6 +45,11 @@
  * TALLY_EREVOKED, and nothing is written into the slot again. Detach a
  * revoked handle as usual.
  *
+ * Producers and the owner must share a PID namespace: the owner judges a
+ * producer's liveness by its pid and start time in /proc, and a pid from
+ * another namespace means nothing there (such a slot would be taken for
+ * dead). Containers share the owner's with --pid=host or a shared pod.
+ *
  * Values are uint64 nanoseconds; 0 is valid; values above the segment's
  * max_value_ns are stored as max_value_ns and counted as clamped.
  */
