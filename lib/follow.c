@@ -265,6 +265,9 @@ void tally__follow_free(struct tally_segment *origin)
 		pthread_join(fo->watcher, NULL);
 	}
 	for (uint32_t i = 0; i < fo->n; i++) {
+		/* handles still attached at the origin's close may be on a
+		 * successor's ring: it gets the same private pages (segment.c) */
+		fo->succ[i]->revoked_at_close = origin->revoked_at_close;
 		tally_segment_close(&fo->succ[i]);
 		free(fo->remap[i]);
 	}

@@ -607,8 +607,12 @@ TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subj
 TALLY_API bool tally__record_remapped(struct tally_producer *p, tally_subject_t subject, uint64_t ns)
 {
 	struct producer_full *f = full_of(p);
-	uint32_t id = tally__remap_id(f->remap, subject);
 
+	if (TALLY__UNLIKELY(f->revoked)) { /* the segment closed: its remaps are gone */
+		f->lost++;
+		return false;
+	}
+	uint32_t id = tally__remap_id(f->remap, subject);
 	if (id == UINT32_MAX) { /* the name cannot be interned there now */
 		f->lost++;
 		return false;

@@ -529,7 +529,7 @@ TALLY_API void tally_segment_close(struct tally_segment **segp)
 	TALLY__ASSERT(seg->magic == TALLY__SEGMENT_MAGIC);
 	/* Handles still attached would write into memory about to be
 	 * unmapped: revoke them (their records become lost, counted). */
-	seg->revoked_at_close = tally__producers_revoke_segment(seg) > 0;
+	seg->revoked_at_close |= tally__producers_revoke_segment(seg) > 0;
 	tally__follow_free(seg);
 	/* Only the owner process itself: a fork child closing its copy of
 	 * the owner's handle must not stop or unlink the owner's segment. */

@@ -28,7 +28,9 @@
  * a slot of the new segment on its next record (or heartbeat). Subject
  * ids stay the caller's: they are translated to the new segment's, each
  * name interned there on its first record (a lookup more per record from
- * then on; reopen the segment to drop it). What could not be recorded in
+ * then on; reopen the segment to drop it; that first record of a name may
+ * wait, at most 200 ms, on a table entry another process left half
+ * written). What could not be recorded in
  * between (records while no owner ran, and what the dead owner left
  * undrained in the old ring) is lost, counted in the handle's counters
  * (lost, moves) and shown by `tally stat` for the new slot. The caller's
