@@ -15,7 +15,8 @@ CONFIGURE_FLAGS=${CONFIGURE_FLAGS:---enable-werror}
 PACKAGES="build-essential autoconf automake libtool pkg-config
 liburcu-dev libck-dev libnats-dev libcriterion-dev nats-server
 libinih-dev libmicrohttpd-dev libncurses-dev libjansson-dev
-prometheus valgrind clang libclang-rt-14-dev gnuplot-nox wrk procps tmux"
+prometheus valgrind clang libclang-rt-14-dev gnuplot-nox wrk procps tmux
+gdb"
 
 deps() {
 	missing=""

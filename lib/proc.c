@@ -6,7 +6,6 @@
  */
 #include "config.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -14,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -79,29 +79,46 @@ static bool kill_pending(pid_t pid, int tid)
 /* Does any thread of pid still run (a task that is neither Z nor X nor
  * exiting, nor about to: a process being killed has threads on their
  * way out)? For a leader that shows Z: the whole process exited, or only
- * its main thread did (pthread_exit). */
+ * its main thread did (pthread_exit). The task directory is read with
+ * getdents64 into a stack buffer, not opendir: the owner's reaper runs
+ * this, and it must not allocate (a process that forks while this runs
+ * in another thread would inherit a malloc lock held, under allocators
+ * that are not fork-safe, such as gcc 12's AddressSanitizer). */
 static bool any_task_runs(pid_t pid)
 {
-	char path[64];
-	struct dirent *d;
+	char path[64], buf[2048] __attribute__((aligned(8)));
 	bool runs = false;
-	DIR *dir;
+	long n;
+	int fd;
 
 	snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
-	if (!(dir = opendir(path)))
+	if ((fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
 		return false;
-	while (!runs && (d = readdir(dir))) {
-		char state = '?';
-		unsigned long flags = PF_EXITING_FLAG;
-		int tid = atoi(d->d_name);
-		if (tid <= 0)
-			continue;
-		snprintf(path, sizeof(path), "/proc/%d/task/%d/stat", (int)pid, tid);
-		if (stat_file(path, &state, &flags) && state != 'Z' && state != 'X' &&
-		    !(flags & PF_EXITING_FLAG) && !kill_pending(pid, tid))
-			runs = true;
+	while (!runs && (n = syscall(SYS_getdents64, fd, buf, sizeof(buf))) > 0) {
+		for (long off = 0; !runs && off < n;) {
+			struct linux_dirent64 {
+				uint64_t d_ino;
+				int64_t d_off;
+				unsigned short d_reclen;
+				unsigned char d_type;
+				char d_name[];
+			} *d = (struct linux_dirent64 *)(void *)(buf + off);
+			char state = '?';
+			unsigned long flags = PF_EXITING_FLAG;
+			int tid;
+
+			if (d->d_reclen == 0)
+				break;
+			off += d->d_reclen;
+			if ((tid = atoi(d->d_name)) <= 0)
+				continue;
+			snprintf(path, sizeof(path), "/proc/%d/task/%d/stat", (int)pid, tid);
+			if (stat_file(path, &state, &flags) && state != 'Z' && state != 'X' &&
+			    !(flags & PF_EXITING_FLAG) && !kill_pending(pid, tid))
+				runs = true;
+		}
 	}
-	closedir(dir);
+	close(fd);
 	return runs;
 }
 
