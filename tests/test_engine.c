@@ -181,12 +181,14 @@ Test(engine, totals_across_processes)
 {
 	char name[TALLY_NAME_MAX + 1];
 	struct tally_segment *seg = make("procs", name);
-	struct tally_engine *e = start(seg, 1000, 10000, 5);
+	struct tally_engine *e;
+	struct tt_gate gate;
 	tally_subject_t id;
 	int pipes[3][2];
 	pid_t pids[3];
 
 	tally_subject_intern(seg, "shared.subject", &id);
+	tt_gate_init(&gate); /* the children are forked before the engine's threads */
 	for (int c = 0; c < 3; c++) {
 		cr_assert_eq(pipe(pipes[c]), 0);
 		if ((pids[c] = fork()) == 0) {
@@ -194,6 +196,7 @@ Test(engine, totals_across_processes)
 			struct tally_producer *p;
 			struct tally_producer_counters cnt;
 			tally_subject_t my;
+			tt_gate_wait(&gate);
 			if (tally_segment_open(name, TALLY_OPEN_PRODUCER, 1000, &ps) ||
 			    tally_subject_intern(ps, "shared.subject", &my) || tally_producer_attach(ps, &p))
 				_exit(1);
@@ -205,6 +208,8 @@ Test(engine, totals_across_processes)
 		}
 		close(pipes[c][1]);
 	}
+	e = start(seg, 1000, 10000, 5);
+	tt_gate_open(&gate);
 	uint64_t recorded = 0;
 	for (int c = 0; c < 3; c++) {
 		struct tally_producer_counters cnt;
@@ -281,20 +286,20 @@ Test(engine, readers_in_threads_and_another_process_during_publishing)
 {
 	char name[TALLY_NAME_MAX + 1];
 	struct tally_segment *seg = make("readers", name), *rd;
-	struct tally_engine *e = start(seg, 10, 50, 1);
+	struct tally_engine *e;
+	struct tt_gate gate;
 	tally_subject_t id;
 	struct reader_arg in = { 0 }, cross = { 0 }, wr = { 0 };
 	pthread_t t1, t2, tw;
 
 	tally_subject_intern(seg, "hot", &id);
 	cr_assert_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), 0);
-	in = (struct reader_arg){ .e = e, .seg = seg, .id = id };
-	cross = (struct reader_arg){ .seg = rd, .id = id };
-	wr = (struct reader_arg){ .seg = seg, .id = id };
+	tt_gate_init(&gate); /* the child is forked before the engine's threads */
 	pid_t child = fork();
 	if (child == 0) {
 		struct tally_segment *crd;
 		struct reader_arg ca;
+		tt_gate_wait(&gate);
 		if (tally_segment_open(name, TALLY_OPEN_READER, 1000, &crd))
 			_exit(1);
 		ca = (struct reader_arg){ .seg = crd, .id = id };
@@ -313,6 +318,11 @@ Test(engine, readers_in_threads_and_another_process_during_publishing)
 		}
 		_exit(ca.bad ? 2 : ca.reads ? 0 : 3);
 	}
+	e = start(seg, 10, 50, 1);
+	in = (struct reader_arg){ .e = e, .seg = seg, .id = id };
+	cross = (struct reader_arg){ .seg = rd, .id = id };
+	wr = (struct reader_arg){ .seg = seg, .id = id };
+	tt_gate_open(&gate);
 	pthread_create(&tw, NULL, writer_thread, &wr);
 	pthread_create(&t1, NULL, reader_thread, &in);
 	pthread_create(&t2, NULL, reader_thread, &cross);

@@ -58,23 +58,35 @@ struct owner {
 	const char *name;
 };
 
-static void owner_start(struct owner *o, const char *tag, uint32_t ring)
+static void owner_create(struct owner *o, const char *tag, uint32_t ring)
 {
 	struct tally_segment_config cfg;
-	struct tally_engine_config ec;
 
 	tt_config(&cfg);
 	cfg.producer_cooloff_ms = COOLOFF_MS;
 	if (ring)
 		cfg.ring_capacity = ring;
 	o->name = tt_segname(tag);
+	o->eng = NULL;
 	cr_assert_eq(tally_segment_create(o->name, &cfg, 0, &o->seg), 0, "%s", tally_errmsg());
+}
+
+static void owner_run(struct owner *o)
+{
+	struct tally_engine_config ec;
+
 	tally_engine_config_init(&ec);
 	ec.reap_interval_ms = REAP_MS;
 	ec.publish_interval_ms = 20;
 	ec.slice_ns = 100000000ull;
 	ec.window_ns = 1000000000ull;
 	cr_assert_eq(tally_engine_start(o->seg, &ec, &o->eng), 0, "%s", tally_errmsg());
+}
+
+static void owner_start(struct owner *o, const char *tag, uint32_t ring)
+{
+	owner_create(o, tag, ring);
+	owner_run(o);
 }
 
 static void owner_stop(struct owner *o)
@@ -147,14 +159,22 @@ static void child(const char *name, const char *point, enum act act)
 	_exit(0); /* the point was never reached: the parent fails the test */
 }
 
+/* The owner is created, not yet running: the child is forked before the
+ * engine's threads start (tt_gate), then the engine runs. */
 static void fork_and_kill_at(struct owner *o, const char *point, enum act act)
 {
+	struct tt_gate gate;
 	int status;
-	pid_t pid = fork();
 
+	tt_gate_init(&gate);
+	pid_t pid = fork();
 	cr_assert_neq(pid, -1);
-	if (pid == 0)
+	if (pid == 0) {
+		tt_gate_wait(&gate);
 		child(o->name, point, act);
+	}
+	owner_run(o);
+	tt_gate_open(&gate);
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
 	cr_assert(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL,
 		  "the child did not die at %s (status %#x)", point, status);
@@ -164,7 +184,7 @@ static void killed_mid_claim(const char *point)
 {
 	struct owner o;
 
-	owner_start(&o, "kpc", 0);
+	owner_create(&o, "kpc", 0);
 	uint64_t t0 = mono_ms();
 	fork_and_kill_at(&o, point, ACT_ATTACH);
 	cr_expect_not(all_slots_free(o.seg), "the kill left nothing to reclaim");
@@ -205,7 +225,7 @@ static void killed_mid_intern(const char *point)
 	tally_subject_t id, again;
 	int rc, eagain = 0;
 
-	owner_start(&o, "kpi", 0);
+	owner_create(&o, "kpi", 0);
 	uint64_t t0 = mono_ms();
 	fork_and_kill_at(&o, point, ACT_INTERN);
 	/* the same name probes through the stuck entry: it must get an id
@@ -246,7 +266,7 @@ Test(lifecycle, killed_in_detach, .timeout = 30)
 	tally_subject_t id;
 	struct tally_subject_stats st;
 
-	owner_start(&o, "kpd", 0);
+	owner_create(&o, "kpd", 0);
 	uint64_t t0 = mono_ms();
 	fork_and_kill_at(&o, "detach.before", ACT_DETACH);
 	while (!all_slots_free(o.seg) && mono_ms() - t0 < RECLAIM_BOUND_MS)

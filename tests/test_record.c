@@ -205,22 +205,16 @@ Test(record, forked_processes_exact_accounting)
 
 	tally_segment_info(seg, &info);
 	snprintf(name, sizeof(name), "%s", info.name);
-	/* The children are forked before the drainer thread starts, and wait
-	 * for it on a pipe: a child of a multi-threaded process may inherit
-	 * an allocator lock held by another thread (gcc 12's ASan allocator
-	 * is not fork-safe), and these children allocate. */
-	int go[2];
-	char gobyte = 'g';
-	cr_assert_eq(pipe(go), 0);
+	/* forked before the drainer thread starts (tt_gate) */
+	struct tt_gate gate;
+	tt_gate_init(&gate);
 	for (int c = 0; c < 4; c++) {
 		cr_assert_eq(pipe(pipes[c]), 0);
 		pids[c] = fork();
 		if (pids[c] == 0) {
 			struct tally_segment *ps;
 			struct worker wk = { .n = 300000, .subject = (tally_subject_t)(10 + c) };
-			close(go[1]);
-			if (read(go[0], &gobyte, 1) != 1)
-				_exit(4);
+			tt_gate_wait(&gate);
 			if (tally_segment_open(name, TALLY_OPEN_PRODUCER, 1000, &ps) != 0)
 				_exit(1);
 			wk.seg = ps;
@@ -231,12 +225,9 @@ Test(record, forked_processes_exact_accounting)
 		}
 		close(pipes[c][1]);
 	}
-	close(go[0]);
 	tt_drainer_init(&d, seg);
 	tt_drainer_start(&d);
-	for (int c = 0; c < 4; c++)
-		cr_assert_eq(write(go[1], &gobyte, 1), 1);
-	close(go[1]);
+	tt_gate_open(&gate);
 	uint64_t recorded = 0;
 	struct tally_producer_counters got[4];
 	for (int c = 0; c < 4; c++) {
@@ -262,7 +253,7 @@ Test(record, producer_killed_mid_stream_is_drained_and_reclaimed)
 	struct tt_drainer d;
 
 	tally_segment_info(seg, &info);
-	pid_t child = fork(); /* before the drainer thread: see forked_processes_exact_accounting */
+	pid_t child = fork(); /* before the drainer thread (tt_gate) */
 	if (child == 0) {
 		struct tally_segment *ps;
 		struct tally_producer *p;

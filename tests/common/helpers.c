@@ -54,6 +54,28 @@ void tt_sleep_ms(unsigned ms)
 		;
 }
 
+void tt_gate_init(struct tt_gate *g)
+{
+	if (pipe(g->fd) != 0)
+		abort();
+}
+
+void tt_gate_wait(struct tt_gate *g)
+{
+	char b;
+
+	close(g->fd[1]);
+	while (read(g->fd[0], &b, 1) < 0 && errno == EINTR)
+		;
+	close(g->fd[0]);
+}
+
+void tt_gate_open(struct tt_gate *g)
+{
+	close(g->fd[1]); /* every child reads end-of-file */
+	close(g->fd[0]);
+}
+
 uint64_t tt_drain_once(struct tt_drainer *d, bool reap)
 {
 	struct tally_segment *seg = d->seg;

@@ -44,6 +44,18 @@ void tt_drainer_stop(struct tt_drainer *d);
 /* Sleep ms milliseconds. */
 void tt_sleep_ms(unsigned ms);
 
+/* A gate for children that run library code: fork them while the test
+ * process has no thread of its own running (a child of a multi-threaded
+ * process can inherit an allocator lock held by another thread, and gcc
+ * 12's ASan allocator is not fork-safe: it deadlocks), let them wait at
+ * the gate, start the threads, then open it. */
+struct tt_gate {
+	int fd[2];
+};
+void tt_gate_init(struct tt_gate *g);
+void tt_gate_wait(struct tt_gate *g); /* in a child: returns once opened */
+void tt_gate_open(struct tt_gate *g); /* in the parent: releases every child */
+
 /* Recorded/dropped/clamped counters of slot i as the segment holds them. */
 struct tt_slot_view {
 	uint32_t state;
