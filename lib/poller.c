@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define DEF_INTERVAL_MS   1000u
 #define DEF_TIMEOUT_MS    2000u
@@ -206,6 +207,88 @@ static int check_watches(const struct tally_poller_config *cfg, char *why, size_
 	return 0;
 }
 
+/* One server URL of the comma-separated list: [nats:// | tls://][user[:pass]@]host[:port],
+ * host a name, an IPv4 address or [an IPv6 address]. Checked at start and
+ * reload so that a typo is an error with its line, not a reconnect loop. */
+static int check_url(const char *u, size_t len, char *why, size_t why_len)
+{
+	char url[512];
+	const char *host, *end, *port = NULL, *at, *sch;
+
+	while (len && (*u == ' ' || *u == '\t'))
+		u++, len--;
+	while (len && (u[len - 1] == ' ' || u[len - 1] == '\t'))
+		len--;
+	if (len == 0 || len >= sizeof(url)) {
+		snprintf(why, why_len, len ? "a server URL is longer than %zu bytes" :
+			 "an empty server URL in the list", sizeof(url) - 1);
+		return -EINVAL;
+	}
+	memcpy(url, u, len);
+	url[len] = '\0';
+	host = url;
+	if ((sch = strstr(url, "://"))) {
+		if (!((sch - url == 4 && strncmp(url, "nats", 4) == 0) ||
+		      (sch - url == 3 && strncmp(url, "tls", 3) == 0))) {
+			snprintf(why, why_len, "server URL \"%s\": scheme \"%.*s\" is not nats:// or "
+				 "tls://", url, (int)(sch - url), url);
+			return -EINVAL;
+		}
+		host = sch + 3;
+	}
+	if ((at = strrchr(host, '@')))
+		host = at + 1;
+	if (*host == '[') {
+		if (!(end = strchr(host, ']'))) {
+			snprintf(why, why_len, "server URL \"%s\": '[' without ']' around an IPv6 "
+				 "address", url);
+			return -EINVAL;
+		}
+		if (end == host + 1)
+			goto no_host;
+		if (end[1] == ':')
+			port = end + 2;
+		else if (end[1]) {
+			end++;
+			goto junk;
+		}
+	} else {
+		end = host + strcspn(host, ":/?#[] \t");
+		if (end == host)
+			goto no_host;
+		if (*end == ':')
+			port = end + 1;
+		else if (*end)
+			goto junk;
+	}
+	if (port) {
+		char *pe;
+		unsigned long v = strtoul(port, &pe, 10);
+		if (pe == port || *pe || v < 1 || v > 65535) {
+			snprintf(why, why_len, "server URL \"%s\": port \"%s\" is not a number in "
+				 "1..65535", url, port);
+			return -EINVAL;
+		}
+	}
+	return 0;
+no_host:
+	snprintf(why, why_len, "server URL \"%s\" has no host (e.g. nats://127.0.0.1:4222)", url);
+	return -EINVAL;
+junk:
+	snprintf(why, why_len, "server URL \"%s\": unexpected \"%s\" after the host (a URL is "
+		 "[nats://]HOST[:PORT]; separate servers with commas)", url, end);
+	return -EINVAL;
+}
+
+/* A file the connection will need, readable now rather than at connect. */
+static int check_file(const char *what, const char *path, char *why, size_t why_len)
+{
+	if (empty(path) || access(path, R_OK) == 0)
+		return 0;
+	snprintf(why, why_len, "%s \"%s\": %s", what, path, strerror(errno));
+	return -EINVAL;
+}
+
 int tally__poller_config_check(const struct tally_poller_config *cfg, char *why, size_t why_len)
 {
 	char scratch[8];
@@ -218,6 +301,16 @@ int tally__poller_config_check(const struct tally_poller_config *cfg, char *why,
 		snprintf(why, why_len, "no NATS server URL given");
 		return -EINVAL;
 	}
+	for (const char *u = cfg->urls, *c;; u = c + 1) {
+		c = strchr(u, ',');
+		if (check_url(u, c ? (size_t)(c - u) : strlen(u), why, why_len) != 0)
+			return -EINVAL;
+		if (!c)
+			break;
+	}
+	if (check_file("creds file", cfg->creds_file, why, why_len) ||
+	    check_file("tls_ca file", cfg->tls_ca_file, why, why_len))
+		return -EINVAL;
 	if (!empty(cfg->js_domain) && !empty(cfg->js_prefix)) {
 		snprintf(why, why_len, "give a JetStream domain or an API prefix, not both");
 		return -EINVAL;

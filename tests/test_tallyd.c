@@ -414,6 +414,100 @@ Test(tallyd, bad_config_lines_name_file_and_line)
 	td_cleanup(d);
 }
 
+static void td_clear_log(struct td *d)
+{
+	int fd = open(d->log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+
+	cr_assert_geq(fd, 0);
+	close(fd);
+}
+
+/* Mistakes that the first stage accepted at start and that only failed at
+ * run time, or never: each is an error at start, exit 2, with FILE:LINE
+ * and the key, and --check says so without starting anything. */
+Test(tallyd, config_mistakes_fail_at_start_naming_file_and_line)
+{
+	static const struct {
+		const char *text, *line, *says;
+	} cases[] = {
+		{ "[engine]\nslice_ms = 100\n[engine]\nwindow_ms = 1000\n", ":3: ",
+		  "[engine] again: it was opened at line 1" },
+		{ "[nats]\nurl = nats://127.0.0.1:1\n[watch ORDERS]\n[watch ORDERS]\n", ":4: ",
+		  "[watch ORDERS] again: it was opened at line 3" },
+		{ "[thresholds]\nmin_samples = 1\n[thresholds]\n", ":3: ", "[thresholds] again" },
+		{ "[thresholds \"orders.>]\np95_warn_ms = 5\n", ":1: ", "unbalanced quote" },
+		{ "[engine]\npublish_interval_ms = 100000\n", ":2: ", "from 1 to 60000" },
+		{ "[engine]\nslice_ms = 1\nwindow_ms = 60000\n", ":3: ",
+		  "window_ms / slice_ms = 60000 slices, at most 3600" },
+		{ "[engine]\nslice_ms = 0.5\nwindow_ms = 1\n", ":2: ", "slice_ms = 0.5: at least 1 ms" },
+		{ "; ok\n[segment]\nring_capacity = 16\n", ":3: ",
+		  "ring_capacity = \"16\": expected a power of two from 64" },
+		{ "[nats]\nurl = http://[garbage\n", ":2: ", "scheme \"http\" is not nats:// or tls://" },
+		{ "[nats]\nurl = nats://[garbage\n", ":2: ", "'[' without ']'" },
+		{ "[nats]\nurl = nats://h1:4222,h2:99999\n", ":2: ", "port \"99999\"" },
+		{ "[nats]\nurl = nats://h1 h2\n", ":2: ", "after the host" },
+		{ "[nats]\nurl = nats://127.0.0.1:1\ntls_ca = /nonexistent/ca.pem\n[watch S]\n", ":3: ",
+		  "tls_ca file \"/nonexistent/ca.pem\": No such file or directory" },
+		{ "[nats]\ncreds = /nonexistent/x.creds\nurl = nats://127.0.0.1:1\n[watch S]\n", ":2: ",
+		  "creds file \"/nonexistent/x.creds\": No such file" },
+	};
+	struct td *d = td_new("td-mistakes");
+	char want[512];
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		for (int check = 0; check < 2; check++) {
+			td_clear_log(d);
+			td_write_cfg(d, "%s", cases[i].text);
+			int rc = td_run(d, check ? (const char *const[]){ "-t", "-c", d->cfg, NULL } :
+					     (const char *const[]){ "-c", d->cfg, "-s", d->seg, NULL });
+			snprintf(want, sizeof(want), "%s%s", d->cfg, cases[i].line);
+			cr_expect_eq(rc, 2, "case %zu%s: exit %d for:\n%s", i, check ? " (--check)" : "",
+				     rc, cases[i].text);
+			cr_expect(strstr(td_logtext(d), want) && strstr(td_logtext(d), cases[i].says),
+				  "case %zu: expected \"%s...%s\" in:\n%s", i, want, cases[i].says,
+				  td_logtext(d));
+			cr_expect(!seg_exists(d->seg), "case %zu: a bad config created the segment", i);
+		}
+	}
+
+	/* a directory is not a configuration (it used to start with defaults) */
+	td_clear_log(d);
+	cr_expect_eq(td_run(d, (const char *const[]){ "-c", "/tmp", "-s", d->seg, NULL }), 2);
+	cr_expect(strstr(td_logtext(d), "/tmp: is a directory"), "%s", td_logtext(d));
+	cr_expect(!seg_exists(d->seg));
+
+	/* a UTF-8 byte order mark is not an error; --check exits 0 and creates nothing */
+	td_clear_log(d);
+	td_write_cfg(d, "\xef\xbb\xbf[engine]\nslice_ms = 100\nwindow_ms = 1000\n");
+	cr_expect_eq(td_run(d, (const char *const[]){ "--check", "-c", d->cfg, "-s", d->seg, NULL }), 0,
+		     "%s", td_logtext(d));
+	cr_expect(strstr(td_logtext(d), "is valid"), "%s", td_logtext(d));
+	cr_expect(!seg_exists(d->seg), "--check created the segment");
+	td_cleanup(d);
+}
+
+/* A reload checks files and URLs as the start does, and keeps the running
+ * configuration when one is wrong. */
+Test(tallyd, reload_with_a_missing_tls_ca_keeps_the_old_config)
+{
+	struct td *d = td_new("td-hupfile");
+	char where[256];
+
+	td_write_cfg(d, "[segment]\nname = %s\n[http]\nenabled = no\n[nats]\n"
+			 "url = nats://127.0.0.1:1\n[watch S]\n", d->seg);
+	td_start_ready(d, (const char *const[]){ "-c", d->cfg, NULL });
+	td_write_cfg(d, "[segment]\nname = %s\n[http]\nenabled = no\n[nats]\n"
+			 "url = nats://127.0.0.1:1\ntls_ca = %s/missing-ca.pem\n[watch S]\n",
+		     d->seg, "/nonexistent");
+	kill(d->pid, SIGHUP);
+	cr_assert(td_wait_log(d, "reload failed", 5000), "%s", td_logtext(d));
+	snprintf(where, sizeof(where), "%s:7: [nats]: tls_ca file \"/nonexistent/missing-ca.pem\"",
+		 d->cfg);
+	cr_expect(strstr(td_logtext(d), where), "%s", td_logtext(d));
+	cr_expect_eq(kill(d->pid, 0), 0, "tallyd died on a bad reload");
+	td_cleanup(d);
+}
+
 Test(tallyd, unknown_key_lists_the_valid_ones)
 {
 	struct td *d;

@@ -109,7 +109,7 @@ static void poller_log(void *ctx, int level, const char *msg)
 struct opts {
 	struct tallyd_overrides ov;
 	const char *config;
-	bool keep, replace;
+	bool keep, replace, check;
 };
 
 static void usage(FILE *f)
@@ -127,6 +127,8 @@ static void usage(FILE *f)
 		"      --nats URL        poll this NATS server (overrides [nats] url)\n"
 		"      --keep            keep the segment in /dev/shm after exit\n"
 		"      --replace         replace a segment left by a dead owner\n"
+		"  -t, --check           check the configuration (every key, URL and file it\n"
+		"                        names) and exit: 0 valid, 2 not\n"
 		"  -v, --verbose         log debug messages too\n"
 		"  -h, --help            this help\n"
 		"      --version         print the version\n"
@@ -146,12 +148,13 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		{ "nats", required_argument, NULL, O_NATS }, { "keep", no_argument, NULL, O_KEEP },
 		{ "replace", no_argument, NULL, O_REPLACE }, { "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },          { "version", no_argument, NULL, O_VERSION },
+		{ "check", no_argument, NULL, 't' },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
 
 	memset(o, 0, sizeof(*o));
-	while ((c = getopt_long(argc, argv, "c:s:vh", longs, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "c:s:vht", longs, NULL)) != -1) {
 		switch (c) {
 		case 'c': o->config = optarg; break;
 		case 's': o->ov.segment = optarg; break;
@@ -161,6 +164,7 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		case O_KEEP: o->keep = true; break;
 		case O_REPLACE: o->replace = true; break;
 		case 'v': verbosity = L_DEBUG; break;
+		case 't': o->check = true; break;
 		case 'h': usage(stdout); return 0 + 1;
 		case O_VERSION:
 			printf("tallyd %s (libtally %s)\n", PACKAGE_VERSION, tally_version());
@@ -443,6 +447,12 @@ int main(int argc, char **argv)
 		return rc - 1;
 	if (load(&d) != 0)
 		return EXIT_USAGE;
+	if (d.o.check) {
+		printf("tallyd: configuration %s is valid\n", d.o.config ? d.o.config : "(defaults)");
+		tallyd_config_free(&d.boot);
+		tallyd_config_free(&d.live);
+		return 0;
+	}
 	if ((d.sigfd = signals_setup()) < 0) {
 		tlog(L_ERR, "cannot set up signal handling: %s", strerror(errno));
 		return EXIT_RUN;

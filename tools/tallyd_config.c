@@ -24,11 +24,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include "exporter.h"
 #include "tallyd_config.h"
 
 #define MAX_ERRORS 20
+#define TALLYD_MAX_SLICES 3600u /* libtally's TALLY__WINDOW_MAX_SLICES (window.c) */
 #define MAX_KEYS 24
 
 /* ---- key tables ---- */
@@ -63,10 +65,12 @@ enum sect { S_SEGMENT, S_ENGINE, S_HTTP, S_NATS, S_WATCH, S_THRESH, S__COUNT };
 
 static const struct key segment_keys[] = {
 	{ "name", K_SEGNAME, CF(segment_name), 0, 0 },
-	{ "producer_slots", K_U32, CF(seg.producer_slots), 1, 65536 },
-	{ "ring_capacity", K_POW2, CF(seg.ring_capacity), 2, 1u << 30 },
-	{ "subject_capacity", K_U32, CF(seg.subject_capacity), 1, 1u << 24 },
-	{ "pending_capacity", K_U32, CF(seg.pending_capacity), 1, 1u << 20 },
+	/* the bounds are libtally's (segment.c config_check): an error names
+	 * the key and its line here rather than failing at segment creation */
+	{ "producer_slots", K_U32, CF(seg.producer_slots), 1, 4096 },
+	{ "ring_capacity", K_POW2, CF(seg.ring_capacity), 64, 1u << 24 },
+	{ "subject_capacity", K_U32, CF(seg.subject_capacity), 1, 1u << 20 },
+	{ "pending_capacity", K_U32, CF(seg.pending_capacity), 1, 65536 },
 	{ "max_value_ms", K_MS_NS, CF(seg.max_value_ns), 1, 0 },
 	{ "producer_cooloff_ms", K_U32, CF(seg.producer_cooloff_ms), 0, U32MAX },
 	{ "group_readable", K_BOOLINT, CF(seg.group_readable), 0, 0 },
@@ -77,7 +81,7 @@ static const struct key segment_keys[] = {
 static const struct key engine_keys[] = {
 	{ "slice_ms", K_MS_NS, CF(engine.slice_ns), 1, 0 },
 	{ "window_ms", K_MS_NS, CF(engine.window_ns), 1, 0 },
-	{ "publish_interval_ms", K_U32, CF(engine.publish_interval_ms), 1, 3600000 },
+	{ "publish_interval_ms", K_U32, CF(engine.publish_interval_ms), 1, 60000 },
 	{ "drain_interval_us", K_U32, CF(engine.drain_interval_us), 1, 1000000 },
 	{ "reap_interval_ms", K_U32, CF(engine.reap_interval_ms), 1, 3600000 },
 	{ NULL, 0, 0, 0, 0 },
@@ -349,6 +353,9 @@ static void bad_number(struct parser *p, const struct key *k, const char *v)
 	else if (k->kind == K_MS_NS)
 		perr(p, p->lineno, "%s = \"%s\": expected milliseconds, e.g. 250 or 0.5 (at most 6 "
 			"decimals)", k->name, v);
+	else if (k->kind == K_POW2)
+		perr(p, p->lineno, "%s = \"%s\": expected a power of two from %" PRIu64 " to %" PRIu64,
+		     k->name, v, k->min, k->max);
 	else if (k->max == UINT64_MAX)
 		perr(p, p->lineno, "%s = \"%s\": expected a whole number >= %" PRIu64, k->name, v,
 		     k->min);
@@ -512,7 +519,12 @@ static int open_watch(struct parser *p, const char *arg)
 		    strcmp(c->watches[i].consumer ? c->watches[i].consumer : "",
 			   consumer ? consumer : "") == 0)
 			break;
-	if (i == c->nwatches) {
+	if (i < c->nwatches) {
+		perr(p, p->lineno, "[watch %s] again: it was opened at line %d; give each watch one "
+			"section", arg, c->watches[i].line);
+		return -1;
+	}
+	{
 		struct tallyd_watch *w = realloc(c->watches, (i + 1) * sizeof(*w));
 
 		if (!w)
@@ -542,7 +554,12 @@ static int open_rule(struct parser *p, const char *arg)
 		}
 		for (i = 1; i < c->nrules && strcmp(c->rules[i].pattern, arg) != 0; i++)
 			;
-		if (i == c->nrules) {
+		if (i < c->nrules) {
+			perr(p, p->lineno, "[thresholds %s] again: it was opened at line %d; give each "
+				"pattern one section", arg, c->rules[i].line);
+			return -1;
+		}
+		{
 			struct tallyd_rule *r = realloc(c->rules, (i + 1) * sizeof(*r));
 
 			if (!r)
@@ -555,7 +572,11 @@ static int open_rule(struct parser *p, const char *arg)
 			if (!(r[i].pattern = strdup(arg)))
 				return -ENOMEM;
 		}
-	} else if (!c->rules[0].line) {
+	} else if (c->rules[0].line) {
+		perr(p, p->lineno, "[thresholds] again: it was opened at line %d; give the default "
+			"rule one section", c->rules[0].line);
+		return -1;
+	} else {
 		c->rules[0].line = p->lineno;
 	}
 	p->cur = inst_add(p, S_THRESH, i, p->lineno);
@@ -590,8 +611,15 @@ static void open_section(struct parser *p, char *line)
 		arg++;
 	for (size_t n = strlen(arg); n > 0 && (arg[n - 1] == ' ' || arg[n - 1] == '\t');)
 		arg[--n] = '\0';
-	if (arg[0] == '"' && strlen(arg) >= 2 && arg[strlen(arg) - 1] == '"') {
-		arg[strlen(arg) - 1] = '\0';
+	size_t alen = strlen(arg);
+	bool opens = alen > 0 && arg[0] == '"', closes = alen > 1 && arg[alen - 1] == '"';
+	if (opens != closes || (alen == 1 && opens)) {
+		perr(p, p->lineno, "[%s %s]: unbalanced quote: write [%s \"NAME\"] or [%s NAME]",
+		     line + 1, arg, line + 1, line + 1);
+		return;
+	}
+	if (opens) {
+		arg[alen - 1] = '\0';
 		arg++;
 	}
 	for (k = 0; k < S__COUNT && strcmp(sects[k].name, line + 1) != 0; k++)
@@ -607,6 +635,11 @@ static void open_section(struct parser *p, char *line)
 	}
 	if (k != S_WATCH && k != S_THRESH && *arg) {
 		perr(p, p->lineno, "[%s] takes no argument (got \"%s\")", sects[k].name, arg);
+		return;
+	}
+	if (k != S_WATCH && k != S_THRESH && inst_find(p, (enum sect)k, 0)) {
+		perr(p, p->lineno, "[%s] again: it was opened at line %d; give each section once",
+		     sects[k].name, inst_find(p, (enum sect)k, 0)->line);
 		return;
 	}
 	if ((k == S_WATCH ? open_watch(p, arg) : k == S_THRESH ? open_rule(p, arg) :
@@ -631,7 +664,11 @@ static char *reader(char *buf, int num, void *stream)
 	if (n < 0)
 		return NULL;
 	p->lineno++;
-	for (s = p->line; *s == ' ' || *s == '\t'; s++)
+	s = p->line;
+	/* a UTF-8 byte order mark, as some editors write one, on line 1 */
+	if (p->lineno == 1 && n >= 3 && memcmp(s, "\xef\xbb\xbf", 3) == 0)
+		s += 3;
+	for (; *s == ' ' || *s == '\t'; s++)
 		;
 	n -= s - p->line;
 	out = s;
@@ -744,10 +781,19 @@ static void check_segment_engine(struct parser *p)
 	c->seg.group = c->group;
 	if (tally_segment_size(&c->seg) == 0)
 		perr(p, keyline(p, S_SEGMENT, ""), "[segment]: %s", tally_errmsg());
-	if (c->engine.window_ns < c->engine.slice_ns || c->engine.window_ns % c->engine.slice_ns)
+	if (c->engine.slice_ns < 1000000)
+		perr(p, keyline(p, S_ENGINE, "slice_ms"), "[engine]: slice_ms = %g: at least 1 ms",
+		     (double)c->engine.slice_ns / 1e6);
+	else if (c->engine.window_ns < c->engine.slice_ns || c->engine.window_ns % c->engine.slice_ns)
 		perr(p, keyline(p, S_ENGINE, "window_ms"),
-		     "[engine]: window_ms (%" PRIu64 " ns) must be a multiple of slice_ms (%" PRIu64
-		     " ns)", c->engine.window_ns, c->engine.slice_ns);
+		     "[engine]: window_ms (%g) must be a whole multiple of slice_ms (%g)",
+		     (double)c->engine.window_ns / 1e6, (double)c->engine.slice_ns / 1e6);
+	else if (c->engine.window_ns / c->engine.slice_ns > TALLYD_MAX_SLICES)
+		perr(p, keyline(p, S_ENGINE, "window_ms"),
+		     "[engine]: window_ms / slice_ms = %" PRIu64 " slices, at most %u: raise slice_ms "
+		     "to at least %g or shorten window_ms", c->engine.window_ns / c->engine.slice_ns,
+		     TALLYD_MAX_SLICES,
+		     (double)((c->engine.window_ns + TALLYD_MAX_SLICES - 1) / TALLYD_MAX_SLICES) / 1e6);
 	c->engine.pending_include_ack = c->include_ack_pending;
 }
 
@@ -782,7 +828,9 @@ static int build_nats(struct parser *p)
 	n->nwatches = c->nwatches;
 	n->exclude_ack_pending = !c->include_ack_pending;
 	if (tally_poller_config_check(n, why, sizeof(why)) != 0)
-		perr(p, keyline(p, S_NATS, "url"), "[nats]: %s", why);
+		perr(p, keyline(p, S_NATS, strncmp(why, "creds file", 10) == 0 ? "creds" :
+				strncmp(why, "tls_ca file", 11) == 0 ? "tls_ca" : "url"),
+		     "[nats]: %s", why);
 	return 0;
 }
 
@@ -821,10 +869,18 @@ static int parse_file(struct parser *p, const char *path)
 {
 	int rc;
 
+	struct stat st;
+
 	if (!(p->f = fopen(path, "r"))) {
 		rc = -errno;
 		snprintf(p->err, p->errlen, "%s: cannot read: %s\n", path, strerror(errno));
 		return rc;
+	}
+	if (fstat(fileno(p->f), &st) == 0 && S_ISDIR(st.st_mode)) {
+		snprintf(p->err, p->errlen, "%s: is a directory: give the configuration file itself "
+			 "(e.g. %s/tallyd.ini)\n", path, path);
+		fclose(p->f);
+		return -EISDIR;
 	}
 	rc = ini_parse_stream(reader, p, on_key, p);
 	fclose(p->f);
