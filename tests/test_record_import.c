@@ -316,6 +316,23 @@ Test(record_import, a_million_lines_into_a_slowed_down_owner_lose_nothing)
 	td_stop();
 }
 
+/* A value above the segment's max_value_ms is stored clamped: record says
+ * how many, as it says how many were rejected or dropped. */
+Test(record_import, clamped_values_are_counted_in_the_summary)
+{
+	struct run r;
+
+	td_start(1024);
+	record(&r, 0, (const char *const[]){ "q.clamp", "7200000000000", "5", "3600000000001", NULL });
+	cr_assert_eq(r.status, 0, "exit %d; stderr:\n%s", r.status, r.err);
+	cr_expect_str_eq(r.out, "recorded 3, rejected 0, dropped 0, clamped 2 (above the segment's "
+				"max_value_ms = 3600000: stored as that)\n");
+	json_t *doc = stat_json();
+	cr_expect_eq(total_count_of(doc, "q.clamp"), 3);
+	json_decref(doc);
+	td_stop();
+}
+
 Test(record_import, an_owner_that_stops_draining_is_an_error_naming_segment_owner_and_line)
 {
 	struct run r;

@@ -49,8 +49,9 @@ static const char record_help[] =
 	"the owner dies, it stops with an error that names the line it stopped at\n"
 	"(exit 4); the lines before it were recorded. At the end it waits until\n"
 	"the owner has drained and published everything, then prints how many\n"
-	"values were recorded, rejected and dropped (always 0), so that a tally\n"
-	"stat right after shows them all. On a terminal it shows its progress on\n"
+	"values were recorded, rejected and dropped (always 0), and how many were\n"
+	"clamped to the segment's max_value_ms, so that a tally stat right after\n"
+	"shows them all. On a terminal it shows its progress on\n"
 	"stderr.\n"
 	"\n"
 	"  -s, --segment NAME        segment (default $TALLY_SEGMENT, else \"tally\")\n"
@@ -478,6 +479,8 @@ int tally_cmd_record(const char *segment, int argc, char **argv)
 	progress_clear(&r);
 	tally_producer_counters(r.p, &pc);
 	tally_producer_detach(&r.p);
+	struct tally_segment_info si;
+	tally_segment_info(r.seg, &si);
 	tally_segment_close(&r.seg);
 	if (rc)
 		return rc;
@@ -487,6 +490,9 @@ int tally_cmd_record(const char *segment, int argc, char **argv)
 	uint64_t lost = pc.lost > r.refused ? pc.lost - r.refused : 0;
 	printf("recorded %" PRIu64 ", rejected %" PRIu64 ", dropped %" PRIu64, r.recorded, r.rejected,
 	       pc.dropped);
+	if (pc.clamped)
+		printf(", clamped %" PRIu64 " (above the segment's max_value_ms = %.15g: stored as that)",
+		       pc.clamped, (double)si.config.max_value_ns / 1e6);
 	if (pc.moves)
 		printf(", lost %" PRIu64 " (the owner restarted %" PRIu64 " time%s: values it had not "
 		       "drained were lost; the rest went to the new owner)", lost, pc.moves,
