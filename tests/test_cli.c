@@ -871,6 +871,33 @@ static void tmux_stop(const struct tmux *t)
 	unlink(t->sock);
 }
 
+/* In a terminal the demo runs tally top; --duration must end it there too
+ * (the first stage ran until q was pressed), and leave the terminal sane. */
+Test(cli, demo_duration_ends_the_live_view_in_a_terminal, .timeout = 120)
+{
+	struct tmux t;
+	char screen[8192];
+	static int n;
+	bool ended = false;
+
+	snprintf(t.sock, sizeof(t.sock), "/tmp/tally-test-tmux-demo-%d-%d", (int)getpid(), n++);
+	cr_assert_eq(shell("tmux -S %s -f /dev/null new-session -d -s top -x 100 -y 30 "
+			   "'env LC_ALL=C.UTF-8 TERM=screen %s -s %s demo --duration 3; "
+			   "echo DEMO-EXIT=$?; sleep 60'",
+			   t.sock, TALLY_BIN, tt_segname("cli-demo")), 0);
+	bool saw_top = false;
+	for (int i = 0; i < 900 && !ended; i++) { /* 90 s: nats-server starts, 3 s of demo */
+		tmux_capture(&t, false, screen, sizeof(screen));
+		saw_top |= strstr(screen, "q quit") != NULL;
+		ended = strstr(screen, "DEMO-EXIT=") != NULL;
+		tt_sleep_ms(100);
+	}
+	tmux_stop(&t);
+	cr_expect(saw_top, "the demo never showed tally top:\n%s", screen);
+	cr_assert(ended, "tally demo --duration 3 did not end in a terminal:\n%s", screen);
+	cr_expect(strstr(screen, "DEMO-EXIT=0"), "%s", screen);
+}
+
 /* Index of the line holding s on the screen, or -1. */
 static int line_of(const char *screen, const char *s)
 {

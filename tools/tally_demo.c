@@ -218,10 +218,23 @@ static void run_top(struct demo *d)
 		execl(self, self, "-s", d->segment, "top", (char *)NULL);
 		_exit(127);
 	}
+	/* top runs until q, Ctrl-C, or the end of --duration: then SIGTERM,
+	 * which top takes as q (it restores the terminal) */
+	uint64_t end = d->duration_s ? tally_now_ns() + (uint64_t)d->duration_s * 1000000000u : 0;
 	int status;
-	while (waitpid(child, &status, 0) < 0 && errno == EINTR) {
-		if (d->duration_s == 0)
+	bool termed = false;
+	for (;;) {
+		pid_t w = waitpid(child, &status, end ? WNOHANG : 0);
+		if (w == child || (w < 0 && errno != EINTR))
+			break;
+		if (end && !termed && tally_now_ns() >= end) {
+			kill(child, SIGTERM);
+			termed = true;
+			end = 0; /* now wait for it to exit */
 			continue;
+		}
+		if (end)
+			usleep(50000);
 	}
 }
 
