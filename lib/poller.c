@@ -1524,8 +1524,16 @@ static int api_error(struct tally__poller *p, const char *what, const struct tal
 
 static void drop_watch_subjects(struct tally__poller *p, int sw);
 
+/* The entry that shows a whole-stream watch whose stream does not exist
+ * (stat, JSON, /metrics list it as STREAM/"*", not_found): no consumer
+ * can be named "*". Removed when the stream appears. */
+#define STREAM_MARKER "*"
+
 static void stream_missing(struct tally__poller *p, int sw, uint64_t now)
 {
+	const char *stream = p->cfg.watches[sw].stream;
+	struct slot *m = slot_find(p, stream, STREAM_MARKER);
+
 	drop_watch_subjects(p, sw);
 	p->sw_retention[sw] = RET_UNKNOWN; /* a stream made again may differ */
 	if (!p->sw_missing[sw])
@@ -1533,6 +1541,22 @@ static void stream_missing(struct tally__poller *p, int sw, uint64_t now)
 		     p->cfg.watches[sw].stream);
 	p->sw_missing[sw] = true;
 	sweep_stream(p, sw, "stream not found", now, true);
+	if (!m && !(m = slot_add(p, stream, STREAM_MARKER, sw)))
+		note_table_full(p, stream, STREAM_MARKER);
+	if (m) {
+		m->found = false;
+		slot_gone(p, m, "stream not found", now);
+	}
+}
+
+static void stream_exists(struct tally__poller *p, int sw)
+{
+	struct slot *m = slot_find(p, p->cfg.watches[sw].stream, STREAM_MARKER);
+
+	if (m) {
+		slot_clear(p, m);
+		hash_rebuild(p);
+	}
 }
 
 /* One page from offset; *count consumers in it, *total in the stream. 1: stream not found. */
@@ -1798,6 +1822,7 @@ static int poll_stream(struct tally__poller *p, int sw, uint64_t now)
 	if (p->sw_missing[sw])
 		plog(p, LOG_INFO, "stream %s exists again", p->cfg.watches[sw].stream);
 	p->sw_missing[sw] = false;
+	stream_exists(p, sw);
 	if (la.back)
 		plog(p, LOG_INFO, "stream %s: %u consumer(s) marked gone exist again",
 		     p->cfg.watches[sw].stream, la.back);

@@ -889,19 +889,70 @@ Test(poller, unreachable_url_start_succeeds_breaker_opens)
 	env_free(&e);
 }
 
-Test(poller, bad_url_keeps_trying_with_one_log_line)
+/* A malformed URL is refused at start with the part that is wrong (it
+ * used to be accepted and fail in a reconnect loop). */
+Test(poller, bad_url_is_refused_naming_the_part)
 {
+	static const struct {
+		const char *url, *says;
+	} cases[] = {
+		{ "nats://127.0.0.1:notaport", "port \"notaport\"" },
+		{ "http://[garbage", "scheme \"http\"" },
+		{ "nats://[::1", "'[' without ']'" },
+		{ "nats://:4222", "has no host" },
+		{ "nats://a:1,,nats://b:2", "an empty server URL" },
+		{ "nats://a:1/path", "port \"1/path\"" },
+		{ "nats://a/path", "unexpected \"/path\" after the host" },
+	};
 	struct env e = { 0 };
 	struct tally_poller_watch w[] = { { .stream = "JOBS", .consumer = "w" } };
 	struct tally_poller_config cfg;
+	char why[256];
 
 	env_section(&e, 4);
-	cfg = base_cfg("nats://127.0.0.1:notaport", w, 1);
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		cfg = base_cfg(cases[i].url, w, 1);
+		cr_expect_eq(tally__poller_config_check(&cfg, why, sizeof(why)), -EINVAL, "%s", cases[i].url);
+		cr_expect(strstr(why, cases[i].says), "%s: %s", cases[i].url, why);
+		cr_expect_eq(tally__poller_start(&cfg, e.section, e.len, e.cap, &e.p), -EINVAL);
+		cr_assert_null(e.p);
+	}
+	for (const char *const *ok = (const char *const[]){ "127.0.0.1", "nats://u:p@h:4222",
+			"tls://[::1]:4222", "nats://a:1, nats://b:2", NULL }; *ok; ok++) {
+		cfg = base_cfg(*ok, w, 1);
+		cr_expect_eq(tally__poller_config_check(&cfg, why, sizeof(why)), 0, "%s: %s", *ok, why);
+	}
+	env_free(&e);
+}
+
+/* A whole-stream watch of a stream that does not exist is listed (as
+ * STREAM/"*", not_found) so that stat, JSON and /metrics show it; the
+ * entry goes when the stream is made. */
+Test(poller, missing_stream_is_listed_until_it_exists)
+{
+	struct env e = { 0 };
+	struct tally_poller_watch w[] = { { .stream = "NOSTREAM" }, { .stream = "LATER" } };
+	struct tally_poller_config cfg;
+	struct tally__pending_view v;
+
+	env_server(&e, NULL, true);
+	env_connect(&e);
+	env_section(&e, 8);
+	cfg = base_cfg(e.srv.url, w, 2);
+	cfg.manual = true;
 	start_poller(&e, &cfg);
-	sleep_ms(400);
-	cr_assert_eq(must_entry(&e, "JOBS", "w").source, TALLY__PENDING_NEVER);
-	cr_assert_geq(breaker(&e).polls_failed, 3);
-	cr_assert_eq(log_count(0, "JetStream polling failed"), 1, "%s", g_log.text);
+	cr_assert_eq(tally__poller_poll_once(e.p), 0, "a missing stream is not a failed poll");
+	v = must_entry(&e, "NOSTREAM", "*");
+	cr_expect_eq(v.source, TALLY__PENDING_NOTFOUND);
+	cr_expect_str_eq(v.last_error, "stream not found");
+	cr_expect_eq(must_entry(&e, "LATER", "*").source, TALLY__PENDING_NOTFOUND);
+	add_stream(&e, "LATER", "later.>");
+	add_consumer(&e, "LATER", "c", "later.>");
+	publish(&e, "later.x", 3);
+	cr_assert_eq(tally__poller_poll_once(e.p), 0);
+	cr_expect_lt(find_entry(&e, "LATER", "*", &v), 0, "the marker stays after the stream exists");
+	cr_expect_eq(must_entry(&e, "LATER", "c").num_pending, 3);
+	cr_expect_eq(must_entry(&e, "NOSTREAM", "*").source, TALLY__PENDING_NOTFOUND);
 	env_free(&e);
 }
 
