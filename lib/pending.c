@@ -224,6 +224,8 @@ void tally__pending_write_breaker(struct tally__pending_breaker *b,
 	SET(b->skipped_open, v->skipped_open);
 	SET(b->since_ns, v->since_ns);
 	SET(b->last_ok_ns, v->last_ok_ns);
+	SET(b->untracked, v->untracked);
+	SET(b->last_error_ns, v->last_error_ns);
 	STORE_STR(b->last_error, v->last_error);
 	write_end(&b->seq, s);
 }
@@ -338,6 +340,8 @@ static void load_breaker_fields(const struct tally__pending_breaker *b,
 	o->skipped_open = RELAXED(b->skipped_open);
 	o->since_ns = RELAXED(b->since_ns);
 	o->last_ok_ns = RELAXED(b->last_ok_ns);
+	o->untracked = RELAXED(b->untracked);
+	o->last_error_ns = RELAXED(b->last_error_ns);
 	LOAD_STR(b->last_error, o->last_error);
 }
 

@@ -165,7 +165,10 @@ struct tally__pending_breaker {
 	_Atomic uint64_t since_ns;              /* CLOCK_MONOTONIC of the last state change */
 	_Atomic uint64_t last_ok_ns;            /* CLOCK_MONOTONIC of the last good poll, 0 never */
 	_Atomic uint64_t last_error[TALLY__PENDING_ERR_MAX / 8];
-	uint8_t reserved[56];
+	_Atomic uint64_t untracked;             /* consumers the last poll found and could not
+						 * track: the table is full (0 in older writers) */
+	_Atomic uint64_t last_error_ns;         /* CLOCK_MONOTONIC when last_error was set, 0 never */
+	uint8_t reserved[40];
 };
 
 struct tally__pending_entry {
@@ -235,6 +238,8 @@ struct tally__pending_breaker_view {
 	uint64_t skipped_open;
 	uint64_t since_ns;
 	uint64_t last_ok_ns;
+	uint64_t untracked;
+	uint64_t last_error_ns;
 	char last_error[TALLY__PENDING_ERR_MAX];
 };
 

@@ -71,6 +71,7 @@ struct tally__poller {
 	struct tally__pending_breaker_view brk;
 	uint64_t open_until_ns, fail_since_ns, out_msgs_mark;
 	bool failing, full_logged, split_logged;
+	uint64_t poll_untracked; /* consumers this poll could not track (table full) */
 	int err_code;
 	char err[ERR_LEN];
 	pthread_mutex_t stats_lock;
@@ -1441,9 +1442,10 @@ static void note_table_full(struct tally__poller *p, const char *stream, const c
 	pthread_mutex_lock(&p->stats_lock);
 	p->st.table_full++;
 	pthread_mutex_unlock(&p->stats_lock);
+	p->poll_untracked++;
 	if (!p->full_logged)
 		plog(p, LOG_WARN, "pending table full (%u entries): consumer %s/%s and later ones are "
-		     "not tracked; raise the pending capacity", p->cap, stream, consumer);
+		     "not tracked; raise pending_capacity in [segment] of tallyd.ini", p->cap, stream, consumer);
 	p->full_logged = true;
 }
 
@@ -1935,6 +1937,7 @@ static void poll_failed(struct tally__poller *p, uint64_t now)
 	p->brk.consecutive_failures++;
 	p->brk.polls_failed++;
 	copy_str(p->brk.last_error, sizeof(p->brk.last_error), p->err);
+	p->brk.last_error_ns = now;
 	if (p->brk.state == TALLY__BREAKER_HALF_OPEN) {
 		plog(p, LOG_DEBUG, "probe failed: circuit breaker open again");
 		breaker_set(p, TALLY__BREAKER_OPEN, now);
@@ -1978,12 +1981,18 @@ static int poll_locked(struct tally__poller *p)
 
 	for (uint32_t i = 0; i < p->cap; i++)
 		p->slots[i].refreshed = false;
+	p->poll_untracked = 0;
 	rc = ensure_connected(p);
 	if (rc == 0)
 		rc = poll_targets(p, t0);
 	if (rc == 0) {
 		expire_gone(p, now_ns());
 		poll_succeeded(p, now_ns());
+		/* a complete poll says how many it could not track */
+		if (p->full_logged && !p->poll_untracked)
+			plog(p, LOG_INFO, "pending table has room again: every consumer is tracked");
+		p->full_logged = p->poll_untracked != 0;
+		p->brk.untracked = p->poll_untracked;
 	} else {
 		for (uint32_t i = 0; i < p->cap; i++)
 			if (p->slots[i].used && !p->slots[i].refreshed)

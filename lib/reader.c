@@ -221,6 +221,8 @@ TALLY_API int tally_read_poller(const struct tally_segment *seg, struct tally_po
 	out->skipped_open = b.skipped_open;
 	out->last_ok_age_ms = age_ms(now, b.last_ok_ns);
 	out->state_age_ms = age_ms(now, b.since_ns);
+	out->untracked_consumers = b.untracked;
+	out->last_error_age_ms = b.last_error[0] ? age_ms(now, b.last_error_ns) : UINT64_MAX;
 	snprintf(out->last_error, sizeof(out->last_error), "%s", b.last_error);
 	return 0;
 }

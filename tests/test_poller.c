@@ -644,6 +644,22 @@ Test(poller, table_full_is_counted_not_fatal)
 	cr_assert_eq(st.consumers, 8);
 	cr_assert_eq(st.table_full, 8, "4 per poll");
 	cr_assert_eq(log_count(1, "pending table full"), 1, "logged once");
+	cr_assert(strstr(g_log.text, "raise pending_capacity"), "%s", g_log.text);
+	cr_assert_eq(breaker(&e).untracked, 4, "the segment says how many are not tracked");
+	cr_assert_eq(breaker(&e).polls_ok, 2, "the polls themselves succeeded");
+	/* room again: the next complete poll tracks everyone and says so */
+	jsErrCode ec = 0;
+	char name[32];
+	for (int i = 0; i < 6; i++) {
+		snprintf(name, sizeof(name), "c%04d", i);
+		cr_assert_eq(js_DeleteConsumer(e.js, "BIG", name, NULL, &ec), NATS_OK);
+	}
+	/* the first poll after the deletions marks the tracked ones gone; the
+	 * next frees their entries for the untracked ones */
+	cr_assert_eq(tally__poller_poll_once(e.p), 0);
+	cr_assert_eq(tally__poller_poll_once(e.p), 0);
+	cr_assert_eq(breaker(&e).untracked, 0);
+	cr_assert_eq(log_count(2, "has room again"), 1, "%s", g_log.text);
 	env_free(&e);
 }
 

@@ -539,6 +539,7 @@ static void put_poller(struct buf *b, const struct scrape *sc)
 		       NULL);
 	put_one(b, TM_poller_breaker_opens, fmt_u64(v, sizeof(v), p->opens_total));
 	put_one(b, TM_poller_consecutive_failures, fmt_u64(v, sizeof(v), p->consecutive_failures));
+	put_one(b, TM_poller_untracked, fmt_u64(v, sizeof(v), p->untracked_consumers));
 	family(b, TM_poller_last_ok_age);
 	if (p->last_ok_age_ms != UINT64_MAX)
 		sample(b, TM_poller_last_ok_age, NULL, fmt_sec(v, sizeof(v), p->last_ok_age_ms * 1000000u),

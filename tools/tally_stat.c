@@ -367,8 +367,14 @@ static void print_poller(const struct cli_view *v)
 		printf("  no good poll yet\n");
 	else
 		printf("  last good poll %s ago\n", cli_fmt_age_ms(age, sizeof(age), p->last_ok_age_ms));
+	if (p->untracked_consumers)
+		printf("  PENDING TABLE FULL: %" PRIu64 " consumer(s) found by the last poll are not "
+		       "tracked (pending_capacity = %u; raise it in [segment] of tallyd.ini)\n",
+		       p->untracked_consumers, v->info.config.pending_capacity);
 	if (*p->last_error)
-		printf("  last error: %s\n", p->last_error);
+		printf("  last error (%s ago%s): %s\n",
+		       cli_fmt_age_ms(age, sizeof(age), p->last_error_age_ms),
+		       p->consecutive_failures ? "" : ", recovered since", p->last_error);
 }
 
 /* ---- stat: JSON ---------------------------------------------------------------- */
@@ -501,14 +507,17 @@ static json_t *json_poller(const struct cli_view *v)
 {
 	const struct tally_poller_stats *p = &v->poller;
 
-	return json_pack("{s:b, s:s, s:b, s:o, s:o, s:i, s:o, s:o, s:o, s:o}", "running", (int)v->poller_ran,
+	return json_pack("{s:b, s:s, s:b, s:o, s:o, s:i, s:o, s:o, s:o, s:o, s:o, s:o}", "running", (int)v->poller_ran,
 			 "breaker", p->breaker ? p->breaker : "closed", "connected", (int)p->connected,
 			 "polls_ok", jint(p->polls_ok), "polls_failed", jint(p->polls_failed),
 			 "consecutive_failures", (int)p->consecutive_failures,
 			 "opens_total", jint(p->opens_total),
 			 "last_ok_age_ms", p->last_ok_age_ms == UINT64_MAX ? json_null() : jint(p->last_ok_age_ms),
 			 "state_age_ms", p->state_age_ms == UINT64_MAX ? json_null() : jint(p->state_age_ms),
-			 "last_error", jstr_or_null(p->last_error));
+			 "last_error", jstr_or_null(p->last_error),
+			 "last_error_age_ms", *p->last_error && p->last_error_age_ms != UINT64_MAX ?
+			 jint(p->last_error_age_ms) : json_null(),
+			 "untracked_consumers", jint(p->untracked_consumers));
 }
 
 static int print_json(const struct cli_view *v)

@@ -238,7 +238,10 @@ struct tally_poller_stats {
 	uint64_t opens_total, polls_ok, polls_failed, skipped_overrun, skipped_open;
 	uint64_t last_ok_age_ms; /* UINT64_MAX never */
 	uint64_t state_age_ms;   /* since the breaker's last change */
-	char last_error[128];
+	uint64_t untracked_consumers; /* found by the last poll but not tracked: the pending
+				       * table (pending_capacity) is full; its polls still count ok */
+	uint64_t last_error_age_ms;   /* age of last_error; UINT64_MAX when there is none */
+	char last_error[128];    /* the last failure, kept after recovery (see its age) */
 };
 
 /* 0, TALLY_ECORRUPT, TALLY_EBUSY_RETRY. Never blocks. Thread-safe. */
