@@ -630,6 +630,9 @@ static void wait_fill(struct tally_engine *e, struct subject_state *st, uint64_t
 	struct wait_series *w = st->wait;
 	struct tally__window_stats ws;
 
+	/* the row is not zeroed (snap_alloc): every field is written here */
+	o->has_wait = o->codel_valid = o->codel_overloaded = false;
+	o->wait_count = o->wait_p50_ns = o->wait_p95_ns = o->wait_p99_ns = o->wait_skewed = o->wait_min_ns = 0;
 	if (!w)
 		return;
 	tally__window_stats(&w->win, now, &ws);
