@@ -10,7 +10,7 @@
  * logged, so a failure explains itself.
  *
  * Expected: a trickle with a burst shorter than the CoDel interval leaves
- * CoDel alone; publishing three times faster than the router works makes
+ * CoDel alone; publishing twice as fast than the router works makes
  * the wait rise while the processing latency stays put, pressure climb
  * through intermediate values, the shed probability rise while the level
  * is still warn (ahead of overload), CoDel trip on the standing queue;
@@ -68,7 +68,7 @@ static struct tally_thresholds *thresholds(void)
 	struct tally_threshold_rule r;
 
 	tally_threshold_rule_init(&r);
-	r.p95_warn_ns = 200 * MS; /* processing is 10 ms: latency never decides */
+	r.p95_warn_ns = 200 * MS; /* processing is 2 ms: latency never decides */
 	r.p95_overload_ns = 800 * MS;
 	r.wait_p95_warn_ns = 100 * MS;
 	r.wait_p95_overload_ns = 800 * MS;
@@ -107,28 +107,29 @@ Test(e2e_wait, wait_rises_first_pressure_grades_codel_ignores_bursts, .timeout =
 	tally_engine_set_thresholds(eng, &t);
 	cr_assert_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &w.rd), 0);
 
-	/* one worker, 10 ms a message: about 100 messages/s */
+	/* one worker, 2 ms a message: about 500 messages/s */
 	struct sim_router_config rcfg = { .url = nats.url, .stream = "WAIT", .consumer = "router",
 					  .filter = "wait.>", .seg = seg, .workers = 1, .sigma = 0.1,
 					  .jetstream_wait = true };
-	atomic_store(&rcfg.processing_ns, 10 * MS);
+	atomic_store(&rcfg.processing_ns, 2 * MS);
 	struct sim_router *router;
 	cr_assert_eq(sim_router_start(&rcfg, &router, err, sizeof(err)), 0, "%s", err);
 	const char *subjects[] = { "wait.orders" };
 	struct sim_publisher_config pubcfg = { .url = nats.url, .subjects = subjects, .nsubjects = 1 };
-	atomic_store(&pubcfg.rate, 20);
+	atomic_store(&pubcfg.rate, 50);
 	struct sim_publisher *pub;
 	cr_assert_eq(sim_publisher_start(&pubcfg, &pub, err, sizeof(err)), 0, "%s", err);
 
-	/* 1. a trickle (20/s), with a burst of 6 messages (60 ms of work, less
-	 * than the 100 ms interval) halfway: CoDel must stay quiet */
+	/* 1. a trickle (50/s, the router 10% busy), with a burst of 15
+	 * messages (30 ms of work, less than the 100 ms interval) halfway:
+	 * CoDel must stay quiet */
 	natsConnection *nc = NULL;
 	cr_assert_eq(natsConnection_ConnectTo(&nc, nats.url), NATS_OK);
 	jsCtx *js = NULL;
 	cr_assert_eq(natsConnection_JetStream(&js, nc, NULL), NATS_OK);
 	for (int i = 0; i < 150; i++) { /* 3 s */
 		if (i == 75) {
-			for (int b = 0; b < 6; b++)
+			for (int b = 0; b < 15; b++)
 				cr_assert_eq(js_Publish(NULL, js, "wait.orders", "b", 1, NULL, NULL), NATS_OK);
 			log_line(&w, "burst published");
 		}
@@ -145,8 +146,8 @@ Test(e2e_wait, wait_rises_first_pressure_grades_codel_ignores_bursts, .timeout =
 	cr_expect_eq(w.s.wait_skewed, 0, "one host, one clock");
 	log_line(&w, "trickle done");
 
-	/* 2. three times the router's capacity: a standing queue */
-	atomic_store(&pubcfg.rate, 300);
+	/* 2. twice the router's capacity: a standing queue */
+	atomic_store(&pubcfg.rate, 1000);
 	double rising[3] = { 0 };
 	int nrising = 0;
 	bool latency_reason = false, wait_first = false, codel = false, shed_before_overload = false;
@@ -182,7 +183,7 @@ Test(e2e_wait, wait_rises_first_pressure_grades_codel_ignores_bursts, .timeout =
 
 	/* 3. back to a trickle: the queue drains, the level comes down, each
 	 * step no sooner than the dwell after the last */
-	atomic_store(&pubcfg.rate, 20);
+	atomic_store(&pubcfg.rate, 50);
 	uint64_t since = w.s.verdict_since_ns;
 	enum tally_verdict at = w.s.verdict;
 	for (int i = 0; i < 3000 && !(w.s.verdict == TALLY_VERDICT_OK); i++) { /* at most 60 s */
