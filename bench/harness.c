@@ -44,6 +44,7 @@ static const struct {
 	{ "read", bench_part_read, "read one subject's stats ns/op: in-process, read-only handle, other process" },
 	{ "visible", bench_part_visible, "record-to-visible ms (p50, p99) at publish intervals 100 and 10 ms" },
 	{ "pending", bench_part_pending, "pending refresh ms, CONSUMER.LIST paging vs one INFO per consumer, --consumers, real nats-server" },
+	{ "jsack", bench_part_jsack, "wait and pending from an ack reply, ns/msg: parse+record vs natsMsg_GetMetaData and one CONSUMER.INFO per message, real nats-server" },
 	{ "hist", bench_part_hist, "histogram index/add ns/op; 5-quantile query vs exact P95 (qsort, quickselect)" },
 	{ "error", bench_part_error, "quantile relative error against exact quantiles, six distributions" },
 };

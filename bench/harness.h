@@ -81,6 +81,7 @@ void bench_part_read(void);
 void bench_part_visible(void);
 void bench_part_window(void);
 void bench_part_pending(void);
+void bench_part_jsack(void);
 void bench_part_error(void);
 
 #endif

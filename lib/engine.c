@@ -24,6 +24,18 @@
  * the sample dropped; nothing is written anywhere but that subject's own
  * window.
  *
+ * Waits and pending from ack replies (tally/jsack.h). A ring entry's tag
+ * says what its value is (shm_layout.h): a latency goes into the
+ * subject's window as ever; a wait into the subject's wait series (a
+ * second window, made on the subject's first wait, and the CoDel
+ * interval state, codel_add); a pending entry becomes the subject's
+ * latest live sample of that consumer's backlog, stamped with the time
+ * it was drained (its age grows from there). At publish, the sample
+ * stands in for the poller's entry of the same consumer (matched by the
+ * hash of "stream.consumer") when it is newer, or, for a consumer the
+ * poller does not watch, counts as one more live consumer of the subject
+ * (pending_of); the poller still confirms it and covers idle consumers.
+ *
  * Subjects known before their first sample. A subject gets its state (and
  * so a published row, count 0, and a verdict) on its first sample, and
  * also without one when the engine knows it otherwise, because a router
@@ -70,6 +82,7 @@
 
 #include "common.h"
 #include "engine_priv.h"
+#include "jsack.h"
 #include "pending.h"
 #include "proc.h"
 #include "producer.h"
@@ -122,8 +135,24 @@ struct snap {
 	struct tally_subject_stats rows[]; /* [nrows] */
 };
 
+/* A subject's waits (tally/jsack.h), made on its first tagged entry. */
+struct wait_series {
+	struct tally__window win;
+	uint64_t skewed;          /* timestamps ahead of now, since start */
+	/* CoDel (tally/verdict.h): the interval in progress and the last whole one */
+	uint64_t iv_end;          /* end of the interval in progress; 0: none */
+	uint64_t iv_min;
+	uint64_t last_min;        /* minimum of the last whole interval */
+	uint64_t last_end;        /* when it ended */
+	bool last_valid, overloaded;
+	/* the latest pending sample (one consumer: the last one seen) */
+	uint64_t ack_pending, ack_ns; /* ack_ns 0: none */
+	uint32_t ack_hash;
+};
+
 struct subject_state {
 	struct tally__window win;
+	struct wait_series *wait;
 	struct tally__verdict_state vs;
 	const struct tally_threshold_rule *rule; /* cached match, valid while rule_gen is current */
 	uint64_t rule_gen;
@@ -158,6 +187,7 @@ struct tally_engine {
 	uint32_t *pused;                    /* indexes of the valid views, this publish */
 	uint32_t *pmatch;                   /* [pending_cap]: rows each entry matched, this publish */
 	uint32_t *ptop;                     /* [table_size]: per row, the entry that gave its backlog */
+	uint32_t *phash;                    /* [pending_cap]: tally__jsack_consumer_hash of each view */
 	uint32_t npviews;
 	struct tally__snap_writer latch;
 	uint64_t cur_slice, next_publish, next_reap;
@@ -227,6 +257,83 @@ static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, ui
 	return st;
 }
 
+static const struct tally_threshold_rule *rule_of(struct tally_engine *e, struct subject_state *st);
+
+static struct wait_series *wait_of(struct tally_engine *e, struct subject_state *st, uint64_t now)
+{
+	if (TALLY__LIKELY(st->wait != NULL))
+		return st->wait;
+	struct wait_series *w = calloc(1, sizeof(*w));
+	if (!w || tally__window_init(&w->win, &e->wcfg, now) != 0) {
+		free(w);
+		return NULL;
+	}
+	return st->wait = w;
+}
+
+/* CoDel (folly's Codel, tally/verdict.h): an interval starts with the
+ * first wait after the last one ended; when a wait arrives after its
+ * end, the interval is judged on its minimum and the next one begins. */
+static void codel_close(struct wait_series *w, const struct tally_threshold_rule *r)
+{
+	w->last_min = w->iv_min;
+	w->last_end = w->iv_end;
+	w->last_valid = true;
+	w->overloaded = w->iv_min > r->codel_target_ns;
+	w->iv_end = 0;
+}
+
+static void codel_add(struct wait_series *w, const struct tally_threshold_rule *r, uint64_t v, uint64_t now)
+{
+	if (w->iv_end && now >= w->iv_end)
+		codel_close(w, r);
+	if (!w->iv_end) {
+		w->iv_end = now + (uint64_t)r->codel_interval_ms * 1000000u;
+		w->iv_min = v;
+	} else if (v < w->iv_min) {
+		w->iv_min = v;
+	}
+}
+
+/* At publish: an interval that ended is judged; one more interval with
+ * no wait at all clears the signal (no message was seen to wait). */
+static void codel_tick(struct wait_series *w, const struct tally_threshold_rule *r, uint64_t now)
+{
+	uint64_t iv = (uint64_t)r->codel_interval_ms * 1000000u;
+
+	if (w->iv_end && now >= w->iv_end)
+		codel_close(w, r);
+	if (!w->iv_end && w->last_valid && now - w->last_end >= iv)
+		w->last_valid = w->overloaded = false;
+}
+
+/* A tagged entry (shm_layout.h). false: a tag no producer writes. */
+static bool ingest_tagged(struct tally_engine *e, struct subject_state *st, uint32_t tag, uint64_t v,
+			  uint64_t now)
+{
+	struct wait_series *w = wait_of(e, st, now);
+
+	if (!w)
+		return true; /* no memory for the series: the sample is lost, not rejected */
+	switch (TALLY__TAG_KIND(tag)) {
+	case TALLY__ENTRY_WAIT_SKEW:
+		w->skewed++;
+		v = 0;
+		__attribute__((fallthrough)); /* a wait of 0 */
+	case TALLY__ENTRY_WAIT:
+		tally__window_add(&w->win, v);
+		codel_add(w, rule_of(e, st), v, now);
+		return true;
+	case TALLY__ENTRY_PENDING:
+		w->ack_pending = v;
+		w->ack_ns = now;
+		w->ack_hash = TALLY__TAG_HASH(tag);
+		return true;
+	default:
+		return false;
+	}
+}
+
 /* Drain up to DRAIN_BATCH entries of s, and at most `budget` of them
  * (UINT64_MAX: no bound). *consumed (if not NULL) gets how many entries
  * were taken, accepted or rejected. Returns the samples accepted. */
@@ -251,13 +358,18 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 		 * as an index, and the producer may rewrite the entry meanwhile. */
 		uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
 		uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
+		uint32_t tag = __atomic_load_n(&r->reserved, __ATOMIC_RELAXED);
 		struct subject_state *st = id < seg->table_size ? e->subjects[id] : NULL;
 
 		if (TALLY__UNLIKELY(!st) && (id >= seg->table_size || !(st = subject_new(e, id, now)))) {
 			rejected++;
 			continue;
 		}
-		tally__window_add(&st->win, v < max ? v : max);
+		if (TALLY__LIKELY(tag == 0))
+			tally__window_add(&st->win, v < max ? v : max);
+		else if (!ingest_tagged(e, st, tag, v < max || TALLY__TAG_KIND(tag) == TALLY__ENTRY_PENDING
+						    ? v : max, now))
+			rejected++;
 	}
 	tally__slot_consume(s, head, n);
 	if (consumed)
@@ -351,6 +463,8 @@ static void advance_all(struct tally_engine *e, uint64_t now)
 		if (st->win.cur_slice != slice)
 			fold_closing_slice(e, st);
 		tally__window_advance(&st->win, now);
+		if (st->wait)
+			tally__window_advance(&st->wait->win, now);
 	}
 }
 
@@ -405,6 +519,8 @@ static void pending_gather(struct tally_engine *e)
 		if (rc == 0) {
 			e->pviews[i] = v;
 			e->pvalid[i] = 1;
+			e->phash[i] = tally__jsack_consumer_hash(v.stream, strlen(v.stream), v.consumer,
+								 strlen(v.consumer));
 		} else if (rc == -ENOENT) {
 			e->pvalid[i] = 0;
 		} else if (e->pvalid[i]) {
@@ -456,17 +572,38 @@ static void pending_of(struct tally_engine *e, struct subject_state *st, uint32_
 		.stale_after_ns = (uint64_t)rule_of(e, st)->stale_after_ms * 1000000u,
 	};
 	struct tally__pending_result r = TALLY__PENDING_RESULT_INIT;
+	const struct wait_series *w = st->wait;
+	bool ack = w && w->ack_ns && (!pol.stale_after_ns || now - w->ack_ns <= pol.stale_after_ns);
+	struct tally__pending_view acked;
 
 	for (uint32_t i = 0; i < e->npviews; i++) {
 		uint32_t idx = e->pused[i];
 		const struct tally__pending_view *v = &e->pviews[idx];
 		const char *pattern = v->map[0] ? v->map : v->filter;
 		if (pattern[0] && tally__subject_match(pattern, st->name)) {
+			if (ack && v->kind == TALLY__PENDING_CONSUMER && e->phash[idx] == w->ack_hash) {
+				ack = false; /* this consumer's poll; the sample stands in when newer */
+				if (w->ack_ns > v->last_ok_ns) {
+					acked = *v;
+					acked.num_pending = w->ack_pending;
+					acked.last_ok_ns = w->ack_ns;
+					acked.source = TALLY__PENDING_LIVE;
+					v = &acked;
+				}
+			}
 			tally__pending_combine(&r, v, idx, &pol, now);
 			/* a split consumer gives nothing itself: never the shared one */
 			if (v->kind != TALLY__PENDING_SPLIT)
 				e->pmatch[idx]++;
 		}
+	}
+	if (ack) { /* a consumer the poller does not watch: its sample alone, while fresh */
+		memset(&acked, 0, sizeof(acked));
+		acked.source = TALLY__PENDING_LIVE;
+		acked.kind = TALLY__PENDING_CONSUMER;
+		acked.num_pending = w->ack_pending;
+		acked.last_ok_ns = w->ack_ns;
+		tally__pending_combine(&r, &acked, UINT32_MAX, &pol, now);
 	}
 	o->pending = r.backlog;
 	o->pending_consumers = r.counted;
@@ -486,6 +623,31 @@ static void pending_mark_shared(struct tally_engine *e, struct snap *sn)
 			sn->rows[i].pending_shared = true;
 }
 
+/* The wait series' stats and CoDel state into the row. */
+static void wait_fill(struct tally_engine *e, struct subject_state *st, uint64_t now,
+		      struct tally_subject_stats *o)
+{
+	struct wait_series *w = st->wait;
+	struct tally__window_stats ws;
+
+	/* the row is not zeroed (snap_alloc): every field is written here */
+	o->has_wait = o->codel_valid = o->codel_overloaded = false;
+	o->wait_count = o->wait_p50_ns = o->wait_p95_ns = o->wait_p99_ns = o->wait_skewed = o->wait_min_ns = 0;
+	if (!w)
+		return;
+	tally__window_stats(&w->win, now, &ws);
+	codel_tick(w, rule_of(e, st), now);
+	o->has_wait = ws.count > 0 && ws.has_quantiles;
+	o->wait_count = ws.count;
+	o->wait_p50_ns = o->has_wait ? ws.p50 : 0;
+	o->wait_p95_ns = o->has_wait ? ws.p95 : 0;
+	o->wait_p99_ns = o->has_wait ? ws.p99 : 0;
+	o->wait_skewed = w->skewed;
+	o->codel_valid = w->last_valid;
+	o->codel_overloaded = w->last_valid && w->overloaded;
+	o->wait_min_ns = w->last_valid ? w->last_min : 0;
+}
+
 static void judge(struct tally_engine *e, struct subject_state *st, uint64_t now,
 		  struct tally_subject_stats *o)
 {
@@ -497,6 +659,8 @@ static void judge(struct tally_engine *e, struct subject_state *st, uint64_t now
 		.count = o->count, .total_count = o->total_count, .p95_ns = o->p95_ns, .rate = o->rate,
 		.pending_consumers = o->pending_consumers, .pending_source = o->pending_source,
 		.pending = o->pending, .pending_age_ns = o->pending_age_ns,
+		.wait_count = o->wait_count, .wait_p95_ns = o->wait_p95_ns, .wait_min_ns = o->wait_min_ns,
+		.codel_valid = o->codel_valid, .codel_overloaded = o->codel_overloaded,
 	};
 	struct tally__verdict_out out;
 	tally__verdict_update(&st->vs, st->rule, &in, now, &out);
@@ -504,6 +668,8 @@ static void judge(struct tally_engine *e, struct subject_state *st, uint64_t now
 	o->reasons = out.reasons;
 	o->verdict_since_ns = out.since_ns;
 	o->retry_after_ms = out.retry_after_ms;
+	o->pressure = out.pressure;
+	o->shed_probability = out.shed_probability;
 }
 
 /* ---- subjects known before their first sample (see the header) ---------- */
@@ -584,7 +750,8 @@ static void latch_fill(struct tally__snap_entry *dst, const struct tally_subject
 	uint64_t w[TALLY__SW_WORDS] = { 0 };
 
 	w[TALLY__SW_FLAGS] = TALLY__SF_PRESENT | (s->has_data ? TALLY__SF_QUANTILES : 0) |
-			     (s->pending_shared ? TALLY__SF_PENDING_SHARED : 0);
+			     (s->pending_shared ? TALLY__SF_PENDING_SHARED : 0) |
+			     (s->has_wait ? TALLY__SF_WAIT : 0);
 	w[TALLY__SW_COUNT] = s->count;
 	w[TALLY__SW_SUM] = s->sum;
 	w[TALLY__SW_MIN] = s->min_ns;
@@ -606,6 +773,16 @@ static void latch_fill(struct tally__snap_entry *dst, const struct tally_subject
 	w[TALLY__SW_DECIDED_P95] = s->p95_ns;
 	w[TALLY__SW_DECIDED_PENDING] = s->pending;
 	w[TALLY__SW_PENDING_ENTRY] = top == UINT32_MAX ? 0 : (uint64_t)top + 1;
+	w[TALLY__SW_WAIT_COUNT] = s->wait_count;
+	w[TALLY__SW_WAIT_SKEWED] = s->wait_skewed;
+	w[TALLY__SW_WAIT_P50] = s->wait_p50_ns;
+	w[TALLY__SW_WAIT_P95] = s->wait_p95_ns;
+	w[TALLY__SW_WAIT_P99] = s->wait_p99_ns;
+	w[TALLY__SW_WAIT_MIN] = s->wait_min_ns;
+	w[TALLY__SW_CODEL] = (s->codel_valid ? TALLY__SC_VALID : 0) |
+			     (s->codel_overloaded ? TALLY__SC_OVERLOADED : 0);
+	w[TALLY__SW_PRESSURE_PPM] = (uint64_t)(s->pressure * TALLY__PPM + 0.5);
+	w[TALLY__SW_SHED_PPM] = (uint64_t)(s->shed_probability * TALLY__PPM + 0.5);
 	for (int i = 0; i < TALLY__SW_WORDS; i++)
 		tally__snapshot_store(&dst->w[i], w[i]);
 }
@@ -740,6 +917,7 @@ static void publish(struct tally_engine *e, uint64_t now)
 		struct tally_subject_stats *row = &sn->rows[i];
 		tally__window_stats(&st->win, now, &ws);
 		fill_stats(row, id, &ws, now, e->cfg.window_ns);
+		wait_fill(e, st, now, row);
 		pending_of(e, st, i, now, row);
 		judge(e, st, now, row);
 	}
@@ -826,6 +1004,9 @@ static void engine_free(struct tally_engine *e)
 
 	for (uint32_t i = 0; i < e->nactive; i++) {
 		tally__window_destroy(&e->subjects[e->active[i]]->win);
+		if (e->subjects[e->active[i]]->wait)
+			tally__window_destroy(&e->subjects[e->active[i]]->wait->win);
+		free(e->subjects[e->active[i]]->wait);
 		free(e->subjects[e->active[i]]->le_total);
 		free(e->subjects[e->active[i]]);
 	}
@@ -839,6 +1020,7 @@ static void engine_free(struct tally_engine *e)
 	free(e->pused);
 	free(e->pmatch);
 	free(e->ptop);
+	free(e->phash);
 	e->magic = 0;
 	free(e);
 }
@@ -877,11 +1059,12 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	e->pused = calloc(seg->pending_cap, sizeof(e->pused[0]));
 	e->pmatch = calloc(seg->pending_cap, sizeof(e->pmatch[0]));
 	e->ptop = calloc(seg->table_size, sizeof(e->ptop[0]));
+	e->phash = calloc(seg->pending_cap, sizeof(e->phash[0]));
 	e->thresholds = tally_thresholds_new();
 	e->thresholds_gen = 1;
 	e->nedges = (uint32_t)tally__hist_default_edges(e->edges, TALLY__HIST_DEFAULT_NEDGES);
 	if (!e->subjects || !e->active || !e->row_of || !e->pviews || !e->pvalid || !e->pused ||
-	    !e->pmatch || !e->ptop ||
+	    !e->pmatch || !e->ptop || !e->phash ||
 	    !e->thresholds) {
 		engine_free(e);
 		return -ENOMEM;

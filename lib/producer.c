@@ -560,7 +560,17 @@ static bool record_unusual(struct producer_full *f)
 	return owner_check(f, now) && lease_held(f);
 }
 
-TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subject, uint64_t ns)
+static bool record_tagged_raw(struct tally_producer *p, tally_subject_t subject, uint64_t v, uint32_t tag);
+
+/* Store again once the slow path made room: a latency goes through the
+ * inline path (clamped there), a tagged entry through its own. */
+static bool record_again(struct tally_producer *p, tally_subject_t subject, uint64_t v, uint32_t tag)
+{
+	return tag ? record_tagged_raw(p, subject, v, tag) : tally__record_raw(p, subject, v);
+}
+
+/* The ring looked full, or capacity is 0 (see record_unusual). */
+static bool full_path(struct tally_producer *p, tally_subject_t subject, uint64_t ns, uint32_t tag)
 {
 	struct producer_full *f = full_of(p);
 	struct tally_segment *before = f->target;
@@ -579,7 +589,7 @@ TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subj
 			}
 			subject = id;
 		}
-		return tally__record_raw(p, subject, ns);
+		return record_again(p, subject, ns, tag);
 	}
 	/* The ring looks full. Acquire: pairs with the aggregator's release
 	 * of head, so the entries it has consumed are no longer being read
@@ -590,7 +600,7 @@ TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subj
 		return false;
 	}
 	if (p->tail - p->cached_head < cap)
-		return tally__record_raw(p, subject, ns);
+		return record_again(p, subject, ns, tag);
 	/* Full: is anyone draining it? The watcher thread tells within its
 	 * period; without it (it could not start), ask ourselves every 4096
 	 * full-ring records: a drop stays a few loads and one store. */
@@ -602,6 +612,57 @@ TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subj
 	/* Single writer: a plain store of our own count, no atomic add. */
 	atomic_store_explicit(&f->slot->dropped, ++f->dropped, memory_order_relaxed);
 	return false;
+}
+
+TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subject, uint64_t ns)
+{
+	return full_path(p, subject, ns, 0);
+}
+
+/* tally__record_raw with a tag (shm_layout.h) and no clamp: the caller
+ * clamps a wait; a pending count is no time. */
+static bool record_tagged_raw(struct tally_producer *p, tally_subject_t subject, uint64_t v, uint32_t tag)
+{
+	uint64_t t = p->tail;
+
+	if (TALLY__UNLIKELY(t - p->cached_head >= __atomic_load_n(&p->capacity, __ATOMIC_RELAXED)))
+		return full_path(p, subject, v, tag);
+	struct tally_ring_entry *e = &p->ring[t & p->mask];
+	e->value_ns = v;
+	e->subject = subject;
+	e->reserved = tag;
+	p->tail = t + 1;
+	/* Release: as in tally__record_raw, the entry before the tail. */
+	__atomic_store_n(p->shm_tail, t + 1, __ATOMIC_RELEASE);
+	return true;
+}
+
+bool tally__record_tagged(struct tally_producer *p, tally_subject_t subject, uint64_t v, uint32_t tag)
+{
+	if (TALLY__UNLIKELY(p->remap != NULL)) { /* as tally__record_remapped */
+		struct producer_full *f = full_of(p);
+		uint32_t id = f->revoked ? UINT32_MAX : tally__remap_id(f->remap, subject);
+		if (id == UINT32_MAX) {
+			f->lost++;
+			return false;
+		}
+		subject = id;
+	}
+	return record_tagged_raw(p, subject, v, tag);
+}
+
+/* A wait above max_value_ns: stored at the maximum and counted clamped,
+ * as a latency would be. */
+bool tally__record_tagged_clamped(struct tally_producer *p, tally_subject_t subject, uint32_t tag)
+{
+	struct producer_full *f = full_of(p);
+
+	if (!lease_held(f)) {
+		f->lost++;
+		return false;
+	}
+	atomic_store_explicit(&f->slot->clamped, ++f->clamped, memory_order_relaxed);
+	return tally__record_tagged(p, subject, p->max_value_ns, tag);
 }
 
 TALLY_API bool tally__record_remapped(struct tally_producer *p, tally_subject_t subject, uint64_t ns)

@@ -39,6 +39,13 @@ static inline void tally__slot_consume(struct tally__slot *s, uint64_t head, uin
 	atomic_store_explicit(&s->head, head + n, memory_order_release);
 }
 
+/* A tagged ring entry (shm_layout.h, enum tally__entry_kind) for subject,
+ * through the same slow paths as tally_record() (full ring, owner
+ * restart, remap); v is stored as it is. For lib/jsack.c. */
+bool tally__record_tagged(struct tally_producer *p, tally_subject_t subject, uint64_t v, uint32_t tag);
+/* The same at max_value_ns, counted as clamped. */
+bool tally__record_tagged_clamped(struct tally_producer *p, tally_subject_t subject, uint32_t tag);
+
 struct tally__reap_stats {
 	uint32_t died;     /* ACTIVE slots found with their process or thread gone */
 	uint32_t released; /* RELEASING slots drained and freed */

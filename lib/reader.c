@@ -61,6 +61,21 @@ static void stats_from_words(struct tally_subject_stats *o, uint32_t id, const u
 	o->verdict_since_ns = w[TALLY__SW_VERDICT_SINCE];
 	o->retry_after_ms = w[TALLY__SW_RETRY_AFTER] > UINT32_MAX ? UINT32_MAX
 								  : (uint32_t)w[TALLY__SW_RETRY_AFTER];
+	o->has_wait = (w[TALLY__SW_FLAGS] & TALLY__SF_WAIT) && w[TALLY__SW_WAIT_COUNT] > 0;
+	o->wait_count = w[TALLY__SW_WAIT_COUNT];
+	o->wait_skewed = w[TALLY__SW_WAIT_SKEWED];
+	if (o->has_wait) {
+		o->wait_p50_ns = w[TALLY__SW_WAIT_P50];
+		o->wait_p95_ns = w[TALLY__SW_WAIT_P95];
+		o->wait_p99_ns = w[TALLY__SW_WAIT_P99];
+	}
+	o->codel_valid = (w[TALLY__SW_CODEL] & TALLY__SC_VALID) != 0;
+	o->codel_overloaded = o->codel_valid && (w[TALLY__SW_CODEL] & TALLY__SC_OVERLOADED);
+	o->wait_min_ns = o->codel_valid ? w[TALLY__SW_WAIT_MIN] : 0;
+	/* bounded whatever the segment holds: a gateway multiplies by them */
+	o->pressure = w[TALLY__SW_PRESSURE_PPM] >= TALLY__PPM ? 1.0 : (double)w[TALLY__SW_PRESSURE_PPM] / TALLY__PPM;
+	o->shed_probability = w[TALLY__SW_SHED_PPM] >= TALLY__PPM ? 1.0
+				: (double)w[TALLY__SW_SHED_PPM] / TALLY__PPM;
 }
 
 TALLY_API int tally_pending_consumer_name(const struct tally_segment *seg,

@@ -36,7 +36,8 @@
 #include <tally/record.h>
 
 #define TALLY__MAGIC 0x314d4853594c4c41ULL /* "ALLYSHM1" little-endian, "tally shm" v1 */
-#define TALLY__ABI_MAJOR 2u /* 2: slot leases (state + generation in one word) */
+#define TALLY__ABI_MAJOR 3u /* 2: slot leases (state + generation in one word);
+			    * 3: ring entries tagged (waits, pending), 256-byte snapshot entries */
 #define TALLY__ABI_MINOR 0u
 #define TALLY__READY 0x52454459u /* "READ": the ready word's value once complete */
 #define TALLY__HDR_SIZE 4096u
@@ -208,5 +209,19 @@ _Static_assert(offsetof(struct tally__slot, ring) == 4 * TALLY__BLOCK, "ring aft
 _Static_assert(_Alignof(struct tally__slot) <= TALLY__BLOCK && TALLY__BLOCK % _Alignof(struct tally__slot) == 0,
 	       "slot_stride (blocks plus a ring of 16-byte entries, at least 64) keeps every slot aligned");
 _Static_assert(sizeof(struct tally_ring_entry) == 16, "ring entry is 16 bytes");
+
+/* A ring entry's tag (its `reserved` word): the kind in the top 4 bits,
+ * for a pending entry a hash of "stream.consumer" in the other 28
+ * (tally__jsack_consumer_hash). An old owner (ABI 2) would take every
+ * entry for a latency: hence ABI 3. */
+#define TALLY__TAG_KIND(tag) ((tag) >> 28)
+#define TALLY__TAG_HASH(tag) ((tag) & 0x0fffffffu)
+#define TALLY__TAG(kind, hash) ((uint32_t)(kind) << 28 | ((hash) & 0x0fffffffu))
+enum tally__entry_kind {
+	TALLY__ENTRY_LATENCY = 0,   /* value: processing latency, ns */
+	TALLY__ENTRY_WAIT = 1,      /* value: wait in the stream, ns */
+	TALLY__ENTRY_WAIT_SKEW = 2, /* the timestamp was ahead of now: wait 0, counted; value: the skew, ns */
+	TALLY__ENTRY_PENDING = 3,   /* value: the consumer's num_pending at delivery */
+};
 
 #endif /* TALLY_SHM_LAYOUT_H */

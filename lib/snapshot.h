@@ -17,7 +17,7 @@
  * not model standalone fences, sees every ordering we rely on.
  *
  * Entries are indexed by subject id (the subject table's index), so one
- * subject's read touches one 192-byte entry, two sequence loads and the
+ * subject's read touches one 256-byte entry, two sequence loads and the
  * copy's metadata.
  */
 #ifndef TALLY_LIB_SNAPSHOT_H
@@ -53,15 +53,28 @@ enum tally__snap_word {
 	TALLY__SW_DECIDED_P95,  /* the latency the verdict looked at */
 	TALLY__SW_DECIDED_PENDING,
 	TALLY__SW_CLAMPED,      /* clamped values since start */
-	TALLY__SW_RESERVED1,
-	TALLY__SW_RESERVED2,
+	TALLY__SW_WAIT_COUNT,   /* waits in the window */
+	TALLY__SW_WAIT_SKEWED,  /* since start: timestamps ahead of now */
 	TALLY__SW_PENDING_ENTRY,/* pending-table index + 1 of the consumer that gave the backlog; 0 none */
+	TALLY__SW_WAIT_P50,
+	TALLY__SW_WAIT_P95,
+	TALLY__SW_WAIT_P99,
+	TALLY__SW_WAIT_MIN,     /* minimum wait of the last whole CoDel interval */
+	TALLY__SW_CODEL,        /* TALLY__SC_* */
+	TALLY__SW_PRESSURE_PPM, /* pressure x 1e6 */
+	TALLY__SW_SHED_PPM,     /* shed probability x 1e6 */
+	TALLY__SW_RESERVED3,
 	TALLY__SW_WORDS
 };
 
 #define TALLY__SF_PRESENT   0x1u /* the subject exists and was published */
 #define TALLY__SF_QUANTILES 0x2u /* count > 0: quantiles, min, max are meaningful */
 #define TALLY__SF_PENDING_SHARED 0x4u /* the backlog's consumer also feeds other subjects */
+#define TALLY__SF_WAIT      0x8u /* wait count > 0: wait quantiles are meaningful */
+
+#define TALLY__SC_VALID      0x1u /* the last CoDel interval saw a wait */
+#define TALLY__SC_OVERLOADED 0x2u /* its minimum was above target */
+#define TALLY__PPM 1000000.0
 
 struct tally__snap_entry {
 	_Atomic uint64_t w[TALLY__SW_WORDS];
@@ -85,7 +98,7 @@ struct tally__snap_hdr {
 	uint64_t reserved1[5];
 	struct tally__snap_meta meta[2];
 };
-_Static_assert(sizeof(struct tally__snap_entry) == 192, "snapshot entry size");
+_Static_assert(sizeof(struct tally__snap_entry) == 256, "snapshot entry size");
 _Static_assert(sizeof(struct tally__snap_hdr) % 64 == 0, "entries start on a cache line");
 
 uint64_t tally__snapshot_section_size(uint32_t nentries);

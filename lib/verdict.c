@@ -22,6 +22,14 @@
  * data that is stale or missing is no reading: the stall level drops with
  * it (as the backlog's does) and the backlog moves no progress; the count
  * still does.
+ *
+ * Wait (the P95 of the waits recorded from ack replies) is a signal like
+ * latency, with its own levels. CoDel is a signal with the levels 0 and
+ * 1: the engine computes the minimum wait of each interval (engine.c);
+ * here it raises warn while the last whole interval's minimum was above
+ * target, and clears after min_dwell_ms. Pressure and shed probability
+ * follow the raw values at every publish (the formulas are in
+ * tally/verdict.h, and in pressure_of and shed_of below).
  */
 #include "config.h"
 
@@ -60,6 +68,10 @@ TALLY_API void tally_threshold_rule_init(struct tally_threshold_rule *r)
 	r->min_dwell_ms = 2000;
 	r->retry_after_ms = 1000;
 	r->stall_after_ms = 10000;
+	r->wait_p95_warn_ns = 100000000ull;     /* 100 ms */
+	r->wait_p95_overload_ns = 500000000ull; /* 500 ms */
+	r->codel_target_ns = 5000000ull;        /* 5 ms, folly Codel's default */
+	r->codel_interval_ms = 100;             /* folly Codel's default */
 }
 
 TALLY_API struct tally_thresholds *tally_thresholds_new(void)
@@ -92,6 +104,13 @@ static int rule_check(const char *pattern, const struct tally_threshold_rule *r)
 		return tally__fail(-EINVAL, "thresholds for \"%s\": pending_warn (%llu) is above "
 				   "pending_overload (%llu)", what, (unsigned long long)r->pending_warn,
 				   (unsigned long long)r->pending_overload);
+	if (r->wait_p95_warn_ns && r->wait_p95_overload_ns && r->wait_p95_warn_ns > r->wait_p95_overload_ns)
+		return tally__fail(-EINVAL, "thresholds for \"%s\": wait_p95_warn (%llu ns) is above "
+				   "wait_p95_overload (%llu ns)", what, (unsigned long long)r->wait_p95_warn_ns,
+				   (unsigned long long)r->wait_p95_overload_ns);
+	if (r->codel_interval_ms < 1 || r->codel_interval_ms > 60000)
+		return tally__fail(-EINVAL, "thresholds for \"%s\": codel_interval_ms %u is outside 1..60000",
+				   what, r->codel_interval_ms);
 	if (!(r->clear_ratio > 0.0 && r->clear_ratio <= 1.0))
 		return tally__fail(-EINVAL, "thresholds for \"%s\": clear_ratio %g is outside (0, 1]",
 				   what, r->clear_ratio);
@@ -180,6 +199,7 @@ TALLY_API const char *tally_reasons_format(uint32_t reasons, char *buf, size_t l
 		{ TALLY_REASON_LATENCY, "latency" }, { TALLY_REASON_PENDING, "pending" },
 		{ TALLY_REASON_STALE, "stale" }, { TALLY_REASON_NO_DATA, "no_data" },
 		{ TALLY_REASON_FAIL_OPEN, "fail_open" }, { TALLY_REASON_STALLED, "stalled" },
+		{ TALLY_REASON_WAIT, "wait" }, { TALLY_REASON_CODEL, "codel" },
 	};
 	size_t used = 0;
 
@@ -301,11 +321,78 @@ static void stall_step(struct tally__verdict_state *st, const struct tally_thres
 		st->stall = (struct tally__signal_state){ 0, now };
 }
 
-static uint8_t max3(uint8_t a, uint8_t b, uint8_t c)
+static uint8_t max_level(const struct tally__verdict_state *st)
 {
-	uint8_t m = a > b ? a : b;
+	uint8_t l[] = { st->latency.level, st->pending.level, st->stall.level, st->wait.level, st->codel.level };
+	uint8_t m = 0;
 
-	return m > c ? m : c;
+	for (size_t i = 0; i < TALLY__ARRAY_SIZE(l); i++)
+		m = l[i] > m ? l[i] : m;
+	return m;
+}
+
+/* 0.5 at warn, 1 at overload, linear on each side (tally/verdict.h). */
+double tally__pressure_of(uint64_t v, uint64_t warn, uint64_t over)
+{
+	if (!warn && !over)
+		return 0.0;
+	if (!warn || !over) { /* one level: a ramp from 0 to 1 at it */
+		uint64_t t = warn ? warn : over;
+		return v >= t ? 1.0 : (double)v / (double)t;
+	}
+	if (v >= over)
+		return 1.0;
+	if (v < warn)
+		return 0.5 * (double)v / (double)warn;
+	if (over == warn)
+		return 1.0;
+	return 0.5 + 0.5 * (double)(v - warn) / (double)(over - warn);
+}
+
+double tally__shed_probability(double pressure)
+{
+	double p = (pressure - 0.5) / 0.5;
+
+	return p <= 0.0 ? 0.0 : p >= 1.0 ? 1.0 : p;
+}
+
+/* The CoDel signal: warn while the last interval was overloaded. */
+static void codel_step(struct tally__signal_state *s, const struct tally_threshold_rule *r,
+		       const struct tally__verdict_input *in, uint64_t now)
+{
+	bool on = r->codel_target_ns && in->codel_valid && in->codel_overloaded;
+	bool dwelt = now - s->since_ns >= (uint64_t)r->min_dwell_ms * 1000000u;
+
+	if (on && s->level == 0)
+		*s = (struct tally__signal_state){ 1, now };
+	else if (!on && s->level && dwelt)
+		*s = (struct tally__signal_state){ 0, now };
+}
+
+/* The maximum of the signals' pressures (tally/verdict.h). */
+static double pressure(const struct tally__verdict_state *st, const struct tally_threshold_rule *r,
+		       const struct tally__verdict_input *in, bool latency_data, bool wait_data,
+		       bool pending_live, enum tally_verdict v)
+{
+	double p = 0.0, q;
+
+	if (v == TALLY_VERDICT_UNKNOWN)
+		return 0.0;
+	if (st->stall.level)
+		return 1.0;
+	if (latency_data)
+		p = tally__pressure_of(in->p95_ns, r->p95_warn_ns, r->p95_overload_ns);
+	if (wait_data && (q = tally__pressure_of(in->wait_p95_ns, r->wait_p95_warn_ns,
+						 r->wait_p95_overload_ns)) > p)
+		p = q;
+	if (r->codel_target_ns && in->codel_valid &&
+	    (q = tally__pressure_of(in->wait_min_ns, r->codel_target_ns,
+				    r->wait_p95_overload_ns > r->codel_target_ns ? r->wait_p95_overload_ns
+										 : r->codel_target_ns)) > p)
+		p = q;
+	if (pending_live && (q = tally__pressure_of(in->pending, r->pending_warn, r->pending_overload)) > p)
+		p = q;
+	return p;
 }
 
 void tally__verdict_update(struct tally__verdict_state *st, const struct tally_threshold_rule *r,
@@ -327,16 +414,21 @@ void tally__verdict_update(struct tally__verdict_state *st, const struct tally_t
 	else
 		st->pending = (struct tally__signal_state){ 0, now };
 	stall_step(st, r, in, backlog_live, now);
+	bool wait_data = (r->wait_p95_warn_ns || r->wait_p95_overload_ns) && in->wait_count >= r->min_samples;
+	signal_step(&st->wait, wait_data ? in->wait_p95_ns : 0, r->wait_p95_warn_ns, r->wait_p95_overload_ns,
+		    r, now);
+	codel_step(&st->codel, r, in, now);
+	bool codel_data = r->codel_target_ns && in->codel_valid;
 
 	if (stale) {
 		reasons |= TALLY_REASON_STALE;
 		if (r->stale_policy == TALLY_STALE_FAIL_OPEN)
 			reasons |= TALLY_REASON_FAIL_OPEN;
 	}
-	uint8_t level = max3(st->latency.level, st->pending.level, st->stall.level);
+	uint8_t level = max_level(st);
 	if (stale && r->stale_policy == TALLY_STALE_FAIL_CLOSED) {
 		v = TALLY_VERDICT_UNKNOWN;
-	} else if (!latency_data && !(pending_on && !stale) && level == 0) {
+	} else if (!latency_data && !wait_data && !codel_data && !(pending_on && !stale) && level == 0) {
 		v = TALLY_VERDICT_UNKNOWN;
 		reasons |= TALLY_REASON_NO_DATA;
 	} else {
@@ -347,6 +439,10 @@ void tally__verdict_update(struct tally__verdict_state *st, const struct tally_t
 			reasons |= TALLY_REASON_PENDING;
 		if (level && st->stall.level == level)
 			reasons |= TALLY_REASON_STALLED;
+		if (level && st->wait.level == level)
+			reasons |= TALLY_REASON_WAIT;
+		if (level && st->codel.level == level)
+			reasons |= TALLY_REASON_CODEL;
 	}
 	if (v != st->verdict)
 		st->since_ns = now;
@@ -356,4 +452,6 @@ void tally__verdict_update(struct tally__verdict_state *st, const struct tally_t
 	out->reasons = reasons;
 	out->since_ns = st->since_ns;
 	out->retry_after_ms = retry_after(r, out, in);
+	out->pressure = pressure(st, r, in, latency_data, wait_data, pending_on && !stale, v);
+	out->shed_probability = tally__shed_probability(out->pressure);
 }

@@ -21,6 +21,7 @@ struct tally__signal_state {
 
 struct tally__verdict_state {
 	struct tally__signal_state latency, pending, stall; /* stall: level 0 or 2 */
+	struct tally__signal_state wait, codel;             /* codel: level 0 or 1 */
 	uint64_t progress_ns;   /* last publish that saw a completion or a falling backlog */
 	uint64_t stall_total;   /* total_count at the last update */
 	uint64_t stall_pending; /* backlog at the last live reading */
@@ -39,6 +40,11 @@ struct tally__verdict_input {
 	uint32_t pending_source; /* enum tally_pending_source */
 	uint64_t pending;
 	uint64_t pending_age_ns;
+	uint64_t wait_count;     /* waits in the window */
+	uint64_t wait_p95_ns;
+	uint64_t wait_min_ns;    /* minimum of the last whole CoDel interval */
+	bool codel_valid;        /* that interval saw a wait */
+	bool codel_overloaded;   /* its minimum was above the rule's target */
 };
 
 struct tally__verdict_out {
@@ -46,6 +52,8 @@ struct tally__verdict_out {
 	uint32_t reasons;
 	uint64_t since_ns;
 	uint32_t retry_after_ms;
+	double pressure;         /* [0, 1], tally/verdict.h */
+	double shed_probability; /* [0, 1] */
 };
 
 /* The patterns of t's rules (not the default rule), i < count: for the
@@ -55,6 +63,11 @@ const char *tally__thresholds_pattern(const struct tally_thresholds *t, size_t i
 
 /* Start state: unknown since now, progress (for the stall) now. */
 void tally__verdict_init(struct tally__verdict_state *st, uint64_t now_ns);
+
+/* The pressure of one signal's value against its levels (tally/verdict.h). */
+double tally__pressure_of(uint64_t v, uint64_t warn, uint64_t over);
+/* clamp((pressure - 0.5) / 0.5, 0, 1) */
+double tally__shed_probability(double pressure);
 
 /* One step of the state machine for one subject. */
 void tally__verdict_update(struct tally__verdict_state *st, const struct tally_threshold_rule *r,

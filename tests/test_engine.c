@@ -165,7 +165,7 @@ Test(engine, window_expiry_and_no_data_is_not_zero_data)
 	/* interned, never recorded: a row (the reaper's table scan), with no data, not zero data */
 	cr_assert_eq(tally_engine_read(e, idle, &s), 0);
 	cr_expect(s.count == 0 && s.total_count == 0 && !s.has_data && s.p95_ns == 0);
-	cr_expect_eq(s.verdict, TALLY_VERDICT_UNKNOWN);
+	cr_expect_eq(s.verdict, TALLY_VERDICT_UNKNOWN, "verdict %d reasons %#x", (int)s.verdict, s.reasons);
 	cr_expect_eq(s.reasons, TALLY_REASON_NO_DATA);
 	cr_assert_eq(tally_engine_read(e, id, &s), 0);
 	cr_expect_eq(s.count, 0, "expired from the window");

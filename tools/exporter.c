@@ -382,6 +382,7 @@ static void put_subject_reasons(struct buf *b, const struct scrape *sc)
 		{ TALLY_REASON_LATENCY, "latency" }, { TALLY_REASON_PENDING, "pending" },
 		{ TALLY_REASON_STALE, "stale" },     { TALLY_REASON_NO_DATA, "no_data" },
 		{ TALLY_REASON_FAIL_OPEN, "fail_open" }, { TALLY_REASON_STALLED, "stalled" },
+		{ TALLY_REASON_WAIT, "wait" },       { TALLY_REASON_CODEL, "codel" },
 	};
 
 	family(b, TM_subject_verdict_reason);
@@ -390,6 +391,36 @@ static void put_subject_reasons(struct buf *b, const struct scrape *sc)
 			if (sc->subj[i].st.reasons & rs[k].bit)
 				sample(b, TM_subject_verdict_reason, NULL, "1", "subject",
 				       sc->subj[i].name, "reason", rs[k].name, NULL);
+}
+
+static const char *fmt_ratio(char *s, size_t n, double v)
+{
+	snprintf(s, n, "%.6f", v);
+	return s;
+}
+
+/* The wait series and the CoDel signal (tally/verdict.h). */
+static void put_waits(struct buf *b, const struct scrape *sc)
+{
+	static const char *const qn[] = { "0.5", "0.95", "0.99" };
+	char v[32];
+
+	family(b, TM_subject_wait_window);
+	for (uint32_t i = 0; i < sc->nsubj; i++) {
+		const struct subj *s = &sc->subj[i];
+		const uint64_t q[] = { s->st.wait_p50_ns, s->st.wait_p95_ns, s->st.wait_p99_ns };
+		for (size_t k = 0; s->st.has_wait && k < sizeof(q) / sizeof(q[0]); k++)
+			sample(b, TM_subject_wait_window, NULL, fmt_sec(v, sizeof(v), q[k]), "subject", s->name,
+			       "quantile", qn[k], NULL);
+	}
+	PER_SUBJECT(b, sc, TM_subject_wait_window_samples, fmt_u64(v_, sizeof(v_), st->wait_count));
+	PER_SUBJECT(b, sc, TM_subject_wait_clock_skew, fmt_u64(v_, sizeof(v_), st->wait_skewed));
+	family(b, TM_subject_codel_min_wait);
+	for (uint32_t i = 0; i < sc->nsubj; i++)
+		if (sc->subj[i].st.codel_valid)
+			sample(b, TM_subject_codel_min_wait, NULL, fmt_sec(v, sizeof(v), sc->subj[i].st.wait_min_ns),
+			       "subject", sc->subj[i].name, NULL);
+	PER_SUBJECT(b, sc, TM_subject_codel_overloaded, fmt_u64(v_, sizeof(v_), st->codel_overloaded ? 1 : 0));
 }
 
 static uint64_t age_ns(uint64_t now, uint64_t since)
@@ -411,6 +442,9 @@ static void put_subjects(struct buf *b, const struct scrape *sc)
 		    fmt_sec(v_, sizeof(v_), age_ns(sc->now, st->verdict_since_ns)));
 	PER_SUBJECT(b, sc, TM_subject_retry_after,
 		    fmt_sec(v_, sizeof(v_), (uint64_t)st->retry_after_ms * 1000000u));
+	put_waits(b, sc);
+	PER_SUBJECT(b, sc, TM_subject_pressure, fmt_ratio(v_, sizeof(v_), st->pressure));
+	PER_SUBJECT(b, sc, TM_subject_shed_probability, fmt_ratio(v_, sizeof(v_), st->shed_probability));
 }
 
 /* A per-consumer family whose value is a field of struct tally_consumer_stats. */

@@ -142,9 +142,16 @@ static void handle(struct worker *w, struct tally_producer *p, natsMsg *m)
 	if (natsMsg_GetDataLength(m) == (int)sizeof(sent))
 		memcpy(&sent, natsMsg_GetData(m), sizeof(sent));
 	uint64_t work = (uint64_t)((double)atomic_load(&r->cfg->processing_ns) * lognormal(&w->seed, r->cfg->sigma));
+	bool known = tally_subject_intern(r->cfg->seg, natsMsg_GetSubject(m), &id) == 0;
+	const char *reply = natsMsg_GetReply(m);
+	uint64_t start = now_ns();
+	if (known && r->cfg->jetstream_wait && reply)
+		tally_record_jetstream(p, id, reply, strlen(reply)); /* the wait, from JetStream's own timestamp */
 	sleep_ns(work);
 	uint64_t done = now_ns();
-	if (tally_subject_intern(r->cfg->seg, natsMsg_GetSubject(m), &id) == 0)
+	if (known && r->cfg->jetstream_wait)
+		tally_record(p, id, done - start); /* processing alone: the wait is its own series */
+	else if (known)
 		tally_record(p, id, sent && sent < done ? done - sent : work);
 	natsMsg_Ack(m, NULL);
 	atomic_fetch_add(&r->processed, 1);

@@ -7,8 +7,9 @@
  * threads, spends a processing time on each (a log-normal around a base
  * that can be changed while it runs), records each message's latency
  * through libtally (from the publish time carried in the payload to the
- * end of processing, so time spent waiting in the stream counts), and
- * acks. The publisher publishes to a set of subjects at a rate that can
+ * end of processing, so time spent waiting in the stream counts; or,
+ * with jetstream_wait, the processing alone, and the wait from the ack
+ * reply's metadata in its own series), and acks. The publisher publishes to a set of subjects at a rate that can
  * also be changed while it runs.
  */
 #ifndef TALLY_TOOLS_SIM_H
@@ -32,6 +33,8 @@ struct sim_router_config {
 	int workers;                /* threads, each with its own producer slot */
 	_Atomic uint64_t processing_ns; /* median processing time; change it while running */
 	double sigma;               /* log-normal spread (0.3 is a realistic mix) */
+	bool jetstream_wait;        /* record each message's wait from its ack reply
+				     * (tally_record_jetstream) and processing alone as latency */
 };
 
 struct sim_router;

@@ -281,8 +281,8 @@ static void print_subjects(const struct cli_view *v)
 		printf("  none: nothing recorded in this segment yet\n");
 		return;
 	}
-	printf("  %-*s %8s %9s %8s %8s %8s %8s %8s  %s\n", w, "SUBJECT", "COUNT", "RATE/s", "P50",
-	       "P95", "P99", "MAX", "PENDING", "VERDICT");
+	printf("  %-*s %8s %9s %8s %8s %8s %8s %8s %8s %5s  %s\n", w, "SUBJECT", "COUNT", "RATE/s", "P50",
+	       "P95", "P99", "MAX", "PENDING", "WAIT P95", "PRESS", "VERDICT");
 	for (size_t i = 0; i < v->nsubjects; i++) {
 		const struct cli_subject *s = &v->subjects[i];
 		const struct tally_subject_stats *st = &s->st;
@@ -303,6 +303,11 @@ static void print_subjects(const struct cli_view *v)
 		} else {
 			printf(" %8s", "-");
 		}
+		print_ns_cell(s->published && st->has_wait, st->wait_p95_ns);
+		if (s->published)
+			printf(" %5.2f", st->pressure);
+		else
+			printf(" %5s", "-");
 		print_verdict_cell(v, s);
 		putchar('\n');
 	}
@@ -477,6 +482,16 @@ static json_t *json_subject(const struct cli_view *v, const struct cli_subject *
 	json_object_set_new(o, "verdict_age_ms", s->published && mono >= st->verdict_since_ns ?
 					   jint((mono - st->verdict_since_ns) / 1000000u) : json_null());
 	json_object_set_new(o, "retry_after_ms", jint(s->published ? st->retry_after_ms : 0));
+	bool wait = s->published && st->has_wait, codel = s->published && st->codel_valid;
+	json_object_set_new(o, "wait_count", jint(s->published ? st->wait_count : 0));
+	json_object_set_new(o, "wait_p50_ns", jns(wait, st->wait_p50_ns));
+	json_object_set_new(o, "wait_p95_ns", jns(wait, st->wait_p95_ns));
+	json_object_set_new(o, "wait_p99_ns", jns(wait, st->wait_p99_ns));
+	json_object_set_new(o, "wait_min_ns", jns(codel, st->wait_min_ns));
+	json_object_set_new(o, "wait_skewed", jint(s->published ? st->wait_skewed : 0));
+	json_object_set_new(o, "codel_overloaded", codel ? json_boolean(st->codel_overloaded) : json_null());
+	json_object_set_new(o, "pressure", json_real(s->published && !v->stale ? st->pressure : 0.0));
+	json_object_set_new(o, "shed_probability", json_real(s->published && !v->stale ? st->shed_probability : 0.0));
 	return o;
 }
 
@@ -658,6 +673,18 @@ static void print_status(const struct cli_view *v, const struct cli_subject *s)
 	} else {
 		printf("  pending -: no watched consumer feeds this subject\n");
 	}
+	if (st->has_wait)
+		printf("  wait p50 %s, p95 %s, p99 %s over %" PRIu64 " messages (from their ack replies)%s\n",
+		       cli_fmt_ns(b1, sizeof(b1), st->wait_p50_ns), cli_fmt_ns(b2, sizeof(b2), st->wait_p95_ns),
+		       cli_fmt_ns(reasons, sizeof(reasons), st->wait_p99_ns), st->wait_count,
+		       st->wait_skewed ? ", some with clock skew (counted as 0)" : "");
+	else
+		printf("  wait -: no ack reply recorded (tally_record_jetstream)\n");
+	if (st->codel_valid)
+		printf("  codel: minimum wait %s over the last interval, %s\n",
+		       cli_fmt_ns(b1, sizeof(b1), st->wait_min_ns),
+		       st->codel_overloaded ? "above target: a standing queue" : "within target");
+	printf("  pressure %.2f, shed probability %.2f\n", st->pressure, st->shed_probability);
 	uint64_t since = v->now_mono_ns > st->verdict_since_ns ? v->now_mono_ns - st->verdict_since_ns : 0;
 	printf("  since %s ago, retry-after %u ms\n", cli_fmt_age_ms(b1, sizeof(b1), since / 1000000u),
 	       st->retry_after_ms);

@@ -280,6 +280,7 @@ struct columns {
 	int name;      /* width of the name column */
 	bool max;      /* a MAX column */
 	bool reasons;  /* reasons after the verdict */
+	bool wait;     /* WAIT95 and PRESS columns (wide terminals) */
 };
 
 static struct columns layout(void)
@@ -288,6 +289,10 @@ static struct columns layout(void)
 
 	if (c.max)
 		c.name -= 8;
+	if (c.name > 30) { /* room for the wait P95 and the pressure */
+		c.wait = true;
+		c.name -= 14;
+	}
 	if (c.name > 40) {
 		c.reasons = true;
 		c.name = 40;
@@ -304,8 +309,10 @@ static void draw_subject_header(const struct top *t, int row, const struct colum
 			 "RATE/s", "P50", t->sort == 'p' ? "P95 v" : "P95", "P99");
 	if (c->max)
 		n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", "MAX");
-	snprintf(line + n, sizeof(line) - (size_t)n, " %7s %-8s%s", t->sort == 'n' ? "PEND v" : "PENDING",
-		 "VERDICT", c->reasons ? " REASONS" : "");
+	n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", t->sort == 'n' ? "PEND v" : "PENDING");
+	if (c->wait)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s %5s", "WAIT95", "PRESS");
+	snprintf(line + n, sizeof(line) - (size_t)n, " %-8s%s", "VERDICT", c->reasons ? " REASONS" : "");
 	put(row, 0, A_REVERSE, "%-*s", COLS, line);
 }
 
@@ -329,8 +336,17 @@ static void draw_subject(const struct top *t, int row, const struct columns *c,
 		n += snprintf(line + n, sizeof(line) - (size_t)n, " %s",
 			      cell(cl[i + 1], sizeof(cl[i + 1]), has ? cli_fmt_ns(v, sizeof(v), q[i]) : "-", 7));
 	}
-	snprintf(line + n, sizeof(line) - (size_t)n, " %7s ", s->published && st->pending_consumers ?
+	n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", s->published && st->pending_consumers ?
 			   cli_fmt_count(b, sizeof(b), st->pending) : "-");
+	if (c->wait) {
+		char v[32], p[16], wc[48];
+		snprintf(p, sizeof(p), "%.2f", st->pressure);
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %s %5s",
+			      cell(wc, sizeof(wc), s->published && st->has_wait ?
+					  cli_fmt_ns(v, sizeof(v), st->wait_p95_ns) : "-", 7),
+			      s->published ? p : "-");
+	}
+	snprintf(line + n, sizeof(line) - (size_t)n, " ");
 	put(row, 0, A_NORMAL, "%s", line);
 	enum tally_verdict ev = cli_effective_verdict(&t->v, s);
 	int col = cli_width(line);

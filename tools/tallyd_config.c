@@ -130,6 +130,10 @@ static const struct key thresh_keys[] = {
 	{ "min_dwell_ms", K_U32, TR(min_dwell_ms), 0, U32MAX },
 	{ "retry_after_ms", K_U32, TR(retry_after_ms), 0, U32MAX },
 	{ "stall_after_ms", K_U32, TR(stall_after_ms), 0, U32MAX },
+	{ "wait_p95_warn_ms", K_MS_NS, TR(wait_p95_warn_ns), 0, 0 },
+	{ "wait_p95_overload_ms", K_MS_NS, TR(wait_p95_overload_ns), 0, 0 },
+	{ "codel_target_ms", K_MS_NS, TR(codel_target_ns), 0, 0 },
+	{ "codel_interval_ms", K_U32, TR(codel_interval_ms), 1, 60000 },
 	{ NULL, 0, 0, 0, 0 },
 };
 

@@ -103,6 +103,20 @@ struct tally_subject_stats {
 	uint32_t reasons;           /* TALLY_REASON_* */
 	uint64_t verdict_since_ns;  /* CLOCK_MONOTONIC when this verdict began */
 	uint32_t retry_after_ms;    /* hint for gateways; 0 when ok */
+	/* Wait in the stream, from the ack replies recorded with
+	 * tally_record_jetstream() (tally/jsack.h); 0 without any. */
+	bool has_wait;              /* wait_count > 0: the wait quantiles are measurements */
+	uint64_t wait_count;        /* waits in the window */
+	uint64_t wait_p50_ns, wait_p95_ns, wait_p99_ns;
+	uint64_t wait_skewed;       /* since start: timestamps ahead of now (clock skew), recorded as 0 */
+	/* CoDel: the minimum wait of the last whole interval, and whether it
+	 * was above the rule's target (tally/verdict.h) */
+	uint64_t wait_min_ns;
+	bool codel_valid;           /* that interval saw a wait; else wait_min_ns is 0 */
+	bool codel_overloaded;
+	/* graded (tally/verdict.h): no hysteresis, follow the signals */
+	double pressure;            /* [0, 1]: 0.5 at the warn thresholds, 1 at overload */
+	double shed_probability;    /* [0, 1]: what a gateway sheds while under pressure */
 };
 
 enum tally_pending_source {

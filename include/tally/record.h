@@ -70,7 +70,8 @@ extern "C" {
 struct tally_ring_entry {
 	uint64_t value_ns;
 	tally_subject_t subject;
-	uint32_t reserved; /* 0; keeps entries 16-byte aligned */
+	uint32_t reserved; /* what value_ns is: 0 a latency; the JetStream record
+			    * (tally/jsack.h) tags its wait and pending entries here */
 };
 
 /*
@@ -167,6 +168,7 @@ static inline bool tally__record_raw(struct tally_producer *p, tally_subject_t s
 	struct tally_ring_entry *e = &p->ring[t & p->mask];
 	e->value_ns = ns;
 	e->subject = subject;
+	e->reserved = 0; /* a latency; beside subject, one 8-byte store */
 	p->tail = t + 1;
 	/* Release: the entry's two stores above become visible to the
 	 * aggregator before the tail that covers them (it loads the tail with

@@ -8,6 +8,7 @@
  *   tally/engine.h   the aggregator, and reading what it publishes
  *   tally/verdict.h  thresholds and ok/warn/overload verdicts
  *   tally/poller.h   JetStream consumer pending, polled with cnats
+ *   tally/jsack.h    the wait and pending JetStream puts in each ack reply
  */
 #ifndef TALLY_TALLY_H
 #define TALLY_TALLY_H
@@ -18,5 +19,6 @@
 #include <tally/engine.h>
 #include <tally/verdict.h>
 #include <tally/poller.h>
+#include <tally/jsack.h>
 
 #endif /* TALLY_TALLY_H */

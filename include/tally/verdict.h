@@ -29,6 +29,51 @@
  * has held for min_dwell_ms, like the other signals. Stale pending data
  * (see above) never makes a subject stalled: the backlog is not known to
  * be waiting.
+ *
+ * Wait and CoDel. A subject whose router records the ack replies of its
+ * messages (tally/jsack.h) has a second series beside its latency: each
+ * message's wait in the stream. Its P95 over the window is a signal like
+ * the latency's (wait_p95_warn_ns, wait_p95_overload_ns; reason WAIT).
+ * The CoDel signal looks at the standing queue instead: the MINIMUM wait
+ * of each codel_interval_ms (default 100 ms) against codel_target_ns
+ * (default 5 ms), as in folly's Codel. An interval begins with the first
+ * wait after the previous one ended and lasts codel_interval_ms; when it
+ * ends, the subject is codel-overloaded if its minimum was above the
+ * target, i.e. no message dequeued during a whole interval waited less
+ * than the target. A burst that the router works off within an interval
+ * leaves a message with a short wait in it (before or after the burst)
+ * and never trips it; a standing queue does. An interval that saw no
+ * wait at all clears it. It raises the level to warn (reason CODEL), and
+ * clears after min_dwell_ms like the others.
+ *
+ * Pressure. Besides its level, each subject gets a continuous pressure in
+ * [0, 1] at every publish, with no hysteresis. Each signal s with levels
+ * warn_s and overload_s maps its value v to
+ *     p_s = 0.5 * v / warn_s                                  v < warn_s
+ *         = 0.5 + 0.5 * (v - warn_s) / (overload_s - warn_s)  warn_s <= v < overload_s
+ *         = 1                                                 v >= overload_s
+ * (0.5 is the warn threshold, 1 the overload threshold; a signal with
+ * only one level ramps linearly from 0 to 1 at it; an unconfigured
+ * signal or one without data gives 0). The signals are: latency (P95
+ * against p95_warn/p95_overload), wait (wait P95 against
+ * wait_p95_warn/wait_p95_overload), codel (the last interval's minimum
+ * wait against codel_target_ns and wait_p95_overload_ns: it reaches 0.5
+ * exactly when the minimum crosses the target), pending (a live backlog
+ * against pending_warn/pending_overload). A stalled subject has pressure
+ * 1; an unknown one 0. pressure is their MAXIMUM: the signals are views
+ * of one queue (a long wait, a long backlog and a late completion are
+ * the same overload seen three ways), so a sum would count it more than
+ * once, and the worst view is the one a gateway must act on.
+ *
+ * Shed probability, for gateways: 0 up to pressure 0.5 (every signal
+ * below its warn level), then rising linearly to 1 at pressure 1:
+ *     shed_probability = clamp((pressure - 0.5) / 0.5, 0, 1)
+ * A gateway sheds each request with that probability (429, a
+ * client that should slow down) while the level is warn, and answers 503
+ * at overload. It rises ahead of the overload level, in proportion to
+ * how far the worst signal is between its warn and overload thresholds
+ * (Google SRE's client throttling rejects in proportion to load, Envoy's
+ * overload manager scales between its thresholds the same way).
  */
 #ifndef TALLY_VERDICT_H
 #define TALLY_VERDICT_H
@@ -48,6 +93,8 @@ extern "C" {
 #define TALLY_REASON_FAIL_OPEN 0x10u /* stale pending ignored: judged on latency alone */
 #define TALLY_REASON_STALLED 0x20u /* messages wait, the backlog is not falling and no
 				      * completion was recorded for stall_after_ms */
+#define TALLY_REASON_WAIT    0x40u /* wait P95 at or above a level (or held) */
+#define TALLY_REASON_CODEL   0x80u /* the minimum wait of a whole CoDel interval was above target */
 
 enum tally_stale_policy {
 	TALLY_STALE_FAIL_OPEN = 0,
@@ -64,6 +111,9 @@ struct tally_threshold_rule {
 	uint32_t min_dwell_ms;                   /* default 2000 */
 	uint32_t retry_after_ms;                 /* hint in overload (default 1000); warn: half */
 	uint32_t stall_after_ms;                 /* stalled after this long (default 10000); 0: off */
+	uint64_t wait_p95_warn_ns, wait_p95_overload_ns; /* default 100 ms, 500 ms; 0: not judged */
+	uint64_t codel_target_ns;                /* default 5 ms; 0: CoDel off */
+	uint32_t codel_interval_ms;              /* default 100, 1..60000 */
 };
 
 /* The defaults above. Never fails. */
