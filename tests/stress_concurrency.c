@@ -132,7 +132,7 @@ struct read_arg {
 	struct tally_segment *seg;
 	tally_subject_t id;
 	atomic_bool *stop;
-	uint64_t reads, bad;
+	uint64_t reads, bad, stale;
 };
 
 static void *reader(void *p)
@@ -146,8 +146,11 @@ static void *reader(void *p)
 		if (a->e && tally_engine_read_buckets(a->e, a->id, &b) == 0 && b.n &&
 		    b.cumulative[b.n - 1] > b.count)
 			a->bad++; /* a cumulative bucket above the total: torn */
-		if (rc == 0) {
+		/* TALLY_ESTALE is an honest answer when the engine is starved
+		 * (valgrind on a busy machine): its data is checked the same */
+		if (rc == 0 || rc == TALLY_ESTALE) {
 			a->reads++;
+			a->stale += rc == TALLY_ESTALE;
 			a->bad += s.has_data && !(s.min_ns <= s.p50_ns && s.p50_ns <= s.p95_ns &&
 						  s.p95_ns <= s.max_ns);
 		} else if (rc != -ENOENT && rc != TALLY_EBUSY_RETRY) {
@@ -213,8 +216,9 @@ static void publishing(void)
 	tally_engine_counters(e, &c);
 	tap_ok(in.reads > 0 && in.bad == 0, "in-process reads during publishing: %llu, bad %llu",
 	       (unsigned long long)in.reads, (unsigned long long)in.bad);
-	tap_ok(cross.reads > 0 && cross.bad == 0, "segment reads during publishing: %llu, bad %llu",
-	       (unsigned long long)cross.reads, (unsigned long long)cross.bad);
+	tap_ok(cross.reads > 0 && cross.bad == 0, "segment reads during publishing: %llu, bad %llu "
+	       "(stale %llu: the engine did not publish in time)", (unsigned long long)cross.reads,
+	       (unsigned long long)cross.bad, (unsigned long long)cross.stale);
 	tap_ok(c.publishes >= 10, "published %llu times", (unsigned long long)c.publishes);
 	tally_segment_close(&rd);
 	tally_engine_stop(&e);
