@@ -34,6 +34,7 @@ struct watch {
 	enum tally_verdict last;
 	uint64_t last_change_ns, prev_change_ns; /* when the verdict last changed, and before */
 	struct tally_subject_stats s;
+	uint64_t max_pending; /* the largest backlog read so far */
 };
 
 static void log_line(struct watch *w, const char *what)
@@ -57,6 +58,8 @@ static void poll_verdict(struct watch *w)
 		return;
 	if (tally_read_subject(w->rd, w->id, &w->s) != 0)
 		return;
+	if (w->s.pending > w->max_pending)
+		w->max_pending = w->s.pending;
 	if (w->s.verdict != w->last) {
 		log_line(w, "verdict changed");
 		w->last = w->s.verdict;
@@ -152,7 +155,10 @@ Test(e2e, overload_scenario, .timeout = 150)
 	cr_expect(WAIT_FOR(&w, 20000, w.s.verdict >= TALLY_VERDICT_WARN), "warn");
 	cr_expect(WAIT_FOR(&w, 20000, w.s.verdict == TALLY_VERDICT_OVERLOAD), "then overload");
 	log_line(&w, "overload reached");
-	cr_expect_geq(w.s.pending, 600, "backlog rose past the overload level");
+	/* the level may turn overload on latency first (a slowed router: ASan
+	 * on a busy machine); the backlog keeps rising while the publisher runs */
+	cr_expect(WAIT_FOR(&w, 10000, w.max_pending >= 600), "backlog rose past the overload level "
+		  "(largest read %llu)", (unsigned long long)w.max_pending);
 	cr_expect_gt(w.s.p95_ns, 10 * MS * 2, "P95 rose well above the processing time");
 	cr_expect(w.s.reasons & (TALLY_REASON_PENDING | TALLY_REASON_LATENCY));
 	cr_expect_gt(w.s.retry_after_ms, 0, "a retry-after hint for gateways");
