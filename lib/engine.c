@@ -194,6 +194,7 @@ struct tally_engine {
 	uint64_t edges[TALLY__HIST_DEFAULT_NEDGES]; /* export bucket edges, ns */
 	uint32_t nedges;
 	_Atomic uint64_t drained, rejected, publishes, last_publish_ns, died, released;
+	uint64_t recorded_total; /* aggregator thread: the largest drained + waiting published */
 	_Atomic uint64_t pending_kept, claims_expired, subjects_tombstoned;
 	_Atomic uint64_t subjects_active;
 	uint32_t scan_used;              /* subjects_used at the last complete table scan */
@@ -900,6 +901,35 @@ static struct snap *snap_alloc(struct tally_engine *e, uint64_t now)
 	return sn;
 }
 
+/* The segment's totals since creation (shm_layout.h), from the owner's
+ * own counts: stored, never read back. recorded is what was drained plus
+ * what waits in the rings now (a ring whose tail ran past it counts 0). */
+static void publish_totals(struct tally_engine *e, uint64_t now)
+{
+	struct tally_segment *seg = e->seg;
+	struct tally__shm_totals *t = &seg->hdr->totals;
+	uint64_t waiting = 0, drained = atomic_load_explicit(&e->drained, memory_order_relaxed);
+
+	for (uint32_t i = 0; i < seg->nslots; i++) {
+		struct tally__slot *s = tally__seg_slot(seg, i);
+		uint64_t h = atomic_load_explicit(&s->head, memory_order_relaxed);
+		uint64_t tl = atomic_load_explicit(&s->tail, memory_order_relaxed);
+		if (tl - h <= seg->ring_cap)
+			waiting += tl - h;
+	}
+	/* monotonic even if a ring's tail moves back (scribbled) */
+	if (drained + waiting > e->recorded_total)
+		e->recorded_total = drained + waiting;
+	atomic_store_explicit(&t->recorded, e->recorded_total, memory_order_relaxed);
+	atomic_store_explicit(&t->drained, drained, memory_order_relaxed);
+	atomic_store_explicit(&t->dropped, seg->reap.dropped, memory_order_relaxed);
+	atomic_store_explicit(&t->clamped, seg->reap.clamped, memory_order_relaxed);
+	atomic_store_explicit(&t->rejected, atomic_load_explicit(&e->rejected, memory_order_relaxed),
+			      memory_order_relaxed);
+	atomic_store_explicit(&t->skipped, seg->reap.skipped, memory_order_relaxed);
+	atomic_store_explicit(&t->updated_ns, now, memory_order_release);
+}
+
 static void publish(struct tally_engine *e, uint64_t now)
 {
 	struct tally__window_stats ws;
@@ -929,6 +959,7 @@ static void publish(struct tally_engine *e, uint64_t now)
 	if (old)
 		call_rcu(&old->rcu, free_rcu_snap);
 	retire_shared(e);
+	publish_totals(e, now);
 	atomic_store_explicit(&e->seg->hdr->owner_heartbeat_ns, now, memory_order_relaxed);
 	atomic_fetch_add_explicit(&e->publishes, 1, memory_order_relaxed);
 	atomic_store_explicit(&e->last_publish_ns, tally__mono_ns() - now, memory_order_relaxed);

@@ -273,10 +273,14 @@ static void fill_handle(struct producer_full *f, struct tally__slot *s, uint32_t
 
 	f->slot = s;
 	f->idx = idx;
-	/* A FREE slot is drained: head == tail, and we continue from there. */
+	/* A FREE slot is drained: head == tail, and we continue from there.
+	 * Its counters belong to the claim: they start at 0 (the owner added
+	 * the last claim's to its totals before it freed the slot). */
 	f->base_tail = atomic_load_explicit(&s->tail, memory_order_relaxed);
-	f->dropped = f->base_dropped = atomic_load_explicit(&s->dropped, memory_order_relaxed);
-	f->clamped = f->base_clamped = atomic_load_explicit(&s->clamped, memory_order_relaxed);
+	atomic_store_explicit(&s->dropped, 0, memory_order_relaxed);
+	atomic_store_explicit(&s->clamped, 0, memory_order_relaxed);
+	f->dropped = f->base_dropped = 0;
+	f->clamped = f->base_clamped = 0;
 	f->pub.ring = s->ring;
 	__atomic_store_n(&f->pub.capacity, t->ring_cap, __ATOMIC_RELAXED);
 	f->pub.mask = t->ring_cap - 1;
@@ -843,6 +847,37 @@ static bool drained(struct tally__slot *s)
 	       atomic_load_explicit(&s->tail, memory_order_acquire);
 }
 
+/* Add what slot i's claim counted since the last pass to the owner's
+ * totals. The counters are the producer's to store: a claim's start at 0
+ * (fill_handle, before it turns ACTIVE), and a value that went down
+ * (scribbled) adds nothing. Only a claim that reached ACTIVE starts an
+ * account: a COOLING slot of an expired claim may still hold the previous
+ * claim's values, already counted. */
+static void account_claim(struct tally_segment *seg, uint32_t i, const struct tally__slot *s, uint64_t l)
+{
+	struct tally__claim_seen *c = &seg->reap.claim_seen[i];
+	uint32_t state = tally__lease_state(l);
+
+	if (state < TALLY__SLOT_ACTIVE || state > TALLY__SLOT_COOLING ||
+	    (state == TALLY__SLOT_COOLING && c->gen != tally__lease_gen(l)))
+		return;
+	uint64_t d = atomic_load_explicit(&s->dropped, memory_order_relaxed);
+	uint64_t k = atomic_load_explicit(&s->clamped, memory_order_relaxed);
+
+	if (c->gen != tally__lease_gen(l)) {
+		c->gen = tally__lease_gen(l);
+		c->dropped = c->clamped = 0;
+	}
+	if (d > c->dropped) {
+		seg->reap.dropped += d - c->dropped;
+		c->dropped = d;
+	}
+	if (k > c->clamped) {
+		seg->reap.clamped += k - c->clamped;
+		c->clamped = k;
+	}
+}
+
 void tally__slots_reap(struct tally_segment *seg, uint64_t now, struct tally__reap_stats *st)
 {
 	uint64_t cooloff = (uint64_t)seg->cooloff_ms * 1000000u;
@@ -854,6 +889,7 @@ void tally__slots_reap(struct tally_segment *seg, uint64_t now, struct tally__re
 		uint64_t l = atomic_load_explicit(&s->ctl.lease, memory_order_acquire);
 		uint64_t since = atomic_load_explicit(&s->ctl.since_ns, memory_order_relaxed);
 
+		account_claim(seg, i, s, l);
 		switch (tally__lease_state(l)) {
 		case TALLY__SLOT_FREE:
 			break;

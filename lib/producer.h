@@ -17,7 +17,7 @@
  * come from a correct producer: the slot is resynchronised (head = tail),
  * counted as corrupt, and 0 is returned.
  */
-static inline uint64_t tally__slot_ready(const struct tally_segment *seg, struct tally__slot *s,
+static inline uint64_t tally__slot_ready(struct tally_segment *seg, struct tally__slot *s,
 					 uint64_t *head)
 {
 	uint64_t h = atomic_load_explicit(&s->head, memory_order_relaxed);
@@ -27,6 +27,7 @@ static inline uint64_t tally__slot_ready(const struct tally_segment *seg, struct
 	if (__builtin_expect(t - h > seg->ring_cap, 0)) {
 		atomic_store_explicit(&s->head, t, memory_order_release);
 		atomic_fetch_add_explicit(&s->ctl.rejected, t - h, memory_order_relaxed);
+		seg->reap.skipped += t - h; /* the owner's own total (one drainer) */
 		return 0;
 	}
 	return t - h;

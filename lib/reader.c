@@ -216,6 +216,21 @@ TALLY_API int tally_read_consumers(const struct tally_segment *seg, struct tally
 	return (int)n;
 }
 
+TALLY_API int tally_read_totals(const struct tally_segment *seg, struct tally_segment_totals *out)
+{
+	const struct tally__shm_totals *t = &seg->hdr->totals;
+	uint64_t at = atomic_load_explicit(&t->updated_ns, memory_order_acquire);
+
+	out->recorded = atomic_load_explicit(&t->recorded, memory_order_relaxed);
+	out->drained = atomic_load_explicit(&t->drained, memory_order_relaxed);
+	out->dropped = atomic_load_explicit(&t->dropped, memory_order_relaxed);
+	out->clamped = atomic_load_explicit(&t->clamped, memory_order_relaxed);
+	out->rejected = atomic_load_explicit(&t->rejected, memory_order_relaxed);
+	out->skipped = atomic_load_explicit(&t->skipped, memory_order_relaxed);
+	out->age_ms = at ? age_ms(tally__mono_ns(), at) : UINT64_MAX;
+	return tally_segment_owner_alive(seg) == 1 ? 0 : TALLY_ESTALE;
+}
+
 TALLY_API int tally_read_poller(const struct tally_segment *seg, struct tally_poller_stats *out)
 {
 	const void *sec = tally__seg_section(seg, &seg->pending);

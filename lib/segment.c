@@ -187,6 +187,7 @@ static void seg_free(struct tally_segment *seg)
 {
 	free(seg->reap.slot_lease);
 	free(seg->reap.slot_seen_ns);
+	free(seg->reap.claim_seen);
 	free(seg->reap.subj_seen_ns);
 	/* Handles were still attached at close: a thread may still be in
 	 * tally_record() with them (a bug of the caller, but not one that may
@@ -326,7 +327,9 @@ static int create_once(struct tally_segment *seg, const struct tally_segment_con
 	seg->reap.slot_lease = calloc(seg->nslots, sizeof(uint64_t));
 	seg->reap.slot_seen_ns = calloc(seg->nslots, sizeof(uint64_t));
 	seg->reap.subj_seen_ns = calloc(seg->table_size, sizeof(uint64_t));
-	if (!seg->reap.slot_lease || !seg->reap.slot_seen_ns || !seg->reap.subj_seen_ns)
+	seg->reap.claim_seen = calloc(seg->nslots, sizeof(*seg->reap.claim_seen));
+	if (!seg->reap.slot_lease || !seg->reap.slot_seen_ns || !seg->reap.subj_seen_ns ||
+	    !seg->reap.claim_seen)
 		return -ENOMEM;
 	if ((rc = tally__pending_init(tally__seg_section(seg, &seg->pending), seg->pending.size,
 				      seg->pending_cap)))

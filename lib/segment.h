@@ -25,6 +25,12 @@ struct tally__reap_memory {
 	uint64_t *slot_lease;   /* [nslots]: the pending lease last seen */
 	uint64_t *slot_seen_ns; /* [nslots]: when the reaper first saw it, 0 none */
 	uint64_t *subj_seen_ns; /* [table_size]: when a CLAIMED entry was first seen, 0 none */
+	/* accounting of the claims' own counters (tally__slots_reap) */
+	struct tally__claim_seen {
+		uint64_t gen;              /* the claim the values below belong to */
+		uint64_t dropped, clamped; /* its counters as last added to the totals */
+	} *claim_seen;                     /* [nslots] */
+	uint64_t dropped, clamped, skipped; /* totals since creation, the owner's own */
 };
 
 struct tally_segment {

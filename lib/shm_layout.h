@@ -82,6 +82,19 @@ struct tally__shm_hdr {
 	_Atomic uint32_t owner_state;
 	_Atomic uint32_t subjects_used;
 	_Atomic uint32_t ready; /* TALLY__READY, stored last with release */
+	uint32_t reserved1;
+	/* Totals since the segment was created, stored by the owner at every
+	 * publish from its own counts (never read back by it): what readers
+	 * show as the segment's accounting. Each only grows. */
+	struct tally__shm_totals {
+		_Atomic uint64_t recorded; /* drained + still in the rings */
+		_Atomic uint64_t drained;  /* taken from the rings by the owner */
+		_Atomic uint64_t dropped;  /* producers' rings were full (their own counts, per claim) */
+		_Atomic uint64_t clamped;  /* values above max_value_ns, stored as it */
+		_Atomic uint64_t rejected; /* entries with a subject id not in the table */
+		_Atomic uint64_t skipped;  /* ring positions past a producer's ring (a corrupt tail) */
+		_Atomic uint64_t updated_ns; /* CLOCK_MONOTONIC of the last store, 0 never */
+	} totals;
 };
 _Static_assert(sizeof(struct tally__shm_hdr) <= TALLY__HDR_SIZE, "header fits its page");
 _Static_assert(offsetof(struct tally__shm_hdr, magic) == 0, "magic first");

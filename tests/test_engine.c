@@ -553,3 +553,72 @@ Test(engine, export_buckets_are_exact_cumulative_counters)
 	tally_engine_stop(&e);
 	tally_segment_close(&seg);
 }
+
+/* The segment's totals count every claim, whatever producers came and
+ * went (issue 15): a slot's counters belong to its claim, so the next
+ * claimer of the same slot starts at 0, and the totals keep the first
+ * one's drops after its slot was freed and reused. */
+Test(engine, totals_outlive_the_producers_that_made_them, .timeout = 30)
+{
+	struct tally_segment_config cfg;
+	struct tally_segment *seg;
+	struct tally_engine_config ec;
+	struct tally_engine *e;
+	struct tally_producer *p1, *p2;
+	struct tally_producer_counters c1;
+	struct tally_segment_totals t;
+	struct tally_producer_stats ps[1];
+	tally_subject_t id;
+
+	tt_config(&cfg);
+	cfg.producer_slots = 1; /* the second producer must take the first one's slot */
+	cfg.ring_capacity = 64; /* small: a flat-out producer drops */
+	cr_assert_eq(tally_segment_create(tt_segname("totals"), &cfg, 0, &seg), 0, "%s", tally_errmsg());
+	tally_engine_config_init(&ec);
+	ec.reap_interval_ms = 5;
+	ec.publish_interval_ms = 5;
+	cr_assert_eq(tally_engine_start(seg, &ec, &e), 0, "%s", tally_errmsg());
+	cr_assert_eq(tally_subject_intern(seg, "totals.x", &id), 0);
+
+	cr_assert_eq(tally_producer_attach(seg, &p1), 0, "%s", tally_errmsg());
+	for (int i = 0; i < 200000; i++)
+		tally_record(p1, id, 1000);
+	tally_record(p1, id, 7200ull * 1000000000ull); /* 2 h: clamped, or dropped */
+	tally_producer_counters(p1, &c1);
+	tally_producer_detach(&p1);
+	cr_assert_gt(c1.dropped, 0, "a 64-entry ring drops under a flat-out producer");
+
+	int rc = TALLY_EFULL;
+	for (int i = 0; i < 400 && (rc = tally_producer_attach(seg, &p2)) == TALLY_EFULL; i++)
+		tt_sleep_ms(5);
+	cr_assert_eq(rc, 0, "the only slot was not freed after the first producer left");
+	cr_assert(tally_record(p2, id, 1000));
+	cr_assert_eq(tally_read_producers(seg, ps, 1), 1);
+	cr_expect_eq(ps[0].dropped, 0, "the new claim of the slot shows the old claim's drops (%llu)",
+		     (unsigned long long)ps[0].dropped);
+	cr_expect_eq(ps[0].samples, 1);
+
+	uint64_t want = c1.recorded + 1;
+	for (int i = 0; i < 1000; i++) {
+		cr_assert_eq(tally_read_totals(seg, &t), 0);
+		if (t.drained == want && t.recorded == want)
+			break;
+		tt_sleep_ms(5);
+	}
+	cr_expect_eq(t.recorded, want, "recorded %llu, want %llu", (unsigned long long)t.recorded,
+		     (unsigned long long)want);
+	cr_expect_eq(t.drained, want);
+	cr_expect_eq(t.dropped, c1.dropped, "dropped %llu, the first producer counted %llu",
+		     (unsigned long long)t.dropped, (unsigned long long)c1.dropped);
+	cr_expect_eq(t.clamped, c1.clamped);
+	cr_expect_eq(t.rejected, 0);
+	cr_expect_eq(t.skipped, 0);
+	tally_producer_detach(&p2);
+	tt_sleep_ms(50);
+	struct tally_segment_totals after;
+	cr_assert_eq(tally_read_totals(seg, &after), 0);
+	cr_expect(after.recorded == t.recorded && after.dropped == t.dropped && after.drained == t.drained,
+		  "totals moved after the last producer left");
+	tally_engine_stop(&e);
+	tally_segment_close(&seg);
+}

@@ -92,6 +92,7 @@ struct cli_view {
 	int nconsumers;
 	struct tally_poller_stats poller;
 	bool poller_ran;                /* a poll was ever attempted */
+	struct tally_segment_totals totals; /* since the segment was created */
 };
 
 /* Read everything; 0, or an error (printed by the caller with cli_fail()). */

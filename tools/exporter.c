@@ -200,6 +200,7 @@ struct scrape {
 	struct tally_engine_counters ec;
 	struct tally_poller_stats ps;
 	bool poller;
+	struct tally_segment_totals totals;
 	uint64_t now;
 	struct tally_engine *engine;
 };
@@ -265,6 +266,7 @@ static int scrape_read(struct tallyd_exporter_source *src, struct scrape *sc)
 	if (sc->ncons < 0) /* a poll raced the read twice: retry once */
 		sc->ncons = tally_read_consumers(src->seg, sc->cons, ncons);
 	tally_engine_counters(src->engine, &sc->ec);
+	tally_read_totals(src->seg, &sc->totals);
 	sc->poller = atomic_load(&src->poller_on) && tally_read_poller(src->seg, &sc->ps) == 0;
 	return 0;
 }
@@ -497,7 +499,7 @@ static void put_consumers(struct buf *b, const struct scrape *sc)
 static void put_producer_u64(struct buf *b, const struct scrape *sc, enum tallyd_metric_id id,
 			     size_t off)
 {
-	char v[32], slot[16], pid[16], tid[16];
+	char v[32], slot[16];
 
 	family(b, id);
 	for (int i = 0; i < sc->nprod; i++) {
@@ -508,11 +510,10 @@ static void put_producer_u64(struct buf *b, const struct scrape *sc, enum tallyd
 			x = p->alive;
 		else
 			memcpy(&x, (const char *)p + off, sizeof(x));
+		/* labelled by slot only: at most producer_slots series, whatever
+		 * processes come and go (pid and tid are in tally stat) */
 		snprintf(slot, sizeof(slot), "%" PRIu32, p->slot);
-		snprintf(pid, sizeof(pid), "%ld", (long)p->pid);
-		snprintf(tid, sizeof(tid), "%ld", (long)p->tid);
-		sample(b, id, NULL, fmt_u64(v, sizeof(v), x), "slot", slot, "pid", pid, "tid", tid,
-		       NULL);
+		sample(b, id, NULL, fmt_u64(v, sizeof(v), x), "slot", slot, NULL);
 	}
 }
 
@@ -539,6 +540,10 @@ static void put_engine(struct buf *b, const struct scrape *sc)
 	for (uint32_t i = 0; i < sc->nsubj; i++)
 		active += sc->subj[i].st.has_data;
 	put_one(b, TM_engine_drained, fmt_u64(v, sizeof(v), sc->ec.drained));
+	put_one(b, TM_samples_recorded, fmt_u64(v, sizeof(v), sc->totals.recorded));
+	put_one(b, TM_samples_dropped, fmt_u64(v, sizeof(v), sc->totals.dropped));
+	put_one(b, TM_samples_clamped, fmt_u64(v, sizeof(v), sc->totals.clamped));
+	put_one(b, TM_ring_skipped, fmt_u64(v, sizeof(v), sc->totals.skipped));
 	put_one(b, TM_engine_rejected, fmt_u64(v, sizeof(v), sc->ec.rejected));
 	put_one(b, TM_engine_publishes, fmt_u64(v, sizeof(v), sc->ec.publishes));
 	put_one(b, TM_engine_publish_duration, fmt_sec(v, sizeof(v), sc->ec.last_publish_ns));

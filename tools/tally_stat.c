@@ -113,6 +113,7 @@ static int read_tables(struct tally_segment *seg, struct cli_view *v)
 	if (rc < 0)
 		return rc;
 	v->nconsumers = rc;
+	tally_read_totals(seg, &v->totals); /* TALLY_ESTALE: v->stale says so */
 	rc = TALLY_EBUSY_RETRY;
 	for (int tries = 0; tries < 5 && rc == TALLY_EBUSY_RETRY; tries++)
 		rc = tally_read_poller(seg, &v->poller);
@@ -318,7 +319,15 @@ static void print_subjects(const struct cli_view *v)
 
 static void print_producers(const struct cli_view *v)
 {
+	const struct tally_segment_totals *t = &v->totals;
+
 	printf("\nPRODUCERS (%d of %u slots in use)\n", v->nproducers, v->info.config.producer_slots);
+	printf("  since the segment was created: recorded %" PRIu64 ", drained %" PRIu64 ", dropped %"
+	       PRIu64 ", clamped %" PRIu64 ", rejected %" PRIu64 "\n", t->recorded, t->drained,
+	       t->dropped, t->clamped, t->rejected);
+	if (t->skipped)
+		printf("  skipped %" PRIu64 " ring positions past a producer's ring (a corrupt or hostile "
+		       "producer)\n", t->skipped);
 	if (!v->nproducers)
 		return;
 	printf("  %4s %8s %8s %-9s %12s %10s %10s %6s\n", "SLOT", "PID", "TID", "STATE", "SAMPLES",
@@ -535,6 +544,15 @@ static json_t *json_poller(const struct cli_view *v)
 			 "untracked_consumers", jint(p->untracked_consumers));
 }
 
+static json_t *json_totals(const struct cli_view *v)
+{
+	const struct tally_segment_totals *t = &v->totals;
+
+	return json_pack("{s:o, s:o, s:o, s:o, s:o, s:o}", "recorded", jint(t->recorded), "drained",
+			 jint(t->drained), "dropped", jint(t->dropped), "clamped", jint(t->clamped),
+			 "rejected", jint(t->rejected), "skipped", jint(t->skipped));
+}
+
 static int print_json(const struct cli_view *v)
 {
 	json_t *subjects = json_array(), *producers = json_array(), *consumers = json_array();
@@ -545,10 +563,10 @@ static int print_json(const struct cli_view *v)
 		json_array_append_new(producers, json_producer(&v->producers[i]));
 	for (int i = 0; i < v->nconsumers; i++)
 		json_array_append_new(consumers, json_consumer(&v->consumers[i]));
-	json_t *doc = json_pack("{s:i, s:o, s:o, s:o, s:o, s:o}", "version", 1,
+	json_t *doc = json_pack("{s:i, s:o, s:o, s:o, s:o, s:o, s:o}", "version", 1,
 				"segment", json_segment(v), "subjects", subjects,
 				"consumers", consumers, "producers", producers,
-				"poller", json_poller(v));
+				"poller", json_poller(v), "totals", json_totals(v));
 	if (!doc) {
 		fprintf(stderr, "tally stat: could not build the JSON document (out of memory?)\n");
 		return CLI_EXIT_ERROR;

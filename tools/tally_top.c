@@ -212,15 +212,13 @@ static void draw_poller(const struct top *t)
 {
 	const struct cli_view *v = &t->v;
 	const struct tally_poller_stats *p = &v->poller;
-	uint64_t samples = 0, dropped = 0;
+	/* the segment's totals: producers that came and went count too */
+	uint64_t samples = v->totals.recorded, dropped = v->totals.dropped;
 	int alive = 0;
 	char b1[32], b2[32], line[256];
 
-	for (int i = 0; i < v->nproducers; i++) {
-		samples += v->producers[i].samples;
-		dropped += v->producers[i].dropped;
+	for (int i = 0; i < v->nproducers; i++)
 		alive += v->producers[i].alive;
-	}
 	if (v->poller_ran)
 		snprintf(line, sizeof(line), "poller: breaker %s, %s, %" PRIu64 " ok %" PRIu64 " failed",
 			 p->breaker, p->connected ? "connected" : "NOT CONNECTED", p->polls_ok,
@@ -232,7 +230,7 @@ static void draw_poller(const struct top *t)
 	put(1, 0, attr, "%s", line);
 	int col = cli_width(line);
 	put(1, col, dropped ? verdict_attr(t, TALLY_VERDICT_WARN) : A_NORMAL,
-	    " | producers %d/%d alive, %s samples, %s dropped", alive, v->nproducers,
+	    " | producers %d/%d alive, %s recorded, %s dropped", alive, v->nproducers,
 	    cli_fmt_count(b1, sizeof(b1), samples), cli_fmt_count(b2, sizeof(b2), dropped));
 }
 

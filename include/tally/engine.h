@@ -206,7 +206,7 @@ struct tally_producer_stats {
 	pid_t pid, tid;     /* tid: the thread that attached (it may have exited since) */
 	uint64_t generation; /* of the claim: grows by one with every claim of the slot */
 	uint64_t samples;   /* stored in the ring by the current (or last) claim */
-	uint64_t dropped;   /* ring full, since the segment was created */
+	uint64_t dropped;   /* ring full, by the current (or last) claim; the segment's total: tally_read_totals */
 	uint64_t clamped;
 	uint64_t backlog;   /* published and not yet drained */
 	uint64_t lost;      /* the claimer's records lost to owner restarts before it came here */
@@ -260,6 +260,25 @@ struct tally_poller_stats {
 
 /* 0, TALLY_ECORRUPT, TALLY_EBUSY_RETRY. Never blocks. Thread-safe. */
 TALLY_API int tally_read_poller(const struct tally_segment *seg, struct tally_poller_stats *out);
+
+/* The segment's accounting since it was created, whatever producers came
+ * and went: every sample a producer tried to record is in exactly one of
+ * recorded, dropped or refused by its handle (tally_producer_counters'
+ * lost); recorded = drained + still in the rings. Each total only grows.
+ * A dead producer's slot is drained before it is reused, so nothing is
+ * lost to reclaim. */
+struct tally_segment_totals {
+	uint64_t recorded; /* stored in the rings */
+	uint64_t drained;  /* taken from the rings by the owner */
+	uint64_t dropped;  /* a producer's ring was full (counted by the producers, per claim) */
+	uint64_t clamped;  /* values above max_value_ns, stored as it (part of recorded) */
+	uint64_t rejected; /* drained entries with a subject id not in the table (part of drained) */
+	uint64_t skipped;  /* ring positions past a producer's ring: a corrupt tail, not samples */
+	uint64_t age_ms;   /* since the owner stored them; UINT64_MAX never */
+};
+/* 0; TALLY_ESTALE when the owner has stopped publishing (*out is its last
+ * word). Never blocks. Thread-safe. */
+TALLY_API int tally_read_totals(const struct tally_segment *seg, struct tally_segment_totals *out);
 
 #ifdef __cplusplus
 }
