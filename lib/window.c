@@ -236,8 +236,9 @@ static void stats_rate(const struct tally__window *w, uint64_t now_ns,
 		from = (w->cur_slice - (n - 1)) * w->slice_ns;
 	from = from > w->start_ns ? from : w->start_ns;
 	covered = now_ns > from ? now_ns - from : 0;
-	covered = covered > TALLY__WINDOW_MIN_RATE_NS ? covered
-						     : TALLY__WINDOW_MIN_RATE_NS;
+	/* at least one slice: a subject seen for the first time 3 ms ago
+	 * with 2 samples is not doing 667 a second */
+	covered = covered > w->slice_ns ? covered : w->slice_ns;
 	out->covered_ns = covered;
 	out->rate = (double)out->count * 1e9 / (double)covered;
 }

@@ -37,7 +37,6 @@
 #define TALLY__WINDOW_MAX_SLICES 3600u
 #define TALLY__WINDOW_MAGIC 0x57444e57u /* "WNDW": set by init, checked */
 /* Rates are never computed over less than this (see tally__window_stats). */
-#define TALLY__WINDOW_MIN_RATE_NS UINT64_C(1000000) /* 1 ms */
 
 struct tally__window_config {
 	uint64_t slice_ns;  /* > 0 */
@@ -119,7 +118,8 @@ int tally__window_advance(struct tally__window *w, uint64_t now_ns);
  * Advance to now_ns, then fill *out.  Rate: count / covered_ns, where
  * covered_ns = now_ns - max(start of slice k-N+1, start_ns), i.e. the whole
  * window once it has been running that long, the elapsed time before, and
- * never less than TALLY__WINDOW_MIN_RATE_NS.  Quantiles are computed over
+ * never less than one slice (a new subject's first samples are not a
+ * burst rate).  Quantiles are computed over
  * aggregate + current slice in one pass.  Returns 0 or -ENOMEM (from
  * advance; *out is then still filled from the unadvanced window).
  */

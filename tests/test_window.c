@@ -224,13 +224,18 @@ Test(window, rate)
 	cr_assert_float_eq(st.mean, 1000.0, 1e-9);
 	st = stats(&w, 60 * SEC);
 	cr_assert_float_eq(st.rate, 0.0, 1e-12);
-	/* right at start: the denominator is floored, not zero */
+	/* right at start: the denominator is one slice, never less (2 samples
+	 * of a new subject are 2 a second, not 203) */
 	tally__window_destroy(&w);
 	mk(&w, SEC, 10 * SEC, 7 * SEC);
 	tally__window_add(&w, 1);
-	st = stats(&w, 7 * SEC);
-	cr_assert_eq(st.covered_ns, TALLY__WINDOW_MIN_RATE_NS);
-	cr_assert_float_eq(st.rate, 1000.0, 1e-9);
+	tally__window_add(&w, 1);
+	st = stats(&w, 7 * SEC + 10 * MS);
+	cr_assert_eq(st.covered_ns, SEC);
+	cr_assert_float_eq(st.rate, 2.0, 1e-9);
+	st = stats(&w, 7 * SEC + 2 * SEC); /* past one slice: the elapsed time */
+	cr_assert_eq(st.covered_ns, 2 * SEC);
+	cr_assert_float_eq(st.rate, 1.0, 1e-9);
 	tally__window_destroy(&w);
 }
 
