@@ -73,8 +73,9 @@ void gw_decide(const struct gw_shed_config *c, enum gw_level level, double shed_
 	       enum gw_priority prio, double u, struct gw_decision *out);
 
 /* Retry-After in whole seconds (at least 1) for a hint of base_ms (0: the
- * config's), jittered by u in [0, 1). */
-unsigned gw_retry_after_s(const struct gw_shed_config *c, uint32_t base_ms, double u);
+ * config's): drawn in [base, base x (1 + retry_jitter)] by u, then rounded
+ * to a whole second up or down by v (u, v uniform in [0, 1)). */
+unsigned gw_retry_after_s(const struct gw_shed_config *c, uint32_t base_ms, double u, double v);
 
 /* A per-thread xorshift: uniform in [0, 1). */
 double gw_uniform(void);

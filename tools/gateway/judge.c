@@ -143,6 +143,8 @@ static int read_locked(struct gw_reader *r, const char *subject, struct gw_readi
 	}
 	out->level = s.verdict == TALLY_VERDICT_OVERLOAD ? GW_LEVEL_OVERLOAD
 		     : s.verdict == TALLY_VERDICT_WARN  ? GW_LEVEL_WARN : GW_LEVEL_OK;
+	if ((s.reasons & TALLY_REASON_STALE) && (s.reasons & TALLY_REASON_FAIL_OPEN))
+		out->why = "pending data is stale: judged on latency alone (stale_policy = fail-open)";
 	return 0;
 }
 

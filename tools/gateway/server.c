@@ -72,7 +72,7 @@ void gw_evaluate(struct gw *g, const char *method, const char *uri,
 	gw_read(&g->reader, o->subject, &o->rd);
 	gw_decide(&cfg->shed, o->rd.level, o->rd.shed_probability, o->priority, gw_uniform(), &o->d);
 	if (!o->d.admit)
-		o->retry_after_s = gw_retry_after_s(&cfg->shed, o->rd.retry_after_ms, gw_uniform());
+		o->retry_after_s = gw_retry_after_s(&cfg->shed, o->rd.retry_after_ms, gw_uniform(), gw_uniform());
 	_Atomic uint64_t *n = o->d.admit ? (o->rd.why ? &g->n.fail_open : &g->n.admitted)
 			      : o->rd.level == GW_LEVEL_CLOSED ? &g->n.fail_closed
 			      : o->d.status == 429 ? &g->n.shed_429 : &g->n.shed_503;
@@ -135,14 +135,14 @@ static enum MHD_Result answer(struct gw *g, struct MHD_Connection *c, const stru
 	char body[256];
 	unsigned status = o->d.status;
 
+	bool closed = o->rd.level == GW_LEVEL_CLOSED;
+
 	if (o->d.admit)
-		snprintf(body, sizeof(body), "admit%s%s\n", o->rd.why ? " (fail-open: " : "",
-			 o->rd.why ? o->rd.why : "");
+		snprintf(body, sizeof(body), "admit%s%s%s\n", o->rd.why ? " (fail-open: " : "",
+			 o->rd.why ? o->rd.why : "", o->rd.why ? ")" : "");
 	else
-		snprintf(body, sizeof(body), "shed%s%s: retry after %u s\n",
-			 o->rd.why ? " (fail-closed: " : "", o->rd.why ? o->rd.why : "", o->retry_after_s);
-	if (o->rd.why)
-		snprintf(body + strlen(body) - 1, sizeof(body) - strlen(body) + 1, ")\n");
+		snprintf(body, sizeof(body), "shed%s%s%s: retry after %u s\n", closed ? " (fail-closed: " : "",
+			 closed ? o->rd.why : "", closed ? ")" : "", o->retry_after_s);
 	if (!o->d.admit && g->cfg->mode == GW_MODE_CHECK && g->cfg->shed_status)
 		status = g->cfg->shed_status;
 	return queue_text(c, status, body, o);

@@ -83,10 +83,10 @@ void gw_decide(const struct gw_shed_config *c, enum gw_level level, double shed_
 	out->status = out->admit ? 200u : level == GW_LEVEL_WARN ? 429u : 503u;
 }
 
-unsigned gw_retry_after_s(const struct gw_shed_config *c, uint32_t base_ms, double u)
+unsigned gw_retry_after_s(const struct gw_shed_config *c, uint32_t base_ms, double u, double v)
 {
-	double ms = (base_ms ? base_ms : c->retry_after_ms) * (1.0 + c->retry_jitter * u);
-	double s = ceil(ms / 1000.0);
+	double x = (base_ms ? base_ms : c->retry_after_ms) * (1.0 + c->retry_jitter * u) / 1000.0;
+	double s = floor(x + v); /* rounded up or down at random, x on average: whole seconds still spread */
 
 	return s < 1 ? 1u : s > 86400 ? 86400u : (unsigned)s;
 }
