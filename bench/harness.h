@@ -82,5 +82,6 @@ void bench_part_visible(void);
 void bench_part_window(void);
 void bench_part_pending(void);
 void bench_part_error(void);
+void bench_part_gateway(void);
 
 #endif

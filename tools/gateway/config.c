@@ -237,6 +237,11 @@ static void set_value(struct parser *p, const struct key *k, void *base, const c
 				    "no wildcard)", v, tally_errmsg());
 		break;
 	case K_URL:
+		if (!*v) { /* unset */
+			free(*(char **)dst);
+			*(char **)dst = NULL;
+			return;
+		}
 		if (strncmp(v, "http://", 7) != 0 || !v[7] || strchr(v + 7, '/') || strchr(v + 7, ' '))
 			return perr(p, p->lineno, "upstream = \"%s\": expected http://HOST:PORT, without "
 				    "a path (the request's path is appended)", v);
