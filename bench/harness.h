@@ -83,5 +83,6 @@ void bench_part_window(void);
 void bench_part_pending(void);
 void bench_part_jsack(void);
 void bench_part_error(void);
+void bench_part_gateway(void);
 
 #endif

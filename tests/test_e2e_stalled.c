@@ -40,7 +40,11 @@
 
 #define TALLYD TALLY_TEST_BUILDDIR "/tools/tallyd"
 #define TALLY_BIN TALLY_TEST_BUILDDIR "/tools/tally"
-#define GATEWAY TALLY_TEST_BUILDDIR "/examples/tally-gateway"
+#define GATEWAY TALLY_TEST_BUILDDIR "/tools/tally-gateway"
+/* tally-gateway in check mode answering natively (429/503) for the one
+ * subject, every request at overload shed (no trickle) */
+#define GATEWAY_INI "[check]\nshed_status = native\n[shedding]\noverload_trickle = 0\n" \
+		    "[route * /orders.created]\nsubject = orders.created\n"
 #define MS 1000000ull
 
 /* Timing of the scenario (the ini below says the same). */
@@ -83,6 +87,7 @@ static void cleanup(void)
 		unlink(tallyd.cfg);
 		unlink(tallyd.log);
 		unlink(gateway.log);
+		unlink(gateway.cfg);
 		rmdir(tallyd.dir);
 	}
 	tally_test_nats_stop(&nats);
@@ -133,6 +138,11 @@ __attribute__((format(printf, 1, 2))) static void tallyd_start(const char *fmt, 
 	snprintf(tallyd.cfg, sizeof(tallyd.cfg), "%s/tallyd.ini", tallyd.dir);
 	snprintf(tallyd.log, sizeof(tallyd.log), "%s/tallyd.log", tallyd.dir);
 	snprintf(gateway.log, sizeof(gateway.log), "%s/gateway.log", tallyd.dir);
+	snprintf(gateway.cfg, sizeof(gateway.cfg), "%s/gateway.ini", tallyd.dir);
+	FILE *g = fopen(gateway.cfg, "w");
+	cr_assert_not_null(g);
+	fputs(GATEWAY_INI, g);
+	fclose(g);
 	snprintf(tallyd.seg, sizeof(tallyd.seg), "%s", tt_segname("stalled"));
 	FILE *f = fopen(tallyd.cfg, "w");
 	cr_assert_not_null(f);
@@ -224,7 +234,7 @@ Test(e2e_stalled, a_router_that_completes_nothing_is_shed)
 	cr_assert(ok, "configured subject has a verdict before its first sample: exit %d\n%s\ntallyd log:\n%s",
 		  s.code, s.out, slurp_file(tallyd.log));
 	snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
-	gateway.pid = spawn(gateway.log, (const char *const[]){ GATEWAY, "-s", tallyd.seg, "--listen", listen,
+	gateway.pid = spawn(gateway.log, (const char *const[]){ GATEWAY, "-c", gateway.cfg, "-s", tallyd.seg, "--listen", listen,
 								NULL });
 	int code = 0;
 	for (int i = 0; i < 100 && code == 0; i++, code == 0 ? tt_sleep_ms(50) : (void)0) {
@@ -388,7 +398,7 @@ static void stale_through_the_gateway(bool closed)
 		     "stale_after_ms = 500\nstale_policy = %s\n", ini_common,
 		     closed ? "fail-closed" : "fail-open");
 	snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
-	gateway.pid = spawn(gateway.log, (const char *const[]){ GATEWAY, "-s", tallyd.seg, "--listen", listen,
+	gateway.pid = spawn(gateway.log, (const char *const[]){ GATEWAY, "-c", gateway.cfg, "-s", tallyd.seg, "--listen", listen,
 								NULL });
 	/* live backlog 0: admitted, no fail-open */
 	int code = 0;

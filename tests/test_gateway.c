@@ -1,150 +1,369 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * test_gateway.c: examples/gateway.c against a real owner process: 503 +
- * Retry-After for an overloaded subject, 200 for a healthy one, 400 for a
- * bad subject, and when the owner is killed, 200 with the fail-open
- * header (and the log says so) instead of rejecting or going silent.
+ * test_gateway.c: tally-gateway in check mode (the program in tools/,
+ * which replaced examples/gateway.c), through real HTTP, against a real
+ * owner process: decisions and their headers for each level, the mapping
+ * (method, path, header; unmapped admitted and counted), graded shedding
+ * and priority classes measured over many requests with a bound, request
+ * bodies of every kind and methods other than GET, fail-open and
+ * fail-closed, a permission error that says so, and the configuration's
+ * errors with FILE:LINE.
  */
 #include "config.h"
 
 #include <criterion/criterion.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "common/gateway.h"
 #include "common/helpers.h"
 #include "common/http.h"
 
-#define MS 1000000ull
+#define ROUTES                                   \
+	"[route * /ok/**]\nsubject = gw.ok\n"     \
+	"[route * /warn/**]\nsubject = gw.warn\n" \
+	"[route * /over/**]\nsubject = gw.over\n" \
+	"[route POST /orders/*]\nsubject = gw.over\npriority = critical\n" \
+	"[route GET /search]\nheader = X-Tenant: free\nsubject = gw.over\n" \
+	"[route GET /search]\nsubject = gw.ok\n"  \
+	"[route * /missing]\nsubject = gw.nothing.here\n"
 
-/* The owner: segment, engine, thresholds, data; then waits to be killed. */
-static void owner_main(const char *name, int ready_fd)
+struct env {
+	char dir[64], ini[128], log[128], seg[TALLY_NAME_MAX + 1];
+	pid_t owner, gw;
+	int port;
+};
+
+static void env_start(struct env *e, const char *ini_text, bool owner, const char *x1, const char *x2)
 {
-	struct tally_segment_config cfg;
-	struct tally_segment *seg;
-	struct tally_engine_config ec;
-	struct tally_engine *e;
-	struct tally_producer *p;
-	struct tally_threshold_rule r;
-	tally_subject_t slow, fast;
-	struct tally_subject_stats s;
-
-	tt_config(&cfg);
-	tally_engine_config_init(&ec);
-	ec.publish_interval_ms = 10;
-	if (tally_segment_create(name, &cfg, 0, &seg) || tally_engine_start(seg, &ec, &e))
-		_exit(1);
-	struct tally_thresholds *t = tally_thresholds_new();
-	tally_threshold_rule_init(&r);
-	r.p95_warn_ns = 1 * MS;
-	r.p95_overload_ns = 5 * MS;
-	r.min_samples = 10;
-	r.retry_after_ms = 2500;
-	tally_thresholds_add(t, NULL, &r);
-	tally_engine_set_thresholds(e, &t);
-	tally_subject_intern(seg, "gw.slow", &slow);
-	tally_subject_intern(seg, "gw.fast", &fast);
-	tally_producer_attach(seg, &p);
-	for (int i = 0; i < 50; i++) {
-		tally_record(p, slow, 20 * MS);
-		tally_record(p, fast, 100000);
-	}
-	for (int i = 0; i < 500; i++) {
-		if (tally_engine_read(e, slow, &s) == 0 && s.verdict == TALLY_VERDICT_OVERLOAD)
-			break;
-		tt_sleep_ms(10);
-	}
-	char c = 1;
-	if (write(ready_fd, &c, 1) != 1)
-		_exit(2);
-	for (;;)
-		pause();
+	memset(e, 0, sizeof(*e));
+	cr_assert_eq(gwt_tempdir(e->dir), 0);
+	snprintf(e->ini, sizeof(e->ini), "%s/gateway.ini", e->dir);
+	snprintf(e->log, sizeof(e->log), "%s/gateway.log", e->dir);
+	snprintf(e->seg, sizeof(e->seg), "%s", tt_segname("gw"));
+	cr_assert_eq(gwt_write(e->ini, ini_text), 0);
+	if (owner)
+		cr_assert_gt(e->owner = gwt_owner_start(e->seg, false), 0);
+	cr_assert_gt(e->gw = gwt_gateway_start(e->ini, e->seg, e->log, &e->port, x1, x2), 0,
+		     "the gateway listens: %s", gwt_read_file(e->log));
 }
 
-static pid_t start_gateway(const char *seg, int port, const char *log)
+static void env_stop(struct env *e)
 {
-	char listen[64];
-	pid_t pid;
+	int st = gwt_stop(e->gw);
+	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the gateway stops cleanly on SIGTERM");
+	if (e->owner > 0) {
+		kill(e->owner, SIGKILL);
+		waitpid(e->owner, NULL, 0);
+	}
+	tally_segment_unlink(e->seg);
+	gwt_rmtree(e->dir);
+}
 
-	snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
-	if ((pid = fork()) == 0) {
+static char hv[512];
+
+static const char *hdr(const struct gwt_resp *r, const char *name)
+{
+	return gwt_header(r, name, hv, sizeof(hv)) == 0 ? hv : "(absent)";
+}
+
+static long req(int port, const char *method, const char *path, const char *h1, const char *h2,
+		int64_t body, struct gwt_resp *r)
+{
+	const char *hs[] = { h1, h2, NULL };
+	struct gwt_req rq = { .method = method, .headers = h1 ? hs : NULL, .body = body };
+
+	return gwt_http(port, path, &rq, r);
+}
+
+Test(gateway_check, decisions_and_their_headers, .timeout = 60)
+{
+	struct env e;
+	struct gwt_resp r;
+
+	env_start(&e, "[gateway]\nmode = check\n" ROUTES, true, NULL, NULL);
+
+	cr_expect_eq(gwt_get(e.port, "/ok/1", &r), 200, "%s", r.body);
+	cr_expect_str_eq(r.body, "admit\n", "a plain body");
+	cr_expect_str_eq(hdr(&r, "X-Tally-Decision"), "admit");
+	cr_expect_str_eq(hdr(&r, "X-Tally-Verdict"), "ok");
+	cr_expect_str_eq(hdr(&r, "X-Tally-Subject"), "gw.ok");
+	cr_expect_str_eq(hdr(&r, "X-Tally-Route"), "* /ok/**");
+	cr_expect_eq(gwt_header(&r, "X-Tally-Fail-Open", hv, sizeof(hv)), -1, "not failing open");
+	cr_expect_eq(gwt_header(&r, "Retry-After", hv, sizeof(hv)), -1);
+
+	/* overload: 403 for nginx's auth_request, the real status in X-Tally-Status */
+	cr_expect_eq(gwt_get(e.port, "/over/a/b", &r), 403, "%s", r.body);
+	cr_expect_str_eq(hdr(&r, "X-Tally-Decision"), "shed");
+	cr_expect_str_eq(hdr(&r, "X-Tally-Status"), "503");
+	cr_expect_str_eq(hdr(&r, "X-Tally-Verdict"), "overload");
+	cr_expect_str_eq(hdr(&r, "X-Tally-Reasons"), "latency");
+	cr_expect_str_eq(hdr(&r, "X-Tally-No-Retry"), "1");
+	int ra = atoi(hdr(&r, "Retry-After"));
+	cr_expect(ra >= 2 && ra <= 3, "2000 ms jittered by up to 50%%: %d s", ra);
+	cr_expect(strstr(r.body, "shed: retry after"), "%s", r.body);
+
+	/* the request that the proxy asks about, in its headers */
+	cr_expect_eq(req(e.port, "GET", "/check", "X-Original-URI: /over/x?y=1", "X-Original-Method: GET", -1, &r), 403);
+	cr_expect_eq(req(e.port, "GET", "/check", "X-Original-URI: /ok/x", NULL, -1, &r), 200);
+
+	/* the mapping: method, header, first match wins */
+	cr_expect_eq(req(e.port, "POST", "/orders/7", NULL, NULL, -1, &r), 403);
+	cr_expect_str_eq(hdr(&r, "X-Tally-Priority"), "critical", "critical is shed at overload");
+	cr_expect_eq(req(e.port, "POST", "/orders/7/items", NULL, NULL, -1, &r), 200, "'*' is one segment");
+	cr_expect_str_eq(hdr(&r, "X-Tally-Route"), "unmapped");
+	cr_expect_eq(req(e.port, "GET", "/orders/7", NULL, NULL, -1, &r), 200, "POST only");
+	cr_expect_str_eq(hdr(&r, "X-Tally-Route"), "unmapped");
+	cr_expect_eq(req(e.port, "GET", "/search", "X-Tenant: free", NULL, -1, &r), 403);
+	cr_expect_eq(req(e.port, "GET", "/search", "X-Tenant: gold", NULL, -1, &r), 200);
+	cr_expect_str_eq(hdr(&r, "X-Tally-Subject"), "gw.ok");
+	cr_expect_eq(gwt_get(e.port, "/search?q=1", &r), 200);
+
+	/* a mapped subject with no data yet: admitted, and said so */
+	cr_expect_eq(gwt_get(e.port, "/missing", &r), 200);
+	cr_expect(strstr(hdr(&r, "X-Tally-Fail-Open"), "no data"), "%s", hv);
+
+	/* unmapped requests are counted */
+	cr_expect_eq(gwt_get(e.port, "/_tally/metrics", &r), 200);
+	cr_expect(strstr(r.body, "tally_gateway_unmapped_total 2\n"), "%s", r.body);
+	cr_expect(strstr(r.body, "route=\"* /over/**\",subject=\"gw.over\",decision=\"shed\"} 2\n"), "%s", r.body);
+	cr_expect_eq(gwt_get(e.port, "/_tally/health", &r), 200);
+	env_stop(&e);
+}
+
+Test(gateway_check, bodies_and_methods, .timeout = 120)
+{
+	struct env e;
+	struct gwt_resp r;
+
+	env_start(&e, "[gateway]\nmode = check\n" ROUTES, true, NULL, NULL);
+	/* the first gateway lost every POST with a body */
+	cr_expect_eq(req(e.port, "POST", "/ok/1", NULL, NULL, 5, &r), 200, "%s", r.body);
+	cr_expect_str_eq(r.body, "admit\n");
+	struct gwt_req big = { .method = "POST", .body = 8 << 20, .expect_100 = true };
+	cr_expect_eq(gwt_http(e.port, "/ok/1", &big, &r), 200, "8 MB with 100-continue: %s", r.body);
+	big.chunked = true;
+	cr_expect_eq(gwt_http(e.port, "/ok/2", &big, &r), 200, "8 MB chunked: %s", r.body);
+	big.method = "PUT";
+	cr_expect_eq(gwt_http(e.port, "/over/2", &big, &r), 403, "a shed request with a body: %s", r.body);
+	cr_expect_str_eq(hdr(&r, "X-Tally-Status"), "503");
+	cr_expect_eq(req(e.port, "POST", "/orders/1", NULL, NULL, 0, &r), 403, "an empty body");
+
+	/* PUT and DELETE are decided like the rest, and their bodies are plain */
+	cr_expect_eq(req(e.port, "PUT", "/over/1", NULL, NULL, 100, &r), 403);
+	cr_expect_eq(req(e.port, "DELETE", "/over/1", NULL, NULL, -1, &r), 403);
+	cr_expect_eq(req(e.port, "DELETE", "/ok/1", NULL, NULL, -1, &r), 200);
+	cr_expect_str_eq(r.body, "admit\n");
+	cr_expect_eq(req(e.port, "PATCH", "/check", "X-Original-Method: DELETE", "X-Original-URI: /over/3", 10, &r), 403);
+	cr_expect_eq(req(e.port, "HEAD", "/ok/1", NULL, NULL, -1, &r), 200);
+	cr_expect_eq(req(e.port, "GET", "/ok/1", NULL, NULL, -1, &r), 200, "the connection is still good");
+	char *log = gwt_read_file(e.log);
+	cr_expect_null(strstr(log, "internal error"), "%s", log);
+	free(log);
+	env_stop(&e);
+}
+
+/* Shed fraction of n requests; counts 429 and 503 apart. */
+static double shed_fraction(int port, const char *path, const char *prio, int n, int *n429, int *n503)
+{
+	struct gwt_resp r;
+	int shed = 0;
+
+	*n429 = *n503 = 0;
+	for (int i = 0; i < n; i++) {
+		long st = req(port, "GET", path, prio, NULL, -1, &r);
+		cr_assert(st == 200 || st == 429 || st == 503, "status %ld: %s", st, r.body);
+		shed += st != 200;
+		*n429 += st == 429;
+		*n503 += st == 503;
+	}
+	return (double)shed / n;
+}
+
+/* |f - p| within 5 standard deviations of a binomial of n draws (and a bit). */
+static void expect_near(double f, double p, int n, const char *what)
+{
+	double bound = 5 * sqrt(p * (1 - p) / n) + 0.01;
+	cr_expect(fabs(f - p) <= bound, "%s: shed %.3f, expected %.3f +- %.3f", what, f, p, bound);
+}
+
+Test(gateway_check, graded_shedding_and_priorities, .timeout = 120)
+{
+	struct env e;
+	int a, b, n = 400;
+
+	env_start(&e, "[gateway]\nmode = check\n[check]\nshed_status = native\n"
+		      "[shedding]\nwarn_shed_fraction = 0.3\noverload_trickle = 0.2\nsheddable_factor = 2\n"
+		      ROUTES, true, NULL, NULL);
+	double f = shed_fraction(e.port, "/warn/x", NULL, n, &a, &b);
+	expect_near(f, 0.3, n, "warn, default");
+	cr_expect_eq(b, 0, "under pressure a shed is 429, never 503");
+	f = shed_fraction(e.port, "/warn/x", "X-Tally-Priority: sheddable", n, &a, &b);
+	expect_near(f, 0.6, n, "warn, sheddable: shed first (0.3 x 2)");
+	f = shed_fraction(e.port, "/warn/x", "X-Tally-Priority: critical", n, &a, &b);
+	cr_expect_eq(f, 0.0, "warn, critical: never shed below overload");
+	f = shed_fraction(e.port, "/over/x", NULL, n, &a, &b);
+	expect_near(f, 0.8, n, "overload, default: all but the trickle");
+	cr_expect_eq(a, 0, "at overload a shed is 503, never 429");
+	f = shed_fraction(e.port, "/over/x", "X-Tally-Priority: critical", n, &a, &b);
+	expect_near(f, 0.8, n, "overload, critical");
+	f = shed_fraction(e.port, "/over/x", "X-Tally-Priority: sheddable", n, &a, &b);
+	cr_expect_eq(f, 1.0, "overload, sheddable: all");
+	f = shed_fraction(e.port, "/ok/x", "X-Tally-Priority: sheddable", 100, &a, &b);
+	cr_expect_eq(f, 0.0, "ok: nothing is shed");
+	env_stop(&e);
+}
+
+Test(gateway_check, fail_open_and_fail_closed, .timeout = 60)
+{
+	struct env e, c;
+	struct gwt_resp r;
+
+	env_start(&e, "[gateway]\nmode = check\n" ROUTES, true, NULL, NULL);
+	cr_expect_eq(gwt_get(e.port, "/over/1", &r), 403);
+	kill(e.owner, SIGKILL);
+	waitpid(e.owner, NULL, 0);
+	e.owner = 0;
+	tt_sleep_ms(250); /* the gateway checks its owner's liveness every 100 ms */
+	cr_expect_eq(gwt_get(e.port, "/over/1", &r), 200, "owner dead: admitted (fail-open)");
+	cr_expect(strstr(hdr(&r, "X-Tally-Fail-Open"), "not alive"), "and said so: %s", hv);
+	cr_expect_eq(gwt_get(e.port, "/ok/1", &r), 200, "keeps answering");
+
+	/* fail-closed: no data at all sheds, 503 */
+	env_start(&c, "[gateway]\nmode = check\n[check]\nshed_status = native\n" ROUTES, false,
+		  "--fail-closed", NULL);
+	cr_expect_eq(gwt_get(c.port, "/ok/1", &r), 503, "no segment, fail-closed: shed");
+	cr_expect(strstr(hdr(&r, "X-Tally-Fail-Closed"), "no segment"), "%s", hv);
+	cr_expect_eq(atoi(hdr(&r, "Retry-After")) >= 1, 1);
+	cr_expect_eq(gwt_get(c.port, "/unmapped", &r), 200, "an unmapped route is admitted even so");
+	env_stop(&c);
+	char *log = gwt_read_file(e.log);
+	cr_expect(strstr(log, "failing open: the segment's owner is not alive"), "logged: %s", log);
+	free(log);
+	env_stop(&e);
+}
+
+Test(gateway_check, fail_open_is_logged_once, .timeout = 60)
+{
+	struct env e;
+	struct gwt_resp r;
+
+	env_start(&e, "[gateway]\nmode = check\n" ROUTES, false, NULL, NULL);
+	for (int i = 0; i < 20; i++)
+		cr_expect_eq(gwt_get(e.port, "/over/1", &r), 200);
+	cr_expect(strstr(hdr(&r, "X-Tally-Fail-Open"), "no segment"), "%s", hv);
+	gwt_stop(e.gw);
+	e.gw = 0;
+	char *log = gwt_read_file(e.log);
+	char *first = strstr(log, "failing open");
+	cr_expect(first && !strstr(first + 1, "failing open"), "logged once: %s", log);
+	cr_expect(strstr(log, "20 failed open"), "%s", log);
+	free(log);
+	tally_segment_unlink(e.seg);
+	gwt_rmtree(e.dir);
+}
+
+Test(gateway_check, permission_denied_says_so, .timeout = 60)
+{
+	struct tt_foreign_prog fp;
+	struct env e;
+	struct gwt_resp r;
+	char listen[32], log[160];
+
+	if (geteuid() != 0)
+		cr_skip_test("runs the gateway as another user: needs root (CI runs as root)");
+	memset(&e, 0, sizeof(e));
+	snprintf(e.seg, sizeof(e.seg), "%s", tt_segname("gwperm"));
+	cr_assert_gt(e.owner = gwt_owner_start(e.seg, false), 0, "a 0600 segment owned by root");
+	cr_assert_eq(tt_foreign_prog_make(&fp, "tally-gateway"), 0);
+	snprintf(log, sizeof(log), "%s/gateway.log", fp.dir);
+	e.port = tt_free_port();
+	snprintf(listen, sizeof(listen), "127.0.0.1:%d", e.port);
+	char ini[200];
+	snprintf(ini, sizeof(ini), "%s/gateway.ini", fp.dir);
+	gwt_write(ini, "[route * /over/**]\nsubject = gw.over\n");
+	chmod(ini, 0644);
+	pid_t pid = fork();
+	if (pid == 0) {
 		FILE *f = freopen(log, "w", stderr);
 		(void)f;
-		execl(TALLY_TEST_BUILDDIR "/examples/tally-gateway", "tally-gateway", "-s", seg, "--listen",
-		      listen, (char *)NULL);
+		setenv("LD_LIBRARY_PATH", fp.libdir, 1);
+		if (setgid(65534) || setuid(65534))
+			_exit(126);
+		execl(fp.path, "tally-gateway", "--listen", listen, "-s", e.seg, "-c", ini, (char *)NULL);
 		_exit(127);
 	}
-	return pid;
+	cr_assert_eq(gwt_wait_port(e.port, 10000), 0);
+	cr_expect_eq(gwt_get(e.port, "/over/1", &r), 200, "fail-open");
+	cr_expect(strstr(hdr(&r, "X-Tally-Fail-Open"), "permission denied"), "the header says why: %s", hv);
+	gwt_stop(pid);
+	char *text = gwt_read_file(log);
+	cr_expect(strstr(text, "permission denied"), "and the log: %s", text);
+	cr_expect_null(strstr(text, "no segment"), "not \"no segment\": %s", text);
+	free(text);
+	kill(e.owner, SIGKILL);
+	waitpid(e.owner, NULL, 0);
+	tally_segment_unlink(e.seg);
+	tt_foreign_prog_remove(&fp);
 }
 
-static int get(int port, const char *path, char **reply)
+/* Runs tally-gateway --check-config on text: its exit status; stderr in *err. */
+static int check_config(const char *text, char **err)
 {
-	int status = 0;
+	char dir[64], ini[128], log[128];
 
-	for (int i = 0; i < 100 && status == 0; i++) { /* until it listens */
-		if (i)
-			free(*reply), tt_sleep_ms(50);
-		status = tt_http(port, "POST", path, reply);
-	}
-	return status;
+	cr_assert_eq(gwt_tempdir(dir), 0);
+	snprintf(ini, sizeof(ini), "%s/gateway.ini", dir);
+	snprintf(log, sizeof(log), "%s/out.log", dir);
+	gwt_write(ini, text);
+	const char *argv[] = { (char *)TALLY_TEST_BUILDDIR "/tools/tally-gateway", (char *)"-c", ini,
+			 (char *)"--check-config", NULL };
+	int st;
+	waitpid(gwt_spawn(log, argv), &st, 0);
+	*err = gwt_read_file(log);
+	gwt_rmtree(dir);
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
-Test(gateway, sheds_load_from_verdicts_and_fails_open, .timeout = 60)
+Test(gateway_check, config_errors_name_file_line_and_reason, .timeout = 30)
 {
-	char name[TALLY_NAME_MAX + 1], log[256], hdr[128] = "", *reply;
-	int ready[2], port = tt_free_port();
+	char *err;
 
-	strcpy(name, tt_segname("gw"));
-	snprintf(log, sizeof(log), "/tmp/%s.log", name);
-	cr_assert_eq(pipe(ready), 0);
-	pid_t owner = fork();
-	if (owner == 0)
-		owner_main(name, ready[1]);
-	char c;
-	cr_assert_eq(read(ready[0], &c, 1), 1, "the owner published an overload verdict");
-	pid_t gw = start_gateway(name, port, log);
-
-	cr_expect_eq(get(port, "/gw.slow", &reply), 503, "%s", reply);
-	cr_expect_eq(tt_http_header(reply, "Retry-After", hdr, sizeof(hdr)), 0);
-	cr_expect_str_eq(hdr, "3", "2500 ms rounds up to 3 s");
-	cr_expect_eq(tt_http_header(reply, "X-Tally-Verdict", hdr, sizeof(hdr)), 0);
-	cr_expect_str_eq(hdr, "overload");
-	free(reply);
-
-	cr_expect_eq(get(port, "/gw.fast", &reply), 200, "%s", reply);
-	cr_expect_eq(tt_http_header(reply, "X-Tally-Verdict", hdr, sizeof(hdr)), 0);
-	cr_expect_str_eq(hdr, "ok");
-	cr_expect_neq(tt_http_header(reply, "X-Tally-Fail-Open", hdr, sizeof(hdr)), 0, "not failing open");
-	free(reply);
-
-	cr_expect_eq(get(port, "/gw..bad", &reply), 400, "%s", reply);
-	free(reply);
-
-	kill(owner, SIGKILL);
-	waitpid(owner, NULL, 0);
-	cr_expect_eq(get(port, "/gw.slow", &reply), 200, "owner dead: accept (fail-open): %s", reply);
-	cr_expect_eq(tt_http_header(reply, "X-Tally-Fail-Open", hdr, sizeof(hdr)), 0, "and says so");
-	cr_expect(strstr(hdr, "not alive"), "%s", hdr);
-	free(reply);
-	cr_expect_eq(get(port, "/gw.fast", &reply), 200, "keeps answering");
-	free(reply);
-
-	kill(gw, SIGTERM);
-	int status;
-	waitpid(gw, &status, 0);
-	cr_expect(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-	char text[4096] = "";
-	FILE *f = fopen(log, "r");
-	if (f) {
-		size_t n = fread(text, 1, sizeof(text) - 1, f);
-		text[n] = '\0';
-		fclose(f);
-	}
-	cr_expect(strstr(text, "failing open"), "the gateway logged that it fails open: %s", text);
-	cr_expect(strstr(text, "1 rejected (503)"), "%s", text);
-	unlink(log);
-	tally_segment_unlink(name);
+	cr_expect_eq(check_config("[gateway]\nmode = proxy\n[proxy]\nupstream = http://127.0.0.1:9\n" ROUTES, &err), 0, "%s", err);
+	free(err);
+	cr_expect_eq(check_config("[gateway]\n"
+				  "mode = sideways\n"                 /* 2 */
+				  "listen = localhost\n"              /* 3 */
+				  "[shedding]\n"
+				  "warn_shed_fraction = 1.5\n"        /* 5 */
+				  "[route GET orders]\n"              /* 6 */
+				  "subject = x\n"
+				  "[route POST /a/*b]\n"              /* 8 */
+				  "[route POST /orders/*]\n"          /* 9 */
+				  "subject = orders.*\n"              /* 10 */
+				  "priority = urgent\n"               /* 11 */
+				  "colour = blue\n"                   /* 12 */
+				  "[route GET /x]\n",                 /* 13 */
+				  &err), 2);
+	const char *want[] = { "gateway.ini:2: mode = \"sideways\": expected check or proxy",
+			       "gateway.ini:3: listen = \"localhost\": expected ADDR:PORT",
+			       "gateway.ini:5: warn_shed_fraction = \"1.5\": expected a fraction from 0 to 1",
+			       "gateway.ini:6: [route GET orders]: a path pattern starts with '/'",
+			       "gateway.ini:8: [route POST /a/*b]: '*' stands alone in its segment",
+			       "gateway.ini:10: subject = \"orders.*\"",
+			       "gateway.ini:11: priority = \"urgent\": expected critical, default or sheddable",
+			       "gateway.ini:12: unknown key \"colour\" in [route]; valid keys: subject, priority, header",
+			       "gateway.ini:13: [route GET /x] has no subject", NULL };
+	for (int i = 0; want[i]; i++)
+		cr_expect(strstr(err, want[i]), "missing \"%s\" in:\n%s", want[i], err);
+	free(err);
+	cr_expect_eq(check_config("[gateway]\nmode = proxy\n", &err), 2);
+	cr_expect(strstr(err, "proxy mode needs an upstream"), "%s", err);
+	free(err);
 }

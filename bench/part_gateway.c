@@ -1,0 +1,291 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * part_gateway.c: what tally-gateway costs, with wrk on loopback against
+ * the tests' upstream (tests/gw_upstream.c, GET /_hello), every case in
+ * the same run as its baseline:
+ *
+ *   direct          wrk -> upstream                      the baseline
+ *   nginx           wrk -> nginx -> upstream             nginx's own cost
+ *   nginx+check     wrk -> nginx (auth_request -> gateway check) -> upstream
+ *   check           wrk -> gateway check mode (the subrequest alone)
+ *   proxy           wrk -> gateway proxy mode -> upstream
+ *
+ * Latency (p50, p99) with one connection, so that it is the time of one
+ * request and not a queue; throughput with 16 connections. The added
+ * latency rows are per-repetition differences of back-to-back runs:
+ * nginx+check - nginx is what the check costs nginx per request, proxy -
+ * direct what proxy mode adds. The subject is a live one (verdict ok) of
+ * an owner this part forks: every request is routed, read and decided.
+ * Needs nginx and wrk (Debian packages nginx, wrk); without them it says
+ * so and marks the run failed.
+ */
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <tally/tally.h>
+
+#include "harness.h"
+
+#define MAX_REPS 32
+
+static int free_port(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET };
+	socklen_t len = sizeof(a);
+	int fd = socket(AF_INET, SOCK_STREAM, 0), port = 0;
+
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+		port = ntohs(a.sin_port);
+	close(fd);
+	return port;
+}
+
+static int wait_port(int port)
+{
+	for (int i = 0; i < 500; i++) {
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+		int fd = socket(AF_INET, SOCK_STREAM, 0);
+		a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		int rc = connect(fd, (struct sockaddr *)&a, sizeof(a));
+		close(fd);
+		if (rc == 0)
+			return 0;
+		usleep(20000);
+	}
+	return -1;
+}
+
+static pid_t spawn(const char *out, const char *const argv[])
+{
+	pid_t pid = fork();
+
+	if (pid == 0) {
+		int fd = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+		if (fd >= 0) {
+			dup2(fd, 1);
+			dup2(fd, 2);
+		}
+		execv(argv[0], (char *const *)argv);
+		_exit(127);
+	}
+	return pid;
+}
+
+static void stop(pid_t pid)
+{
+	if (pid > 0) {
+		kill(pid, SIGTERM);
+		waitpid(pid, NULL, 0);
+	}
+}
+
+/* The owner: one subject, ok, kept live until killed. */
+static pid_t owner_start(const char *name)
+{
+	int fd[2];
+	char c;
+
+	if (pipe(fd) != 0)
+		return -1;
+	pid_t pid = fork();
+	if (pid == 0) {
+		struct tally_segment_config cfg;
+		struct tally_engine_config ec;
+		struct tally_segment *seg;
+		struct tally_engine *e;
+		struct tally_producer *p;
+		tally_subject_t id;
+		tally_segment_config_init(&cfg);
+		tally_engine_config_init(&ec);
+		if (tally_segment_create(name, &cfg, TALLY_CREATE_REPLACE_DEAD, &seg) || tally_engine_start(seg, &ec, &e) ||
+		    tally_subject_intern(seg, "bench.ok", &id) || tally_producer_attach(seg, &p))
+			_exit(1);
+		for (bool told = false;; usleep(50000)) {
+			struct tally_subject_stats s;
+			for (int i = 0; i < 100; i++)
+				tally_record(p, id, 100000);
+			if (!told && tally_engine_read(e, id, &s) == 0 && s.verdict == TALLY_VERDICT_OK)
+				told = write(fd[1], &c, 1) == 1;
+		}
+	}
+	close(fd[1]);
+	int ok = read(fd[0], &c, 1) == 1;
+	close(fd[0]);
+	return ok ? pid : -1;
+}
+
+struct wrk_out {
+	double rps, p50_us, p99_us;
+};
+
+static double to_us(const char *s)
+{
+	char unit[8] = "";
+	double v = 0;
+
+	sscanf(s, "%lf%7s", &v, unit);
+	return strcmp(unit, "ms") == 0 ? v * 1e3 : strcmp(unit, "s") == 0 ? v * 1e6 : v;
+}
+
+static int run_wrk(const char *dir, const char *url, int conns, const char *header, struct wrk_out *o)
+{
+	char out[128], c[16], buf[8192];
+
+	snprintf(out, sizeof(out), "%s/wrk.out", dir);
+	snprintf(c, sizeof(c), "-c%d", conns);
+	const char *argv[] = { TALLY_WRK, "-t1", c, "-d1s", "--latency", header ? "-H" : url, header ? header : NULL,
+			       url, NULL };
+	if (!header)
+		argv[6] = NULL;
+	int st;
+	waitpid(spawn(out, argv), &st, 0);
+	FILE *f = fopen(out, "r");
+	size_t n = f ? fread(buf, 1, sizeof(buf) - 1, f) : 0;
+	if (f)
+		fclose(f);
+	buf[n] = '\0';
+	const char *rps = strstr(buf, "Requests/sec:"), *p50 = strstr(buf, " 50% "), *p99 = strstr(buf, " 99% ");
+	if (!rps || !p50 || !p99 || strstr(buf, "Non-2xx")) {
+		fprintf(stderr, "bench gateway: wrk %s: %s\n", url, buf);
+		return -1;
+	}
+	o->rps = strtod(rps + 13, NULL);
+	o->p50_us = to_us(p50 + 5);
+	o->p99_us = to_us(p99 + 5);
+	return 0;
+}
+
+enum { C_DIRECT, C_NGINX, C_NGINX_CHECK, C_CHECK, C_PROXY, C__N };
+static const char *const case_names[C__N] = { "direct", "nginx", "nginx+check", "check", "proxy" };
+
+void bench_part_gateway(void)
+{
+	char dir[] = "/tmp/tally-bench-gw-XXXXXX", seg[64], path[160], conf[4096], url[C__N][128];
+	int up = free_port(), chk = free_port(), prx = free_port(), ngx = free_port();
+	int reps = bench_opts.reps < MAX_REPS ? bench_opts.reps : MAX_REPS;
+
+	if (access(TALLY_NGINX, X_OK) != 0 || access(TALLY_WRK, X_OK) != 0) {
+		fprintf(stderr, "bench gateway: needs nginx (%s) and wrk (%s): Debian packages nginx, wrk\n",
+			TALLY_NGINX, TALLY_WRK);
+		bench_failed = true;
+		return;
+	}
+	if (!mkdtemp(dir))
+		return;
+	snprintf(seg, sizeof(seg), "bench-gw-%d", (int)getpid());
+	pid_t owner = owner_start(seg);
+	char ups[16], chl[32], prl[32], upurl[64], ini[160];
+	snprintf(ups, sizeof(ups), "%d", up);
+	snprintf(chl, sizeof(chl), "127.0.0.1:%d", chk);
+	snprintf(prl, sizeof(prl), "127.0.0.1:%d", prx);
+	snprintf(upurl, sizeof(upurl), "http://127.0.0.1:%d", up);
+	snprintf(ini, sizeof(ini), "%s/gateway.ini", dir);
+	FILE *f = fopen(ini, "w");
+	fputs("[route * /_hello]\nsubject = bench.ok\n", f);
+	fclose(f);
+	const char *up_argv[] = { TALLY_BENCH_BUILDDIR "/bench/gw-upstream", ups, NULL };
+	const char *chk_argv[] = { TALLY_BENCH_BUILDDIR "/tools/tally-gateway", "-c", ini, "-s", seg, "--listen", chl, NULL };
+	const char *prx_argv[] = { TALLY_BENCH_BUILDDIR "/tools/tally-gateway", "-c", ini, "-s", seg, "--listen", prl,
+				   "--mode", "proxy", "--upstream", upurl, NULL };
+	snprintf(conf, sizeof(conf),
+		 "%s\nworker_processes 1;\npid %s/nginx.pid;\nerror_log %s/error.log warn;\nevents {}\nhttp {\n"
+		 "  access_log off;\n  client_body_temp_path %s/b;\n  proxy_temp_path %s/p;\n  fastcgi_temp_path %s/f;\n"
+		 "  uwsgi_temp_path %s/u;\n  scgi_temp_path %s/s;\n"
+		 "  upstream tally_gateway { server 127.0.0.1:%d; keepalive 32; }\n"
+		 "  upstream app { server 127.0.0.1:%d; keepalive 32; }\n"
+		 "  server {\n    listen 127.0.0.1:%d;\n    include %s/etc/nginx/tally-locations.conf;\n"
+		 "    location = /_hello { include %s/etc/nginx/tally-check.conf; proxy_pass http://app;\n"
+		 "      proxy_http_version 1.1; proxy_set_header Connection \"\"; }\n"
+		 "    location = /nocheck { proxy_pass http://app/_hello; proxy_http_version 1.1;\n"
+		 "      proxy_set_header Connection \"\"; }\n  }\n}\n",
+		 geteuid() == 0 ? "user root;" : "", dir, dir, dir, dir, dir, dir, dir, chk, up, ngx,
+		 TALLY_BENCH_SRCDIR, TALLY_BENCH_SRCDIR);
+	snprintf(path, sizeof(path), "%s/nginx.conf", dir);
+	f = fopen(path, "w");
+	fputs(conf, f);
+	fclose(f);
+	const char *ngx_argv[] = { TALLY_NGINX, "-p", dir, "-c", path, "-e", "stderr", "-g", "daemon off;", NULL };
+	char o1[160], o2[160], o3[160], o4[160];
+	snprintf(o1, sizeof(o1), "%s/up.out", dir);
+	snprintf(o2, sizeof(o2), "%s/check.out", dir);
+	snprintf(o3, sizeof(o3), "%s/proxy.out", dir);
+	snprintf(o4, sizeof(o4), "%s/nginx.out", dir);
+	pid_t pu = spawn(o1, up_argv), pc = spawn(o2, chk_argv), pp = spawn(o3, prx_argv), pn = spawn(o4, ngx_argv);
+	if (owner < 0 || wait_port(up) || wait_port(chk) || wait_port(prx) || wait_port(ngx)) {
+		fprintf(stderr, "bench gateway: a server did not start (logs in %s)\n", dir);
+		bench_failed = true;
+		goto out;
+	}
+	snprintf(url[C_DIRECT], sizeof(url[0]), "http://127.0.0.1:%d/_hello", up);
+	snprintf(url[C_NGINX], sizeof(url[0]), "http://127.0.0.1:%d/nocheck", ngx);
+	snprintf(url[C_NGINX_CHECK], sizeof(url[0]), "http://127.0.0.1:%d/_hello", ngx);
+	snprintf(url[C_CHECK], sizeof(url[0]), "http://127.0.0.1:%d/check", chk);
+	snprintf(url[C_PROXY], sizeof(url[0]), "http://127.0.0.1:%d/_hello", prx);
+	double rps[C__N][MAX_REPS], p50[C__N][MAX_REPS], p99[C__N][MAX_REPS];
+	double add50[2][MAX_REPS], add99[2][MAX_REPS];
+	for (int r = 0; r < reps; r++) {
+		for (int c = 0; c < C__N; c++) {
+			struct wrk_out lat, thr;
+			const char *h = c == C_CHECK ? "X-Original-URI: /_hello" : NULL;
+			if (run_wrk(dir, url[c], 1, h, &lat) || run_wrk(dir, url[c], 16, h, &thr)) {
+				bench_failed = true;
+				goto out;
+			}
+			rps[c][r] = thr.rps;
+			p50[c][r] = lat.p50_us;
+			p99[c][r] = lat.p99_us;
+		}
+		add50[0][r] = p50[C_NGINX_CHECK][r] - p50[C_NGINX][r];
+		add99[0][r] = p99[C_NGINX_CHECK][r] - p99[C_NGINX][r];
+		add50[1][r] = p50[C_PROXY][r] - p50[C_DIRECT][r];
+		add99[1][r] = p99[C_PROXY][r] - p99[C_DIRECT][r];
+	}
+	for (int c = 0; c < C__N; c++) {
+		char name[64];
+		snprintf(name, sizeof(name), "%s req/s (16 conns)", case_names[c]);
+		bench_row("gateway", name, "req/s", true, rps[c], reps,
+			  c == C_DIRECT ? NULL : c == C_NGINX_CHECK ? "direct req/s (16 conns)|nginx req/s (16 conns)"
+									: "direct req/s (16 conns)", 0);
+	}
+	for (int c = 0; c < C__N; c++) {
+		char n50[64], n99[64];
+		snprintf(n50, sizeof(n50), "%s p50 (1 conn)", case_names[c]);
+		snprintf(n99, sizeof(n99), "%s p99 (1 conn)", case_names[c]);
+		bench_row("gateway", n50, "us", false, p50[c], reps, c == C_DIRECT ? NULL : "direct p50 (1 conn)", 0);
+		bench_row("gateway", n99, "us", false, p99[c], reps, c == C_DIRECT ? NULL : "direct p99 (1 conn)", 0);
+	}
+	bench_row("gateway", "check added to nginx, p50", "us", false, add50[0], reps, NULL, 0);
+	bench_row("gateway", "check added to nginx, p99", "us", false, add99[0], reps, NULL, 0);
+	bench_row("gateway", "proxy added to direct, p50", "us", false, add50[1], reps, NULL, 0);
+	bench_row("gateway", "proxy added to direct, p99", "us", false, add99[1], reps, NULL, 0);
+	double share = bench_median(rps[C_PROXY], reps) / bench_median(rps[C_DIRECT], reps);
+	fprintf(stderr, "bench gateway: proxy keeps %.0f%% of direct throughput (target >= 50%%); "
+			"the check adds %.0f us p99 to nginx (target <= 50 us)\n", share * 100,
+		bench_median(add99[0], reps));
+out:
+	stop(pn);
+	stop(pp);
+	stop(pc);
+	stop(pu);
+	if (owner > 0) {
+		kill(owner, SIGKILL);
+		waitpid(owner, NULL, 0);
+	}
+	tally_segment_unlink(seg);
+	char rm[128];
+	snprintf(rm, sizeof(rm), "rm -rf %s", dir);
+	if (system(rm) != 0)
+		fprintf(stderr, "bench gateway: could not remove %s\n", dir);
+}

@@ -1,0 +1,253 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * test_gateway_proxy.c: tally-gateway in proxy mode between a client and
+ * a real upstream (tests/gw_upstream.c), with a real owner: bodies from 0
+ * bytes to 100 MB each way, compared by hash; chunked uploads and
+ * 100-continue; keep-alive; methods; a slow client; 502 when the upstream
+ * is down and 504 when it is too slow; and shed requests never reaching
+ * the upstream.
+ */
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <criterion/criterion.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common/gateway.h"
+#include "common/helpers.h"
+#include "common/http.h"
+#include "gw_pattern.h"
+
+struct env {
+	char dir[64], ini[128], log[128], seg[TALLY_NAME_MAX + 1];
+	pid_t owner, up, gw;
+	int port, up_port;
+};
+
+static void env_start(struct env *e, const char *extra_ini, bool upstream_down)
+{
+	char ini[2048];
+
+	memset(e, 0, sizeof(*e));
+	cr_assert_eq(gwt_tempdir(e->dir), 0);
+	snprintf(e->ini, sizeof(e->ini), "%s/gateway.ini", e->dir);
+	snprintf(e->log, sizeof(e->log), "%s/gateway.log", e->dir);
+	snprintf(e->seg, sizeof(e->seg), "%s", tt_segname("gwp"));
+	cr_assert_gt(e->owner = gwt_owner_start(e->seg, false), 0);
+	if (upstream_down)
+		e->up_port = tt_free_port(); /* nothing listens there */
+	else
+		cr_assert_gt(e->up = gwt_upstream_start(&e->up_port), 0);
+	snprintf(ini, sizeof(ini), "[gateway]\nmode = proxy\n[proxy]\nupstream = http://127.0.0.1:%d\n%s"
+		 "[route * /over/**]\nsubject = gw.over\n[route * /warn/**]\nsubject = gw.warn\n"
+		 "[route * /**]\nsubject = gw.ok\n", e->up_port, extra_ini);
+	cr_assert_eq(gwt_write(e->ini, ini), 0);
+	cr_assert_gt(e->gw = gwt_gateway_start(e->ini, e->seg, e->log, &e->port, NULL, NULL), 0);
+}
+
+static void env_stop(struct env *e)
+{
+	int st = gwt_stop(e->gw);
+	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the gateway stops cleanly");
+	gwt_stop(e->up);
+	kill(e->owner, SIGKILL);
+	waitpid(e->owner, NULL, 0);
+	tally_segment_unlink(e->seg);
+	gwt_rmtree(e->dir);
+}
+
+/* The upstream's echo must say it got n bytes of the pattern. */
+static void expect_echo(const struct gwt_resp *r, const char *method, int64_t n, const char *what)
+{
+	char want[128];
+
+	snprintf(want, sizeof(want), "len=%" PRIu64 " fnv=%016" PRIx64, (uint64_t)n, gwt_pattern_fnv((uint64_t)n));
+	cr_expect_eq(r->status, 200, "%s: %ld %s", what, r->status, r->body);
+	cr_expect(strncmp(r->body, method, strlen(method)) == 0, "%s: method: %s", what, r->body);
+	cr_expect(strstr(r->body, want), "%s: want %s, got %s", what, want, r->body);
+}
+
+Test(gateway_proxy, request_bodies_0_bytes_to_100_mb, .timeout = 300)
+{
+	static const int64_t sizes[] = { 0, 1, 65536 + 7, 1 << 20, 100 * 1000 * 1000 };
+	struct env e;
+	struct gwt_resp r;
+
+	env_start(&e, "", false);
+	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+		struct gwt_req rq = { .method = "POST", .body = sizes[i] };
+		char what[64];
+		snprintf(what, sizeof(what), "POST %" PRId64 " bytes", sizes[i]);
+		gwt_http(e.port, "/up", &rq, &r);
+		expect_echo(&r, "POST", sizes[i], what);
+	}
+	struct gwt_req ch = { .method = "PUT", .body = 3 << 20, .chunked = true };
+	gwt_http(e.port, "/up", &ch, &r);
+	expect_echo(&r, "PUT", 3 << 20, "PUT 3 MB chunked");
+	cr_expect(strstr(r.body, "te=chunked"), "forwarded chunked: %s", r.body);
+	struct gwt_req ex = { .method = "POST", .body = 5 << 20, .expect_100 = true };
+	gwt_http(e.port, "/up", &ex, &r);
+	expect_echo(&r, "POST", 5 << 20, "POST 5 MB with 100-continue");
+	env_stop(&e);
+}
+
+Test(gateway_proxy, response_bodies_0_bytes_to_100_mb, .timeout = 300)
+{
+	static const uint64_t sizes[] = { 0, 1, 65536 + 7, 1 << 20, 100 * 1000 * 1000 };
+	struct env e;
+	struct gwt_resp r;
+	char path[64], cl[32];
+
+	env_start(&e, "", false);
+	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+		snprintf(path, sizeof(path), "/_big/%" PRIu64, sizes[i]);
+		cr_expect_eq(gwt_get(e.port, path, &r), 200, "%s: %s", path, r.body);
+		cr_expect_eq(r.len, sizes[i], "%s: %" PRIu64 " bytes", path, r.len);
+		cr_expect_eq(r.fnv, gwt_pattern_fnv(sizes[i]), "%s: the same bytes", path);
+		cr_expect_eq(gwt_header(&r, "Content-Length", cl, sizeof(cl)), 0);
+		cr_expect_eq(strtoull(cl, NULL, 10), sizes[i], "the upstream's length is kept");
+	}
+	env_stop(&e);
+}
+
+Test(gateway_proxy, keep_alive_and_methods, .timeout = 60)
+{
+	struct env e;
+	struct gwt_resp r;
+	static const char *const methods[] = { "GET", "DELETE", "OPTIONS", "PATCH", "PUT", NULL };
+
+	env_start(&e, "", false);
+	cr_expect_eq(gwt_get(e.port, "/a", &r), 200);
+	cr_expect_eq(r.connects, 1);
+	for (int i = 0; methods[i]; i++) {
+		struct gwt_req rq = { .method = methods[i], .body = strcmp(methods[i], "PATCH") == 0 ? 10 : -1 };
+		gwt_http(e.port, "/m?x=1", &rq, &r);
+		cr_expect_eq(r.status, 200, "%s: %s", methods[i], r.body);
+		cr_expect(strncmp(r.body, methods[i], strlen(methods[i])) == 0, "%s forwarded: %s", methods[i], r.body);
+		cr_expect_eq(r.connects, 0, "%s: on the same connection (keep-alive)", methods[i]);
+	}
+	struct gwt_req head = { .method = "HEAD", .body = -1 };
+	cr_expect_eq(gwt_http(e.port, "/_big/1000", &head, &r), 200);
+	cr_expect_eq(r.len, 0);
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/m"), 5, "each request reached the upstream once");
+	env_stop(&e);
+}
+
+/* A client that sends its body in small pieces and reads slowly. */
+static int slow_client(int port, int pieces, char **reply)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	char head[256], piece[100];
+	size_t len = 0, cap = 1 << 16;
+
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0)
+		return -1;
+	int n = snprintf(head, sizeof(head), "POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+			 "Connection: close\r\n\r\n", pieces * (int)sizeof(piece));
+	send(fd, head, (size_t)n, MSG_NOSIGNAL);
+	for (int i = 0; i < pieces; i++) {
+		gw_pattern_fill(piece, (uint64_t)i * sizeof(piece), sizeof(piece));
+		send(fd, piece, sizeof(piece), MSG_NOSIGNAL);
+		tt_sleep_ms(20);
+	}
+	*reply = malloc(cap);
+	ssize_t k;
+	while ((k = recv(fd, *reply + len, 16, 0)) > 0 && len + 17 < cap) { /* 16 bytes at a time */
+		len += (size_t)k;
+		tt_sleep_ms(1);
+	}
+	(*reply)[len] = '\0';
+	close(fd);
+	return 0;
+}
+
+Test(gateway_proxy, slow_client_does_not_hold_others, .timeout = 60)
+{
+	struct env e;
+	struct gwt_resp r;
+	char *reply = NULL, want[96];
+	int fd[2];
+
+	env_start(&e, "", false);
+	cr_assert_eq(pipe(fd), 0);
+	pid_t child = fork(); /* no library code runs in it: a socket client */
+	if (child == 0) {
+		close(fd[0]);
+		int rc = slow_client(e.port, 30, &reply);
+		if (rc == 0 && write(fd[1], reply, strlen(reply)) < 0)
+			rc = -1;
+		_exit(rc ? 1 : 0);
+	}
+	close(fd[1]);
+	tt_sleep_ms(100);
+	cr_expect_eq(gwt_get(e.port, "/meanwhile", &r), 200, "served while the slow client sends");
+	char buf[4096] = "";
+	size_t got = 0;
+	ssize_t k;
+	while ((k = read(fd[0], buf + got, sizeof(buf) - 1 - got)) > 0)
+		got += (size_t)k;
+	buf[got] = '\0';
+	waitpid(child, NULL, 0);
+	snprintf(want, sizeof(want), "len=3000 fnv=%016" PRIx64, gwt_pattern_fnv(3000));
+	cr_expect(strstr(buf, "HTTP/1.1 200"), "%s", buf);
+	cr_expect(strstr(buf, want), "the slow body arrived whole: %s", buf);
+	env_stop(&e);
+}
+
+Test(gateway_proxy, upstream_down_is_502, .timeout = 60)
+{
+	struct env e;
+	struct gwt_resp r;
+
+	env_start(&e, "", true);
+	cr_expect_eq(gwt_get(e.port, "/x", &r), 502, "%s", r.body);
+	cr_expect(strstr(r.body, "upstream http://127.0.0.1:"), "names the upstream: %s", r.body);
+	struct gwt_req rq = { .method = "POST", .body = 1 << 20 };
+	cr_expect_eq(gwt_http(e.port, "/x", &rq, &r), 502, "with a body too: %s", r.body);
+	cr_expect_eq(gwt_get(e.port, "/_tally/metrics", &r), 200);
+	cr_expect(strstr(r.body, "tally_gateway_upstream_502_total 2\n"), "%s", r.body);
+	env_stop(&e);
+}
+
+Test(gateway_proxy, upstream_too_slow_is_504, .timeout = 60)
+{
+	struct env e;
+	struct gwt_resp r;
+
+	env_start(&e, "upstream_timeout_ms = 300\n", false);
+	cr_expect_eq(gwt_get(e.port, "/_slow/3000", &r), 504, "%s", r.body);
+	cr_expect(strstr(r.body, "upstream_timeout_ms = 300"), "%s", r.body);
+	cr_expect_eq(gwt_get(e.port, "/_slow/10", &r), 200, "a quick one passes");
+	env_stop(&e);
+}
+
+Test(gateway_proxy, shed_requests_never_reach_the_upstream, .timeout = 60)
+{
+	struct env e;
+	struct gwt_resp r;
+	char v[64];
+
+	env_start(&e, "[shedding]\nwarn_shed_fraction = 1\noverload_trickle = 0\n", false);
+	for (int i = 0; i < 20; i++) {
+		struct gwt_req rq = { .method = "POST", .body = i * 1000 };
+		cr_expect_eq(gwt_http(e.port, "/over/1", &rq, &r), 503, "%s", r.body);
+	}
+	cr_expect_eq(gwt_header(&r, "Retry-After", v, sizeof(v)), 0);
+	cr_expect_eq(gwt_get(e.port, "/warn/1", &r), 429);
+	cr_expect_eq(gwt_header(&r, "Retry-After", v, sizeof(v)), 0);
+	cr_expect_eq(gwt_get(e.port, "/ok", &r), 200);
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/over/1"), 0, "the upstream saw no shed request");
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/warn/1"), 0);
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/ok"), 1);
+	env_stop(&e);
+}

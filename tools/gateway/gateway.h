@@ -1,0 +1,253 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * gateway.h: what the files of tally-gateway share (not installed). The
+ * gateway is one program with two modes (docs/gateway.md):
+ *
+ *   check  answers a proxy's subrequest (nginx auth_request, Envoy
+ *          ext_authz HTTP): 2xx admits, shed_status (403 for nginx, or
+ *          the native 429/503) sheds; X-Tally-* headers carry the
+ *          decision, the reason and Retry-After;
+ *   proxy  admits or sheds, then forwards what it admits to an upstream,
+ *          streaming both bodies (libmicrohttpd serves, libcurl forwards).
+ *
+ * Each request goes through the same three steps: route (method, path and
+ * headers to a subject and a priority class: route.c), read (the
+ * subject's verdict from the segment, or why there is none: judge.c) and
+ * decide (admit or shed, and with which status: shed.c). config.c reads
+ * the INI file, server.c runs libmicrohttpd and the check and admin
+ * endpoints, proxy.c the forwarding.
+ */
+#ifndef TALLY_GATEWAY_H
+#define TALLY_GATEWAY_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <tally/tally.h>
+
+/* ---- priorities and the shedding decision (shed.c) ----------------------- */
+
+enum gw_priority { GW_PRIO_CRITICAL = 0, GW_PRIO_DEFAULT = 1, GW_PRIO_SHEDDABLE = 2, GW_PRIO__COUNT };
+
+/* "critical", "default", "sheddable"; the parse is case-insensitive: 0 or -1. */
+const char *gw_priority_name(enum gw_priority p);
+int gw_priority_parse(const char *s, enum gw_priority *out);
+
+/* What the gateway knows about the subject when it decides. */
+enum gw_level {
+	GW_LEVEL_OK,          /* verdict ok */
+	GW_LEVEL_WARN,        /* verdict warn: under pressure */
+	GW_LEVEL_OVERLOAD,    /* verdict overload */
+	GW_LEVEL_OPEN,        /* no usable verdict, and fail-open applies: admit */
+	GW_LEVEL_CLOSED,      /* no usable verdict, and fail-closed applies: shed */
+};
+
+struct gw_shed_config {
+	double warn_shed_fraction; /* default class at warn without shed_probability (0.25) */
+	double overload_trickle;   /* admitted at overload without shed_probability (0.01) */
+	double sheddable_factor;   /* sheddable shed with min(1, p x this) (2.0) */
+	uint32_t retry_after_ms;   /* when the verdict gives none (fail-closed) (1000) */
+	double retry_jitter;       /* Retry-After drawn in [r, r x (1 + this)] (0.5) */
+};
+
+void gw_shed_config_init(struct gw_shed_config *c);
+
+struct gw_decision {
+	bool admit;
+	unsigned status;   /* 200 admit, 429 shed under pressure, 503 shed at overload or fail-closed */
+	double p;          /* the probability this request had of being shed */
+};
+
+/*
+ * The shedding decision, pure. shed_probability is the engine's when it
+ * gives one (in [0, 1]), else a negative number: then warn sheds
+ * warn_shed_fraction and overload sheds all but overload_trickle. The
+ * class scales it: critical is shed only at overload (with p), default
+ * with p, sheddable with min(1, p x sheddable_factor). u is uniform in
+ * [0, 1): the request is shed when u < its probability.
+ */
+void gw_decide(const struct gw_shed_config *c, enum gw_level level, double shed_probability,
+	       enum gw_priority prio, double u, struct gw_decision *out);
+
+/* Retry-After in whole seconds (at least 1) for a hint of base_ms (0: the
+ * config's): drawn in [base, base x (1 + retry_jitter)] by u, then rounded
+ * to a whole second up or down by v (u, v uniform in [0, 1)). */
+unsigned gw_retry_after_s(const struct gw_shed_config *c, uint32_t base_ms, double u, double v);
+
+/* A per-thread xorshift: uniform in [0, 1). */
+double gw_uniform(void);
+
+/* ---- routes (route.c) ----------------------------------------------------- */
+
+#define GW_METHODS_MAX 8
+
+struct gw_route {
+	char *name;          /* "METHOD PATH" as written in the section header */
+	int line;
+	char **methods;      /* NULL-terminated; NULL: any method */
+	char *path;          /* pattern: literal segments, '*' one segment, a final '**' the rest */
+	char *header_name;   /* NULL: no header condition */
+	char *header_value;  /* NULL: the header's presence is enough */
+	char *subject;
+	enum gw_priority priority;
+	_Atomic uint64_t admitted, shed;
+};
+
+/* 0 if pattern is a valid path pattern, else -1 with *why set. */
+int gw_path_pattern_check(const char *pattern, const char **why);
+
+/* Does the raw path (query excluded: stops at '?') match pattern? Pure. */
+bool gw_path_match(const char *pattern, const char *path);
+
+/* The first route that matches, or NULL. header(name) gives a request
+ * header's value or NULL. */
+struct gw_route *gw_route_find(struct gw_route *routes, size_t n, const char *method,
+			       const char *path, const char *(*header)(void *ctx, const char *name),
+			       void *ctx);
+
+/* ---- configuration (config.c) -------------------------------------------- */
+
+enum gw_mode { GW_MODE_CHECK, GW_MODE_PROXY };
+
+struct gw_config {
+	char *path;              /* the INI file, NULL: none */
+	enum gw_mode mode;
+	char *listen;            /* ADDR:PORT (127.0.0.1:8090) */
+	char *segment;           /* (tally) */
+	bool fail_closed;        /* no data at all sheds (503) instead of admitting */
+	char *admin_prefix;      /* /_tally: metrics and health */
+	uint32_t threads;        /* check mode's thread pool; 0: online CPUs */
+	uint32_t connection_limit;
+	uint32_t idle_timeout_s;
+	char *priority_header;   /* X-Tally-Priority; "" : none */
+	struct gw_shed_config shed;
+	/* [check] */
+	unsigned shed_status;    /* 403, or 0: native (429/503) */
+	char *path_prefix;       /* stripped from the check request's path */
+	char *uri_header;        /* X-Original-URI */
+	char *method_header;     /* X-Original-Method */
+	/* [proxy] */
+	char *upstream;          /* http://HOST:PORT, no path */
+	uint32_t connect_timeout_ms;
+	uint32_t upstream_timeout_ms;
+	/* [route ...] in file order */
+	struct gw_route *routes;
+	size_t nroutes;
+};
+
+/* Command-line values; NULL: not given. */
+struct gw_overrides {
+	const char *mode, *listen, *segment, *upstream;
+	bool fail_closed;
+};
+
+/*
+ * Defaults, then the file (NULL: none), then ov. 0, or -1 with every error
+ * of the file ("FILE:LINE: reason") in err.
+ */
+int gw_config_load(struct gw_config *cfg, const char *path, const struct gw_overrides *ov,
+		   char *err, size_t errlen);
+void gw_config_free(struct gw_config *cfg);
+
+/* ---- reading the segment (judge.c) ----------------------------------------- */
+
+struct gw_reader {
+	const char *segment;
+	bool fail_closed;
+	pthread_rwlock_t lock;     /* seg: read to use, write to (re)attach */
+	struct tally_segment *seg;
+	_Atomic uint64_t next_open_ns;  /* no attach attempt before (CLOCK_MONOTONIC) */
+	_Atomic uint64_t alive_checked_ns;
+	atomic_int alive;          /* tally_segment_owner_alive(), cached for a while */
+	atomic_int open_error;     /* last attach error, 0 none */
+	atomic_bool failing;       /* in a no-data episode (logged once) */
+};
+
+struct gw_reading {
+	enum gw_level level;
+	enum tally_verdict verdict;
+	uint32_t reasons;
+	uint32_t retry_after_ms;
+	double shed_probability;   /* < 0: the engine gives none */
+	bool no_data;              /* no verdict read at all: fail_closed decides */
+	const char *why;           /* no usable verdict: why */
+	char whybuf[160];          /* why, when it names the segment */
+};
+
+void gw_reader_init(struct gw_reader *r, const char *segment, bool fail_closed);
+void gw_reader_close(struct gw_reader *r);
+
+/* The level of subject now. Thread-safe; never blocks for long. */
+void gw_read(struct gw_reader *r, const char *subject, struct gw_reading *out);
+
+/* ---- the server (server.c, proxy.c) ---------------------------------------- */
+
+#define GW_METRICS(X)                                                                        \
+	X(admitted, "requests admitted with a verdict ok or warn")                           \
+	X(shed_429, "requests shed with 429: the subject is under pressure (warn)")          \
+	X(shed_503, "requests shed with 503: the subject is overloaded")                     \
+	X(fail_open, "requests admitted without a usable verdict (fail-open)")               \
+	X(fail_closed, "requests shed with 503 without a usable verdict (fail-closed)")      \
+	X(unmapped, "requests that matched no route: admitted")                              \
+	X(upstream_502, "proxy: the upstream could not be reached or failed (502)")          \
+	X(upstream_504, "proxy: the upstream did not answer in time (504)")
+
+struct gw_counters {
+#define GW_FIELD(name, help) _Atomic uint64_t name;
+	GW_METRICS(GW_FIELD)
+#undef GW_FIELD
+};
+
+struct gw {
+	struct gw_config *cfg;
+	struct gw_reader reader;
+	struct gw_counters n;
+	size_t admin_len;
+};
+
+/* Per request: what route, read and decide said. */
+struct gw_outcome {
+	struct gw_route *route;      /* NULL: unmapped */
+	const char *subject;
+	enum gw_priority priority;
+	struct gw_reading rd;
+	struct gw_decision d;
+	unsigned retry_after_s;
+};
+
+/* Route, read and decide for method and raw uri; counts it. */
+void gw_evaluate(struct gw *g, const char *method, const char *uri,
+		 const char *(*header)(void *ctx, const char *name), void *ctx,
+		 struct gw_outcome *o);
+
+struct MHD_Response;
+/* The X-Tally-* headers (and Retry-After on a shed) of an outcome. */
+void gw_add_decision_headers(struct MHD_Response *resp, const struct gw_outcome *o);
+
+/* Run until SIGINT/SIGTERM: 0, or an exit status after a line on stderr. */
+int gw_serve(struct gw *g);
+
+/* proxy.c: called by server.c for each request in proxy mode. */
+struct MHD_Connection;
+struct gw_proxy_req;
+int gw_proxy_global_init(void);
+void *gw_proxy_conn_new(void);
+void gw_proxy_conn_free(void *conn);
+/* The access handler's work for an admitted request (MHD_YES or MHD_NO). */
+int gw_proxy_handle(struct gw *g, void *conn, struct MHD_Connection *c, struct gw_proxy_req **pr,
+		    const char *method, const char *uri, const char *upload, size_t *upload_size,
+		    const struct gw_outcome *o);
+void gw_proxy_req_free(struct gw_proxy_req *pr);
+
+/* ---- shared CLI helpers (cli.c) --------------------------------------------- */
+
+__attribute__((format(printf, 1, 2))) void gw_log(const char *fmt, ...);
+struct sockaddr_storage;
+/* IPV4:PORT or [IPV6]:PORT into ss: 0, or -1 with why. */
+int gw_parse_listen(const char *s, struct sockaddr_storage *ss, char *why, size_t whylen);
+uint64_t gw_now_ns(void);
+
+#endif /* TALLY_GATEWAY_H */

@@ -1,0 +1,184 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * judge.c: a subject's level as the gateway acts on it, read from the
+ * segment read-only. A verdict ok, warn or overload is acted on as it is.
+ * No usable verdict (no segment, permission denied, its owner dead or not
+ * publishing, no row for the subject yet, verdict unknown) is GW_LEVEL_OPEN
+ * (admit, and say why in X-Tally-Fail-Open), except that it is
+ * GW_LEVEL_CLOSED (shed, X-Tally-Fail-Closed) when
+ *   - the subject's rule says so: pending data is stale and its
+ *     stale_policy is fail-closed (the verdict is unknown with reason
+ *     STALE and without FAIL_OPEN), or
+ *   - the operator said so for no data at all (fail_closed = true).
+ *
+ * The segment handle is shared by the server's threads under a
+ * read-write lock: reads take it shared, (re)attaching exclusive. An
+ * attach that fails is retried at most every ATTACH_RETRY_NS, and the
+ * owner's liveness (a kill(0) and a /proc read) is checked at most every
+ * ALIVE_CHECK_NS, so that the per-request cost stays one lookup and one
+ * seqlock read of the snapshot.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "gateway.h"
+
+#define ATTACH_RETRY_NS 200000000ull /* 200 ms */
+#define ALIVE_CHECK_NS 100000000ull  /* 100 ms */
+
+void gw_reader_init(struct gw_reader *r, const char *segment, bool fail_closed)
+{
+	memset(r, 0, sizeof(*r));
+	r->segment = segment;
+	r->fail_closed = fail_closed;
+	pthread_rwlock_init(&r->lock, NULL);
+}
+
+void gw_reader_close(struct gw_reader *r)
+{
+	pthread_rwlock_wrlock(&r->lock);
+	tally_segment_close(&r->seg);
+	pthread_rwlock_unlock(&r->lock);
+	pthread_rwlock_destroy(&r->lock);
+}
+
+/* Attach, or re-attach after the owner was replaced. With the lock held
+ * exclusively. Sets out->why on failure. */
+static void attach(struct gw_reader *r, bool replaced, struct gw_reading *out)
+{
+	uint64_t now = gw_now_ns();
+
+	if (r->seg && !replaced)
+		return;
+	if (replaced)
+		tally_segment_close(&r->seg);
+	if (now < atomic_load(&r->next_open_ns)) {
+		out->why = "no segment";
+		return;
+	}
+	int rc = tally_segment_open(r->segment, TALLY_OPEN_READER, 0, &r->seg);
+	atomic_store(&r->open_error, rc);
+	if (rc == 0) {
+		atomic_store(&r->alive_checked_ns, 0);
+		return;
+	}
+	atomic_store(&r->next_open_ns, now + ATTACH_RETRY_NS);
+	out->why = "no segment";
+}
+
+static int owner_alive(struct gw_reader *r)
+{
+	uint64_t now = gw_now_ns(), last = atomic_load(&r->alive_checked_ns);
+
+	if (last && now - last < ALIVE_CHECK_NS)
+		return atomic_load(&r->alive);
+	int a = tally_segment_owner_alive(r->seg);
+	atomic_store(&r->alive, a);
+	atomic_store(&r->alive_checked_ns, now);
+	return a;
+}
+
+/* Why there is no segment, with the library's sentence for it. */
+static void no_segment_why(struct gw_reader *r, struct gw_reading *out)
+{
+	int rc = atomic_load(&r->open_error);
+
+	if (rc == -EACCES || rc == -EPERM)
+		snprintf(out->whybuf, sizeof(out->whybuf), "permission denied on segment %s (give the "
+			 "gateway's user read access: group_readable = 1 in tallyd.ini)", r->segment);
+	else if (rc == -ENOENT)
+		snprintf(out->whybuf, sizeof(out->whybuf), "no segment %s (is its owner, tallyd, running?)",
+			 r->segment);
+	else
+		snprintf(out->whybuf, sizeof(out->whybuf), "segment %s: %s", r->segment,
+			 rc ? tally_strerror(rc) : "not attached yet");
+	out->why = out->whybuf;
+}
+
+/* Read subject with the lock held shared; returns 1 to re-attach. */
+static int read_locked(struct gw_reader *r, const char *subject, struct gw_reading *out)
+{
+	struct tally_subject_stats s;
+	tally_subject_t id;
+	int rc;
+
+	out->no_data = true; /* until a verdict is read */
+	if (!r->seg) {
+		no_segment_why(r, out);
+		return 1;
+	}
+	int alive = owner_alive(r);
+	if (alive == TALLY_EREPLACED)
+		return 1;
+	if ((rc = tally_subject_lookup(r->seg, subject, &id)) != 0 ||
+	    (rc = tally_read_subject(r->seg, id, &s)) == -ENOENT) {
+		out->why = "no data for this subject yet";
+		return 0;
+	}
+	if (rc == TALLY_ESTALE || alive != 1) {
+		out->why = alive != 1 ? "the segment's owner is not alive: data is stale"
+				      : "the segment's owner stopped publishing: data is stale";
+		return 0;
+	}
+	if (rc != 0) {
+		snprintf(out->whybuf, sizeof(out->whybuf), "reading %s: %s", subject, tally_strerror(rc));
+		out->why = out->whybuf;
+		return 0;
+	}
+	out->no_data = false;
+	out->verdict = s.verdict;
+	out->reasons = s.reasons;
+	out->retry_after_ms = s.retry_after_ms;
+	/* the engine's graded probability (pressure past its warn point) */
+	out->shed_probability = s.shed_probability;
+	if (s.verdict == TALLY_VERDICT_UNKNOWN) {
+		bool by_rule = (s.reasons & TALLY_REASON_STALE) && !(s.reasons & TALLY_REASON_FAIL_OPEN);
+		out->why = by_rule ? "pending data is stale and stale_policy = fail-closed"
+				   : "verdict unknown (too few samples)";
+		out->level = by_rule ? GW_LEVEL_CLOSED : GW_LEVEL_OPEN;
+		return 0;
+	}
+	out->level = s.verdict == TALLY_VERDICT_OVERLOAD ? GW_LEVEL_OVERLOAD
+		     : s.verdict == TALLY_VERDICT_WARN  ? GW_LEVEL_WARN : GW_LEVEL_OK;
+	if ((s.reasons & TALLY_REASON_STALE) && (s.reasons & TALLY_REASON_FAIL_OPEN))
+		out->why = "pending data is stale: judged on latency alone (stale_policy = fail-open)";
+	return 0;
+}
+
+void gw_read(struct gw_reader *r, const char *subject, struct gw_reading *out)
+{
+	int again;
+
+	memset(out, 0, sizeof(*out));
+	out->shed_probability = -1;
+	out->verdict = TALLY_VERDICT_UNKNOWN;
+	pthread_rwlock_rdlock(&r->lock);
+	again = read_locked(r, subject, out);
+	pthread_rwlock_unlock(&r->lock);
+	if (again) {
+		pthread_rwlock_wrlock(&r->lock);
+		bool replaced = r->seg && owner_alive(r) == TALLY_EREPLACED;
+		out->why = NULL;
+		attach(r, replaced, out);
+		pthread_rwlock_unlock(&r->lock);
+		memset(out, 0, sizeof(*out));
+		out->shed_probability = -1;
+		out->verdict = TALLY_VERDICT_UNKNOWN;
+		pthread_rwlock_rdlock(&r->lock);
+		read_locked(r, subject, out);
+		pthread_rwlock_unlock(&r->lock);
+	}
+	if (out->no_data)
+		out->level = r->fail_closed ? GW_LEVEL_CLOSED : GW_LEVEL_OPEN;
+	/* the episode is logged once, when it starts and when it ends */
+	bool nodata = out->no_data && strstr(out->why, "segment");
+	if (atomic_load(&r->failing) != nodata && atomic_exchange(&r->failing, nodata) != nodata) {
+		if (nodata)
+			gw_log("failing %s: %s", r->fail_closed ? "closed" : "open", out->why);
+		else
+			gw_log("segment %s is live again", r->segment);
+	}
+}

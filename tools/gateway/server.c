@@ -1,0 +1,410 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * server.c: libmicrohttpd for both modes, the check endpoint, the admin
+ * endpoints (ADMIN_PREFIX/metrics, ADMIN_PREFIX/health) and the one place
+ * a request is routed, read and decided (gw_evaluate).
+ *
+ * libmicrohttpd calls the access handler once with the headers, then
+ * once per piece of the body, then once more with none. The reply is
+ * queued exactly once, on that last call, after the body is complete:
+ * queueing it while the body is still arriving fails, and libmicrohttpd
+ * then drops the connection ("Application reported internal error"),
+ * which is how the first gateway lost every POST with a body. The
+ * decision is taken on the first call (headers are all it needs); a body
+ * the check does not need is read and dropped.
+ *
+ * Check mode runs a thread pool over epoll (nothing in a check blocks).
+ * Proxy mode runs a thread per connection: its forwarding (proxy.c)
+ * blocks that connection's thread while libcurl talks to the upstream.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <microhttpd.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "gateway.h"
+
+#define REQ_MAGIC 0x67777271u /* "gwrq" */
+
+struct gw_req {
+	uint32_t magic;
+	bool started, admin, proxying;
+	char *uri;              /* raw, with the query */
+	struct gw_outcome o;
+	struct gw_proxy_req *proxy;
+};
+
+/* ---- decide ---- */
+
+struct hctx {
+	struct MHD_Connection *c;
+};
+
+static const char *get_header(void *ctx, const char *name)
+{
+	return MHD_lookup_connection_value(((struct hctx *)ctx)->c, MHD_HEADER_KIND, name);
+}
+
+void gw_evaluate(struct gw *g, const char *method, const char *uri,
+		 const char *(*header)(void *ctx, const char *name), void *ctx, struct gw_outcome *o)
+{
+	const struct gw_config *cfg = g->cfg;
+	const char *ph = *cfg->priority_header ? header(ctx, cfg->priority_header) : NULL;
+
+	memset(o, 0, sizeof(*o));
+	o->route = gw_route_find(cfg->routes, cfg->nroutes, method, uri, header, ctx);
+	o->priority = o->route ? o->route->priority : GW_PRIO_DEFAULT;
+	if (ph)
+		gw_priority_parse(ph, &o->priority); /* an unknown value keeps the route's */
+	if (!o->route) {
+		o->d.admit = true;
+		o->d.status = 200;
+		atomic_fetch_add_explicit(&g->n.unmapped, 1, memory_order_relaxed);
+		return;
+	}
+	o->subject = o->route->subject;
+	gw_read(&g->reader, o->subject, &o->rd);
+	gw_decide(&cfg->shed, o->rd.level, o->rd.shed_probability, o->priority, gw_uniform(), &o->d);
+	if (!o->d.admit)
+		o->retry_after_s = gw_retry_after_s(&cfg->shed, o->rd.retry_after_ms, gw_uniform(), gw_uniform());
+	_Atomic uint64_t *n = o->d.admit ? (o->rd.why ? &g->n.fail_open : &g->n.admitted)
+			      : o->rd.level == GW_LEVEL_CLOSED ? &g->n.fail_closed
+			      : o->d.status == 429 ? &g->n.shed_429 : &g->n.shed_503;
+	atomic_fetch_add_explicit(n, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(o->d.admit ? &o->route->admitted : &o->route->shed, 1,
+				  memory_order_relaxed);
+}
+
+void gw_add_decision_headers(struct MHD_Response *r, const struct gw_outcome *o)
+{
+	char buf[32];
+
+	MHD_add_response_header(r, "X-Tally-Decision", o->d.admit ? "admit" : "shed");
+	snprintf(buf, sizeof(buf), "%u", o->d.status);
+	MHD_add_response_header(r, "X-Tally-Status", buf);
+	MHD_add_response_header(r, "X-Tally-Route", o->route ? o->route->name : "unmapped");
+	MHD_add_response_header(r, "X-Tally-Priority", gw_priority_name(o->priority));
+	if (!o->route)
+		return;
+	MHD_add_response_header(r, "X-Tally-Subject", o->subject);
+	MHD_add_response_header(r, "X-Tally-Verdict", tally_verdict_name(o->rd.verdict));
+	if (o->rd.reasons) {
+		char reasons[96];
+		MHD_add_response_header(r, "X-Tally-Reasons",
+					tally_reasons_format(o->rd.reasons, reasons, sizeof(reasons)));
+	}
+	if (o->rd.why)
+		MHD_add_response_header(r, o->rd.level == GW_LEVEL_CLOSED ? "X-Tally-Fail-Closed"
+									 : "X-Tally-Fail-Open", o->rd.why);
+	if (o->d.p > 0) {
+		snprintf(buf, sizeof(buf), "%.3f", o->d.p);
+		MHD_add_response_header(r, "X-Tally-Shed-Probability", buf);
+	}
+	if (!o->d.admit) {
+		snprintf(buf, sizeof(buf), "%u", o->retry_after_s);
+		MHD_add_response_header(r, "Retry-After", buf);
+		/* the load is shared: another instance is no better off */
+		MHD_add_response_header(r, "X-Tally-No-Retry", "1");
+	}
+}
+
+static enum MHD_Result queue_text(struct MHD_Connection *c, unsigned status, const char *text,
+				  const struct gw_outcome *o)
+{
+	struct MHD_Response *r = MHD_create_response_from_buffer(strlen(text), (void *)text,
+								 MHD_RESPMEM_MUST_COPY);
+	if (!r)
+		return MHD_NO;
+	MHD_add_response_header(r, "Content-Type", "text/plain; charset=utf-8");
+	if (o)
+		gw_add_decision_headers(r, o);
+	enum MHD_Result ret = MHD_queue_response(c, status, r);
+	MHD_destroy_response(r);
+	return ret;
+}
+
+/* The answer of a check, or of a shed in proxy mode. */
+static enum MHD_Result answer(struct gw *g, struct MHD_Connection *c, const struct gw_outcome *o)
+{
+	char body[256];
+	unsigned status = o->d.status;
+
+	bool closed = o->rd.level == GW_LEVEL_CLOSED;
+
+	if (o->d.admit)
+		snprintf(body, sizeof(body), "admit%s%s%s\n", o->rd.why ? " (fail-open: " : "",
+			 o->rd.why ? o->rd.why : "", o->rd.why ? ")" : "");
+	else
+		snprintf(body, sizeof(body), "shed%s%s%s: retry after %u s\n", closed ? " (fail-closed: " : "",
+			 closed ? o->rd.why : "", closed ? ")" : "", o->retry_after_s);
+	if (!o->d.admit && g->cfg->mode == GW_MODE_CHECK && g->cfg->shed_status)
+		status = g->cfg->shed_status;
+	return queue_text(c, status, body, o);
+}
+
+/* ---- admin ---- */
+
+static void label_escape(const char *in, char *out, size_t len)
+{
+	size_t j = 0;
+
+	for (; *in && j + 3 < len; in++) {
+		if (*in == '\\' || *in == '"' || *in == '\n')
+			out[j++] = '\\';
+		out[j++] = *in == '\n' ? 'n' : *in;
+	}
+	out[j] = '\0';
+}
+
+static char *metrics_text(struct gw *g)
+{
+	char *buf = NULL, label[512];
+	size_t len = 0;
+	FILE *f = open_memstream(&buf, &len);
+
+	if (!f)
+		return NULL;
+#define GW_PRINT(name, help)                                                                       \
+	fprintf(f, "# HELP tally_gateway_" #name "_total " help "\n# TYPE tally_gateway_" #name     \
+		   "_total counter\ntally_gateway_" #name "_total %llu\n",                            \
+		(unsigned long long)atomic_load_explicit(&g->n.name, memory_order_relaxed));
+	GW_METRICS(GW_PRINT)
+#undef GW_PRINT
+	fprintf(f, "# HELP tally_gateway_route_requests_total requests per route and decision\n"
+		   "# TYPE tally_gateway_route_requests_total counter\n");
+	for (size_t i = 0; i < g->cfg->nroutes; i++) {
+		struct gw_route *r = &g->cfg->routes[i];
+		label_escape(r->name, label, sizeof(label));
+		fprintf(f, "tally_gateway_route_requests_total{route=\"%s\",subject=\"%s\",decision=\"admit\"} %llu\n"
+			   "tally_gateway_route_requests_total{route=\"%s\",subject=\"%s\",decision=\"shed\"} %llu\n",
+			label, r->subject, (unsigned long long)atomic_load(&r->admitted), label, r->subject,
+			(unsigned long long)atomic_load(&r->shed));
+	}
+	fclose(f);
+	return buf;
+}
+
+/* ADMIN_PREFIX/metrics and /health; 0: not an admin path. */
+static int admin(struct gw *g, struct MHD_Connection *c, const char *uri, enum MHD_Result *ret)
+{
+	const char *pre = g->cfg->admin_prefix;
+	size_t pl = g->admin_len, ul = strcspn(uri, "?");
+
+	if (!pl || strncmp(uri, pre, pl) != 0 || uri[pl] != '/')
+		return 0;
+	if (ul == pl + 7 && strncmp(uri + pl, "/health", 7) == 0) {
+		*ret = queue_text(c, 200, "ok\n", NULL);
+		return 1;
+	}
+	if (ul != pl + 8 || strncmp(uri + pl, "/metrics", 8) != 0)
+		return 0;
+	char *text = metrics_text(g);
+	struct MHD_Response *r = text ? MHD_create_response_from_buffer(strlen(text), text,
+									 MHD_RESPMEM_MUST_FREE) : NULL;
+	if (!r) {
+		free(text);
+		*ret = MHD_NO;
+		return 1;
+	}
+	MHD_add_response_header(r, "Content-Type", "text/plain; version=0.0.4; charset=utf-8");
+	*ret = MHD_queue_response(c, 200, r);
+	MHD_destroy_response(r);
+	return 1;
+}
+
+/* ---- the access handler ---- */
+
+/* The request the check is about: the proxy's headers, else our own path
+ * less path_prefix. */
+static void check_target(struct gw *g, struct MHD_Connection *c, const char **method, const char **uri)
+{
+	const struct gw_config *cfg = g->cfg;
+	const char *m = *cfg->method_header ? MHD_lookup_connection_value(c, MHD_HEADER_KIND, cfg->method_header) : NULL;
+	const char *u = *cfg->uri_header ? MHD_lookup_connection_value(c, MHD_HEADER_KIND, cfg->uri_header) : NULL;
+	size_t pl = strlen(cfg->path_prefix);
+
+	if (m && *m)
+		*method = m;
+	if (u && *u == '/')
+		*uri = u;
+	else if (pl && strncmp(*uri, cfg->path_prefix, pl) == 0 && strchr("/?", (*uri)[pl]))
+		*uri += pl;
+}
+
+static enum MHD_Result first_call(struct gw *g, struct MHD_Connection *c, struct gw_req *q,
+				  const char *method, void *sock_ctx, const char *upload, size_t *upload_size)
+{
+	const char *target = q->uri, *m = method;
+	struct hctx h = { c };
+	enum MHD_Result ret;
+
+	q->started = true;
+	if (admin(g, c, q->uri, &ret)) { /* GET: no body; a body would be dropped by MHD */
+		q->admin = true;
+		return ret;
+	}
+	if (g->cfg->mode == GW_MODE_CHECK)
+		check_target(g, c, &m, &target);
+	gw_evaluate(g, m, target, get_header, &h, &q->o);
+	if (g->cfg->mode == GW_MODE_PROXY && q->o.d.admit) {
+		q->proxying = true;
+		return (enum MHD_Result)gw_proxy_handle(g, sock_ctx, c, &q->proxy, method, q->uri, upload,
+							upload_size, &q->o);
+	}
+	return MHD_YES;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
+				  const char *method, const char *version, const char *upload,
+				  size_t *upload_size, void **req_cls)
+{
+	struct gw *g = cls;
+	struct gw_req *q = *req_cls;
+	const union MHD_ConnectionInfo *ci;
+
+	(void)url;
+	(void)version;
+	if (!q || q->magic != REQ_MAGIC)
+		return MHD_NO; /* the URI logger made it; out of memory there */
+	if (q->admin)
+		return MHD_YES;
+	if (!q->started) {
+		ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+		return first_call(g, c, q, method, ci ? ci->socket_context : NULL, upload, upload_size);
+	}
+	if (q->proxying) {
+		ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+		return (enum MHD_Result)gw_proxy_handle(g, ci ? ci->socket_context : NULL, c, &q->proxy,
+							method, q->uri, upload, upload_size, &q->o);
+	}
+	if (*upload_size) { /* a body the check does not need */
+		*upload_size = 0;
+		return MHD_YES;
+	}
+	return answer(g, c, &q->o); /* the last call: the body is complete */
+}
+
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *c)
+{
+	struct gw_req *q = calloc(1, sizeof(*q));
+
+	(void)cls;
+	(void)c;
+	if (q && !(q->uri = strdup(uri))) {
+		free(q);
+		return NULL;
+	}
+	if (q)
+		q->magic = REQ_MAGIC;
+	return q;
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **req_cls,
+			 enum MHD_RequestTerminationCode toe)
+{
+	struct gw_req *q = *req_cls;
+
+	(void)cls;
+	(void)c;
+	(void)toe;
+	if (!q)
+		return;
+	gw_proxy_req_free(q->proxy);
+	free(q->uri);
+	q->magic = 0;
+	free(q);
+	*req_cls = NULL;
+}
+
+static void on_connection(void *cls, struct MHD_Connection *c, void **sock_ctx,
+			  enum MHD_ConnectionNotificationCode toe)
+{
+	struct gw *g = cls;
+
+	(void)c;
+	if (g->cfg->mode != GW_MODE_PROXY)
+		return;
+	if (toe == MHD_CONNECTION_NOTIFY_STARTED)
+		*sock_ctx = gw_proxy_conn_new();
+	else {
+		gw_proxy_conn_free(*sock_ctx);
+		*sock_ctx = NULL;
+	}
+}
+
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+	char line[512];
+
+	(void)cls;
+	vsnprintf(line, sizeof(line), fmt, ap);
+	line[strcspn(line, "\n")] = '\0';
+	gw_log("libmicrohttpd: %s", line);
+}
+
+int gw_serve(struct gw *g)
+{
+	struct gw_config *cfg = g->cfg;
+	struct sockaddr_storage ss;
+	char why[256];
+	sigset_t set;
+	int sig;
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	unsigned threads = cfg->threads ? cfg->threads : ncpu > 0 ? (unsigned)ncpu : 1;
+
+	if (gw_parse_listen(cfg->listen, &ss, why, sizeof(why)) != 0) {
+		fprintf(stderr, "tally-gateway: listen %s\n", why);
+		return 2;
+	}
+	g->admin_len = strlen(cfg->admin_prefix);
+	if (cfg->mode == GW_MODE_PROXY && gw_proxy_global_init() != 0) {
+		fprintf(stderr, "tally-gateway: libcurl did not initialise\n");
+		return 4;
+	}
+	/* signals go to this thread only: the server's threads inherit the mask */
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	pthread_sigmask(SIG_BLOCK, &set, NULL);
+	signal(SIGPIPE, SIG_IGN);
+	unsigned flags = MHD_USE_ERROR_LOG | MHD_USE_INTERNAL_POLLING_THREAD |
+			 (ss.ss_family == AF_INET6 ? MHD_USE_IPv6 : 0) |
+			 (cfg->mode == GW_MODE_PROXY ? MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL
+						     : MHD_USE_EPOLL);
+	struct MHD_Daemon *d = MHD_start_daemon(
+		flags, 0, NULL, NULL, on_request, g, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
+		MHD_OPTION_SOCK_ADDR, &ss,
+		MHD_OPTION_URI_LOG_CALLBACK, on_uri, g,
+		MHD_OPTION_NOTIFY_COMPLETED, on_completed, g,
+		MHD_OPTION_NOTIFY_CONNECTION, on_connection, g,
+		MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->connection_limit,
+		MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->idle_timeout_s,
+		MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)128 * 1024,
+		MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
+		cfg->mode == GW_MODE_CHECK ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, threads,
+		MHD_OPTION_END);
+	if (!d) {
+		fprintf(stderr, "tally-gateway: cannot listen on %s: %s (is another process on that "
+				"port? pick another with --listen)\n", cfg->listen, strerror(errno));
+		return 4;
+	}
+	gw_log("%s mode, listening on %s, segment %s, %zu route(s)%s%s%s",
+	       cfg->mode == GW_MODE_CHECK ? "check" : "proxy", cfg->listen, cfg->segment, cfg->nroutes,
+	       cfg->mode == GW_MODE_PROXY ? ", upstream " : "",
+	       cfg->mode == GW_MODE_PROXY ? cfg->upstream : "", cfg->fail_closed ? ", fail-closed" : "");
+	while (sigwait(&set, &sig) != 0)
+		;
+	MHD_stop_daemon(d);
+	gw_log("stopping on signal %d: %llu admitted, %llu shed 429, %llu shed 503, %llu failed open, "
+	       "%llu shed fail-closed, %llu unmapped", sig, (unsigned long long)g->n.admitted,
+	       (unsigned long long)g->n.shed_429, (unsigned long long)g->n.shed_503,
+	       (unsigned long long)g->n.fail_open, (unsigned long long)g->n.fail_closed,
+	       (unsigned long long)g->n.unmapped);
+	return 0;
+}
