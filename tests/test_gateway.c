@@ -199,8 +199,8 @@ Test(gateway_check, graded_shedding_and_priorities, .timeout = 120)
 	int a, b, n = 400;
 
 	env_start(&e, "[gateway]\nmode = check\n[check]\nshed_status = native\n"
-		      "[shedding]\nwarn_shed_fraction = 0.3\noverload_trickle = 0.2\nsheddable_factor = 2\n"
-		      ROUTES, true, NULL, NULL);
+		      "[shedding]\nengine_probability = false\nwarn_shed_fraction = 0.3\n"
+		      "overload_trickle = 0.2\nsheddable_factor = 2\n" ROUTES, true, NULL, NULL);
 	double f = shed_fraction(e.port, "/warn/x", NULL, n, &a, &b);
 	expect_near(f, 0.3, n, "warn, default");
 	cr_expect_eq(b, 0, "under pressure a shed is 429, never 503");
@@ -217,6 +217,34 @@ Test(gateway_check, graded_shedding_and_priorities, .timeout = 120)
 	cr_expect_eq(f, 1.0, "overload, sheddable: all");
 	f = shed_fraction(e.port, "/ok/x", "X-Tally-Priority: sheddable", 100, &a, &b);
 	cr_expect_eq(f, 0.0, "ok: nothing is shed");
+	env_stop(&e);
+}
+
+/* By default the gateway sheds by the engine's shed_probability, graded
+ * with pressure: the owner's warn subject has P95 2 ms against a warn of
+ * 1 ms and an overload of 5 ms, so its pressure is 0.5 + 0.5 x 1/4 =
+ * 0.625 and its shed probability (0.625 - 0.5) / 0.5 = 0.25 (issue 17),
+ * whatever warn_shed_fraction says; at overload it is 1, under the
+ * trickle. */
+Test(gateway_check, sheds_by_the_engines_shed_probability, .timeout = 120)
+{
+	struct env e;
+	struct gwt_resp r;
+	int a, b, n = 400;
+
+	env_start(&e, "[gateway]\nmode = check\n[check]\nshed_status = native\n"
+		      "[shedding]\nwarn_shed_fraction = 0.9\noverload_trickle = 0.2\n" ROUTES, true,
+		      NULL, NULL);
+	cr_expect_eq(req(e.port, "GET", "/warn/x", NULL, NULL, -1, &r) / 1000, 0);
+	double sp = atof(hdr(&r, "X-Tally-Shed-Probability"));
+	cr_expect(fabs(sp - 0.25) < 0.02, "the engine's shed probability: %s", hdr(&r, "X-Tally-Shed-Probability"));
+	double f = shed_fraction(e.port, "/warn/x", NULL, n, &a, &b);
+	expect_near(f, 0.25, n, "warn, default: by the engine's probability, not the 0.9 fallback");
+	cr_expect_eq(b, 0, "under pressure a shed is 429");
+	f = shed_fraction(e.port, "/warn/x", "X-Tally-Priority: sheddable", n, &a, &b);
+	expect_near(f, 0.5, n, "warn, sheddable: twice the engine's");
+	f = shed_fraction(e.port, "/over/x", NULL, n, &a, &b);
+	expect_near(f, 0.8, n, "overload: the engine's 1, under the trickle");
 	env_stop(&e);
 }
 

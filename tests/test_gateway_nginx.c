@@ -30,7 +30,7 @@ struct env {
 };
 
 static const char gateway_ini[] =
-	"[gateway]\nmode = check\n[shedding]\nwarn_shed_fraction = 1\noverload_trickle = 0\n"
+	"[gateway]\nmode = check\n[shedding]\nengine_probability = false\nwarn_shed_fraction = 1\noverload_trickle = 0\n"
 	"[route * /over/**]\nsubject = gw.over\n[route * /warn/**]\nsubject = gw.warn\n"
 	"[route * /ok/**]\nsubject = gw.ok\n";
 

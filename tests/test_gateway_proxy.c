@@ -237,7 +237,7 @@ Test(gateway_proxy, shed_requests_never_reach_the_upstream, .timeout = 60)
 	struct gwt_resp r;
 	char v[64];
 
-	env_start(&e, "[shedding]\nwarn_shed_fraction = 1\noverload_trickle = 0\n", false);
+	env_start(&e, "[shedding]\nengine_probability = false\nwarn_shed_fraction = 1\noverload_trickle = 0\n", false);
 	for (int i = 0; i < 20; i++) {
 		struct gwt_req rq = { .method = "POST", .body = i * 1000 };
 		cr_expect_eq(gwt_http(e.port, "/over/1", &rq, &r), 503, "%s", r.body);

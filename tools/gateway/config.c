@@ -60,6 +60,7 @@ static const struct key gateway_keys[] = {
 };
 
 static const struct key shedding_keys[] = {
+	{ "engine_probability", K_BOOL, CF(shed.engine_probability), 0, 0 },
 	{ "warn_shed_fraction", K_FRAC, CF(shed.warn_shed_fraction), 0, 0 },
 	{ "overload_trickle", K_FRAC, CF(shed.overload_trickle), 0, 0 },
 	{ "sheddable_factor", K_FACTOR, CF(shed.sheddable_factor), 0, 0 },

@@ -51,6 +51,7 @@ struct gw_shed_config {
 	double sheddable_factor;   /* sheddable shed with min(1, p x this) (2.0) */
 	uint32_t retry_after_ms;   /* when the verdict gives none (fail-closed) (1000) */
 	double retry_jitter;       /* Retry-After drawn in [r, r x (1 + this)] (0.5) */
+	bool engine_probability;   /* shed by the engine's shed_probability when it gives one (true) */
 };
 
 void gw_shed_config_init(struct gw_shed_config *c);

@@ -48,6 +48,7 @@ void gw_shed_config_init(struct gw_shed_config *c)
 	c->sheddable_factor = 2.0;
 	c->retry_after_ms = 1000;
 	c->retry_jitter = 0.5;
+	c->engine_probability = true;
 }
 
 static double clamp01(double x)
@@ -58,6 +59,8 @@ static double clamp01(double x)
 /* p for the default class at this level. */
 static double base_probability(const struct gw_shed_config *c, enum gw_level level, double sp)
 {
+	if (!c->engine_probability)
+		sp = -1;
 	if (sp >= 0 && level == GW_LEVEL_WARN)
 		return clamp01(sp);
 	if (sp >= 0 && level == GW_LEVEL_OVERLOAD)
