@@ -21,17 +21,21 @@
  * is detached (tally_segment_close: every scheduler's slot for it goes
  * back, its handles are revoked) only by the segment resource's
  * destructor, when no Erlang term refers to it any more, so no NIF can be
- * using it; or by the final unload of the library, when no code of the
- * module is left to call it. tally:close/1 marks the segment closed:
+ * using it (or by the final unload, see below). tally:close/1 marks the
+ * segment closed:
  * every later use through it or its subjects raises badarg (record) or
  * returns {error, closed}; the slots go back at garbage collection.
  *
  * Upgrades. Both resource types are opened with ERL_NIF_RT_TAKEOVER, so
  * a new version of the library (the same file, or a copy at another
  * path) takes over every segment and subject: recording goes on through
- * them without a pause. The registry of open segments moves to the new
- * library's private data in upgrade(); the old instance's unload() then
- * closes nothing. Only an unload with no successor closes what is left.
+ * them without a pause, and through the same slots. The registry of open
+ * segments moves to the new library's private data in upgrade(); the old
+ * instance's unload() then closes nothing. Without a successor (the
+ * module deleted and purged) erts keeps the library until the last of
+ * its resources is freed and calls unload() after that: by then every
+ * segment's destructor has closed it and given its slots back; unload()
+ * closes any segment still registered all the same.
  * libtally itself is linked as a shared library and pinned in memory
  * (RTLD_NODELETE): its thread-local handles and their pthread key outlive
  * any one NIF instance, and must not be unmapped under the schedulers.
@@ -76,6 +80,7 @@ struct nif_seg {
 	struct nif_seg *prev, *next;  /* in reg, under reg->lock */
 	_Atomic uint64_t no_slot;     /* records dropped because this thread had no slot */
 	_Atomic int last_attach_error;/* the error of the last failed claim, 0 none */
+	uint64_t uid;                 /* unique in this VM: the thread caches' key */
 	char name[TALLY_NAME_MAX + 1];
 };
 
@@ -102,6 +107,7 @@ struct priv {
 };
 
 static ErlNifResourceType *seg_type, *subj_type;
+static _Atomic uint64_t next_uid = 1; /* struct nif_seg uid */
 
 static ERL_NIF_TERM atom_ok, atom_error, atom_dropped, atom_closed, atom_warn, atom_overload,
 	atom_unknown, atom_no_data, atom_stale, atom_true, atom_false, atom_undefined;
@@ -259,7 +265,7 @@ static void registry_remove(struct registry *r, struct nif_seg *s)
 }
 
 /* The final unload: no code of the module is left to call a NIF, so every
- * segment can be detached now; its slots go back to the owner. */
+ * segment still registered can be detached now; its slots go back. */
 static void registry_close_all(struct registry *r)
 {
 	pthread_mutex_lock(&r->lock);
@@ -384,6 +390,7 @@ static ERL_NIF_TERM nif_open(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]
 	memset(s, 0, sizeof(*s));
 	s->magic = SEG_MAGIC;
 	s->seg = seg;
+	s->uid = atomic_fetch_add_explicit(&next_uid, 1, memory_order_relaxed);
 	snprintf(s->name, sizeof(s->name), "%s", name);
 	registry_add(pv->reg, s);
 	ERL_NIF_TERM t = enif_make_resource(env, s);
@@ -433,36 +440,58 @@ static ERL_NIF_TERM nif_subject(ErlNifEnv *env, int argc, const ERL_NIF_TERM arg
 
 /* ---- the record path ----------------------------------------------------------- */
 
-/* This thread could not claim a slot for seg, and when to try again. */
-static __thread const struct nif_seg *no_slot_seg;
-static __thread uint64_t no_slot_until;
+/*
+ * The calling thread's last segment and its handle: one thread-local
+ * access and a compare on the record path. Keyed by the segment's uid
+ * (never reused), not its address: a resource freed and another allocated
+ * at the same place is not mistaken for it. The handle stays valid while
+ * the segment lives (libtally frees a thread's handle only after its
+ * segment was closed, by that thread, or at thread exit), and no NIF can
+ * see a segment after its destructor. A thread that could not claim a
+ * slot remembers when to try again instead (p NULL).
+ */
+struct thread_cache {
+	uint64_t uid;
+	struct tally_producer *p;  /* NULL: no slot, retry after retry_ns */
+	uint64_t retry_ns;
+};
+static __thread struct thread_cache tcache;
 
-/* Not the hot path: the thread has no slot (or its claim just failed).
- * Dropped and counted; a new claim at most once a second per thread. */
-static ERL_NIF_TERM record_unattached(struct nif_seg *s, int rc)
+/* Not the hot path: this thread's first record into s, or no slot. A
+ * thread without a slot drops and counts; it claims again at most once
+ * a second, so a VM short of slots pays one failed claim per thread per
+ * second, not one per record. */
+static ERL_NIF_TERM record_slow(ErlNifEnv *env, struct nif_subj *subj, uint64_t ns)
 {
-	atomic_store_explicit(&s->last_attach_error, rc, memory_order_relaxed);
-	atomic_fetch_add_explicit(&s->no_slot, 1, memory_order_relaxed);
-	no_slot_seg = s;
-	no_slot_until = tally_now_ns() + NO_SLOT_RETRY_NS;
-	return atom_dropped;
+	struct nif_seg *s = subj->seg;
+	struct thread_cache *c = &tcache;
+	struct tally_producer *p;
+	int rc;
+
+	if (c->uid == s->uid && !c->p && tally_now_ns() < c->retry_ns) {
+		atomic_fetch_add_explicit(&s->no_slot, 1, memory_order_relaxed);
+		return atom_dropped;
+	}
+	if ((rc = tally_producer_local(s->seg, &p)) != 0) {
+		atomic_store_explicit(&s->last_attach_error, rc, memory_order_relaxed);
+		atomic_fetch_add_explicit(&s->no_slot, 1, memory_order_relaxed);
+		*c = (struct thread_cache){ s->uid, NULL, tally_now_ns() + NO_SLOT_RETRY_NS };
+		return atom_dropped;
+	}
+	*c = (struct thread_cache){ s->uid, p, 0 };
+	return tally_record(p, subj->id, ns) ? atom_ok : atom_dropped;
 }
 
 static inline ERL_NIF_TERM record(ErlNifEnv *env, struct nif_subj *subj, uint64_t ns)
 {
 	struct nif_seg *s = subj->seg;
-	struct tally_producer *p;
-	int rc;
+	struct thread_cache *c = &tcache;
 
 	if (UNLIKELY(atomic_load_explicit(&s->closed, memory_order_relaxed)))
 		return enif_make_badarg(env);
-	if (UNLIKELY(no_slot_seg == s) && tally_now_ns() < no_slot_until) {
-		atomic_fetch_add_explicit(&s->no_slot, 1, memory_order_relaxed);
-		return atom_dropped;
-	}
-	if (UNLIKELY((rc = tally_producer_local(s->seg, &p)) != 0))
-		return record_unattached(s, rc);
-	return LIKELY(tally_record(p, subj->id, ns)) ? atom_ok : atom_dropped;
+	if (UNLIKELY(c->uid != s->uid || !c->p))
+		return record_slow(env, subj, ns);
+	return LIKELY(tally_record(c->p, subj->id, ns)) ? atom_ok : atom_dropped;
 }
 
 static ERL_NIF_TERM nif_record(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
@@ -497,6 +526,23 @@ static ERL_NIF_TERM nif_now(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
 /* The no-op NIF of the benchmark: the floor every ratio is taken to. */
 static ERL_NIF_TERM nif_bench_noop(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
 {
+	return atom_ok;
+}
+
+/* The benchmark's second floor: decode two integers and store them in a
+ * thread-local ring, the least a record call from Erlang can do. */
+static __thread uint64_t bench_ring[2 * 1024];
+static __thread uint64_t bench_pos;
+
+static ERL_NIF_TERM nif_bench_ring(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
+{
+	ErlNifUInt64 a, b;
+
+	if (!enif_get_uint64(env, argv[0], &a) || !enif_get_uint64(env, argv[1], &b))
+		return enif_make_badarg(env);
+	uint64_t i = bench_pos++ & 1023;
+	bench_ring[2 * i] = a;
+	bench_ring[2 * i + 1] = b;
 	return atom_ok;
 }
 
@@ -781,6 +827,7 @@ static ErlNifFunc funcs[] = {
 	{ "counters", 1, nif_counters, 0 },
 	{ "slots", 1, nif_slots, 0 },
 	{ "bench_noop", 2, nif_bench_noop, 0 },
+	{ "bench_ring", 2, nif_bench_ring, 0 },
 	/* the same record path, called on a dirty scheduler (tests) */
 	{ "record_dirty_cpu", 2, nif_record, ERL_NIF_DIRTY_JOB_CPU_BOUND },
 	{ "record_dirty_io", 2, nif_record, ERL_NIF_DIRTY_JOB_IO_BOUND },

@@ -13,7 +13,7 @@
          format_error/1,
          counters/1, slots/1, slots_needed/0]).
 %% for the benchmark and the tests
--export([bench_noop/2, record_dirty_cpu/2, record_dirty_io/2]).
+-export([bench_noop/2, bench_ring/2, record_dirty_cpu/2, record_dirty_io/2]).
 
 -on_load(load_nif/0).
 -compile({no_auto_import, [now/0]}).
@@ -117,6 +117,7 @@ slots_needed() ->
         + erlang:system_info(dirty_io_schedulers).
 
 bench_noop(_A, _B) -> ?NOT_LOADED.
+bench_ring(_A, _B) -> ?NOT_LOADED.
 record_dirty_cpu(_Subj, _Ns) -> ?NOT_LOADED.
 record_dirty_io(_Subj, _Ns) -> ?NOT_LOADED.
 

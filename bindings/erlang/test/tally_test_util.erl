@@ -79,8 +79,9 @@ start_tallyd(Ini, Extra) ->
     ok = file:write_file(IniFile, Ini),
     %% the shell starts tallyd, says its pid, and kills it when its stdin
     %% (the port) closes: with this VM, or after stop
-    Script = "\"$@\" >>\"$LOG\" 2>&1 & p=$!; echo \"pid $p\"; "
-             "(read _; kill -9 $p 2>/dev/null) & wait $p; echo \"exit $?\"",
+    %% (an asynchronous list reads /dev/null: the watcher reads fd 3)
+    Script = "exec 3<&0 2>/dev/null; \"$@\" >>\"$LOG\" 2>&1 </dev/null & p=$!; echo \"pid $p\"; "
+             "(read _ <&3; kill -9 $p 2>/dev/null) & wait $p; echo \"exit $?\"",
     Port = open_port({spawn_executable, "/bin/sh"},
                      [{args, ["-c", Script, "sh", Tallyd, "-c", IniFile, "-s", Seg, "--no-http" | Extra]},
                       {env, [{"LOG", Log}]}, {line, 256}, binary, use_stdio]),
@@ -161,7 +162,7 @@ wait_until_(F, Deadline, StepMs) ->
 %% Run Expr (a string of Erlang expressions) in a second OS process: a new
 %% erl with this build's ebin. Returns {ExitStatus, Output, OsPid}.
 run_erl(Expr, TimeoutMs) ->
-    Erl = case os:getenv("ERL") of false -> "erl"; E -> E end,
+    Erl = case os:getenv("ERL") of V when V =:= false; V =:= "" -> os:find_executable("erl"); E -> E end,
     Port = open_port({spawn_executable, Erl},
                      [{args, ["-noshell", "-noinput", "-pa", env("TALLY_EBIN"), "-eval", Expr]},
                       exit_status, binary, stderr_to_stdout, use_stdio]),
