@@ -15,7 +15,8 @@ CONFIGURE_FLAGS=${CONFIGURE_FLAGS:---enable-werror}
 PACKAGES="build-essential autoconf automake libtool pkg-config
 liburcu-dev libck-dev libnats-dev libcriterion-dev nats-server
 libinih-dev libmicrohttpd-dev libncurses-dev libjansson-dev
-prometheus valgrind clang libclang-rt-14-dev gnuplot-nox wrk procps tmux"
+prometheus valgrind clang libclang-rt-14-dev gnuplot-nox wrk procps tmux
+erlang-nox erlang-dev erlang-eunit erlang-common-test rebar3"
 
 deps() {
 	missing=""
@@ -45,8 +46,14 @@ build() {
 
 check() {
 	status=0
+	erl_log="$BUILD_DIR/bindings/erlang/test-suite.log"
+	rm -f "$erl_log"
 	make -C "$BUILD_DIR" -j"$(nproc)" check || status=$?
 	tests/summarize "$BUILD_DIR/tests/test-suite.log" || status=1
+	# the Erlang binding's tests: no log only when configured --disable-erlang
+	if [ -f "$erl_log" ]; then
+		tests/summarize "$erl_log" || status=1
+	fi
 	return $status
 }
 

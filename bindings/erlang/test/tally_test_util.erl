@@ -66,14 +66,14 @@ segname() ->
     lists:flatten(io_lib:format("tt-erl-~s-~b-~b", [os:getpid(),
         erlang:unique_integer([positive]), erlang:system_time(millisecond) rem 100000000])).
 
-start_tallyd(Ini) -> start_tallyd(Ini, []).
+start_tallyd(Ini) -> start_tallyd(Ini, segname()).
 
-%% A real tallyd (the build tree's, $TALLYD) on a new segment, waited for
-%% until it logs "ready:". Returns a map that stop/kill take.
-start_tallyd(Ini, Extra) ->
+%% A real tallyd (the build tree's, $TALLYD) on segment Seg (a new name:
+%% segname()), waited for until it logs "ready:". Returns a map that
+%% stop/kill take.
+start_tallyd(Ini, Seg) ->
     Tallyd = env("TALLYD"),
     Dir = mktemp_dir(),
-    Seg = segname(),
     IniFile = filename:join(Dir, "tallyd.ini"),
     Log = filename:join(Dir, "tallyd.log"),
     ok = file:write_file(IniFile, Ini),
@@ -83,7 +83,7 @@ start_tallyd(Ini, Extra) ->
     Script = "exec 3<&0 2>/dev/null; \"$@\" >>\"$LOG\" 2>&1 </dev/null & p=$!; echo \"pid $p\"; "
              "(read _ <&3; kill -9 $p 2>/dev/null) & wait $p; echo \"exit $?\"",
     Port = open_port({spawn_executable, "/bin/sh"},
-                     [{args, ["-c", Script, "sh", Tallyd, "-c", IniFile, "-s", Seg, "--no-http" | Extra]},
+                     [{args, ["-c", Script, "sh", Tallyd, "-c", IniFile, "-s", Seg, "--no-http"]},
                       {env, [{"LOG", Log}]}, {line, 256}, binary, use_stdio]),
     OsPid = receive {Port, {data, {eol, <<"pid ", P/binary>>}}} -> binary_to_integer(P)
             after 5000 -> error({tallyd_no_pid, Tallyd})

@@ -12,7 +12,7 @@
 
 -include_lib("eunit/include/eunit.hrl").
 
--import(tally_test_util, [start_tallyd/1, stop_tallyd/1, kill_tallyd/1, base_ini/0,
+-import(tally_test_util, [start_tallyd/1, start_tallyd/2, stop_tallyd/1, kill_tallyd/1, base_ini/0,
                           wait_until/3]).
 
 %% Run F with a tallyd started from Ini; stopped (and checked to exit 0)
@@ -441,3 +441,41 @@ router_module_and_telemetry_handler_test() ->
             router_intake_backpressure:stop()
         end
     end).
+
+%% tallyd stopped and started again on the same name: the router module's
+%% records follow the new owner, and its reads reopen the name once they
+%% find the old segment stale.
+router_module_follows_a_restarted_tallyd_test() ->
+    T1 = #{seg := Seg} = start_tallyd(base_ini()),
+    Subject = <<"orders.restart">>,
+    Event = fun(Ms) ->
+                D = erlang:convert_time_unit(Ms, millisecond, native),
+                router_intake_backpressure:handle_event([router, message, stop], #{duration => D},
+                                                        #{subject => Subject}, #{})
+            end,
+    ok = router_intake_backpressure:start(Seg),
+    try
+        [ok = Event(3) || _ <- lists:seq(1, 50)],
+        ?assert(wait_until(fun() -> router_intake_backpressure:check_backpressure(Subject) =:= ok end,
+                           5000, 10)),
+        {ok, P1} = router_intake_backpressure:get_processing_latency_p95(Subject),
+        ?assert(abs(P1 - 3.0) =< 0.03, P1),
+        ?assertEqual(0, stop_tallyd(T1)),
+        T2 = start_tallyd(base_ini(), Seg),
+        try
+            %% records made now reach the new tallyd (through the old handles)
+            Fed = wait_until(fun() ->
+                                     [ok = Event(7) || _ <- lists:seq(1, 20)],
+                                     case router_intake_backpressure:get_processing_latency_p95(Subject) of
+                                         {ok, P} -> abs(P - 7.0) =< 0.07;
+                                         _ -> false
+                                     end
+                             end, 10000, 50),
+            ?assert(Fed, router_intake_backpressure:get_processing_latency_p95(Subject)),
+            ?assertEqual(ok, router_intake_backpressure:check_backpressure(Subject))
+        after
+            ?assertEqual(0, stop_tallyd(T2))
+        end
+    after
+        router_intake_backpressure:stop()
+    end.
