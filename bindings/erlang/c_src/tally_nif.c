@@ -457,6 +457,16 @@ struct thread_cache {
 };
 static __thread struct thread_cache tcache;
 
+/* Not stored: a full ring, or the handle's lease ended (revoked: the
+ * thread claims a new slot on its next record, as tally_producer_local
+ * would). */
+static ERL_NIF_TERM record_dropped(struct thread_cache *c)
+{
+	if (tally_producer_status(c->p) == TALLY_EREVOKED)
+		c->uid = 0;
+	return atom_dropped;
+}
+
 /* Not the hot path: this thread's first record into s, or no slot. A
  * thread without a slot drops and counts; it claims again at most once
  * a second, so a VM short of slots pays one failed claim per thread per
@@ -479,7 +489,7 @@ static ERL_NIF_TERM record_slow(ErlNifEnv *env, struct nif_subj *subj, uint64_t 
 		return atom_dropped;
 	}
 	*c = (struct thread_cache){ s->uid, p, 0 };
-	return tally_record(p, subj->id, ns) ? atom_ok : atom_dropped;
+	return tally_record(p, subj->id, ns) ? atom_ok : record_dropped(c);
 }
 
 static inline ERL_NIF_TERM record(ErlNifEnv *env, struct nif_subj *subj, uint64_t ns)
@@ -491,7 +501,7 @@ static inline ERL_NIF_TERM record(ErlNifEnv *env, struct nif_subj *subj, uint64_
 		return enif_make_badarg(env);
 	if (UNLIKELY(c->uid != s->uid || !c->p))
 		return record_slow(env, subj, ns);
-	return LIKELY(tally_record(c->p, subj->id, ns)) ? atom_ok : atom_dropped;
+	return LIKELY(tally_record(c->p, subj->id, ns)) ? atom_ok : record_dropped(c);
 }
 
 static ERL_NIF_TERM nif_record(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
@@ -815,7 +825,9 @@ static void unload(ErlNifEnv *env, void *priv_data)
 }
 
 static ErlNifFunc funcs[] = {
-	{ "open_nif", 1, nif_open, 0 },
+	/* open waits up to 1 s for a segment being created, slots reads /proc
+	 * for every slot: both on a dirty IO scheduler, off the normal ones */
+	{ "open_nif", 1, nif_open, ERL_NIF_DIRTY_JOB_IO_BOUND },
 	{ "close", 1, nif_close, 0 },
 	{ "subject_nif", 2, nif_subject, 0 },
 	{ "record", 2, nif_record, 0 },
@@ -825,7 +837,7 @@ static ErlNifFunc funcs[] = {
 	{ "verdict", 1, nif_verdict, 0 },
 	{ "pending", 1, nif_pending, 0 },
 	{ "counters", 1, nif_counters, 0 },
-	{ "slots", 1, nif_slots, 0 },
+	{ "slots", 1, nif_slots, ERL_NIF_DIRTY_JOB_IO_BOUND },
 	{ "bench_noop", 2, nif_bench_noop, 0 },
 	{ "bench_ring", 2, nif_bench_ring, 0 },
 	/* the same record path, called on a dirty scheduler (tests) */
