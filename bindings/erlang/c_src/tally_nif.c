@@ -62,7 +62,8 @@ _Static_assert(sizeof(ErlNifUInt64) == sizeof(uint64_t), "64-bit NIF integers");
 
 #define SEG_MAGIC 0x74736567u  /* "tseg" */
 #define SUBJ_MAGIC 0x74737562u /* "tsub" */
-#define REGISTRY_MAGIC 0x74726567u
+#define REGISTRY_MAGIC 0x74726567u /* "treg" */
+#define PRIV_MAGIC 0x74707276u     /* "tprv" */
 /* Layout version of the structs below: an upgrade from a library with
  * another one is refused (the resources it made could not be read). */
 #define LAYOUT_VERSION 1u
@@ -97,6 +98,9 @@ struct registry {
 	pthread_mutex_t lock;
 	struct nif_seg *head;
 	uint32_t live;   /* segment resources not yet destroyed */
+	_Atomic uint64_t next_uid; /* struct nif_seg uid: unique across every library
+				    * instance that took these segments over (each has
+				    * its own thread caches, but they share resources) */
 	bool unloaded;   /* the last library instance is gone: free at live == 0 */
 };
 
@@ -107,7 +111,6 @@ struct priv {
 };
 
 static ErlNifResourceType *seg_type, *subj_type;
-static _Atomic uint64_t next_uid = 1; /* struct nif_seg uid */
 
 static ERL_NIF_TERM atom_ok, atom_error, atom_dropped, atom_closed, atom_warn, atom_overload,
 	atom_unknown, atom_no_data, atom_stale, atom_true, atom_false, atom_undefined;
@@ -390,7 +393,7 @@ static ERL_NIF_TERM nif_open(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]
 	memset(s, 0, sizeof(*s));
 	s->magic = SEG_MAGIC;
 	s->seg = seg;
-	s->uid = atomic_fetch_add_explicit(&next_uid, 1, memory_order_relaxed);
+	s->uid = atomic_fetch_add_explicit(&pv->reg->next_uid, 1, memory_order_relaxed) + 1;
 	snprintf(s->name, sizeof(s->name), "%s", name);
 	registry_add(pv->reg, s);
 	ERL_NIF_TERM t = enif_make_resource(env, s);
@@ -443,7 +446,9 @@ static ERL_NIF_TERM nif_subject(ErlNifEnv *env, int argc, const ERL_NIF_TERM arg
 /*
  * The calling thread's last segment and its handle: one thread-local
  * access and a compare on the record path. Keyed by the segment's uid
- * (never reused), not its address: a resource freed and another allocated
+ * (never reused, never 0; counted in the registry, so that instances of
+ * the library that took each other's segments over do not give the same
+ * one twice), not its address: a resource freed and another allocated
  * at the same place is not mistaken for it. The handle stays valid while
  * the segment lives (libtally frees a thread's handle only after its
  * segment was closed, by that thread, or at thread exit), and no NIF can
@@ -776,7 +781,7 @@ static struct priv *priv_new(struct registry *reg)
 
 	if (!p)
 		return NULL;
-	p->magic = REGISTRY_MAGIC;
+	p->magic = PRIV_MAGIC;
 	p->layout = LAYOUT_VERSION;
 	p->reg = reg;
 	return p;
@@ -803,7 +808,7 @@ static int upgrade(ErlNifEnv *env, void **priv_data, void **old_priv_data, ERL_N
 	struct priv *old = *old_priv_data;
 
 	/* resources made by a library of another layout could not be read */
-	if (!old || old->magic != REGISTRY_MAGIC || old->layout != LAYOUT_VERSION || !old->reg ||
+	if (!old || old->magic != PRIV_MAGIC || old->layout != LAYOUT_VERSION || !old->reg ||
 	    pin_libtally() != 0)
 		return 1;
 	make_atoms(env);
