@@ -107,7 +107,8 @@ struct registry {
 /* Private data of one library instance. */
 struct priv {
 	uint32_t magic, layout;
-	struct registry *reg; /* NULL once a newer instance took it over */
+	struct registry *reg; /* shared with the instances before and after this one */
+	bool handed_over;     /* a newer instance took reg over: unload closes nothing */
 };
 
 static ErlNifResourceType *seg_type, *subj_type;
@@ -359,6 +360,17 @@ static inline bool get_ns(ErlNifEnv *env, ERL_NIF_TERM t, uint64_t *ns)
 
 /* ---- tally:open/1, close/1, subject/2 ------------------------------------------ */
 
+/* {error, owner_dead, Detail}: the segment opened, but nobody drains it. */
+static ERL_NIF_TERM owner_dead(ErlNifEnv *env, const char *name)
+{
+	char msg[2 * TALLY_NAME_MAX + 160];
+
+	snprintf(msg, sizeof(msg), "segment \"%s\" exists but its owner is not running: "
+		 "start tallyd (tallyd -s %s, or --replace over a dead owner's segment)", name, name);
+	return enif_make_tuple3(env, atom_error, atom(env, "owner_dead"),
+				enif_make_string(env, msg, ERL_NIF_LATIN1));
+}
+
 static ERL_NIF_TERM nif_open(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
 {
 	struct priv *pv = enif_priv_data(env);
@@ -376,14 +388,8 @@ static ERL_NIF_TERM nif_open(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]
 	if ((rc = tally_segment_open(name, TALLY_OPEN_PRODUCER, 1000, &seg)) != 0)
 		return error3(env, rc);
 	if (tally_segment_owner_alive(seg) != 1) {
-		char msg[2 * TALLY_NAME_MAX + 160];
-
 		tally_segment_close(&seg);
-		snprintf(msg, sizeof(msg), "segment \"%s\" exists but its owner is not running: "
-			 "start tallyd (tallyd -s %s, or --replace over a dead owner's segment)",
-			 name, name);
-		return enif_make_tuple3(env, atom_error, atom(env, "owner_dead"),
-					enif_make_string(env, msg, ERL_NIF_LATIN1));
+		return owner_dead(env, name);
 	}
 	struct nif_seg *s = enif_alloc_resource(seg_type, sizeof(*s));
 	if (!s) {
@@ -784,6 +790,7 @@ static struct priv *priv_new(struct registry *reg)
 	p->magic = PRIV_MAGIC;
 	p->layout = LAYOUT_VERSION;
 	p->reg = reg;
+	p->handed_over = false;
 	return p;
 }
 
@@ -808,7 +815,7 @@ static int upgrade(ErlNifEnv *env, void **priv_data, void **old_priv_data, ERL_N
 	struct priv *old = *old_priv_data;
 
 	/* resources made by a library of another layout could not be read */
-	if (!old || old->magic != PRIV_MAGIC || old->layout != LAYOUT_VERSION || !old->reg ||
+	if (!old || old->magic != PRIV_MAGIC || old->layout != LAYOUT_VERSION || old->handed_over ||
 	    pin_libtally() != 0)
 		return 1;
 	make_atoms(env);
@@ -816,7 +823,9 @@ static int upgrade(ErlNifEnv *env, void **priv_data, void **old_priv_data, ERL_N
 		return 1;
 	if (!(*priv_data = priv_new(old->reg)))
 		return 1;
-	old->reg = NULL; /* taken over: the old instance's unload closes nothing */
+	/* taken over: the old instance's unload closes nothing, and old code
+	 * still running (a tally:open/1 until the purge) shares the registry */
+	old->handed_over = true;
 	return 0;
 }
 
@@ -824,7 +833,7 @@ static void unload(ErlNifEnv *env, void *priv_data)
 {
 	struct priv *p = priv_data;
 
-	if (p && p->reg)
+	if (p && !p->handed_over)
 		registry_close_all(p->reg);
 	enif_free(p);
 }
