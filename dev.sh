@@ -16,7 +16,8 @@ PACKAGES="build-essential autoconf automake libtool pkg-config
 liburcu-dev libck-dev libnats-dev libcriterion-dev nats-server
 libinih-dev libmicrohttpd-dev libncurses-dev libjansson-dev
 prometheus valgrind clang libclang-rt-14-dev gnuplot-nox wrk procps tmux
-gdb nginx libcurl4-openssl-dev"
+gdb nginx libcurl4-openssl-dev
+erlang-nox erlang-dev erlang-eunit erlang-common-test rebar3"
 
 deps() {
 	missing=""
@@ -46,8 +47,14 @@ build() {
 
 check() {
 	status=0
+	erl_log="$BUILD_DIR/bindings/erlang/test-suite.log"
+	rm -f "$erl_log"
 	make -C "$BUILD_DIR" -j"$(nproc)" check || status=$?
 	tests/summarize "$BUILD_DIR/tests/test-suite.log" || status=1
+	# the Erlang binding's tests: no log only when configured --disable-erlang
+	if [ -f "$erl_log" ]; then
+		tests/summarize "$erl_log" || status=1
+	fi
 	return $status
 }
 
