@@ -72,6 +72,7 @@ TALLY_API void tally_threshold_rule_init(struct tally_threshold_rule *r)
 	r->wait_p95_overload_ns = 500000000ull; /* 500 ms */
 	r->codel_target_ns = 5000000ull;        /* 5 ms, folly Codel's default */
 	r->codel_interval_ms = 100;             /* folly Codel's default */
+	r->retry_after_max_ms = 30000;
 }
 
 TALLY_API struct tally_thresholds *tally_thresholds_new(void)
@@ -108,6 +109,9 @@ static int rule_check(const char *pattern, const struct tally_threshold_rule *r)
 		return tally__fail(-EINVAL, "thresholds for \"%s\": wait_p95_warn (%llu ns) is above "
 				   "wait_p95_overload (%llu ns)", what, (unsigned long long)r->wait_p95_warn_ns,
 				   (unsigned long long)r->wait_p95_overload_ns);
+	if (r->retry_after_max_ms < r->retry_after_ms)
+		return tally__fail(-EINVAL, "thresholds for \"%s\": retry_after_max_ms %u is below "
+				   "retry_after_ms %u", what, r->retry_after_max_ms, r->retry_after_ms);
 	if (r->codel_interval_ms < 1 || r->codel_interval_ms > 60000)
 		return tally__fail(-EINVAL, "thresholds for \"%s\": codel_interval_ms %u is outside 1..60000",
 				   what, r->codel_interval_ms);
@@ -286,10 +290,11 @@ static uint32_t retry_after(const struct tally_threshold_rule *r, const struct t
 		return 0;
 	uint64_t ms = r->retry_after_ms;
 	if ((o->reasons & TALLY_REASON_PENDING) && in->rate > 0) {
-		/* the time the subject needs to work off its backlog at its rate */
+		/* the time the subject needs to work off its backlog at its
+		 * rate, at most retry_after_max_ms */
 		double drain = (double)in->pending * 1000.0 / in->rate;
 		if (drain > (double)ms)
-			ms = drain > 30000.0 ? 30000 : (uint64_t)drain;
+			ms = drain > (double)r->retry_after_max_ms ? r->retry_after_max_ms : (uint64_t)drain;
 	}
 	return (uint32_t)ms;
 }

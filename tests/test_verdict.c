@@ -149,6 +149,30 @@ Test(verdict, pending_signal_and_retry_after)
 	cr_expect_eq(o.retry_after_ms, 0);
 }
 
+/* The stretched hint stops at retry_after_max_ms (it was a hard-coded
+ * 30 s), and a maximum below the base hint is refused naming both. */
+Test(verdict, retry_after_stretches_to_its_configured_maximum)
+{
+	struct tally_threshold_rule r = rule(0, 0, 100, 1000);
+	struct tally__verdict_state st;
+	uint64_t t = 1000 * MS;
+
+	r.retry_after_max_ms = 8000;
+	tally__verdict_init(&st, t);
+	struct tally__verdict_out o = step(&st, &r, 0, 500000, TALLY_PENDING_LIVE, t);
+	cr_expect_eq(o.verdict, TALLY_VERDICT_OVERLOAD);
+	cr_expect_eq(o.retry_after_ms, 8000, "500 s of backlog, capped at 8 s: %u", o.retry_after_ms);
+	struct tally_threshold_rule d;
+	tally_threshold_rule_init(&d);
+	cr_expect_eq(d.retry_after_max_ms, 30000, "the documented default");
+	struct tally_thresholds *th = tally_thresholds_new();
+	r.retry_after_ms = 9000;
+	cr_expect_eq(tally_thresholds_add(th, "x.>", &r), -EINVAL);
+	cr_expect(strstr(tally_errmsg(), "retry_after_max_ms 8000 is below retry_after_ms 9000"), "%s",
+		  tally_errmsg());
+	tally_thresholds_free(&th);
+}
+
 Test(verdict, stale_pending_fail_open_and_fail_closed)
 {
 	struct tally_threshold_rule r = rule(100, 200, 100, 1000);

@@ -129,6 +129,7 @@ static const struct key thresh_keys[] = {
 	{ "clear_ratio", K_RATIO, TR(clear_ratio), 0, 0 },
 	{ "min_dwell_ms", K_U32, TR(min_dwell_ms), 0, U32MAX },
 	{ "retry_after_ms", K_U32, TR(retry_after_ms), 0, U32MAX },
+	{ "retry_after_max_ms", K_U32, TR(retry_after_max_ms), 0, 86400000 },
 	{ "stall_after_ms", K_U32, TR(stall_after_ms), 0, U32MAX },
 	{ "wait_p95_warn_ms", K_MS_NS, TR(wait_p95_warn_ns), 0, 0 },
 	{ "wait_p95_overload_ms", K_MS_NS, TR(wait_p95_overload_ns), 0, 0 },

@@ -114,6 +114,9 @@ struct tally_threshold_rule {
 	uint64_t wait_p95_warn_ns, wait_p95_overload_ns; /* default 100 ms, 500 ms; 0: not judged */
 	uint64_t codel_target_ns;                /* default 5 ms; 0: CoDel off */
 	uint32_t codel_interval_ms;              /* default 100, 1..60000 */
+	uint32_t retry_after_max_ms;             /* overload on the backlog: the hint stretches to
+						  * pending / rate, at most this (default 30000;
+						  * at least retry_after_ms) */
 };
 
 /* The defaults above. Never fails. */
