@@ -63,6 +63,8 @@ void cli_pad(FILE *to, const char *s, int width);
 
 /* Display width of a UTF-8 string (characters). */
 int cli_width(const char *s);
+/* The locale's character set is UTF-8 (after setlocale(LC_CTYPE, "")). */
+bool cli_utf8_locale(void);
 
 /* Parse a non-negative decimal: 0 or -1. */
 int cli_parse_u64(const char *s, uint64_t *out);

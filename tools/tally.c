@@ -48,7 +48,7 @@ int cli_open_reader(const char *segment, struct tally_segment **out)
 	return rc ? cli_fail(segment, rc) : 0;
 }
 
-static bool utf8_locale(void)
+bool cli_utf8_locale(void)
 {
 	static int known = -1;
 
@@ -66,7 +66,7 @@ const char *cli_fmt_ns(char *buf, size_t len, uint64_t ns)
 	if (ns < 1000)
 		snprintf(buf, len, "%" PRIu64 "ns", ns);
 	else if (ns < 1000000)
-		snprintf(buf, len, "%.*f%s", ns < 100000 ? 1 : 0, v / 1e3, utf8_locale() ? "µs" : "us");
+		snprintf(buf, len, "%.*f%s", ns < 100000 ? 1 : 0, v / 1e3, cli_utf8_locale() ? "µs" : "us");
 	else if (ns < 1000000000)
 		snprintf(buf, len, "%.*fms", ns < 100000000 ? 2 : 1, v / 1e6);
 	else if (ns < 60000000000ull)

@@ -250,10 +250,12 @@ static int cmp_subjects(const void *pa, const void *pb)
 		if (ha && a->st.p95_ns != b->st.p95_ns)
 			return a->st.p95_ns > b->st.p95_ns ? -1 : 1;
 	} else if (sort_ctx->sort == 'n') {
-		uint64_t pa_ = a->st.pending_consumers ? a->st.pending : 0;
-		uint64_t pb_ = b->st.pending_consumers ? b->st.pending : 0;
-		if (pa_ != pb_)
-			return pa_ > pb_ ? -1 : 1;
+		/* a backlog of 0 is a reading; "-" (no consumer) is none: after */
+		bool sa = a->published && a->st.pending_consumers, sb = b->published && b->st.pending_consumers;
+		if (sa != sb)
+			return sa ? -1 : 1;
+		if (sa && a->st.pending != b->st.pending)
+			return a->st.pending > b->st.pending ? -1 : 1;
 	}
 	return strcmp(a->name, b->name);
 }
@@ -279,12 +281,24 @@ struct columns {
 	bool max;      /* a MAX column */
 	bool reasons;  /* reasons after the verdict */
 	bool wait;     /* WAIT95 and PRESS columns (wide terminals) */
+	bool tails;    /* P50 and P99 (dropped first on a narrow terminal) */
+	bool count;    /* COUNT (dropped next) */
 };
 
+/* Columns for COLS: the name, P95, PENDING and the whole VERDICT always
+ * fit (a cut "war" is not a verdict); P50/P99, then COUNT, go first. */
 static struct columns layout(void)
 {
-	struct columns c = { .name = COLS - 57, .max = COLS >= 90, .reasons = false };
+	struct columns c = { .name = COLS - 57, .max = COLS >= 90, .tails = true, .count = true };
 
+	if (c.name < 16) {
+		c.tails = false;
+		c.name += 16;
+	}
+	if (c.name < 12) {
+		c.count = false;
+		c.name += 8;
+	}
 	if (c.max)
 		c.name -= 8;
 	if (c.name > 30) { /* room for the wait P95 and the pressure */
@@ -303,8 +317,15 @@ static struct columns layout(void)
 static void draw_subject_header(const struct top *t, int row, const struct columns *c)
 {
 	char line[512];
-	int n = snprintf(line, sizeof(line), "%-*s %7s %7s %7s %7s %7s", c->name, "SUBJECT", "COUNT",
-			 "RATE/s", "P50", t->sort == 'p' ? "P95 v" : "P95", "P99");
+	int n = snprintf(line, sizeof(line), "%-*s", c->name, "SUBJECT");
+	if (c->count)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", "COUNT");
+	n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", "RATE/s");
+	if (c->tails)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", "P50");
+	n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", t->sort == 'p' ? "P95 v" : "P95");
+	if (c->tails)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", "P99");
 	if (c->max)
 		n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", "MAX");
 	n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", t->sort == 'n' ? "PEND v" : "PENDING");
@@ -320,17 +341,24 @@ static void draw_subject(const struct top *t, int row, const struct columns *c,
 	const struct tally_subject_stats *st = &s->st;
 	bool has = s->published && st->has_data;
 	char line[768], b[32], cl[5][48];
-	int n, w = clip_bytes(s->name, c->name);
+	int n, width = cli_width(s->name);
 
-	n = snprintf(line, sizeof(line), "%.*s%*s", w, s->name, c->name - cli_width(s->name) > 0 ?
-			     c->name - cli_width(s->name) : 0, "");
-	n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s %7s",
-		      cli_fmt_count(cl[0], sizeof(cl[0]), st->count),
+	if (width > c->name) /* cut, and say so: "war" must not pass for a name */
+		n = snprintf(line, sizeof(line), "%.*s%s", clip_bytes(s->name, c->name - 1), s->name,
+			     cli_utf8_locale() ? "\u2026" : "~");
+	else
+		n = snprintf(line, sizeof(line), "%s%*s", s->name, c->name - width, "");
+	if (c->count)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s",
+			      cli_fmt_count(cl[0], sizeof(cl[0]), st->count));
+	n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s",
 		      st->rate < 99999.5 ? (snprintf(b, sizeof(b), "%.1f", st->rate), b) :
 					   cli_fmt_count(b, sizeof(b), (uint64_t)st->rate));
 	uint64_t q[4] = { st->p50_ns, st->p95_ns, st->p99_ns, st->max_ns };
 	for (int i = 0; i < (c->max ? 4 : 3); i++) {
 		char v[32];
+		if (!c->tails && i != 1)
+			continue;
 		n += snprintf(line + n, sizeof(line) - (size_t)n, " %s",
 			      cell(cl[i + 1], sizeof(cl[i + 1]), has ? cli_fmt_ns(v, sizeof(v), q[i]) : "-", 7));
 	}
