@@ -84,6 +84,7 @@ struct cli_view {
 	bool stale;                     /* owner dead/stopped, or not publishing */
 	const char *stale_reason;       /* "owner_dead", "owner_stopped", "snapshot_stale", NULL */
 	uint64_t now_mono_ns;
+	int64_t read_at_ms;             /* Unix ms when this view was read */
 	uint64_t published_age_ms;      /* of the owner's last publish (heartbeat) */
 	int64_t published_at_ms;        /* the same as unix time in ms */
 	struct cli_subject *subjects;

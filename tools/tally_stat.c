@@ -157,6 +157,7 @@ int cli_view_read(struct tally_segment *seg, struct cli_view *v)
 	v->now_mono_ns = mono;
 	v->published_age_ms = ago / 1000000u;
 	v->published_at_ms = (int64_t)((real - ago) / 1000000u);
+	v->read_at_ms = (int64_t)(real / 1000000u);
 	if ((rc = read_subjects(seg, v, &subject_stale)) || (rc = read_tables(seg, v))) {
 		cli_view_free(v);
 		return rc;
@@ -563,7 +564,8 @@ static int print_json(const struct cli_view *v)
 		json_array_append_new(producers, json_producer(&v->producers[i]));
 	for (int i = 0; i < v->nconsumers; i++)
 		json_array_append_new(consumers, json_consumer(&v->consumers[i]));
-	json_t *doc = json_pack("{s:i, s:o, s:o, s:o, s:o, s:o, s:o}", "version", 1,
+	json_t *doc = json_pack("{s:i, s:I, s:o, s:o, s:o, s:o, s:o, s:o}", "version", 1,
+				"read_at", (json_int_t)v->read_at_ms,
 				"segment", json_segment(v), "subjects", subjects,
 				"consumers", consumers, "producers", producers,
 				"poller", json_poller(v), "totals", json_totals(v));
