@@ -890,15 +890,17 @@ Test(cli, demo_duration_ends_the_live_view_in_a_terminal, .timeout = 120)
 			   "'env LC_ALL=C.UTF-8 TERM=screen %s -s %s demo --duration 3; "
 			   "echo DEMO-EXIT=$?; sleep 60'",
 			   t.sock, TALLY_BIN, tt_segname("cli-demo")), 0);
-	bool saw_top = false;
+	bool saw_top = false, saw_phase = false;
 	for (int i = 0; i < 900 && !ended; i++) { /* 90 s: nats-server starts, 3 s of demo */
 		tmux_capture(&t, false, screen, sizeof(screen));
 		saw_top |= strstr(screen, "q quit") != NULL;
+		saw_phase |= strstr(screen, "demo: 300 msg/s, steady") && strstr(screen, "thresholds: P95 warn");
 		ended = strstr(screen, "DEMO-EXIT=") != NULL;
 		tt_sleep_ms(100);
 	}
 	tmux_stop(&t);
 	cr_expect(saw_top, "the demo never showed tally top:\n%s", screen);
+	cr_expect(saw_phase, "top never showed the demo's phase and thresholds:\n%s", screen);
 	cr_assert(ended, "tally demo --duration 3 did not end in a terminal:\n%s", screen);
 	cr_expect(strstr(screen, "DEMO-EXIT=0"), "%s", screen);
 }

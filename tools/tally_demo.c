@@ -70,7 +70,28 @@ struct demo {
 	pthread_t driver;
 	atomic_bool stop;
 	_Atomic int phase;
+	char note[64];                 /* the phase for tally top --note; "" none */
 };
+
+#define THRESHOLDS_TEXT "P95 warn 100 ms / overload 500 ms, pending warn 500 / overload 3000"
+
+/* The phase line tally top shows: written beside and renamed, so that top
+ * never reads half of it. */
+static void write_note(const struct demo *d, int p)
+{
+	char tmp[80];
+	FILE *f;
+
+	if (!d->note[0])
+		return;
+	snprintf(tmp, sizeof(tmp), "%s.new", d->note);
+	if (!(f = fopen(tmp, "w")))
+		return;
+	fprintf(f, "demo: %u msg/s, %s  |  thresholds: " THRESHOLDS_TEXT "\n", cycle[p].rate,
+		cycle[p].what);
+	if (fclose(f) == 0)
+		rename(tmp, d->note);
+}
 
 static const char *const subjects[] = { "orders.created", "orders.paid", "orders.shipped" };
 
@@ -103,6 +124,8 @@ static void *driver_main(void *arg)
 		for (int i = 0; i < (int)(sizeof(cycle) / sizeof(cycle[0])); i++)
 			if (s >= cycle[i].at_s)
 				p = i;
+		if (p != atomic_load(&d->phase) || s == 0)
+			write_note(d, p);
 		atomic_store(&d->phase, p);
 		atomic_store(&d->pcfg.rate, cycle[p].rate);
 		usleep(100000);
@@ -215,7 +238,10 @@ static void run_top(struct demo *d)
 	self[n] = '\0';
 	if ((child = fork()) == 0) {
 		signal(SIGINT, SIG_DFL);
-		execl(self, self, "-s", d->segment, "top", (char *)NULL);
+		if (d->note[0])
+			execl(self, self, "-s", d->segment, "top", "--note", d->note, (char *)NULL);
+		else
+			execl(self, self, "-s", d->segment, "top", (char *)NULL);
 		_exit(127);
 	}
 	/* top runs until q, Ctrl-C, or the end of --duration: then SIGTERM,
@@ -279,10 +305,13 @@ int tally_cmd_demo(const char *segment, int argc, char **argv)
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
 	printf("tally demo: segment \"%s\"; Ctrl-C stops it and removes everything it created\n", segment);
+	char notedir[] = "/tmp/tally-demo-XXXXXX";
+	if (d.ui && mkdtemp(notedir))
+		snprintf(d.note, sizeof(d.note), "%s/phase", notedir);
 	int rc = start_all(&d);
 	if (rc == 0) {
 		printf("router: 4 workers, ~2 ms per message; publisher on orders.{created,paid,shipped}\n"
-		       "thresholds: P95 warn 100 ms / overload 500 ms, pending warn 500 / overload 3000\n");
+		       "thresholds: " THRESHOLDS_TEXT "\n");
 		fflush(stdout);
 		if (d.ui)
 			run_top(&d);
@@ -290,6 +319,10 @@ int tally_cmd_demo(const char *segment, int argc, char **argv)
 			run_plain(&d);
 	}
 	stop_all(&d);
+	if (d.note[0]) {
+		unlink(d.note);
+		rmdir(notedir);
+	}
 	printf("tally demo: stopped; segment, nats-server and its store removed\n");
 	return rc;
 }

@@ -50,6 +50,8 @@ struct top {
 	bool prompting;
 	char saved_filter[128]; /* restored when the prompt is cancelled */
 	bool color;
+	const char *note_file;  /* --note: its first line is shown under the header */
+	char note[256];
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -88,6 +90,15 @@ static void top_read(struct top *t)
 		t->seg = NULL;
 		top_wait(t, "not open", rc);
 		return;
+	}
+	if (t->note_file) { /* rewritten by its writer with rename: read whole */
+		FILE *f = fopen(t->note_file, "r");
+		t->note[0] = '\0';
+		if (f) {
+			if (fgets(t->note, sizeof(t->note), f))
+				t->note[strcspn(t->note, "\n")] = '\0';
+			fclose(f);
+		}
 	}
 	if (t->have_view)
 		cli_view_free(&t->v);
@@ -206,6 +217,8 @@ static void draw_header(const struct top *t)
 	else if (v->stale)
 		put(2, 0, alarm_attr(t), " OWNER %s (pid %d): last data from %s ago, not live; waiting for a new owner ",
 		    v->info.owner_stopped ? "STOPPED" : "DEAD", (int)v->info.owner_pid, age);
+	else if (t->note[0])
+		put(2, 0, A_BOLD, "%s", t->note);
 }
 
 static void draw_poller(const struct top *t)
@@ -591,6 +604,8 @@ static const char top_help[] =
 	"  -n, --iterations N   exit after N refreshes (default: run until q)\n"
 	"      --sort KEY       p95, pending or name\n"
 	"  -f, --filter TEXT    start with this filter\n"
+	"      --note FILE      show the first line of FILE under the header, read\n"
+	"                       at every refresh (tally demo shows its load phase)\n"
 	"  -h, --help           this help\n"
 	"\n"
 	"exit status: 0, 2 bad usage, 4 error (not a terminal, bad segment name)\n";
@@ -637,6 +652,7 @@ static int top_options(struct top *t, int argc, char **argv)
 		{ "iterations", required_argument, NULL, 'n' },
 		{ "sort", required_argument, NULL, 'S' },
 		{ "filter", required_argument, NULL, 'f' },
+		{ "note", required_argument, NULL, 'N' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -646,6 +662,7 @@ static int top_options(struct top *t, int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "s:d:n:f:h", opts, NULL)) != -1) {
 		switch (c) {
 		case 's': t->segment = optarg; break;
+		case 'N': t->note_file = optarg; break;
 		case 'd':
 			if (parse_delay(optarg, &t->delay_ms))
 				return top_usage_error("-d %s: give seconds from 0.05 to 3600 (e.g. 0.5 or 250ms)", optarg);
