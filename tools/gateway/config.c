@@ -371,6 +371,13 @@ static char **split_methods(const char *s, const char **why)
 	return m;
 }
 
+static void free_methods(char **m)
+{
+	for (size_t i = 0; m && m[i]; i++)
+		free(m[i]);
+	free(m);
+}
+
 static int open_route(struct parser *p, const char *arg)
 {
 	struct gw_config *c = p->cfg;
@@ -388,11 +395,14 @@ static int open_route(struct parser *p, const char *arg)
 	char **methods = split_methods(method, &why);
 	if (why || gw_path_pattern_check(path, &why) != 0) {
 		perr(p, p->lineno, "[route %s]: %s", arg, why);
+		free_methods(methods);
 		return -1;
 	}
 	struct gw_route *r = realloc(c->routes, (c->nroutes + 1) * sizeof(*r));
-	if (!r)
+	if (!r) {
+		free_methods(methods);
 		return -ENOMEM;
+	}
 	c->routes = r;
 	r = &r[c->nroutes];
 	memset(r, 0, sizeof(*r));
