@@ -225,6 +225,7 @@ void sim_router_stop(struct sim_router **rp)
 	for (int i = 0; i < r->nthreads; i++)
 		pthread_join(r->threads[i], NULL);
 	free(r->threads);
+	natsConnection_Close(r->nc);
 	jsCtx_Destroy(r->js);
 	natsConnection_Destroy(r->nc);
 	free(r);
@@ -272,7 +273,13 @@ static void *publisher_main(void *arg)
 	jsPubOptions po;
 	jsPubOptions_Init(&po);
 	po.MaxWait = 2000;
-	js_PublishAsyncComplete(p->js, &po);
+	if (js_PublishAsyncComplete(p->js, &po) != NATS_OK) {
+		/* acks lost to a server restart: take the publishes back, so that
+		 * nothing of ours is left in the context when it is destroyed */
+		natsMsgList pending = { 0 };
+		if (js_PublishAsyncGetPendingList(&pending, p->js) == NATS_OK)
+			natsMsgList_Destroy(&pending);
+	}
 	return NULL;
 }
 
@@ -305,6 +312,7 @@ void sim_publisher_stop(struct sim_publisher **pp)
 		return;
 	atomic_store(&p->stop, true);
 	pthread_join(p->thread, NULL);
+	natsConnection_Close(p->nc); /* no callback runs after this */
 	jsCtx_Destroy(p->js);
 	natsConnection_Destroy(p->nc);
 	free(p);
