@@ -197,6 +197,11 @@ struct tally_engine {
 	uint64_t recorded_total; /* aggregator thread: the largest drained + waiting published */
 	_Atomic uint64_t pending_kept, claims_expired, subjects_tombstoned;
 	_Atomic uint64_t subjects_active;
+	/* the longest the aggregator went without draining (not counting its
+	 * sleeps when idle): from the end of one drain pass to the start of
+	 * the next; stall_from 0: the thread slept since */
+	uint64_t stall_from;
+	_Atomic uint64_t max_stall_ns;
 	uint32_t scan_used;              /* subjects_used at the last complete table scan */
 	bool scan_again;                 /* that scan met a CLAIMED entry */
 	pthread_mutex_t start_lock;
@@ -383,10 +388,20 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 	return n - rejected;
 }
 
+static void stall_end(struct tally_engine *e)
+{
+	uint64_t t = tally__mono_ns();
+
+	if (e->stall_from && t - e->stall_from > atomic_load_explicit(&e->max_stall_ns, memory_order_relaxed))
+		atomic_store_explicit(&e->max_stall_ns, t - e->stall_from, memory_order_relaxed);
+}
+
 static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 {
 	struct tally_segment *seg = e->seg;
 	uint64_t total = 0;
+
+	stall_end(e);
 
 	for (uint32_t i = 0; i < seg->nslots; i++) {
 		struct tally__slot *s = tally__seg_slot(seg, i);
@@ -396,6 +411,7 @@ static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 		total += drain_slot(e, s, now, UINT64_MAX, NULL);
 	}
 	atomic_fetch_add_explicit(&e->drained, total, memory_order_relaxed);
+	e->stall_from = tally__mono_ns();
 	return total;
 }
 
@@ -1019,8 +1035,11 @@ static void *aggregator_main(void *arg)
 		advance_all(e, now);
 		uint64_t got = drain_all(e, now);
 		tick(e, now);
-		if (got == 0)
+		if (got == 0) {
+			stall_end(e); /* what tick took counts; the sleep does not */
+			e->stall_from = 0;
 			sleep_us(e->cfg.drain_interval_us);
+		}
 	}
 	now = tally__mono_ns();
 	drain_to_stop(e, now);
@@ -1115,6 +1134,13 @@ uint64_t tally__engine_ingest(struct tally_engine *e, uint64_t now)
 {
 	advance_all(e, now);
 	return drain_all(e, now);
+}
+
+uint64_t tally__engine_max_stall_ns(struct tally_engine *e, bool reset)
+{
+	if (reset)
+		return atomic_exchange_explicit(&e->max_stall_ns, 0, memory_order_relaxed);
+	return atomic_load_explicit(&e->max_stall_ns, memory_order_relaxed);
 }
 
 uint64_t tally__engine_rejected(struct tally_engine *e)

@@ -2,10 +2,14 @@
 /*
  * engine_priv.h (private): an engine without its thread, driven by the
  * caller, so that the benchmark measures the real ingest loop of
- * engine.c on one core instead of a copy of it.
+ * engine.c on one core instead of a copy of it; and what the benchmark
+ * reads of a running engine that the public counters do not say.
  */
 #ifndef TALLY_LIB_ENGINE_PRIV_H
 #define TALLY_LIB_ENGINE_PRIV_H
+
+#include <stdbool.h>
+#include <stdint.h>
 
 #include <tally/engine.h>
 
@@ -21,6 +25,11 @@ uint64_t tally__engine_ingest(struct tally_engine *e, uint64_t now);
 
 /* Samples rejected so far (bad subject ids). */
 uint64_t tally__engine_rejected(struct tally_engine *e);
+
+/* The longest time the aggregator went without draining a ring since the
+ * last reset (a publish, a slice close, a reap), not counting its sleeps
+ * when idle. reset: start over (returns the value it had). Any thread. */
+uint64_t tally__engine_max_stall_ns(struct tally_engine *e, bool reset);
 
 void tally__engine_free(struct tally_engine **e);
 
