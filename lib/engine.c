@@ -222,6 +222,7 @@ struct tally_engine {
 	bool pm_ok;                         /* this publish's map is complete; else scan every entry */
 	struct tally__snap_writer latch;
 	uint64_t cur_slice, next_publish, next_reap;
+	uint64_t walked_slice;           /* the last slice every subject was walked into (advance_all) */
 	uint64_t publish_now;            /* the time of the publish under way */
 	uint64_t edges[TALLY__HIST_DEFAULT_NEDGES]; /* export bucket edges, ns */
 	uint32_t nedges;
@@ -372,6 +373,8 @@ static bool ingest_tagged(struct tally_engine *e, struct subject_state *st, uint
 	}
 }
 
+static void advance_one(struct tally_engine *e, struct subject_state *st, uint64_t now);
+
 /* Drain up to DRAIN_BATCH entries of s, and at most `budget` of them
  * (UINT64_MAX: no bound). *consumed (if not NULL) gets how many entries
  * were taken, accepted or rejected. Returns the samples accepted. */
@@ -403,6 +406,8 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 			rejected++;
 			continue;
 		}
+		if (TALLY__UNLIKELY(st->win.cur_slice < e->cur_slice))
+			advance_one(e, st, now); /* a slice closed and the walk has not reached it yet */
 		if (TALLY__LIKELY(tag == 0))
 			tally__window_add(&st->win, v < max ? v : max);
 		else if (!ingest_tagged(e, st, tag, v < max || TALLY__TAG_KIND(tag) == TALLY__ENTRY_PENDING
@@ -489,39 +494,65 @@ static void drain_to_stop(struct tally_engine *e, uint64_t now)
 	free(budget);
 }
 
-/* A slice is closing: fold it into the subject's since-start export
- * buckets (one pass over its nonempty blocks). */
-static void fold_closing_slice(struct tally_engine *e, struct subject_state *st)
+/* A slice is closing: its counts below each export edge, to be folded
+ * into the subject's since-start export buckets once the close succeeds
+ * (one pass over its nonempty blocks). false: nothing to fold. */
+static bool fold_prepare(struct tally_engine *e, const struct subject_state *st, uint64_t *below)
 {
-	uint64_t below[TALLY__HIST_DEFAULT_NEDGES];
+	return st->win.cur.count != 0 &&
+	       tally__hist_cumulative_le(&st->win.cur, e->edges, e->nedges, below) == 0;
+}
+
+static void fold_apply(struct tally_engine *e, struct subject_state *st, const uint64_t *below,
+		       uint64_t count, uint64_t sum)
+{
 	bool sat = false;
 
-	if (st->win.cur.count == 0 ||
-	    tally__hist_cumulative_le(&st->win.cur, e->edges, e->nedges, below) != 0)
-		return;
 	for (uint32_t k = 0; k < e->nedges; k++)
 		st->le_total[k] += below[k];
 	e->buckets_changed = true;
-	st->closed_count += st->win.cur.count;
-	st->closed_sum = tally__hist_sat_add(st->closed_sum, st->win.cur.sum, &sat);
+	st->closed_count += count;
+	st->closed_sum = tally__hist_sat_add(st->closed_sum, sum, &sat);
 }
 
-/* Entering a new slice: close the previous one in every window. */
-static void advance_all(struct tally_engine *e, uint64_t now)
+/* One subject's windows into the engine's slice (now's): close the
+ * previous slice (folded into the export buckets once it has closed). */
+static void advance_one(struct tally_engine *e, struct subject_state *st, uint64_t now)
+{
+	uint64_t below[TALLY__HIST_DEFAULT_NEDGES], prev = st->win.cur_slice;
+	uint64_t count = st->win.cur.count, sum = st->win.cur.sum;
+	bool fold = prev < now / e->cfg.slice_ns && fold_prepare(e, st, below);
+
+	tally__window_advance(&st->win, now);
+	/* folded only when the slice did close: a failed advance (no memory)
+	 * is tried again later, and the slice must not count twice */
+	if (fold && st->win.cur_slice != prev)
+		fold_apply(e, st, below, count, sum);
+	if (st->wait)
+		tally__window_advance(&st->wait->win, now);
+}
+
+/* Entering a new slice: close the previous one in every window. With
+ * many subjects this takes longer than a ring takes to fill, so (step)
+ * it drains the rings again every PUBLISH_STEP_NS; a sample drained for
+ * a subject the walk has not reached yet advances that subject first
+ * (drain_slot), and so does a publish (its rows): no sample of the new
+ * slice lands in the old one, and no slice is folded twice. */
+static void advance_all(struct tally_engine *e, uint64_t now, bool step)
 {
 	uint64_t slice = now / e->cfg.slice_ns;
 
-	if (slice == e->cur_slice)
+	if (slice == e->walked_slice)
 		return;
 	e->cur_slice = slice;
 	for (uint32_t i = 0; i < e->nactive; i++) {
+		if (step && (i & 63) == 63)
+			publish_yield(e, now);
 		struct subject_state *st = e->subjects[e->active[i]];
-		if (st->win.cur_slice != slice)
-			fold_closing_slice(e, st);
-		tally__window_advance(&st->win, now);
-		if (st->wait)
-			tally__window_advance(&st->wait->win, now);
+		if (st->win.cur_slice < slice)
+			advance_one(e, st, now);
 	}
+	e->walked_slice = slice;
 }
 
 /* ---- publish -------------------------------------------------------------- */
@@ -1123,6 +1154,8 @@ static void publish(struct tally_engine *e, uint64_t now)
 		uint32_t id = e->active[i];
 		struct subject_state *st = e->subjects[id];
 		struct tally_subject_stats *row = &sn->rows[i];
+		if (st->win.cur_slice < e->cur_slice)
+			advance_one(e, st, now);
 		tally__window_stats(&st->win, now, &ws);
 		fill_stats(row, id, &ws, now, e->cfg.window_ns);
 		wait_fill(e, st, now, row);
@@ -1159,7 +1192,7 @@ static void reap(struct tally_engine *e, uint64_t now)
 
 static void tick(struct tally_engine *e, uint64_t now)
 {
-	advance_all(e, now);
+	advance_all(e, now, true);
 	if (now >= e->next_publish) {
 		publish(e, now);
 		e->next_publish = now + (uint64_t)e->cfg.publish_interval_ms * 1000000u;
@@ -1184,7 +1217,7 @@ static void *aggregator_main(void *arg)
 	uint64_t now = tally__mono_ns();
 
 	pthread_setname_np(pthread_self(), "tally-agg");
-	e->cur_slice = now / e->cfg.slice_ns;
+	e->cur_slice = e->walked_slice = now / e->cfg.slice_ns;
 	drain_all(e, now);
 	tick(e, now);
 	pthread_mutex_lock(&e->start_lock);
@@ -1194,7 +1227,7 @@ static void *aggregator_main(void *arg)
 
 	while (!atomic_load_explicit(&e->stop, memory_order_acquire)) {
 		now = tally__mono_ns();
-		advance_all(e, now);
+		advance_all(e, now, true);
 		uint64_t got = drain_all(e, now);
 		tick(e, now);
 		if (got == 0) {
@@ -1205,7 +1238,7 @@ static void *aggregator_main(void *arg)
 	}
 	now = tally__mono_ns();
 	drain_to_stop(e, now);
-	advance_all(e, now);
+	advance_all(e, now, false);
 	publish(e, now);
 	return NULL;
 }
@@ -1302,7 +1335,7 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	 * describe windows this one does not have. Readers must not get them
 	 * with this engine's fresh publish times: clear both copies first. */
 	tally__snapshot_reset(&e->latch);
-	e->cur_slice = tally__mono_ns() / cfg->slice_ns;
+	e->cur_slice = e->walked_slice = tally__mono_ns() / cfg->slice_ns;
 	seg->engine_attached = true;
 	*out = e;
 	return 0;
@@ -1310,8 +1343,20 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 
 uint64_t tally__engine_ingest(struct tally_engine *e, uint64_t now)
 {
-	advance_all(e, now);
+	advance_all(e, now, false);
 	return drain_all(e, now);
+}
+
+uint64_t tally__engine_ingest_lazy(struct tally_engine *e, uint64_t now)
+{
+	e->cur_slice = now / e->cfg.slice_ns; /* entered, but no subject walked */
+	return drain_all(e, now);
+}
+
+void tally__engine_publish(struct tally_engine *e, uint64_t now)
+{
+	advance_all(e, now, false);
+	publish(e, now);
 }
 
 uint64_t tally__engine_max_stall_ns(struct tally_engine *e, bool reset)
@@ -1330,8 +1375,20 @@ void tally__engine_free(struct tally_engine **ep)
 {
 	if (!ep || !*ep)
 		return;
-	(*ep)->seg->engine_attached = false;
-	engine_free(*ep);
+	struct tally_engine *e = *ep;
+	if (e->current || e->row_block) { /* it published (tally__engine_publish) */
+		struct snap *last = e->current;
+		snap_assign(e->current, NULL);
+		synchronize_rcu();
+		free(last);
+		free(e->row_block);
+		free(e->bucket_block);
+		free(e->retiring[0]);
+		free(e->retiring[1]);
+		rcu_barrier();
+	}
+	e->seg->engine_attached = false;
+	engine_free(e);
 	*ep = NULL;
 }
 

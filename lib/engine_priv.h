@@ -23,6 +23,15 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
  * samples taken. Only on an engine from tally__engine_new(). */
 uint64_t tally__engine_ingest(struct tally_engine *e, uint64_t now);
 
+/* For tests of the lazy advance: enter now's slice without walking the
+ * subjects (as when a drain comes between a slice change and the walk
+ * reaching a subject), then drain every ring once. */
+uint64_t tally__engine_ingest_lazy(struct tally_engine *e, uint64_t now);
+
+/* What the thread does to publish at now: close slices that ended in
+ * every window, then publish (tally_engine_read then reads it). */
+void tally__engine_publish(struct tally_engine *e, uint64_t now);
+
 /* Samples rejected so far (bad subject ids). */
 uint64_t tally__engine_rejected(struct tally_engine *e);
 
