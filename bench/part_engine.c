@@ -684,6 +684,17 @@ static void window_direct(uint32_t slices, const uint64_t *tab)
 		snprintf(row, sizeof(row), "heap per subject, window %u x 1 s", slices);
 		bench_row_series("window", "heap per subject", row, "KB", false, &kb, 1, NULL, slices);
 	}
+	/* idle: one whole window (and a slice) with no value at all */
+	t += (uint64_t)(slices + 1) * slice;
+	for (uint32_t s = 0; s < WIN_SUBJECTS; s++)
+		if (tally__window_advance(&w[s], t) != 0)
+			abort();
+	double idle = (double)(heap_in_use() - before) / WIN_SUBJECTS / 1024;
+	if (before || idle > 0) {
+		snprintf(row, sizeof(row), "heap per idle subject, window %u x 1 s", slices);
+		bench_row_series("window", "heap per idle subject (a window without values)", row, "KB", false, &idle,
+				 1, NULL, slices);
+	}
 	for (uint32_t s = 0; s < WIN_SUBJECTS; s++)
 		tally__window_destroy(&w[s]);
 	free(w);
