@@ -430,6 +430,8 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 	if (n > DRAIN_BATCH)
 		n = DRAIN_BATCH;
 	bool pf = e->nactive >= PF_MIN_SUBJECTS;
+	/* a walk to close slices is under way (advance_all): some subjects are behind */
+	bool walking = e->walked_slice != e->cur_slice;
 	for (uint64_t k = 0; k < n; k++) {
 		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
 		if (pf) {
@@ -449,7 +451,7 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 			rejected++;
 			continue;
 		}
-		if (TALLY__UNLIKELY(st->win.cur_slice < e->cur_slice))
+		if (TALLY__UNLIKELY(walking) && st->win.cur_slice < e->cur_slice)
 			advance_one(e, st, now); /* a slice closed and the walk has not reached it yet */
 		if (TALLY__LIKELY(tag == 0))
 			tally__window_add(&st->win, v < max ? v : max);
