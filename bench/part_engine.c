@@ -8,10 +8,16 @@
  *            there, so the same loop is reproduced here) over rings filled
  *            beforehand by this thread, so no thread competes with the
  *            timed loop, with the samples spread over each --subjects count
- *            (the subject sweep: more subjects, more cache misses); then end
- *            to end through the real engine at 100 subjects, one producer
- *            thread recording as fast as it can (sharing the machine's
- *            cores with the aggregator).
+ *            (the subject sweep: more subjects, more cache misses), beside
+ *            its floor in the same run: a streaming pass over the same
+ *            filled rings that loads every entry and hands the ring back,
+ *            but buckets nothing. Then end to end through the real engine
+ *            at 100 subjects, one producer thread recording as fast as it
+ *            can, retrying when its ring is full (sharing the machine's
+ *            cores with the aggregator); and delivered samples/s (what
+ *            the engine drained, per second) with 1, 2 and 2 x --threads
+ *            producers recording flat out without retrying, beside the
+ *            share they dropped.
  *   publish  duration of one publish (tally_engine_counters().
  *            last_publish_ns) for each --subjects count of active subjects.
  *   window   the window length sweep, --slices slices of 1 s: the real
@@ -47,11 +53,15 @@
 
 #include "engine_priv.h"
 #include "harness.h"
+#include "pending.h"
 #include "producer.h"
 #include "segment.h"
 #include "window.h"
 
 /* ---- shared helpers ------------------------------------------------------- */
+
+/* Keep a value: the compiler must assume the asm reads it. */
+#define KEEP_SINK(v) __asm__ __volatile__("" : : "r"(v) : "memory")
 
 static char live_names[8][64];
 
@@ -209,13 +219,39 @@ static uint64_t ingest_drain(struct tally_engine *g, uint64_t *got)
 }
 
 #define R_INGEST "ingest loop as in engine.c, 1 core"
+#define R_FLOOR "floor: streaming pass over the rings"
+
+/* The floor: every ring read once, each entry's three words loaded and
+ * summed, the ring handed back; no window touched. ns spent. */
+static uint64_t stream_pass(struct tally_segment *seg, uint64_t *got)
+{
+	uint64_t t0 = bench_now_ns(), sink = 0, mask = seg->ring_cap - 1;
+
+	for (uint32_t i = 0; i < seg->nslots; i++) {
+		struct tally__slot *s = tally__seg_slot(seg, i);
+		uint64_t head, n;
+		while ((n = tally__slot_ready(seg, s, &head)) != 0) {
+			for (uint64_t k = 0; k < n; k++) {
+				const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
+				sink += __atomic_load_n(&r->subject, __ATOMIC_RELAXED) +
+					__atomic_load_n(&r->value_ns, __ATOMIC_RELAXED) +
+					__atomic_load_n(&r->reserved, __ATOMIC_RELAXED);
+			}
+			tally__slot_consume(s, head, n);
+			*got += n;
+		}
+	}
+	uint64_t ns = bench_now_ns() - t0;
+	KEEP_SINK(sink);
+	return ns;
+}
 
 static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d, uint32_t nsubjects)
 {
 	char row[72];
 	struct tally_engine *g;
 	struct tally_producer *p[INGEST_SLOTS];
-	double rate[256];
+	double rate[256], floor_[256];
 	uint64_t fills = scaled(16, 1);
 
 	if (tally__engine_new(seg, NULL, &g) != 0) {
@@ -238,9 +274,18 @@ static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d, 
 				(unsigned long long)got, (unsigned long long)filled,
 				(unsigned long long)tally__engine_rejected(g));
 		rate[r] = (double)got / (double)ns * 1e3; /* Msamples/s */
+		uint64_t fns = 0, fgot = 0;
+		for (uint64_t f = 0; f < fills; f++) {
+			ingest_fill(p, d);
+			fns += stream_pass(seg, &fgot);
+		}
+		floor_[r] = (double)fgot / (double)fns * 1e3;
 	}
+	char frow[72];
+	snprintf(frow, sizeof(frow), R_FLOOR ", %u subj", nsubjects);
+	bench_row_series("ingest", R_FLOOR, frow, "Msamples/s", true, floor_, bench_opts.reps, NULL, nsubjects);
 	snprintf(row, sizeof(row), R_INGEST ", %u subj", nsubjects);
-	bench_row_series("ingest", R_INGEST, row, "Msamples/s", true, rate, bench_opts.reps, NULL, nsubjects);
+	bench_row_series("ingest", R_INGEST, row, "Msamples/s", true, rate, bench_opts.reps, frow, nsubjects);
 	for (uint32_t k = 0; k < INGEST_SLOTS; k++)
 		tally_producer_detach(&p[k]);
 	tally__engine_free(&g);
@@ -308,9 +353,78 @@ static void ingest_e2e(struct tally_segment *seg, const struct ingest_data *d)
 	tally_engine_stop(&e);
 }
 
+/* Delivered: nprod producers record flat out for a while, dropping what
+ * meets a full ring; the rate is what the engine drained. */
+struct deliv {
+	struct tally_segment *seg;
+	const struct ingest_data *d;
+	atomic_bool stop;
+	pthread_barrier_t start;
+	_Atomic uint64_t recorded, dropped;
+};
+
+static void *deliv_producer(void *arg)
+{
+	struct deliv *x = arg;
+	struct tally_producer *p = attach(x->seg);
+	struct tally_producer_counters c;
+	uint64_t n = 0;
+
+	pthread_barrier_wait(&x->start);
+	while (!atomic_load_explicit(&x->stop, memory_order_relaxed)) {
+		for (uint32_t i = 0; i < 1024; i++, n++) {
+			uint32_t j = (uint32_t)n & (INGEST_RING - 1);
+			tally_record(p, x->d->ids[j], x->d->values[j]);
+		}
+	}
+	tally_producer_counters(p, &c);
+	atomic_fetch_add(&x->recorded, n);
+	atomic_fetch_add(&x->dropped, c.dropped);
+	tally_producer_detach(&p);
+	return NULL;
+}
+
+static void ingest_delivered(struct tally_segment *seg, const struct ingest_data *d, int nprod)
+{
+	struct tally_engine *e = engine_start(seg, 100);
+	struct tally_engine_counters c0, c1;
+	double rate[256], pct[256];
+	uint64_t dur = scaled(3e8, 50000000);
+	pthread_t th[64];
+	char row[72];
+
+	for (int r = 0; r < bench_opts.reps; r++) {
+		struct deliv x = { .seg = seg, .d = d };
+		pthread_barrier_init(&x.start, NULL, (unsigned)nprod + 1);
+		for (int t = 0; t < nprod; t++)
+			pthread_create(&th[t], NULL, deliv_producer, &x);
+		pthread_barrier_wait(&x.start);
+		tally_engine_counters(e, &c0);
+		uint64_t t0 = bench_now_ns();
+		sleep_ns(dur);
+		tally_engine_counters(e, &c1);
+		uint64_t t1 = bench_now_ns();
+		atomic_store(&x.stop, true);
+		for (int t = 0; t < nprod; t++)
+			pthread_join(th[t], NULL);
+		pthread_barrier_destroy(&x.start);
+		rate[r] = (double)(c1.drained - c0.drained) / (double)(t1 - t0) * 1e3;
+		pct[r] = 100.0 * (double)atomic_load(&x.dropped) / (double)atomic_load(&x.recorded);
+		sleep_ns(20000000); /* let the engine empty the rings before the next rep */
+	}
+	char base[72];
+	snprintf(base, sizeof(base), R_INGEST ", %u subj", E2E_SUBJECTS);
+	snprintf(row, sizeof(row), "delivered end to end, %d producers flat out", nprod);
+	bench_row_series("ingest", "delivered end to end", row, "Msamples/s", true, rate, bench_opts.reps, base,
+			 nprod);
+	snprintf(row, sizeof(row), "dropped, %d producers flat out", nprod);
+	bench_row_series("ingest", "dropped, producers flat out", row, "%", false, pct, bench_opts.reps, NULL, nprod);
+	tally_engine_stop(&e);
+}
+
 /* A segment with n subjects interned, and d's ids spread over them. */
-static struct tally_segment *ingest_segment(const char *tag, uint32_t n, struct ingest_data *d,
-					    char *name, size_t len)
+static struct tally_segment *ingest_segment_slots(const char *tag, uint32_t n, uint32_t slots,
+						  struct ingest_data *d, char *name, size_t len)
 {
 	struct tally_segment_config cfg;
 	tally_subject_t *ids = malloc(n * sizeof(*ids));
@@ -319,7 +433,7 @@ static struct tally_segment *ingest_segment(const char *tag, uint32_t n, struct 
 	if (!ids)
 		abort();
 	tally_segment_config_init(&cfg);
-	cfg.producer_slots = INGEST_SLOTS + 1;
+	cfg.producer_slots = slots;
 	cfg.ring_capacity = INGEST_RING;
 	cfg.subject_capacity = n + n / 4 + 16;
 	struct tally_segment *seg = seg_create(tag, &cfg, name, len);
@@ -331,6 +445,12 @@ static struct tally_segment *ingest_segment(const char *tag, uint32_t n, struct 
 	}
 	free(ids);
 	return seg;
+}
+
+static struct tally_segment *ingest_segment(const char *tag, uint32_t n, struct ingest_data *d,
+					    char *name, size_t len)
+{
+	return ingest_segment_slots(tag, n, INGEST_SLOTS + 1, d, name, len);
 }
 
 void bench_part_ingest(void)
@@ -351,6 +471,16 @@ void bench_part_ingest(void)
 	struct tally_segment *seg = ingest_segment("ingest2", E2E_SUBJECTS, d, name, sizeof(name));
 	ingest_e2e(seg, d);
 	seg_close(&seg, name);
+	int many = 2 * bench_opts.max_threads > 2 ? 2 * bench_opts.max_threads : 4;
+	many = many > 16 ? 16 : many;
+	const int nprods[3] = { 1, 2, many };
+	for (int k = 0; k < 3; k++) {
+		/* producers attach every rep: a slot each, released when they detach */
+		seg = ingest_segment_slots("ingest3", E2E_SUBJECTS, (uint32_t)(nprods[k] * bench_opts.reps + 1), d,
+					   name, sizeof(name));
+		ingest_delivered(seg, d, nprods[k]);
+		seg_close(&seg, name);
+	}
 	free(d);
 }
 
@@ -358,9 +488,31 @@ void bench_part_ingest(void)
 
 #define PUBLISHES_PER_REP 25
 
+/* npending watched consumers, each matching one subject: entry j names
+ * subject 4j mod n, half of them literally, half through a wildcard
+ * ("bench.*.sK"), as the poller would write them. */
+static void pending_fill(struct tally_segment *seg, uint32_t n, uint32_t npending)
+{
+	void *sec = tally__seg_section(seg, &seg->pending);
+
+	for (uint32_t j = 0; j < npending && j < seg->pending_cap; j++) {
+		char filter[64], consumer[32];
+		snprintf(filter, sizeof(filter), j % 2 ? "bench.*.s%u" : "bench.publish.s%u", (j * 4u) % n);
+		snprintf(consumer, sizeof(consumer), "C%u", j);
+		struct tally__pending_values v = {
+			.source = TALLY__PENDING_LIVE, .kind = TALLY__PENDING_CONSUMER, .is_leader = 1,
+			.num_pending = j, .last_ok_ns = tally__pending_now_ns(), .stream = "S",
+			.consumer = consumer, .filter = filter, .map = "", .last_error = "",
+		};
+		tally__pending_write_entry(tally__pending_entry_at(sec, j), &v);
+	}
+}
+
 /* The medians of PUBLISHES_PER_REP publishes of n subjects, one per rep,
- * into ms[]; the window is slices x 1 s. */
-static void publish_run(uint32_t n, uint32_t slices, double *ms)
+ * into ms[]; the window is slices x 1 s; npending watched consumers. The
+ * longest stretch the aggregator went without draining, over each rep,
+ * into stall_ms[] (if not NULL). */
+static void publish_run_p(uint32_t n, uint32_t slices, uint32_t npending, double *ms, double *stall_ms)
 {
 	struct tally_segment_config cfg;
 	struct tally_engine_config ecfg;
@@ -373,7 +525,7 @@ static void publish_run(uint32_t n, uint32_t slices, double *ms)
 	tally_segment_config_init(&cfg);
 	cfg.producer_slots = 4;
 	cfg.subject_capacity = n + n / 4 + 16;
-	snprintf(tag, sizeof(tag), "publish%u-%u", n, slices);
+	snprintf(tag, sizeof(tag), "publish%u-%u-%u", n, slices, npending);
 	struct tally_segment *seg = seg_create(tag, &cfg, name, sizeof(name));
 	tally_engine_config_init(&ecfg);
 	ecfg.publish_interval_ms = 1;
@@ -387,10 +539,19 @@ static void publish_run(uint32_t n, uint32_t slices, double *ms)
 			sleep_ns(100000);
 	}
 	wait_drained(e, n);
+	pending_fill(seg, n, npending);
 	tally_engine_counters(e, &c);
 	uint64_t seen = c.publishes + 2; /* skip publishes that began before the last drain */
 	for (int r = 0; r < bench_opts.reps; r++) {
 		double one[PUBLISHES_PER_REP];
+		if (r == 0) { /* the first publishes see the entries appear: not in the stall */
+			while (c.publishes <= seen) {
+				sleep_ns(100000);
+				tally_engine_counters(e, &c);
+			}
+			seen = c.publishes;
+		}
+		tally__engine_max_stall_ns(e, true);
 		for (int k = 0; k < PUBLISHES_PER_REP;) {
 			sleep_ns(100000);
 			tally_engine_counters(e, &c);
@@ -400,11 +561,20 @@ static void publish_run(uint32_t n, uint32_t slices, double *ms)
 			one[k++] = (double)c.last_publish_ns / 1e6;
 		}
 		ms[r] = bench_median(one, PUBLISHES_PER_REP);
+		if (stall_ms)
+			stall_ms[r] = (double)tally__engine_max_stall_ns(e, false) / 1e6;
 	}
 	tally_producer_detach(&p);
 	tally_engine_stop(&e);
 	seg_close(&seg, name);
 }
+
+static void publish_run(uint32_t n, uint32_t slices, double *ms)
+{
+	publish_run_p(n, slices, 0, ms, NULL);
+}
+
+#define PUB_PENDING_SUBJECTS 4096u
 
 void bench_part_publish(void)
 {
@@ -418,6 +588,21 @@ void bench_part_publish(void)
 		snprintf(row, sizeof(row), "publish, %lu active subjects", n);
 		bench_row_series("publish", "publish (real engine, 10 s window)", row, "ms", false, ms,
 				 bench_opts.reps, NULL, (double)n);
+	}
+	/* watched consumers (pending entries): the publish and the longest
+	 * time the aggregator did not drain, against the same without entries */
+	static const uint32_t np[] = { 0, 100, 1024 };
+	char base[72];
+	snprintf(base, sizeof(base), "publish, %u subj, 0 pending entries", PUB_PENDING_SUBJECTS);
+	for (size_t k = 0; k < sizeof(np) / sizeof(np[0]); k++) {
+		double stall[256];
+		publish_run_p(PUB_PENDING_SUBJECTS, 10, np[k], ms, stall);
+		snprintf(row, sizeof(row), "publish, %u subj, %u pending entries", PUB_PENDING_SUBJECTS, np[k]);
+		bench_row_series("publish", "publish, 4096 subjects, pending entries", row, "ms", false, ms,
+				 bench_opts.reps, k ? base : NULL, np[k]);
+		snprintf(row, sizeof(row), "longest drain stall, %u subj, %u pending", PUB_PENDING_SUBJECTS, np[k]);
+		bench_row_series("publish", "longest drain stall, 4096 subjects", row, "ms", false, stall,
+				 bench_opts.reps, NULL, np[k]);
 	}
 }
 
@@ -498,6 +683,17 @@ static void window_direct(uint32_t slices, const uint64_t *tab)
 	if (before || kb > 0) {
 		snprintf(row, sizeof(row), "heap per subject, window %u x 1 s", slices);
 		bench_row_series("window", "heap per subject", row, "KB", false, &kb, 1, NULL, slices);
+	}
+	/* idle: one whole window (and a slice) with no value at all */
+	t += (uint64_t)(slices + 1) * slice;
+	for (uint32_t s = 0; s < WIN_SUBJECTS; s++)
+		if (tally__window_advance(&w[s], t) != 0)
+			abort();
+	double idle = (double)(heap_in_use() - before) / WIN_SUBJECTS / 1024;
+	if (before || idle > 0) {
+		snprintf(row, sizeof(row), "heap per idle subject, window %u x 1 s", slices);
+		bench_row_series("window", "heap per idle subject (a window without values)", row, "KB", false, &idle,
+				 1, NULL, slices);
 	}
 	for (uint32_t s = 0; s < WIN_SUBJECTS; s++)
 		tally__window_destroy(&w[s]);

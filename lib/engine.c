@@ -36,6 +36,26 @@
  * poller does not watch, counts as one more live consumer of the subject
  * (pending_of); the poller still confirms it and covers idle consumers.
  *
+ * The pending map. Which entries' patterns match which subject is worked
+ * out once, not at every publish: each entry keeps the rows its pattern
+ * matches (erows), and this is redone only for an entry whose pattern
+ * changed (or that appeared), and, for a row that is new, against every
+ * entry. At publish the lists are inverted into row -> entries (ascending
+ * entry index, the order of the old scan, so ties resolve as before), so
+ * a publish costs the rows plus the matches, whatever the number of
+ * watched consumers. Without memory for the map, the publish scans every
+ * entry for every row, as it always did.
+ *
+ * Bounded steps. A publish (and the map's upkeep in it) can take longer
+ * than a ring takes to fill (16,384 entries: 16 ms at 1 M samples/s), so
+ * it drains every ring again whenever PUBLISH_STEP_NS has passed since
+ * the last drain: the aggregator never goes longer than about that
+ * without draining while it publishes. A row's stats are computed from
+ * its window as it is when the row's turn comes; the rows of one
+ * snapshot are each consistent, as they always were, and the snapshot's
+ * time is that of the publish's start. Subjects made by such a drain get
+ * their rows in the next publish.
+ *
  * Subjects known before their first sample. A subject gets its state (and
  * so a published row, count 0, and a verdict) on its first sample, and
  * also without one when the engine knows it otherwise, because a router
@@ -110,6 +130,8 @@
 #define snap_deref(p) rcu_dereference(p)
 #endif
 #define DRAIN_BATCH 4096u
+/* The longest a publish goes without draining the rings (see the header). */
+#define PUBLISH_STEP_NS UINT64_C(1000000)
 
 /* Immutable data that changes more slowly than snapshots (the row of
  * each subject id; the export buckets, which change when a slice closes):
@@ -189,14 +211,30 @@ struct tally_engine {
 	uint32_t *ptop;                     /* [table_size]: per row, the entry that gave its backlog */
 	uint32_t *phash;                    /* [pending_cap]: tally__jsack_consumer_hash of each view */
 	uint32_t npviews;
+	/* the pending map (see "The pending map" below) */
+	uint32_t **erows;                   /* [pending_cap]: rows entry i's pattern matches, ascending */
+	uint32_t *elen, *ecap;              /* [pending_cap]: their length and room */
+	char (*epat)[TALLY__PENDING_SUBJ_MAX]; /* [pending_cap]: the pattern erows[i] was matched with */
+	uint8_t *emapped;                   /* [pending_cap]: erows[i] is current for epat[i] */
+	uint32_t pm_rows;                   /* rows 0 .. pm_rows-1 are matched against every mapped entry */
+	uint32_t *rstart;                   /* [table_size + 1]: row r's entries, ridx[rstart[r] ..] */
+	uint32_t *ridx, ridx_cap;
+	bool pm_ok;                         /* this publish's map is complete; else scan every entry */
 	struct tally__snap_writer latch;
 	uint64_t cur_slice, next_publish, next_reap;
+	uint64_t walked_slice;           /* the last slice every subject was walked into (advance_all) */
+	uint64_t publish_now;            /* the time of the publish under way */
 	uint64_t edges[TALLY__HIST_DEFAULT_NEDGES]; /* export bucket edges, ns */
 	uint32_t nedges;
 	_Atomic uint64_t drained, rejected, publishes, last_publish_ns, died, released;
 	uint64_t recorded_total; /* aggregator thread: the largest drained + waiting published */
 	_Atomic uint64_t pending_kept, claims_expired, subjects_tombstoned;
 	_Atomic uint64_t subjects_active;
+	/* the longest the aggregator went without draining (not counting its
+	 * sleeps when idle): from the end of one drain pass to the start of
+	 * the next; stall_from 0: the thread slept since */
+	uint64_t stall_from;
+	_Atomic uint64_t max_stall_ns;
 	uint32_t scan_used;              /* subjects_used at the last complete table scan */
 	bool scan_again;                 /* that scan met a CLAIMED entry */
 	pthread_mutex_t start_lock;
@@ -335,6 +373,44 @@ static bool ingest_tagged(struct tally_engine *e, struct subject_state *st, uint
 	}
 }
 
+static void advance_one(struct tally_engine *e, struct subject_state *st, uint64_t now);
+
+/* Prefetch (issue 18). With thousands of subjects, a sample's window and
+ * bucket are rarely in cache, and one miss after another is what bounds
+ * the ingest. So the drain looks ahead in the ring: PF_FAR entries ahead
+ * it fetches the subject's state, PF_NEAR entries ahead (the state has
+ * arrived by then) the bucket counter and block subtotal the value will
+ * increment; the misses overlap instead of queueing. Only hints: every
+ * index is bounds-checked as it would be for real, and a wrong guess (a
+ * rewritten entry) costs a useless fetch, nothing more. Below
+ * PF_MIN_SUBJECTS active subjects everything is in cache and the look-
+ * ahead is skipped. */
+#define PF_FAR 16u
+#define PF_NEAR 8u
+#define PF_MIN_SUBJECTS 256u
+
+static inline void prefetch_state(const struct tally_engine *e, const struct tally_ring_entry *r)
+{
+	uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
+
+	if (id < e->seg->table_size && e->subjects[id])
+		__builtin_prefetch(e->subjects[id], 1);
+}
+
+static inline void prefetch_bucket(const struct tally_engine *e, const struct tally_ring_entry *r)
+{
+	uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
+	uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
+	const struct subject_state *st = id < e->seg->table_size ? e->subjects[id] : NULL;
+
+	if (!st)
+		return;
+	const struct tally__hist *h = &st->win.cur;
+	uint32_t i = tally__hist_index(v < h->max_value ? v : h->max_value);
+	__builtin_prefetch(&h->counts[i], 1);
+	__builtin_prefetch(&h->blocks[i >> 6], 1);
+}
+
 /* Drain up to DRAIN_BATCH entries of s, and at most `budget` of them
  * (UINT64_MAX: no bound). *consumed (if not NULL) gets how many entries
  * were taken, accepted or rejected. Returns the samples accepted. */
@@ -353,8 +429,17 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 		return 0;
 	if (n > DRAIN_BATCH)
 		n = DRAIN_BATCH;
+	bool pf = e->nactive >= PF_MIN_SUBJECTS;
+	/* a walk to close slices is under way (advance_all): some subjects are behind */
+	bool walking = e->walked_slice != e->cur_slice;
 	for (uint64_t k = 0; k < n; k++) {
 		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
+		if (pf) {
+			if (k + PF_FAR < n)
+				prefetch_state(e, &s->ring[(head + k + PF_FAR) & mask]);
+			if (k + PF_NEAR < n)
+				prefetch_bucket(e, &s->ring[(head + k + PF_NEAR) & mask]);
+		}
 		/* One load each (a plain mov on x86): id is checked and then used
 		 * as an index, and the producer may rewrite the entry meanwhile. */
 		uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
@@ -366,6 +451,8 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 			rejected++;
 			continue;
 		}
+		if (TALLY__UNLIKELY(walking) && st->win.cur_slice < e->cur_slice)
+			advance_one(e, st, now); /* a slice closed and the walk has not reached it yet */
 		if (TALLY__LIKELY(tag == 0))
 			tally__window_add(&st->win, v < max ? v : max);
 		else if (!ingest_tagged(e, st, tag, v < max || TALLY__TAG_KIND(tag) == TALLY__ENTRY_PENDING
@@ -383,10 +470,20 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 	return n - rejected;
 }
 
+static void stall_end(struct tally_engine *e)
+{
+	uint64_t t = tally__mono_ns();
+
+	if (e->stall_from && t - e->stall_from > atomic_load_explicit(&e->max_stall_ns, memory_order_relaxed))
+		atomic_store_explicit(&e->max_stall_ns, t - e->stall_from, memory_order_relaxed);
+}
+
 static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 {
 	struct tally_segment *seg = e->seg;
 	uint64_t total = 0;
+
+	stall_end(e);
 
 	for (uint32_t i = 0; i < seg->nslots; i++) {
 		struct tally__slot *s = tally__seg_slot(seg, i);
@@ -396,7 +493,15 @@ static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 		total += drain_slot(e, s, now, UINT64_MAX, NULL);
 	}
 	atomic_fetch_add_explicit(&e->drained, total, memory_order_relaxed);
+	e->stall_from = tally__mono_ns();
 	return total;
+}
+
+/* Inside a publish: drain again when a step's time is up. */
+static void publish_yield(struct tally_engine *e, uint64_t now)
+{
+	if (tally__mono_ns() - e->stall_from >= PUBLISH_STEP_NS)
+		drain_all(e, now);
 }
 
 /* Stop: drain every ring up to the tail it had when the stop began, and
@@ -434,39 +539,65 @@ static void drain_to_stop(struct tally_engine *e, uint64_t now)
 	free(budget);
 }
 
-/* A slice is closing: fold it into the subject's since-start export
- * buckets (one pass over its nonempty blocks). */
-static void fold_closing_slice(struct tally_engine *e, struct subject_state *st)
+/* A slice is closing: its counts below each export edge, to be folded
+ * into the subject's since-start export buckets once the close succeeds
+ * (one pass over its nonempty blocks). false: nothing to fold. */
+static bool fold_prepare(struct tally_engine *e, const struct subject_state *st, uint64_t *below)
 {
-	uint64_t below[TALLY__HIST_DEFAULT_NEDGES];
+	return st->win.cur.count != 0 &&
+	       tally__hist_cumulative_le(&st->win.cur, e->edges, e->nedges, below) == 0;
+}
+
+static void fold_apply(struct tally_engine *e, struct subject_state *st, const uint64_t *below,
+		       uint64_t count, uint64_t sum)
+{
 	bool sat = false;
 
-	if (st->win.cur.count == 0 ||
-	    tally__hist_cumulative_le(&st->win.cur, e->edges, e->nedges, below) != 0)
-		return;
 	for (uint32_t k = 0; k < e->nedges; k++)
 		st->le_total[k] += below[k];
 	e->buckets_changed = true;
-	st->closed_count += st->win.cur.count;
-	st->closed_sum = tally__hist_sat_add(st->closed_sum, st->win.cur.sum, &sat);
+	st->closed_count += count;
+	st->closed_sum = tally__hist_sat_add(st->closed_sum, sum, &sat);
 }
 
-/* Entering a new slice: close the previous one in every window. */
-static void advance_all(struct tally_engine *e, uint64_t now)
+/* One subject's windows into the engine's slice (now's): close the
+ * previous slice (folded into the export buckets once it has closed). */
+static void advance_one(struct tally_engine *e, struct subject_state *st, uint64_t now)
+{
+	uint64_t below[TALLY__HIST_DEFAULT_NEDGES], prev = st->win.cur_slice;
+	uint64_t count = st->win.cur.count, sum = st->win.cur.sum;
+	bool fold = prev < now / e->cfg.slice_ns && fold_prepare(e, st, below);
+
+	tally__window_advance(&st->win, now);
+	/* folded only when the slice did close: a failed advance (no memory)
+	 * is tried again later, and the slice must not count twice */
+	if (fold && st->win.cur_slice != prev)
+		fold_apply(e, st, below, count, sum);
+	if (st->wait)
+		tally__window_advance(&st->wait->win, now);
+}
+
+/* Entering a new slice: close the previous one in every window. With
+ * many subjects this takes longer than a ring takes to fill, so (step)
+ * it drains the rings again every PUBLISH_STEP_NS; a sample drained for
+ * a subject the walk has not reached yet advances that subject first
+ * (drain_slot), and so does a publish (its rows): no sample of the new
+ * slice lands in the old one, and no slice is folded twice. */
+static void advance_all(struct tally_engine *e, uint64_t now, bool step)
 {
 	uint64_t slice = now / e->cfg.slice_ns;
 
-	if (slice == e->cur_slice)
+	if (slice == e->walked_slice)
 		return;
 	e->cur_slice = slice;
 	for (uint32_t i = 0; i < e->nactive; i++) {
+		if (step && (i & 63) == 63)
+			publish_yield(e, now);
 		struct subject_state *st = e->subjects[e->active[i]];
-		if (st->win.cur_slice != slice)
-			fold_closing_slice(e, st);
-		tally__window_advance(&st->win, now);
-		if (st->wait)
-			tally__window_advance(&st->wait->win, now);
+		if (st->win.cur_slice < slice)
+			advance_one(e, st, now);
 	}
+	e->walked_slice = slice;
 }
 
 /* ---- publish -------------------------------------------------------------- */
@@ -512,6 +643,8 @@ static void pending_gather(struct tally_engine *e)
 	e->npviews = 0;
 	memset(e->pmatch, 0, seg->pending_cap * sizeof(e->pmatch[0]));
 	for (uint32_t i = 0; i < seg->pending_cap; i++) {
+		if ((i & 63) == 63)
+			publish_yield(e, e->publish_now);
 		/* a few entries held by a writer cost full retries; past that
 		 * (a scribbled table) each gets two, so a publish stays short */
 		int rc = tally__pending_read_entry_cap(sec, seg->pending.size, seg->pending_cap, i, &v,
@@ -550,6 +683,110 @@ static uint32_t public_source(uint32_t s, uint32_t matched)
 	}
 }
 
+/* ---- the pending map (see the header) ----------------------------------------- */
+
+static const char *view_pattern(const struct tally__pending_view *v)
+{
+	return v->map[0] ? v->map : v->filter;
+}
+
+static bool erow_append(struct tally_engine *e, uint32_t i, uint32_t row)
+{
+	if (e->elen[i] == e->ecap[i]) {
+		uint32_t cap = e->ecap[i] ? 2 * e->ecap[i] : 4;
+		uint32_t *p = realloc(e->erows[i], (size_t)cap * sizeof(*p));
+		if (!p)
+			return false;
+		e->erows[i] = p;
+		e->ecap[i] = cap;
+	}
+	e->erows[i][e->elen[i]++] = row;
+	return true;
+}
+
+/* Append the rows from .. to-1 that entry i's pattern matches. */
+static bool erow_match(struct tally_engine *e, uint32_t i, uint32_t from, uint32_t to, uint64_t now)
+{
+	const char *pat = e->epat[i];
+
+	if (!pat[0])
+		return true; /* no pattern: matches nothing */
+	for (uint32_t r = from; r < to; r++) {
+		if ((r & 63) == 63)
+			publish_yield(e, now);
+		if (tally__subject_match(pat, e->subjects[e->active[r]]->name) && !erow_append(e, i, r))
+			return false;
+	}
+	return true;
+}
+
+/* Bring the map up to date with this publish's views and its first nrows
+ * rows, then invert it. On ENOMEM pm_ok stays false (the full scan) and
+ * the entries not done are done again next time. */
+static void pmap_update(struct tally_engine *e, uint32_t nrows, uint64_t now)
+{
+	uint32_t cap = e->seg->pending_cap;
+	bool ok = true;
+
+	e->pm_ok = false;
+	/* entries that went, appeared or changed their pattern: against the old rows */
+	for (uint32_t i = 0; i < cap; i++) {
+		if (!e->pvalid[i]) {
+			e->emapped[i] = 0;
+			continue;
+		}
+		const char *pat = view_pattern(&e->pviews[i]);
+		if (e->emapped[i] && !strcmp(e->epat[i], pat))
+			continue;
+		snprintf(e->epat[i], sizeof(e->epat[i]), "%s", pat);
+		e->elen[i] = 0;
+		e->emapped[i] = erow_match(e, i, 0, e->pm_rows, now);
+		ok &= e->emapped[i];
+	}
+	/* new rows: against every entry */
+	if (ok && nrows > e->pm_rows) {
+		for (uint32_t k = 0; k < e->npviews && ok; k++) {
+			uint32_t i = e->pused[k];
+			ok = erow_match(e, i, e->pm_rows, nrows, now);
+		}
+		if (!ok) { /* some lists have the new rows, some not: remake all next time */
+			memset(e->emapped, 0, cap * sizeof(e->emapped[0]));
+			return;
+		}
+		e->pm_rows = nrows;
+	}
+	if (!ok)
+		return;
+	/* invert: rstart by counting, then fill in ascending entry order */
+	size_t total = 0;
+	memset(e->rstart, 0, ((size_t)nrows + 1) * sizeof(e->rstart[0]));
+	for (uint32_t k = 0; k < e->npviews; k++) {
+		uint32_t i = e->pused[k];
+		for (uint32_t j = 0; j < e->elen[i]; j++)
+			e->rstart[e->erows[i][j] + 1]++;
+		total += e->elen[i];
+	}
+	if (total > e->ridx_cap) {
+		uint32_t *p = realloc(e->ridx, total * sizeof(*p));
+		if (!p)
+			return;
+		e->ridx = p;
+		e->ridx_cap = (uint32_t)total;
+	}
+	for (uint32_t r = 0; r < nrows; r++)
+		e->rstart[r + 1] += e->rstart[r];
+	/* rstart[r] is used as the fill cursor, then restored from rstart[r+1] */
+	for (uint32_t k = 0; k < e->npviews; k++) {
+		uint32_t i = e->pused[k];
+		for (uint32_t j = 0; j < e->elen[i]; j++)
+			e->ridx[e->rstart[e->erows[i][j]]++] = i;
+	}
+	for (uint32_t r = nrows; r > 0; r--)
+		e->rstart[r] = e->rstart[r - 1];
+	e->rstart[0] = 0;
+	e->pm_ok = true;
+}
+
 /* The subject's threshold rule, refreshed when the thresholds changed. */
 static const struct tally_threshold_rule *rule_of(struct tally_engine *e, struct subject_state *st)
 {
@@ -577,11 +814,16 @@ static void pending_of(struct tally_engine *e, struct subject_state *st, uint32_
 	bool ack = w && w->ack_ns && (!pol.stale_after_ns || now - w->ack_ns <= pol.stale_after_ns);
 	struct tally__pending_view acked;
 
-	for (uint32_t i = 0; i < e->npviews; i++) {
-		uint32_t idx = e->pused[i];
+	/* the map's entries for this row, already matched; or, without a
+	 * map this time, every entry, matched here */
+	const uint32_t *cand = e->pm_ok ? e->ridx + e->rstart[row] : e->pused;
+	uint32_t ncand = e->pm_ok ? e->rstart[row + 1] - e->rstart[row] : e->npviews;
+
+	for (uint32_t i = 0; i < ncand; i++) {
+		uint32_t idx = cand[i];
 		const struct tally__pending_view *v = &e->pviews[idx];
-		const char *pattern = v->map[0] ? v->map : v->filter;
-		if (pattern[0] && tally__subject_match(pattern, st->name)) {
+		const char *pattern = view_pattern(v);
+		if (e->pm_ok || (pattern[0] && tally__subject_match(pattern, st->name))) {
 			if (ack && v->kind == TALLY__PENDING_CONSUMER && e->phash[idx] == w->ack_hash) {
 				ack = false; /* this consumer's poll; the sample stands in when newer */
 				if (w->ack_ns > v->last_ok_ns) {
@@ -619,7 +861,7 @@ static void pending_of(struct tally_engine *e, struct subject_state *st, uint32_
  * that matched more than one row shares that backlog (pending.h). */
 static void pending_mark_shared(struct tally_engine *e, struct snap *sn)
 {
-	for (uint32_t i = 0; i < e->nactive; i++)
+	for (uint32_t i = 0; i < sn->nrows; i++)
 		if (e->ptop[i] != UINT32_MAX && e->pmatch[e->ptop[i]] > 1)
 			sn->rows[i].pending_shared = true;
 }
@@ -793,12 +1035,15 @@ static void latch_publish(struct tally_engine *e, const struct snap *sn, uint64_
 	for (int half = 0; half < 2; half++) {
 		uint32_t c = tally__snapshot_write_begin(&e->latch);
 		struct tally__snap_meta *m = &e->latch.hdr->meta[c];
-		for (uint32_t i = 0; i < e->nactive; i++)
+		for (uint32_t i = 0; i < sn->nrows; i++) {
+			if ((i & 255) == 255)
+				publish_yield(e, now);
 			latch_fill(&e->latch.copies[c][e->active[i]], &sn->rows[i], e->ptop[i]);
+		}
 		tally__snapshot_store(&m->published_mono_ns, now);
 		tally__snapshot_store(&m->published_real_ns, tally__real_ns());
 		tally__snapshot_store(&m->publish_count, atomic_load(&e->publishes) + 1);
-		tally__snapshot_store(&m->subjects_present, e->nactive);
+		tally__snapshot_store(&m->subjects_present, sn->nrows);
 		tally__snapshot_store(&m->window_ns, e->cfg.window_ns);
 		tally__snapshot_store(&m->reserved[0], (uint64_t)e->cfg.publish_interval_ms * 1000000u);
 	}
@@ -866,10 +1111,14 @@ static int shared_refresh(struct tally_engine *e)
 		e->rows_changed = false;
 	}
 	if (e->buckets_changed || !e->bucket_block) {
-		struct shared *b = shared_new(e->nactive * row_len);
+		uint32_t nrows = e->nactive; /* a drain below may add subjects: not in this block */
+		struct shared *b = shared_new(nrows * row_len);
 		if (!b)
 			return -ENOMEM;
-		for (uint32_t i = 0; i < e->nactive; i++) {
+		e->buckets_changed = false; /* before the drains below: a subject they add sets it again */
+		for (uint32_t i = 0; i < nrows; i++) {
+			if ((i & 63) == 63)
+				publish_yield(e, e->publish_now);
 			const struct subject_state *st = e->subjects[e->active[i]];
 			uint64_t *row = b->data + (size_t)i * row_len;
 			memcpy(row, st->le_total, e->nedges * sizeof(uint64_t));
@@ -877,7 +1126,6 @@ static int shared_refresh(struct tally_engine *e)
 			row[e->nedges + 1] = st->closed_sum;
 		}
 		shared_swap(e, 1, &e->bucket_block, b);
-		e->buckets_changed = false;
 	}
 	return 0;
 }
@@ -885,15 +1133,17 @@ static int shared_refresh(struct tally_engine *e)
 /* A snapshot sized for the active subjects, rows not yet filled. */
 static struct snap *snap_alloc(struct tally_engine *e, uint64_t now)
 {
+	uint32_t nrows = e->nactive; /* the drains inside a publish may add subjects: next time */
+
 	if (shared_refresh(e) != 0)
 		return NULL;
-	struct snap *sn = malloc(sizeof(*sn) + (size_t)e->nactive * sizeof(sn->rows[0]));
+	struct snap *sn = malloc(sizeof(*sn) + (size_t)nrows * sizeof(sn->rows[0]));
 	if (!sn)
 		return NULL;
 	memset(sn, 0, sizeof(*sn));
 	sn->published_ns = now;
 	sn->n = e->seg->table_size;
-	sn->nrows = e->nactive;
+	sn->nrows = nrows;
 	sn->nedges = e->nedges;
 	sn->row_of = (const uint32_t *)e->row_block->data;
 	sn->buckets = e->bucket_block->data;
@@ -936,15 +1186,21 @@ static void publish(struct tally_engine *e, uint64_t now)
 
 	/* before the snapshot is sized: a new threshold set may add subjects */
 	thresholds_pickup(e, now);
+	e->publish_now = now;
 	struct snap *sn = snap_alloc(e, now);
 
 	if (!sn)
 		return; /* keep the previous snapshot; try again next interval */
 	pending_gather(e);
-	for (uint32_t i = 0; i < e->nactive; i++) {
+	pmap_update(e, sn->nrows, now);
+	for (uint32_t i = 0; i < sn->nrows; i++) {
+		if ((i & 15) == 15)
+			publish_yield(e, now);
 		uint32_t id = e->active[i];
 		struct subject_state *st = e->subjects[id];
 		struct tally_subject_stats *row = &sn->rows[i];
+		if (st->win.cur_slice < e->cur_slice)
+			advance_one(e, st, now);
 		tally__window_stats(&st->win, now, &ws);
 		fill_stats(row, id, &ws, now, e->cfg.window_ns);
 		wait_fill(e, st, now, row);
@@ -981,7 +1237,7 @@ static void reap(struct tally_engine *e, uint64_t now)
 
 static void tick(struct tally_engine *e, uint64_t now)
 {
-	advance_all(e, now);
+	advance_all(e, now, true);
 	if (now >= e->next_publish) {
 		publish(e, now);
 		e->next_publish = now + (uint64_t)e->cfg.publish_interval_ms * 1000000u;
@@ -1006,7 +1262,7 @@ static void *aggregator_main(void *arg)
 	uint64_t now = tally__mono_ns();
 
 	pthread_setname_np(pthread_self(), "tally-agg");
-	e->cur_slice = now / e->cfg.slice_ns;
+	e->cur_slice = e->walked_slice = now / e->cfg.slice_ns;
 	drain_all(e, now);
 	tick(e, now);
 	pthread_mutex_lock(&e->start_lock);
@@ -1016,15 +1272,18 @@ static void *aggregator_main(void *arg)
 
 	while (!atomic_load_explicit(&e->stop, memory_order_acquire)) {
 		now = tally__mono_ns();
-		advance_all(e, now);
+		advance_all(e, now, true);
 		uint64_t got = drain_all(e, now);
 		tick(e, now);
-		if (got == 0)
+		if (got == 0) {
+			stall_end(e); /* what tick took counts; the sleep does not */
+			e->stall_from = 0;
 			sleep_us(e->cfg.drain_interval_us);
+		}
 	}
 	now = tally__mono_ns();
 	drain_to_stop(e, now);
-	advance_all(e, now);
+	advance_all(e, now, false);
 	publish(e, now);
 	return NULL;
 }
@@ -1052,6 +1311,15 @@ static void engine_free(struct tally_engine *e)
 	free(e->pmatch);
 	free(e->ptop);
 	free(e->phash);
+	for (uint32_t i = 0; e->erows && i < e->seg->pending_cap; i++)
+		free(e->erows[i]);
+	free(e->erows);
+	free(e->elen);
+	free(e->ecap);
+	free(e->epat);
+	free(e->emapped);
+	free(e->rstart);
+	free(e->ridx);
 	e->magic = 0;
 	free(e);
 }
@@ -1091,11 +1359,18 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	e->pmatch = calloc(seg->pending_cap, sizeof(e->pmatch[0]));
 	e->ptop = calloc(seg->table_size, sizeof(e->ptop[0]));
 	e->phash = calloc(seg->pending_cap, sizeof(e->phash[0]));
+	e->erows = calloc(seg->pending_cap, sizeof(e->erows[0]));
+	e->elen = calloc(seg->pending_cap, sizeof(e->elen[0]));
+	e->ecap = calloc(seg->pending_cap, sizeof(e->ecap[0]));
+	e->epat = calloc(seg->pending_cap, sizeof(e->epat[0]));
+	e->emapped = calloc(seg->pending_cap, sizeof(e->emapped[0]));
+	e->rstart = calloc((size_t)seg->table_size + 1, sizeof(e->rstart[0]));
 	e->thresholds = tally_thresholds_new();
 	e->thresholds_gen = 1;
 	e->nedges = (uint32_t)tally__hist_default_edges(e->edges, TALLY__HIST_DEFAULT_NEDGES);
 	if (!e->subjects || !e->active || !e->row_of || !e->pviews || !e->pvalid || !e->pused ||
-	    !e->pmatch || !e->ptop || !e->phash ||
+	    !e->pmatch || !e->ptop || !e->phash || !e->erows || !e->elen || !e->ecap || !e->epat ||
+	    !e->emapped || !e->rstart ||
 	    !e->thresholds) {
 		engine_free(e);
 		return -ENOMEM;
@@ -1105,7 +1380,7 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	 * describe windows this one does not have. Readers must not get them
 	 * with this engine's fresh publish times: clear both copies first. */
 	tally__snapshot_reset(&e->latch);
-	e->cur_slice = tally__mono_ns() / cfg->slice_ns;
+	e->cur_slice = e->walked_slice = tally__mono_ns() / cfg->slice_ns;
 	seg->engine_attached = true;
 	*out = e;
 	return 0;
@@ -1113,8 +1388,27 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 
 uint64_t tally__engine_ingest(struct tally_engine *e, uint64_t now)
 {
-	advance_all(e, now);
+	advance_all(e, now, false);
 	return drain_all(e, now);
+}
+
+uint64_t tally__engine_ingest_lazy(struct tally_engine *e, uint64_t now)
+{
+	e->cur_slice = now / e->cfg.slice_ns; /* entered, but no subject walked */
+	return drain_all(e, now);
+}
+
+void tally__engine_publish(struct tally_engine *e, uint64_t now)
+{
+	advance_all(e, now, false);
+	publish(e, now);
+}
+
+uint64_t tally__engine_max_stall_ns(struct tally_engine *e, bool reset)
+{
+	if (reset)
+		return atomic_exchange_explicit(&e->max_stall_ns, 0, memory_order_relaxed);
+	return atomic_load_explicit(&e->max_stall_ns, memory_order_relaxed);
 }
 
 uint64_t tally__engine_rejected(struct tally_engine *e)
@@ -1126,8 +1420,20 @@ void tally__engine_free(struct tally_engine **ep)
 {
 	if (!ep || !*ep)
 		return;
-	(*ep)->seg->engine_attached = false;
-	engine_free(*ep);
+	struct tally_engine *e = *ep;
+	if (e->current || e->row_block) { /* it published (tally__engine_publish) */
+		struct snap *last = e->current;
+		snap_assign(e->current, NULL);
+		synchronize_rcu();
+		free(last);
+		free(e->row_block);
+		free(e->bucket_block);
+		free(e->retiring[0]);
+		free(e->retiring[1]);
+		rcu_barrier();
+	}
+	e->seg->engine_attached = false;
+	engine_free(e);
 	*ep = NULL;
 }
 

@@ -2,10 +2,14 @@
 /*
  * engine_priv.h (private): an engine without its thread, driven by the
  * caller, so that the benchmark measures the real ingest loop of
- * engine.c on one core instead of a copy of it.
+ * engine.c on one core instead of a copy of it; and what the benchmark
+ * reads of a running engine that the public counters do not say.
  */
 #ifndef TALLY_LIB_ENGINE_PRIV_H
 #define TALLY_LIB_ENGINE_PRIV_H
+
+#include <stdbool.h>
+#include <stdint.h>
 
 #include <tally/engine.h>
 
@@ -19,8 +23,22 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
  * samples taken. Only on an engine from tally__engine_new(). */
 uint64_t tally__engine_ingest(struct tally_engine *e, uint64_t now);
 
+/* For tests of the lazy advance: enter now's slice without walking the
+ * subjects (as when a drain comes between a slice change and the walk
+ * reaching a subject), then drain every ring once. */
+uint64_t tally__engine_ingest_lazy(struct tally_engine *e, uint64_t now);
+
+/* What the thread does to publish at now: close slices that ended in
+ * every window, then publish (tally_engine_read then reads it). */
+void tally__engine_publish(struct tally_engine *e, uint64_t now);
+
 /* Samples rejected so far (bad subject ids). */
 uint64_t tally__engine_rejected(struct tally_engine *e);
+
+/* The longest time the aggregator went without draining a ring since the
+ * last reset (a publish, a slice close, a reap), not counting its sleeps
+ * when idle. reset: start over (returns the value it had). Any thread. */
+uint64_t tally__engine_max_stall_ns(struct tally_engine *e, bool reset);
 
 void tally__engine_free(struct tally_engine **e);
 

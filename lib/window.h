@@ -57,12 +57,14 @@ struct tally__window_slot {
 
 struct tally__window {
 	uint32_t magic;          /* TALLY__WINDOW_MAGIC while initialised */
+	/* first, on the line that add touches anyway: the engine compares it
+	 * with its own slice for every sample it drains (lazy advance) */
+	uint64_t cur_slice;
 	struct tally__hist cur;  /* slice cur_slice, receiving values */
 	struct tally__hist agg;  /* closed slices inside the window; exact min/max */
 	struct tally__window_slot *ring; /* slice k lives in ring[k % nslices] */
 	uint64_t slice_ns;
 	uint32_t nslices;
-	uint64_t cur_slice;
 	uint64_t start_ns;       /* time given to init */
 	uint64_t total_count;    /* closed slices since start */
 	uint64_t total_sum;      /* same, saturating */
