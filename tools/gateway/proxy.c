@@ -294,10 +294,16 @@ static void forwarded_for(struct MHD_Connection *c, struct hdr_ctx *h)
 	char addr[64] = "unknown", line[512];
 	const struct sockaddr *sa = ci ? ci->client_addr : NULL;
 
-	if (sa && sa->sa_family == AF_INET)
-		inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, addr, sizeof(addr));
-	else if (sa && sa->sa_family == AF_INET6)
-		inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, addr, sizeof(addr));
+	/* copied out: MHD's sockaddr need not be aligned for the family's struct */
+	if (sa && sa->sa_family == AF_INET) {
+		struct sockaddr_in in;
+		memcpy(&in, sa, sizeof(in));
+		inet_ntop(AF_INET, &in.sin_addr, addr, sizeof(addr));
+	} else if (sa && sa->sa_family == AF_INET6) {
+		struct sockaddr_in6 in6;
+		memcpy(&in6, sa, sizeof(in6));
+		inet_ntop(AF_INET6, &in6.sin6_addr, addr, sizeof(addr));
+	}
 	snprintf(line, sizeof(line), "X-Forwarded-For: %s%s%s", h->xff ? h->xff : "", h->xff ? ", " : "", addr);
 	struct curl_slist *s = curl_slist_append(h->pr->hdrs, line);
 	if (s && (s = curl_slist_append(s, "Expect:"))) /* no 100-continue towards the upstream */

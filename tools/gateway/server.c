@@ -338,7 +338,7 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **sock_ctx,
 	}
 }
 
-static void mhd_log(void *cls, const char *fmt, va_list ap)
+__attribute__((format(printf, 2, 0))) static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
 	char line[512];
 
