@@ -516,7 +516,7 @@ static json_t *json_producer(const struct tally_producer_stats *p)
 
 static json_t *json_consumer(const struct tally_consumer_stats *c)
 {
-	return json_pack("{s:s, s:s, s:o, s:o, s:o, s:o, s:o, s:o, s:s, s:o, s:i, s:o}",
+	return json_pack("{s:s, s:s, s:o, s:o, s:o, s:o, s:o, s:o, s:s, s:o, s:i, s:o, s:o, s:o}",
 			 "stream", c->stream, "consumer", c->consumer,
 			 "filter", jstr_or_null(c->filter), "map_subject", jstr_or_null(c->map),
 			 "num_pending", jint(c->num_pending), "num_ack_pending", jint(c->num_ack_pending),
@@ -524,7 +524,9 @@ static json_t *json_consumer(const struct tally_consumer_stats *c)
 			 "source", c->source,
 			 "age_ms", c->age_ms == UINT64_MAX ? json_null() : jint(c->age_ms),
 			 "consecutive_failures", (int)c->consecutive_failures,
-			 "last_error", jstr_or_null(c->last_error));
+			 "last_error", jstr_or_null(c->last_error),
+			 "server", jstr_or_null(c->server),
+			 "is_leader", c->is_leader < 0 ? json_null() : json_boolean(c->is_leader == 1));
 }
 
 static json_t *json_poller(const struct cli_view *v)
