@@ -8,6 +8,7 @@
 #include "remote.h"
 #include "subject.h"
 
+#include <ck_backoff.h>
 #include <errno.h>
 #include <math.h>
 #include <string.h>
@@ -16,6 +17,18 @@
 #define ENTRIES_OFF (STATUS_OFF + sizeof(struct tally__remote_status))
 
 _Static_assert(ENTRIES_OFF % 64 == 0, "entries start on a cache line");
+
+/* Between tries: back off (doubling, as pending.c), the writer may be preempted mid-write. */
+static void pause_try(int i, ck_backoff_t *b)
+{
+	if (i) {
+		ck_backoff_t p = *b;
+
+		ck_backoff_eb(&p);
+		if (*b < 4096)
+			*b <<= 1;
+	}
+}
 
 #define LOAD(x) atomic_load_explicit(&(x), memory_order_acquire)
 #define SET(x, v) atomic_store_explicit(&(x), (v), memory_order_release)
@@ -270,9 +283,13 @@ int tally__remote_read_entry(const void *section, size_t len, uint32_t idx, stru
 	if (idx >= (uint32_t)cap)
 		return -ERANGE;
 	e = (const struct tally__remote_entry *)(const void *)((const char *)section + ENTRIES_OFF) + idx;
-	for (int i = 0; i < TALLY__REMOTE_READ_TRIES; i++) {
-		uint32_t s1 = atomic_load_explicit(&e->seq, memory_order_acquire), used;
+	ck_backoff_t backoff = 16;
 
+	for (int i = 0; i < TALLY__REMOTE_READ_TRIES; i++) {
+		uint32_t s1, used;
+
+		pause_try(i, &backoff);
+		s1 = atomic_load_explicit(&e->seq, memory_order_acquire);
 		if (s1 & 1u)
 			continue;
 		used = LOAD(e->used);
@@ -315,10 +332,14 @@ int tally__remote_read_status(const void *section, size_t len, struct tally__rem
 
 	if (cap < 0)
 		return cap;
+	ck_backoff_t backoff = 16;
+
 	b = (const void *)((const char *)section + STATUS_OFF);
 	for (int i = 0; i < TALLY__REMOTE_READ_TRIES; i++) {
-		uint32_t s1 = atomic_load_explicit(&b->seq, memory_order_acquire);
+		uint32_t s1;
 
+		pause_try(i, &backoff);
+		s1 = atomic_load_explicit(&b->seq, memory_order_acquire);
 		if (s1 & 1u)
 			continue;
 		load_status(b, out);

@@ -464,16 +464,18 @@ static int bind_bucket(struct tally_share *s)
 		kvConfig_Init(&kc);
 		kc.Bucket = s->cfg.bucket;
 		kc.History = 1;
-		kc.TTL = s->cfg.max_age_ms; /* cnats: milliseconds, the stream's max_age */
+		kc.TTL = (int64_t)s->cfg.max_age_ms * 1000000; /* cnats: nanoseconds, the stream's max_age */
 		kc.Replicas = (int)s->cfg.replicas;
 		kc.StorageType = js_MemoryStorage;
 		st = js_CreateKeyValue(&s->kv, s->js, &kc);
 	}
 	if (st != NATS_OK) {
 		s->kv = NULL;
-		failure(s, "KV bucket %s: %s%s%s", s->cfg.bucket, s->cfg.no_create ? "cannot bind (no_create "
-			"is set: make it with max_age) " : "cannot bind or create ", natsStatus_GetText(st),
-			why_kv(st));
+		const char *detail = nats_detail();
+
+		failure(s, "KV bucket %s: %s%s%s%s%s", s->cfg.bucket, s->cfg.no_create ? "cannot bind (no_create "
+			"is set: make it with max_age) " : "cannot bind or create: ", natsStatus_GetText(st),
+			why_kv(st), *detail ? ": " : "", detail);
 		return -1;
 	}
 	kvWatchOptions_Init(&wo);
@@ -825,6 +827,8 @@ TALLY_API int tally_share_start(struct tally_segment *seg, const struct tally_sh
 	int rc;
 
 	*out = NULL;
+	if (!cfg)
+		return tally__fail(-EINVAL, "[share]: no configuration");
 	if (tally_share_config_check(cfg, why, sizeof(why)) < 0)
 		return tally__fail(-EINVAL, "[share]: %s", why);
 	if (!seg || !seg->is_owner)
@@ -835,8 +839,13 @@ TALLY_API int tally_share_start(struct tally_segment *seg, const struct tally_sh
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return -ENOMEM;
+	pthread_condattr_t ca;
+
 	pthread_mutex_init(&s->lock, NULL);
-	pthread_cond_init(&s->wake, NULL);
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* sleep_until's deadlines are monotonic */
+	pthread_cond_init(&s->wake, &ca);
+	pthread_condattr_destroy(&ca);
 	if ((rc = cfg_copy(s, cfg)) < 0 || (rc = prepare(s, seg)) < 0 ||
 	    (rc = -pthread_create(&s->thread, NULL, share_main, s)) < 0) {
 		share_free(s);
