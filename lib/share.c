@@ -17,7 +17,9 @@
  *                 past max_age; between scans, take watch updates (other
  *                 hosts' puts, deletes, purges) into the section. A put or
  *                 watch failure unbinds (state failing, error recorded):
- *                 a deleted bucket is bound (made again) on the next try.
+ *                 a deleted bucket is bound (made again) on the next try;
+ *                 so does a watch that stopped delivering (watch_stalled:
+ *                 our own puts come back through it, or it is dead).
  * The status block is rewritten after every step, so `tally stat` sees the
  * state, counters and last error within interval_ms.
  */
@@ -78,6 +80,8 @@ struct tally_share {
 	char prefix[TALLY__REMOTE_HOST_MAX + 1]; /* "<host>." */
 	struct tally__remote_status_view st;
 	uint64_t next_scan_ns, retry_at_ns;
+	uint64_t last_hb_ns;            /* last put of our heartbeat key "<host>" */
+	uint64_t unechoed_ns;           /* first put of ours not yet seen back through the watch, 0 none */
 	pthread_t thread;
 	pthread_mutex_t lock;
 	pthread_cond_t wake;
@@ -487,10 +491,12 @@ static int bind_bucket(struct tally_share *s)
 		unbind(s);
 		return -1;
 	}
+	s->unechoed_ns = 0;
 	slog(s, LOG_INFO, "sharing verdicts as host %s through KV bucket %s (max_age %u ms, refresh %u ms)",
 	     s->cfg.host, s->cfg.bucket, s->cfg.max_age_ms, s->cfg.refresh_ms);
 	for (uint32_t i = 0; i < s->nsubj; i++)
 		s->last[i].valid = false; /* a new bucket holds nothing of ours: put everything again */
+	s->last_hb_ns = 0;
 	set_state(s, TALLY__SHARE_RUNNING);
 	return 0;
 }
@@ -584,10 +590,36 @@ static int put_one(struct tally_share *s, uint32_t id, const struct tally_subjec
 	return 0;
 }
 
+/* The key "<host>" (one token: never a verdict's key) put every refresh_ms:
+ * it comes back through our watch even when this host has no subject, so
+ * watch_stalled can tell a dead watch on every host. Others ignore it. */
+static int heartbeat(struct tally_share *s, uint64_t now)
+{
+	natsStatus rc;
+
+	if (s->last_hb_ns && now - s->last_hb_ns < (uint64_t)s->cfg.refresh_ms * NS_PER_MS)
+		return 0;
+	rc = kvStore_PutString(NULL, s->kv, s->cfg.host, "alive");
+	if (rc != NATS_OK) {
+		s->st.put_errors++;
+		failure(s, "KV bucket %s: put %s failed: %s%s", s->cfg.bucket, s->cfg.host, natsStatus_GetText(rc),
+			why_kv(rc));
+		return -1;
+	}
+	s->last_hb_ns = now;
+	if (!s->unechoed_ns)
+		s->unechoed_ns = now;
+	s->st.puts++;
+	s->st.last_put_ns = now;
+	return 0;
+}
+
 static int scan(struct tally_share *s, uint64_t now)
 {
 	uint64_t refresh = (uint64_t)s->cfg.refresh_ms * NS_PER_MS;
 
+	if (heartbeat(s, now) < 0)
+		return -1;
 	for (uint32_t id = 0; id < s->nsubj; id++) {
 		struct tally_subject_stats st;
 		int rc = tally_read_subject(s->seg, id, &st);
@@ -661,8 +693,10 @@ static void apply(struct tally_share *s, kvEntry *e)
 {
 	const char *key = kvEntry_Key(e);
 
-	if (!key || strncmp(key, s->prefix, strlen(s->prefix)) == 0)
-		return; /* our own */
+	if (key && strcmp(key, s->cfg.host) == 0)
+		s->unechoed_ns = 0; /* our heartbeat came back: the watch lives */
+	if (!key || strncmp(key, s->prefix, strlen(s->prefix)) == 0 || !strchr(key, '.'))
+		return; /* our own, or a host's heartbeat */
 	if (kvEntry_Operation(e) == kvOp_Put)
 		mirror_put(s, e, key);
 	else if (kvEntry_Operation(e) == kvOp_Delete || kvEntry_Operation(e) == kvOp_Purge)
@@ -740,6 +774,24 @@ static void sleep_until(struct tally_share *s, uint64_t mono_deadline)
 	pthread_mutex_unlock(&s->lock);
 }
 
+/*
+ * The watch's own liveness: our heartbeat key comes back through it (we
+ * watch every key) within milliseconds. A heartbeat not back after
+ * 2 x refresh_ms means the watch stopped (its consumer's server died: no
+ * error reaches us, the connection is fine): watch again.
+ */
+static bool watch_stalled(struct tally_share *s)
+{
+	uint64_t refresh = (uint64_t)s->cfg.refresh_ms * NS_PER_MS, now = tally__mono_ns();
+
+	if (!s->w || !s->unechoed_ns || now - s->unechoed_ns < 2 * refresh)
+		return false;
+	failure(s, "KV bucket %s: our heartbeat did not come back through the watch within %u ms (its "
+		"server died?): watching again", s->cfg.bucket, 2 * s->cfg.refresh_ms);
+	s->retry_at_ns = 0; /* at once */
+	return true;
+}
+
 static void step(struct tally_share *s)
 {
 	uint64_t now = tally__mono_ns(), interval = (uint64_t)s->cfg.interval_ms * NS_PER_MS;
@@ -760,6 +812,8 @@ static void step(struct tally_share *s)
 		set_state(s, TALLY__SHARE_RUNNING);
 	}
 	if (drain_watch(s, s->next_scan_ns) < 0)
+		unbind(s);
+	else if (watch_stalled(s))
 		unbind(s);
 }
 

@@ -32,6 +32,7 @@
 
 #include <tally/tally.h>
 
+#include "common/gateway.h"
 #include "common/helpers.h"
 #include "common/nats_cluster.h"
 #include "common/tallyd_child.h"
@@ -192,11 +193,58 @@ static void js_delete_bucket(const char *urls)
 	(void)urls;
 	cr_assert_eq(natsConnection_Connect(&nc, o), NATS_OK);
 	cr_assert_eq(natsConnection_JetStream(&js, nc, NULL), NATS_OK);
-	s = js_DeleteKeyValue(js, TALLY_SHARE_BUCKET_DEFAULT);
+	/* retried: the restarted node may still be catching up (a 503 or a timeout meanwhile) */
+	for (uint64_t end = now_ms() + BOUND_MS; (s = js_DeleteKeyValue(js, TALLY_SHARE_BUCKET_DEFAULT)) != NATS_OK &&
+	     now_ms() < end;)
+		tt_sleep_ms(200);
 	cr_assert_eq(s, NATS_OK, "delete the bucket: %s", natsStatus_GetText(s));
 	jsCtx_Destroy(js);
 	natsConnection_Destroy(nc);
 	natsOptions_Destroy(o);
+}
+
+/* `tally stat` and `stat --json` on host A list B's row with its host. */
+static void stat_on_a_shows_b(void)
+{
+	char cmd[512], out[65536];
+	size_t n;
+	FILE *p;
+
+	snprintf(cmd, sizeof(cmd), "%s/tools/tally stat --json -s %s 2>&1; %s/tools/tally stat -s %s 2>&1",
+		 TALLY_TEST_BUILDDIR, g_td[0].seg, TALLY_TEST_BUILDDIR, g_td[0].seg);
+	p = popen(cmd, "r");
+	cr_assert_not_null(p);
+	n = fread(out, 1, sizeof(out) - 1, p);
+	out[n] = '\0';
+	pclose(p);
+	cr_assert(strstr(out, "\"remote\": [") && strstr(out, "\"host\": \"hB\""), "stat --json:\n%s", out);
+	cr_assert(strstr(out, "\"state\": \"running\""), "share status in JSON:\n%s", out);
+	cr_assert(strstr(out, "REMOTE (") && strstr(out, "hB "), "stat:\n%s", out);
+}
+
+/* The example gateway on host A decides on the combined verdict: A's own
+ * verdict for the subject is none at all, B's overload sheds (403 in check
+ * mode) and X-Tally-Host names B. While B still records overload. */
+static void gateway_on_a_sheds_for_b(void)
+{
+	char dir[64], ini[128], log[128], host[64] = "";
+	struct gwt_resp resp;
+	int port = 0;
+	long status;
+	pid_t gw;
+
+	cr_assert_eq(gwt_tempdir(dir), 0);
+	snprintf(ini, sizeof(ini), "%s/gateway.ini", dir);
+	snprintf(log, sizeof(log), "%s/gateway.log", dir);
+	cr_assert_eq(gwt_write(ini, "[gateway]\nmode = check\n[route * /orders/**]\nsubject = " SUBJ "\n"), 0);
+	gw = gwt_gateway_start(ini, g_td[0].seg, log, &port, NULL, NULL);
+	cr_assert_gt(gw, 0, "gateway: %s", gwt_read_file(log));
+	status = gwt_get(port, "/orders/1", &resp);
+	gwt_header(&resp, "X-Tally-Host", host, sizeof(host));
+	gwt_stop(gw);
+	gwt_rmtree(dir);
+	cr_assert_eq(status, 403, "host A's gateway sheds for host B's overload: %ld %s", status, resp.body);
+	cr_assert_str_eq(host, "hB");
 }
 
 Test(hosts, three_hosts_share_verdicts_through_kv)
@@ -206,7 +254,7 @@ Test(hosts, three_hosts_share_verdicts_through_kv)
 	struct tally_share_status st;
 	struct tally_subject_stats local;
 	struct router r;
-	uint64_t took, end;
+	uint64_t took, end, errors;
 
 	cr_assert_eq(tally_test_cluster_start(&g_cl), 0, "cluster: %s", g_cl.errmsg);
 	start_host(0, "hA", g_cl.urls);
@@ -229,6 +277,8 @@ Test(hosts, three_hosts_share_verdicts_through_kv)
 	cr_assert_str_eq(worst.host, "hB");
 	cr_assert_eq(worst.verdict, TALLY_VERDICT_OVERLOAD);
 	wait_remote(&r, 200000000, c, SUBJ, TALLY_VERDICT_OVERLOAD, &row);
+	gateway_on_a_sheds_for_b();
+	stat_on_a_shows_b();
 	/* audit.> is local on A: mirrored, never combined */
 	wait_remote(&r, 200000000, a, LOCAL_SUBJ, TALLY_VERDICT_OVERLOAD, &row);
 	cr_assert_not(row.combined);
@@ -239,6 +289,10 @@ Test(hosts, three_hosts_share_verdicts_through_kv)
 	cr_assert_str_eq(st.state, "running", "%s", st.last_error);
 	cr_assert_gt(st.updates, 0);
 
+	share_status(a, &st);
+	cr_assert_eq(st.put_errors, 0, "hA: %s", st.last_error);
+	cr_assert_str_eq(st.last_error, "", "hA's watch never stalled while the cluster was whole:\n%s",
+			 tt_tallyd_log(&g_td[0]));
 	/* A NATS node killed: rows keep their last value (with age), fresh values resume. */
 	tally_test_nats_kill(&g_cl.node[0]);
 	end = now_ms() + 1200;
@@ -254,19 +308,34 @@ Test(hosts, three_hosts_share_verdicts_through_kv)
 		if (remote_row(a, "hB", SUBJ, &row) && row.age_ms < 500)
 			break;
 	}
+	if (row.age_ms >= 750) {
+		share_status(r.seg, &st);
+		fprintf(stderr, "hB share: %s puts %llu errors %llu last error %s\nhA log:\n%s\n", st.state,
+			(unsigned long long)st.puts, (unsigned long long)st.put_errors, st.last_error,
+			tt_tallyd_log(&g_td[0]));
+		fprintf(stderr, "hB log:\n%s\n", tt_tallyd_log(&g_td[1]));
+		share_status(a, &st);
+		fprintf(stderr, "hA share: %s puts %llu errors %llu updates %llu last put %llu ms ago, "
+			"last error %s\n", st.state, (unsigned long long)st.puts, (unsigned long long)st.put_errors,
+			(unsigned long long)st.updates, (unsigned long long)st.last_put_age_ms, st.last_error);
+	}
 	cr_assert_lt(row.age_ms, 500u + 250u, "fresh values resumed (age %llu ms)",
 		     (unsigned long long)row.age_ms);
 	cr_assert_eq(tally_test_nats_restart(&g_cl.node[0]), 0, "%s", g_cl.node[0].errmsg);
+	cr_assert_eq(tally_test_cluster_wait_js(&g_cl, 0, 30000), 0, "%s", g_cl.errmsg);
 
 	/* The bucket deleted: a clear error, local verdicts unaffected, sharing resumes. */
+	record_until_local(&r, 200000000, TALLY_VERDICT_OVERLOAD);
+	share_status(r.seg, &st);
+	errors = st.put_errors;
 	js_delete_bucket(g_cl.urls);
 	for (end = now_ms() + BOUND_MS; now_ms() < end; tt_sleep_ms(20)) {
 		record(&r, 200000000);
 		share_status(r.seg, &st);
-		if (st.put_errors > 0)
+		if (st.put_errors > errors)
 			break;
 	}
-	cr_assert_gt(st.put_errors, 0, "a put into the deleted bucket failed and was counted");
+	cr_assert_gt(st.put_errors, errors, "a put into the deleted bucket failed and was counted");
 	cr_assert(strstr(st.last_error, "KV bucket tally_verdicts"), "names the bucket: %s", st.last_error);
 	cr_log_info("hB after the bucket was deleted: %s", st.last_error);
 	cr_assert_eq(tally_read_subject(r.seg, r.id[0], &local), 0, "local verdicts still publish");
