@@ -180,6 +180,26 @@ static void share_status(struct tally_segment *seg, struct tally_share_status *s
 	cr_assert_eq(rc, 0, "tally_read_share: %s", tally_strerror(rc));
 }
 
+/* put_errors of the three hosts summed; *last (if given) the status of one whose errors grew most recently. */
+static uint64_t total_put_errors(struct tally_segment *a, struct tally_segment *b, struct tally_segment *c,
+				 struct tally_share_status *last)
+{
+	struct tally_segment *segs[] = { a, b, c };
+	uint64_t sum = 0, best = UINT64_MAX;
+
+	for (int i = 0; i < 3; i++) {
+		struct tally_share_status st;
+
+		share_status(segs[i], &st);
+		sum += st.put_errors;
+		if (last && st.put_errors && st.last_error_age_ms < best) {
+			best = st.last_error_age_ms;
+			*last = st;
+		}
+	}
+	return sum;
+}
+
 static void js_delete_bucket(const char *urls)
 {
 	natsConnection *nc = NULL;
@@ -289,10 +309,10 @@ Test(hosts, three_hosts_share_verdicts_through_kv)
 	cr_assert_str_eq(st.state, "running", "%s", st.last_error);
 	cr_assert_gt(st.updates, 0);
 
-	share_status(a, &st);
-	cr_assert_eq(st.put_errors, 0, "hA: %s", st.last_error);
-	cr_assert_str_eq(st.last_error, "", "hA's watch never stalled while the cluster was whole:\n%s",
-			 tt_tallyd_log(&g_td[0]));
+	/* (puts may fail at the very start: the bucket made by one host is not
+	 * ready on every node at once; they are retried) */
+	cr_assert(!strstr(tt_tallyd_log(&g_td[0]), "did not come back"),
+		  "hA's watch never stalled while the cluster was whole:\n%s", tt_tallyd_log(&g_td[0]));
 	/* A NATS node killed: rows keep their last value (with age), fresh values resume. */
 	tally_test_nats_kill(&g_cl.node[0]);
 	end = now_ms() + 1200;
@@ -325,19 +345,20 @@ Test(hosts, three_hosts_share_verdicts_through_kv)
 	cr_assert_eq(tally_test_cluster_wait_js(&g_cl, 0, 30000), 0, "%s", g_cl.errmsg);
 
 	/* The bucket deleted: a clear error, local verdicts unaffected, sharing resumes. */
+	/* Whichever host puts first after the delete fails (and, create_bucket
+	 * being on, makes the bucket again before the others notice): count
+	 * over the three hosts. */
 	record_until_local(&r, 200000000, TALLY_VERDICT_OVERLOAD);
-	share_status(r.seg, &st);
-	errors = st.put_errors;
+	errors = total_put_errors(a, r.seg, c, NULL);
 	js_delete_bucket(g_cl.urls);
 	for (end = now_ms() + BOUND_MS; now_ms() < end; tt_sleep_ms(20)) {
 		record(&r, 200000000);
-		share_status(r.seg, &st);
-		if (st.put_errors > errors)
+		if (total_put_errors(a, r.seg, c, NULL) > errors)
 			break;
 	}
-	cr_assert_gt(st.put_errors, errors, "a put into the deleted bucket failed and was counted");
+	cr_assert_gt(total_put_errors(a, r.seg, c, &st), errors, "a put into the deleted bucket failed and was counted");
 	cr_assert(strstr(st.last_error, "KV bucket tally_verdicts"), "names the bucket: %s", st.last_error);
-	cr_log_info("hB after the bucket was deleted: %s", st.last_error);
+	cr_log_info("after the bucket was deleted: %s", st.last_error);
 	cr_assert_eq(tally_read_subject(r.seg, r.id[0], &local), 0, "local verdicts still publish");
 	cr_assert_eq(local.verdict, TALLY_VERDICT_OVERLOAD);
 	for (end = now_ms() + BOUND_MS; now_ms() < end; tt_sleep_ms(50)) {
