@@ -47,6 +47,7 @@ static const struct {
 	{ "jsack", bench_part_jsack, "wait and pending from an ack reply, ns/msg: parse+record vs natsMsg_GetMetaData and one CONSUMER.INFO per message, real nats-server" },
 	{ "hist", bench_part_hist, "histogram index/add ns/op; 5-quantile query vs exact P95 (qsort, quickselect)" },
 	{ "error", bench_part_error, "quantile relative error against exact quantiles, six distributions" },
+	{ "hosts", bench_part_hosts, "many hosts: KV propagation B -> A (p50, p99), KV writes/s at 1,000 subjects, aggregator cost; 3-node cluster" },
 	{ "gateway", bench_part_gateway, "tally-gateway with wrk: check mode behind nginx auth_request, proxy mode, against direct" },
 };
 

@@ -84,5 +84,6 @@ void bench_part_pending(void);
 void bench_part_jsack(void);
 void bench_part_error(void);
 void bench_part_gateway(void);
+void bench_part_hosts(void);
 
 #endif

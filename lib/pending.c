@@ -188,6 +188,7 @@ static void store_entry_fields(struct tally__pending_entry *e, const struct tall
 	STORE_STR(e->filter, v->filter);
 	STORE_STR(e->map, v->map);
 	STORE_STR(e->last_error, v->last_error);
+	STORE_STR(e->server, v->server);
 }
 
 void tally__pending_write_entry(struct tally__pending_entry *e, const struct tally__pending_values *v)
@@ -254,6 +255,7 @@ static void load_entry_fields(const struct tally__pending_entry *e, struct tally
 	LOAD_STR(e->stream, o->stream);
 	LOAD_STR(e->consumer, o->consumer);
 	LOAD_STR(e->last_error, o->last_error);
+	LOAD_STR(e->server, o->server);
 }
 
 static bool view_ok(const struct tally__pending_view *o, bool full)
@@ -264,6 +266,7 @@ static bool view_ok(const struct tally__pending_view *o, bool full)
 	return !full || (str_ok(o->stream, sizeof(o->stream)) &&
 			 str_ok(o->consumer, sizeof(o->consumer)) &&
 			 str_ok(o->last_error, sizeof(o->last_error)) &&
+			 str_ok(o->server, sizeof(o->server)) &&
 			 o->is_leader >= -1 && o->is_leader <= 1);
 }
 

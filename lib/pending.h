@@ -82,6 +82,31 @@
  * one subject row is marked pending_shared, with that consumer named (a
  * split consumer is never counted as matching, so never the shared one).
  *
+ * In a cluster (a JetStream cluster of R1/R3 streams; tested against three
+ * nats-server processes in tests/test_hosts_cluster.c). The JetStream API
+ * lets only a consumer's leader answer CONSUMER.INFO, and CONSUMER.LIST is
+ * put together by the stream leader from each consumer leader's own info;
+ * a follower's view (the stale num_pending that /jsz on a follower shows)
+ * never comes through the API. So each entry records, from the reply:
+ *   server     the server named as the consumer's leader, whose numbers
+ *              these are (cluster.leader; on a standalone server its
+ *              server_name, by default its id), cut to 31 bytes;
+ *   is_leader  1: the numbers are that leader's (a reply naming a leader,
+ *              or a standalone server, which holds all its consumers);
+ *              0: the reply named a cluster but no leader (a placeholder
+ *              from the meta leader while no leader is elected: its
+ *              num_pending is not the backlog), so the values are NOT
+ *              taken: the entry keeps its last good values, turns cached
+ *              and its age grows; -1: never refreshed, gone, not found.
+ * A leader change shows as: a poll that fails (no reply, or 503 "JetStream
+ * system temporarily unavailable", never taken for "no consumers": the
+ * entries turn cached with their age), then a live entry naming the new
+ * leader. The poller follows it without doing anything: it talks to the
+ * JetStream API of the account, which routes to whichever server leads.
+ * A consumer listed as "missing" (its leader did not answer in time) stays
+ * with its last values, cached; a consumer the server says does not exist
+ * is gone or not found, backlog 0, never a large backlog (KEDA #7657).
+ *
  * Lifecycle (poller.c): a consumer deleted after it was seen turns gone;
  * after the poller's gone_grace_ms it is removed from the table (an entry
  * of a whole-stream watch) or turns not_found (a configured
@@ -101,6 +126,7 @@
 #define TALLY__PENDING_NAME_MAX   128  /* stream / consumer name, NUL included */
 #define TALLY__PENDING_SUBJ_MAX   256  /* filter / map subject, NUL included */
 #define TALLY__PENDING_ERR_MAX    128  /* last error text, NUL included (truncated) */
+#define TALLY__PENDING_SERVER_MAX 32   /* server_name that gave the numbers, NUL included (truncated) */
 #define TALLY__PENDING_MAX_CAPACITY (1u << 20)
 #define TALLY__PENDING_READ_TRIES 64
 
@@ -175,7 +201,8 @@ struct tally__pending_entry {
 	_Atomic uint32_t seq;
 	_Atomic uint32_t used;                  /* 1: entry describes a consumer */
 	_Atomic uint32_t source;                /* enum tally__pending_source */
-	_Atomic int32_t is_leader;              /* 1 yes, 0 no, -1 unknown */
+	_Atomic int32_t is_leader;              /* see "In a cluster": 1 the consumer leader's numbers,
+						 * 0 a reply without a leader, -1 unknown */
 	_Atomic uint32_t consecutive_failures;
 	_Atomic uint32_t pad0;
 	_Atomic uint64_t num_pending;
@@ -192,7 +219,9 @@ struct tally__pending_entry {
 	_Atomic uint64_t last_error[TALLY__PENDING_ERR_MAX / 8];
 	_Atomic uint32_t kind;                  /* enum tally__pending_kind (0 in older writers) */
 	_Atomic uint32_t pad1;
-	uint8_t reserved[40];
+	_Atomic uint64_t server[TALLY__PENDING_SERVER_MAX / 8]; /* who gave the numbers ("" in
+						 * older writers, or not known) */
+	uint8_t reserved[8];
 };
 
 _Static_assert(sizeof(struct tally__pending_header) == 64, "pending header is 64 bytes");
@@ -202,6 +231,7 @@ _Static_assert(offsetof(struct tally__pending_entry, num_pending) == 24, "entry 
 _Static_assert(offsetof(struct tally__pending_entry, stream) == 80, "entry layout");
 _Static_assert(offsetof(struct tally__pending_entry, last_error) == 848, "entry layout");
 _Static_assert(offsetof(struct tally__pending_entry, kind) == 976, "entry layout");
+_Static_assert(offsetof(struct tally__pending_entry, server) == 984, "entry layout");
 _Static_assert(offsetof(struct tally__pending_breaker, last_error) == 72, "breaker layout");
 _Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
 	       "atomics have their plain size");
@@ -225,6 +255,7 @@ struct tally__pending_view {
 	char filter[TALLY__PENDING_SUBJ_MAX];
 	char map[TALLY__PENDING_SUBJ_MAX];
 	char last_error[TALLY__PENDING_ERR_MAX];
+	char server[TALLY__PENDING_SERVER_MAX];
 };
 
 struct tally__pending_breaker_view {
@@ -355,7 +386,7 @@ struct tally__pending_values {
 	uint64_t num_pending, num_ack_pending, num_redelivered, num_waiting;
 	uint64_t delivered_stream_seq, ack_floor_stream_seq;
 	uint64_t last_ok_ns;
-	const char *stream, *consumer, *filter, *map, *last_error;
+	const char *stream, *consumer, *filter, *map, *last_error, *server;
 };
 
 struct tally__pending_entry *tally__pending_entry_at(void *section, uint32_t idx);

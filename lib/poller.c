@@ -42,6 +42,7 @@ struct slot {
 	char pair_map[TALLY__PENDING_SUBJ_MAX]; /* map_subject of an explicit pair */
 	char subject[TALLY__PENDING_SUBJ_MAX];  /* a per-subject entry's subject, "" for a consumer */
 	char err[TALLY__PENDING_ERR_MAX];
+	char server[TALLY__PENDING_SERVER_MAX]; /* whose numbers these are (pending.h, "In a cluster") */
 	struct tally__pending_values v;         /* numbers; strings are set at write */
 	int sw;                                 /* whole-stream watch covering it, -1 none */
 	uint64_t gone_since_ns;                 /* when it turned gone (for gone_grace_ms) */
@@ -61,7 +62,7 @@ struct tally__poller {
 	natsOptions *opts;
 	natsConnection *nc;
 	char api[160];                          /* JetStream API prefix, e.g. "$JS.API" */
-	char server_id[128];                    /* of the connected server, for is_leader */
+	char server_id[128];                    /* of the connected server: a standalone reply's server */
 	char opts_err[ERR_LEN];
 	pthread_mutex_t poll_lock;
 	pthread_mutex_t wake_lock;
@@ -488,6 +489,7 @@ static void slot_write(struct tally__poller *p, struct slot *s, const char *map)
 	v.filter = s->filter;
 	v.map = map;
 	v.last_error = s->err;
+	v.server = s->server;
 	tally__pending_write_entry(tally__pending_entry_at(p->section, slot_index(p, s)), &v);
 }
 
@@ -724,6 +726,33 @@ static natsStatus set_reconnect(natsOptions *o, const struct tally_poller_config
 	return s;
 }
 
+/* The server list, split here: cnats 3.4.1's natsOptions_SetURL takes a
+ * comma-separated list but its connect then fails with "No server
+ * available" even with every server up (a cluster's URLs, issue 19);
+ * natsOptions_SetServers with one URL each works. Spaces around a URL are
+ * dropped, as check_url allows them. */
+static natsStatus set_servers(natsOptions *o, const char *urls)
+{
+	char copy[4096], *list[64], *save = NULL;
+	int n = 0;
+
+	if (strlen(urls) >= sizeof(copy))
+		return natsOptions_SetURL(o, urls);
+	snprintf(copy, sizeof(copy), "%s", urls);
+	for (char *u = strtok_r(copy, ",", &save); u && n < 64; u = strtok_r(NULL, ",", &save)) {
+		size_t len;
+
+		while (*u == ' ' || *u == '\t')
+			u++;
+		len = strlen(u);
+		while (len && (u[len - 1] == ' ' || u[len - 1] == '\t'))
+			u[--len] = '\0';
+		if (len)
+			list[n++] = u;
+	}
+	return n ? natsOptions_SetServers(o, (const char **)list, n) : natsOptions_SetURL(o, urls);
+}
+
 /* (Re)build the cnats options; on failure p->opts stays NULL and p->opts_err says why. */
 static void build_opts(struct tally__poller *p)
 {
@@ -731,7 +760,7 @@ static void build_opts(struct tally__poller *p)
 	natsStatus s = natsOptions_Create(&o);
 
 	if (s == NATS_OK)
-		s = natsOptions_SetURL(o, p->cfg.urls);
+		s = set_servers(o, p->cfg.urls);
 	if (s == NATS_OK)
 		s = set_auth(o, &p->cfg);
 	if (s == NATS_OK)
@@ -1102,7 +1131,6 @@ static int cluster_field(struct jr *j, const char *key, void *ctx)
 
 	if (strcmp(key, "leader") != 0)
 		return jr_skip(j);
-	c->has_cluster = true;
 	return jr_string_or_null(j, c->leader, sizeof(c->leader)) < 0 ? -EBADMSG : 0;
 }
 
@@ -1133,8 +1161,12 @@ static int consumer_field(struct jr *j, const char *key, void *ctx)
 		return jr_object_or_null(j, seq_field, &c->delivered_stream_seq);
 	if (strcmp(key, "ack_floor") == 0)
 		return jr_object_or_null(j, seq_field, &c->ack_floor_stream_seq);
-	if (strcmp(key, "cluster") == 0)
+	if (strcmp(key, "cluster") == 0) {
+		/* An object, even one without "leader" (Go omits an empty one):
+		 * a cluster answered, and who leads matters (pending.h). */
+		c->has_cluster = jr_peek(j) == '{';
 		return jr_object_or_null(j, cluster_field, c);
+	}
 	return jr_skip(j);
 }
 
@@ -1336,13 +1368,22 @@ int tally__js_parse_stream_info(const char *json, size_t len, struct tally__js_s
 
 /* ---- refreshing entries ---- */
 
-static int32_t leader_of(const struct tally__js_consumer *c, const char *server_id)
+/* A reply that names a cluster but no leader: its numbers are a
+ * placeholder, not the consumer leader's (pending.h, "In a cluster"). */
+static bool leaderless(const struct tally__js_consumer *c)
 {
-	if (!c->has_cluster)
-		return 1;
-	if (c->leader[0] && server_id[0] && strcmp(c->leader, server_id) == 0)
-		return 1;
-	return -1;
+	return c->has_cluster && !c->leader[0];
+}
+
+static void slot_stale(struct tally__poller *p, struct slot *s, const char *why);
+
+static void slot_leaderless(struct tally__poller *p, struct slot *s)
+{
+	slot_stale(p, s, "reply names no consumer leader (an election under way?): last values kept");
+	s->v.is_leader = 0;
+	s->found = true;
+	s->refreshed = true;
+	slot_publish(p, s);
 }
 
 /* Returns 1 when the consumer was gone before (for the caller's one log line). */
@@ -1352,6 +1393,10 @@ static int slot_live(struct tally__poller *p, struct slot *s, const struct tally
 	int back = s->v.source == TALLY__PENDING_GONE ||
 		   (s->v.source == TALLY__PENDING_NOTFOUND && s->found);
 
+	if (leaderless(c)) {
+		slot_leaderless(p, s);
+		return 0;
+	}
 	s->found = true;
 	s->v.source = TALLY__PENDING_LIVE;
 	s->v.num_pending = c->num_pending;
@@ -1360,7 +1405,8 @@ static int slot_live(struct tally__poller *p, struct slot *s, const struct tally
 	s->v.num_waiting = c->num_waiting;
 	s->v.delivered_stream_seq = c->delivered_stream_seq;
 	s->v.ack_floor_stream_seq = c->ack_floor_stream_seq;
-	s->v.is_leader = leader_of(c, p->server_id);
+	s->v.is_leader = 1; /* a leader's numbers, or a standalone server's own */
+	copy_str(s->server, sizeof(s->server), c->leader[0] ? c->leader : p->server_id);
 	s->v.consecutive_failures = 0;
 	s->v.last_ok_ns = now;
 	s->err[0] = '\0';
@@ -1389,6 +1435,7 @@ static int slot_gone(struct tally__poller *p, struct slot *s, const char *why, u
 	if (turned)
 		s->gone_since_ns = now;
 	memset(&s->v, 0, sizeof(s->v));
+	s->server[0] = '\0';
 	s->v.source = source;
 	s->v.is_leader = -1;
 	s->v.last_ok_ns = now; /* the server said so: an answer, not a failure */
@@ -1662,6 +1709,7 @@ static int apply_subject(void *ctx, const char *subject, bool cut, uint64_t coun
 	s->v.kind = TALLY__PENDING_SUBJECT;
 	s->v.source = TALLY__PENDING_LIVE;
 	s->v.is_leader = o->v.is_leader;
+	copy_str(s->server, sizeof(s->server), o->server);
 	s->v.num_pending = count; /* stored = unacked: num_pending + num_ack_pending */
 	s->v.last_ok_ns = sa->now;
 	s->filter[0] = '\0';

@@ -45,10 +45,12 @@
  * down, and entries of explicit pairs show source never until it answers.
  * Each connect attempt blocks the poller for at most request_timeout_ms.
  *
- * is_leader: 1 when the reply names no cluster (a standalone JetStream
- * server holds all its consumers) or names the connected server's id as
- * the leader; -1 when another name is given (servers with server_name set
- * report names, not ids, so "not leader" cannot be told apart; never 0).
+ * server and is_leader (pending.h, "In a cluster"): each live entry names
+ * the server whose numbers it holds (the consumer leader the reply names,
+ * or the connected server when the reply names no cluster) with is_leader
+ * 1; a reply that names a cluster but no leader is not taken (is_leader 0,
+ * last values kept, cached). Which server the poller is connected to does
+ * not matter: the JetStream API routes each request to the leader.
  */
 #ifndef TALLY_POLLER_H
 #define TALLY_POLLER_H

@@ -202,6 +202,7 @@ TALLY_API int tally_read_consumers(const struct tally_segment *seg, struct tally
 		snprintf(o->filter, sizeof(o->filter), "%s", v.filter);
 		snprintf(o->map, sizeof(o->map), "%s", v.map);
 		snprintf(o->last_error, sizeof(o->last_error), "%s", v.last_error);
+		snprintf(o->server, sizeof(o->server), "%s", v.server);
 		o->num_pending = v.num_pending;
 		o->num_ack_pending = v.num_ack_pending;
 		o->num_redelivered = v.num_redelivered;

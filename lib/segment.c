@@ -33,6 +33,7 @@
 #include "common.h"
 #include "follow.h"
 #include "pending.h"
+#include "remote.h"
 #include "proc.h"
 #include "segment.h"
 #include "snapshot.h"
@@ -94,6 +95,8 @@ static int config_check(const struct tally_segment_config *c)
 		return tally__fail(-EINVAL, "pending_capacity %u is outside 1..65536", c->pending_capacity);
 	if (c->max_value_ns < 1)
 		return tally__fail(-EINVAL, "max_value_ns must be at least 1");
+	if (c->remote_capacity > 65536)
+		return tally__fail(-EINVAL, "remote_capacity %u is outside 0..65536", c->remote_capacity);
 	return 0;
 }
 
@@ -113,6 +116,11 @@ static void layout(const struct tally_segment_config *c, struct tally__shm_hdr *
 	off = align_up(off + h->pending.size, TALLY__SECTION_ALIGN);
 	h->snapshot = (struct tally__section){ off, tally__snapshot_section_size(table) };
 	off = align_up(off + h->snapshot.size, TALLY__SECTION_ALIGN);
+	h->remote = (struct tally__section){ 0, 0 };
+	if (c->remote_capacity) {
+		h->remote = (struct tally__section){ off, tally__remote_section_size(c->remote_capacity) };
+		off = align_up(off + h->remote.size, TALLY__SECTION_ALIGN);
+	}
 	h->total_size = off;
 }
 
@@ -138,16 +146,22 @@ static int adopt_layout(struct tally_segment *seg, const struct tally__shm_hdr *
 	c.subject_capacity = h->subject_cap;
 	c.pending_capacity = h->pending_cap;
 	c.max_value_ns = h->max_value_ns;
+	c.remote_capacity = h->abi_minor >= 1 ? h->remote_cap : 0;
 	if (config_check(&c))
 		return tally__fail(TALLY_ECORRUPT, "segment \"%s\": header holds an invalid configuration (%s)",
 				   seg->name, tally_errmsg());
 	memset(&want, 0, sizeof(want));
 	layout(&c, &want);
-	if (h->total_size != want.total_size || h->total_size != seg->len ||
+	/* A later minor may append sections: its total is larger, ours must fit. */
+	if ((h->abi_minor > TALLY__ABI_MINOR ? h->total_size < want.total_size
+					      : h->total_size != want.total_size) ||
+	    h->total_size != seg->len ||
 	    memcmp(&h->subjects, &want.subjects, sizeof(want.subjects)) ||
 	    memcmp(&h->slots, &want.slots, sizeof(want.slots)) ||
 	    memcmp(&h->pending, &want.pending, sizeof(want.pending)) ||
 	    memcmp(&h->snapshot, &want.snapshot, sizeof(want.snapshot)) ||
+	    (c.remote_capacity && (memcmp(&h->remote, &want.remote, sizeof(want.remote)) ||
+				   h->remote_entry_size != sizeof(struct tally__remote_entry))) ||
 	    h->slot_stride != want.slot_stride)
 		return tally__fail(TALLY_ECORRUPT, "segment \"%s\": sections do not match its configuration "
 				   "or its size (%zu bytes mapped, header says %llu)", seg->name,
@@ -164,6 +178,8 @@ static int adopt_layout(struct tally_segment *seg, const struct tally__shm_hdr *
 	seg->slots = want.slots;
 	seg->pending = want.pending;
 	seg->snapshot = want.snapshot;
+	seg->remote_cap = c.remote_capacity;
+	seg->remote = want.remote;
 	seg->owner_pid = h->owner_pid;
 	seg->owner_start_time = h->owner_start_time;
 	seg->generation = h->generation;
@@ -296,6 +312,8 @@ static void fill_header(struct tally_segment *seg, const struct tally_segment_co
 	h->max_value_ns = cfg->max_value_ns;
 	h->cooloff_ms = cfg->producer_cooloff_ms;
 	h->subject_entry_size = sizeof(struct tally__shm_subject);
+	h->remote_cap = cfg->remote_capacity;
+	h->remote_entry_size = cfg->remote_capacity ? sizeof(struct tally__remote_entry) : 0;
 	layout(cfg, h);
 	atomic_store_explicit(&h->owner_heartbeat_ns, tally__mono_ns(), memory_order_relaxed);
 	atomic_store_explicit(&h->owner_state, TALLY__OWNER_RUNNING, memory_order_relaxed);
@@ -336,6 +354,9 @@ static int create_once(struct tally_segment *seg, const struct tally_segment_con
 		return tally__fail(rc, "segment \"%s\": cannot format its pending table", seg->name);
 	tally__snapshot_section_init(tally__seg_section(seg, &seg->snapshot), seg->snapshot.size,
 				     seg->table_size);
+	if (seg->remote_cap &&
+	    (rc = tally__remote_init(tally__seg_section(seg, &seg->remote), seg->remote.size, seg->remote_cap)))
+		return tally__fail(rc, "segment \"%s\": cannot format its remote section", seg->name);
 	for (uint32_t i = 0; i < seg->nslots; i++) { /* what the first claim (generation 1) expects */
 		struct tally__slot *sl = tally__seg_slot(seg, i);
 		atomic_store_explicit(&sl->ctl.ident, tally__ident(1, 0), memory_order_relaxed);
@@ -578,6 +599,7 @@ TALLY_API int tally_segment_info(const struct tally_segment *seg, struct tally_s
 	o->is_owner = seg->is_owner;
 	tally_segment_config_init(&o->config);
 	o->config.producer_slots = seg->nslots;
+	o->config.remote_capacity = seg->remote_cap;
 	o->config.ring_capacity = seg->ring_cap;
 	o->config.subject_capacity = seg->subject_cap;
 	o->config.pending_capacity = seg->pending_cap;

@@ -50,6 +50,8 @@ struct tally_segment {
 	uint64_t max_value_ns, generation, owner_start_time, created_ns;
 	pid_t owner_pid;
 	struct tally__section subjects, slots, pending, snapshot;
+	uint32_t remote_cap;            /* 0: no remote section (remote is {0, 0}) */
+	struct tally__section remote;
 	struct tally__reap_memory reap; /* owner only */
 	struct tally__follow *follow;   /* producer mode: successors (follow.c) */
 	struct tally_segment *follower_of; /* a successor: the origin that opened it */

@@ -15,6 +15,9 @@
  *   | pending table           |  poller's view of JetStream consumers
  *   +-------------------------+ snapshot.off
  *   | snapshot area           |  aggregator's published stats (latch)
+ *   +-------------------------+ remote.off (ABI 3.1; only if remote_cap > 0)
+ *   | remote section          |  other hosts' verdicts, mirrored from the
+ *   |                         |  JetStream KV bucket (remote.h, share.c)
  *   +-------------------------+ total_size
  *
  * Every section starts on a 4 KiB boundary. Any change of the layout bumps
@@ -38,7 +41,8 @@
 #define TALLY__MAGIC 0x314d4853594c4c41ULL /* "ALLYSHM1" little-endian, "tally shm" v1 */
 #define TALLY__ABI_MAJOR 3u /* 2: slot leases (state + generation in one word);
 			    * 3: ring entries tagged (waits, pending), 256-byte snapshot entries */
-#define TALLY__ABI_MINOR 0u
+#define TALLY__ABI_MINOR 1u /* 1: remote_cap and the remote section (appended; a 3.0
+			    * segment reads as one with remote_cap 0) */
 #define TALLY__READY 0x52454459u /* "READ": the ready word's value once complete */
 #define TALLY__HDR_SIZE 4096u
 #define TALLY__SECTION_ALIGN 4096u
@@ -95,6 +99,11 @@ struct tally__shm_hdr {
 		_Atomic uint64_t skipped;  /* ring positions past a producer's ring (a corrupt tail) */
 		_Atomic uint64_t updated_ns; /* CLOCK_MONOTONIC of the last store, 0 never */
 	} totals;
+	/* ABI 3.1: the remote section (0 and {0, 0} in a 3.0 segment, whose
+	 * header page is zero past totals). */
+	uint32_t remote_cap;
+	uint32_t remote_entry_size;
+	struct tally__section remote;
 };
 _Static_assert(sizeof(struct tally__shm_hdr) <= TALLY__HDR_SIZE, "header fits its page");
 _Static_assert(offsetof(struct tally__shm_hdr, magic) == 0, "magic first");

@@ -96,6 +96,11 @@ struct cli_view {
 	struct tally_poller_stats poller;
 	bool poller_ran;                /* a poll was ever attempted */
 	struct tally_segment_totals totals; /* since the segment was created */
+	/* other hosts' verdicts (tally/share.h); share_on false: no remote section */
+	bool share_on;
+	struct tally_share_status share;
+	struct tally_remote_stats *remote;
+	int nremote;
 };
 
 /* Read everything; 0, or an error (printed by the caller with cli_fail()). */

@@ -203,6 +203,11 @@ struct scrape {
 	struct tally_segment_totals totals;
 	uint64_t now;
 	struct tally_engine *engine;
+	struct tally_remote_stats *rem;   /* other hosts' rows ([share]) */
+	int nrem;
+	uint32_t rem_cap;
+	bool share;
+	struct tally_share_status shs;
 };
 
 /* Make room for n elements of size sz in *arr (kept between scrapes). */
@@ -268,6 +273,17 @@ static int scrape_read(struct tallyd_exporter_source *src, struct scrape *sc)
 	tally_engine_counters(src->engine, &sc->ec);
 	tally_read_totals(src->seg, &sc->totals);
 	sc->poller = atomic_load(&src->poller_on) && tally_read_poller(src->seg, &sc->ps) == 0;
+	sc->nrem = 0;
+	sc->share = sc->info.config.remote_capacity && tally_read_share(src->seg, &sc->shs) == 0;
+	if (sc->share) {
+		if (grow(&sc->rem, &sc->rem_cap, sc->info.config.remote_capacity, sizeof(*sc->rem)))
+			return -ENOMEM;
+		sc->nrem = tally_read_remote(src->seg, sc->rem, sc->info.config.remote_capacity);
+		if (sc->nrem < 0) /* the share thread raced the read: retry once */
+			sc->nrem = tally_read_remote(src->seg, sc->rem, sc->info.config.remote_capacity);
+		if (sc->nrem < 0)
+			sc->nrem = 0;
+	}
 	return 0;
 }
 
@@ -276,6 +292,7 @@ static void scrape_free(struct scrape *sc)
 	free(sc->subj);
 	free(sc->prod);
 	free(sc->cons);
+	free(sc->rem);
 	memset(sc, 0, sizeof(*sc));
 }
 
@@ -496,6 +513,37 @@ static void put_consumers(struct buf *b, const struct scrape *sc)
 			       sc->cons[i].stream, "consumer", sc->cons[i].consumer, NULL);
 }
 
+/* Other hosts' rows, labelled host and subject; the share thread's counters. */
+static void put_remote(struct buf *b, const struct scrape *sc)
+{
+	char v[32];
+
+	if (!sc->share)
+		return;
+	family(b, TM_remote_verdict);
+	for (int i = 0; i < sc->nrem; i++)
+		sample(b, TM_remote_verdict, NULL, fmt_u64(v, sizeof(v), (uint64_t)sc->rem[i].verdict), "host",
+		       sc->rem[i].host, "subject", sc->rem[i].subject, NULL);
+	family(b, TM_remote_pressure);
+	for (int i = 0; i < sc->nrem; i++)
+		sample(b, TM_remote_pressure, NULL, fmt_ratio(v, sizeof(v), sc->rem[i].pressure), "host",
+		       sc->rem[i].host, "subject", sc->rem[i].subject, NULL);
+	family(b, TM_remote_age);
+	for (int i = 0; i < sc->nrem; i++)
+		sample(b, TM_remote_age, NULL, fmt_sec(v, sizeof(v), sc->rem[i].age_ms * 1000000u), "host",
+		       sc->rem[i].host, "subject", sc->rem[i].subject, NULL);
+	family(b, TM_remote_combined);
+	for (int i = 0; i < sc->nrem; i++)
+		sample(b, TM_remote_combined, NULL, sc->rem[i].combined ? "1" : "0", "host", sc->rem[i].host,
+		       "subject", sc->rem[i].subject, NULL);
+	family(b, TM_share_puts);
+	sample(b, TM_share_puts, NULL, fmt_u64(v, sizeof(v), sc->shs.puts), NULL);
+	family(b, TM_share_put_errors);
+	sample(b, TM_share_put_errors, NULL, fmt_u64(v, sizeof(v), sc->shs.put_errors), NULL);
+	family(b, TM_share_received);
+	sample(b, TM_share_received, NULL, fmt_u64(v, sizeof(v), sc->shs.updates), NULL);
+}
+
 static void put_producer_u64(struct buf *b, const struct scrape *sc, enum tallyd_metric_id id,
 			     size_t off)
 {
@@ -597,6 +645,7 @@ static int render(struct tallyd_exporter_source *src, struct scrape *sc, char **
 	put_identity(&b, sc);
 	put_subjects(&b, sc);
 	put_consumers(&b, sc);
+	put_remote(&b, sc);
 	put_producers(&b, sc);
 	put_engine(&b, sc);
 	put_poller(&b, sc);

@@ -96,6 +96,30 @@ static int read_subjects(struct tally_segment *seg, struct cli_view *v, bool *st
 	return 0;
 }
 
+/* Other hosts' rows and the share thread's status, when the segment has a remote section. */
+static int read_remote(struct tally_segment *seg, struct cli_view *v)
+{
+	uint32_t cap = v->info.config.remote_capacity;
+	int rc = TALLY_EBUSY_RETRY;
+
+	if (!cap)
+		return 0;
+	if (!(v->remote = calloc(cap, sizeof(*v->remote))))
+		return -ENOMEM;
+	for (int tries = 0; tries < 5 && rc == TALLY_EBUSY_RETRY; tries++)
+		rc = tally_read_share(seg, &v->share);
+	if (rc < 0)
+		return rc;
+	v->share_on = true;
+	rc = TALLY_EBUSY_RETRY;
+	for (int tries = 0; tries < 5 && rc == TALLY_EBUSY_RETRY; tries++)
+		rc = tally_read_remote(seg, v->remote, cap);
+	if (rc < 0)
+		return rc;
+	v->nremote = rc;
+	return 0;
+}
+
 static int read_tables(struct tally_segment *seg, struct cli_view *v)
 {
 	uint32_t ns = v->info.config.producer_slots, nc = v->info.config.pending_capacity;
@@ -121,7 +145,7 @@ static int read_tables(struct tally_segment *seg, struct cli_view *v)
 		return rc;
 	v->poller_ran = v->poller.polls_ok || v->poller.polls_failed || v->poller.connected ||
 			v->poller.opens_total || v->nconsumers > 0;
-	return 0;
+	return read_remote(seg, v);
 }
 
 static void judge_staleness(struct cli_view *v, bool subject_stale)
@@ -171,6 +195,9 @@ void cli_view_free(struct cli_view *v)
 	free(v->subjects);
 	free(v->producers);
 	free(v->consumers);
+	free(v->remote);
+	v->remote = NULL;
+	v->nremote = 0;
 	v->subjects = NULL;
 	v->producers = NULL;
 	v->consumers = NULL;
@@ -364,6 +391,34 @@ static void print_consumers(const struct cli_view *v)
 	}
 }
 
+static void print_remote(const struct cli_view *v)
+{
+	const struct tally_share_status *sh = &v->share;
+	char age[32], p95[32];
+
+	if (!v->share_on)
+		return;
+	printf("\nREMOTE (%d) host %s, bucket %s: %s%s", v->nremote, *sh->host ? sh->host : "-",
+	       *sh->bucket ? sh->bucket : "-", sh->state, sh->connected ? "" : ", not connected");
+	printf(", puts %" PRIu64 " (%" PRIu64 " failed), received %" PRIu64 ", rejected %" PRIu64
+	       ", expired %" PRIu64 "\n", sh->puts, sh->put_errors, sh->updates, sh->rejected, sh->expired);
+	if (*sh->last_error)
+		printf("  last error (%s ago): %s\n", cli_fmt_age_ms(age, sizeof(age), sh->last_error_age_ms),
+		       sh->last_error);
+	if (!v->nremote)
+		return;
+	printf("  %-16s %-32s %-8s %8s %10s %10s %7s  %s\n", "HOST", "SUBJECT", "VERDICT", "PRESSURE", "P95",
+	       "PENDING", "AGE", "COMBINE");
+	for (int i = 0; i < v->nremote; i++) {
+		const struct tally_remote_stats *r = &v->remote[i];
+
+		printf("  %-16s %-32s %-8s %8.3f %10s %10" PRIu64 " %7s  %s\n", r->host, r->subject,
+		       tally_verdict_name(r->verdict), r->pressure, cli_fmt_ns(p95, sizeof(p95), r->p95_ns),
+		       r->pending, cli_fmt_age_ms(age, sizeof(age), r->age_ms),
+		       r->stale ? "stale" : r->combined ? "max" : "local");
+	}
+}
+
 static void print_poller(const struct cli_view *v)
 {
 	const struct tally_poller_stats *p = &v->poller;
@@ -517,7 +572,7 @@ static json_t *json_producer(const struct tally_producer_stats *p)
 
 static json_t *json_consumer(const struct tally_consumer_stats *c)
 {
-	return json_pack("{s:s, s:s, s:o, s:o, s:o, s:o, s:o, s:o, s:s, s:o, s:i, s:o}",
+	return json_pack("{s:s, s:s, s:o, s:o, s:o, s:o, s:o, s:o, s:s, s:o, s:i, s:o, s:o, s:o}",
 			 "stream", c->stream, "consumer", c->consumer,
 			 "filter", jstr_or_null(c->filter), "map_subject", jstr_or_null(c->map),
 			 "num_pending", jint(c->num_pending), "num_ack_pending", jint(c->num_ack_pending),
@@ -525,7 +580,9 @@ static json_t *json_consumer(const struct tally_consumer_stats *c)
 			 "source", c->source,
 			 "age_ms", c->age_ms == UINT64_MAX ? json_null() : jint(c->age_ms),
 			 "consecutive_failures", (int)c->consecutive_failures,
-			 "last_error", jstr_or_null(c->last_error));
+			 "last_error", jstr_or_null(c->last_error),
+			 "server", jstr_or_null(c->server),
+			 "is_leader", c->is_leader < 0 ? json_null() : json_boolean(c->is_leader == 1));
 }
 
 static json_t *json_poller(const struct cli_view *v)
@@ -554,9 +611,39 @@ static json_t *json_totals(const struct cli_view *v)
 			 "rejected", jint(t->rejected), "skipped", jint(t->skipped));
 }
 
+static json_t *json_remote(const struct tally_remote_stats *r)
+{
+	return json_pack("{s:s, s:s, s:s, s:o, s:f, s:f, s:o, s:o, s:i, s:o, s:b, s:b, s:o}", "host", r->host,
+			 "subject", r->subject, "verdict", tally_verdict_name(r->verdict),
+			 "reasons", json_reasons(r->reasons, NULL),
+			 "pressure", r->pressure, "shed_probability", r->shed_probability,
+			 "p95_ns", jint(r->p95_ns), "pending", jint(r->pending),
+			 "retry_after_ms", (int)r->retry_after_ms, "age_ms", jint(r->age_ms),
+			 "stale", (int)r->stale, "combined", (int)r->combined, "revision", jint(r->revision));
+}
+
+static json_t *json_share(const struct cli_view *v)
+{
+	const struct tally_share_status *s = &v->share;
+
+	if (!v->share_on)
+		return json_null();
+	return json_pack("{s:s, s:b, s:s, s:s, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:i, s:i, s:i, s:i}",
+			 "state", s->state, "connected", (int)s->connected, "host", s->host, "bucket", s->bucket,
+			 "puts", jint(s->puts), "put_errors", jint(s->put_errors), "received", jint(s->updates),
+			 "rejected", jint(s->rejected), "expired", jint(s->expired), "dropped_full", jint(s->full),
+			 "last_put_age_ms", s->last_put_age_ms == UINT64_MAX ? json_null() : jint(s->last_put_age_ms),
+			 "last_error", jstr_or_null(s->last_error),
+			 "last_error_age_ms", s->last_error_age_ms == UINT64_MAX ? json_null()
+										: jint(s->last_error_age_ms),
+			 "refresh_ms", (int)s->refresh_ms, "stale_after_ms", (int)s->stale_after_ms,
+			 "max_age_ms", (int)s->max_age_ms, "remote_capacity", (int)s->remote_capacity);
+}
+
 static int print_json(const struct cli_view *v)
 {
 	json_t *subjects = json_array(), *producers = json_array(), *consumers = json_array();
+	json_t *remote = json_array();
 
 	for (size_t i = 0; i < v->nsubjects; i++)
 		json_array_append_new(subjects, json_subject(v, &v->subjects[i]));
@@ -564,11 +651,14 @@ static int print_json(const struct cli_view *v)
 		json_array_append_new(producers, json_producer(&v->producers[i]));
 	for (int i = 0; i < v->nconsumers; i++)
 		json_array_append_new(consumers, json_consumer(&v->consumers[i]));
-	json_t *doc = json_pack("{s:i, s:I, s:o, s:o, s:o, s:o, s:o, s:o}", "version", 1,
+	for (int i = 0; i < v->nremote; i++)
+		json_array_append_new(remote, json_remote(&v->remote[i]));
+	json_t *doc = json_pack("{s:i, s:I, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "version", 1,
 				"read_at", (json_int_t)v->read_at_ms,
 				"segment", json_segment(v), "subjects", subjects,
 				"consumers", consumers, "producers", producers,
-				"poller", json_poller(v), "totals", json_totals(v));
+				"poller", json_poller(v), "totals", json_totals(v),
+				"remote", remote, "share", json_share(v));
 	if (!doc) {
 		fprintf(stderr, "tally stat: could not build the JSON document (out of memory?)\n");
 		return CLI_EXIT_ERROR;
@@ -623,6 +713,7 @@ int tally_cmd_stat(const char *segment, int argc, char **argv)
 		print_subjects(&v);
 		print_producers(&v);
 		print_consumers(&v);
+		print_remote(&v);
 		print_poller(&v);
 		rc = CLI_EXIT_OK;
 	}

@@ -195,6 +195,7 @@ struct daemon {
 	struct tally_segment *seg;
 	struct tally_engine *engine;
 	struct tally_poller *poller;
+	struct tally_share *share;
 	struct tallyd_exporter *http;
 	struct tallyd_exporter_source src;
 	int sigfd;
@@ -252,6 +253,30 @@ static int start_poller(struct daemon *d, const struct tallyd_config *c)
 	return 0;
 }
 
+static void share_log(void *ctx, int level, const char *msg)
+{
+	(void)ctx;
+	tlog(level, "share: %s", msg);
+}
+
+/* [share]: the KV thread. A NATS server or bucket that fails is not an error here (it retries). */
+static int start_share(struct daemon *d)
+{
+	struct tally_share_config sc = d->boot.share;
+	int rc;
+
+	if (!d->boot.share_enabled)
+		return 0;
+	sc.log = share_log;
+	if ((rc = tally_share_start(d->seg, &sc, &d->share)) != 0) {
+		tlog(L_ERR, "cannot start sharing: %s", *tally_errmsg() ? tally_errmsg() : tally_strerror(rc));
+		return -1;
+	}
+	tlog(L_INFO, "sharing verdicts as host %s through %s, bucket %s", sc.host, sc.urls,
+	     sc.bucket ? sc.bucket : TALLY_SHARE_BUCKET_DEFAULT);
+	return 0;
+}
+
 static int start_http(struct daemon *d)
 {
 	char why[256];
@@ -274,6 +299,7 @@ static void stop_all(struct daemon *d)
 	tallyd_exporter_stop(&d->http);
 	atomic_store(&d->src.poller_on, false);
 	tally_poller_stop(&d->poller);
+	tally_share_stop(&d->share);
 	tally_engine_stop(&d->engine);
 	if (d->seg) {
 		tally_segment_keep(d->seg, d->o.keep);
@@ -459,7 +485,8 @@ int main(int argc, char **argv)
 	}
 	rc = EXIT_RUN;
 	if (start_segment(&d) == 0 && start_engine(&d) == 0 &&
-	    (!d.live.nats.urls || start_poller(&d, &d.live) == 0) && start_http(&d) == 0) {
+	    (!d.live.nats.urls || start_poller(&d, &d.live) == 0) && start_share(&d) == 0 &&
+	    start_http(&d) == 0) {
 		log_ready(&d);
 		run(&d);
 		rc = 0;

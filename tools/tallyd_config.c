@@ -57,7 +57,7 @@ struct key {
 	uint64_t min, max;
 };
 
-enum sect { S_SEGMENT, S_ENGINE, S_HTTP, S_NATS, S_WATCH, S_THRESH, S__COUNT };
+enum sect { S_SEGMENT, S_ENGINE, S_HTTP, S_NATS, S_WATCH, S_THRESH, S_SHARE, S__COUNT };
 
 #define CF(f) offsetof(struct tallyd_config, f)
 #define TR(f) offsetof(struct tally_threshold_rule, f)
@@ -113,6 +113,25 @@ static const struct key nats_keys[] = {
 	{ NULL, 0, 0, 0, 0 },
 };
 
+static const struct key share_keys[] = {
+	{ "host", K_STR, CF(share_host), 0, 0 },
+	{ "bucket", K_STR, CF(share_bucket), 0, 0 },
+	{ "url", K_STR, CF(share_url), 0, 0 },
+	{ "interval_ms", K_U32, CF(share.interval_ms), 1, 60000 },
+	{ "refresh_ms", K_U32, CF(share.refresh_ms), 1, 3600000 },
+	{ "max_age_ms", K_U32, CF(share.max_age_ms), 1, 86400000 },
+	{ "stale_after_ms", K_U32, CF(share.stale_after_ms), 1, 86400000 },
+	{ "replicas", K_U32, CF(share.replicas), 1, 5 },
+	{ "request_timeout_ms", K_U32, CF(share.request_timeout_ms), 1, 600000 },
+	{ "retry_ms", K_U32, CF(share.retry_ms), 1, 3600000 },
+	{ "create_bucket", K_BOOL, CF(share_create), 0, 0 },
+	{ "remote_capacity", K_U32, CF(seg.remote_capacity), 1, 65536 },
+	{ "combine", K_STR, CF(share_combine), 0, 0 },
+	{ "local", K_STR, CF(share_local), 0, 0 },
+	{ "max", K_STR, CF(share_max), 0, 0 },
+	{ NULL, 0, 0, 0, 0 },
+};
+
 static const struct key watch_keys[] = {
 	{ "map_subject", K_SUBJECT, offsetof(struct tallyd_watch, map_subject), 0, 0 },
 	{ NULL, 0, 0, 0, 0 },
@@ -145,11 +164,12 @@ static const struct {
 	[S_SEGMENT] = { "segment", segment_keys }, [S_ENGINE] = { "engine", engine_keys },
 	[S_HTTP] = { "http", http_keys },          [S_NATS] = { "nats", nats_keys },
 	[S_WATCH] = { "watch", watch_keys },       [S_THRESH] = { "thresholds", thresh_keys },
+	[S_SHARE] = { "share", share_keys },
 };
 
 #define VALID_SECTIONS                                                                  \
 	"[segment], [engine], [http], [nats], [watch STREAM], [watch STREAM/CONSUMER], " \
-	"[thresholds], [thresholds PATTERN]"
+	"[thresholds], [thresholds PATTERN], [share]"
 
 /* ---- parse state ---- */
 
@@ -701,6 +721,8 @@ static void defaults(struct tallyd_config *c)
 	tally_engine_config_init(&c->engine);
 	c->http_enabled = true;
 	c->include_ack_pending = true;
+	c->share_create = true;
+	tally_share_config_init(&c->share);
 	c->rules = calloc(1, sizeof(*c->rules));
 	if (c->rules) {
 		tally_threshold_rule_init(&c->rules[0].rule);
@@ -839,6 +861,88 @@ static int build_nats(struct parser *p)
 	return 0;
 }
 
+/* Patterns of a `local` or `max` list (commas or blanks between) as combine rules. */
+static int add_share_rules(struct parser *p, const char *key, const char *list,
+			   enum tally_share_combine mode)
+{
+	struct tallyd_config *c = p->cfg;
+	char *copy, *save = NULL;
+
+	if (!list)
+		return 0;
+	if (!(copy = strdup(list)))
+		return -ENOMEM;
+	for (char *t = strtok_r(copy, ", \t", &save); t; t = strtok_r(NULL, ", \t", &save)) {
+		struct tally_share_rule *r;
+
+		if (tally_subject_validate(t, true) != 0) {
+			perr(p, keyline(p, S_SHARE, key), "[share]: %s = \"%s\": %s", key, t, tally_errmsg());
+			continue;
+		}
+		if (!(r = realloc(c->share_rules, (c->nshare_rules + 1) * sizeof(*r)))) {
+			free(copy);
+			return -ENOMEM;
+		}
+		c->share_rules = r;
+		r[c->nshare_rules++] = (struct tally_share_rule){ .pattern = t, .combine = mode };
+	}
+	/* The patterns point into copy: kept until free (share_patterns). */
+	if (mode == TALLY_SHARE_LOCAL)
+		c->share_patterns[0] = copy;
+	else
+		c->share_patterns[1] = copy;
+	return 0;
+}
+
+static int build_share(struct parser *p)
+{
+	struct tallyd_config *c = p->cfg;
+	struct tally_share_config *s = &c->share;
+	char why[320];
+	int rc;
+
+	if (!inst_find(p, S_SHARE, 0))
+		return 0;
+	c->share_enabled = true;
+	if (!c->seg.remote_capacity)
+		c->seg.remote_capacity = 4096;
+	s->urls = c->share_url ? c->share_url : c->nats_url;
+	s->creds_file = c->creds;
+	s->user = c->user;
+	s->password = c->password;
+	s->token = c->token;
+	s->tls_ca_file = c->tls_ca;
+	s->js_domain = c->js_domain;
+	s->bucket = c->share_bucket;
+	s->host = c->share_host;
+	s->no_create = !c->share_create;
+	if (c->share_combine && strcmp(c->share_combine, "max") != 0 && strcmp(c->share_combine, "local") != 0)
+		perr(p, keyline(p, S_SHARE, "combine"), "[share]: combine = \"%s\": expected max (the worst "
+		     "host wins) or local (ignore other hosts)", c->share_combine);
+	s->default_combine = c->share_combine && strcmp(c->share_combine, "local") == 0 ? TALLY_SHARE_LOCAL
+											 : TALLY_SHARE_MAX;
+	if ((rc = add_share_rules(p, "local", c->share_local, TALLY_SHARE_LOCAL)) ||
+	    (rc = add_share_rules(p, "max", c->share_max, TALLY_SHARE_MAX)))
+		return rc;
+	s->rules = c->share_rules;
+	s->nrules = c->nshare_rules;
+	if (!s->urls) {
+		perr(p, keyline(p, S_SHARE, "url"), "[share] needs a NATS server: set url in [share] or "
+		     "in [nats] (or give --nats URL)");
+		return 0;
+	}
+	if (!s->host) {
+		perr(p, keyline(p, S_SHARE, "host"), "[share]: set host, this host's name in the bucket "
+		     "(1..63 letters, digits, '_' or '-'; unique per host)");
+		return 0;
+	}
+	if (tally_share_config_check(s, why, sizeof(why)) != 0)
+		perr(p, keyline(p, S_SHARE, strstr(why, "host") == why ? "host" : strstr(why, "bucket") == why ?
+				"bucket" : strstr(why, "max_age") == why ? "max_age_ms" : "stale_after_ms"),
+		     "[share]: %s", why);
+	return 0;
+}
+
 static void check_rules(struct parser *p)
 {
 	char why[512];
@@ -920,6 +1024,8 @@ int tallyd_config_load(const char *path, const struct tallyd_overrides *ov,
 		inherit_rules(&p);
 		check_segment_engine(&p);
 		rc = build_nats(&p);
+		if (rc == 0)
+			rc = build_share(&p);
 		check_rules(&p);
 	}
 out:
@@ -937,7 +1043,9 @@ void tallyd_config_free(struct tallyd_config *c)
 {
 	char **strs[] = { &c->path,  &c->segment_name, &c->group,   &c->http_listen,
 			  &c->nats_url, &c->creds,     &c->user,    &c->password,
-			  &c->token,   &c->tls_ca,     &c->js_domain, &c->js_prefix };
+			  &c->token,   &c->tls_ca,     &c->js_domain, &c->js_prefix,
+			  &c->share_host, &c->share_bucket, &c->share_url, &c->share_combine,
+			  &c->share_local, &c->share_max, &c->share_patterns[0], &c->share_patterns[1] };
 
 	for (size_t i = 0; i < sizeof(strs) / sizeof(strs[0]); i++) {
 		free(*strs[i]);
@@ -952,6 +1060,7 @@ void tallyd_config_free(struct tallyd_config *c)
 		free(c->rules[i].pattern);
 	free(c->watches);
 	free(c->pwatches);
+	free(c->share_rules);
 	free(c->rules);
 	memset(c, 0, sizeof(*c));
 }

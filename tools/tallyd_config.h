@@ -5,6 +5,8 @@
  * key; the rules of the format:
  *
  *   [segment]  [engine]  [http]  [nats]     once each (keys may not repeat)
+ *   [share]                                 once: verdicts shared with other
+ *                                           hosts through a JetStream KV bucket
  *   [watch STREAM]                          every consumer of a stream
  *   [watch STREAM/CONSUMER]                 one consumer
  *   [thresholds]                            the default rule
@@ -71,6 +73,14 @@ struct tallyd_config {
 	struct tallyd_watch *watches;
 	size_t nwatches;
 	struct tally_poller_watch *pwatches; /* the same, as the poller takes them */
+	/* [share] (share_enabled false: no share thread, no remote section);
+	 * share's strings point into this struct; read at start only */
+	bool share_enabled, share_create;
+	struct tally_share_config share;
+	char *share_host, *share_bucket, *share_url, *share_combine, *share_local, *share_max;
+	char *share_patterns[2];               /* the rules' patterns point into these */
+	struct tally_share_rule *share_rules;
+	size_t nshare_rules;
 	/* [thresholds ...]; rules[0] is the default rule */
 	struct tallyd_rule *rules;
 	size_t nrules;

@@ -231,9 +231,12 @@ struct tally_consumer_stats {
 	uint64_t delivered_stream_seq, ack_floor_stream_seq;
 	const char *source;      /* "live", "cached", "never", "gone", "not_found" */
 	uint64_t age_ms;         /* since the last good refresh; UINT64_MAX never */
-	int is_leader;           /* 1, 0, -1 unknown */
+	int is_leader;           /* 1: the numbers are the consumer leader's (or a standalone
+				  * server's); 0: the last reply named no leader, the values
+				  * are older ones (see age_ms); -1 unknown */
 	uint32_t consecutive_failures;
 	char last_error[128];
+	char server[32];         /* the server whose numbers these are (the leader), "" unknown */
 };
 
 /*

@@ -46,6 +46,8 @@ struct tally_segment_config {
 	uint32_t producer_cooloff_ms; /* a dead producer's slot is reused after this (default 5000) */
 	int group_readable;        /* 1: mode 0640 and, if group is set, chgrp; 0: 0600 */
 	const char *group;         /* group name for group_readable, or NULL for the caller's */
+	uint32_t remote_capacity;  /* other hosts' mirrored verdicts (tally/share.h), 0..65536;
+				    * default 0: no remote section */
 };
 
 /* Fill cfg with the defaults above. Never fails. Thread-safe. */

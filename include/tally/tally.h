@@ -20,5 +20,6 @@
 #include <tally/verdict.h>
 #include <tally/poller.h>
 #include <tally/jsack.h>
+#include <tally/share.h>
 
 #endif /* TALLY_TALLY_H */

@@ -176,6 +176,7 @@ struct gw_reading {
 	bool no_data;              /* no verdict read at all: fail_closed decides */
 	const char *why;           /* no usable verdict: why */
 	char whybuf[160];          /* why, when it names the segment */
+	char host[64];             /* "": the local verdict decided; else the other host whose did */
 };
 
 void gw_reader_init(struct gw_reader *r, const char *segment, bool fail_closed);

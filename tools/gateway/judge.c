@@ -99,7 +99,7 @@ static void no_segment_why(struct gw_reader *r, struct gw_reading *out)
 }
 
 /* Read subject with the lock held shared; returns 1 to re-attach. */
-static int read_locked(struct gw_reader *r, const char *subject, struct gw_reading *out)
+static int read_local_locked(struct gw_reader *r, const char *subject, struct gw_reading *out)
 {
 	struct tally_subject_stats s;
 	tally_subject_t id;
@@ -146,6 +146,45 @@ static int read_locked(struct gw_reader *r, const char *subject, struct gw_readi
 	if ((s.reasons & TALLY_REASON_STALE) && (s.reasons & TALLY_REASON_FAIL_OPEN))
 		out->why = "pending data is stale: judged on latency alone (stale_policy = fail-open)";
 	return 0;
+}
+
+/*
+ * The combined verdict (many hosts, tally/share.h): the worst fresh entry
+ * another host shared for this subject, mirrored into this segment by
+ * tallyd, wins when it is worse than the local verdict (or there is no
+ * local one). Subjects tallyd combines `local`, and stale entries, never
+ * come back from tally_read_remote_worst. X-Tally-Host names the host.
+ */
+static void combine_remote(struct gw_reader *r, const char *subject, struct gw_reading *out)
+{
+	struct tally_remote_stats rs;
+	bool local_usable = !out->no_data && out->verdict != TALLY_VERDICT_UNKNOWN;
+
+	if (tally_read_remote_worst(r->seg, subject, &rs) != 0 || rs.verdict == TALLY_VERDICT_UNKNOWN)
+		return;
+	if (local_usable && rs.verdict <= out->verdict) {
+		if (rs.verdict == out->verdict && rs.shed_probability > out->shed_probability)
+			out->shed_probability = rs.shed_probability;
+		return;
+	}
+	out->no_data = false;
+	out->why = NULL;
+	out->verdict = rs.verdict;
+	out->reasons = rs.reasons;
+	out->retry_after_ms = rs.retry_after_ms;
+	out->shed_probability = rs.shed_probability;
+	out->level = rs.verdict == TALLY_VERDICT_OVERLOAD ? GW_LEVEL_OVERLOAD
+		     : rs.verdict == TALLY_VERDICT_WARN  ? GW_LEVEL_WARN : GW_LEVEL_OK;
+	snprintf(out->host, sizeof(out->host), "%s", rs.host);
+}
+
+static int read_locked(struct gw_reader *r, const char *subject, struct gw_reading *out)
+{
+	int rc = read_local_locked(r, subject, out);
+
+	if (rc == 0 && r->seg)
+		combine_remote(r, subject, out);
+	return rc;
 }
 
 void gw_read(struct gw_reader *r, const char *subject, struct gw_reading *out)

@@ -94,6 +94,8 @@ void gw_add_decision_headers(struct MHD_Response *r, const struct gw_outcome *o)
 		return;
 	MHD_add_response_header(r, "X-Tally-Subject", o->subject);
 	MHD_add_response_header(r, "X-Tally-Verdict", tally_verdict_name(o->rd.verdict));
+	if (o->rd.host[0])
+		MHD_add_response_header(r, "X-Tally-Host", o->rd.host);
 	if (o->rd.reasons) {
 		char reasons[96];
 		MHD_add_response_header(r, "X-Tally-Reasons",

@@ -1,0 +1,158 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * lib/remote_api.c: the public reads of the remote section (tally/share.h):
+ * other hosts' mirrored verdicts and the share thread's status, from any
+ * process that maps the segment. Validation is remote.c's; this file turns
+ * views into the public structs, with ages and the stale/combined flags.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <tally/share.h>
+
+#include "common.h"
+#include "proc.h"
+#include "remote.h"
+#include "segment.h"
+
+static uint64_t age_ms(uint64_t now, uint64_t then)
+{
+	return then == 0 ? UINT64_MAX : now > then ? (now - then) / 1000000u : 0;
+}
+
+static int remote_error(int rc, const struct tally_segment *seg)
+{
+	if (rc == -EAGAIN)
+		return tally__fail(TALLY_EBUSY_RETRY, "segment \"%s\": its remote section was busy; retry",
+				   seg->name);
+	return tally__fail(TALLY_ECORRUPT, "segment \"%s\": its remote section is corrupt (%s)", seg->name,
+			   tally_strerror(rc));
+}
+
+static void to_stats(const struct tally__remote_view *v, uint64_t now, uint32_t stale_after_ms,
+		     struct tally_remote_stats *o)
+{
+	memset(o, 0, sizeof(*o));
+	snprintf(o->host, sizeof(o->host), "%s", v->host);
+	snprintf(o->subject, sizeof(o->subject), "%s", v->subject);
+	o->verdict = (enum tally_verdict)v->verdict;
+	o->reasons = v->reasons;
+	o->pressure = v->pressure;
+	o->shed_probability = v->shed;
+	o->p95_ns = v->p95_ns;
+	o->pending = v->pending;
+	o->retry_after_ms = v->retry_after_ms;
+	o->age_ms = now > v->origin_ns ? (now - v->origin_ns) / 1000000u : 0;
+	o->stale = o->age_ms > stale_after_ms;
+	o->combined = v->combine == TALLY__COMBINE_MAX && !o->stale;
+	o->revision = v->revision;
+}
+
+/* The section and its stale_after_ms; 0, or 1 when there is none. */
+static int section_of(const struct tally_segment *seg, const void **sec, uint32_t *stale_after_ms)
+{
+	struct tally__remote_status_view st;
+	int rc;
+
+	if (!seg->remote_cap)
+		return 1;
+	*sec = tally__seg_section(seg, &seg->remote);
+	rc = tally__remote_read_status(*sec, seg->remote.size, &st);
+	if (rc < 0)
+		return remote_error(rc, seg);
+	*stale_after_ms = st.stale_after_ms;
+	return 0;
+}
+
+TALLY_API int tally_read_remote(const struct tally_segment *seg, struct tally_remote_stats *out, uint32_t cap)
+{
+	const void *sec = NULL;
+	uint32_t stale = 0, n = 0;
+	uint64_t now = tally__mono_ns();
+	int rc = section_of(seg, &sec, &stale);
+
+	if (rc != 0)
+		return rc > 0 ? 0 : rc;
+	for (uint32_t i = 0; i < seg->remote_cap && n < cap; i++) {
+		struct tally__remote_view v;
+
+		rc = tally__remote_read_entry(sec, seg->remote.size, i, &v);
+		if (rc == -ENOENT)
+			continue;
+		if (rc < 0)
+			return remote_error(rc, seg);
+		to_stats(&v, now, stale, &out[n++]);
+	}
+	return (int)n;
+}
+
+static bool worse(const struct tally_remote_stats *a, const struct tally_remote_stats *b)
+{
+	return a->verdict > b->verdict || (a->verdict == b->verdict && a->pressure > b->pressure);
+}
+
+TALLY_API int tally_read_remote_worst(const struct tally_segment *seg, const char *subject,
+				      struct tally_remote_stats *out)
+{
+	const void *sec = NULL;
+	uint32_t stale = 0;
+	uint64_t now = tally__mono_ns();
+	bool found = false;
+	int rc = section_of(seg, &sec, &stale);
+
+	if (rc != 0)
+		return rc > 0 ? -ENOENT : rc;
+	for (uint32_t i = 0; i < seg->remote_cap; i++) {
+		struct tally__remote_view v;
+		struct tally_remote_stats st;
+
+		rc = tally__remote_read_entry(sec, seg->remote.size, i, &v);
+		if (rc == -ENOENT)
+			continue;
+		if (rc < 0)
+			return remote_error(rc, seg);
+		if (strcmp(v.subject, subject) != 0)
+			continue;
+		to_stats(&v, now, stale, &st);
+		if (st.combined && (!found || worse(&st, out))) {
+			*out = st;
+			found = true;
+		}
+	}
+	return found ? 0 : -ENOENT;
+}
+
+TALLY_API int tally_read_share(const struct tally_segment *seg, struct tally_share_status *out)
+{
+	struct tally__remote_status_view v;
+	uint64_t now = tally__mono_ns();
+	int rc;
+
+	if (!seg->remote_cap)
+		return -ENOENT;
+	rc = tally__remote_read_status(tally__seg_section(seg, &seg->remote), seg->remote.size, &v);
+	if (rc < 0)
+		return remote_error(rc, seg);
+	memset(out, 0, sizeof(*out));
+	out->state = tally__share_state_name(v.state);
+	out->connected = v.connected != 0;
+	snprintf(out->host, sizeof(out->host), "%s", v.host);
+	snprintf(out->bucket, sizeof(out->bucket), "%s", v.bucket);
+	snprintf(out->last_error, sizeof(out->last_error), "%s", v.last_error);
+	out->puts = v.puts;
+	out->put_errors = v.put_errors;
+	out->updates = v.updates;
+	out->rejected = v.rejected;
+	out->expired = v.expired;
+	out->full = v.full;
+	out->last_put_age_ms = age_ms(now, v.last_put_ns);
+	out->last_error_age_ms = v.last_error[0] ? age_ms(now, v.last_error_ns) : UINT64_MAX;
+	out->refresh_ms = v.refresh_ms;
+	out->stale_after_ms = v.stale_after_ms;
+	out->max_age_ms = v.max_age_ms;
+	out->remote_capacity = seg->remote_cap;
+	return 0;
+}
