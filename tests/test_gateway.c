@@ -34,6 +34,12 @@
 	"[route GET /search]\nsubject = gw.ok\n"  \
 	"[route * /missing]\nsubject = gw.nothing.here\n"
 
+/* At overload a trickle (overload_trickle, default 0.01) is admitted at
+ * random so that recovery can be seen: tests that expect every request of
+ * an overloaded route shed turn it off, else about one run in twenty
+ * fails on an admitted request. */
+#define TRICKLE_0 "[shedding]\noverload_trickle = 0\n"
+
 struct env {
 	char dir[64], ini[128], log[128], seg[TALLY_NAME_MAX + 1];
 	pid_t owner, gw;
@@ -87,7 +93,7 @@ Test(gateway_check, decisions_and_their_headers, .timeout = 60)
 	struct env e;
 	struct gwt_resp r;
 
-	env_start(&e, "[gateway]\nmode = check\n" ROUTES, true, NULL, NULL);
+	env_start(&e, "[gateway]\nmode = check\n" TRICKLE_0 ROUTES, true, NULL, NULL);
 
 	cr_expect_eq(gwt_get(e.port, "/ok/1", &r), 200, "%s", r.body);
 	cr_expect_str_eq(r.body, "admit\n", "a plain body");
@@ -142,7 +148,7 @@ Test(gateway_check, bodies_and_methods, .timeout = 120)
 	struct env e;
 	struct gwt_resp r;
 
-	env_start(&e, "[gateway]\nmode = check\n" ROUTES, true, NULL, NULL);
+	env_start(&e, "[gateway]\nmode = check\n" TRICKLE_0 ROUTES, true, NULL, NULL);
 	/* the first gateway lost every POST with a body */
 	cr_expect_eq(req(e.port, "POST", "/ok/1", NULL, NULL, 5, &r), 200, "%s", r.body);
 	cr_expect_str_eq(r.body, "admit\n");
@@ -253,7 +259,7 @@ Test(gateway_check, fail_open_and_fail_closed, .timeout = 60)
 	struct env e, c;
 	struct gwt_resp r;
 
-	env_start(&e, "[gateway]\nmode = check\n" ROUTES, true, NULL, NULL);
+	env_start(&e, "[gateway]\nmode = check\n" TRICKLE_0 ROUTES, true, NULL, NULL);
 	cr_expect_eq(gwt_get(e.port, "/over/1", &r), 403);
 	kill(e.owner, SIGKILL);
 	waitpid(e.owner, NULL, 0);
@@ -282,7 +288,7 @@ Test(gateway_check, fail_open_is_logged_once, .timeout = 60)
 	struct env e;
 	struct gwt_resp r;
 
-	env_start(&e, "[gateway]\nmode = check\n" ROUTES, false, NULL, NULL);
+	env_start(&e, "[gateway]\nmode = check\n" TRICKLE_0 ROUTES, false, NULL, NULL);
 	for (int i = 0; i < 20; i++)
 		cr_expect_eq(gwt_get(e.port, "/over/1", &r), 200);
 	cr_expect(strstr(hdr(&r, "X-Tally-Fail-Open"), "no segment"), "%s", hv);

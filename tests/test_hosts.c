@@ -256,7 +256,7 @@ static void gateway_on_a_sheds_for_b(void)
 	cr_assert_eq(gwt_tempdir(dir), 0);
 	snprintf(ini, sizeof(ini), "%s/gateway.ini", dir);
 	snprintf(log, sizeof(log), "%s/gateway.log", dir);
-	cr_assert_eq(gwt_write(ini, "[gateway]\nmode = check\n[route * /orders/**]\nsubject = " SUBJ "\n"), 0);
+	cr_assert_eq(gwt_write(ini, "[gateway]\nmode = check\n[shedding]\noverload_trickle = 0\n[route * /orders/**]\nsubject = " SUBJ "\n"), 0);
 	gw = gwt_gateway_start(ini, g_td[0].seg, log, &port, NULL, NULL);
 	cr_assert_gt(gw, 0, "gateway: %s", gwt_read_file(log));
 	status = gwt_get(port, "/orders/1", &resp);
