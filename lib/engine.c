@@ -1416,22 +1416,31 @@ uint64_t tally__engine_rejected(struct tally_engine *e)
 	return atomic_load_explicit(&e->rejected, memory_order_relaxed);
 }
 
+/* Retire what the engine published: the last snapshot once no reader
+ * holds it, the row and bucket blocks and the retiring lists; then wait
+ * until every call_rcu callback has run, so that nothing leaks. */
+static void release_published(struct tally_engine *e)
+{
+	struct snap *last = e->current;
+
+	snap_assign(e->current, NULL);
+	synchronize_rcu();
+	free(last);
+	free(e->row_block);
+	free(e->bucket_block);
+	free(e->retiring[0]);
+	free(e->retiring[1]);
+	e->row_block = e->bucket_block = e->retiring[0] = e->retiring[1] = NULL;
+	rcu_barrier();
+}
+
 void tally__engine_free(struct tally_engine **ep)
 {
 	if (!ep || !*ep)
 		return;
 	struct tally_engine *e = *ep;
-	if (e->current || e->row_block) { /* it published (tally__engine_publish) */
-		struct snap *last = e->current;
-		snap_assign(e->current, NULL);
-		synchronize_rcu();
-		free(last);
-		free(e->row_block);
-		free(e->bucket_block);
-		free(e->retiring[0]);
-		free(e->retiring[1]);
-		rcu_barrier();
-	}
+	if (e->current || e->row_block) /* it published (tally__engine_publish) */
+		release_published(e);
 	e->seg->engine_attached = false;
 	engine_free(e);
 	*ep = NULL;
@@ -1468,16 +1477,7 @@ TALLY_API void tally_engine_stop(struct tally_engine **ep)
 	TALLY__ASSERT(e->magic == TALLY__ENGINE_MAGIC);
 	atomic_store_explicit(&e->stop, true, memory_order_release);
 	pthread_join(e->thread, NULL);
-	struct snap *last = e->current;
-	snap_assign(e->current, NULL);
-	synchronize_rcu();
-	free(last);
-	free(e->row_block);
-	free(e->bucket_block);
-	free(e->retiring[0]);
-	free(e->retiring[1]);
-	e->row_block = e->bucket_block = e->retiring[0] = e->retiring[1] = NULL;
-	rcu_barrier(); /* every call_rcu callback has run: nothing leaks */
+	release_published(e);
 	e->seg->engine_attached = false;
 	pthread_mutex_destroy(&e->start_lock);
 	pthread_cond_destroy(&e->start_cond);
