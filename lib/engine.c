@@ -106,6 +106,7 @@
 #include "pending.h"
 #include "proc.h"
 #include "producer.h"
+#include "rules.h"
 #include "segment.h"
 #include "snapshot.h"
 #include "subject.h"
@@ -178,6 +179,7 @@ struct subject_state {
 	struct tally__verdict_state vs;
 	const struct tally_threshold_rule *rule; /* cached match, valid while rule_gen is current */
 	uint64_t rule_gen;
+	uint32_t rule_no; /* the rule's rules-section entry + 1 (tally_subject_stats.rule) */
 	/* since start, over closed slices: counts below each export edge, and
 	 * the count and sum they total (the histogram Prometheus scrapes) */
 	uint64_t *le_total;
@@ -792,6 +794,7 @@ static const struct tally_threshold_rule *rule_of(struct tally_engine *e, struct
 {
 	if (st->rule_gen != e->thresholds_gen) {
 		st->rule = tally_thresholds_match(e->thresholds, st->name, NULL);
+		st->rule_no = tally__thresholds_index(e->thresholds, st->rule) + 1;
 		st->rule_gen = e->thresholds_gen;
 	}
 	return st->rule;
@@ -894,10 +897,7 @@ static void wait_fill(struct tally_engine *e, struct subject_state *st, uint64_t
 static void judge(struct tally_engine *e, struct subject_state *st, uint64_t now,
 		  struct tally_subject_stats *o)
 {
-	if (st->rule_gen != e->thresholds_gen) {
-		st->rule = tally_thresholds_match(e->thresholds, st->name, NULL);
-		st->rule_gen = e->thresholds_gen;
-	}
+	const struct tally_threshold_rule *rule = rule_of(e, st);
 	struct tally__verdict_input in = {
 		.count = o->count, .total_count = o->total_count, .p95_ns = o->p95_ns, .rate = o->rate,
 		.pending_consumers = o->pending_consumers, .pending_source = o->pending_source,
@@ -906,7 +906,9 @@ static void judge(struct tally_engine *e, struct subject_state *st, uint64_t now
 		.codel_valid = o->codel_valid, .codel_overloaded = o->codel_overloaded,
 	};
 	struct tally__verdict_out out;
-	tally__verdict_update(&st->vs, st->rule, &in, now, &out);
+	tally__verdict_update(&st->vs, rule, &in, now, &out);
+	o->rule = st->rule_no;
+	o->rules_gen = (uint32_t)e->thresholds_gen;
 	o->verdict = out.verdict;
 	o->reasons = out.reasons;
 	o->verdict_since_ns = out.since_ns;
@@ -976,6 +978,14 @@ static void subjects_discover(struct tally_engine *e, uint64_t now)
 	known_from_table(e, now);
 }
 
+/* The set in force, into the segment's rules section (an owner whose
+ * segment has none, never: tally__segment sizes it for every new one). */
+static void rules_publish(struct tally_engine *e)
+{
+	if (e->seg->rules.size)
+		tally__rules_write(tally__seg_section(e->seg, &e->seg->rules), e->thresholds, e->thresholds_gen);
+}
+
 static void thresholds_pickup(struct tally_engine *e, uint64_t now)
 {
 	struct tally_thresholds *t = atomic_exchange(&e->next_thresholds, NULL);
@@ -985,6 +995,7 @@ static void thresholds_pickup(struct tally_engine *e, uint64_t now)
 	tally_thresholds_free(&e->thresholds);
 	e->thresholds = t;
 	e->thresholds_gen++;
+	rules_publish(e);
 	known_from_thresholds(e, now);
 }
 
@@ -1026,6 +1037,7 @@ static void latch_fill(struct tally__snap_entry *dst, const struct tally_subject
 			     (s->codel_overloaded ? TALLY__SC_OVERLOADED : 0);
 	w[TALLY__SW_PRESSURE_PPM] = (uint64_t)(s->pressure * TALLY__PPM + 0.5);
 	w[TALLY__SW_SHED_PPM] = (uint64_t)(s->shed_probability * TALLY__PPM + 0.5);
+	w[TALLY__SW_RULE] = s->rule ? (uint64_t)s->rules_gen << 32 | s->rule : 0;
 	for (int i = 0; i < TALLY__SW_WORDS; i++)
 		tally__snapshot_store(&dst->w[i], w[i]);
 }
@@ -1375,6 +1387,7 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 		engine_free(e);
 		return -ENOMEM;
 	}
+	rules_publish(e);
 	tally__snapshot_writer_init(&e->latch, tally__seg_section(seg, &seg->snapshot), seg->table_size);
 	/* Restart hygiene: rows an earlier engine on this segment published
 	 * describe windows this one does not have. Readers must not get them

@@ -18,6 +18,7 @@
 #include "common.h"
 #include "pending.h"
 #include "proc.h"
+#include "rules.h"
 #include "segment.h"
 #include "snapshot.h"
 
@@ -76,6 +77,9 @@ static void stats_from_words(struct tally_subject_stats *o, uint32_t id, const u
 	o->pressure = w[TALLY__SW_PRESSURE_PPM] >= TALLY__PPM ? 1.0 : (double)w[TALLY__SW_PRESSURE_PPM] / TALLY__PPM;
 	o->shed_probability = w[TALLY__SW_SHED_PPM] >= TALLY__PPM ? 1.0
 				: (double)w[TALLY__SW_SHED_PPM] / TALLY__PPM;
+	/* checked against the rules section only when asked (tally_read_rule) */
+	o->rule = (uint32_t)w[TALLY__SW_RULE] <= TALLY__RULES_CAP ? (uint32_t)w[TALLY__SW_RULE] : 0;
+	o->rules_gen = o->rule ? (uint32_t)(w[TALLY__SW_RULE] >> 32) : 0;
 }
 
 TALLY_API int tally_pending_consumer_name(const struct tally_segment *seg,
@@ -113,6 +117,16 @@ TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_
 	if (now > meta[0] && now - meta[0] > limit)
 		return TALLY_ESTALE;
 	return 0;
+}
+
+TALLY_API int tally_read_rule(const struct tally_segment *seg, const struct tally_subject_stats *st,
+			      struct tally_rule_info *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (!st->rule || !seg->rules.size)
+		return -ENOENT;
+	return tally__rules_read(tally__seg_section(seg, &seg->rules), seg->rules.size, st->rule - 1,
+				 st->rules_gen, out);
 }
 
 static const char *state_name(uint32_t st)

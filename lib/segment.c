@@ -34,6 +34,7 @@
 #include "follow.h"
 #include "pending.h"
 #include "remote.h"
+#include "rules.h"
 #include "proc.h"
 #include "segment.h"
 #include "snapshot.h"
@@ -100,8 +101,9 @@ static int config_check(const struct tally_segment_config *c)
 	return 0;
 }
 
-/* Layout of a segment for cfg: fills the section table of hdr. */
-static void layout(const struct tally_segment_config *c, struct tally__shm_hdr *h)
+/* Layout of a segment for cfg: fills the section table of hdr. rules:
+ * with the rules section (ABI 3.2 on); a segment of an older minor has none. */
+static void layout(const struct tally_segment_config *c, struct tally__shm_hdr *h, bool rules)
 {
 	uint32_t table = tally__subject_table_size(c->subject_capacity);
 	uint64_t off = TALLY__HDR_SIZE;
@@ -121,6 +123,11 @@ static void layout(const struct tally_segment_config *c, struct tally__shm_hdr *
 		h->remote = (struct tally__section){ off, tally__remote_section_size(c->remote_capacity) };
 		off = align_up(off + h->remote.size, TALLY__SECTION_ALIGN);
 	}
+	h->rules = (struct tally__section){ 0, 0 };
+	if (rules) {
+		h->rules = (struct tally__section){ off, tally__rules_section_size(TALLY__RULES_CAP) };
+		off = align_up(off + h->rules.size, TALLY__SECTION_ALIGN);
+	}
 	h->total_size = off;
 }
 
@@ -130,7 +137,7 @@ TALLY_API uint64_t tally_segment_size(const struct tally_segment_config *cfg)
 
 	if (config_check(cfg))
 		return 0;
-	layout(cfg, &h);
+	layout(cfg, &h, true);
 	return h.total_size;
 }
 
@@ -151,7 +158,7 @@ static int adopt_layout(struct tally_segment *seg, const struct tally__shm_hdr *
 		return tally__fail(TALLY_ECORRUPT, "segment \"%s\": header holds an invalid configuration (%s)",
 				   seg->name, tally_errmsg());
 	memset(&want, 0, sizeof(want));
-	layout(&c, &want);
+	layout(&c, &want, h->abi_minor >= 2);
 	/* A later minor may append sections: its total is larger, ours must fit. */
 	if ((h->abi_minor > TALLY__ABI_MINOR ? h->total_size < want.total_size
 					      : h->total_size != want.total_size) ||
@@ -162,6 +169,9 @@ static int adopt_layout(struct tally_segment *seg, const struct tally__shm_hdr *
 	    memcmp(&h->snapshot, &want.snapshot, sizeof(want.snapshot)) ||
 	    (c.remote_capacity && (memcmp(&h->remote, &want.remote, sizeof(want.remote)) ||
 				   h->remote_entry_size != sizeof(struct tally__remote_entry))) ||
+	    (h->abi_minor >= 2 && (memcmp(&h->rules, &want.rules, sizeof(want.rules)) ||
+				   h->rules_cap != TALLY__RULES_CAP ||
+				   h->rules_entry_size != sizeof(struct tally__rules_entry))) ||
 	    h->slot_stride != want.slot_stride)
 		return tally__fail(TALLY_ECORRUPT, "segment \"%s\": sections do not match its configuration "
 				   "or its size (%zu bytes mapped, header says %llu)", seg->name,
@@ -180,6 +190,7 @@ static int adopt_layout(struct tally_segment *seg, const struct tally__shm_hdr *
 	seg->snapshot = want.snapshot;
 	seg->remote_cap = c.remote_capacity;
 	seg->remote = want.remote;
+	seg->rules = h->abi_minor >= 2 ? want.rules : (struct tally__section){ 0, 0 };
 	seg->owner_pid = h->owner_pid;
 	seg->owner_start_time = h->owner_start_time;
 	seg->generation = h->generation;
@@ -314,7 +325,9 @@ static void fill_header(struct tally_segment *seg, const struct tally_segment_co
 	h->subject_entry_size = sizeof(struct tally__shm_subject);
 	h->remote_cap = cfg->remote_capacity;
 	h->remote_entry_size = cfg->remote_capacity ? sizeof(struct tally__remote_entry) : 0;
-	layout(cfg, h);
+	h->rules_cap = TALLY__RULES_CAP;
+	h->rules_entry_size = sizeof(struct tally__rules_entry);
+	layout(cfg, h, true);
 	atomic_store_explicit(&h->owner_heartbeat_ns, tally__mono_ns(), memory_order_relaxed);
 	atomic_store_explicit(&h->owner_state, TALLY__OWNER_RUNNING, memory_order_relaxed);
 }
@@ -357,6 +370,7 @@ static int create_once(struct tally_segment *seg, const struct tally_segment_con
 	if (seg->remote_cap &&
 	    (rc = tally__remote_init(tally__seg_section(seg, &seg->remote), seg->remote.size, seg->remote_cap)))
 		return tally__fail(rc, "segment \"%s\": cannot format its remote section", seg->name);
+	tally__rules_init(tally__seg_section(seg, &seg->rules), seg->rules.size, TALLY__RULES_CAP);
 	for (uint32_t i = 0; i < seg->nslots; i++) { /* what the first claim (generation 1) expects */
 		struct tally__slot *sl = tally__seg_slot(seg, i);
 		atomic_store_explicit(&sl->ctl.ident, tally__ident(1, 0), memory_order_relaxed);
@@ -615,6 +629,10 @@ TALLY_API int tally_segment_info(const struct tally_segment *seg, struct tally_s
 	o->pending.size = seg->pending.size;
 	o->snapshot.off = seg->snapshot.off;
 	o->snapshot.size = seg->snapshot.size;
+	o->remote.off = seg->remote.off;
+	o->remote.size = seg->remote.size;
+	o->rules.off = seg->rules.off;
+	o->rules.size = seg->rules.size;
 	o->slot_stride = seg->slot_stride;
 	return alive < 0 && alive != TALLY_EREPLACED ? alive : 0;
 }

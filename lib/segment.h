@@ -52,6 +52,7 @@ struct tally_segment {
 	struct tally__section subjects, slots, pending, snapshot;
 	uint32_t remote_cap;            /* 0: no remote section (remote is {0, 0}) */
 	struct tally__section remote;
+	struct tally__section rules;    /* {0, 0}: an owner of ABI 3.0/3.1 keeps none */
 	struct tally__reap_memory reap; /* owner only */
 	struct tally__follow *follow;   /* producer mode: successors (follow.c) */
 	struct tally_segment *follower_of; /* a successor: the origin that opened it */

@@ -18,6 +18,9 @@
  *   +-------------------------+ remote.off (ABI 3.1; only if remote_cap > 0)
  *   | remote section          |  other hosts' verdicts, mirrored from the
  *   |                         |  JetStream KV bucket (remote.h, share.c)
+ *   +-------------------------+ rules.off (ABI 3.2)
+ *   | rules section           |  the threshold rules the engine judges by
+ *   |                         |  (rules.h): which rule judged a subject
  *   +-------------------------+ total_size
  *
  * Every section starts on a 4 KiB boundary. Any change of the layout bumps
@@ -41,8 +44,9 @@
 #define TALLY__MAGIC 0x314d4853594c4c41ULL /* "ALLYSHM1" little-endian, "tally shm" v1 */
 #define TALLY__ABI_MAJOR 3u /* 2: slot leases (state + generation in one word);
 			    * 3: ring entries tagged (waits, pending), 256-byte snapshot entries */
-#define TALLY__ABI_MINOR 1u /* 1: remote_cap and the remote section (appended; a 3.0
-			    * segment reads as one with remote_cap 0) */
+#define TALLY__ABI_MINOR 2u /* 1: remote_cap and the remote section (appended; a 3.0
+			    * segment reads as one with remote_cap 0);
+			    * 2: the rules section (appended; older segments have none) */
 #define TALLY__READY 0x52454459u /* "READ": the ready word's value once complete */
 #define TALLY__HDR_SIZE 4096u
 #define TALLY__SECTION_ALIGN 4096u
@@ -104,6 +108,10 @@ struct tally__shm_hdr {
 	uint32_t remote_cap;
 	uint32_t remote_entry_size;
 	struct tally__section remote;
+	/* ABI 3.2: the rules section (rules.h); zero in older segments. */
+	uint32_t rules_cap;
+	uint32_t rules_entry_size;
+	struct tally__section rules;
 };
 _Static_assert(sizeof(struct tally__shm_hdr) <= TALLY__HDR_SIZE, "header fits its page");
 _Static_assert(offsetof(struct tally__shm_hdr, magic) == 0, "magic first");

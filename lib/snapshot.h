@@ -63,7 +63,7 @@ enum tally__snap_word {
 	TALLY__SW_CODEL,        /* TALLY__SC_* */
 	TALLY__SW_PRESSURE_PPM, /* pressure x 1e6 */
 	TALLY__SW_SHED_PPM,     /* shed probability x 1e6 */
-	TALLY__SW_RESERVED3,
+	TALLY__SW_RULE,         /* rules generation (low 32 bits) << 32 | rules-section entry + 1; 0 none */
 	TALLY__SW_WORDS
 };
 

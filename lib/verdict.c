@@ -187,6 +187,24 @@ const char *tally__thresholds_pattern(const struct tally_thresholds *t, size_t i
 	return i < t->n ? t->rules[i].pattern : NULL;
 }
 
+const struct tally_threshold_rule *tally__thresholds_rule(const struct tally_thresholds *t, size_t i)
+{
+	return i < t->n ? &t->rules[i].rule : NULL;
+}
+
+const struct tally_threshold_rule *tally__thresholds_default(const struct tally_thresholds *t)
+{
+	return &t->def;
+}
+
+uint32_t tally__thresholds_index(const struct tally_thresholds *t, const struct tally_threshold_rule *r)
+{
+	for (size_t i = 0; i < t->n; i++)
+		if (r == &t->rules[i].rule)
+			return (uint32_t)(i + 1);
+	return 0;
+}
+
 TALLY_API const char *tally_verdict_name(enum tally_verdict v)
 {
 	switch (v) {

@@ -60,6 +60,12 @@ struct tally__verdict_out {
  * engine, which gives the literal ones rows before their first sample. */
 size_t tally__thresholds_count(const struct tally_thresholds *t);
 const char *tally__thresholds_pattern(const struct tally_thresholds *t, size_t i);
+/* The i-th pattern's rule (NULL past the end), the default rule, and the
+ * index of a rule that tally_thresholds_match returned: 0 the default,
+ * 1 + i the i-th pattern. */
+const struct tally_threshold_rule *tally__thresholds_rule(const struct tally_thresholds *t, size_t i);
+const struct tally_threshold_rule *tally__thresholds_default(const struct tally_thresholds *t);
+uint32_t tally__thresholds_index(const struct tally_thresholds *t, const struct tally_threshold_rule *r);
 
 /* Start state: unknown since now, progress (for the stall) now. */
 void tally__verdict_init(struct tally__verdict_state *st, uint64_t now_ns);

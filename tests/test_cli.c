@@ -561,6 +561,104 @@ Test(cli, status_exit_codes, .timeout = 20)
 	owner_stop(&w);
 }
 
+/* Which threshold rule judged a subject: named by `status SUBJECT` and
+ * `stat --json`, from the owner's rules section, and followed across a
+ * reload of the rules. */
+static void set_rules(struct owner *w, uint64_t orders_warn_ms, uint64_t orders_overload_ms)
+{
+	struct tally_thresholds *t = tally_thresholds_new();
+	struct tally_threshold_rule def, orders, created;
+
+	tally_threshold_rule_init(&def);
+	def.p95_warn_ns = 1 * MS;
+	def.p95_overload_ns = 5 * MS;
+	def.min_samples = 5;
+	orders = def;
+	orders.p95_warn_ns = orders_warn_ms * MS;
+	orders.p95_overload_ns = orders_overload_ms * MS;
+	orders.pending_warn = 0;
+	orders.pending_overload = 0;
+	orders.stale_policy = TALLY_STALE_FAIL_CLOSED;
+	created = def;
+	created.p95_warn_ns = 7 * MS;
+	created.p95_overload_ns = 70 * MS;
+	cr_assert_eq(tally_thresholds_add(t, NULL, &def), 0);
+	cr_assert_eq(tally_thresholds_add(t, "orders.*", &orders), 0);
+	cr_assert_eq(tally_thresholds_add(t, "*.created", &created), 0); /* as specific: orders.* came first */
+	cr_assert_eq(tally_engine_set_thresholds(w->e, &t), 0);
+}
+
+static json_t *rule_of_subject(struct owner *w, const char *subject)
+{
+	struct run r;
+
+	TALLY(&r, NULL, "-s", w->name, "stat", "--json");
+	cr_assert_eq(r.status, 0, "%s", r.err);
+	json_t *doc = parse(&r);
+	json_t *rule = json_incref(get(subject_named(doc, subject), "rule"));
+	json_decref(doc);
+	return rule;
+}
+
+Test(cli, status_and_stat_json_name_the_rule_that_judges_a_subject, .timeout = 30)
+{
+	struct owner w;
+	struct run r;
+
+	owner_start(&w, NULL, true, false);
+	/* before any pattern: the default rule */
+	json_t *rule = rule_of_subject(&w, "orders.created");
+	cr_assert(json_is_object(rule), "rule is an object");
+	cr_expect(json_is_null(get(rule, "pattern")) && json_is_true(get(rule, "default")));
+	expect_int(rule, "p95_warn_ns", (json_int_t)(1 * MS));
+	expect_int(rule, "p95_overload_ns", (json_int_t)(5 * MS));
+	json_decref(rule);
+	TALLY(&r, NULL, "-s", w.name, "status", "billing.sent");
+	cr_expect(strstr(r.out, "rule: the default ([thresholds]), no pattern matches"), "%s", r.out);
+
+	set_rules(&w, 30, 100);
+	/* orders.created is judged by orders.* (equally specific as *.created, added first) */
+	for (int i = 0; i < 300; i++) {
+		uint64_t c;
+		if (verdict_of(&w, "orders.created", &c) == TALLY_VERDICT_OK)
+			break;
+		tt_sleep_ms(10);
+	}
+	TALLY(&r, NULL, "-s", w.name, "status", "orders.created");
+	cr_expect_eq(r.status, 0, "20 ms is below orders.* warn level of 30 ms: %s%s", r.out, r.err);
+	cr_expect(strstr(r.out, "rule: [thresholds \"orders.*\"]"), "%s", r.out);
+	cr_expect(strstr(r.out, "p95 30.00ms / 100.0ms, pending off"), "%s", r.out);
+	cr_expect(strstr(r.out, "fail-closed"), "%s", r.out);
+	rule = rule_of_subject(&w, "orders.created");
+	cr_expect_str_eq(json_string_value(get(rule, "pattern")), "orders.*");
+	cr_expect(json_is_false(get(rule, "default")));
+	expect_int(rule, "p95_warn_ns", (json_int_t)(30 * MS));
+	expect_int(rule, "p95_overload_ns", (json_int_t)(100 * MS));
+	expect_int(rule, "pending_overload", 0);
+	cr_expect_str_eq(json_string_value(get(rule, "stale_policy")), "fail-closed");
+	json_decref(rule);
+	/* a subject no pattern matches keeps the default */
+	rule = rule_of_subject(&w, "billing.sent");
+	cr_expect(json_is_true(get(rule, "default")));
+	json_decref(rule);
+
+	/* a reload: the new levels are what is shown, never the old set's */
+	set_rules(&w, 10, 15);
+	for (int i = 0; i < 300; i++) {
+		uint64_t c;
+		if (verdict_of(&w, "orders.created", &c) == TALLY_VERDICT_OVERLOAD)
+			break;
+		tt_sleep_ms(10);
+	}
+	rule = rule_of_subject(&w, "orders.created");
+	expect_int(rule, "p95_overload_ns", (json_int_t)(15 * MS));
+	json_decref(rule);
+	TALLY(&r, NULL, "-s", w.name, "status", "orders.created");
+	cr_expect_eq(r.status, 2, "%s%s", r.out, r.err);
+	cr_expect(strstr(r.out, "p95 10.00ms / 15.00ms"), "%s", r.out);
+	owner_stop(&w);
+}
+
 /* A dead owner: its last data is shown but never as live. */
 Test(cli, dead_owner_is_stale_not_live, .timeout = 20)
 {
@@ -792,6 +890,7 @@ Test(cli, dump_shows_header_sections_and_slots, .timeout = 20)
 	cr_expect(strstr(r.out, want) && strstr(r.out, "alive"), "%s", r.out);
 	cr_expect(strstr(r.out, "16 slots x 1024 entries, 256 subjects"), "%s", r.out);
 	cr_expect(strstr(r.out, "  snapshot ") && strstr(r.out, "  pending "), "%s", r.out);
+	cr_expect(strstr(r.out, "  rules ") && !strstr(r.out, "  remote "), "rules always, remote only when configured: %s", r.out);
 	cr_expect(strstr(r.out, "producer slots   1 of 16 in use"), "%s", r.out);
 	owner_stop(&w);
 }

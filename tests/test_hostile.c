@@ -219,6 +219,18 @@ static const char *read_segment(const struct tally_segment *seg, uint32_t table_
 			return "tally_read_subject: unexpected return";
 		if ((rc == 0 || rc == TALLY_ESTALE) && !stats_sane(&st, i))
 			return "tally_read_subject: insane stats";
+		if (rc == 0 || rc == TALLY_ESTALE) {
+			static const int rule_ok[] = { 0, -ENOENT, -ESTALE, -EAGAIN, TALLY_ECORRUPT };
+			struct tally_rule_info ri;
+			rc = tally_read_rule(seg, &st, &ri);
+			if (!rc_in(rc, rule_ok, 5))
+				return "tally_read_rule: unexpected return";
+			if (rc == 0 && (strnlen(ri.pattern, sizeof(ri.pattern)) == sizeof(ri.pattern) ||
+					ri.is_default != (ri.pattern[0] == '\0') ||
+					(!ri.is_default && tally_subject_validate(ri.pattern, true) != 0) ||
+					!(ri.levels.clear_ratio > 0 && ri.levels.clear_ratio <= 1)))
+				return "tally_read_rule: invalid rule";
+		}
 		rc = tally_subject_name(seg, i, name, sizeof(name));
 		if (rc == 0 && (strnlen(name, sizeof(name)) == sizeof(name) ||
 				tally_subject_validate(name, false) != 0))

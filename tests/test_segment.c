@@ -234,6 +234,48 @@ Test(segment, wrong_major_gives_both_versions)
 	tally_segment_unlink(name);
 }
 
+/* A segment of layout 3.1 (no rules section: the header page is zero past
+ * the remote section, the file ends there) still opens, and says it keeps
+ * no rules; a 3.2 header whose rules section does not match is corrupt. */
+Test(segment, an_older_minor_without_rules_opens_and_a_bad_rules_section_is_corrupt)
+{
+	const char *name = kept();
+	size_t len;
+	struct tally__shm_hdr *h = map_raw(name, &len);
+	struct tally_segment *rd;
+	struct tally_segment_info in;
+	char path[256];
+
+	cr_assert(h->rules.off && h->rules.size && h->rules.off + h->rules.size <= len, "3.2: rules last");
+	uint64_t rules_off = h->rules.off;
+	h->rules.size += 4096;
+	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), TALLY_ECORRUPT);
+	h->rules.size -= 4096;
+	h->rules_cap = 7;
+	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), TALLY_ECORRUPT);
+
+	h->abi_minor = 1;
+	h->rules_cap = 0;
+	h->rules_entry_size = 0;
+	h->rules.off = h->rules.size = 0;
+	h->total_size = rules_off;
+	munmap(h, len);
+	snprintf(path, sizeof(path), "/%s", name);
+	int fd = shm_open(path, O_RDWR, 0);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(ftruncate(fd, (off_t)rules_off), 0);
+	close(fd);
+	cr_assert_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), 0, "%s", tally_errmsg());
+	cr_expect_eq(tally_segment_info(rd, &in), 0);
+	cr_expect_eq(in.abi_minor, 1u);
+	cr_expect_eq(in.rules.size, 0u);
+	struct tally_subject_stats st = { .rule = 1, .rules_gen = 1 };
+	struct tally_rule_info ri;
+	cr_expect_eq(tally_read_rule(rd, &st, &ri), -ENOENT, "no rules section: not known");
+	tally_segment_close(&rd);
+	tally_segment_unlink(name);
+}
+
 Test(segment, not_ready_waits_a_bounded_time)
 {
 	const char *name = kept();

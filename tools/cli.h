@@ -76,6 +76,8 @@ struct cli_subject {
 	bool published;                /* tally_read_subject() returned data */
 	struct tally_subject_stats st; /* valid when published */
 	char pending_consumer[TALLY_PENDING_CONSUMER_MAX]; /* of st.pending_entry, "" none */
+	bool has_rule;                 /* rule holds the threshold rule that judged st */
+	struct tally_rule_info rule;
 };
 
 struct cli_view {

@@ -269,6 +269,10 @@ static int cmd_dump(const char *name, int argc, char **argv)
 	       in.slot_stride);
 	printf("  pending        %-12" PRIu64 " %" PRIu64 "\n", in.pending.off, in.pending.size);
 	printf("  snapshot       %-12" PRIu64 " %" PRIu64 "\n", in.snapshot.off, in.snapshot.size);
+	if (in.remote.size)
+		printf("  remote         %-12" PRIu64 " %" PRIu64 "\n", in.remote.off, in.remote.size);
+	if (in.rules.size)
+		printf("  rules          %-12" PRIu64 " %" PRIu64 "\n", in.rules.off, in.rules.size);
 	dump_slots(seg, in.config.producer_slots);
 	tally_segment_close(&seg);
 	return 0;

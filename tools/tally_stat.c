@@ -51,14 +51,21 @@ static int read_one(struct tally_segment *seg, tally_subject_t id, struct cli_su
 		return 1;
 	if (rc)
 		return rc;
+	/* A reload between the subject's read and its rule's (-ESTALE) or a
+	 * publish racing the read: read both again. */
 	for (int tries = 0; tries < 5; tries++) {
 		rc = tally_read_subject(seg, id, &s->st);
-		if (rc != TALLY_EBUSY_RETRY)
-			break;
+		if (rc == TALLY_EBUSY_RETRY)
+			continue;
+		if ((rc == 0 || rc == TALLY_ESTALE) &&
+		    tally_read_rule(seg, &s->st, &s->rule) == -ESTALE && tries < 4)
+			continue;
+		break;
 	}
 	if (rc == 0 || rc == TALLY_ESTALE) {
 		s->published = true;
 		*stale |= rc == TALLY_ESTALE;
+		s->has_rule = tally_read_rule(seg, &s->st, &s->rule) == 0;
 		tally_pending_consumer_name(seg, &s->st, s->pending_consumer, sizeof(s->pending_consumer));
 		return 0;
 	}
@@ -66,6 +73,7 @@ static int read_one(struct tally_segment *seg, tally_subject_t id, struct cli_su
 		memset(&s->st, 0, sizeof(s->st));
 		s->st.id = id;
 		s->published = false;
+		s->has_rule = false;
 		return 0;
 	}
 	return rc;
@@ -512,6 +520,41 @@ static json_t *json_segment(const struct cli_view *v)
 			 "abi_major", (int)v->info.abi_major, "abi_minor", (int)v->info.abi_minor);
 }
 
+static const char *stale_policy_name(enum tally_stale_policy p)
+{
+	return p == TALLY_STALE_FAIL_CLOSED ? "fail-closed" : "fail-open";
+}
+
+/* The threshold rule that judged the subject, as it is in force in the
+ * owner (its rules section); null when the owner does not say. */
+static json_t *json_rule(const struct cli_subject *s)
+{
+	const struct tally_threshold_rule *r = &s->rule.levels;
+
+	if (!s->published || !s->has_rule)
+		return json_null();
+	json_t *o = json_object();
+	json_object_set_new(o, "pattern", s->rule.is_default ? json_null() : jtext(s->rule.pattern));
+	json_object_set_new(o, "default", json_boolean(s->rule.is_default));
+	json_object_set_new(o, "p95_warn_ns", jint(r->p95_warn_ns));
+	json_object_set_new(o, "p95_overload_ns", jint(r->p95_overload_ns));
+	json_object_set_new(o, "pending_warn", jint(r->pending_warn));
+	json_object_set_new(o, "pending_overload", jint(r->pending_overload));
+	json_object_set_new(o, "wait_p95_warn_ns", jint(r->wait_p95_warn_ns));
+	json_object_set_new(o, "wait_p95_overload_ns", jint(r->wait_p95_overload_ns));
+	json_object_set_new(o, "codel_target_ns", jint(r->codel_target_ns));
+	json_object_set_new(o, "codel_interval_ms", jint(r->codel_interval_ms));
+	json_object_set_new(o, "min_samples", jint(r->min_samples));
+	json_object_set_new(o, "stale_after_ms", jint(r->stale_after_ms));
+	json_object_set_new(o, "stale_policy", json_string(stale_policy_name(r->stale_policy)));
+	json_object_set_new(o, "clear_ratio", json_real(r->clear_ratio));
+	json_object_set_new(o, "min_dwell_ms", jint(r->min_dwell_ms));
+	json_object_set_new(o, "retry_after_ms", jint(r->retry_after_ms));
+	json_object_set_new(o, "retry_after_max_ms", jint(r->retry_after_max_ms));
+	json_object_set_new(o, "stall_after_ms", jint(r->stall_after_ms));
+	return o;
+}
+
 static json_t *json_subject(const struct cli_view *v, const struct cli_subject *s)
 {
 	const struct tally_subject_stats *st = &s->st;
@@ -557,6 +600,7 @@ static json_t *json_subject(const struct cli_view *v, const struct cli_subject *
 	json_object_set_new(o, "codel_overloaded", codel ? json_boolean(st->codel_overloaded) : json_null());
 	json_object_set_new(o, "pressure", json_real(s->published && !v->stale ? st->pressure : 0.0));
 	json_object_set_new(o, "shed_probability", json_real(s->published && !v->stale ? st->shed_probability : 0.0));
+	json_object_set_new(o, "rule", json_rule(s));
 	return o;
 }
 
@@ -746,6 +790,53 @@ static const char status_help[] =
 	"  -q, --quiet          print nothing, only exit with the status\n"
 	"  -h, --help           this help\n";
 
+/* "p95 100 ms / 500 ms" or "p95 off": a level pair of the rule. */
+static const char *level_pair(char *buf, size_t len, const char *what, uint64_t warn, uint64_t over, bool ns)
+{
+	char a[32], b[32];
+
+	if (!warn && !over) {
+		snprintf(buf, len, "%s off", what);
+		return buf;
+	}
+	if (ns) {
+		cli_fmt_ns(a, sizeof(a), warn);
+		cli_fmt_ns(b, sizeof(b), over);
+	} else {
+		snprintf(a, sizeof(a), "%" PRIu64, warn);
+		snprintf(b, sizeof(b), "%" PRIu64, over);
+	}
+	snprintf(buf, len, "%s %s / %s", what, warn ? a : "-", over ? b : "-");
+	return buf;
+}
+
+/* Which threshold rule judged the subject, and its levels (warn / overload). */
+static void print_rule(const struct cli_subject *s)
+{
+	const struct tally_threshold_rule *r = &s->rule.levels;
+	char p[96], q[96], w[96], c[32];
+
+	if (!s->has_rule) {
+		printf("  rule: not known (the owner keeps no rules section: an older tallyd)\n");
+		return;
+	}
+	if (s->rule.is_default)
+		printf("  rule: the default ([thresholds]), no pattern matches\n");
+	else
+		printf("  rule: [thresholds \"%s\"]\n", s->rule.pattern); /* a valid pattern: checked by the reader */
+	printf("    warn / overload: %s, %s, %s\n",
+	       level_pair(p, sizeof(p), "p95", r->p95_warn_ns, r->p95_overload_ns, true),
+	       level_pair(q, sizeof(q), "pending", r->pending_warn, r->pending_overload, false),
+	       level_pair(w, sizeof(w), "wait p95", r->wait_p95_warn_ns, r->wait_p95_overload_ns, true));
+	if (r->codel_target_ns)
+		printf("    codel target %s per %u ms, stale after %u ms (%s), at least %" PRIu64 " samples\n",
+		       cli_fmt_ns(c, sizeof(c), r->codel_target_ns), r->codel_interval_ms, r->stale_after_ms,
+		       stale_policy_name(r->stale_policy), r->min_samples);
+	else
+		printf("    codel off, stale after %u ms (%s), at least %" PRIu64 " samples\n", r->stale_after_ms,
+		       stale_policy_name(r->stale_policy), r->min_samples);
+}
+
 static void print_status(const struct cli_view *v, const struct cli_subject *s)
 {
 	const struct tally_subject_stats *st = &s->st;
@@ -796,6 +887,7 @@ static void print_status(const struct cli_view *v, const struct cli_subject *s)
 		       cli_fmt_ns(b1, sizeof(b1), st->wait_min_ns),
 		       st->codel_overloaded ? "above target: a standing queue" : "within target");
 	printf("  pressure %.2f, shed probability %.2f\n", st->pressure, st->shed_probability);
+	print_rule(s);
 	uint64_t since = v->now_mono_ns > st->verdict_since_ns ? v->now_mono_ns - st->verdict_since_ns : 0;
 	printf("  since %s ago, retry-after %u ms\n", cli_fmt_age_ms(b1, sizeof(b1), since / 1000000u),
 	       st->retry_after_ms);

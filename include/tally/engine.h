@@ -117,6 +117,12 @@ struct tally_subject_stats {
 	/* graded (tally/verdict.h): no hysteresis, follow the signals */
 	double pressure;            /* [0, 1]: 0.5 at the warn thresholds, 1 at overload */
 	double shed_probability;    /* [0, 1]: what a gateway sheds while under pressure */
+	/* The threshold rule that judged this subject: 0 unknown (an owner
+	 * that does not say), 1 the default rule, 2 + i the set's i-th
+	 * pattern; rules_gen the generation of the set (it grows with every
+	 * reload). tally_read_rule() turns them into the pattern and levels. */
+	uint32_t rule;
+	uint32_t rules_gen;
 };
 
 enum tally_pending_source {
@@ -199,6 +205,19 @@ TALLY_API int tally_pending_consumer_name(const struct tally_segment *seg,
 
 TALLY_API int tally_read_subject(const struct tally_segment *seg, tally_subject_t id,
 				 struct tally_subject_stats *out);
+
+struct tally_rule_info; /* tally/verdict.h */
+
+/*
+ * The threshold rule that judged st (st->rule, st->rules_gen), from seg's
+ * rules section: its pattern ("" for the default rule) and its levels.
+ * 0; -ENOENT (st names no rule, or the owner keeps no rules section: an
+ * older tallyd); -ESTALE (the rules were reloaded after st was published:
+ * read the subject again); -EAGAIN (the owner kept rewriting them);
+ * TALLY_ECORRUPT. Never blocks, never writes. Thread-safe.
+ */
+TALLY_API int tally_read_rule(const struct tally_segment *seg, const struct tally_subject_stats *st,
+			      struct tally_rule_info *out);
 
 struct tally_producer_stats {
 	uint32_t slot;

@@ -120,6 +120,7 @@ struct tally_segment_info {
 	struct tally_segment_config config; /* group is NULL here */
 	uint32_t subjects_used;
 	struct { uint64_t off, size; } subjects, slots, pending, snapshot;
+	struct { uint64_t off, size; } remote, rules; /* {0, 0}: the segment has none */
 	uint32_t slot_stride;
 };
 

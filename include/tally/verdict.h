@@ -119,6 +119,15 @@ struct tally_threshold_rule {
 						  * at least retry_after_ms) */
 };
 
+/* A rule as a reader sees it (tally_read_rule, tally/engine.h). */
+struct tally_rule_info {
+	char pattern[TALLY_SUBJECT_MAX + 1]; /* "" for the default rule */
+	bool is_default;
+	uint32_t index;       /* 0 the default rule, 1 + i the set's i-th pattern */
+	uint64_t rules_total; /* rules in the owner's set, the default's included */
+	struct tally_threshold_rule levels;
+};
+
 /* The defaults above. Never fails. */
 TALLY_API void tally_threshold_rule_init(struct tally_threshold_rule *r);
 
