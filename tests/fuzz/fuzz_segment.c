@@ -79,6 +79,7 @@
 #include <tally/tally.h>
 
 #include "pending.h"
+#include "rules.h"
 #include "segment.h"
 #include "shm_layout.h"
 #include "snapshot.h"
@@ -248,6 +249,26 @@ static void fields_pending(const struct tally_segment *seg)
 	}
 }
 
+static void fields_rules(const struct tally_segment *seg)
+{
+	uint64_t b = seg->rules.off;
+	uint64_t e0 = b + sizeof(struct tally__rules_hdr);
+
+	F(b, struct tally__rules_hdr, magic);
+	F(b, struct tally__rules_hdr, capacity);
+	F(b, struct tally__rules_hdr, entry_size);
+	F(b, struct tally__rules_hdr, seq);
+	F(b, struct tally__rules_hdr, count);
+	F(b, struct tally__rules_hdr, gen);
+	for (uint64_t i = 0; i < 3; i++) {
+		uint64_t e = e0 + i * sizeof(struct tally__rules_entry);
+		FW(e, struct tally__rules_entry, pattern, 0);
+		FW(e, struct tally__rules_entry, pattern, TALLY__RULES_PATTERN_WORDS - 1);
+		FW(e, struct tally__rules_entry, w, TALLY__RW_STALE_POLICY);
+		FW(e, struct tally__rules_entry, w, TALLY__RW_CLEAR_RATIO_PPM);
+	}
+}
+
 static void fields_snapshot(const struct tally_segment *seg)
 {
 	uint64_t b = seg->snapshot.off;
@@ -294,6 +315,13 @@ static void populate(struct tally_segment *seg)
 	tally__pending_write_breaker(tally__pending_breaker_at(pend), &(struct tally__pending_breaker_view){
 		.state = TALLY__BREAKER_HALF_OPEN, .consecutive_failures = 3, .connected = true,
 		.last_error = "no responders" });
+	struct tally_thresholds *t = tally_thresholds_new();
+	struct tally_threshold_rule r;
+	tally_threshold_rule_init(&r);
+	if (!t || tally_thresholds_add(t, "orders.*", &r) || tally_thresholds_add(t, "a.>", &r))
+		abort();
+	tally__rules_write(tally__seg_section(seg, &seg->rules), t, 1);
+	tally_thresholds_free(&t);
 	tally__snapshot_writer_init(&w, tally__seg_section(seg, &seg->snapshot), seg->table_size);
 	for (int half = 0; half < 2; half++) {
 		uint32_t c = tally__snapshot_write_begin(&w);
@@ -303,6 +331,7 @@ static void populate(struct tally_segment *seg)
 			tally__snapshot_store(&e[TALLY__SW_COUNT], i ? 100u * (unsigned)i : 0);
 			tally__snapshot_store(&e[TALLY__SW_SUM], 12345);
 			tally__snapshot_store(&e[TALLY__SW_P95], 1000);
+			tally__snapshot_store(&e[TALLY__SW_RULE], 1ull << 32 | (uint64_t)(i % 3 + 1));
 		}
 		tally__snapshot_store(&w.hdr->meta[c].published_mono_ns, now);
 		tally__snapshot_store(&w.hdr->meta[c].window_ns, 10000000000ull);
@@ -345,6 +374,7 @@ static void make_image(void)
 	fields_subjects_slots(seg);
 	fields_pending(seg);
 	fields_snapshot(seg);
+	fields_rules(seg);
 	if (getenv("TALLY_FUZZ_VERBOSE")) {
 		fprintf(stderr, "fuzz_segment: image %zu bytes, %u fields, table %u, slots %u, "
 			"pending %u; subject ids:", g_image_len, g_nfields, seg->table_size, seg->nslots,
@@ -529,6 +559,13 @@ static void check_subjects(const struct tally_segment *seg)
 			       st.pending_source <= TALLY_PENDING_NOT_FOUND);
 			int nrc = tally_pending_consumer_name(seg, &st, who, sizeof(who));
 			EXPECT(nrc <= 0 && memchr(who, 0, sizeof(who)));
+			struct tally_rule_info ri;
+			int rrc = tally_read_rule(seg, &st, &ri);
+			EXPECT(rrc == 0 || rrc == -ENOENT || rrc == -ESTALE || rrc == -EAGAIN || rrc == TALLY_ECORRUPT);
+			if (rrc == 0)
+				EXPECT(memchr(ri.pattern, 0, sizeof(ri.pattern)) && ri.is_default == !ri.pattern[0] &&
+				       (ri.is_default || tally_subject_validate(ri.pattern, true) == 0) &&
+				       ri.levels.clear_ratio > 0 && ri.levels.clear_ratio <= 1);
 		}
 		if (id >= cap)
 			EXPECT(rc == -ENOENT);
