@@ -364,8 +364,23 @@ static int attach(struct tally_segment *seg, bool local, struct tally_producer *
 	f->local = local;
 	if (claim_slot(f) != 0) {
 		free(f);
-		return tally__fail(TALLY_EFULL, "all %u producer slots of segment \"%s\" are taken: "
-				   "raise producer_slots, or detach idle threads", seg->nslots, seg->name);
+		/* Say whether waiting helps: a released slot is free again only
+		 * after the owner's reaper has seen it and its cool-off passed. */
+		uint32_t returning = 0;
+		for (uint32_t i = 0; i < seg->nslots; i++) {
+			uint32_t st = tally__lease_state(atomic_load_explicit(&tally__seg_slot(seg, i)->ctl.lease,
+									       memory_order_relaxed));
+			returning += st == TALLY__SLOT_RELEASING || st == TALLY__SLOT_DEAD ||
+				     st == TALLY__SLOT_COOLING;
+		}
+		if (returning)
+			return tally__fail(TALLY_EFULL, "all %u producer slots of segment \"%s\" are taken, %u "
+					   "of them released and returning (free again after the owner's "
+					   "cool-off of %u ms): retry then, or raise producer_slots",
+					   seg->nslots, seg->name, returning, seg->cooloff_ms);
+		return tally__fail(TALLY_EFULL, "all %u producer slots of segment \"%s\" are taken by "
+				   "attached producers: raise producer_slots, or detach idle threads",
+				   seg->nslots, seg->name);
 	}
 	registry_add(f);
 	if (seg->follow)

@@ -307,7 +307,8 @@ static void fill_header(struct tally_segment *seg, const struct tally_segment_co
 {
 	struct tally__shm_hdr *h = tally__seg_hdr(seg);
 
-	h->magic = TALLY__MAGIC;
+	/* atomic: a reader waiting for ready looks at the magic (wait_ready) */
+	__atomic_store_n(&h->magic, TALLY__MAGIC, __ATOMIC_RELAXED);
 	h->abi_major = TALLY__ABI_MAJOR;
 	h->abi_minor = TALLY__ABI_MINOR;
 	h->hdr_size = TALLY__HDR_SIZE;
@@ -435,6 +436,14 @@ static int wait_ready(struct tally_segment *seg, uint32_t wait_ms)
 	struct tally__shm_hdr *h = tally__seg_hdr(seg);
 
 	while (atomic_load_explicit(&h->ready, memory_order_acquire) != TALLY__READY) {
+		/* A creator writes the magic before anything else is ready: any
+		 * other value than 0 (not written yet) or ours is not a segment
+		 * that will ever become ready, so say so now, not after wait_ms. */
+		uint64_t magic = __atomic_load_n(&h->magic, __ATOMIC_RELAXED);
+		if (magic != 0 && magic != TALLY__MAGIC)
+			return tally__fail(TALLY_ECORRUPT, "\"%s\" in " SHM_DIR " is not a tally segment "
+					   "(bad magic 0x%016llx): remove it if nothing uses it (rm " SHM_DIR "/%s)",
+					   seg->name, (unsigned long long)magic, seg->name);
 		if (tally__mono_ns() >= deadline)
 			return tally__fail(TALLY_ENOTREADY, "segment \"%s\" did not become ready within "
 					   "%u ms: its creator may have died; check its owner", seg->name,

@@ -200,7 +200,8 @@ static void start_poller(struct owner *w)
 
 /* Create a segment named name (or a fresh one), start the engine; with data:
  * record the standard subjects and wait for the verdicts. */
-static void owner_start(struct owner *w, const char *name, bool data, bool poller)
+static void owner_start_cfg(struct owner *w, const char *name, bool data, bool poller,
+			    const struct tally_segment_config *with)
 {
 	struct tally_segment_config cfg;
 	struct tally_engine_config ec;
@@ -208,6 +209,8 @@ static void owner_start(struct owner *w, const char *name, bool data, bool polle
 	memset(w, 0, sizeof(*w));
 	snprintf(w->name, sizeof(w->name), "%s", name ? name : tt_segname("cli"));
 	tt_config(&cfg);
+	if (with)
+		cfg = *with;
 	cr_assert_eq(tally_segment_create(w->name, &cfg, TALLY_CREATE_REPLACE_DEAD, &w->seg), 0, "%s",
 		     tally_errmsg());
 	tally_engine_config_init(&ec);
@@ -228,6 +231,11 @@ static void owner_start(struct owner *w, const char *name, bool data, bool polle
 	tally_subject_t idle;
 	cr_assert_eq(tally_subject_intern(w->seg, "idle.subject", &idle), 0); /* never recorded */
 	wait_published(w);
+}
+
+static void owner_start(struct owner *w, const char *name, bool data, bool poller)
+{
+	owner_start_cfg(w, name, data, poller, NULL);
 }
 
 static void owner_stop(struct owner *w)
@@ -871,6 +879,77 @@ Test(cli, record_from_stdin_reports_bad_lines_and_records_the_rest, .timeout = 2
 	cr_expect(strstr(r.out, "recorded 3, rejected 0"), "%s", r.out);
 	cr_expect_eq(total_of(&w, "rec.c"), 3);
 	owner_stop(&w);
+}
+
+/* A bad SUBJECT operand is named as the subject, before anything is recorded. */
+Test(cli, record_names_a_bad_subject_as_the_subject, .timeout = 20)
+{
+	struct owner w;
+	struct run r;
+
+	owner_start(&w, NULL, false, false);
+	TALLY(&r, NULL, "-s", w.name, "record", "orders..created", "5", "6");
+	cr_expect_eq(r.status, 2, "%s%s", r.out, r.err);
+	cr_expect(strstr(r.err, "SUBJECT") && strstr(r.err, "orders..created"), "%s", r.err);
+	cr_expect(!strstr(r.err, "argument"), "%s", r.err);
+	TALLY(&r, NULL, "-s", w.name, "record", "orders.created", "5", "x");
+	cr_expect_eq(r.status, 1, "%s%s", r.out, r.err);
+	cr_expect(strstr(r.err, "value 2: \"x\""), "the value is named by its place among the values: %s", r.err);
+	cr_expect(strstr(r.out, "recorded 1, rejected 1"), "%s", r.out);
+	owner_stop(&w);
+}
+
+/* With every slot but one held, back-to-back records share the last one:
+ * the second waits for the slot the first released (the owner's
+ * cool-off) instead of failing. */
+Test(cli, back_to_back_records_wait_for_a_released_slot, .timeout = 30)
+{
+	struct tally_segment_config cfg;
+	struct owner w;
+	struct run r;
+
+	tt_config(&cfg);
+	cfg.producer_slots = 2; /* one for the test's own producer, one for tally record */
+	cfg.producer_cooloff_ms = 300;
+	owner_start_cfg(&w, NULL, false, false, &cfg);
+	for (int i = 0; i < 3; i++) {
+		TALLY(&r, NULL, "-s", w.name, "record", "orders.created", "1000");
+		cr_expect_eq(r.status, 0, "record %d: %s%s", i, r.out, r.err);
+		cr_expect(strstr(r.out, "recorded 1, rejected 0, dropped 0"), "%s", r.out);
+	}
+	/* every slot held by a live producer: no wait, an error that says so */
+	struct tally_producer *extra = NULL;
+	for (int i = 0; i < 500 && tally_producer_attach(w.seg, &extra) == TALLY_EFULL; i++)
+		tt_sleep_ms(10); /* the last record's slot comes back after the cool-off */
+	cr_assert(extra, "%s", tally_errmsg());
+	TALLY(&r, NULL, "-s", w.name, "record", "orders.created", "1000");
+	cr_expect_eq(r.status, 4, "%s%s", r.out, r.err);
+	cr_expect(strstr(r.err, "taken by attached producers"), "%s", r.err);
+	tally_producer_detach(&extra);
+	owner_stop(&w);
+}
+
+/* Random bytes under a segment's name are not a segment being created:
+ * the error says so at once, not after the wait for a creator. */
+Test(cli, random_bytes_under_a_segment_name_fail_at_once, .timeout = 20)
+{
+	const char *name = tt_segname("cli-garbage");
+	char path[160];
+	unsigned char junk[8192];
+	struct run r;
+
+	for (size_t i = 0; i < sizeof(junk); i++)
+		junk[i] = (unsigned char)(i * 131u + 7u) | 1u;
+	snprintf(path, sizeof(path), "/dev/shm/%s", name);
+	FILE *f = fopen(path, "w");
+	cr_assert(f);
+	cr_assert_eq(fwrite(junk, 1, sizeof(junk), f), sizeof(junk));
+	fclose(f);
+	TALLY(&r, NULL, "-s", name, "stat");
+	cr_expect_eq(r.status, 4, "%s%s", r.out, r.err);
+	cr_expect(strstr(r.err, "is not a tally segment") && strstr(r.err, "bad magic"), "%s", r.err);
+	cr_expect(!strstr(r.err, "did not become ready"), "%s", r.err);
+	unlink(path);
 }
 
 Test(cli, dump_shows_header_sections_and_slots, .timeout = 20)

@@ -377,7 +377,7 @@ static int record_args(struct recorder *r, int argc, char **argv)
 {
 	for (int i = 1; i < argc; i++) {
 		char where[32];
-		snprintf(where, sizeof(where), "argument %d", i + 1);
+		snprintf(where, sizeof(where), "value %d", i);
 		int rc = record_one(r, argv[0], argv[i], where);
 		if (rc == ONE_REJECTED)
 			r->rejected++;
@@ -438,13 +438,43 @@ static int record_opts(struct recorder *r, int argc, char **argv)
 	return -1;
 }
 
+/* Slots that a producer released and that are coming back (the owner
+ * frees them after its cool-off): waiting for one of them helps. */
+static uint32_t slots_returning(struct tally_segment *seg)
+{
+	struct tally_segment_info in;
+	uint32_t k = 0;
+
+	if (tally_segment_info(seg, &in))
+		return 0;
+	struct tally_producer_stats *ps = calloc(in.config.producer_slots, sizeof(*ps));
+	int n = ps ? tally_read_producers(seg, ps, in.config.producer_slots) : 0;
+	for (int i = 0; i < n; i++)
+		k += strcmp(ps[i].state, "active") != 0 && strcmp(ps[i].state, "claiming") != 0;
+	free(ps);
+	return k;
+}
+
+/* Attach; when every slot is taken but some are only returning (a
+ * record that just ended, say), wait for one, up to the wait timeout. */
 static int record_attach(struct recorder *r)
 {
 	int rc = tally_segment_open(r->name, TALLY_OPEN_PRODUCER, 1000, &r->seg);
+	uint64_t deadline = tally_now_ns() + r->timeout_ns;
+	bool told = false;
 
 	if (rc)
 		return cli_fail(r->name, rc);
-	if ((rc = tally_producer_attach(r->seg, &r->p))) {
+	while ((rc = tally_producer_attach(r->seg, &r->p)) == TALLY_EFULL && slots_returning(r->seg) &&
+	       tally_now_ns() < deadline) {
+		if (!told && isatty(STDERR_FILENO))
+			fprintf(stderr, "tally record: every producer slot of \"%s\" is taken; waiting for a "
+				"released one to come back\n", r->name);
+		told = true;
+		struct timespec ts = { 0, 20 * 1000000 };
+		nanosleep(&ts, NULL);
+	}
+	if (rc) {
 		cli_fail(r->name, rc);
 		tally_segment_close(&r->seg);
 		return CLI_EXIT_ERROR;
@@ -466,6 +496,12 @@ int tally_cmd_record(const char *segment, int argc, char **argv)
 		fprintf(stderr, "tally record %s: give at least one value in ns, or none to read stdin\n",
 			argv[0]);
 		fputs(record_help, stderr);
+		return CLI_EXIT_USAGE;
+	}
+	/* The subject first: a bad one is named as the subject, not as the
+	 * position of the first value, and nothing is recorded. */
+	if (argc >= 2 && tally_subject_validate(argv[0], false) != 0) {
+		fprintf(stderr, "tally record: SUBJECT: %s\n", tally_errmsg());
 		return CLI_EXIT_USAGE;
 	}
 	if ((rc = record_attach(&r)))
