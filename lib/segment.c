@@ -253,12 +253,17 @@ static int existing_owner(const char *name)
 				   SHM_DIR "/%s", name, tally_strerror(rc), name);
 	int alive = tally_segment_owner_alive(old);
 	pid_t pid = old->owner_pid;
+	bool stopped = atomic_load_explicit(&old->hdr->owner_state, memory_order_relaxed) == TALLY__OWNER_STOPPED;
 	tally_segment_close(&old);
 	if (alive == 1)
 		return tally__fail(-EBUSY, "segment \"%s\" is owned by a live process (pid %d): "
 				   "stop it first, or choose another name", name, (int)pid);
-	return tally__fail(TALLY_EOWNERDEAD, "segment \"%s\" was left by owner pid %d, which is no "
-			   "longer running; replace it explicitly (tallyd --replace) or remove "
+	if (stopped)
+		return tally__fail(TALLY_EOWNERDEAD, "segment \"%s\" was kept by its owner pid %d, which "
+				   "stopped cleanly and left it for readers (--keep); start with --replace "
+				   "to take the name, or remove " SHM_DIR "/%s", name, (int)pid, name);
+	return tally__fail(TALLY_EOWNERDEAD, "segment \"%s\" was left by owner pid %d, which died "
+			   "without closing it; replace it explicitly (tallyd --replace) or remove "
 			   SHM_DIR "/%s", name, (int)pid, name);
 }
 

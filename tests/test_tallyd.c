@@ -340,6 +340,7 @@ Test(tallyd, dead_owner_replaced_only_with_replace)
 	b = td_new("td-dead-b");
 	strcpy(b->seg, a->seg);
 	td_start_ready(a, (const char *const[]){ "-s", a->seg, "--no-http", NULL });
+	pid_t apid = a->pid;
 	kill(a->pid, SIGKILL);
 	cr_assert(td_wait_exit(a, 5000));
 	cr_assert(seg_exists(a->seg));
@@ -349,11 +350,48 @@ Test(tallyd, dead_owner_replaced_only_with_replace)
 	cr_expect(strstr(td_logtext(b), "--replace"), "the refusal says how to replace:\n%s",
 		  td_logtext(b));
 
+	cr_expect(strstr(td_logtext(b), "died without closing it"), "the refusal says the owner died:\n%s",
+		  td_logtext(b));
+
 	td_start_ready(b, (const char *const[]){ "-s", a->seg, "--no-http", "--replace", NULL });
+	char what[64];
+	snprintf(what, sizeof(what), "of owner pid %d (died without closing it)", (int)apid);
+	cr_expect(strstr(td_logtext(b), "--replace: replacing segment") && strstr(td_logtext(b), what),
+		  "--replace logs what it replaced (%s):\n%s", what, td_logtext(b));
 	kill(b->pid, SIGTERM);
 	cr_assert(td_wait_exit(b, 5000));
 	cr_expect_eq(td_exit_code(b), 0);
 	cr_expect(!seg_exists(a->seg));
+	td_cleanup(b);
+	a->seg[0] = '\0';
+	td_cleanup(a);
+}
+
+/* A clean stop with --keep leaves the segment for readers: a restart
+ * without --replace says exactly that (not that the owner died), and
+ * --replace logs that it takes a kept segment. */
+Test(tallyd, kept_segment_is_named_as_kept_on_restart)
+{
+	struct td *a, *b;
+
+	a = td_new("td-kept");
+	b = td_new("td-kept-b");
+	strcpy(b->seg, a->seg);
+	td_start_ready(a, (const char *const[]){ "-s", a->seg, "--no-http", "--keep", NULL });
+	kill(a->pid, SIGTERM);
+	cr_assert(td_wait_exit(a, 5000));
+	cr_expect_eq(td_exit_code(a), 0);
+	cr_assert(seg_exists(a->seg), "--keep keeps the segment");
+
+	int rc = td_run(b, (const char *const[]){ "-s", a->seg, "--no-http", NULL });
+	cr_expect_eq(rc, 1, "exit %d; log:\n%s", rc, td_logtext(b));
+	cr_expect(strstr(td_logtext(b), "stopped cleanly") && strstr(td_logtext(b), "--keep") &&
+		  strstr(td_logtext(b), "--replace") && !strstr(td_logtext(b), "no longer running"),
+		  "the refusal says the segment was kept:\n%s", td_logtext(b));
+	td_start_ready(b, (const char *const[]){ "-s", a->seg, "--no-http", "--replace", NULL });
+	cr_expect(strstr(td_logtext(b), "(stopped cleanly, kept with --keep)"), "%s", td_logtext(b));
+	kill(b->pid, SIGTERM);
+	cr_assert(td_wait_exit(b, 5000));
 	td_cleanup(b);
 	a->seg[0] = '\0';
 	td_cleanup(a);

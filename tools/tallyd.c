@@ -201,9 +201,40 @@ struct daemon {
 	int sigfd;
 };
 
+/* With --replace: say what is about to be replaced, if anything. */
+static void log_replaced(const char *name)
+{
+	struct tally_segment *old = NULL;
+	struct tally_segment_info in;
+	int rc = tally_segment_open(name, TALLY_OPEN_READER, 0, &old);
+
+	if (rc == -ENOENT)
+		return;
+	if (rc) {
+		tlog(L_WARN, "--replace: segment \"%s\" exists but cannot be read (%s): replacing it", name,
+		     *tally_errmsg() ? tally_errmsg() : tally_strerror(rc));
+		return;
+	}
+	if (tally_segment_info(old, &in) == 0 && !in.owner_alive) {
+		time_t created = (time_t)(in.created_ns / 1000000000u);
+		struct tm tm;
+		char when[32] = "?";
+		if (gmtime_r(&created, &tm))
+			strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+		tlog(L_WARN, "--replace: replacing segment \"%s\" of owner pid %d (%s), created %s, "
+		     "layout %u.%u, %u subjects: its data is discarded", name, (int)in.owner_pid,
+		     in.owner_stopped ? "stopped cleanly, kept with --keep" : "died without closing it",
+		     when, in.abi_major, in.abi_minor, in.subjects_used);
+	}
+	tally_segment_close(&old);
+}
+
 static int start_segment(struct daemon *d)
 {
 	unsigned flags = d->o.replace ? TALLY_CREATE_REPLACE_DEAD : 0;
+
+	if (d->o.replace)
+		log_replaced(d->boot.segment_name);
 	int rc = tally_segment_create(d->boot.segment_name, &d->boot.seg, flags, &d->seg);
 
 	if (rc == 0)
