@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <nats/nats.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,7 +61,13 @@ struct tally__poller {
 	bool *sw_missing;                       /* per watch: stream not found (log once) */
 	uint8_t *sw_retention;                  /* per watch: enum retention (0 not known yet) */
 	natsOptions *opts;
+	/* The poller thread alone sets and destroys nc, under nc_lock; a
+	 * stopper closes it under nc_lock (closing first), so that a request
+	 * or a reconnect blocked on a server that never answers returns at
+	 * once instead of after request_timeout_ms. */
 	natsConnection *nc;
+	pthread_mutex_t nc_lock;
+	atomic_bool closing;
 	char api[160];                          /* JetStream API prefix, e.g. "$JS.API" */
 	char server_id[128];                    /* of the connected server: a standalone reply's server */
 	char opts_err[ERR_LEN];
@@ -682,11 +689,13 @@ static void apply_watches(struct tally__poller *p)
 
 static void drop_connection(struct tally__poller *p)
 {
-	if (p->nc) {
-		natsConnection_Close(p->nc);
-		natsConnection_Destroy(p->nc);
-	}
+	if (!p->nc)
+		return;
+	pthread_mutex_lock(&p->nc_lock);
+	natsConnection_Close(p->nc);
+	natsConnection_Destroy(p->nc);
 	p->nc = NULL;
+	pthread_mutex_unlock(&p->nc_lock);
 }
 
 static natsStatus set_auth(natsOptions *o, const struct tally_poller_config *c)
@@ -718,7 +727,8 @@ static natsStatus set_reconnect(natsOptions *o, const struct tally_poller_config
 	if (s == NATS_OK)
 		s = natsOptions_SetReconnectJitter(o, c->reconnect_jitter_ms, c->reconnect_jitter_ms);
 	if (s == NATS_OK)
-		s = natsOptions_SetTimeout(o, c->request_timeout_ms);
+		s = natsOptions_SetTimeout(o, c->request_timeout_ms < TALLY__POLLER_CONNECT_MAX_MS
+					      ? c->request_timeout_ms : TALLY__POLLER_CONNECT_MAX_MS);
 	if (s == NATS_OK)
 		s = natsOptions_SetFailRequestsOnDisconnect(o, true);
 	if (s == NATS_OK)
@@ -808,11 +818,21 @@ static int connect_now(struct tally__poller *p)
 {
 	natsStatus s;
 
+	if (atomic_load(&p->closing))
+		return fail(p, -ECANCELED, "the poller is stopping");
 	if (!p->opts)
 		build_opts(p);
 	if (!p->opts)
 		return fail(p, -EINVAL, "%s", p->opts_err);
-	s = natsConnection_Connect(&p->nc, p->opts);
+	natsConnection *nc = NULL;
+	s = natsConnection_Connect(&nc, p->opts);
+	if (s == NATS_OK) {
+		pthread_mutex_lock(&p->nc_lock);
+		p->nc = nc;
+		if (atomic_load(&p->closing)) /* a stop came during the connect */
+			natsConnection_Close(nc);
+		pthread_mutex_unlock(&p->nc_lock);
+	}
 	if (s != NATS_OK) {
 		const char *detail = nats_detail();
 
@@ -2149,6 +2169,8 @@ static int init_sync(struct tally__poller *p)
 		rc = pthread_mutex_init(&p->wake_lock, NULL);
 	if (rc == 0)
 		rc = pthread_mutex_init(&p->stats_lock, NULL);
+	if (rc == 0)
+		rc = pthread_mutex_init(&p->nc_lock, NULL);
 	return -rc;
 }
 
@@ -2261,12 +2283,22 @@ void tally__poller_stop(struct tally__poller **pp)
 	if (!p)
 		return;
 	if (p->has_thread) {
+		/* Close first: a request (or reconnect) waiting on a server that
+		 * accepted but never answers returns now. A connect in progress
+		 * waits at most TALLY__POLLER_CONNECT_MAX_MS per server. */
+		atomic_store(&p->closing, true);
+		pthread_mutex_lock(&p->nc_lock);
+		if (p->nc)
+			natsConnection_Close(p->nc);
+		pthread_mutex_unlock(&p->nc_lock);
 		pthread_mutex_lock(&p->wake_lock);
 		p->stopping = true;
 		pthread_cond_signal(&p->wake);
 		pthread_mutex_unlock(&p->wake_lock);
 		pthread_join(p->thread, NULL);
 	}
+	drop_connection(p);
+	pthread_mutex_destroy(&p->nc_lock);
 	pthread_mutex_destroy(&p->poll_lock);
 	pthread_mutex_destroy(&p->wake_lock);
 	pthread_mutex_destroy(&p->stats_lock);

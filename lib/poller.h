@@ -65,6 +65,13 @@
  * see include/tally/poller.h. */
 #include <tally/poller.h>
 
+/* A connect's handshake (TCP, the server's INFO, CONNECT and its PONG)
+ * waits at most this per server, or request_timeout_ms when that is less:
+ * a stop cannot interrupt a connect in progress, so this bounds how long a
+ * server that accepts connections but never answers can hold up a stop.
+ * Requests are interrupted at once (the stopper closes the connection). */
+#define TALLY__POLLER_CONNECT_MAX_MS 2000u
+
 struct tally__poller_stats {
 	uint64_t polls_ok, polls_failed;
 	uint64_t skipped_overrun, skipped_open;

@@ -773,6 +773,83 @@ Test(tallyd, polls_jetstream_consumers)
 	tally_test_nats_stop(&srv);
 }
 
+/* A nats-server that accepts connections but never answers (stopped with
+ * SIGSTOP: the kernel still accepts on its listening socket). With a
+ * request timeout of 30 s, tallyd must stop at once on SIGTERM, both while
+ * a request waits and while its first connect waits; meanwhile `tally stat`
+ * says the poller is running and waiting, not "not running". */
+static void stat_output(const char *seg, char *buf, size_t len)
+{
+	char cmd[512];
+
+	snprintf(cmd, sizeof(cmd), "%s -s %s stat 2>&1", TALLY_TEST_BUILDDIR "/tools/tally", seg);
+	FILE *f = popen(cmd, "r");
+	cr_assert(f);
+	size_t n = fread(buf, 1, len - 1, f);
+	buf[n] = '\0';
+	pclose(f);
+}
+
+static uint64_t sigterm_to_exit_ms(struct td *d)
+{
+	uint64_t t0 = now_ms();
+
+	kill(d->pid, SIGTERM);
+	cr_assert(td_wait_exit(d, 25000), "tallyd did not stop on SIGTERM; log:\n%s", td_logtext(d));
+	return now_ms() - t0;
+}
+
+Test(tallyd, sigterm_does_not_wait_for_a_server_that_never_answers, .timeout = 90)
+{
+	struct tally_test_nats srv;
+	struct tally_consumer_stats cs[8];
+	struct tally_poller_stats ps;
+	struct tally_segment *seg = NULL;
+	char out[8192];
+	struct td *d;
+	int n = 0;
+
+	memset(&srv, 0, sizeof(srv));
+	cr_assert_eq(tally_test_nats_start(&srv, NULL, true), 0, "%s", srv.errmsg);
+	js_setup(srv.url);
+	d = td_new("td-hang");
+	td_write_cfg(d, "[http]\nenabled = false\n[nats]\npoll_interval_ms = 100\n"
+			 "request_timeout_ms = 30000\n[watch ORDERS]\n");
+	/* 1: connected, then the server stops answering: a request waits */
+	td_start_ready(d, (const char *const[]){ "-c", d->cfg, "-s", d->seg, "--nats", srv.url, NULL });
+	cr_assert_eq(tally_segment_open(d->seg, TALLY_OPEN_READER, 1000, &seg), 0);
+	for (uint64_t end = now_ms() + 10000; now_ms() < end && n != 1; tt_sleep_ms(50))
+		n = tally_read_consumers(seg, cs, 8);
+	cr_assert_eq(n, 1, "the poller never polled; log:\n%s", td_logtext(d));
+	tally_segment_close(&seg);
+	cr_assert_eq(kill(srv.pid, SIGSTOP), 0);
+	tt_sleep_ms(500); /* a poll is now waiting for its reply */
+	uint64_t ms = sigterm_to_exit_ms(d);
+	cr_expect_eq(td_exit_code(d), 0, "%s", td_logtext(d));
+	cr_expect_lt(ms, 10000, "SIGTERM waited %llu ms for a request to a server that never answers "
+		     "(request_timeout_ms 30000)", (unsigned long long)ms);
+
+	/* 2: started against the stopped server: the first connect waits */
+	td_start_ready(d, (const char *const[]){ "-c", d->cfg, "-s", d->seg, "--nats", srv.url, "--keep", NULL });
+	tt_sleep_ms(300);
+	cr_assert_eq(tally_segment_open(d->seg, TALLY_OPEN_READER, 1000, &seg), 0);
+	cr_assert_eq(tally_read_poller(seg, &ps), 0);
+	cr_expect(ps.state_age_ms != UINT64_MAX && ps.polls_ok + ps.polls_failed == 0 && !ps.connected,
+		  "a poller that started but never finished a poll: age %llu, polls %llu/%llu",
+		  (unsigned long long)ps.state_age_ms, (unsigned long long)ps.polls_ok,
+		  (unsigned long long)ps.polls_failed);
+	tally_segment_close(&seg);
+	stat_output(d->seg, out, sizeof(out));
+	cr_expect(strstr(out, "first poll not finished yet") && strstr(out, "connecting") &&
+		  !strstr(out, "not running"), "%s", out);
+	ms = sigterm_to_exit_ms(d);
+	cr_expect_lt(ms, 10000, "SIGTERM waited %llu ms for a connect to a server that never answers",
+		     (unsigned long long)ms);
+	kill(srv.pid, SIGCONT);
+	td_cleanup(d);
+	tally_test_nats_stop(&srv);
+}
+
 /* ---- producers follow a restarted owner (issue: owner restarts) ---- */
 
 /* A router thread: records one sample every 100 us through a handle of

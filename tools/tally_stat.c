@@ -151,8 +151,11 @@ static int read_tables(struct tally_segment *seg, struct cli_view *v)
 		rc = tally_read_poller(seg, &v->poller);
 	if (rc < 0)
 		return rc;
+	/* A poller that started wrote its breaker (state_age_ms is known)
+	 * before its first connect: one stuck on a server that never answers
+	 * is running, not absent. */
 	v->poller_ran = v->poller.polls_ok || v->poller.polls_failed || v->poller.connected ||
-			v->poller.opens_total || v->nconsumers > 0;
+			v->poller.opens_total || v->nconsumers > 0 || v->poller.state_age_ms != UINT64_MAX;
 	return read_remote(seg, v);
 }
 
@@ -441,7 +444,11 @@ static void print_poller(const struct cli_view *v)
 	       p->breaker, cli_fmt_age_ms(age, sizeof(age), p->state_age_ms),
 	       p->connected ? "connected" : "NOT CONNECTED", p->polls_ok, p->polls_failed,
 	       p->consecutive_failures);
-	if (p->last_ok_age_ms == UINT64_MAX)
+	if (p->polls_ok + p->polls_failed == 0)
+		printf("  first poll not finished yet, %s ago: %s\n", cli_fmt_age_ms(age, sizeof(age), p->state_age_ms),
+		       p->connected ? "its requests are in flight"
+				    : "connecting (the server has not completed the handshake)");
+	else if (p->last_ok_age_ms == UINT64_MAX)
 		printf("  no good poll yet\n");
 	else
 		printf("  last good poll %s ago\n", cli_fmt_age_ms(age, sizeof(age), p->last_ok_age_ms));

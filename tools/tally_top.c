@@ -232,7 +232,10 @@ static void draw_poller(const struct top *t)
 
 	for (int i = 0; i < v->nproducers; i++)
 		alive += v->producers[i].alive;
-	if (v->poller_ran)
+	if (v->poller_ran && p->polls_ok + p->polls_failed == 0)
+		snprintf(line, sizeof(line), "poller: first poll not finished (%s)",
+			 p->connected ? "in flight" : "connecting");
+	else if (v->poller_ran)
 		snprintf(line, sizeof(line), "poller: breaker %s, %s, %" PRIu64 " ok %" PRIu64 " failed",
 			 p->breaker, p->connected ? "connected" : "NOT CONNECTED", p->polls_ok,
 			 p->polls_failed);
