@@ -881,6 +881,52 @@ Test(cli, record_from_stdin_reports_bad_lines_and_records_the_rest, .timeout = 2
 	owner_stop(&w);
 }
 
+/* stat --watch: the table again and again, each with a time line; with
+ * --json one document per line; bad intervals are usage errors. */
+static int count_of(const char *hay, const char *needle)
+{
+	int n = 0;
+
+	for (const char *p = hay; (p = strstr(p, needle)); p += strlen(needle))
+		n++;
+	return n;
+}
+
+Test(cli, stat_watch_prints_every_interval_for_logs, .timeout = 30)
+{
+	struct owner w;
+	struct run r;
+
+	owner_start(&w, NULL, true, false);
+	TALLY(&r, NULL, "-s", w.name, "stat", "--watch", "0.1", "--count", "3");
+	cr_expect_eq(r.status, 0, "%s", r.err);
+	cr_expect_eq(count_of(r.out, "(tally stat --watch; Ctrl-C stops) ---"), 3, "%s", r.out);
+	cr_expect_eq(count_of(r.out, "orders.created"), 3, "%s", r.out);
+	TALLY(&r, NULL, "-s", w.name, "stat", "--json", "--watch=0.1", "--count", "2");
+	cr_expect_eq(r.status, 0, "%s", r.err);
+	char *nl = strchr(r.out, '\n');
+	cr_assert(nl && strchr(nl + 1, '\n') && !strchr(strchr(nl + 1, '\n') + 1, '\n'),
+		  "two lines: %s", r.out);
+	*nl = '\0';
+	json_error_t err;
+	json_t *doc = json_loads(r.out, 0, &err);
+	cr_expect(doc && json_is_array(get(doc, "subjects")), "line 1 is a document: %s", err.text);
+	json_decref(doc);
+	doc = json_loads(nl + 1, 0, &err);
+	cr_expect(doc && json_integer_value(get(doc, "version")) == 1, "line 2 is a document: %s", err.text);
+	json_decref(doc);
+	TALLY(&r, NULL, "-s", w.name, "stat", "--watch", "0");
+	cr_expect_eq(r.status, 2, "%s", r.err);
+	cr_expect(strstr(r.err, "0.1 to 3600"), "%s", r.err);
+	TALLY(&r, NULL, "-s", w.name, "stat", "--count", "2");
+	cr_expect_eq(r.status, 2, "--count without --watch: %s", r.err);
+	/* a missing segment is reported and watched on */
+	TALLY(&r, NULL, "-s", "tt-cli-watch-nosuch", "stat", "--watch", "0.1", "--count", "2");
+	cr_expect_eq(r.status, 0, "%s", r.err);
+	cr_expect_eq(count_of(r.err, "no segment \"tt-cli-watch-nosuch\""), 2, "%s", r.err);
+	owner_stop(&w);
+}
+
 /* A bad SUBJECT operand is named as the subject, before anything is recorded. */
 Test(cli, record_names_a_bad_subject_as_the_subject, .timeout = 20)
 {

@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -224,7 +225,7 @@ enum tally_verdict cli_effective_verdict(const struct cli_view *v, const struct 
 /* ---- stat: tables -------------------------------------------------------------- */
 
 static const char stat_help[] =
-	"usage: tally stat [-s SEGMENT] [--json]\n"
+	"usage: tally stat [-s SEGMENT] [--json] [--watch [SECONDS]] [--count N]\n"
 	"\n"
 	"Print, once, what the segment's owner publishes: per subject the window's\n"
 	"count, rate, P50/P95/P99/max, pending (backlog of the JetStream consumers\n"
@@ -236,10 +237,17 @@ static const char stat_help[] =
 	"\n"
 	"  -s, --segment NAME   segment (default $TALLY_SEGMENT, else \"tally\")\n"
 	"  -j, --json           one JSON document (schema: docs/json-schema.md)\n"
+	"  -w, --watch [SECS]   print again every SECS seconds (default 2, 0.1..3600)\n"
+	"                       until interrupted: for terminals without curses and\n"
+	"                       for logs; each table opens with a line with the time,\n"
+	"                       with --json each document is one line; a missing\n"
+	"                       segment is reported and watched for\n"
+	"  -n, --count N        with --watch: stop after N prints\n"
 	"  -h, --help           this help\n"
 	"\n"
-	"exit status: 0 (also when the data is stale: see the output), 2 bad usage,\n"
-	"4 error (no segment, no permission, version mismatch, corrupt segment)\n";
+	"exit status: 0 (also when the data is stale: see the output; --watch: when\n"
+	"interrupted), 2 bad usage, 4 error (no segment, no permission, version\n"
+	"mismatch, corrupt segment)\n";
 
 static const char *owner_word(const struct cli_view *v)
 {
@@ -691,7 +699,7 @@ static json_t *json_share(const struct cli_view *v)
 			 "max_age_ms", (int)s->max_age_ms, "remote_capacity", (int)s->remote_capacity);
 }
 
-static int print_json(const struct cli_view *v)
+static int print_json(const struct cli_view *v, bool compact)
 {
 	json_t *subjects = json_array(), *producers = json_array(), *consumers = json_array();
 	json_t *remote = json_array();
@@ -714,7 +722,8 @@ static int print_json(const struct cli_view *v)
 		fprintf(stderr, "tally stat: could not build the JSON document (out of memory?)\n");
 		return CLI_EXIT_ERROR;
 	}
-	int rc = json_dumpf(doc, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(12));
+	int rc = json_dumpf(doc, stdout, (compact ? JSON_COMPACT : JSON_INDENT(2)) | JSON_PRESERVE_ORDER |
+					 JSON_REAL_PRECISION(12));
 	putchar('\n');
 	json_decref(doc);
 	if (rc || fflush(stdout)) {
@@ -724,33 +733,13 @@ static int print_json(const struct cli_view *v)
 	return CLI_EXIT_OK;
 }
 
-int tally_cmd_stat(const char *segment, int argc, char **argv)
+/* One read of the segment, printed. compact: JSON on one line (--watch). */
+static int stat_once(const char *segment, bool json, bool compact)
 {
-	static const struct option opts[] = {
-		{ "segment", required_argument, NULL, 's' },
-		{ "json", no_argument, NULL, 'j' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
-	};
 	struct tally_segment *seg;
 	struct cli_view v;
-	bool json = false;
-	int c, rc;
+	int rc;
 
-	optind = 0;
-	while ((c = getopt_long(argc, argv, "+s:jh", opts, NULL)) != -1) {
-		switch (c) {
-		case 's': segment = optarg; break;
-		case 'j': json = true; break;
-		case 'h': fputs(stat_help, stdout); return CLI_EXIT_OK;
-		default: fputs(stat_help, stderr); return CLI_EXIT_USAGE;
-		}
-	}
-	if (optind != argc) {
-		fprintf(stderr, "tally stat: unexpected argument \"%s\"\n", argv[optind]);
-		fputs(stat_help, stderr);
-		return CLI_EXIT_USAGE;
-	}
 	if ((rc = cli_open_reader(segment, &seg)))
 		return rc;
 	rc = cli_view_read(seg, &v);
@@ -758,7 +747,7 @@ int tally_cmd_stat(const char *segment, int argc, char **argv)
 	if (rc)
 		return cli_fail(segment, rc);
 	if (json) {
-		rc = print_json(&v);
+		rc = print_json(&v, compact);
 	} else {
 		print_header(&v);
 		print_subjects(&v);
@@ -770,6 +759,114 @@ int tally_cmd_stat(const char *segment, int argc, char **argv)
 	}
 	cli_view_free(&v);
 	return rc;
+}
+
+static volatile sig_atomic_t watch_stop;
+
+static void on_watch_signal(int sig)
+{
+	(void)sig;
+	watch_stop = 1;
+}
+
+/* --watch: print every interval until SIGINT/SIGTERM (or count times),
+ * for terminals without curses and for logs. Each table opens with a
+ * line that carries the time; with --json each document is one line.
+ * A missing segment or a dead owner is reported and watched on: the
+ * segment is opened again at every interval, so a restarted tallyd is
+ * followed. Exit 0 when stopped by a signal or after count prints. */
+static int stat_watch(const char *segment, bool json, double seconds, uint64_t count)
+{
+	struct sigaction sa = { .sa_handler = on_watch_signal };
+
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	for (uint64_t n = 0; !watch_stop && (count == 0 || n < count); n++) {
+		if (n) {
+			struct timespec ts = { (time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9) };
+			while (!watch_stop && nanosleep(&ts, &ts) != 0)
+				;
+			if (watch_stop)
+				break;
+		}
+		if (!json) {
+			struct timespec now;
+			struct tm tm;
+			char when[32] = "?";
+			clock_gettime(CLOCK_REALTIME, &now);
+			if (gmtime_r(&now.tv_sec, &tm))
+				strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+			printf("%s--- %s, every %gs (tally stat --watch; Ctrl-C stops) ---\n", n ? "\n" : "",
+			       when, seconds);
+		}
+		fflush(stdout);
+		(void)stat_once(segment, json, true); /* errors are on stderr; go on watching */
+		fflush(stdout);
+	}
+	return CLI_EXIT_OK;
+}
+
+int tally_cmd_stat(const char *segment, int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "segment", required_argument, NULL, 's' },
+		{ "json", no_argument, NULL, 'j' },
+		{ "watch", optional_argument, NULL, 'w' },
+		{ "count", required_argument, NULL, 'n' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	bool json = false, watch = false;
+	double seconds = 2.0;
+	uint64_t count = 0;
+	const char *interval = NULL;
+	int c;
+
+	optind = 0;
+	while ((c = getopt_long(argc, argv, "+s:jw::n:h", opts, NULL)) != -1) {
+		switch (c) {
+		case 's': segment = optarg; break;
+		case 'j': json = true; break;
+		case 'w':
+			watch = true;
+			/* --watch 5 as well as --watch=5 */
+			if (optarg)
+				interval = optarg;
+			else if (optind < argc && argv[optind][0] >= '0' && argv[optind][0] <= '9')
+				interval = argv[optind++];
+			break;
+		case 'n':
+			if (cli_parse_u64(optarg, &count) || count == 0) {
+				fprintf(stderr, "tally stat: --count \"%s\": give a whole number >= 1\n", optarg);
+				return CLI_EXIT_USAGE;
+			}
+			break;
+		case 'h': fputs(stat_help, stdout); return CLI_EXIT_OK;
+		default: fputs(stat_help, stderr); return CLI_EXIT_USAGE;
+		}
+	}
+	if (optind != argc) {
+		fprintf(stderr, "tally stat: unexpected argument \"%s\"\n", argv[optind]);
+		fputs(stat_help, stderr);
+		return CLI_EXIT_USAGE;
+	}
+	if (interval) {
+		char *end;
+		errno = 0;
+		seconds = strtod(interval, &end);
+		if (errno || end == interval || *end || !(seconds >= 0.1 && seconds <= 3600)) {
+			fprintf(stderr, "tally stat: --watch \"%s\": give the interval in seconds, 0.1 to 3600\n",
+				interval);
+			return CLI_EXIT_USAGE;
+		}
+	}
+	if (count && !watch) {
+		fprintf(stderr, "tally stat: --count goes with --watch\n");
+		return CLI_EXIT_USAGE;
+	}
+	return watch ? stat_watch(segment, json, seconds, count) : stat_once(segment, json, false);
 }
 
 /* ---- status ------------------------------------------------------------------- */
