@@ -927,6 +927,28 @@ Test(cli, stat_watch_prints_every_interval_for_logs, .timeout = 30)
 	owner_stop(&w);
 }
 
+/* What a message quotes from the user (a value, a command, an option,
+ * a stdin line) never reaches the terminal as a control byte. */
+Test(cli, control_bytes_in_messages_are_escaped, .timeout = 20)
+{
+	struct owner w;
+	struct run r;
+
+	owner_start(&w, NULL, false, false);
+	TALLY(&r, NULL, "-s", w.name, "record", "orders.created", "1\x1b]0;pwned\x07");
+	cr_expect_eq(r.status, 1, "%s%s", r.out, r.err);
+	cr_expect(strstr(r.err, "\"1\\x1b]0;pwned\\x07\""), "%s", r.err);
+	cr_expect(!strchr(r.err, 0x1b) && !strchr(r.err, 0x07), "a raw control byte on stderr");
+	TALLY(&r, NULL, "\x1b[2Jstat");
+	cr_expect(strstr(r.err, "\\x1b[2Jstat") && !strchr(r.err, 0x1b), "%s", r.err);
+	TALLY(&r, NULL, "stat", "--no\x1b[31m");
+	cr_expect(strstr(r.err, "\\x1b[31m") && !strchr(r.err, 0x1b), "getopt's message too: %s", r.err);
+	struct run_opts in = { .input = "orders.created 5\xc2\x9b" "2J\n" };
+	TALLY(&r, &in, "-s", w.name, "record");
+	cr_expect(strstr(r.err, "\\x9b") && !strstr(r.err, "\xc2\x9b"), "a C1 control: %s", r.err);
+	owner_stop(&w);
+}
+
 /* A bad SUBJECT operand is named as the subject, before anything is recorded. */
 Test(cli, record_names_a_bad_subject_as_the_subject, .timeout = 20)
 {

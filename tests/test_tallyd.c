@@ -546,6 +546,19 @@ Test(tallyd, reload_with_a_missing_tls_ca_keeps_the_old_config)
 	td_cleanup(d);
 }
 
+/* A control byte in the file is quoted escaped in the log, never raw. */
+Test(tallyd, control_bytes_in_config_errors_are_escaped)
+{
+	struct td *d;
+
+	d = td_new("td-esc");
+	td_write_cfg(d, "[engine]\nslice\x1b]0;x\x07_ms = 1\n");
+	cr_expect_eq(td_run(d, (const char *const[]){ "-c", d->cfg, "-s", d->seg, NULL }), 2);
+	cr_expect(strstr(td_logtext(d), "unknown key \"slice\\x1b]0;x\\x07_ms\""), "%s", td_logtext(d));
+	cr_expect(!strchr(td_logtext(d), 0x1b) && !strchr(td_logtext(d), 0x07), "a raw control byte in the log");
+	td_cleanup(d);
+}
+
 Test(tallyd, unknown_key_lists_the_valid_ones)
 {
 	struct td *d;

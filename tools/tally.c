@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "text.h"
 
 /* ---- shared helpers ----------------------------------------------------------- */
 
@@ -297,6 +298,8 @@ int main(int argc, char **argv)
 	};
 	const char *seg_opt = NULL;
 	int c;
+
+	text_guard_stderr(); /* no message echoes a control byte raw */
 
 	/* Characters only: numbers (and so JSON) stay in the C locale. */
 	setlocale(LC_CTYPE, "");

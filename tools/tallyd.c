@@ -44,6 +44,7 @@
 
 #include "exporter.h"
 #include "tallyd_config.h"
+#include "text.h"
 
 #define EXIT_RUN 1
 #define EXIT_USAGE 2
@@ -58,7 +59,7 @@ static int verbosity = L_INFO;
 __attribute__((format(printf, 2, 3))) static void tlog(int level, const char *fmt, ...)
 {
 	static const char *const names[] = { "error", "warning", "info", "debug" };
-	char line[2048];
+	char line[2048], msg[1536];
 	struct timespec ts;
 	struct tm tm;
 	va_list ap;
@@ -72,8 +73,10 @@ __attribute__((format(printf, 2, 3))) static void tlog(int level, const char *fm
 	n += (size_t)snprintf(line + n, sizeof(line) - n, ".%03ldZ tallyd[%ld] %s: ",
 			      ts.tv_nsec / 1000000, (long)getpid(), names[level < 0 ? 0 : level > 3 ? 3 : level]);
 	va_start(ap, fmt);
-	vsnprintf(line + n, sizeof(line) - n, fmt, ap);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
+	/* what a message quotes (a config key, a server's error) never moves the terminal */
+	text_escape_controls(msg, line + n, sizeof(line) - n);
 	n = strlen(line);
 	if (n > sizeof(line) - 2)
 		n = sizeof(line) - 2;
@@ -498,6 +501,8 @@ static int load(struct daemon *d)
 int main(int argc, char **argv)
 {
 	static struct daemon d;
+
+	text_guard_stderr(); /* log lines never carry a control byte raw */
 	int rc = parse_args(argc, argv, &d.o);
 
 	if (rc)
