@@ -1085,11 +1085,7 @@ static void tmux_capture(const struct tmux *t, bool esc, char *buf, size_t len)
 	char cmd[256];
 
 	snprintf(cmd, sizeof(cmd), "tmux -S %s capture-pane -p %s -t top", t->sock, esc ? "-e" : "");
-	FILE *f = popen(cmd, "r");
-	cr_assert(f);
-	size_t n = fread(buf, 1, len - 1, f);
-	buf[n] = '\0';
-	pclose(f);
+	cr_assert(tt_command_output(cmd, buf, len), "%s", cmd);
 }
 
 /* A whole frame: its last row is drawn last ("q quit ..." with data,

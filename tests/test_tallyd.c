@@ -796,11 +796,7 @@ static void stat_output(const char *seg, char *buf, size_t len)
 	char cmd[512];
 
 	snprintf(cmd, sizeof(cmd), "%s -s %s stat 2>&1", TALLY_TEST_BUILDDIR "/tools/tally", seg);
-	FILE *f = popen(cmd, "r");
-	cr_assert(f);
-	size_t n = fread(buf, 1, len - 1, f);
-	buf[n] = '\0';
-	pclose(f);
+	cr_assert(tt_command_output(cmd, buf, len), "%s", cmd);
 }
 
 static uint64_t sigterm_to_exit_ms(struct td *d)

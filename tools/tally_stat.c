@@ -733,19 +733,28 @@ static int print_json(const struct cli_view *v, bool compact)
 	return CLI_EXIT_OK;
 }
 
-/* One read of the segment, printed. compact: JSON on one line (--watch). */
-static int stat_once(const char *segment, bool json, bool compact)
+/* Open the segment, read one view of it, close it: 0 or the exit status
+ * (the error printed). */
+static int view_of(const char *segment, struct cli_view *v)
 {
 	struct tally_segment *seg;
-	struct cli_view v;
 	int rc;
 
 	if ((rc = cli_open_reader(segment, &seg)))
 		return rc;
-	rc = cli_view_read(seg, &v);
+	rc = cli_view_read(seg, v);
 	tally_segment_close(&seg);
-	if (rc)
-		return cli_fail(segment, rc);
+	return rc ? cli_fail(segment, rc) : 0;
+}
+
+/* One read of the segment, printed. compact: JSON on one line (--watch). */
+static int stat_once(const char *segment, bool json, bool compact)
+{
+	struct cli_view v;
+	int rc;
+
+	if ((rc = view_of(segment, &v)))
+		return rc;
 	if (json) {
 		rc = print_json(&v, compact);
 	} else {
@@ -1027,7 +1036,6 @@ int tally_cmd_status(const char *segment, int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct tally_segment *seg;
 	struct cli_view v;
 	bool quiet = false;
 	int c, rc;
@@ -1051,12 +1059,8 @@ int tally_cmd_status(const char *segment, int argc, char **argv)
 		fprintf(stderr, "tally status: %s\n", *tally_errmsg() ? tally_errmsg() : tally_strerror(rc));
 		return CLI_EXIT_ERROR;
 	}
-	if ((rc = cli_open_reader(segment, &seg)))
+	if ((rc = view_of(segment, &v)))
 		return rc;
-	rc = cli_view_read(seg, &v);
-	tally_segment_close(&seg);
-	if (rc)
-		return cli_fail(segment, rc);
 	const struct cli_subject *s = status_find(&v, segment, subject);
 	if (!s) {
 		rc = CLI_EXIT_ERROR;

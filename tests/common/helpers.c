@@ -267,3 +267,16 @@ void tt_foreign_prog_remove(struct tt_foreign_prog *fp)
 	rmdir(fp->dir);
 	fp->dir[0] = '\0';
 }
+
+bool tt_command_output(const char *cmd, char *buf, size_t len)
+{
+	FILE *f = popen(cmd, "r");
+
+	buf[0] = '\0';
+	if (!f)
+		return false;
+	size_t n = fread(buf, 1, len - 1, f);
+	buf[n] = '\0';
+	pclose(f);
+	return true;
+}

@@ -43,6 +43,9 @@ void tt_drainer_stop(struct tt_drainer *d);
 
 /* Sleep ms milliseconds. */
 void tt_sleep_ms(unsigned ms);
+/* What cmd (run by sh) printed on stdout, NUL-terminated in buf (len > 0).
+ * false when it could not be started. */
+bool tt_command_output(const char *cmd, char *buf, size_t len);
 
 /* A gate for children that run library code: fork them while the test
  * process has no thread of its own running (a child of a multi-threaded
