@@ -1219,8 +1219,14 @@ Test(cli, top_shows_other_hosts_rows_with_age_and_marks_stale_ones, .timeout = 9
 	expect_fits_cols(screen, 60);
 	tmux_stop(&narrow);
 
-	/* B stops sharing: its rows age past stale_after_ms and say so. */
+	/* B stops sharing (its puts in flight acknowledged first, none failed):
+	 * its rows age past stale_after_ms and say so. */
+	struct tally_share_status bst;
 	tally_share_stop(&sb);
+	cr_assert_eq(tally_read_share(b.seg, &bst), 0);
+	cr_expect(!strcmp(bst.state, "stopped") && bst.puts >= 3 && bst.put_errors == 0,
+		  "B's share stopped cleanly: %s, %llu puts, %llu failed (%s)", bst.state,
+		  (unsigned long long)bst.puts, (unsigned long long)bst.put_errors, bst.last_error);
 	for (int i = 0; i < 300 && !(remote_row(&a, "hB", "orders.created", &row) && row.stale); i++)
 		tt_sleep_ms(20);
 	cr_assert(row.stale, "B's row went stale in A's section (age %llu ms)", (unsigned long long)row.age_ms);
