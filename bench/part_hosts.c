@@ -7,10 +7,17 @@
  * sharing through an R3 KV bucket, exactly as two tallyd would.
  *   - propagation: B's verdict for a subject flips (ok <-> overload); the
  *     time from B's own segment showing it to A's remote section showing
- *     it, p50 and p99 per repetition (B publish interval 100 ms);
+ *     it, p50 and p99 of 20 flips per repetition (B publishes every
+ *     100 ms, its share thread looks every 90 ms: the phase between the
+ *     two drifts from flip to flip, where equal periods kept one phase for
+ *     a whole run and made its p50 anything from 5 to 95 ms);
  *   - KV writes per second of host B at 1,000 subjects: steady (nothing
  *     changes: refreshes only, refresh_ms 2,000) and changing (every
- *     subject's P95 moves at every publish);
+ *     subject's latency level is drawn again every 100 ms from 1..32 ms,
+ *     and the window is two 100 ms slices, so that most subjects' P95
+ *     moves by more than the 20% that makes a put due at most publishes:
+ *     thousands of puts due per second, more than one host can write),
+ *     beside the puts that failed in the same time (must be 0);
  *   - the aggregator's cost: B's publish time at 1,000 subjects with its
  *     share thread running, beside the same with it stopped (baseline).
  */
@@ -65,7 +72,7 @@ static int host_start(struct host *h, const char *host, const char *urls)
 	sc.producer_slots = 4;
 	tally_engine_config_init(&ec);
 	ec.slice_ns = 100000000;
-	ec.window_ns = 1000000000;
+	ec.window_ns = 200000000; /* two slices: a P95 follows the last ~100 ms */
 	if (tally_segment_create(h->name, &sc, TALLY_CREATE_REPLACE_DEAD, &h->seg) ||
 	    tally_engine_start(h->seg, &ec, &h->eng))
 		return -1;
@@ -81,6 +88,7 @@ static int host_start(struct host *h, const char *host, const char *urls)
 	sh.urls = urls;
 	sh.host = host;
 	sh.replicas = 3;
+	sh.interval_ms = 90; /* against publish 100 ms: see propagation above */
 	sh.refresh_ms = 2000;
 	sh.max_age_ms = 12000;
 	sh.log = quiet;
@@ -140,7 +148,7 @@ static void propagation(struct host *a, struct host *b)
 {
 	struct tally_producer *p = NULL;
 	tally_subject_t id;
-	int reps = bench_opts.reps, trials = 10;
+	int reps = bench_opts.reps, trials = 20;
 	double p50[16], p99[16], lat[32];
 
 	if (tally_subject_intern(b->seg, "bench.flip", &id) || tally_producer_attach(b->seg, &p)) {
@@ -171,22 +179,39 @@ static void propagation(struct host *a, struct host *b)
 	tally_producer_detach(&p);
 }
 
-static uint64_t puts_of(struct host *h)
+static uint64_t puts_of(struct host *h, uint64_t *errors)
 {
 	struct tally_share_status st;
 
-	return tally_read_share(h->seg, &st) == 0 ? st.puts : 0;
+	if (tally_read_share(h->seg, &st) != 0)
+		return 0;
+	*errors = st.put_errors;
+	return st.puts;
 }
 
-/* Record into all subjects for secs: steady (the same value) or changing. */
+/* Subject i's latency level in 100 ms round r: 1, 2, 4 .. 32 ms. */
+static uint64_t level(int i, uint64_t r)
+{
+	uint64_t x = (uint64_t)i * 0x9e3779b97f4a7c15ull ^ r * 0xbf58476d1ce4e5b9ull;
+
+	x ^= x >> 31;
+	x *= 0x94d049bb133111ebull;
+	x ^= x >> 29;
+	return 1000000ull << (x % 6);
+}
+
+/* Record into all subjects for secs: steady (the same value) or changing
+ * (each subject's level drawn again every 100 ms, small noise around it). */
 static void load(struct tally_producer *p, const tally_subject_t *ids, double secs, bool changing, uint64_t *rng)
 {
 	uint64_t end = bench_now_ns() + (uint64_t)(secs * 1e9);
 
 	while (bench_now_ns() < end) {
+		uint64_t round = bench_now_ns() / 100000000ull;
+
 		for (int i = 0; i < NSUBJ; i++)
 			for (int k = 0; k < 3; k++)
-				tally_record(p, ids[i], changing ? 1000000 + bench_rand(rng) % 80000000 : 1000000);
+				tally_record(p, ids[i], changing ? level(i, round) + bench_rand(rng) % 100000 : 1000000);
 		sleep_us(changing ? 20000 : 50000);
 	}
 }
@@ -211,7 +236,7 @@ static void writes_and_cost(struct host *b, const char *urls)
 	struct tally_producer *p = NULL;
 	tally_subject_t ids[NSUBJ];
 	int reps = bench_opts.reps < 5 ? bench_opts.reps : 5;
-	double steady[8], changing[8], on[8], off[8];
+	double steady[8], changing[8], failed[8], on[8], off[8];
 	uint64_t rng = 88172645463325252ull;
 	char name[64];
 
@@ -228,13 +253,17 @@ static void writes_and_cost(struct host *b, const char *urls)
 	}
 	load(p, ids, 3.0, false, &rng); /* every subject put once, then steady */
 	for (int r = 0; r < reps; r++) {
-		uint64_t p0 = puts_of(b);
+		uint64_t e0 = 0, e1 = 0, p0;
 
+		if (r)
+			load(p, ids, 2.0, false, &rng); /* calm again after the last round's changes */
+		p0 = puts_of(b, &e0);
 		load(p, ids, 4.0, false, &rng);
-		steady[r] = (double)(puts_of(b) - p0) / 4.0;
-		p0 = puts_of(b);
+		steady[r] = (double)(puts_of(b, &e1) - p0) / 4.0;
+		p0 = puts_of(b, &e0);
 		load(p, ids, 4.0, true, &rng);
-		changing[r] = (double)(puts_of(b) - p0) / 4.0;
+		changing[r] = (double)(puts_of(b, &e1) - p0) / 4.0;
+		failed[r] = (double)(e1 - e0);
 		on[r] = publish_ms(b, p, ids, &rng);
 	}
 	tally_share_stop(&b->share);
@@ -243,6 +272,7 @@ static void writes_and_cost(struct host *b, const char *urls)
 	bench_row(PART, "KV writes/s, host B, 1000 subjects steady (refresh 2 s)", "writes/s", false, steady, reps,
 		  NULL, NSUBJ);
 	bench_row(PART, "KV writes/s, host B, 1000 subjects changing", "writes/s", true, changing, reps, NULL, NSUBJ);
+	bench_row(PART, "KV puts failed while changing (4 s)", "puts", false, failed, reps, NULL, 0);
 	bench_row(PART, "aggregator publish, 1000 subjects, sharing off", "ms", false, off, reps, NULL, NSUBJ);
 	bench_row(PART, "aggregator publish, 1000 subjects, sharing on", "ms", false, on, reps,
 		  "aggregator publish, 1000 subjects, sharing off", NSUBJ);

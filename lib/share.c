@@ -22,11 +22,29 @@
  *                 our own puts come back through it, or it is dead).
  * The status block is rewritten after every step, so `tally stat` sees the
  * state, counters and last error within interval_ms.
+ *
+ * Puts are asynchronous: js_PublishAsync to the bucket's subject
+ * ("$KV.<bucket>.<key>", what kvStore_Put sends, without waiting for its
+ * ack), at most max_inflight unacknowledged (jsOptions
+ * PublishAsync.MaxPending: a put past it waits up to request_timeout_ms
+ * for room, then fails), each acknowledged or failed within
+ * request_timeout_ms (jsPubOptions.MaxWait: cnats reports a timeout).
+ * cnats calls ack_cb on its own reply thread; ack_cb only counts, under
+ * acks.lock, and keeps the first failure. The share thread takes the
+ * counts at the end of every step (collect_acks): acknowledged puts count
+ * as puts, failures as put_errors, and a failure unbinds exactly as a
+ * synchronous put's did. What this host last put (last[]) is set when the
+ * put is sent; a failure unbinds, and binding again puts everything anew,
+ * so a lost put is never taken for a written one. Each unbinding drops
+ * the context's unacknowledged puts (quiesce: after it cnats calls ack_cb
+ * no more for that context); stopping first waits up to
+ * request_timeout_ms for them.
  */
 #define _GNU_SOURCE
 #include "config.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <math.h>
 #include <nats/nats.h>
 #include <pthread.h>
@@ -48,6 +66,19 @@
 
 #define NS_PER_MS 1000000ull
 enum { LOG_ERR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
+
+#define MAX_INFLIGHT_DEFAULT 256u
+
+/* What cnats' reply thread reports (ack_cb), taken by the share thread (collect_acks). */
+struct acks {
+	pthread_mutex_t lock;
+	jsCtx *js;                      /* the context whose acks count (others: a dropped one) */
+	uint64_t ok, failed;            /* since the last collect */
+	uint64_t last_ok_ns;            /* CLOCK_MONOTONIC of the last ack, 0 none since */
+	natsStatus err;                 /* the first failure since the last collect */
+	char err_key[TALLY__SHARE_KEY_MAX];
+	char err_text[128];             /* JetStream's own description, "" none */
+};
 
 /* What this host last put for one subject id. */
 struct last_put {
@@ -77,6 +108,9 @@ struct tally_share {
 	jsCtx *js;
 	kvStore *kv;
 	kvWatcher *w;
+	struct acks acks;
+	char put_pre[TALLY__REMOTE_BUCKET_MAX + 192]; /* "[$JS.<domain>.API.]$KV.<bucket>." */
+	size_t put_pre_len;
 	char prefix[TALLY__REMOTE_HOST_MAX + 1]; /* "<host>." */
 	struct tally__remote_status_view st;
 	uint64_t next_scan_ns, retry_at_ns;
@@ -191,6 +225,7 @@ static void resolve(struct tally_share_config *c)
 	c->replicas = or_default(c->replicas, 1);
 	c->request_timeout_ms = or_default(c->request_timeout_ms, 2000);
 	c->retry_ms = or_default(c->retry_ms, 1000);
+	c->max_inflight = or_default(c->max_inflight, MAX_INFLIGHT_DEFAULT);
 	if (empty(c->bucket))
 		c->bucket = TALLY_SHARE_BUCKET_DEFAULT;
 }
@@ -260,6 +295,8 @@ TALLY_API int tally_share_config_check(const struct tally_share_config *cfg, cha
 			   c.stale_after_ms, c.refresh_ms, c.max_age_ms);
 	if (c.replicas > 5)
 		return bad(why, len, "replicas %u is outside 1..5", c.replicas);
+	if (c.max_inflight > 65536)
+		return bad(why, len, "max_inflight %u is outside 1..65536", c.max_inflight);
 	if (c.default_combine != TALLY_SHARE_LOCAL && c.default_combine != TALLY_SHARE_MAX)
 		return bad(why, len, "default combine mode must be max or local");
 	return check_rules(&c, why, len);
@@ -386,19 +423,116 @@ static void index_remove(struct tally_share *s, uint32_t idx, const char *host, 
 
 /* ---- NATS ---- */
 
+/* cnats' reply thread: one put acknowledged (pa) or failed (pae: an error, no responders, a timeout). */
+static void ack_cb(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
+{
+	struct tally_share *s = closure;
+	struct acks *a = &s->acks;
+
+	pthread_mutex_lock(&a->lock);
+	if (js == a->js && pa) {
+		a->ok++;
+		a->last_ok_ns = tally__mono_ns();
+	} else if (js == a->js && pae && a->failed++ == 0) {
+		const char *subj = msg ? natsMsg_GetSubject(msg) : NULL;
+
+		a->err = pae->Err;
+		snprintf(a->err_key, sizeof(a->err_key), "%s", subj && strlen(subj) > s->put_pre_len ?
+			 subj + s->put_pre_len : "?");
+		snprintf(a->err_text, sizeof(a->err_text), "%s", pae->Err == NATS_ERR && pae->ErrText ?
+			 pae->ErrText : "");
+	}
+	pthread_mutex_unlock(&a->lock);
+	natsMsg_Destroy(msg);
+}
+
+/* What ack_cb counted since the last take, into *got, and from there into
+ * the status: acknowledged puts into puts (and last_put_ns), failures into
+ * put_errors. Zeroes the counts. */
+static void take_acks(struct tally_share *s, struct acks *got)
+{
+	struct acks *a = &s->acks;
+
+	pthread_mutex_lock(&a->lock);
+	got->ok = a->ok;
+	got->failed = a->failed;
+	got->last_ok_ns = a->last_ok_ns;
+	got->err = a->err;
+	memcpy(got->err_key, a->err_key, sizeof(got->err_key));
+	memcpy(got->err_text, a->err_text, sizeof(got->err_text));
+	a->ok = a->failed = a->last_ok_ns = 0;
+	a->err = NATS_OK;
+	pthread_mutex_unlock(&a->lock);
+	s->st.puts += got->ok;
+	if (got->last_ok_ns)
+		s->st.last_put_ns = got->last_ok_ns;
+	s->st.put_errors += got->failed;
+}
+
+/*
+ * After this, cnats calls ack_cb no more for s->js: its unacknowledged
+ * puts, if any are left after waiting wait_ms for them, are taken back
+ * and dropped, and an ack_cb already running is waited for (cnats counts
+ * a put pending until its callback returned). Returns how many were
+ * dropped.
+ */
+static int quiesce(struct tally_share *s, int64_t wait_ms)
+{
+	jsPubOptions po;
+	natsMsgList left = { 0 };
+	int dropped = 0;
+
+	jsPubOptions_Init(&po);
+	po.MaxWait = wait_ms > 0 ? wait_ms : 1;
+	if (js_PublishAsyncComplete(s->js, &po) == NATS_OK)
+		return 0;
+	if (js_PublishAsyncGetPendingList(&left, s->js) == NATS_OK) {
+		dropped = left.Count;
+		natsMsgList_Destroy(&left);
+	}
+	po.MaxWait = 1000; /* only a callback still running */
+	js_PublishAsyncComplete(s->js, &po);
+	return dropped;
+}
+
+/*
+ * Drop the JetStream context after waiting up to wait_ms for its puts in
+ * flight; what was acknowledged by then counts, the rest is lost (binding
+ * again puts everything). why: log what was lost (stopping), else only
+ * at debug level.
+ */
+static void drop_js(struct tally_share *s, int64_t wait_ms, const char *why)
+{
+	struct acks got;
+	int dropped;
+
+	if (!s->js)
+		return;
+	dropped = quiesce(s, wait_ms);
+	take_acks(s, &got);
+	if (dropped || got.failed)
+		slog(s, why ? LOG_WARN : LOG_DEBUG, "%s: of the puts in flight to KV bucket %s, %" PRIu64
+		     " failed and %d were not acknowledged within %" PRId64 " ms", why ? why : "unbinding",
+		     s->cfg.bucket, got.failed, dropped, wait_ms);
+	pthread_mutex_lock(&s->acks.lock);
+	s->acks.js = NULL;
+	pthread_mutex_unlock(&s->acks.lock);
+	jsCtx_Destroy(s->js);
+	s->js = NULL;
+}
+
 static void unbind(struct tally_share *s)
 {
 	kvWatcher_Destroy(s->w);
 	s->w = NULL;
 	kvStore_Destroy(s->kv);
 	s->kv = NULL;
+	drop_js(s, 1, NULL);
 }
 
 static void disconnect(struct tally_share *s)
 {
 	unbind(s);
-	jsCtx_Destroy(s->js);
-	s->js = NULL;
 	natsConnection_Destroy(s->nc);
 	s->nc = NULL;
 }
@@ -458,11 +592,18 @@ static int bind_bucket(struct tally_share *s)
 	jsOptions_Init(&jo);
 	jo.Wait = s->cfg.request_timeout_ms;
 	jo.Domain = s->cfg.js_domain;
+	jo.PublishAsync.MaxPending = s->cfg.max_inflight;
+	jo.PublishAsync.StallWait = s->cfg.request_timeout_ms;
+	jo.PublishAsync.AckHandler = ack_cb;
+	jo.PublishAsync.AckHandlerClosure = s;
 	if (!s->js && (st = natsConnection_JetStream(&s->js, s->nc, &jo)) != NATS_OK) {
 		s->js = NULL;
 		failure(s, "KV: no JetStream context: %s", natsStatus_GetText(st));
 		return -1;
 	}
+	pthread_mutex_lock(&s->acks.lock);
+	s->acks.js = s->js;
+	pthread_mutex_unlock(&s->acks.lock);
 	st = js_KeyValue(&s->kv, s->js, s->cfg.bucket);
 	if (st != NATS_OK && !s->cfg.no_create) {
 		kvConfig_Init(&kc);
@@ -557,6 +698,45 @@ static const char *subject_name(struct tally_share *s, uint32_t id)
 	return s->names[id];
 }
 
+/* Send one put of key (no wait for its ack: ack_cb counts it). 0, or -1
+ * when it could not be sent (recorded; the caller unbinds). */
+static int put_async(struct tally_share *s, const char *key, const char *val, int n)
+{
+	char subj[sizeof(s->put_pre) + TALLY__SHARE_KEY_MAX];
+	jsPubOptions po;
+	natsStatus rc;
+
+	snprintf(subj, sizeof(subj), "%s%s", s->put_pre, key);
+	jsPubOptions_Init(&po);
+	po.MaxWait = s->cfg.request_timeout_ms;
+	rc = js_PublishAsync(s->js, subj, val, n, &po);
+	if (rc != NATS_OK) {
+		const char *detail = nats_detail();
+
+		s->st.put_errors++;
+		failure(s, "KV bucket %s: put %.80s failed: %s%s%s%s", s->cfg.bucket, key, natsStatus_GetText(rc),
+			why_kv(rc), *detail ? ": " : "", detail);
+		return -1;
+	}
+	return 0;
+}
+
+/* Take what ack_cb counted (see take_acks); the first failure, with its
+ * key, becomes the error. 0, or -1 after a failure (recorded; the caller
+ * unbinds). */
+static int collect_acks(struct tally_share *s)
+{
+	struct acks got;
+
+	take_acks(s, &got);
+	if (!got.failed)
+		return 0;
+	failure(s, "KV bucket %s: put %.80s failed: %s%s%s%s%s", s->cfg.bucket, got.err_key,
+		natsStatus_GetText(got.err), why_kv(got.err), *got.err_text ? ": " : "", got.err_text,
+		got.failed > 1 ? " (and more puts of this batch)" : "");
+	return -1;
+}
+
 /* Put one subject. 0, or -1 after a failure (recorded; the caller unbinds). */
 static int put_one(struct tally_share *s, uint32_t id, const struct tally_subject_stats *st, uint64_t now)
 {
@@ -566,7 +746,6 @@ static int put_one(struct tally_share *s, uint32_t id, const struct tally_subjec
 					.pending = st->pending, .retry_after_ms = st->retry_after_ms };
 	char key[TALLY__SHARE_KEY_MAX], val[TALLY__SHARE_VALUE_MAX];
 	const char *name = subject_name(s, id);
-	natsStatus rc;
 	int n;
 
 	if (!name)
@@ -576,17 +755,10 @@ static int put_one(struct tally_share *s, uint32_t id, const struct tally_subjec
 	if (tally__share_key(key, sizeof(key), v.host, v.subject) < 0 ||
 	    (n = tally__share_encode(val, sizeof(val), &v)) < 0)
 		return 0; /* cannot happen for a subject of the table; never stop sharing for it */
-	rc = kvStore_Put(NULL, s->kv, key, val, n);
-	if (rc != NATS_OK) {
-		s->st.put_errors++;
-		failure(s, "KV bucket %s: put %.80s failed: %s%s", s->cfg.bucket, key, natsStatus_GetText(rc),
-			why_kv(rc));
+	if (put_async(s, key, val, n) < 0)
 		return -1;
-	}
 	s->last[id] = (struct last_put){ true, v.verdict, v.reasons, v.retry_after_ms, st->pressure,
 					 st->shed_probability, st->p95_ns, st->pending, now };
-	s->st.puts++;
-	s->st.last_put_ns = now;
 	return 0;
 }
 
@@ -595,22 +767,13 @@ static int put_one(struct tally_share *s, uint32_t id, const struct tally_subjec
  * watch_stalled can tell a dead watch on every host. Others ignore it. */
 static int heartbeat(struct tally_share *s, uint64_t now)
 {
-	natsStatus rc;
-
 	if (s->last_hb_ns && now - s->last_hb_ns < (uint64_t)s->cfg.refresh_ms * NS_PER_MS)
 		return 0;
-	rc = kvStore_PutString(NULL, s->kv, s->cfg.host, "alive");
-	if (rc != NATS_OK) {
-		s->st.put_errors++;
-		failure(s, "KV bucket %s: put %s failed: %s%s", s->cfg.bucket, s->cfg.host, natsStatus_GetText(rc),
-			why_kv(rc));
+	if (put_async(s, s->cfg.host, "alive", 5) < 0)
 		return -1;
-	}
 	s->last_hb_ns = now;
 	if (!s->unechoed_ns)
 		s->unechoed_ns = now;
-	s->st.puts++;
-	s->st.last_put_ns = now;
 	return 0;
 }
 
@@ -811,9 +974,7 @@ static void step(struct tally_share *s)
 		expire(s, now);
 		set_state(s, TALLY__SHARE_RUNNING);
 	}
-	if (drain_watch(s, s->next_scan_ns) < 0)
-		unbind(s);
-	else if (watch_stalled(s))
+	if (drain_watch(s, s->next_scan_ns) < 0 || collect_acks(s) < 0 || watch_stalled(s))
 		unbind(s);
 }
 
@@ -823,6 +984,10 @@ static void *share_main(void *arg)
 
 	while (!stopping(s))
 		step(s);
+	/* stopping: the puts in flight get request_timeout_ms to be acknowledged */
+	kvWatcher_Destroy(s->w);
+	s->w = NULL;
+	drop_js(s, s->cfg.request_timeout_ms, "stopping");
 	return NULL;
 }
 
@@ -844,12 +1009,15 @@ static void share_free(struct tally_share *s)
 	free((void *)s->cfg.rules);
 	free(s->strings);
 	pthread_mutex_destroy(&s->lock);
+	pthread_mutex_destroy(&s->acks.lock);
 	pthread_cond_destroy(&s->wake);
 	free(s);
 }
 
 static int prepare(struct tally_share *s, struct tally_segment *seg)
 {
+	int n;
+
 	s->seg = seg;
 	s->section = tally__seg_section(seg, &seg->remote);
 	s->len = seg->remote.size;
@@ -860,6 +1028,18 @@ static int prepare(struct tally_share *s, struct tally_segment *seg)
 	if (!s->last || !s->names || index_alloc(s) < 0)
 		return -ENOMEM;
 	snprintf(s->prefix, sizeof(s->prefix), "%s.", s->cfg.host);
+	/* kvStore_Put's subject: the API prefix first when a domain changes it */
+	if (empty(s->cfg.js_domain)) {
+		n = snprintf(s->put_pre, sizeof(s->put_pre), "$KV.%s.", s->cfg.bucket);
+	} else {
+		const char *d = s->cfg.js_domain;
+		int dl = (int)strlen(d) - (d[strlen(d) - 1] == '.'); /* cnats drops a trailing dot too */
+
+		n = snprintf(s->put_pre, sizeof(s->put_pre), "$JS.%.*s.API.$KV.%s.", dl, d, s->cfg.bucket);
+	}
+	if (n < 0 || (size_t)n >= sizeof(s->put_pre))
+		return tally__fail(-EINVAL, "[share]: js_domain \"%.40s...\" is too long", s->cfg.js_domain);
+	s->put_pre_len = (size_t)n;
 	/* Entries a previous owner left here are not ours to trust: start empty. */
 	for (uint32_t i = 0; i < s->cap; i++)
 		tally__remote_clear_entry(tally__remote_entry_at(s->section, i));
@@ -896,6 +1076,7 @@ TALLY_API int tally_share_start(struct tally_segment *seg, const struct tally_sh
 	pthread_condattr_t ca;
 
 	pthread_mutex_init(&s->lock, NULL);
+	pthread_mutex_init(&s->acks.lock, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* sleep_until's deadlines are monotonic */
 	pthread_cond_init(&s->wake, &ca);

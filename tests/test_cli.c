@@ -11,7 +11,9 @@
  * segment, no permission, a version mismatch, bad arguments, record from
  * stdin, dump, live consumer pending from a real nats-server, and tally
  * top in a real terminal (tmux, 80x24): sorting,
- * filter, colours, quitting, and re-attaching across an owner restart.
+ * filter, colours, quitting, and re-attaching across an owner restart;
+ * and other hosts' rows in top, shared between two segments through a
+ * real nats-server's KV bucket by the library's share threads.
  */
 #include "config.h"
 
@@ -198,8 +200,9 @@ static void start_poller(struct owner *w)
 	cr_assert_eq(tally_poller_start(w->seg, &pc, &w->poller), 0, "%s", tally_errmsg());
 }
 
-/* Create a segment named name (or a fresh one), start the engine; with data:
- * record the standard subjects and wait for the verdicts. */
+/* Create a segment named name (or a fresh one), of tt_config's sizes or
+ * with's, start the engine; with data: record the standard subjects and
+ * wait for the verdicts. */
 static void owner_start_cfg(struct owner *w, const char *name, bool data, bool poller,
 			    const struct tally_segment_config *with)
 {
@@ -231,6 +234,16 @@ static void owner_start_cfg(struct owner *w, const char *name, bool data, bool p
 	tally_subject_t idle;
 	cr_assert_eq(tally_subject_intern(w->seg, "idle.subject", &idle), 0); /* never recorded */
 	wait_published(w);
+}
+
+/* The same with remote_cap entries of other hosts (0: none). */
+static void owner_start_remote(struct owner *w, const char *name, bool data, bool poller, uint32_t remote_cap)
+{
+	struct tally_segment_config cfg;
+
+	tt_config(&cfg);
+	cfg.remote_capacity = remote_cap;
+	owner_start_cfg(w, name, data, poller, &cfg);
 }
 
 static void owner_start(struct owner *w, const char *name, bool data, bool poller)
@@ -1305,6 +1318,174 @@ Test(cli, top_shows_a_dead_owner_as_not_live, .timeout = 30)
 		  "%s", screen);
 	tmux_stop(&t);
 	tally_segment_unlink(name);
+}
+
+/* ---- top: other hosts' rows, shared through a real nats-server ---------------------------- */
+
+static void share_start(struct owner *w, const char *host, const char *url, struct tally_share **out)
+{
+	struct tally_share_config sc;
+
+	tally_share_config_init(&sc);
+	sc.urls = url;
+	sc.host = host;
+	sc.refresh_ms = 300;
+	sc.stale_after_ms = 900;
+	sc.max_age_ms = 30000; /* stale long before it expires */
+	sc.retry_ms = 200;
+	sc.log = silent_log;
+	cr_assert_eq(tally_share_start(w->seg, &sc, out), 0, "%s", tally_errmsg());
+}
+
+/* A's mirrored row (host, subject), through the library's own read. */
+static bool remote_row(struct owner *w, const char *host, const char *subject, struct tally_remote_stats *out)
+{
+	struct tally_remote_stats rows[64];
+	int n = tally_read_remote(w->seg, rows, 64);
+
+	for (int i = 0; i < n; i++)
+		if (!strcmp(rows[i].host, host) && !strcmp(rows[i].subject, subject)) {
+			*out = rows[i];
+			return true;
+		}
+	return false;
+}
+
+/* The first screen line holding both a and b (a copy, into line), or NULL. */
+static const char *line_with(const char *screen, const char *a, const char *b, char *line, size_t len)
+{
+	for (const char *l = screen; *l; l += strcspn(l, "\n") + (l[strcspn(l, "\n")] ? 1 : 0)) {
+		snprintf(line, len, "%.*s", (int)strcspn(l, "\n"), l);
+		if (strstr(line, a) && strstr(line, b))
+			return line;
+	}
+	return NULL;
+}
+
+/* Wait (3 s) for a whole frame with a line holding both a and b. */
+static const char *tmux_wait_line(const struct tmux *t, const char *a, const char *b, char *screen, size_t len,
+				  char *line, size_t llen)
+{
+	for (int i = 0; i < 150; i++, tt_sleep_ms(20)) {
+		tmux_capture(t, false, screen, len);
+		if (frame_complete(screen) && line_with(screen, a, b, line, llen))
+			return line;
+	}
+	return NULL;
+}
+
+/* line has an age cell as top writes it ("0.3s", "12s"): digits and a dot, then 's' */
+static bool has_age(const char *line)
+{
+	for (const char *p = line; *p; p++) {
+		size_t n = strspn(p, "0123456789.");
+
+		if (n && (p == line || p[-1] == ' ') && p[n] == 's' && (p[n + 1] == ' ' || !p[n + 1]))
+			return true;
+		p += n ? n - 1 : 0;
+	}
+	return false;
+}
+
+static void expect_fits_cols(const char *screen, int width)
+{
+	for (const char *l = screen; *l; l = strchr(l, '\n') ? strchr(l, '\n') + 1 : l + strlen(l)) {
+		int cols = 0;
+		for (const char *p = l; *p && *p != '\n'; p++)
+			cols += ((unsigned char)*p & 0xc0) != 0x80;
+		cr_expect(cols <= width, "a line wider than %d columns: %.*s", width, (int)strcspn(l, "\n"), l);
+	}
+}
+
+/*
+ * Two hosts, A and B, each a segment with its engine and share thread,
+ * sharing through a real JetStream KV bucket: top on A shows B's rows
+ * under their own HOST header after A's subjects, with their age; at 60
+ * columns a long subject is cut with a marker and the verdict stays whole;
+ * once B stops sharing, its rows are marked stale.
+ */
+Test(cli, top_shows_other_hosts_rows_with_age_and_marks_stale_ones, .timeout = 90)
+{
+	static const char longname[] = "warehouse.inventory.reconciliation.nightly";
+	struct tally_test_nats n;
+	struct tally_share *sa = NULL, *sb = NULL;
+	struct tally_remote_stats row;
+	struct owner a, b;
+	struct tmux t, narrow;
+	static char screen[65536];
+	char line[1024];
+	const char *l;
+	uint64_t count = 0;
+
+	cr_assert_eq(tally_test_nats_start(&n, NULL, true), 0, "%s", n.errmsg);
+	owner_start_remote(&a, NULL, true, false, 64);
+	owner_start_remote(&b, NULL, false, false, 64);
+	share_start(&a, "hA", n.url, &sa);
+	share_start(&b, "hB", n.url, &sb);
+	record_n(&b, "orders.created", 20 * MS, 50); /* overload on B */
+	record_n(&b, longname, 100000, 50);          /* ok on B */
+	for (int i = 0; i < 300 && verdict_of(&b, longname, &count) != TALLY_VERDICT_OK; i++)
+		tt_sleep_ms(10);
+	cr_assert_eq(verdict_of(&b, "orders.created", &count), TALLY_VERDICT_OVERLOAD);
+	bool both = false;
+	for (int i = 0; i < 500 && !both; i++, tt_sleep_ms(20))
+		both = remote_row(&a, "hB", longname, &row) && remote_row(&a, "hB", "orders.created", &row) &&
+		       row.verdict == TALLY_VERDICT_OVERLOAD;
+	cr_assert(both, "B's rows never reached A's remote section");
+
+	/* 80x24: A's own subjects, then B's rows under HOST, with their age. */
+	tmux_start(&t, a.name, "--sort name");
+	l = tmux_wait_line(&t, "hB", "orders.created", screen, sizeof(screen), line, sizeof(line));
+	cr_assert(l, "no row of host hB in top:\n%s", screen);
+	expect_fits_80x24(screen);
+	cr_expect(strstr(l, "overload") && strstr(l, "20.00ms") && has_age(l), "B's row, with its age: %s", l);
+	cr_expect(!strstr(l, "stale"), "fresh: %s", l);
+	int host_hdr = line_of(screen, "HOST"), local = line_of(screen, "orders.paid"),
+	    remote = line_of(screen, "hB ");
+	cr_expect(host_hdr > local && remote > host_hdr, "B's rows in their own block after A's subjects "
+		  "(header %d, local %d, remote %d):\n%s", host_hdr, local, remote, screen);
+	cr_expect(line_with(screen, "HOST", "AGE", line, sizeof(line)) &&
+		  line_with(screen, "HOST", "VERDICT", line, sizeof(line)), "%s", screen);
+	cr_expect(!line_with(screen, "hA ", "orders", line, sizeof(line)), "A's own rows are not remote:\n%s",
+		  screen);
+	/* the filter reaches the remote rows too */
+	tmux_keys(&t, "/ w a r e Enter");
+	cr_assert(tmux_wait(&t, "orders.created", true, screen, sizeof(screen)), "filter: %s", screen);
+	cr_expect(line_with(screen, "hB", "warehouse", line, sizeof(line)), "%s", screen);
+	tmux_keys(&t, "/ BSpace BSpace BSpace BSpace Enter");
+
+	/* 60 columns: the long subject cut with a marker, the verdict whole. */
+	tmux_start_cols(&narrow, a.name, "--sort name", 60);
+	l = tmux_wait_line(&narrow, "hB", "warehouse.inv", screen, sizeof(screen), line, sizeof(line));
+	cr_assert(l, "no cut row of hB at 60 columns:\n%s", screen);
+	cr_expect(strstr(l, "\u2026") && !strstr(l, longname), "cut with a marker: %s", l);
+	size_t ll = strlen(l);
+	cr_expect(strstr(l, " ok ") || (ll > 3 && !strcmp(l + ll - 3, " ok")), "the whole verdict: %s", l);
+	cr_expect(line_with(screen, "hB", "overload", line, sizeof(line)), "%s", screen);
+	expect_fits_cols(screen, 60);
+	tmux_stop(&narrow);
+
+	/* B stops sharing (its puts in flight acknowledged first, none failed):
+	 * its rows age past stale_after_ms and say so. */
+	struct tally_share_status bst;
+	tally_share_stop(&sb);
+	cr_assert_eq(tally_read_share(b.seg, &bst), 0);
+	cr_expect(!strcmp(bst.state, "stopped") && bst.puts >= 3 && bst.put_errors == 0,
+		  "B's share stopped cleanly: %s, %llu puts, %llu failed (%s)", bst.state,
+		  (unsigned long long)bst.puts, (unsigned long long)bst.put_errors, bst.last_error);
+	for (int i = 0; i < 300 && !(remote_row(&a, "hB", "orders.created", &row) && row.stale); i++)
+		tt_sleep_ms(20);
+	cr_assert(row.stale, "B's row went stale in A's section (age %llu ms)", (unsigned long long)row.age_ms);
+	l = tmux_wait_line(&t, "orders.created", "stale", screen, sizeof(screen), line, sizeof(line));
+	cr_assert(l, "top marks B's stale row:\n%s", screen);
+	cr_expect(strstr(l, "hB") && has_age(l), "%s", l);
+	expect_fits_80x24(screen);
+	tmux_keys(&t, "q");
+	tmux_stop(&t);
+	tally_share_stop(&sa);
+	owner_stop(&b);
+	owner_stop(&a);
+	tally_test_nats_stop(&n);
 }
 
 Test(cli, top_needs_a_terminal, .timeout = 10)

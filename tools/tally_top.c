@@ -10,11 +10,19 @@
  *   row 2     warnings: owner dead/stopped, data stale, waiting for a segment
  *   row 3..   subjects, sorted by P95 ('p'), pending ('n') or name ('a'),
  *             verdicts in colour (ok green, warn yellow, overload red)
+ *   then      with [share], other hosts' rows (the segment's remote
+ *             section) in a block of their own under a HOST header: host,
+ *             subject, P95, pending, pressure, age, verdict, and "stale"
+ *             (too old: never combined) or "local" (a subject this host
+ *             does not combine); the share thread's state in the header,
+ *             its last error under it when it is not running
  *   bottom    producer slots and watched consumers, as far as room allows
  *   last row  keys, or the filter prompt ('/': substring of the subject)
  *
  * It fits 80x24 and uses wider terminals for a MAX column, longer names and
- * the reasons. It survives the owner's restart: when the name comes to hold
+ * the reasons; a name longer than its column is cut with a marker, and at
+ * narrow widths columns go first (P50/P99 and COUNT of the subjects;
+ * PRESS, then PENDING of the remote rows), never the verdict. It survives the owner's restart: when the name comes to hold
  * a newer segment (tally_segment_owner_alive() says TALLY_EREPLACED) or no
  * segment at all, it shows "waiting for segment ..." and tries to open it
  * again at every refresh. A dead owner's last data stays on screen under a
@@ -174,6 +182,19 @@ static const char *cell(char *buf, size_t len, const char *s, int w)
 	if (fill < 0)
 		fill = 0;
 	snprintf(buf, len, "%*s%s", fill, "", s);
+	return buf;
+}
+
+/* s in exactly w columns into buf: padded, or cut and marked ("\u2026", or
+ * "~" outside a UTF-8 locale: "war" must not pass for a whole name). */
+static const char *fit(char *buf, size_t len, const char *s, int w)
+{
+	int width = cli_width(s);
+
+	if (width > w)
+		snprintf(buf, len, "%.*s%s", clip_bytes(s, w - 1), s, cli_utf8_locale() ? "\u2026" : "~");
+	else
+		snprintf(buf, len, "%s%*s", s, w - width, "");
 	return buf;
 }
 
@@ -356,14 +377,9 @@ static void draw_subject(const struct top *t, int row, const struct columns *c,
 {
 	const struct tally_subject_stats *st = &s->st;
 	bool has = s->published && st->has_data;
-	char line[768], b[32], cl[5][48];
-	int n, width = cli_width(s->name);
+	char line[768], b[32], cl[5][48], nm[4 * TALLY_SUBJECT_MAX + 8];
+	int n = snprintf(line, sizeof(line), "%s", fit(nm, sizeof(nm), s->name, c->name));
 
-	if (width > c->name) /* cut, and say so: "war" must not pass for a name */
-		n = snprintf(line, sizeof(line), "%.*s%s", clip_bytes(s->name, c->name - 1), s->name,
-			     cli_utf8_locale() ? "\u2026" : "~");
-	else
-		n = snprintf(line, sizeof(line), "%s%*s", s->name, c->name - width, "");
 	if (c->count)
 		n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s",
 			      cli_fmt_count(cl[0], sizeof(cl[0]), st->count));
@@ -425,6 +441,154 @@ static int draw_subjects(const struct top *t, int first, int last)
 	return row;
 }
 
+/* ---- other hosts (the remote section) --------------------------------------------- */
+
+static int cmp_remote(const void *pa, const void *pb)
+{
+	const struct tally_remote_stats *a = *(const struct tally_remote_stats *const *)pa;
+	const struct tally_remote_stats *b = *(const struct tally_remote_stats *const *)pb;
+	int c;
+
+	if (sort_ctx->sort == 'p' && a->p95_ns != b->p95_ns)
+		return a->p95_ns > b->p95_ns ? -1 : 1;
+	if (sort_ctx->sort == 'n' && a->pending != b->pending)
+		return a->pending > b->pending ? -1 : 1;
+	if ((c = strcmp(a->subject, b->subject)) != 0)
+		return c;
+	return strcmp(a->host, b->host);
+}
+
+/* Remote rows that pass the filter (subject or host), sorted as the subjects; count in *n. Caller frees. */
+static const struct tally_remote_stats **visible_remote(const struct top *t, size_t *n)
+{
+	const struct tally_remote_stats **out = calloc((size_t)t->v.nremote + 1, sizeof(*out));
+
+	*n = 0;
+	if (!out)
+		return NULL;
+	for (int i = 0; i < t->v.nremote; i++) {
+		const struct tally_remote_stats *r = &t->v.remote[i];
+
+		if (!*t->filter || strstr(r->subject, t->filter) || strstr(r->host, t->filter))
+			out[(*n)++] = r;
+	}
+	sort_ctx = t;
+	qsort(out, *n, sizeof(*out), cmp_remote);
+	return out;
+}
+
+struct rcolumns {
+	int host, name;  /* widths */
+	bool pending;    /* PENDING (dropped last) */
+	bool press;      /* PRESS (dropped first) */
+};
+
+/* P95, AGE, VERDICT and the stale/local mark always fit: 30 columns. */
+#define RFIXED 30
+
+static struct rcolumns rlayout(const struct tally_remote_stats *const *vis, size_t n)
+{
+	struct rcolumns c = { .host = 4 }; /* "HOST" */
+	int avail = COLS - RFIXED;
+
+	for (size_t i = 0; i < n; i++)
+		if (cli_width(vis[i]->host) > c.host)
+			c.host = cli_width(vis[i]->host);
+	if ((c.pending = avail - 8 >= 26))
+		avail -= 8;
+	if ((c.press = avail - 6 >= 30))
+		avail -= 6;
+	if (c.host > 16)
+		c.host = 16;
+	if (c.host > avail / 3)
+		c.host = avail / 3 > 4 ? avail / 3 : 4;
+	c.name = avail - c.host - 1;
+	if (c.name > 40)
+		c.name = 40;
+	if (c.name < 8)
+		c.name = 8;
+	return c;
+}
+
+static void draw_remote_header(const struct top *t, int row, const struct rcolumns *c)
+{
+	const struct tally_share_status *sh = &t->v.share;
+	char line[512], h[64];
+	int n = snprintf(line, sizeof(line), "%s %-*s %7s", fit(h, sizeof(h), "HOST", c->host), c->name,
+			 "SUBJECT", t->sort == 'p' ? "P95 v" : "P95");
+
+	if (c->pending)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", t->sort == 'n' ? "PEND v" : "PENDING");
+	if (c->press)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %5s", "PRESS");
+	/* what sharing does, where a wide terminal has room for it */
+	snprintf(line + n, sizeof(line) - (size_t)n, " %6s %-8s %-5s  other hosts, KV bucket %s: %s", "AGE",
+		 "VERDICT", "", *sh->bucket ? sh->bucket : "-", sh->state);
+	put(row, 0, A_REVERSE, "%-*s", COLS, line);
+}
+
+static void draw_remote_row(const struct top *t, int row, const struct rcolumns *c,
+			    const struct tally_remote_stats *r)
+{
+	char line[1024], h[4 * TALLY_SHARE_HOST_MAX + 8], nm[4 * TALLY_SUBJECT_MAX + 8], v[32], cl[48], age[32];
+	enum tally_verdict ev = t->v.stale ? TALLY_VERDICT_UNKNOWN : r->verdict;
+	int n = snprintf(line, sizeof(line), "%s %s %s", fit(h, sizeof(h), r->host, c->host),
+			 fit(nm, sizeof(nm), r->subject, c->name),
+			 cell(cl, sizeof(cl), cli_fmt_ns(v, sizeof(v), r->p95_ns), 7));
+
+	if (c->pending)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %7s", cli_fmt_count(v, sizeof(v), r->pending));
+	if (c->press)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, " %5.2f", r->pressure);
+	snprintf(line + n, sizeof(line) - (size_t)n, " %6s ", cli_fmt_age_ms(age, sizeof(age), r->age_ms));
+	put(row, 0, r->stale ? A_DIM : A_NORMAL, "%s", line);
+	int col = cli_width(line);
+	put(row, col, r->stale ? A_DIM : verdict_attr(t, ev), "%-8s", tally_verdict_name(ev));
+	if (r->stale)
+		put(row, col + 9, verdict_attr(t, TALLY_VERDICT_WARN), "stale");
+	else if (!r->combined)
+		put(row, col + 9, A_DIM, "local");
+}
+
+/* Rows the remote block would like: its header, the share error when
+ * sharing is not running, and up to 6 rows (one when there is none). */
+static int remote_wanted(const struct top *t)
+{
+	int rows = t->v.nremote < 6 ? t->v.nremote : 6;
+
+	if (!t->v.share_on)
+		return 0;
+	return 1 + (strcmp(t->v.share.state, "running") != 0) + (rows ? rows : 1);
+}
+
+/* The remote block in rows [row, row + rows). */
+static void draw_remote(const struct top *t, int row, int rows)
+{
+	const struct tally_share_status *sh = &t->v.share;
+	size_t n;
+	const struct tally_remote_stats **vis = visible_remote(t, &n);
+	struct rcolumns c = rlayout(vis, vis ? n : 0);
+	int last = row + rows;
+
+	draw_remote_header(t, row++, &c);
+	if (strcmp(sh->state, "running") != 0 && row < last)
+		put(row++, 0, verdict_attr(t, TALLY_VERDICT_WARN), "share %s%s%s", sh->state,
+		    *sh->last_error ? ": " : "", sh->last_error);
+	if (!vis)
+		return;
+	if (!n && row < last)
+		put(row++, 0, A_DIM, *t->filter ? "no other host's row matches \"%s\"" :
+			       "no rows from other hosts (yet)", t->filter);
+	for (size_t i = 0; i < n && row < last; i++) {
+		if (row == last - 1 && i + 1 < n) {
+			put(row++, 0, A_DIM, "... %zu more from other hosts (filter with /)", n - i);
+			break;
+		}
+		draw_remote_row(t, row++, &c, vis[i]);
+	}
+	free(vis);
+}
+
 /* ---- producers and consumers ----------------------------------------------------- */
 
 static void draw_producers(const struct top *t, int row, int rows)
@@ -465,18 +629,24 @@ static void draw_consumers(const struct top *t, int row, int rows)
 	}
 }
 
-/* Rows for the bottom sections out of avail, leaving the subjects at least 4. */
-static void bottom_rows(const struct top *t, int avail, int *prod, int *cons)
+/* Rows for the sections under the subjects out of avail, leaving the
+ * subjects at least 4: other hosts first, then producers, then consumers. */
+static void bottom_rows(const struct top *t, int avail, int *rem, int *prod, int *cons)
 {
+	int want_r = remote_wanted(t);
 	int want_p = t->v.nproducers ? 1 + (t->v.nproducers < 4 ? t->v.nproducers : 4) : 0;
 	int want_c = t->v.nconsumers ? 1 + (t->v.nconsumers < 4 ? t->v.nconsumers : 4) : 0;
 	int room = avail - 4;
 
 	if (room < 0)
 		room = 0;
+	*rem = want_r < room ? want_r : room;
+	room -= *rem;
 	*prod = want_p < room ? want_p : room;
 	room -= *prod;
 	*cons = want_c < room ? want_c : room;
+	if (*rem == 1)
+		*rem = 0;
 	if (*prod == 1)
 		*prod = 0;
 	if (*cons == 1)
@@ -501,10 +671,15 @@ static void draw(const struct top *t)
 	erase();
 	draw_header(t);
 	if (t->have_view) {
-		int prod, cons, first = 3, last = LINES - 1;
+		int rem, prod, cons, first = 3, last = LINES - 1;
 		draw_poller(t);
-		bottom_rows(t, last - first, &prod, &cons);
-		draw_subjects(t, first, last - prod - cons);
+		bottom_rows(t, last - first, &rem, &prod, &cons);
+		int end = last - rem - prod - cons, next = draw_subjects(t, first, end);
+		/* other hosts one blank row under the subjects; what the subjects
+		 * leave unused is theirs too */
+		int at = next + 1 < end ? next + 1 : end;
+		if (rem)
+			draw_remote(t, at, last - prod - cons - at);
 		if (prod)
 			draw_producers(t, last - prod - cons, prod);
 		if (cons)
@@ -593,12 +768,14 @@ static const char top_help[] =
 	"Live full-screen view of a segment: subjects with count, rate, P50, P95,\n"
 	"P99, pending and verdict (ok green, warn yellow, overload red), producers\n"
 	"and drops, watched consumers, the poller and its breaker. Fits 80x24.\n"
+	"With [share], other hosts' rows follow under a HOST header, each with its\n"
+	"age; \"stale\" marks a row too old to count, \"local\" one not combined.\n"
 	"If the segment does not exist yet, or its owner restarts, it shows\n"
 	"\"waiting for segment\" and attaches again by itself. A dead owner's\n"
 	"last data stays on screen under a banner, every verdict shown unknown.\n"
 	"\n"
 	"keys: p sort by P95 (default), n by pending, a by name; / filter by a\n"
-	"substring of the subject (Enter applies, Esc cancels, empty clears);\n"
+	"substring of the subject or host (Enter applies, Esc cancels, empty clears);\n"
 	"Ctrl-L redraws; q quits (so do Ctrl-C and SIGTERM).\n"
 	"\n"
 	"  -s, --segment NAME   segment (default $TALLY_SEGMENT, else \"tally\")\n"

@@ -14,7 +14,12 @@
  *     when it changed (verdict or reasons; pressure or shed probability by
  *     0.05 or more; P95 or pending by 20% or more) and at least every
  *     refresh_ms unchanged, well inside the bucket's max_age, so that the
- *     entries of a host that died expire from the bucket;
+ *     entries of a host that died expire from the bucket. Puts are
+ *     asynchronous (at most max_inflight awaiting their ack, each acked
+ *     or failed within request_timeout_ms): puts counts the acknowledged
+ *     ones, put_errors the failed ones, and a failure is handled as a
+ *     failed put always was (error recorded, bucket bound again, every
+ *     subject put again);
  *   - it watches the bucket and mirrors every other host's entries into the
  *     remote section of this host's segment, each with its host and its
  *     age, so that a gateway here reads another host's overload from
@@ -76,6 +81,7 @@ struct tally_share_config {
 	uint32_t replicas;                /* of a bucket it creates; 0: 1 */
 	uint32_t request_timeout_ms;      /* each put, bind, connect; 0: 2000 */
 	uint32_t retry_ms;                /* after a failure; 0: 1000 */
+	uint32_t max_inflight;            /* puts sent, not yet acknowledged; 0: 256 (1..65536) */
 	bool no_create;                   /* bind to an existing bucket only */
 	enum tally_share_combine default_combine; /* subjects no rule matches (default MAX) */
 	const struct tally_share_rule *rules;
@@ -104,7 +110,9 @@ TALLY_API int tally_share_config_check(const struct tally_share_config *cfg, cha
 TALLY_API int tally_share_start(struct tally_segment *seg, const struct tally_share_config *cfg,
 				struct tally_share **out);
 
-/* Stop the thread (at most about interval_ms plus one request), close its
+/* Stop the thread: it ends its step (at most about interval_ms plus one
+ * request), then waits up to request_timeout_ms for its puts still in
+ * flight to be acknowledged (the rest is dropped, and logged); close its
  * connection, mark the status stopped, NULL *s. Mirrored entries stay. */
 TALLY_API void tally_share_stop(struct tally_share **s);
 
@@ -148,7 +156,7 @@ struct tally_share_status {
 	bool connected;
 	char host[TALLY_SHARE_HOST_MAX + 1];
 	char bucket[64];
-	uint64_t puts, put_errors;    /* this host's puts */
+	uint64_t puts, put_errors;    /* this host's puts: acknowledged; failed */
 	uint64_t updates, rejected;   /* other hosts' entries received; refused by validation */
 	uint64_t expired, full;       /* removed (max_age, deleted); dropped (section full) */
 	uint64_t last_put_age_ms;     /* UINT64_MAX never */
