@@ -330,6 +330,8 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **sock_ctx,
 	struct gw *g = cls;
 
 	(void)c;
+	if (toe == MHD_CONNECTION_NOTIFY_STARTED)
+		atomic_fetch_add_explicit(&g->n.connections, 1, memory_order_relaxed);
 	if (g->cfg->mode != GW_MODE_PROXY)
 		return;
 	if (toe == MHD_CONNECTION_NOTIFY_STARTED)
