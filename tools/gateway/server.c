@@ -32,6 +32,13 @@
 
 #define REQ_MAGIC 0x67777271u /* "gwrq" */
 
+/* libmicrohttpd's memory per connection: the request's headers and the
+ * pieces of its body. It zeroes all of it between two requests of a
+ * connection, so it is a cost per request: 128 KiB took 8 us of a check's
+ * 15 us of CPU (BENCHMARKS.md "Gateway"). 32 KiB is libmicrohttpd's own
+ * default and holds headers far beyond what nginx sends (8 KiB lines). */
+#define GW_CONN_MEMORY (32 * 1024)
+
 struct gw_req {
 	uint32_t magic;
 	bool started, admin, proxying;
@@ -389,7 +396,7 @@ int gw_serve(struct gw *g)
 		MHD_OPTION_NOTIFY_CONNECTION, on_connection, g,
 		MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->connection_limit,
 		MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->idle_timeout_s,
-		MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)128 * 1024,
+		MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)GW_CONN_MEMORY,
 		MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
 		cfg->mode == GW_MODE_CHECK ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, threads,
 		MHD_OPTION_END);
