@@ -34,9 +34,10 @@
 
 /* libmicrohttpd's memory per connection: the request's headers and the
  * pieces of its body. It zeroes all of it between two requests of a
- * connection, so it is a cost per request: 128 KiB took 8 us of a check's
- * 15 us of CPU (BENCHMARKS.md "Gateway"). 32 KiB is libmicrohttpd's own
- * default and holds headers far beyond what nginx sends (8 KiB lines). */
+ * connection, so it is a cost per request: with 128 KiB a check took
+ * 13-14 us of CPU, with 32 KiB 7 (BENCHMARKS.md "Gateway"). 32 KiB is
+ * libmicrohttpd's own default and holds headers far beyond what nginx
+ * sends (8 KiB lines). */
 #define GW_CONN_MEMORY (32 * 1024)
 
 struct gw_req {
