@@ -139,6 +139,28 @@ Test(gateway_nginx, auth_request_sheds_before_the_upstream, .timeout = 120)
 	env_stop(&e);
 }
 
+/* nginx keeps its connection to the gateway: HEAD subrequests (nginx
+ * closes a connection whose auth answer has a body it did not read) on an
+ * upstream with keepalive, as the shipped tally-locations.conf has them.
+ * With a body, every check was a new connection, 5x slower. */
+Test(gateway_nginx, checks_reuse_the_connection, .timeout = 120)
+{
+	struct env e;
+	struct gwt_resp r;
+
+	env_start(&e);
+	for (int i = 0; i < 100; i++) {
+		cr_assert_eq(gwt_get(e.port, i % 2 ? "/ok/ka" : "/over/ka", &r), i % 2 ? 200 : 503, "%d: %s", i,
+			     r.body);
+	}
+	cr_assert_eq(gwt_get(e.gw_port, "/_tally/metrics", &r), 200);
+	const char *m = strstr(r.body, "\ntally_gateway_connections_total ");
+	cr_assert(m, "%s", r.body);
+	unsigned long n = strtoul(m + 33, NULL, 10);
+	cr_expect(n >= 1 && n <= 3, "100 checks (admitted and shed) over %lu connection(s), and this one", n);
+	env_stop(&e);
+}
+
 /* wrk for 2 s on url: requests done and non-2xx answers, -1 on failure. */
 static int wrk(const char *dir, const char *url, uint64_t *total, uint64_t *non2xx)
 {

@@ -58,7 +58,7 @@ struct gwt_req {
 struct gwt_resp {
 	long status;               /* 0: no answer */
 	char headers[16384];
-	char body[4096];           /* its start */
+	char body[16384];          /* its start (the metrics text fits) */
 	uint64_t len, fnv;         /* all of it */
 	long connects;             /* new connections curl opened for this request */
 };

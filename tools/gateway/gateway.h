@@ -195,7 +195,8 @@ void gw_read(struct gw_reader *r, const char *subject, struct gw_reading *out);
 	X(fail_closed, "requests shed with 503 without a usable verdict (fail-closed)")      \
 	X(unmapped, "requests that matched no route: admitted")                              \
 	X(upstream_502, "proxy: the upstream could not be reached or failed (502)")          \
-	X(upstream_504, "proxy: the upstream did not answer in time (504)")
+	X(upstream_504, "proxy: the upstream did not answer in time (504)")                  \
+	X(connections, "client connections accepted (a proxy in front should keep them alive)")
 
 struct gw_counters {
 #define GW_FIELD(name, help) _Atomic uint64_t name;

@@ -415,8 +415,14 @@ static enum MHD_Result respond(struct gw_proxy_req *pr, struct MHD_Connection *c
 	curl_off_t clen = -1;
 
 	curl_easy_getinfo(pr->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &clen);
-	struct MHD_Response *r = MHD_create_response_from_callback(clen >= 0 ? (uint64_t)clen : MHD_SIZE_UNKNOWN,
-								   64 * 1024, read_body, pr, NULL);
+	/* All of a small answer is often in with its headers: then it goes out
+	 * as one buffer, headers and body in one send. Otherwise (and for HEAD,
+	 * whose length is the upstream's, not ours) it streams. */
+	bool whole = pr->done && pr->result == CURLE_OK && (clen < 0 || (uint64_t)clen == pr->len - pr->off);
+	struct MHD_Response *r =
+		whole ? MHD_create_response_from_buffer(pr->len - pr->off, pr->buf + pr->off, MHD_RESPMEM_MUST_COPY)
+		      : MHD_create_response_from_callback(clen >= 0 ? (uint64_t)clen : MHD_SIZE_UNKNOWN, 64 * 1024,
+							  read_body, pr, NULL);
 	if (!r)
 		return MHD_NO;
 	for (size_t i = 0; i < pr->nrh; i++) {
