@@ -291,8 +291,6 @@ static inline const char *tok(const char *s, const uint32_t *pos, uint32_t k, ui
 TALLY_API int tally_jsack_parse(const char *reply, size_t len, struct tally_jsack *out)
 {
 	struct dots d;
-	uint32_t l[5];
-	const char *t[5];
 	bool bad = false;
 
 	if (!reply || len < MIN_LEN || len > UINT32_MAX || memcmp(reply, PREFIX, PREFIX_LEN) != 0 ||
@@ -316,18 +314,19 @@ TALLY_API int tally_jsack_parse(const char *reply, size_t len, struct tally_jsac
 	}
 	out->stream = tok(reply, p, 0, &out->stream_len);
 	out->consumer = tok(reply, p, 1, &out->consumer_len);
-	for (uint32_t k = 0; k < 5; k++) {
-		t[k] = tok(reply, p, 2 + k, &l[k]);
-		bad |= l[k] > 19;
-	}
-	/* the five numbers and the four dots between them: digits only */
-	if (bad || !only_digits_and_dots(reply, p[2] + 1, p[7]))
+	/* the five numbers: q[k] + 1 .. q[k + 1], 1 to 19 digits, and nothing
+	 * but digits and the four dots between them */
+	const uint32_t *q = p + 2;
+	uint32_t l0 = q[1] - q[0] - 1, l1 = q[2] - q[1] - 1, l2 = q[3] - q[2] - 1, l3 = q[4] - q[3] - 1,
+		 l4 = q[5] - q[4] - 1;
+	if ((l0 > 19) | (l1 > 19) | (l2 > 19) | (l3 > 19) | (l4 > 19) ||
+	    !only_digits_and_dots(reply, q[0] + 1, q[5]))
 		return -EINVAL;
-	out->delivered = number(t[0], l[0], &bad);
-	out->stream_seq = number(t[1], l[1], &bad);
-	out->consumer_seq = number(t[2], l[2], &bad);
-	out->timestamp_ns = number(t[3], l[3], &bad);
-	out->pending = number(t[4], l[4], &bad);
+	out->delivered = number(reply + q[0] + 1, l0, &bad);
+	out->stream_seq = number(reply + q[1] + 1, l1, &bad);
+	out->consumer_seq = number(reply + q[2] + 1, l2, &bad);
+	out->timestamp_ns = number(reply + q[3] + 1, l3, &bad);
+	out->pending = number(reply + q[4] + 1, l4, &bad);
 	return bad ? -EINVAL : 0;
 }
 
@@ -344,6 +343,18 @@ uint32_t tally__jsack_consumer_hash(const char *stream, size_t stream_len, const
 	return (h >> 28 ^ h) & 0x0fffffffu; /* fold the top bits in */
 }
 
+/* a[0..len) == b[0..len), 8 bytes at a time (the last 8 overlapping). */
+static inline bool key_eq(const char *a, const char *b, uint32_t len)
+{
+	uint64_t diff = 0;
+
+	if (len < 8)
+		return memcmp(a, b, len) == 0;
+	for (uint32_t i = 0; i + 8 < len; i += 8)
+		diff |= load_le64(a + i) ^ load_le64(b + i);
+	return (diff | (load_le64(a + len - 8) ^ load_le64(b + len - 8))) == 0;
+}
+
 /* The pending entry's tag for a's consumer: from the handle's cache when
  * its key (stream '.' consumer, one run of the reply) is the last one
  * seen, else hashed and kept (a key too long for the cache is hashed
@@ -353,7 +364,7 @@ static inline uint32_t consumer_tag(struct tally_producer *p, const struct tally
 	struct tally__jsack_cache *c = tally__producer_jsack_cache(p);
 	uint32_t len = a->stream_len + 1 + a->consumer_len;
 
-	if (TALLY__LIKELY(c->len == len && memcmp(c->key, a->stream, len) == 0))
+	if (TALLY__LIKELY(c->len == len && key_eq(c->key, a->stream, len)))
 		return c->tag;
 	uint32_t tag = TALLY__TAG(TALLY__ENTRY_PENDING,
 				 tally__jsack_consumer_hash(a->stream, a->stream_len, a->consumer, a->consumer_len));
