@@ -164,6 +164,7 @@ static inline uint64_t dots_first64(const char *s, uint32_t len, vec *dist)
 	uint32_t last = len - 16;
 	uint64_t m = 0;
 
+#pragma GCC unroll 4
 	for (uint32_t b = 0; b < 64; b += 16) {
 		uint32_t o = b < last ? b : last;
 		vec v = vload(s + o);
