@@ -176,12 +176,12 @@ static inline uint64_t dots_first64(const char *s, uint32_t len, vec *dist)
 
 /* The dots of the 64 bytes from w (w < len); a block that would go past
  * the end is read as the last 16 bytes, its bytes before b dropped. */
-static inline uint64_t dots_at(const char *s, uint32_t len, uint32_t w, vec *dist)
+static inline uint64_t dots_at(const char *s, size_t len, size_t w, vec *dist)
 {
 	uint64_t m = 0;
 
-	for (uint32_t b = w; b < len && b < w + 64; b += 16) {
-		uint32_t o = b + 16 <= len ? b : len - 16;
+	for (size_t b = w; b < len && b < w + 64; b += 16) { /* size_t: no wrap near UINT32_MAX */
+		size_t o = b + 16 <= len ? b : len - 16;
 		vec v = vload(s + o);
 		*dist = vmax_dist(*dist, v);
 		m |= (uint64_t)(vmask_eq(v, '.') >> (b - o)) << (b - w);
@@ -199,11 +199,11 @@ static bool scan(const char *s, uint32_t len, struct dots *d)
 	uint64_t touch = m & m << 1, carry = m >> 63;
 	uint32_t n = note_dots(d->pos + 1, 0, m & ~(uint64_t)0x88u, 0); /* not the prefix's dots (3, 7) */
 
-	for (uint32_t w = 64; w < len; w += 64) {
+	for (size_t w = 64; w < len; w += 64) {
 		m = dots_at(s, len, w, &dist);
 		touch |= m & (m << 1 | carry);
 		carry = m >> 63;
-		n = note_dots(d->pos + 1, n, m, w);
+		n = note_dots(d->pos + 1, n, m, (uint32_t)w);
 	}
 	d->pos[0] = PREFIX_LEN - 1;
 	d->pos[n + 1] = len;
@@ -212,9 +212,10 @@ static bool scan(const char *s, uint32_t len, struct dots *d)
 }
 
 /* Whether s[from..to) holds only digits and dots (16 <= to). */
-static bool only_digits_and_dots(const char *s, uint32_t from, uint32_t to)
+static bool only_digits_and_dots(const char *s, size_t from, size_t to)
 {
-	uint32_t nonnum = 0, off;
+	uint32_t nonnum = 0;
+	size_t off;
 
 	for (off = from; off + 16 <= to; off += 16)
 		nonnum |= vmask_nonnum(vload(s + off));
