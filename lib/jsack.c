@@ -5,9 +5,18 @@
  * into its fields, and turning one message's fields into two ring
  * entries: the wait, and the consumer's pending count.
  *
- * Parsing is one pass over the bytes: it notes where each of the first 11
- * dots falls and checks every byte on the way, then reads the tokens the
- * layout (9 tokens, or 11 and more) puts where. Nothing is copied; the
+ * The parser reads every byte once, 16 at a time: two compares give the
+ * bytes outside 0x21..0x7e and a third the dots, each as a 16-bit mask
+ * (SSE2 on x86-64, a plain loop elsewhere). The masks give, with no
+ * branch per byte, whether any byte is refused, whether two dots touch
+ * (an empty token), how many dots there are and where the first 11 fall.
+ * A subject shorter than 21 bytes is refused at once (the shortest ack
+ * subject is "$JS.ACK.S.C.1.2.3.4.5"), so the last 16 bytes are always
+ * there to be read as one block, overlapping the block before. The five
+ * numbers are then read eight digits at a time (a load, a mask and three
+ * multiplies per eight digits), each digit checked in the same word; a
+ * number is bounded by its digit count (19 digits fit a uint64; only a
+ * 19-digit one is compared with INT64_MAX). Nothing is copied; the
  * strings of the result point into the input.
  *
  * The wait is the wall clock now minus the timestamp nats-server stored:
@@ -15,6 +24,11 @@
  * so a skewed clock can put the timestamp ahead of now. Such a wait is
  * recorded as 0 (the message did not wait less than nothing) in an entry
  * of its own kind, so the owner counts it per subject (wait_skewed).
+ * Both entries of a message go into the ring together, behind one tail
+ * store. The consumer hash of the pending entry is cached per producer
+ * handle for the last "stream.consumer" seen (a router acks many messages
+ * of one consumer in a row); the cache is keyed by those bytes, compared
+ * in full, so it never answers for another name.
  */
 #include "config.h"
 
@@ -28,102 +42,294 @@
 #include "producer.h"
 #include "shm_layout.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #define PREFIX "$JS.ACK."
 #define PREFIX_LEN 8u
-#define MAX_DOTS 11u /* dots that bound the tokens read: 12 tokens, the 12th is not read */
+#define MIN_LEN 21u /* "$JS.ACK.S.C.1.2.3.4.5" */
 
-/* A decimal number of at most 19 digits that fits an int64 (cnats'
- * nats_ParseInt64 takes the same ones). */
-static int parse_u63(const char *s, size_t len, uint64_t *out)
+/* ---- the scan ----------------------------------------------------------------- */
+
+/*
+ * The bytes are read 16 at a time (SSE2 on x86-64; elsewhere a plain loop
+ * stands in for each step). A byte no subject may hold is one whose
+ * distance from 0x21, as an unsigned byte, is above 0x5d: the largest
+ * distance of all blocks is kept, and compared once at the end.
+ */
+#if defined(__SSE2__)
+typedef __m128i vec;
+static inline vec vload(const char *s)
 {
-	uint64_t v = 0;
-
-	if (len == 0 || len > 19)
-		return -EINVAL;
-	for (size_t i = 0; i < len; i++) {
-		unsigned d = (unsigned char)s[i] - '0';
-		if (d > 9)
-			return -EINVAL;
-		v = v * 10 + d; /* 19 digits fit a uint64 */
+	return _mm_loadu_si128((const __m128i *)(const void *)s);
+}
+/* bit i: byte i is c */
+static inline uint32_t vmask_eq(vec v, char c)
+{
+	return (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(c)));
+}
+/* the byte-wise maximum of m and each byte's distance from 0x21 */
+static inline vec vmax_dist(vec m, vec v)
+{
+	return _mm_max_epu8(m, _mm_sub_epi8(v, _mm_set1_epi8(0x21)));
+}
+static inline bool vdist_ok(vec m)
+{
+	return _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(m, _mm_set1_epi8(0x5d)), m)) == 0xffff;
+}
+static inline vec vzero(void)
+{
+	return _mm_setzero_si128();
+}
+/* bit i: byte i is neither a digit nor a dot */
+static inline uint32_t vmask_nonnum(vec v)
+{
+	__m128i d = _mm_sub_epi8(v, _mm_set1_epi8('0'));
+	__m128i digit = _mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(9)), d);
+	__m128i ok = _mm_or_si128(digit, _mm_cmpeq_epi8(v, _mm_set1_epi8('.')));
+	return (uint32_t)_mm_movemask_epi8(ok) ^ 0xffffu;
+}
+#else
+typedef struct { unsigned char b[16]; } vec;
+static inline vec vload(const char *s)
+{
+	vec v;
+	memcpy(v.b, s, 16);
+	return v;
+}
+static inline uint32_t vmask_eq(vec v, char c)
+{
+	uint32_t m = 0;
+	for (unsigned i = 0; i < 16; i++)
+		m |= (uint32_t)(v.b[i] == (unsigned char)c) << i;
+	return m;
+}
+static inline vec vmax_dist(vec m, vec v)
+{
+	for (unsigned i = 0; i < 16; i++) {
+		unsigned char d = (unsigned char)(v.b[i] - 0x21);
+		m.b[i] = d > m.b[i] ? d : m.b[i];
 	}
-	if (v > (uint64_t)INT64_MAX)
-		return -EINVAL;
-	*out = v;
-	return 0;
+	return m;
+}
+static inline bool vdist_ok(vec m)
+{
+	for (unsigned i = 0; i < 16; i++)
+		if (m.b[i] > 0x5d)
+			return false;
+	return true;
+}
+static inline vec vzero(void)
+{
+	vec v;
+	memset(v.b, 0, 16);
+	return v;
+}
+static inline uint32_t vmask_nonnum(vec v)
+{
+	uint32_t m = 0;
+	for (unsigned i = 0; i < 16; i++)
+		m |= (uint32_t)(v.b[i] != '.' && (v.b[i] < '0' || v.b[i] > '9')) << i;
+	return m;
+}
+#endif
+
+/*
+ * Where the tokens after the prefix lie: pos[0] = 7 (the prefix's last
+ * dot), pos[1..n] the first n dots after it (n at most NDOTS), pos[n + 1]
+ * = len; token k after the prefix is [pos[k] + 1, pos[k + 1]). The count
+ * stops at NDOTS: the grammar only tells 6 dots after the prefix from 7
+ * and from 8 or more, and reads no token past the 9th.
+ */
+#define NDOTS 9u
+struct dots {
+	uint32_t pos[NDOTS + 2];
+	uint32_t n;
+};
+
+/* The dots of the 64 bytes from w (bit i: byte w + i) into end[n..]. */
+static inline uint32_t note_dots(uint32_t *end, uint32_t n, uint64_t m, uint32_t w)
+{
+	for (; m && n < NDOTS; m &= m - 1)
+		end[n++] = w + (uint32_t)__builtin_ctzll(m);
+	return n;
 }
 
-/* Positions of the dots after the prefix (at most MAX_DOTS) and the
- * number of tokens after it; -EINVAL for a byte no subject may hold or an
- * empty token. */
-static int tokenize(const char *s, size_t len, uint32_t *dots, uint32_t *ntok)
+/* The dots of the first 64 bytes (or all if fewer), with no branch: four
+ * blocks, at 0, 16, 32 and 48 or the last 16 bytes when those go past the
+ * end; a byte seen twice sets its bit twice. */
+static inline uint64_t dots_first64(const char *s, uint32_t len, vec *dist)
 {
-	uint32_t n = 0;
-	size_t last = PREFIX_LEN - 1; /* the prefix's own last dot */
+	uint32_t last = len - 16;
+	uint64_t m = 0;
 
-	for (size_t i = PREFIX_LEN; i < len; i++) {
-		unsigned char c = (unsigned char)s[i];
-		if (c < 0x21 || c > 0x7e)
-			return -EINVAL;
-		if (c != '.')
-			continue;
-		if (i == last + 1)
-			return -EINVAL; /* empty token */
-		if (n < MAX_DOTS)
-			dots[n] = (uint32_t)i;
-		n++;
-		last = i;
+#pragma GCC unroll 4
+	for (uint32_t b = 0; b < 64; b += 16) {
+		uint32_t o = b < last ? b : last;
+		vec v = vload(s + o);
+		*dist = vmax_dist(*dist, v);
+		m |= (uint64_t)vmask_eq(v, '.') << o;
 	}
-	if (len == last + 1)
-		return -EINVAL; /* empty last token (or nothing after the prefix) */
-	*ntok = n + 1;
-	return 0;
+	return m;
 }
 
-/* Token k after the prefix: start and length. */
-static const char *tok(const char *s, size_t len, const uint32_t *dots, uint32_t ntok, uint32_t k,
-		       uint32_t *tlen)
+/* The dots of the 64 bytes from w (w < len); a block that would go past
+ * the end is read as the last 16 bytes, its bytes before b dropped. */
+static inline uint64_t dots_at(const char *s, size_t len, size_t w, vec *dist)
 {
-	size_t start = k == 0 ? PREFIX_LEN : (size_t)dots[k - 1] + 1;
-	size_t end = k + 1 < ntok ? (size_t)dots[k] : len;
+	uint64_t m = 0;
 
-	*tlen = (uint32_t)(end - start);
-	return s + start;
+	for (size_t b = w; b < len && b < w + 64; b += 16) { /* size_t: no wrap near UINT32_MAX */
+		size_t o = b + 16 <= len ? b : len - 16;
+		vec v = vload(s + o);
+		*dist = vmax_dist(*dist, v);
+		m |= (uint64_t)(vmask_eq(v, '.') >> (b - o)) << (b - w);
+	}
+	return m;
+}
+
+/* One pass over s[0..len), len >= 16, the prefix checked: the dots into
+ * *d, 64 bytes at a time. false for a refused byte, two dots in a row or
+ * a dot at the end (an empty token). */
+static bool scan(const char *s, uint32_t len, struct dots *d)
+{
+	vec dist = vzero();
+	uint64_t m = dots_first64(s, len, &dist);
+	uint64_t touch = m & m << 1, carry = m >> 63;
+	uint32_t n = note_dots(d->pos + 1, 0, m & ~(uint64_t)0x88u, 0); /* not the prefix's dots (3, 7) */
+
+	for (size_t w = 64; w < len; w += 64) {
+		m = dots_at(s, len, w, &dist);
+		touch |= m & (m << 1 | carry);
+		carry = m >> 63;
+		n = note_dots(d->pos + 1, n, m, (uint32_t)w);
+	}
+	d->pos[0] = PREFIX_LEN - 1;
+	d->pos[n + 1] = len;
+	d->n = n;
+	return vdist_ok(dist) && touch == 0 && s[len - 1] != '.';
+}
+
+/* Whether s[from..to) holds only digits and dots (16 <= to). */
+static bool only_digits_and_dots(const char *s, size_t from, size_t to)
+{
+	uint32_t nonnum = 0;
+	size_t off;
+
+	for (off = from; off + 16 <= to; off += 16)
+		nonnum |= vmask_nonnum(vload(s + off));
+	if (off < to)
+		nonnum |= vmask_nonnum(vload(s + to - 16)) >> (off + 16 - to);
+	return nonnum == 0;
+}
+
+/* ---- numbers ------------------------------------------------------------------ */
+
+/* The 8 bytes at s, the first in the low byte whatever the host's order. */
+static inline uint64_t load_le64(const char *s)
+{
+	uint64_t x;
+
+	memcpy(&x, s, sizeof(x));
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+	x = __builtin_bswap64(x);
+#endif
+	return x;
+}
+
+/* low[k]: the low nibbles of the last k bytes of an 8-byte word (the high
+ * bytes, little-endian): a digit's value. */
+static const uint64_t low[9] = {
+	0, 0x0f00000000000000u, 0x0f0f000000000000u, 0x0f0f0f0000000000u, 0x0f0f0f0f00000000u,
+	0x0f0f0f0f0f000000u, 0x0f0f0f0f0f0f0000u, 0x0f0f0f0f0f0f0f00u, 0x0f0f0f0f0f0f0f0fu,
+};
+
+/*
+ * The k (0..8) digits that end at e, as a number; e[-8..-1] are read. The
+ * bytes before the k become 0: leading zeros. Then pairs, quads and
+ * halves of the word are summed with one multiply each.
+ */
+static inline __attribute__((always_inline)) uint64_t digits8(const char *e, uint32_t k)
+{
+	uint64_t x = load_le64(e - 8) & low[k];
+
+	x = x * (10 * 256 + 1) >> 8;
+	x = (x & 0x00ff00ff00ff00ffu) * (100 * 65536 + 1) >> 16;
+	return (x & 0x0000ffff0000ffffu) * (10000 * 4294967296u + 1) >> 32;
+}
+
+/*
+ * The token [s, s + len) of 1..19 digits (checked by the caller) as a
+ * number; *bad set when it is above INT64_MAX (cnats' nats_ParseInt64
+ * takes the same numbers, and longer runs of leading zeros). Reads back
+ * to s + len - 24: a number token starts at 12 or later, past
+ * "$JS.ACK.", the stream, the consumer and their dots.
+ */
+static inline __attribute__((always_inline)) uint64_t number(const char *s, uint32_t len, bool *bad)
+{
+	const char *e = s + len;
+
+	if (TALLY__LIKELY(len <= 8))
+		return digits8(e, len);
+	if (len <= 16)
+		return digits8(e - 8, len - 8) * 100000000u + digits8(e, 8);
+	/* at most 999 * 10^16 + 10^16 - 1: no overflow */
+	uint64_t v = digits8(e - 16, len - 16) * 10000000000000000u + digits8(e - 8, 8) * 100000000u +
+		     digits8(e, 8);
+	*bad |= v > (uint64_t)INT64_MAX;
+	return v;
+}
+
+/* ---- the parser --------------------------------------------------------------- */
+
+/* Token k after the prefix. */
+static inline const char *tok(const char *s, const uint32_t *pos, uint32_t k, uint32_t *len)
+{
+	*len = pos[k + 1] - pos[k] - 1;
+	return s + pos[k] + 1;
 }
 
 TALLY_API int tally_jsack_parse(const char *reply, size_t len, struct tally_jsack *out)
 {
-	uint32_t dots[MAX_DOTS], ntok, l, base;
+	struct dots d;
+	bool bad = false;
 
-	if (!reply || len < PREFIX_LEN || len > UINT32_MAX || memcmp(reply, PREFIX, PREFIX_LEN) != 0)
-		return -EINVAL;
-	if (tokenize(reply, len, dots, &ntok) != 0)
+	if (!reply || len < MIN_LEN || len > UINT32_MAX || memcmp(reply, PREFIX, PREFIX_LEN) != 0 ||
+	    !scan(reply, (uint32_t)len, &d))
 		return -EINVAL;
 	/* after the prefix: 7 tokens (old layout), or 9 and more (new) */
-	if (ntok == 7) {
-		base = 0;
+	const uint32_t *p = d.pos; /* the stream's token: p[0]..p[1] */
+	if (d.n == 6) {
 		out->domain = out->account_hash = NULL;
 		out->domain_len = out->account_hash_len = 0;
-	} else if (ntok >= 9) {
-		base = 2;
-		out->domain = tok(reply, len, dots, ntok, 0, &out->domain_len);
+	} else if (TALLY__LIKELY(d.n >= 8)) {
+		out->domain = tok(reply, p, 0, &out->domain_len);
 		if (out->domain_len == 1 && out->domain[0] == '_') {
 			out->domain = NULL;
 			out->domain_len = 0;
 		}
-		out->account_hash = tok(reply, len, dots, ntok, 1, &out->account_hash_len);
+		out->account_hash = tok(reply, p, 1, &out->account_hash_len);
+		p += 2;
 	} else {
 		return -EINVAL;
 	}
-	out->stream = tok(reply, len, dots, ntok, base, &out->stream_len);
-	out->consumer = tok(reply, len, dots, ntok, base + 1, &out->consumer_len);
-	uint64_t *nums[5] = { &out->delivered, &out->stream_seq, &out->consumer_seq, &out->timestamp_ns,
-			      &out->pending };
-	for (uint32_t k = 0; k < 5; k++) {
-		const char *t = tok(reply, len, dots, ntok, base + 2 + k, &l);
-		if (parse_u63(t, l, nums[k]) != 0)
-			return -EINVAL;
-	}
-	return 0;
+	out->stream = tok(reply, p, 0, &out->stream_len);
+	out->consumer = tok(reply, p, 1, &out->consumer_len);
+	/* the five numbers: q[k] + 1 .. q[k + 1], 1 to 19 digits, and nothing
+	 * but digits and the four dots between them */
+	const uint32_t *q = p + 2;
+	uint32_t l0 = q[1] - q[0] - 1, l1 = q[2] - q[1] - 1, l2 = q[3] - q[2] - 1, l3 = q[4] - q[3] - 1,
+		 l4 = q[5] - q[4] - 1;
+	if ((l0 > 19) | (l1 > 19) | (l2 > 19) | (l3 > 19) | (l4 > 19) ||
+	    !only_digits_and_dots(reply, q[0] + 1, q[5]))
+		return -EINVAL;
+	out->delivered = number(reply + q[0] + 1, l0, &bad);
+	out->stream_seq = number(reply + q[1] + 1, l1, &bad);
+	out->consumer_seq = number(reply + q[2] + 1, l2, &bad);
+	out->timestamp_ns = number(reply + q[3] + 1, l3, &bad);
+	out->pending = number(reply + q[4] + 1, l4, &bad);
+	return bad ? -EINVAL : 0;
 }
 
 uint32_t tally__jsack_consumer_hash(const char *stream, size_t stream_len, const char *consumer,
@@ -139,6 +345,39 @@ uint32_t tally__jsack_consumer_hash(const char *stream, size_t stream_len, const
 	return (h >> 28 ^ h) & 0x0fffffffu; /* fold the top bits in */
 }
 
+/* a[0..len) == b[0..len), 8 bytes at a time (the last 8 overlapping). */
+static inline bool key_eq(const char *a, const char *b, uint32_t len)
+{
+	uint64_t diff = 0;
+
+	if (len < 8)
+		return memcmp(a, b, len) == 0;
+	for (uint32_t i = 0; i + 8 < len; i += 8)
+		diff |= load_le64(a + i) ^ load_le64(b + i);
+	return (diff | (load_le64(a + len - 8) ^ load_le64(b + len - 8))) == 0;
+}
+
+/* The pending entry's tag for a's consumer: from the handle's cache when
+ * its key (stream '.' consumer, one run of the reply) is the last one
+ * seen, else hashed and kept (a key too long for the cache is hashed
+ * every time). */
+static inline uint32_t consumer_tag(struct tally_producer *p, const struct tally_jsack *a)
+{
+	struct tally__jsack_cache *c = tally__producer_jsack_cache(p);
+	uint32_t len = a->stream_len + 1 + a->consumer_len;
+
+	if (TALLY__LIKELY(c->len == len && key_eq(c->key, a->stream, len)))
+		return c->tag;
+	uint32_t tag = TALLY__TAG(TALLY__ENTRY_PENDING,
+				 tally__jsack_consumer_hash(a->stream, a->stream_len, a->consumer, a->consumer_len));
+	if (len <= sizeof(c->key)) {
+		memcpy(c->key, a->stream, len);
+		c->len = len;
+		c->tag = tag;
+	}
+	return tag;
+}
+
 TALLY_API int tally_record_jetstream_at(struct tally_producer *p, tally_subject_t subject,
 					const char *reply, size_t reply_len, uint64_t now_real_ns)
 {
@@ -147,17 +386,17 @@ TALLY_API int tally_record_jetstream_at(struct tally_producer *p, tally_subject_
 
 	if (tally_jsack_parse(reply, reply_len, &a) != 0)
 		return -EINVAL;
-	if (TALLY__UNLIKELY(a.timestamp_ns > now_real_ns)) {
-		/* skew: wait 0, the entry says by how much (for nothing but a count) */
-		ok = tally__record_tagged(p, subject, a.timestamp_ns - now_real_ns,
-					  TALLY__TAG(TALLY__ENTRY_WAIT_SKEW, 0));
+	uint32_t ptag = consumer_tag(p, &a);
+	uint64_t wait = now_real_ns - a.timestamp_ns;
+	if (TALLY__LIKELY(a.timestamp_ns <= now_real_ns && wait <= p->max_value_ns)) {
+		ok = tally__record_tagged2(p, subject, wait, TALLY__TAG(TALLY__ENTRY_WAIT, 0), a.pending, ptag);
 	} else {
-		uint64_t wait = now_real_ns - a.timestamp_ns;
-		ok = TALLY__LIKELY(wait <= p->max_value_ns)
-		     ? tally__record_tagged(p, subject, wait, TALLY__TAG(TALLY__ENTRY_WAIT, 0))
-		     : tally__record_tagged_clamped(p, subject, TALLY__TAG(TALLY__ENTRY_WAIT, 0));
+		if (a.timestamp_ns > now_real_ns) /* skew: wait 0, the entry says by how much (for a count) */
+			ok = tally__record_tagged(p, subject, a.timestamp_ns - now_real_ns,
+						  TALLY__TAG(TALLY__ENTRY_WAIT_SKEW, 0));
+		else
+			ok = tally__record_tagged_clamped(p, subject, TALLY__TAG(TALLY__ENTRY_WAIT, 0));
+		ok &= tally__record_tagged(p, subject, a.pending, ptag);
 	}
-	uint32_t h = tally__jsack_consumer_hash(a.stream, a.stream_len, a.consumer, a.consumer_len);
-	ok &= tally__record_tagged(p, subject, a.pending, TALLY__TAG(TALLY__ENTRY_PENDING, h));
 	return ok ? 0 : -ENOBUFS;
 }

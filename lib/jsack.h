@@ -2,7 +2,8 @@
 /*
  * jsack.h (private): the consumer hash that ties a pending sample taken
  * from an ack reply (lib/jsack.c) to the poller's entry for the same
- * consumer (lib/engine.c). Not installed.
+ * consumer (lib/engine.c), and the cache of it that each producer handle
+ * keeps (lib/producer.c holds it, lib/jsack.c fills it). Not installed.
  */
 #ifndef TALLY_LIB_JSACK_H
 #define TALLY_LIB_JSACK_H
@@ -16,5 +17,15 @@
  * consumer's sample stand in for the other's poll. */
 uint32_t tally__jsack_consumer_hash(const char *stream, size_t stream_len, const char *consumer,
 				    size_t consumer_len);
+
+/* A producer handle's last consumer key ("stream.consumer", the run of
+ * the reply that holds both names: it has exactly one dot, so it names
+ * one pair) and the tag of its pending entries. len 0: empty (a zeroed
+ * handle). Owned by the handle's thread, like the handle. */
+struct tally__jsack_cache {
+	uint32_t len;
+	uint32_t tag;
+	char key[56];
+};
 
 #endif /* TALLY_LIB_JSACK_H */

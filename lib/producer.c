@@ -94,6 +94,7 @@
 #include "common.h"
 #include "failpoint.h"
 #include "follow.h"
+#include "jsack.h"
 #include "proc.h"
 #include "producer.h"
 
@@ -126,6 +127,7 @@ struct producer_full {
 	enum revoke_reason revoked;
 	bool local;                /* a thread-local handle (tally_producer_local) */
 	struct producer_full *prev, *next; /* the process's registry of handles */
+	struct tally__jsack_cache jsack;   /* tally_record_jetstream's last consumer key */
 };
 
 static struct producer_full *full_of(struct tally_producer *p)
@@ -668,6 +670,34 @@ bool tally__record_tagged(struct tally_producer *p, tally_subject_t subject, uin
 		subject = id;
 	}
 	return record_tagged_raw(p, subject, v, tag);
+}
+
+bool tally__record_tagged2(struct tally_producer *p, tally_subject_t subject, uint64_t v0, uint32_t tag0,
+			   uint64_t v1, uint32_t tag1)
+{
+	uint64_t t = p->tail;
+
+	if (TALLY__UNLIKELY(p->remap != NULL ||
+			    t + 2 - p->cached_head > __atomic_load_n(&p->capacity, __ATOMIC_RELAXED))) {
+		bool ok = tally__record_tagged(p, subject, v0, tag0); /* first, as on the fast path */
+		return tally__record_tagged(p, subject, v1, tag1) && ok;
+	}
+	struct tally_ring_entry *e = &p->ring[t & p->mask], *e1 = &p->ring[(t + 1) & p->mask];
+	e->value_ns = v0;
+	e->subject = subject;
+	e->reserved = tag0;
+	e1->value_ns = v1;
+	e1->subject = subject;
+	e1->reserved = tag1;
+	p->tail = t + 2;
+	/* Release: both entries before the tail that covers them. */
+	__atomic_store_n(p->shm_tail, t + 2, __ATOMIC_RELEASE);
+	return true;
+}
+
+struct tally__jsack_cache *tally__producer_jsack_cache(struct tally_producer *p)
+{
+	return &full_of(p)->jsack;
 }
 
 /* A wait above max_value_ns: stored at the maximum and counted clamped,

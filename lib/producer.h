@@ -46,6 +46,13 @@ static inline void tally__slot_consume(struct tally__slot *s, uint64_t head, uin
 bool tally__record_tagged(struct tally_producer *p, tally_subject_t subject, uint64_t v, uint32_t tag);
 /* The same at max_value_ns, counted as clamped. */
 bool tally__record_tagged_clamped(struct tally_producer *p, tally_subject_t subject, uint32_t tag);
+/* Two tagged entries for subject behind one tail store (the aggregator
+ * sees both or neither); near a full ring, after an owner restart, one
+ * at a time as tally__record_tagged. true if both were stored. */
+bool tally__record_tagged2(struct tally_producer *p, tally_subject_t subject, uint64_t v0, uint32_t tag0,
+			   uint64_t v1, uint32_t tag1);
+/* The handle's consumer-key cache (lib/jsack.h); owning thread only. */
+struct tally__jsack_cache *tally__producer_jsack_cache(struct tally_producer *p);
 
 struct tally__reap_stats {
 	uint32_t died;     /* ACTIVE slots found with their process or thread gone */

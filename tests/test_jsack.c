@@ -9,7 +9,10 @@
  * (cnats through js_getMetaData, the function natsMsg_GetMetaData hands
  * the reply to: the server refuses a client's publish with a $JS.ACK
  * reply, and natsMsg_GetMetaData wants a message delivered by a
- * JetStream subscription, so only that call reads a reply we wrote); and
+ * JetStream subscription, so only that call reads a reply we wrote);
+ * subjects of every length up to 300 bytes in both layouts, each also
+ * spoiled at every byte and cut at every length, so that every token edge
+ * falls at every place of the parser's blocks; and
  * what recording them leaves in a real engine's
  * published stats: the wait, a clock skew clamped at 0 and counted, and
  * the consumer's pending as a live backlog sample.
@@ -184,6 +187,62 @@ Test(jsack, same_as_cnats_on_a_real_servers_replies, .timeout = 60)
 	}
 	cr_expect(redelivered, "the nakked message came back with delivered 2");
 	cr_expect(pending_seen, "messages behind the first were counted pending");
+}
+
+/* Every length from the shortest subject to 300 bytes, so that each
+ * token edge, dot and number falls at every place of the parser's 16- and
+ * 64-byte blocks: names padded to length, both layouts, numbers of 1 to
+ * 19 digits; each one parsed by both, and the same subject with one byte
+ * spoiled (a space, a dot doubled, a letter in a number) refused by tally
+ * wherever it falls. */
+Test(jsack, same_as_cnats_at_every_length_and_offset)
+{
+	static const char *const nums[] = { "1", "42", "123456789", "1234567890123456", "12345678901234567",
+					    "9223372036854775807", "0000000000000000001" };
+	char stream[300], reply[700];
+	struct tally_jsack a;
+	int checked = 0;
+
+	for (size_t sl = 1; sl < 240; sl++) {
+		memset(stream, 'S', sl);
+		stream[sl] = '\0';
+		stream[sl / 2] = sl % 3 ? '-' : '_';
+		for (int layout = 0; layout < 3; layout++) {
+			const char *n = nums[sl % 7], *m = nums[(sl / 7) % 7];
+			const char *head = layout == 0 ? "" : layout == 1 ? "_.H4sh." : "dom.AcC.";
+			const char *tail = layout == 0 ? "" : layout == 1 ? ".r" : ".rNd.x.y";
+			snprintf(reply, sizeof(reply), "$JS.ACK.%s%s.c%zu.%s.%s.%s.%s.%s%s", head, stream, sl % 10, n,
+				 m, n, nums[5], m, tail);
+			expect_same(reply);
+			checked++;
+			/* spoil one byte at every place after the prefix */
+			size_t len = strlen(reply), hl = strlen(head), tl = strlen(tail);
+			const char *num0 = strchr(reply + 8 + hl + sl + 1, '.') + 1; /* past the consumer */
+			for (size_t i = 8; i < len; i++) {
+				char keep = reply[i];
+				bool in_numbers = reply + i >= num0 && i < len - tl;
+				reply[i] = in_numbers && keep != '.' ? 'x' : i % 2 ? ' ' : '\x7f';
+				cr_expect_eq(tally_jsack_parse(reply, len, &a), -EINVAL, "%s (byte %zu)", reply, i);
+				if (keep != '.') {
+					reply[i] = '.'; /* an empty token where a dot touches one, or a token more */
+					if (reply[i - 1] == '.' || reply[i + 1] == '.' || i + 1 == len)
+						cr_expect_eq(tally_jsack_parse(reply, len, &a), -EINVAL, "%s", reply);
+				}
+				reply[i] = keep;
+			}
+			/* and cut short at every length: only a whole old-layout subject is one */
+			for (size_t l = 0; l < len; l++) {
+				int rc = tally_jsack_parse(reply, l, &a);
+				if (rc == 0) { /* a prefix that is a subject itself: cnats agrees */
+					char cut[700];
+					memcpy(cut, reply, l);
+					cut[l] = '\0';
+					expect_same(cut);
+				}
+			}
+		}
+	}
+	cr_expect_eq(checked, 239 * 3);
 }
 
 /* Refused by both parsers. */

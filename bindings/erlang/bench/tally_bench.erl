@@ -51,16 +51,19 @@ cases() ->
      {ring, "NIF: 2 integers into a thread-local ring (floor)", ?N},
      {record, "tally:record/2", ?N},
      {record_since, "tally:record_since/2 (timestamp in C)", ?N},
+     {jetstream, "tally:record_jetstream/2 (a 56-byte ack reply: wait + pending)", ?N},
      {counters, "counters:add/3", ?N},
      {ets, "ETS histogram, update_counter + write_concurrency", ?N_SLOW},
      {cast, "gen_server:cast/2 (sender; processed)", ?N_SLOW},
      {verdict, "tally:verdict/1", ?N},
-     {stats, "tally:stats/1 (a map of 20 keys)", ?N_SLOW}].
+     {stats, "tally:stats/1 (a map of 29 keys)", ?N_SLOW}].
 
 %% #{Case => {NsPerOp, Extra}} with Workers schedulers online, one worker each.
 measure(Workers, J) ->
     erlang:system_flag(schedulers_online, Workers),
     Ctx = #{j => J,
+            reply => iolist_to_binary(io_lib:format("$JS.ACK.ORDERS.router.1.4711.4711.~b.12",
+                                                    [os:system_time(nanosecond)])),
             counters => counters:new(1, [write_concurrency]),
             ets => new_ets_histogram()},
     Reps = [[{C, run_case(C, N, Workers, Ctx)} || {C, _, N} <- cases()] || _ <- lists:seq(1, ?REPS)],
@@ -98,6 +101,7 @@ loop(noop, N, _) -> noop_loop(N, 1);
 loop(ring, N, _) -> ring_loop(N, 1);
 loop(record, N, #{j := J}) -> record_loop(N, J);
 loop(record_since, N, #{j := J}) -> since_loop(N, J, tally:now());
+loop(jetstream, N, #{j := J, reply := R}) -> jetstream_loop(N, J, R);
 loop(counters, N, #{counters := C}) -> counters_loop(N, C);
 loop(ets, N, #{ets := T}) -> ets_loop(N, T);
 loop(verdict, N, #{j := J}) -> verdict_loop(N, J);
@@ -114,6 +118,9 @@ record_loop(N, J) -> tally:record(J, N), record_loop(N - 1, J).
 
 since_loop(0, _, _) -> ok;
 since_loop(N, J, T0) -> tally:record_since(J, T0), since_loop(N - 1, J, T0).
+
+jetstream_loop(0, _, _) -> ok;
+jetstream_loop(N, J, R) -> tally:record_jetstream(J, R), jetstream_loop(N - 1, J, R).
 
 counters_loop(0, _) -> ok;
 counters_loop(N, C) -> counters:add(C, 1, N), counters_loop(N - 1, C).

@@ -15,7 +15,12 @@
  * be had (every slot of the segment taken), the record is dropped and
  * counted; the thread tries again at most once a second, so a VM with
  * too few slots pays one failed claim per thread per second, not per
- * record.
+ * record. tally:record_jetstream/2,3 takes the same handle and hands a
+ * message's ack reply subject (a binary, or an iolist flattened first) to
+ * tally_record_jetstream(): the message's wait and its consumer's
+ * pending, parsed from the reply, and with /3 its processing latency too,
+ * in one NIF call; all of them inline on the calling scheduler, as
+ * record/2 (well under a microsecond; no dirty scheduler).
  *
  * Lifetimes. A subject resource keeps its segment resource; the segment
  * is detached (tally_segment_close: every scheduler's slot for it goes
@@ -114,11 +119,13 @@ struct priv {
 static ErlNifResourceType *seg_type, *subj_type;
 
 static ERL_NIF_TERM atom_ok, atom_error, atom_dropped, atom_closed, atom_warn, atom_overload,
-	atom_unknown, atom_no_data, atom_stale, atom_true, atom_false, atom_undefined;
+	atom_unknown, atom_no_data, atom_stale, atom_true, atom_false, atom_undefined, atom_not_ack_reply;
 static ERL_NIF_TERM k_count, k_p50, k_p90, k_p95, k_p99, k_p999, k_max, k_min, k_mean, k_rate,
 	k_pending, k_verdict, k_reasons, k_stale, k_total_count, k_pending_age_ms, k_pending_source,
 	k_pending_shared, k_retry_after_ms, k_window_ms, k_no_slot, k_last_error, k_slot, k_state,
-	k_pid, k_tid, k_samples, k_dropped, k_lost, k_alive, k_backlog;
+	k_pid, k_tid, k_samples, k_dropped, k_lost, k_alive, k_backlog, k_wait_count, k_wait_p50,
+	k_wait_p95, k_wait_p99, k_wait_min, k_wait_skewed, k_codel_overloaded, k_pressure,
+	k_shed_probability;
 
 /* ---- atoms and errors -------------------------------------------------------- */
 
@@ -145,6 +152,7 @@ static void make_atoms(ErlNifEnv *env)
 	atom_true = atom(env, "true");
 	atom_false = atom(env, "false");
 	atom_undefined = atom(env, "undefined");
+	atom_not_ack_reply = atom(env, "not_ack_reply");
 	k_count = atom(env, "count");
 	k_p50 = atom(env, "p50");
 	k_p90 = atom(env, "p90");
@@ -176,6 +184,15 @@ static void make_atoms(ErlNifEnv *env)
 	k_lost = atom(env, "lost");
 	k_alive = atom(env, "alive");
 	k_backlog = atom(env, "backlog");
+	k_wait_count = atom(env, "wait_count");
+	k_wait_p50 = atom(env, "wait_p50");
+	k_wait_p95 = atom(env, "wait_p95");
+	k_wait_p99 = atom(env, "wait_p99");
+	k_wait_min = atom(env, "wait_min");
+	k_wait_skewed = atom(env, "wait_skewed");
+	k_codel_overloaded = atom(env, "codel_overloaded");
+	k_pressure = atom(env, "pressure");
+	k_shed_probability = atom(env, "shed_probability");
 }
 
 /* The reason atom of a libtally error (tally:format_error/1 explains each). */
@@ -481,26 +498,34 @@ static ERL_NIF_TERM record_dropped(struct thread_cache *c)
 /* Not the hot path: this thread's first record into s, or no slot. A
  * thread without a slot drops and counts; it claims again at most once
  * a second, so a VM short of slots pays one failed claim per thread per
- * second, not one per record. */
-static ERL_NIF_TERM record_slow(ErlNifEnv *env, struct nif_subj *subj, uint64_t ns)
+ * second, not one per record. NULL: no slot (counted). */
+static struct tally_producer *handle_slow(struct nif_seg *s)
 {
-	struct nif_seg *s = subj->seg;
 	struct thread_cache *c = &tcache;
 	struct tally_producer *p;
 	int rc;
 
 	if (c->uid == s->uid && !c->p && tally_now_ns() < c->retry_ns) {
 		atomic_fetch_add_explicit(&s->no_slot, 1, memory_order_relaxed);
-		return atom_dropped;
+		return NULL;
 	}
 	if ((rc = tally_producer_local(s->seg, &p)) != 0) {
 		atomic_store_explicit(&s->last_attach_error, rc, memory_order_relaxed);
 		atomic_fetch_add_explicit(&s->no_slot, 1, memory_order_relaxed);
 		*c = (struct thread_cache){ s->uid, NULL, tally_now_ns() + NO_SLOT_RETRY_NS };
-		return atom_dropped;
+		return NULL;
 	}
 	*c = (struct thread_cache){ s->uid, p, 0 };
-	return tally_record(p, subj->id, ns) ? atom_ok : record_dropped(c);
+	return p;
+}
+
+static ERL_NIF_TERM record_slow(ErlNifEnv *env, struct nif_subj *subj, uint64_t ns)
+{
+	struct tally_producer *p = handle_slow(subj->seg);
+
+	if (!p)
+		return atom_dropped;
+	return tally_record(p, subj->id, ns) ? atom_ok : record_dropped(&tcache);
 }
 
 static inline ERL_NIF_TERM record(ErlNifEnv *env, struct nif_subj *subj, uint64_t ns)
@@ -523,6 +548,51 @@ static ERL_NIF_TERM nif_record(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
 	if (UNLIKELY(!subj || !get_ns(env, argv[1], &ns)))
 		return enif_make_badarg(env);
 	return record(env, subj, ns);
+}
+
+/* The calling thread's handle for s (claimed on its first use); NULL: no
+ * slot, the record dropped and counted. */
+static inline struct tally_producer *handle(struct nif_seg *s)
+{
+	struct thread_cache *c = &tcache;
+
+	if (LIKELY(c->uid == s->uid && c->p))
+		return c->p;
+	return handle_slow(s);
+}
+
+/*
+ * tally:record_jetstream(Subj, Reply) and (Subj, Reply, LatencyNs). Reply:
+ * the message's reply subject, a binary or an iolist. ok; dropped (the
+ * ring was full, or no slot: counted as for record/2); {error,
+ * not_ack_reply} (not a JetStream ack reply: nothing recorded, the
+ * latency neither); badarg for a closed segment or terms of other types.
+ * The latency, when given, is recorded after the reply was taken.
+ */
+static ERL_NIF_TERM nif_record_jetstream(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
+{
+	struct nif_subj *subj = get_subj(env, argv[0]);
+	ErlNifBinary reply;
+	uint64_t ns = 0;
+
+	if (UNLIKELY(!subj || (argc == 3 && !get_ns(env, argv[2], &ns))))
+		return enif_make_badarg(env);
+	if (!enif_inspect_binary(env, argv[1], &reply) && !enif_inspect_iolist_as_binary(env, argv[1], &reply))
+		return enif_make_badarg(env);
+	if (UNLIKELY(atomic_load_explicit(&subj->seg->closed, memory_order_relaxed)))
+		return enif_make_badarg(env);
+	struct tally_producer *p = handle(subj->seg);
+	if (UNLIKELY(!p)) /* no slot: a reply that is not one is still told */
+		return tally_jsack_parse((const char *)reply.data, reply.size, &(struct tally_jsack){ 0 }) == 0
+			       ? atom_dropped
+			       : enif_make_tuple2(env, atom_error, atom_not_ack_reply);
+	int rc = tally_record_jetstream(p, subj->id, (const char *)reply.data, reply.size);
+	if (UNLIKELY(rc == -EINVAL)) /* nothing recorded, the latency neither */
+		return enif_make_tuple2(env, atom_error, atom_not_ack_reply);
+	bool ok = rc == 0;
+	if (argc == 3)
+		ok = tally_record(p, subj->id, ns) && ok;
+	return LIKELY(ok) ? atom_ok : record_dropped(&tcache);
 }
 
 static ERL_NIF_TERM nif_record_since(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
@@ -605,6 +675,7 @@ static ERL_NIF_TERM reasons_list(ErlNifEnv *env, uint32_t r)
 		{ TALLY_REASON_STALLED, "stalled" },   { TALLY_REASON_FAIL_OPEN, "fail_open" },
 		{ TALLY_REASON_NO_DATA, "no_data" },   { TALLY_REASON_STALE, "stale" },
 		{ TALLY_REASON_PENDING, "pending" },   { TALLY_REASON_LATENCY, "latency" },
+		{ TALLY_REASON_WAIT, "wait" },         { TALLY_REASON_CODEL, "codel" },
 	};
 	ERL_NIF_TERM l = enif_make_list(env, 0);
 
@@ -636,7 +707,9 @@ static ERL_NIF_TERM stats_map(ErlNifEnv *env, const struct tally_subject_stats *
 	ERL_NIF_TERM keys[] = { k_count, k_p50, k_p90, k_p95, k_p99, k_p999, k_max, k_min, k_mean,
 				k_rate, k_pending, k_verdict, k_reasons, k_stale, k_total_count,
 				k_pending_age_ms, k_pending_source, k_pending_shared,
-				k_retry_after_ms, k_window_ms };
+				k_retry_after_ms, k_window_ms, k_wait_count, k_wait_p50, k_wait_p95,
+				k_wait_p99, k_wait_min, k_wait_skewed, k_codel_overloaded, k_pressure,
+				k_shed_probability };
 	ERL_NIF_TERM vals[] = {
 		enif_make_uint64(env, st->count),
 		quantile(env, st, st->p50_ns),
@@ -658,6 +731,15 @@ static ERL_NIF_TERM stats_map(ErlNifEnv *env, const struct tally_subject_stats *
 		st->pending_shared ? atom_true : atom_false,
 		enif_make_uint(env, st->retry_after_ms),
 		enif_make_uint64(env, st->window_ns / 1000000u),
+		enif_make_uint64(env, st->wait_count),
+		st->has_wait ? enif_make_uint64(env, st->wait_p50_ns) : atom_undefined,
+		st->has_wait ? enif_make_uint64(env, st->wait_p95_ns) : atom_undefined,
+		st->has_wait ? enif_make_uint64(env, st->wait_p99_ns) : atom_undefined,
+		st->codel_valid ? enif_make_uint64(env, st->wait_min_ns) : atom_undefined,
+		enif_make_uint64(env, st->wait_skewed),
+		st->codel_overloaded ? atom_true : atom_false,
+		enif_make_double(env, st->pressure),
+		enif_make_double(env, st->shed_probability),
 	};
 	ERL_NIF_TERM map;
 
@@ -846,6 +928,8 @@ static ErlNifFunc funcs[] = {
 	{ "subject_nif", 2, nif_subject, 0 },
 	{ "record", 2, nif_record, 0 },
 	{ "record_since", 2, nif_record_since, 0 },
+	{ "record_jetstream", 2, nif_record_jetstream, 0 },
+	{ "record_jetstream", 3, nif_record_jetstream, 0 },
 	{ "now", 0, nif_now, 0 },
 	{ "stats", 1, nif_stats, 0 },
 	{ "verdict", 1, nif_verdict, 0 },

@@ -8,7 +8,7 @@
 -module(tally).
 
 -export([open/1, close/1, subject/2,
-         record/2, record_since/2, now/0,
+         record/2, record_since/2, record_jetstream/2, record_jetstream/3, now/0,
          stats/1, verdict/1, pending/1,
          format_error/1,
          counters/1, slots/1, slots_needed/0]).
@@ -21,7 +21,7 @@
 -opaque segment() :: reference().
 -opaque subject() :: reference().
 -type reason() :: enoent | eacces | version_mismatch | owner_dead | not_ready | corrupt
-                | bad_name | full | replaced | stale | closed | no_data | atom().
+                | bad_name | full | replaced | stale | closed | no_data | not_ack_reply | atom().
 -export_type([segment/0, subject/0, reason/0]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
@@ -76,6 +76,30 @@ record(_Subj, _Ns) -> ?NOT_LOADED.
 %% Record now() - T0, the timestamp taken in C.
 -spec record_since(subject(), integer()) -> ok | dropped.
 record_since(_Subj, _T0) -> ?NOT_LOADED.
+
+%% @doc Record what JetStream tells in a message's ack reply subject
+%% (`Reply`: the reply of the delivered message, a binary or an iolist):
+%% the message's wait in the stream (the wall clock now minus the time
+%% nats-server stored it, into the subject's wait series; a timestamp
+%% ahead of now, clock skew between hosts, is a wait of 0, counted as
+%% `wait_skewed') and its consumer's pending (a live sample of that
+%% consumer's backlog, at no API cost). Both reply layouts are taken:
+%% `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>'
+%% and the one with a domain and an account hash in front (nats-server
+%% 2.10 and later). stats/1 shows them as `wait_p50', `wait_p95',
+%% `wait_p99', `wait_min' (CoDel), `pending', `pressure',
+%% `shed_probability'. `{error, not_ack_reply}': `Reply' is not an ack
+%% reply (nothing is recorded). `dropped': as for record/2. Inline on the
+%% calling scheduler, like record/2: no lock, no allocation for a binary,
+%% never blocks.
+-spec record_jetstream(subject(), iodata()) -> ok | dropped | {error, not_ack_reply}.
+record_jetstream(_Subj, _Reply) -> ?NOT_LOADED.
+
+%% @doc record_jetstream/2 and, in the same call, the message's processing
+%% latency `LatencyNs' (as record/2); a reply that is not an ack reply
+%% records neither.
+-spec record_jetstream(subject(), iodata(), non_neg_integer()) -> ok | dropped | {error, not_ack_reply}.
+record_jetstream(_Subj, _Reply, _LatencyNs) -> ?NOT_LOADED.
 
 %% CLOCK_MONOTONIC in ns, the clock of tally_now_ns().
 -spec now() -> non_neg_integer().
@@ -152,6 +176,9 @@ help(replaced) -> "the segment was re-created by a new owner: tally:open/1 it ag
 help(stale) -> "the owner has not published for 10 publish intervals: check that tallyd runs";
 help(closed) -> "the segment was closed with tally:close/1: open it again";
 help(no_data) -> "nothing published for this subject yet (no sample, no consumer)";
+help(not_ack_reply) -> "not a JetStream ack reply subject ($JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>."
+                           "<timestamp>.<pending>, or with a domain and an account hash): pass the reply "
+                           "subject of a message delivered by a JetStream consumer";
 help(no_slot) -> "every producer slot of the segment is taken: raise producer_slots to at least "
                      "tally:slots_needed() per VM (plus other producers) and restart tallyd";
 help(Reason) -> lists:flatten(io_lib:format("tally error ~p", [Reason])).

@@ -2,11 +2,12 @@
 %% nats_proto: just enough of the NATS client protocol (over gen_tcp) for
 %% the binding's tests to drive a real nats-server: start one with
 %% JetStream on a free loopback port in a temp dir, create a stream and a
-%% durable consumer through the JetStream API, publish messages. There is
+%% durable consumer through the JetStream API, publish messages, pull one
+%% message of a consumer with its reply subject. There is
 %% no Erlang NATS client in Debian; this is test code, not a client.
 -module(nats_proto).
 
--export([start_server/0, stop_server/1, connect/1, close/1, request/3, publish/3, flush/1]).
+-export([start_server/0, stop_server/1, connect/1, close/1, request/3, publish/3, flush/1, next_msg/3]).
 
 %% nats-server -js on 127.0.0.1:<free port>; {Url, Server}.
 start_server() ->
@@ -85,6 +86,11 @@ request(S, Subject, Payload) ->
     Reply.
 
 wait_msg(S) ->
+    {_Fields, Body} = wait_msg_fields(S),
+    Body.
+
+%% The next MSG: its fields (subject, sid, [reply,] size) and its payload.
+wait_msg_fields(S) ->
     case gen_tcp:recv(S, 0, 5000) of
         {ok, <<"MSG ", Rest/binary>>} ->
             Fields = binary:split(string:trim(Rest), <<" ">>, [global]),
@@ -92,8 +98,19 @@ wait_msg(S) ->
             ok = inet:setopts(S, [{packet, raw}]),
             {ok, <<Body:Len/binary, "\r\n">>} = gen_tcp:recv(S, Len + 2, 5000),
             ok = inet:setopts(S, [{packet, line}]),
-            Body;
-        {ok, <<"PING\r\n">>} -> gen_tcp:send(S, <<"PONG\r\n">>), wait_msg(S);
+            {Fields, Body};
+        {ok, <<"PING\r\n">>} -> gen_tcp:send(S, <<"PONG\r\n">>), wait_msg_fields(S);
         {ok, <<"-ERR", _/binary>> = E} -> error({nats_error, E});
-        {ok, _} -> wait_msg(S)
+        {ok, _} -> wait_msg_fields(S)
     end.
+
+%% Pull one message of a durable pull consumer: {Subject, ReplySubject,
+%% Payload}, the reply subject as nats-server wrote it ($JS.ACK...).
+next_msg(S, Stream, Consumer) ->
+    Inbox = <<"_INBOX.tally", (integer_to_binary(erlang:unique_integer([positive])))/binary>>,
+    Api = <<"$JS.API.CONSUMER.MSG.NEXT.", Stream/binary, ".", Consumer/binary>>,
+    ok = gen_tcp:send(S, [<<"SUB ">>, Inbox, <<" 1\r\n">>,
+                          <<"PUB ">>, Api, <<" ">>, Inbox, <<" 1\r\n1\r\n">>]),
+    {[Subject, _Sid, Reply, _Len], Body} = wait_msg_fields(S),
+    ok = gen_tcp:send(S, <<"UNSUB 1\r\n">>),
+    {Subject, Reply, Body}.

@@ -6,8 +6,10 @@
 %% scheduler, a verdict rising and falling, a killed owner, bad arguments,
 %% the NIF upgraded and unloaded while processes record, producer slots on
 %% dirty schedulers and their exhaustion, a second OS process on the same
-%% segment, JetStream pending from a real nats-server, and the example
-%% router module with its telemetry handler.
+%% segment, JetStream pending from a real nats-server, waits and pending
+%% recorded from ack reply subjects (both layouts, and real ones pulled
+%% from a nats-server), and the example router module with its telemetry
+%% handler.
 -module(tally_tests).
 
 -include_lib("eunit/include/eunit.hrl").
@@ -403,6 +405,129 @@ pending_from_jetstream_test() ->
                 router_intake_backpressure:stop()
             end
         end),
+        nats_proto:close(C)
+    after
+        nats_proto:stop_server(Nats)
+    end.
+
+%% ---- wait and pending from the ack reply (record_jetstream) ------------------
+
+%% An ack reply of the 9-token layout (nats-server 2.9) and the same fields
+%% in the 12-token one (domain, account hash, and a token after pending).
+ack_v1(Stream, Consumer, Seq, Ts, Pending) ->
+    iolist_to_binary(io_lib:format("$JS.ACK.~s.~s.1.~b.~b.~b.~b", [Stream, Consumer, Seq, Seq, Ts, Pending])).
+ack_v2(Domain, Stream, Consumer, Seq, Ts, Pending) ->
+    iolist_to_binary(io_lib:format("$JS.ACK.~s.AcCt7H4sh.~s.~s.1.~b.~b.~b.~b.rNd~b",
+                                   [Domain, Stream, Consumer, Seq, Seq, Ts, Pending, Seq])).
+
+%% Waits published so far, 0 before the subject's first publish.
+wait_count(J) ->
+    case tally:stats(J) of
+        {ok, #{wait_count := N}} -> N;
+        {error, no_data} -> 0
+    end.
+
+%% Within the histograms' 1% (and the few ms between taking Ts here and
+%% the record call's own clock).
+near(Expected, Got) ->
+    Got >= Expected * 99 div 100 andalso Got =< Expected * 101 div 100 + 20000000.
+
+record_jetstream_both_layouts_test() ->
+    with_tallyd(base_ini(), fun(T) ->
+        {_S, J} = open_subject(T, <<"orders.jetstream">>),
+        Ms = 1000000,
+        Now = os:system_time(nanosecond),
+        %% 9-token layout, as binaries: 50 messages that waited 100 ms, 7 pending
+        %% (the same for all: rings of two schedulers may drain in either order)
+        [ok = tally:record_jetstream(J, ack_v1("ORDERS", "worker", I, Now - 100 * Ms, 7))
+         || I <- lists:seq(1, 50)],
+        ?assert(wait_until(fun() -> wait_count(J) =:= 50 end, 5000, 10)),
+        M1 = stats(J),
+        ?assert(near(100 * Ms, maps:get(wait_p50, M1)), M1),
+        ?assertMatch(#{pending := 7, pending_source := live, count := 0, wait_skewed := 0}, M1),
+        %% 12-token layout, as iolists, "_" (no domain) and a named one: 50 that
+        %% waited 400 ms, and with record_jetstream/3 their 5 ms processing too
+        Now2 = os:system_time(nanosecond),
+        [ok = tally:record_jetstream(J, [<<"$JS.ACK.">>, binary:part(R, 8, byte_size(R) - 8)])
+         || I <- lists:seq(51, 75), R <- [ack_v2("_", "ORDERS", "worker", I, Now2 - 400 * Ms, 3)]],
+        [ok = tally:record_jetstream(J, ack_v2("hub", "ORDERS", "worker", I, Now2 - 400 * Ms, 3), 5 * Ms)
+         || I <- lists:seq(76, 100)],
+        ?assert(wait_until(fun() -> wait_count(J) =:= 100 end, 5000, 10)),
+        M2 = stats(J),
+        ?assert(near(400 * Ms, maps:get(wait_p99, M2)), M2),
+        ?assert(near(100 * Ms, maps:get(wait_p50, M2)), M2),
+        ?assertMatch(#{pending := 3, count := 25}, M2),
+        ?assert(near(5 * Ms, maps:get(p50, M2)), M2),
+        %% a clock 2 s ahead on the server's host: a wait of 0, counted
+        ok = tally:record_jetstream(J, ack_v1("ORDERS", "worker", 101, os:system_time(nanosecond) + 2000 * Ms, 0)),
+        ?assert(wait_until(fun() -> maps:get(wait_skewed, stats(J)) =:= 1 end, 5000, 10)),
+        ?assertMatch(#{wait_count := 101, pending := 0}, stats(J)),
+        %% the graded signals are published beside them
+        #{pressure := P, shed_probability := Shed} = stats(J),
+        ?assert(is_float(P) andalso P >= 0.0 andalso P =< 1.0),
+        ?assert(is_float(Shed) andalso Shed >= 0.0 andalso Shed =< 1.0)
+    end).
+
+record_jetstream_refuses_what_is_not_an_ack_reply_test() ->
+    with_tallyd(base_ini(), fun(T) ->
+        {_S, J} = open_subject(T, <<"orders.badreply">>),
+        Now = os:system_time(nanosecond),
+        Bad = [<<"_INBOX.abc.def">>, <<"$JS.ACK.ORDERS.worker.1.2.3.4">>,   % a token short
+               <<"$JS.ACK.ORDERS.worker.1.2.3.x.5">>, <<"$JS.ACK.ORDERS..1.2.3.4.5">>,
+               <<"$JS.ACK.ORDERS.worker.1.2.3.99999999999999999999.5">>,
+               <<"$JS.ACK.ORDERS.worker.1.2.3.4.5\n">>, <<>>,
+               ["$JS.ACK.ORDERS", <<".worker.1.2.3.4.-5">>]],
+        [?assertEqual({error, not_ack_reply}, tally:record_jetstream(J, B)) || B <- Bad],
+        [?assertEqual({error, not_ack_reply}, tally:record_jetstream(J, B, 1000000)) || B <- Bad],
+        ?assertEqual("not a JetStream ack reply subject", lists:sublist(tally:format_error(not_ack_reply), 33)),
+        ?assertError(badarg, tally:record_jetstream(J, 42)),
+        ?assertError(badarg, tally:record_jetstream(J, ack_v1("S", "C", 1, Now, 0), -1)),
+        ?assertError(badarg, tally:record_jetstream(not_a_subject, ack_v1("S", "C", 1, Now, 0))),
+        %% nothing was recorded: one good reply after them is the only wait,
+        %% and no latency came with the refused ones
+        ok = tally:record_jetstream(J, ack_v1("ORDERS", "worker", 1, Now - 10000000, 4)),
+        ?assert(wait_until(fun() -> wait_count(J) =:= 1 end, 5000, 10)),
+        timer:sleep(300), % six publish intervals
+        ?assertMatch(#{wait_count := 1, count := 0, total_count := 0, pending := 4}, stats(J))
+    end).
+
+%% Real replies: messages stored in a real nats-server, pulled from a
+%% durable consumer, their reply subjects recorded as they came.
+record_jetstream_real_replies_test() ->
+    Nats = nats_proto:start_server(),
+    try
+        C = nats_proto:connect(maps:get(port, Nats)),
+        R1 = nats_proto:request(C, <<"$JS.API.STREAM.CREATE.ORDERS">>,
+                                <<"{\"name\":\"ORDERS\",\"subjects\":[\"orders.>\"]}">>),
+        ?assertEqual(nomatch, binary:match(R1, <<"\"error\"">>)),
+        R2 = nats_proto:request(C, <<"$JS.API.CONSUMER.DURABLE.CREATE.ORDERS.router">>,
+                                <<"{\"stream_name\":\"ORDERS\",\"config\":{\"durable_name\":\"router\","
+                                  "\"ack_policy\":\"explicit\"}}">>),
+        ?assertEqual(nomatch, binary:match(R2, <<"\"error\"">>)),
+        [nats_proto:publish(C, <<"orders.created">>, <<"m">>) || _ <- lists:seq(1, 5)],
+        nats_proto:flush(C),
+        Stored = os:system_time(nanosecond),
+        timer:sleep(200), % the messages wait in the stream
+        with_tallyd(base_ini(), fun(T) ->
+            {_S, J} = open_subject(T, <<"orders.created">>),
+            %% each one seen published before the next (so the last pending is the third's)
+            Replies = [begin
+                           {<<"orders.created">>, Reply, <<"m">>} = nats_proto:next_msg(C, <<"ORDERS">>, <<"router">>),
+                           ?assertMatch(<<"$JS.ACK.ORDERS.router.", _/binary>>, Reply),
+                           ok = tally:record_jetstream(J, Reply, 1000000),
+                           ?assert(wait_until(fun() -> wait_count(J) =:= K end, 5000, 5)),
+                           nats_proto:publish(C, Reply, <<"+ACK">>),
+                           Reply
+                       end || K <- lists:seq(1, 3)],
+            Waited = os:system_time(nanosecond) - Stored,
+            M = stats(J),
+            %% 2 left behind the third message; each waited 200 ms or more, less than since publishing
+            ?assertMatch(#{pending := 2, pending_source := live, count := 3, wait_skewed := 0}, M),
+            ?assert(maps:get(wait_p50, M) >= 200000000 * 99 div 100, M),
+            ?assert(maps:get(wait_p99, M) =< Waited * 101 div 100 + 100000000, {M, Waited}),
+            ?assertEqual(3, length(lists:usort(Replies)))
+        end),
+        nats_proto:flush(C),
         nats_proto:close(C)
     after
         nats_proto:stop_server(Nats)
