@@ -275,28 +275,56 @@ static bool bucket_stuck(const struct tally__hist *h, uint32_t i)
 	       h->counts[i] == UINT16_MAX;
 }
 
-/* bucket i += n; the block subtotal is exact. */
-static void bucket_add(struct tally__hist *h, uint32_t i, uint64_t n)
+/* The common case of add and sub: no carry in the block, no stuck
+ * bucket anywhere, so the 16-bit counter alone is the bucket. */
+static inline bool bucket_plain(const struct tally__hist *h, uint32_t i)
 {
-	if (!bucket_stuck(h, i)) {
-		bool sat = false;
-		uint64_t t = tally__hist_sat_add(tally__hist_bucket(h, i), n, &sat);
+	return !((h->carry_blocks >> (i / TALLY__HIST_BLOCK)) & 1u) &&
+	       !(h->flags & TALLY__HIST_BUCKET_SATURATED);
+}
 
-		bucket_set(h, i, t);
-		if (sat)
-			h->flags |= TALLY__HIST_BUCKET_SATURATED;
-	}
+static __attribute__((noinline)) void bucket_add_slow(struct tally__hist *h, uint32_t i, uint64_t n)
+{
+	bool sat = false;
+	uint64_t t;
+
+	if (bucket_stuck(h, i))
+		return;
+	t = tally__hist_sat_add(tally__hist_bucket(h, i), n, &sat);
+	bucket_set(h, i, t);
+	if (sat)
+		h->flags |= TALLY__HIST_BUCKET_SATURATED;
+}
+
+/* bucket i += n; the block subtotal is exact. */
+static inline void bucket_add(struct tally__hist *h, uint32_t i, uint64_t n)
+{
+	if (TALLY__LIKELY(bucket_plain(h, i) && n <= (uint64_t)(UINT16_MAX - h->counts[i])))
+		h->counts[i] = (uint16_t)(h->counts[i] + n);
+	else
+		bucket_add_slow(h, i, n);
 	h->blocks[i / TALLY__HIST_BLOCK] += n;
 }
 
 /* bucket i -= n; a stuck bucket stays stuck until the next reset. */
-static void bucket_sub(struct tally__hist *h, uint32_t i, uint64_t n)
+static __attribute__((noinline)) void bucket_sub_slow(struct tally__hist *h, uint32_t i, uint64_t n)
 {
-	if (!bucket_stuck(h, i)) {
-		uint64_t t = tally__hist_bucket(h, i);
+	uint64_t t;
 
-		TALLY__ASSERT(t >= n);
-		bucket_set(h, i, t - n); /* never grows the table */
+	if (bucket_stuck(h, i))
+		return;
+	t = tally__hist_bucket(h, i);
+	TALLY__ASSERT(t >= n);
+	bucket_set(h, i, t - n); /* never grows the table */
+}
+
+static inline void bucket_sub(struct tally__hist *h, uint32_t i, uint64_t n)
+{
+	if (TALLY__LIKELY(bucket_plain(h, i))) {
+		TALLY__ASSERT(h->counts[i] >= n);
+		h->counts[i] = (uint16_t)(h->counts[i] - n);
+	} else {
+		bucket_sub_slow(h, i, n);
 	}
 	TALLY__ASSERT(h->blocks[i / TALLY__HIST_BLOCK] >= n);
 	h->blocks[i / TALLY__HIST_BLOCK] -= n;
@@ -504,7 +532,7 @@ static const uint8_t *varint_get(const uint8_t *p, const uint8_t *end,
 			return p;
 		}
 	}
-	TALLY__ASSERT(!"varint too long");
+	tally__die(__FILE__, __LINE__, "packed histogram: varint too long");
 	return end;
 }
 
@@ -516,24 +544,34 @@ static unsigned gamma_bits(uint64_t x)
 
 struct bitw {
 	uint8_t *p;
-	uint64_t acc; /* the low n bits are pending, most significant first */
+	uint64_t acc; /* the low n bits (n < 32) are pending, most significant first */
 	unsigned n;
 };
 
-static void bitw_put(struct bitw *w, uint64_t v, unsigned n) /* n <= 32 */
+static inline void bitw_put(struct bitw *w, uint64_t v, unsigned n) /* 1 <= n <= 32 */
 {
 	w->acc = (w->acc << n) | (v & ((UINT64_C(1) << n) - 1u));
 	w->n += n;
-	while (w->n >= 8) {
-		w->n -= 8;
-		*w->p++ = (uint8_t)(w->acc >> w->n);
+	if (w->n >= 32) {
+		uint32_t out = (uint32_t)(w->acc >> (w->n - 32u));
+
+		w->n -= 32;
+		w->p[0] = (uint8_t)(out >> 24);
+		w->p[1] = (uint8_t)(out >> 16);
+		w->p[2] = (uint8_t)(out >> 8);
+		w->p[3] = (uint8_t)out;
+		w->p += 4;
 	}
 }
 
-static void bitw_gamma(struct bitw *w, uint64_t x)
+static inline void bitw_gamma(struct bitw *w, uint64_t x)
 {
 	unsigned l = 63u - (unsigned)__builtin_clzll(x);
 
+	if (l < 16u) { /* l zeros then the l + 1 bits of x: x in 2l + 1 bits */
+		bitw_put(w, x, 2u * l + 1u);
+		return;
+	}
 	for (unsigned z = l; z > 0;) {
 		unsigned k = z > 32 ? 32 : z;
 
@@ -550,8 +588,11 @@ static void bitw_gamma(struct bitw *w, uint64_t x)
 
 static void bitw_flush(struct bitw *w)
 {
+	for (; w->n >= 8; w->n -= 8)
+		*w->p++ = (uint8_t)(w->acc >> (w->n - 8u));
 	if (w->n > 0)
-		bitw_put(w, 0, 8u - w->n);
+		*w->p++ = (uint8_t)(w->acc << (8u - w->n));
+	w->n = 0;
 }
 
 struct bitr {
@@ -605,52 +646,65 @@ static uint64_t bitr_gamma(struct bitr *r)
 	return bitr_get(r, l + 1u);
 }
 
-static size_t packed_header_len(const struct tally__hist *h, uint32_t nz)
+static size_t packed_header_len(const struct tally__hist *h)
 {
 	return varint_len(h->count) + varint_len(h->sum) + varint_len(h->min) +
 	       varint_len(h->max) + varint_len(h->clamped) +
-	       varint_len(h->flags) + varint_len(nz);
+	       varint_len(h->flags);
 }
 
+/* After the last pair, a gap past the last bucket ends the list. */
 size_t tally__hist_packed_size(const struct tally__hist *h)
 {
 	uint64_t bits = 0;
-	uint32_t nz = 0, prev = 0;
+	uint32_t prev = 0;
 
 	FOR_EACH_BUCKET(h, i, n, {
 		bits += gamma_bits(i + 1u - prev) + gamma_bits(n);
 		prev = i + 1u;
-		nz++;
 	});
-	return packed_header_len(h, nz) + (size_t)((bits + 7u) / 8u);
+	bits += gamma_bits(h->nbuckets + 1u - prev);
+	return packed_header_len(h) + (size_t)((bits + 7u) / 8u);
 }
 
-size_t tally__hist_pack(const struct tally__hist *h, uint8_t *buf)
+size_t tally__hist_pack_merge(const struct tally__hist *h, uint8_t *buf,
+			      struct tally__hist *into)
 {
+	struct summary s = summary_of(h);
 	struct bitw w;
 	uint32_t prev = 0;
 	uint8_t *p = buf;
 
+	TALLY__ASSERT(into == NULL || into->nbuckets == h->nbuckets);
+	TALLY__ASSERT(into == NULL || into->counts != NULL || h->count == 0);
 	p = varint_put(p, h->count);
 	p = varint_put(p, h->sum);
 	p = varint_put(p, h->min);
 	p = varint_put(p, h->max);
 	p = varint_put(p, h->clamped);
 	p = varint_put(p, h->flags);
-	p = varint_put(p, tally__hist_nonzero(h));
 	w = (struct bitw){ p, 0, 0 };
 	FOR_EACH_BUCKET(h, i, n, {
 		bitw_gamma(&w, i + 1u - prev);
 		bitw_gamma(&w, n);
 		prev = i + 1u;
+		if (into != NULL)
+			bucket_add(into, i, n);
 	});
+	bitw_gamma(&w, h->nbuckets + 1u - prev);
 	bitw_flush(&w);
+	if (into != NULL && (h->count != 0 || h->clamped != 0))
+		summary_merge(into, &s);
 	return (size_t)(w.p - buf);
 }
 
+size_t tally__hist_pack(const struct tally__hist *h, uint8_t *buf)
+{
+	return tally__hist_pack_merge(h, buf, NULL);
+}
+
 static const uint8_t *packed_head(const uint8_t *buf, size_t len,
-				  struct tally__hist_packed_info *o,
-				  uint64_t *nz)
+				  struct tally__hist_packed_info *o)
 {
 	const uint8_t *p = buf, *end = buf + len;
 	uint64_t flags;
@@ -661,7 +715,6 @@ static const uint8_t *packed_head(const uint8_t *buf, size_t len,
 	p = varint_get(p, end, &o->max);
 	p = varint_get(p, end, &o->clamped);
 	p = varint_get(p, end, &flags);
-	p = varint_get(p, end, nz);
 	o->flags = (uint32_t)flags;
 	return p;
 }
@@ -669,28 +722,27 @@ static const uint8_t *packed_head(const uint8_t *buf, size_t len,
 void tally__hist_packed_info(const uint8_t *buf, size_t len,
 			     struct tally__hist_packed_info *out)
 {
-	uint64_t nz;
-
-	packed_head(buf, len, out, &nz);
+	packed_head(buf, len, out);
 }
 
 static void packed_apply(struct tally__hist *h, const uint8_t *buf,
 			 size_t len, bool add)
 {
 	struct tally__hist_packed_info o;
-	uint64_t nz, idx = 0;
-	struct bitr r = { packed_head(buf, len, &o, &nz), buf + len, 0, 0 };
+	uint64_t idx = 0;
+	struct bitr r = { packed_head(buf, len, &o), buf + len, 0, 0 };
 	struct summary s = { o.count, o.sum, o.min, o.max, o.clamped, o.flags };
 
 	if (o.count == 0 && o.clamped == 0)
 		return;
 	TALLY__ASSERT(h->counts != NULL);
-	for (uint64_t k = 0; k < nz; k++) {
+	for (;;) {
 		uint64_t n;
 
 		idx += bitr_gamma(&r); /* idx + 1 of this bucket */
+		if (idx > h->nbuckets)
+			break; /* the end mark */
 		n = bitr_gamma(&r);
-		TALLY__ASSERT(idx >= 1 && idx <= h->nbuckets);
 		if (add)
 			bucket_add(h, (uint32_t)(idx - 1u), n);
 		else

@@ -60,9 +60,10 @@
  * wake first (tally__window_add does that).
  *
  * Packed form: the nonzero buckets of a histogram, for closed time slices,
- * as ascending (gap, count) pairs, each an Elias gamma code, after a
- * varint summary (count, sum, min, max, clamped, flags): typically 4 to 5
- * bits per nonzero bucket, about 200 bytes for a slice of 1,000 values.
+ * as ascending (gap, count) pairs, each an Elias gamma code, ended by a
+ * gap past the last bucket, after a varint summary (count, sum, min, max,
+ * clamped, flags): typically 4 to 5 bits per nonzero bucket, about 200
+ * bytes for a slice of 1,000 values.
  *
  * min/max: exact after add and merge.  Subtraction cannot restore them, so
  * after tally__hist_sub*() they are conservative bounds (min <= true min,
@@ -109,20 +110,21 @@ struct tally__hist_carry {
 /* Dense histogram.  Fields are read by lib/window.c and the snapshot code;
  * write them only through the functions below. */
 struct tally__hist {
+	/* what add touches first, together (80 bytes) */
 	uint16_t *counts;  /* nbuckets counters (low part); NULL when released */
 	uint64_t *blocks;  /* nblocks subtotals: sum of buckets 64b .. 64b+63 */
-	struct tally__hist_carry *carry; /* ascending idx, ncarry of them */
-	uint64_t carry_blocks; /* bit b: block b has a carry entry */
-	uint32_t ncarry, carry_cap;
-	uint32_t nbuckets; /* tally__hist_index(max_value) + 1 */
-	uint32_t nblocks;  /* ceil(nbuckets / 64), <= 59 */
 	uint32_t flags;    /* TALLY__HIST_* */
+	uint32_t nbuckets; /* tally__hist_index(max_value) + 1 */
 	uint64_t max_value; /* top of range; larger values are clamped to it */
 	uint64_t count;    /* values recorded (exact) */
 	uint64_t sum;      /* their sum, saturating */
 	uint64_t min;      /* UINT64_MAX when empty */
 	uint64_t max;      /* 0 when empty */
 	uint64_t clamped;  /* values recorded above max_value */
+	uint32_t nblocks;  /* ceil(nbuckets / 64), <= 59 */
+	uint32_t ncarry, carry_cap;
+	uint64_t carry_blocks; /* bit b: block b has a carry entry */
+	struct tally__hist_carry *carry; /* ascending idx, ncarry of them */
 };
 
 /* One nonzero bucket of a sparse histogram. */
@@ -317,6 +319,11 @@ size_t tally__hist_packed_size(const struct tally__hist *h);
 /* Write h in packed form to buf (tally__hist_packed_size(h) bytes);
  * returns the bytes written. */
 size_t tally__hist_pack(const struct tally__hist *h, uint8_t *buf);
+
+/* tally__hist_pack(), and into += h in the same pass (into NULL: pack
+ * only), as tally__hist_merge(into, h). */
+size_t tally__hist_pack_merge(const struct tally__hist *h, uint8_t *buf,
+			      struct tally__hist *into);
 
 /* The summary of a packed histogram, read without its buckets. */
 struct tally__hist_packed_info {

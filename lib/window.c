@@ -129,7 +129,7 @@ static const uint8_t *get_varint(const uint8_t *p, const uint8_t *end, uint64_t 
 			return p;
 		}
 	}
-	TALLY__ASSERT(!"corrupt slice record");
+	tally__die(__FILE__, __LINE__, "window: corrupt slice record");
 	return end;
 }
 
@@ -283,13 +283,12 @@ static void window_close(struct tally__window *w, bool keep, size_t plen)
 
 		p = put_varint(p, w->cur_slice);
 		p = put_varint(p, plen);
-		wrote = tally__hist_pack(&w->cur, p);
+		wrote = tally__hist_pack_merge(&w->cur, p, &w->agg);
 		TALLY__ASSERT(wrote == plen);
 		p += plen;
 		TALLY__ASSERT(p <= w->fifo + w->fcap);
 		w->ftail = (uint32_t)(p - w->fifo);
 		w->nclosed++;
-		tally__hist_merge(&w->agg, &w->cur);
 	}
 	tally__hist_reset(&w->cur);
 }
