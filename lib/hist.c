@@ -586,6 +586,21 @@ static inline void bitw_gamma(struct bitw *w, uint64_t x)
 	}
 }
 
+/* gamma(gap) then gamma(n): one put when both codes fit in 32 bits. */
+static inline void bitw_pair(struct bitw *w, uint32_t gap, uint64_t n)
+{
+	unsigned lg = 31u - (unsigned)__builtin_clz(gap);
+	unsigned ln = n >> 16 ? 16u : 63u - (unsigned)__builtin_clzll(n);
+	unsigned bg = 2u * lg + 1u, bn = 2u * ln + 1u;
+
+	if (bg + bn <= 32u) {
+		bitw_put(w, ((uint64_t)gap << bn) | n, bg + bn);
+		return;
+	}
+	bitw_gamma(w, gap);
+	bitw_gamma(w, n);
+}
+
 static void bitw_flush(struct bitw *w)
 {
 	for (; w->n >= 8; w->n -= 8)
@@ -685,8 +700,7 @@ size_t tally__hist_pack_merge(const struct tally__hist *h, uint8_t *buf,
 	p = varint_put(p, h->flags);
 	w = (struct bitw){ p, 0, 0 };
 	FOR_EACH_BUCKET(h, i, n, {
-		bitw_gamma(&w, i + 1u - prev);
-		bitw_gamma(&w, n);
+		bitw_pair(&w, i + 1u - prev, n);
 		prev = i + 1u;
 		if (into != NULL)
 			bucket_add(into, i, n);
