@@ -176,17 +176,21 @@ static int fifo_reserve(struct tally__window *w, size_t need)
 
 	if (w->ftail + need <= w->fcap)
 		return 0;
-	if (want <= w->fcap && want * 2 > w->fcap) { /* compact in place */
+	/* grow (or shrink, when much of it sits unused) to want + 25% */
+	cap = want + want / 4 + 64;
+	TALLY__ASSERT(cap < UINT32_MAX);
+	if (want > w->fcap || want * 2 <= w->fcap)
+		p = TALLY__HIST_NOMEM("window.fifo") ? NULL : malloc(cap);
+	else
+		p = NULL; /* it fits: compact in place */
+	if (p == NULL) {
+		if (want > w->fcap)
+			return -ENOMEM;
 		memmove(w->fifo, w->fifo + w->fhead, live);
 		w->fhead = 0;
 		w->ftail = (uint32_t)live;
 		return 0;
 	}
-	/* grow (or shrink, when much of it sits unused) to want + 25% */
-	cap = want + want / 4 + 64;
-	TALLY__ASSERT(cap < UINT32_MAX);
-	if (TALLY__HIST_NOMEM("window.fifo") || !(p = malloc(cap)))
-		return -ENOMEM;
 	if (live)
 		memcpy(p, w->fifo + w->fhead, live);
 	free(w->fifo);
@@ -336,7 +340,10 @@ int tally__window_advance(struct tally__window *w, uint64_t now_ns)
 		window_drop_all(w);
 	window_close(w, keep, plen);
 	w->cur_slice = k;
-	if (w->agg.count == 0 && w->nclosed == 0 && !tally__window_asleep(w))
+	/* empty: give back whatever is held (a wake that got the aggregate
+	 * but not the current slice holds the aggregate alone) */
+	if (w->agg.count == 0 && w->nclosed == 0 && w->cur.count == 0 &&
+	    (w->cur.counts || w->agg.counts || w->fifo))
 		window_sleep(w);
 	return 0;
 }

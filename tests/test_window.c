@@ -340,6 +340,41 @@ Test(window, wake_without_memory_counts_the_loss)
 	tally__window_destroy(&w);
 }
 
+static int wakes;
+
+static bool fail_second_wake(const char *point)
+{
+	return strcmp(point, "hist.wake") == 0 && ++wakes == 2;
+}
+
+/* A wake that gets the aggregate but not the current slice: the value is
+ * lost (counted), and the next advance gives the aggregate back too. */
+Test(window, half_wake_gives_back_what_it_got)
+{
+	struct tally__window w;
+	struct tally__window_stats st;
+
+	mk(&w, SEC, 10 * SEC, 0);
+	tally__window_add(&w, 1);
+	st = stats(&w, 20 * SEC);
+	cr_assert(tally__window_asleep(&w));
+	wakes = 0;
+	tally__hist_nomem_hook = fail_second_wake;
+	cr_assert(!tally__window_add(&w, 2));
+	tally__hist_nomem_hook = NULL;
+	cr_assert_not_null(w.agg.counts);
+	cr_assert_null(w.cur.counts);
+	st = stats(&w, 21 * SEC);
+	cr_assert_eq(st.lost, 1);
+	cr_assert_eq(st.count, 0);
+	cr_assert_null(w.agg.counts);
+	cr_assert_eq(tally__window_heap_bytes(&w), 0);
+	cr_assert(tally__window_add(&w, 3));
+	st = stats(&w, 21 * SEC);
+	cr_assert_eq(st.count, 1);
+	tally__window_destroy(&w);
+}
+
 /* Slices with more than 65,535 values in one bucket: the carry goes into
  * the aggregate and leaves with its slice, exactly. */
 Test(window, carry_across_slices)
