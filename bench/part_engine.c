@@ -11,7 +11,9 @@
  *            (the subject sweep: more subjects, more cache misses), beside
  *            its floor in the same run: a streaming pass over the same
  *            filled rings that loads every entry and hands the ring back,
- *            but buckets nothing. Then end to end through the real engine
+ *            but buckets nothing; both also per second of the thread's
+ *            CPU time (CLOCK_THREAD_CPUTIME_ID), which a loaded machine's
+ *            preemptions do not inflate. Then end to end through the real engine
  *            at 100 subjects, one producer thread recording as fast as it
  *            can, retrying when its ring is full (sharing the machine's
  *            cores with the aggregator); and delivered samples/s (what
@@ -206,15 +208,28 @@ static uint64_t ingest_fill(struct tally_producer **p, const struct ingest_data 
 	return n;
 }
 
-/* Drain until empty; returns ns spent, adds the samples taken to *got. */
-static uint64_t ingest_drain(struct tally_engine *g, uint64_t *got)
+/* CPU time of the calling thread, ns: what the ingest rows "per CPU
+ * second" divide by, so that time the thread spent preempted (a loaded
+ * machine) does not count as time spent ingesting. */
+static uint64_t thread_cpu_ns(void)
 {
-	uint64_t t0 = bench_now_ns(), now = t0, n;
+	struct timespec ts;
+
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Drain until empty; returns ns spent, adds the samples taken to *got
+ * and the thread's CPU ns to *cpu. */
+static uint64_t ingest_drain(struct tally_engine *g, uint64_t *got, uint64_t *cpu)
+{
+	uint64_t c0 = thread_cpu_ns(), t0 = bench_now_ns(), now = t0, n;
 
 	while ((n = tally__engine_ingest(g, now)) != 0) {
 		*got += n;
 		now = bench_now_ns();
 	}
+	*cpu += thread_cpu_ns() - c0;
 	return bench_now_ns() - t0;
 }
 
@@ -251,7 +266,7 @@ static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d, 
 	char row[72];
 	struct tally_engine *g;
 	struct tally_producer *p[INGEST_SLOTS];
-	double rate[256], floor_[256];
+	double rate[256], floor_[256], crate[256], cfloor[256];
 	uint64_t fills = scaled(16, 1);
 
 	if (tally__engine_new(seg, NULL, &g) != 0) {
@@ -260,32 +275,42 @@ static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d, 
 	}
 	for (uint32_t k = 0; k < INGEST_SLOTS; k++)
 		p[k] = attach(seg);
-	uint64_t warm = 0;
+	uint64_t warm = 0, wcpu = 0;
 	ingest_fill(p, d); /* warm-up: creates the windows, faults their pages */
-	ingest_drain(g, &warm);
+	ingest_drain(g, &warm, &wcpu);
 	for (int r = 0; r < bench_opts.reps; r++) {
-		uint64_t ns = 0, got = 0, filled = 0;
+		uint64_t ns = 0, got = 0, filled = 0, cpu = 0;
 		for (uint64_t f = 0; f < fills; f++) {
 			filled += ingest_fill(p, d);
-			ns += ingest_drain(g, &got);
+			ns += ingest_drain(g, &got, &cpu);
 		}
 		if (got != filled || tally__engine_rejected(g))
 			fprintf(stderr, "bench: ingest drained %llu of %llu, %llu rejected\n",
 				(unsigned long long)got, (unsigned long long)filled,
 				(unsigned long long)tally__engine_rejected(g));
 		rate[r] = (double)got / (double)ns * 1e3; /* Msamples/s */
-		uint64_t fns = 0, fgot = 0;
+		crate[r] = (double)got / (double)cpu * 1e3;
+		uint64_t fns = 0, fgot = 0, fcpu = 0;
 		for (uint64_t f = 0; f < fills; f++) {
 			ingest_fill(p, d);
+			uint64_t c0 = thread_cpu_ns();
 			fns += stream_pass(seg, &fgot);
+			fcpu += thread_cpu_ns() - c0;
 		}
 		floor_[r] = (double)fgot / (double)fns * 1e3;
+		cfloor[r] = (double)fgot / (double)fcpu * 1e3;
 	}
 	char frow[72];
 	snprintf(frow, sizeof(frow), R_FLOOR ", %u subj", nsubjects);
 	bench_row_series("ingest", R_FLOOR, frow, "Msamples/s", true, floor_, bench_opts.reps, NULL, nsubjects);
 	snprintf(row, sizeof(row), R_INGEST ", %u subj", nsubjects);
 	bench_row_series("ingest", R_INGEST, row, "Msamples/s", true, rate, bench_opts.reps, frow, nsubjects);
+	snprintf(frow, sizeof(frow), R_FLOOR ", %u subj, per CPU s", nsubjects);
+	bench_row_series("ingest", R_FLOOR " (per CPU second)", frow, "Msamples/s", true, cfloor, bench_opts.reps,
+			 NULL, nsubjects);
+	snprintf(row, sizeof(row), R_INGEST ", %u subj, per CPU s", nsubjects);
+	bench_row_series("ingest", R_INGEST " (per CPU second)", row, "Msamples/s", true, crate, bench_opts.reps,
+			 frow, nsubjects);
 	for (uint32_t k = 0; k < INGEST_SLOTS; k++)
 		tally_producer_detach(&p[k]);
 	tally__engine_free(&g);

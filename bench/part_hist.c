@@ -217,7 +217,7 @@ static void linear_quantiles(const struct tally__hist *h, const double *qs, size
 	for (size_t k = 0; k < n && k < 8; k++)
 		r[k] = (uint64_t)ceil(qs[k] * (double)h->count);
 	for (uint32_t i = 0; i < h->nbuckets && q < n; i++) {
-		cum += h->counts[i];
+		cum += tally__hist_bucket(h, i);
 		while (q < n && r[q] <= cum)
 			out[q++] = tally__hist_bucket_mid(i);
 	}
@@ -331,9 +331,9 @@ static void bench_window(uint64_t *seed)
 	}
 	bench_row(PART, "tally__window_advance (close 1 slice)", "ns", false, adv, n, NULL, 10000);
 	bench_row(PART, "tally__window_stats (5 q, agg + cur)", "ns", false, sta, n, NULL, 10000);
-	printf("  %-10s window: p50 %llu p99 %llu ns, %.0f/s, closed slice sparse len %u\n", PART,
-	       (unsigned long long)st.p50, (unsigned long long)st.p99, st.rate,
-	       w.ring[(w.cur_slice - 1) % w.nslices].s.len);
+	printf("  %-10s window: p50 %llu p99 %llu ns, %.0f/s, %u closed slices packed in %u bytes\n", PART,
+	       (unsigned long long)st.p50, (unsigned long long)st.p99, st.rate, w.nclosed,
+	       w.ftail - w.fhead);
 	tally__window_destroy(&w);
 }
 

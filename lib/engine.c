@@ -232,6 +232,7 @@ struct tally_engine {
 	uint64_t recorded_total; /* aggregator thread: the largest drained + waiting published */
 	_Atomic uint64_t pending_kept, claims_expired, subjects_tombstoned;
 	_Atomic uint64_t subjects_active;
+	_Atomic uint64_t lost;           /* values a window had no memory for (window.h) */
 	/* the longest the aggregator went without draining (not counting its
 	 * sleeps when idle): from the end of one drain pass to the start of
 	 * the next; stall_from 0: the thread slept since */
@@ -354,15 +355,18 @@ static bool ingest_tagged(struct tally_engine *e, struct subject_state *st, uint
 {
 	struct wait_series *w = wait_of(e, st, now);
 
-	if (!w)
-		return true; /* no memory for the series: the sample is lost, not rejected */
+	if (!w) { /* no memory for the series: the sample is lost (counted), not rejected */
+		atomic_fetch_add_explicit(&e->lost, 1, memory_order_relaxed);
+		return true;
+	}
 	switch (TALLY__TAG_KIND(tag)) {
 	case TALLY__ENTRY_WAIT_SKEW:
 		w->skewed++;
 		v = 0;
 		__attribute__((fallthrough)); /* a wait of 0 */
 	case TALLY__ENTRY_WAIT:
-		tally__window_add(&w->win, v);
+		if (!tally__window_add(&w->win, v)) /* a sleeping window without memory to wake */
+			atomic_fetch_add_explicit(&e->lost, 1, memory_order_relaxed);
 		codel_add(w, rule_of(e, st), v, now);
 		return true;
 	case TALLY__ENTRY_PENDING:
@@ -408,6 +412,8 @@ static inline void prefetch_bucket(const struct tally_engine *e, const struct ta
 	if (!st)
 		return;
 	const struct tally__hist *h = &st->win.cur;
+	if (!h->counts) /* asleep (window.h): the add wakes it */
+		return;
 	uint32_t i = tally__hist_index(v < h->max_value ? v : h->max_value);
 	__builtin_prefetch(&h->counts[i], 1);
 	__builtin_prefetch(&h->blocks[i >> 6], 1);
@@ -420,7 +426,7 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 			   uint64_t *consumed)
 {
 	struct tally_segment *seg = e->seg;
-	uint64_t head, n = tally__slot_ready(seg, s, &head), rejected = 0;
+	uint64_t head, n = tally__slot_ready(seg, s, &head), rejected = 0, lost = 0;
 	uint64_t mask = seg->ring_cap - 1, max = seg->max_value_ns;
 
 	if (n > budget)
@@ -456,7 +462,7 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 		if (TALLY__UNLIKELY(walking) && st->win.cur_slice < e->cur_slice)
 			advance_one(e, st, now); /* a slice closed and the walk has not reached it yet */
 		if (TALLY__LIKELY(tag == 0))
-			tally__window_add(&st->win, v < max ? v : max);
+			lost += !tally__window_add(&st->win, v < max ? v : max); /* false: no memory to wake */
 		else if (!ingest_tagged(e, st, tag, v < max || TALLY__TAG_KIND(tag) == TALLY__ENTRY_PENDING
 						    ? v : max, now))
 			rejected++;
@@ -469,6 +475,8 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 				      atomic_load_explicit(&s->ctl.rejected, memory_order_relaxed) + rejected,
 				      memory_order_relaxed);
 	atomic_fetch_add_explicit(&e->rejected, rejected, memory_order_relaxed);
+	if (TALLY__UNLIKELY(lost))
+		atomic_fetch_add_explicit(&e->lost, lost, memory_order_relaxed);
 	return n - rejected;
 }
 
@@ -1526,6 +1534,7 @@ TALLY_API void tally_engine_counters(struct tally_engine *e, struct tally_engine
 	o->pending_kept = atomic_load_explicit(&e->pending_kept, memory_order_relaxed);
 	o->claims_expired = atomic_load_explicit(&e->claims_expired, memory_order_relaxed);
 	o->subjects_tombstoned = atomic_load_explicit(&e->subjects_tombstoned, memory_order_relaxed);
+	o->values_lost = atomic_load_explicit(&e->lost, memory_order_relaxed);
 }
 
 TALLY_API int tally_engine_set_thresholds(struct tally_engine *e, struct tally_thresholds **t)

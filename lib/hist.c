@@ -14,7 +14,11 @@
  * bucket-wise, and the error bound
  * (1/128 relative) holds for every value whatever the distribution, unlike
  * rank-error sketches whose error depends on the data.  The cost is memory:
- * 2345 counters for a one-hour range, so closed slices are kept sparse.
+ * 2345 counters for a one-hour range.  So counters are 16 bits wide, with
+ * an exact carry for the rare bucket that passes 65,535 (hist.h,
+ * Counters), and closed slices are kept packed: gamma-coded gaps and
+ * counts of the nonzero buckets only, a few bits each, decoded once, when
+ * the slice leaves its window.
  *
  * Reading is what must not scale with the bucket count: a publish computes
  * five quantiles for every active subject.  Each histogram therefore keeps
@@ -26,8 +30,8 @@
  * plus its current slice) without materialising that sum.
  *
  * Invariants, checked with always-on aborts where cheap: blocks[b] equals
- * the true number of values in block b (exact, even when a uint32_t bucket
- * saturates), the blocks add up to count, and a subtraction never takes
+ * the true number of values in block b (exact, even when a bucket
+ * saturates), a bucket's true count is its counter plus its carry, the blocks add up to count, and a subtraction never takes
  * more than was merged.  Breaking one is a bug in the caller, not an input
  * error, so it aborts rather than returning an errno.
  */
@@ -36,6 +40,11 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+bool (*tally__hist_nomem_hook)(const char *point) = NULL;
 
 /* What merge and subtract need of either a dense or a sparse histogram. */
 struct summary {
@@ -72,40 +81,75 @@ static uint32_t block_end(const struct tally__hist *h, uint32_t b)
 	return end < h->nbuckets ? end : h->nbuckets;
 }
 
-int tally__hist_init(struct tally__hist *h, uint64_t max_value)
+/* ---- storage --------------------------------------------------------- */
+
+/* One allocation: the subtotals, then the counters (rounded to 8 bytes). */
+static int storage_alloc(struct tally__hist *h, const char *point)
 {
-	uint32_t nbuckets, nblocks;
 	uint64_t *mem;
 
-	if (max_value == 0)
-		return -EINVAL;
-	nbuckets = tally__hist_nbuckets_for(max_value);
-	nblocks = (nbuckets + TALLY__HIST_BLOCK - 1u) / TALLY__HIST_BLOCK;
-	/* One allocation: the subtotals, then the counters. */
-	mem = calloc(nblocks + (nbuckets + 1u) / 2u, sizeof(uint64_t));
+	if (TALLY__HIST_NOMEM(point))
+		return -ENOMEM;
+	mem = calloc(h->nblocks + (h->nbuckets + 3u) / 4u, sizeof(uint64_t));
 	if (mem == NULL)
 		return -ENOMEM;
 	h->blocks = mem;
-	h->counts = (uint32_t *)(mem + nblocks);
-	h->nbuckets = nbuckets;
-	h->nblocks = nblocks;
+	h->counts = (uint16_t *)(mem + h->nblocks);
+	return 0;
+}
+
+int tally__hist_init(struct tally__hist *h, uint64_t max_value)
+{
+	if (max_value == 0)
+		return -EINVAL;
+	memset(h, 0, sizeof(*h));
+	h->nbuckets = tally__hist_nbuckets_for(max_value);
+	h->nblocks = (h->nbuckets + TALLY__HIST_BLOCK - 1u) / TALLY__HIST_BLOCK;
+	TALLY__ASSERT(h->nblocks <= 64u); /* carry_blocks has a bit each */
 	h->max_value = max_value;
 	summary_clear(h);
-	return 0;
+	return storage_alloc(h, "hist.init");
 }
 
 void tally__hist_destroy(struct tally__hist *h)
 {
 	free(h->blocks);
+	free(h->carry);
 	h->blocks = NULL;
 	h->counts = NULL;
+	h->carry = NULL;
+	h->ncarry = h->carry_cap = 0;
+	h->carry_blocks = 0;
 	h->nbuckets = 0;
 	h->nblocks = 0;
 }
 
+void tally__hist_release(struct tally__hist *h)
+{
+	TALLY__ASSERT(h->count == 0);
+	free(h->blocks);
+	free(h->carry);
+	h->blocks = NULL;
+	h->counts = NULL;
+	h->carry = NULL;
+	h->ncarry = h->carry_cap = 0;
+	h->carry_blocks = 0;
+	summary_clear(h);
+}
+
+int tally__hist_wake(struct tally__hist *h)
+{
+	if (h->counts != NULL)
+		return 0;
+	TALLY__ASSERT(h->nbuckets != 0 && h->count == 0);
+	return storage_alloc(h, "hist.wake");
+}
+
 void tally__hist_reset(struct tally__hist *h)
 {
-	if (h->flags & TALLY__HIST_BUCKET_SATURATED) {
+	if (h->counts == NULL) {
+		/* released: nothing to clear */
+	} else if (h->flags & TALLY__HIST_BUCKET_SATURATED) {
 		/* A stuck bucket may sit in a block whose subtotal is 0. */
 		memset(h->counts, 0, h->nbuckets * sizeof(*h->counts));
 		memset(h->blocks, 0, h->nblocks * sizeof(*h->blocks));
@@ -120,33 +164,170 @@ void tally__hist_reset(struct tally__hist *h)
 			h->blocks[b] = 0;
 		}
 	}
+	h->ncarry = 0; /* the table's buffer is kept */
+	h->carry_blocks = 0;
 	summary_clear(h);
 }
 
-/* counts[i] += n, saturating at UINT32_MAX; the block subtotal is exact. */
-static void bucket_add(struct tally__hist *h, uint32_t i, uint32_t n)
-{
-	uint32_t c = h->counts[i];
+/* ---- carries: the high part of buckets that reached 65,536 ------------ */
 
-	if (c > UINT32_MAX - n) {
-		c = UINT32_MAX;
-		h->flags |= TALLY__HIST_BUCKET_SATURATED;
-	} else {
-		c += n;
+/* Position of bucket i in the carry table, or where it would go. */
+static uint32_t carry_pos(const struct tally__hist *h, uint32_t i)
+{
+	uint32_t lo = 0, hi = h->ncarry;
+
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2u;
+
+		if (h->carry[mid].idx < i)
+			lo = mid + 1u;
+		else
+			hi = mid;
 	}
-	h->counts[i] = c;
+	return lo;
+}
+
+static uint64_t carry_high(const struct tally__hist *h, uint32_t i)
+{
+	uint32_t k;
+
+	if (!((h->carry_blocks >> (i / TALLY__HIST_BLOCK)) & 1u))
+		return 0;
+	k = carry_pos(h, i);
+	return k < h->ncarry && h->carry[k].idx == i ? h->carry[k].high : 0;
+}
+
+uint64_t tally__hist_bucket(const struct tally__hist *h, uint32_t i)
+{
+	if (h->counts == NULL)
+		return 0;
+	TALLY__ASSERT(i < h->nbuckets);
+	return h->counts[i] + carry_high(h, i);
+}
+
+/* Is some carry left in bucket i's block?  (After a removal at k.) */
+static bool carry_in_block(const struct tally__hist *h, uint32_t k, uint32_t b)
+{
+	return (k > 0 && h->carry[k - 1].idx / TALLY__HIST_BLOCK == b) ||
+	       (k < h->ncarry && h->carry[k].idx / TALLY__HIST_BLOCK == b);
+}
+
+static int carry_grow(struct tally__hist *h)
+{
+	uint32_t cap = h->carry_cap ? h->carry_cap * 2u : 4u;
+	struct tally__hist_carry *c;
+
+	if (TALLY__HIST_NOMEM("hist.carry"))
+		return -ENOMEM;
+	c = realloc(h->carry, cap * sizeof(*c));
+	if (c == NULL)
+		return -ENOMEM;
+	h->carry = c;
+	h->carry_cap = cap;
+	return 0;
+}
+
+/* Set bucket i's high part.  Fails (-ENOMEM) only when it must grow. */
+static int carry_set(struct tally__hist *h, uint32_t i, uint64_t high)
+{
+	uint32_t k = carry_pos(h, i), b = i / TALLY__HIST_BLOCK;
+	bool found = k < h->ncarry && h->carry[k].idx == i;
+
+	if (found && high != 0) {
+		h->carry[k].high = high;
+	} else if (found) {
+		memmove(h->carry + k, h->carry + k + 1,
+			(h->ncarry - k - 1u) * sizeof(*h->carry));
+		h->ncarry--;
+		if (!carry_in_block(h, k, b))
+			h->carry_blocks &= ~(UINT64_C(1) << b);
+	} else if (high != 0) {
+		if (h->ncarry == h->carry_cap && carry_grow(h) != 0)
+			return -ENOMEM;
+		memmove(h->carry + k + 1, h->carry + k,
+			(h->ncarry - k) * sizeof(*h->carry));
+		h->carry[k] = (struct tally__hist_carry){ i, high };
+		h->ncarry++;
+		h->carry_blocks |= UINT64_C(1) << b;
+	}
+	return 0;
+}
+
+/* Bucket i := t.  Without room for a carry it saturates at its value. */
+static void bucket_set(struct tally__hist *h, uint32_t i, uint64_t t)
+{
+	uint64_t low = t & UINT16_MAX;
+
+	if (carry_set(h, i, t - low) == 0) {
+		h->counts[i] = (uint16_t)low;
+	} else {
+		h->counts[i] = UINT16_MAX;
+		h->flags |= TALLY__HIST_BUCKET_SATURATED;
+	}
+}
+
+void tally__hist_carry_one(struct tally__hist *h, uint32_t i)
+{
+	bucket_set(h, i, tally__hist_bucket(h, i) + 1u);
+}
+
+/* A bucket that a failed carry left stuck: it no longer adds or subtracts. */
+static bool bucket_stuck(const struct tally__hist *h, uint32_t i)
+{
+	return (h->flags & TALLY__HIST_BUCKET_SATURATED) &&
+	       h->counts[i] == UINT16_MAX;
+}
+
+/* The common case of add and sub: no carry in the block, no stuck
+ * bucket anywhere, so the 16-bit counter alone is the bucket. */
+static inline bool bucket_plain(const struct tally__hist *h, uint32_t i)
+{
+	return !((h->carry_blocks >> (i / TALLY__HIST_BLOCK)) & 1u) &&
+	       !(h->flags & TALLY__HIST_BUCKET_SATURATED);
+}
+
+static __attribute__((noinline)) void bucket_add_slow(struct tally__hist *h, uint32_t i, uint64_t n)
+{
+	bool sat = false;
+	uint64_t t;
+
+	if (bucket_stuck(h, i))
+		return;
+	t = tally__hist_sat_add(tally__hist_bucket(h, i), n, &sat);
+	bucket_set(h, i, t);
+	if (sat)
+		h->flags |= TALLY__HIST_BUCKET_SATURATED;
+}
+
+/* bucket i += n; the block subtotal is exact. */
+static inline void bucket_add(struct tally__hist *h, uint32_t i, uint64_t n)
+{
+	if (TALLY__LIKELY(bucket_plain(h, i) && n <= (uint64_t)(UINT16_MAX - h->counts[i])))
+		h->counts[i] = (uint16_t)(h->counts[i] + n);
+	else
+		bucket_add_slow(h, i, n);
 	h->blocks[i / TALLY__HIST_BLOCK] += n;
 }
 
-/* counts[i] -= n; a saturated bucket stays stuck until the next reset. */
-static void bucket_sub(struct tally__hist *h, uint32_t i, uint32_t n)
+/* bucket i -= n; a stuck bucket stays stuck until the next reset. */
+static __attribute__((noinline)) void bucket_sub_slow(struct tally__hist *h, uint32_t i, uint64_t n)
 {
-	bool stuck = (h->flags & TALLY__HIST_BUCKET_SATURATED) &&
-		     h->counts[i] == UINT32_MAX;
+	uint64_t t;
 
-	if (!stuck) {
+	if (bucket_stuck(h, i))
+		return;
+	t = tally__hist_bucket(h, i);
+	TALLY__ASSERT(t >= n);
+	bucket_set(h, i, t - n); /* never grows the table */
+}
+
+static inline void bucket_sub(struct tally__hist *h, uint32_t i, uint64_t n)
+{
+	if (TALLY__LIKELY(bucket_plain(h, i))) {
 		TALLY__ASSERT(h->counts[i] >= n);
-		h->counts[i] -= n;
+		h->counts[i] = (uint16_t)(h->counts[i] - n);
+	} else {
+		bucket_sub_slow(h, i, n);
 	}
 	TALLY__ASSERT(h->blocks[i / TALLY__HIST_BLOCK] >= n);
 	h->blocks[i / TALLY__HIST_BLOCK] -= n;
@@ -178,18 +359,66 @@ static void summary_sub(struct tally__hist *h, const struct summary *s)
 		tally__hist_reset(h);
 }
 
+/* Bit k set when counter k of the n <= 64 counters c[] is nonzero: with
+ * SSE2, four compares of 16 counters each instead of 64 tests. */
+static inline uint64_t block_nonzero(const uint16_t *c, uint32_t n)
+{
+	uint64_t m = 0;
+
+#if defined(__SSE2__)
+	if (n == TALLY__HIST_BLOCK) {
+		const __m128i z = _mm_setzero_si128();
+
+		for (unsigned k = 0; k < 4; k++) {
+			__m128i a = _mm_loadu_si128((const void *)(c + 16u * k));
+			__m128i b = _mm_loadu_si128((const void *)(c + 16u * k + 8u));
+			__m128i p = _mm_packs_epi16(_mm_cmpeq_epi16(a, z), _mm_cmpeq_epi16(b, z));
+
+			m |= (uint64_t)(uint16_t)~_mm_movemask_epi8(p) << (16u * k);
+		}
+		return m;
+	}
+#endif
+	for (uint32_t k = 0; k < n; k++)
+		m |= (uint64_t)(c[k] != 0) << k;
+	return m;
+}
+
+/* Visit every nonzero bucket i of h in ascending order, its true count in
+ * n: blocks with a carry bucket by bucket, the others through the mask of
+ * their nonzero counters. */
+#define FOR_EACH_BUCKET(h, i, n, stmt)                                         \
+	for (uint32_t blk_ = 0; (h)->counts && blk_ < (h)->nblocks; blk_++) {  \
+		uint32_t lo_ = blk_ * TALLY__HIST_BLOCK;                       \
+		uint32_t hi_ = block_end((h), blk_);                           \
+		if (((h)->carry_blocks >> blk_) & 1u) {                        \
+			for (uint32_t i = lo_; i < hi_; i++) {                 \
+				uint64_t n = tally__hist_bucket((h), i);       \
+				if (n != 0) {                                  \
+					stmt;                                  \
+				}                                              \
+			}                                                      \
+			continue;                                              \
+		}                                                              \
+		if ((h)->blocks[blk_] == 0)                                    \
+			continue;                                              \
+		for (uint64_t m_ = block_nonzero((h)->counts + lo_, hi_ - lo_); \
+		     m_ != 0; m_ &= m_ - 1u) {                                 \
+			uint32_t i = lo_ + (uint32_t)__builtin_ctzll(m_);      \
+			uint64_t n = (h)->counts[i];                           \
+			stmt;                                                  \
+		}                                                              \
+	}
+
 void tally__hist_merge(struct tally__hist *a, const struct tally__hist *b)
 {
 	struct summary s = summary_of(b);
 
 	TALLY__ASSERT(a->nbuckets == b->nbuckets);
-	for (uint32_t blk = 0; blk < b->nblocks; blk++) {
-		if (b->blocks[blk] == 0)
-			continue;
-		for (uint32_t i = blk * TALLY__HIST_BLOCK; i < block_end(b, blk); i++)
-			if (b->counts[i] != 0)
-				bucket_add(a, i, b->counts[i]);
-	}
+	if (b->count == 0 && b->clamped == 0)
+		return;
+	TALLY__ASSERT(a->counts != NULL);
+	FOR_EACH_BUCKET(b, i, n, bucket_add(a, i, n));
 	summary_merge(a, &s);
 }
 
@@ -198,13 +427,10 @@ void tally__hist_sub(struct tally__hist *a, const struct tally__hist *b)
 	struct summary s = summary_of(b);
 
 	TALLY__ASSERT(a->nbuckets == b->nbuckets);
-	for (uint32_t blk = 0; blk < b->nblocks; blk++) {
-		if (b->blocks[blk] == 0)
-			continue;
-		for (uint32_t i = blk * TALLY__HIST_BLOCK; i < block_end(b, blk); i++)
-			if (b->counts[i] != 0)
-				bucket_sub(a, i, b->counts[i]);
-	}
+	if (b->count == 0)
+		return;
+	TALLY__ASSERT(a->counts != NULL);
+	FOR_EACH_BUCKET(b, i, n, bucket_sub(a, i, n));
 	summary_sub(a, &s);
 }
 
@@ -220,15 +446,10 @@ void tally__hist_set_bounds(struct tally__hist *h, uint64_t min, uint64_t max)
 
 uint32_t tally__hist_nonzero(const struct tally__hist *h)
 {
-	uint32_t n = 0;
+	uint32_t k = 0;
 
-	for (uint32_t b = 0; b < h->nblocks; b++) {
-		if (h->blocks[b] == 0)
-			continue;
-		for (uint32_t i = b * TALLY__HIST_BLOCK; i < block_end(h, b); i++)
-			n += h->counts[i] != 0;
-	}
-	return n;
+	FOR_EACH_BUCKET(h, i, n, { (void)i; (void)n; k++; });
+	return k;
 }
 
 int tally__hist_sparse_reserve(struct tally__hist_sparse *s, uint32_t n)
@@ -253,15 +474,8 @@ int tally__hist_sparse_from(struct tally__hist_sparse *s,
 	if (rc != 0)
 		return rc;
 	s->len = 0;
-	for (uint32_t b = 0; b < h->nblocks; b++) {
-		if (h->blocks[b] == 0)
-			continue;
-		for (uint32_t i = b * TALLY__HIST_BLOCK; i < block_end(h, b); i++)
-			if (h->counts[i] != 0)
-				s->e[s->len++] = (struct tally__hist_entry){
-					i, h->counts[i]
-				};
-	}
+	FOR_EACH_BUCKET(h, i, n,
+			s->e[s->len++] = ((struct tally__hist_entry){ i, n }));
 	s->count = h->count;
 	s->sum = h->sum;
 	s->min = h->min;
@@ -295,6 +509,9 @@ void tally__hist_merge_sparse(struct tally__hist *h,
 {
 	struct summary sm = summary_of_sparse(s);
 
+	if (s->count == 0 && s->clamped == 0)
+		return;
+	TALLY__ASSERT(h->counts != NULL);
 	for (uint32_t k = 0; k < s->len; k++) {
 		TALLY__ASSERT(s->e[k].idx < h->nbuckets);
 		bucket_add(h, s->e[k].idx, s->e[k].n);
@@ -307,11 +524,298 @@ void tally__hist_sub_sparse(struct tally__hist *h,
 {
 	struct summary sm = summary_of_sparse(s);
 
+	if (s->count == 0)
+		return;
+	TALLY__ASSERT(h->counts != NULL);
 	for (uint32_t k = 0; k < s->len; k++) {
 		TALLY__ASSERT(s->e[k].idx < h->nbuckets);
 		bucket_sub(h, s->e[k].idx, s->e[k].n);
 	}
 	summary_sub(h, &sm);
+}
+
+/* ---- packed form ------------------------------------------------------ */
+
+static unsigned varint_len(uint64_t v)
+{
+	unsigned n = 1;
+
+	while (v >= 0x80) {
+		v >>= 7;
+		n++;
+	}
+	return n;
+}
+
+static uint8_t *varint_put(uint8_t *p, uint64_t v)
+{
+	while (v >= 0x80) {
+		*p++ = (uint8_t)(v | 0x80);
+		v >>= 7;
+	}
+	*p++ = (uint8_t)v;
+	return p;
+}
+
+static const uint8_t *varint_get(const uint8_t *p, const uint8_t *end,
+				 uint64_t *v)
+{
+	uint64_t r = 0;
+
+	for (unsigned sh = 0; sh < 64; sh += 7) {
+		TALLY__ASSERT(p < end);
+		r |= (uint64_t)(*p & 0x7f) << sh;
+		if (!(*p++ & 0x80)) {
+			*v = r;
+			return p;
+		}
+	}
+	tally__die(__FILE__, __LINE__, "packed histogram: varint too long");
+	return end;
+}
+
+/* Bits of the Elias gamma code of x >= 1. */
+static unsigned gamma_bits(uint64_t x)
+{
+	return 2u * (63u - (unsigned)__builtin_clzll(x)) + 1u;
+}
+
+struct bitw {
+	uint8_t *p;
+	uint64_t acc; /* the low n bits (n < 32) are pending, most significant first */
+	unsigned n;
+};
+
+static inline void bitw_put(struct bitw *w, uint64_t v, unsigned n) /* 1 <= n <= 32 */
+{
+	w->acc = (w->acc << n) | (v & ((UINT64_C(1) << n) - 1u));
+	w->n += n;
+	if (w->n >= 32) {
+		uint32_t out = (uint32_t)(w->acc >> (w->n - 32u));
+
+		w->n -= 32;
+		w->p[0] = (uint8_t)(out >> 24);
+		w->p[1] = (uint8_t)(out >> 16);
+		w->p[2] = (uint8_t)(out >> 8);
+		w->p[3] = (uint8_t)out;
+		w->p += 4;
+	}
+}
+
+static inline void bitw_gamma(struct bitw *w, uint64_t x)
+{
+	unsigned l = 63u - (unsigned)__builtin_clzll(x);
+
+	if (l < 16u) { /* l zeros then the l + 1 bits of x: x in 2l + 1 bits */
+		bitw_put(w, x, 2u * l + 1u);
+		return;
+	}
+	for (unsigned z = l; z > 0;) {
+		unsigned k = z > 32 ? 32 : z;
+
+		bitw_put(w, 0, k);
+		z -= k;
+	}
+	if (l + 1u > 32u) {
+		bitw_put(w, x >> 32, l + 1u - 32u);
+		bitw_put(w, x, 32);
+	} else {
+		bitw_put(w, x, l + 1u);
+	}
+}
+
+/* gamma(gap) then gamma(n): one put when both codes fit in 32 bits. */
+static inline void bitw_pair(struct bitw *w, uint32_t gap, uint64_t n)
+{
+	unsigned lg = 31u - (unsigned)__builtin_clz(gap);
+	unsigned ln = n >> 16 ? 16u : 63u - (unsigned)__builtin_clzll(n);
+	unsigned bg = 2u * lg + 1u, bn = 2u * ln + 1u;
+
+	if (bg + bn <= 32u) {
+		bitw_put(w, ((uint64_t)gap << bn) | n, bg + bn);
+		return;
+	}
+	bitw_gamma(w, gap);
+	bitw_gamma(w, n);
+}
+
+static void bitw_flush(struct bitw *w)
+{
+	for (; w->n >= 8; w->n -= 8)
+		*w->p++ = (uint8_t)(w->acc >> (w->n - 8u));
+	if (w->n > 0)
+		*w->p++ = (uint8_t)(w->acc << (8u - w->n));
+	w->n = 0;
+}
+
+struct bitr {
+	const uint8_t *p, *end;
+	uint64_t acc; /* n bits, most significant first, the rest zero */
+	unsigned n;
+};
+
+static void bitr_fill(struct bitr *r)
+{
+	while (r->n <= 56 && r->p < r->end) {
+		r->acc |= (uint64_t)*r->p++ << (56u - r->n);
+		r->n += 8;
+	}
+}
+
+static uint64_t bitr_get(struct bitr *r, unsigned k) /* 1 <= k <= 32 */
+{
+	uint64_t v;
+
+	bitr_fill(r);
+	TALLY__ASSERT(r->n >= k);
+	v = r->acc >> (64u - k);
+	r->acc <<= k;
+	r->n -= k;
+	return v;
+}
+
+static uint64_t bitr_gamma(struct bitr *r)
+{
+	unsigned l = 0, z;
+	uint64_t x;
+
+	for (;;) {
+		bitr_fill(r);
+		TALLY__ASSERT(r->n > 0);
+		if (r->acc != 0)
+			break;
+		l += r->n; /* all pending bits are zeros */
+		r->n = 0;
+	}
+	z = (unsigned)__builtin_clzll(r->acc);
+	r->acc <<= z;
+	r->n -= z;
+	l += z;
+	TALLY__ASSERT(l < 64);
+	if (l + 1u > 32u) {
+		x = bitr_get(r, l + 1u - 32u) << 32;
+		return x | bitr_get(r, 32);
+	}
+	return bitr_get(r, l + 1u);
+}
+
+static size_t packed_header_len(const struct tally__hist *h)
+{
+	return varint_len(h->count) + varint_len(h->sum) + varint_len(h->min) +
+	       varint_len(h->max) + varint_len(h->clamped) +
+	       varint_len(h->flags);
+}
+
+/* After the last pair, a gap past the last bucket ends the list. */
+size_t tally__hist_packed_size(const struct tally__hist *h)
+{
+	uint64_t bits = 0;
+	uint32_t prev = 0;
+
+	FOR_EACH_BUCKET(h, i, n, {
+		bits += gamma_bits(i + 1u - prev) + gamma_bits(n);
+		prev = i + 1u;
+	});
+	bits += gamma_bits(h->nbuckets + 1u - prev);
+	return packed_header_len(h) + (size_t)((bits + 7u) / 8u);
+}
+
+size_t tally__hist_pack_merge(const struct tally__hist *h, uint8_t *buf,
+			      struct tally__hist *into)
+{
+	struct summary s = summary_of(h);
+	struct bitw w;
+	uint32_t prev = 0;
+	uint8_t *p = buf;
+
+	TALLY__ASSERT(into == NULL || into->nbuckets == h->nbuckets);
+	TALLY__ASSERT(into == NULL || into->counts != NULL || h->count == 0);
+	p = varint_put(p, h->count);
+	p = varint_put(p, h->sum);
+	p = varint_put(p, h->min);
+	p = varint_put(p, h->max);
+	p = varint_put(p, h->clamped);
+	p = varint_put(p, h->flags);
+	w = (struct bitw){ p, 0, 0 };
+	FOR_EACH_BUCKET(h, i, n, {
+		bitw_pair(&w, i + 1u - prev, n);
+		prev = i + 1u;
+		if (into != NULL)
+			bucket_add(into, i, n);
+	});
+	bitw_gamma(&w, h->nbuckets + 1u - prev);
+	bitw_flush(&w);
+	if (into != NULL && (h->count != 0 || h->clamped != 0))
+		summary_merge(into, &s);
+	return (size_t)(w.p - buf);
+}
+
+size_t tally__hist_pack(const struct tally__hist *h, uint8_t *buf)
+{
+	return tally__hist_pack_merge(h, buf, NULL);
+}
+
+static const uint8_t *packed_head(const uint8_t *buf, size_t len,
+				  struct tally__hist_packed_info *o)
+{
+	const uint8_t *p = buf, *end = buf + len;
+	uint64_t flags;
+
+	p = varint_get(p, end, &o->count);
+	p = varint_get(p, end, &o->sum);
+	p = varint_get(p, end, &o->min);
+	p = varint_get(p, end, &o->max);
+	p = varint_get(p, end, &o->clamped);
+	p = varint_get(p, end, &flags);
+	o->flags = (uint32_t)flags;
+	return p;
+}
+
+void tally__hist_packed_info(const uint8_t *buf, size_t len,
+			     struct tally__hist_packed_info *out)
+{
+	packed_head(buf, len, out);
+}
+
+static void packed_apply(struct tally__hist *h, const uint8_t *buf,
+			 size_t len, bool add)
+{
+	struct tally__hist_packed_info o;
+	uint64_t idx = 0;
+	struct bitr r = { packed_head(buf, len, &o), buf + len, 0, 0 };
+	struct summary s = { o.count, o.sum, o.min, o.max, o.clamped, o.flags };
+
+	if (o.count == 0 && o.clamped == 0)
+		return;
+	TALLY__ASSERT(h->counts != NULL);
+	for (;;) {
+		uint64_t n;
+
+		idx += bitr_gamma(&r); /* idx + 1 of this bucket */
+		if (idx > h->nbuckets)
+			break; /* the end mark */
+		n = bitr_gamma(&r);
+		if (add)
+			bucket_add(h, (uint32_t)(idx - 1u), n);
+		else
+			bucket_sub(h, (uint32_t)(idx - 1u), n);
+	}
+	if (add)
+		summary_merge(h, &s);
+	else
+		summary_sub(h, &s);
+}
+
+void tally__hist_merge_packed(struct tally__hist *h, const uint8_t *buf,
+			      size_t len)
+{
+	packed_apply(h, buf, len, true);
+}
+
+void tally__hist_sub_packed(struct tally__hist *h, const uint8_t *buf,
+			    size_t len)
+{
+	packed_apply(h, buf, len, false);
 }
 
 /* ---- read side: walks over the sum of nh histograms ---------------- */
@@ -320,7 +824,9 @@ struct walk {
 	const struct tally__hist *const *hs;
 	size_t nh;
 	uint64_t count, min, max; /* of the sum */
+	uint64_t carry_blocks;    /* blocks where some histogram has a carry */
 	bool exact;               /* min/max exact: no BOUNDS_LOOSE */
+	bool dense;               /* every histogram has storage */
 };
 
 static int walk_init(struct walk *w, const struct tally__hist *const *hs,
@@ -328,11 +834,13 @@ static int walk_init(struct walk *w, const struct tally__hist *const *hs,
 {
 	if (nh == 0)
 		return -EINVAL;
-	*w = (struct walk){ hs, nh, 0, UINT64_MAX, 0, true };
+	*w = (struct walk){ hs, nh, 0, UINT64_MAX, 0, 0, true, true };
 	for (size_t k = 0; k < nh; k++) {
 		TALLY__ASSERT(hs[k]->nbuckets == hs[0]->nbuckets);
 		w->count += hs[k]->count;
 		w->exact &= !(hs[k]->flags & TALLY__HIST_BOUNDS_LOOSE);
+		w->dense &= hs[k]->counts != NULL;
+		w->carry_blocks |= hs[k]->carry_blocks;
 		if (hs[k]->count == 0)
 			continue;
 		w->min = hs[k]->min < w->min ? hs[k]->min : w->min;
@@ -346,7 +854,8 @@ static uint64_t walk_block(const struct walk *w, uint32_t b)
 	uint64_t t = 0;
 
 	for (size_t k = 0; k < w->nh; k++)
-		t += w->hs[k]->blocks[b];
+		if (w->hs[k]->blocks != NULL)
+			t += w->hs[k]->blocks[b];
 	return t;
 }
 
@@ -355,7 +864,7 @@ static uint64_t walk_bucket(const struct walk *w, uint32_t i)
 	uint64_t t = 0;
 
 	for (size_t k = 0; k < w->nh; k++)
-		t += w->hs[k]->counts[i];
+		t += tally__hist_bucket(w->hs[k], i);
 	return t;
 }
 
@@ -411,15 +920,18 @@ static uint64_t report(const struct walk *w, uint32_t idx, uint64_t rank)
 static uint32_t walk_scan(const struct walk *w, uint32_t next, uint32_t hi,
 			  uint64_t *cum, uint64_t r)
 {
-	const uint32_t *a = w->hs[0]->counts;
 	uint64_t c = *cum;
 	uint32_t i = next;
+	bool plain = w->dense &&
+		     !((w->carry_blocks >> (next / TALLY__HIST_BLOCK)) & 1u);
 
-	if (w->nh == 1) {
+	if (plain && w->nh == 1) {
+		const uint16_t *a = w->hs[0]->counts;
+
 		while (i < hi && (c += a[i]) < r)
 			i++;
-	} else if (w->nh == 2) {
-		const uint32_t *b = w->hs[1]->counts;
+	} else if (plain && w->nh == 2) {
+		const uint16_t *a = w->hs[0]->counts, *b = w->hs[1]->counts;
 
 		while (i < hi && (c += (uint64_t)a[i] + b[i]) < r)
 			i++;

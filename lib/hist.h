@@ -22,7 +22,7 @@
  * tally__hist_bucket_upper(i)).  The whole uint64_t range needs 3776
  * buckets; a histogram covers [0, max_value] with
  * tally__hist_index(max_value) + 1 buckets: 2345 for the default top of
- * range (3.6e12 ns, one hour), 9380 bytes of counts.  Values above
+ * range (3.6e12 ns, one hour), 4690 bytes of counts.  Values above
  * max_value are recorded as max_value and counted in `clamped`.
  *
  * Bucket edges: every 2^k and every (1 + j/64) * 2^k (k >= 6, j in 0..63)
@@ -35,16 +35,35 @@
  * tally__hist_default_edges() gives 92 such edges for latency from 1 us to
  * about 1 h (4 per octave up to ~1 s, then 1 per octave).
  *
- * Counters: bucket counts are uint32_t, to keep a subject's two dense
- * histograms near 19 KB.  A single bucket of one histogram would need 2^32
- * samples inside one window and one 1.6%-wide bucket to overflow; if it
- * ever happens the bucket SATURATES at UINT32_MAX (it never wraps) and
- * TALLY__HIST_BUCKET_SATURATED is set: quantiles inside that 64-bucket
- * block become approximate (they stay inside the block, since per-block
- * subtotals are uint64_t and stay exact).  The total `count` is uint64_t
- * and exact.  `sum` is uint64_t and saturates at UINT64_MAX, setting
- * TALLY__HIST_SUM_SATURATED (mean is then a lower bound).  Both flags are
- * sticky until the histogram is empty again (reset, or subtracted to zero).
+ * Counters: a bucket is a uint16_t counter (a subject's two dense
+ * histograms are 2 x 5 KB with the default range, half the cache lines of
+ * 32-bit counters on the aggregator's hot path), plus, for the few buckets
+ * that ever reach 65,536, a carry: a small sorted table of (bucket, high
+ * part) entries, one bit per 64-bucket block saying which blocks have one.
+ * The true count of bucket i is counts[i] + the high part (a multiple of
+ * 65,536), exact up to 2^64; tally__hist_bucket() reads it.  When a counter
+ * would wrap, add moves 65,536 into the carry (out of line, once per 65,536
+ * values of that bucket).  Growing the carry table is the only allocation a
+ * filled histogram can need; if it fails the bucket SATURATES (stays at its
+ * value, never wraps) and TALLY__HIST_BUCKET_SATURATED is set: quantiles
+ * inside that 64-bucket block become approximate (they stay inside the
+ * block, since per-block subtotals are uint64_t and stay exact).  The total
+ * `count` is uint64_t and exact.  `sum` is uint64_t and saturates at
+ * UINT64_MAX, setting TALLY__HIST_SUM_SATURATED (mean is then a lower
+ * bound).  Both flags are sticky until the histogram is empty again
+ * (reset, or subtracted to zero).
+ *
+ * Storage: tally__hist_release() frees the counters of an empty histogram
+ * and keeps its shape (an idle subject costs no counters);
+ * tally__hist_wake() gets them back.  A released histogram reads as empty
+ * everywhere; adding to it, or merging a nonempty one into it, needs a
+ * wake first (tally__window_add does that).
+ *
+ * Packed form: the nonzero buckets of a histogram, for closed time slices,
+ * as ascending (gap, count) pairs, each an Elias gamma code, ended by a
+ * gap past the last bucket, after a varint summary (count, sum, min, max,
+ * clamped, flags): typically 4 to 5 bits per nonzero bucket, about 200
+ * bytes for a slice of 1,000 values.
  *
  * min/max: exact after add and merge.  Subtraction cannot restore them, so
  * after tally__hist_sub*() they are conservative bounds (min <= true min,
@@ -78,41 +97,62 @@
 
 enum {
 	TALLY__HIST_SUM_SATURATED = 1u << 0,    /* sum stuck at UINT64_MAX */
-	TALLY__HIST_BUCKET_SATURATED = 1u << 1, /* a bucket stuck at UINT32_MAX */
+	TALLY__HIST_BUCKET_SATURATED = 1u << 1, /* a bucket stuck (no memory for its carry) */
 	TALLY__HIST_BOUNDS_LOOSE = 1u << 2,     /* min/max only bounds (sub) */
+};
+
+/* The high part of one bucket that reached 65,536 (see Counters). */
+struct tally__hist_carry {
+	uint32_t idx;
+	uint64_t high; /* true count - counts[idx]; a multiple of 65,536 */
 };
 
 /* Dense histogram.  Fields are read by lib/window.c and the snapshot code;
  * write them only through the functions below. */
 struct tally__hist {
-	uint32_t *counts;  /* nbuckets counters */
-	uint64_t *blocks;  /* nblocks subtotals: sum of counts[64b .. 64b+63] */
+	/* what add touches first, together (80 bytes) */
+	uint16_t *counts;  /* nbuckets counters (low part); NULL when released */
+	uint64_t *blocks;  /* nblocks subtotals: sum of buckets 64b .. 64b+63 */
+	uint32_t flags;    /* TALLY__HIST_* */
 	uint32_t nbuckets; /* tally__hist_index(max_value) + 1 */
-	uint32_t nblocks;  /* ceil(nbuckets / 64) */
-	uint32_t flags;    /* TALLY__HIST_*_SATURATED */
 	uint64_t max_value; /* top of range; larger values are clamped to it */
 	uint64_t count;    /* values recorded (exact) */
 	uint64_t sum;      /* their sum, saturating */
 	uint64_t min;      /* UINT64_MAX when empty */
 	uint64_t max;      /* 0 when empty */
 	uint64_t clamped;  /* values recorded above max_value */
+	uint32_t nblocks;  /* ceil(nbuckets / 64), <= 59 */
+	uint32_t ncarry, carry_cap;
+	uint64_t carry_blocks; /* bit b: block b has a carry entry */
+	struct tally__hist_carry *carry; /* ascending idx, ncarry of them */
 };
 
 /* One nonzero bucket of a sparse histogram. */
 struct tally__hist_entry {
 	uint32_t idx;
-	uint32_t n;
+	uint64_t n;
 };
 
 /* Sparse histogram: the nonzero buckets of a dense one, ascending index,
- * plus its summary.  Used for closed time slices.  Its buffer grows on
- * demand and is kept across clear() for reuse. */
+ * plus its summary.  Its buffer grows on demand and is kept across clear()
+ * for reuse.  (Closed slices use the packed form, which is smaller.) */
 struct tally__hist_sparse {
 	struct tally__hist_entry *e;
 	uint32_t len, cap;
 	uint32_t flags;
 	uint64_t count, sum, min, max, clamped;
 };
+
+/*
+ * Test hook: when set, each allocation point of hist.c and window.c asks
+ * it first, by name ("hist.init", "hist.wake", "hist.carry", "window.fifo"),
+ * and fails as if malloc had returned NULL when it returns true.  NULL
+ * except in a test; one load of a global on slow paths only.
+ */
+extern bool (*tally__hist_nomem_hook)(const char *point);
+#define TALLY__HIST_NOMEM(point)                                          \
+	(__builtin_expect(tally__hist_nomem_hook != NULL, 0) &&           \
+	 tally__hist_nomem_hook(point))
 
 /*
  * Bucket index of v in the unbounded layout (0 .. 3775); the caller clamps
@@ -181,10 +221,15 @@ static inline uint64_t tally__hist_sat_add(uint64_t a, uint64_t b, bool *sat)
 	return r;
 }
 
+/* The out-of-line half of add: bucket i's counter is at 65,535 and takes
+ * one more value (carry 65,536 to the table, or saturate). */
+void tally__hist_carry_one(struct tally__hist *h, uint32_t i);
+
 /*
  * Record one value: the aggregator's hot path.  Values above max_value are
- * recorded as max_value and counted in `clamped`.  Never fails, never
- * allocates.  Owner thread only.
+ * recorded as max_value and counted in `clamped`.  h must have storage
+ * (not released).  Never fails; allocates only for a carry, once per
+ * 65,536 values of one bucket.  Owner thread only.
  */
 static inline void tally__hist_add(struct tally__hist *h, uint64_t v)
 {
@@ -195,8 +240,8 @@ static inline void tally__hist_add(struct tally__hist *h, uint64_t v)
 		h->clamped++;
 	}
 	i = tally__hist_index(v);
-	if (TALLY__UNLIKELY(h->counts[i] == UINT32_MAX))
-		h->flags |= TALLY__HIST_BUCKET_SATURATED;
+	if (TALLY__UNLIKELY(h->counts[i] == UINT16_MAX))
+		tally__hist_carry_one(h, i);
 	else
 		h->counts[i]++;
 	h->blocks[i >> 6]++;
@@ -209,6 +254,9 @@ static inline void tally__hist_add(struct tally__hist *h, uint64_t v)
 	h->max = v > h->max ? v : h->max;
 }
 
+/* True count of bucket i (i < nbuckets); 0 when h is released. */
+uint64_t tally__hist_bucket(const struct tally__hist *h, uint32_t i);
+
 /* Allocate an empty histogram covering [0, max_value] (max_value >= 1).
  * Returns 0, -EINVAL, or -ENOMEM.  May call malloc. */
 int tally__hist_init(struct tally__hist *h, uint64_t max_value);
@@ -216,11 +264,20 @@ int tally__hist_init(struct tally__hist *h, uint64_t max_value);
 /* Free the counters; h may then be init'ed again.  NULL counts is fine. */
 void tally__hist_destroy(struct tally__hist *h);
 
+/* Free the storage of h, which must be empty (count 0), keeping its shape
+ * (nbuckets, max_value): it reads as empty until tally__hist_wake(). */
+void tally__hist_release(struct tally__hist *h);
+
+/* Give a released h its storage back (empty); 0 at once if it has it.
+ * Returns 0 or -ENOMEM (h still released).  May call malloc. */
+int tally__hist_wake(struct tally__hist *h);
+
 /* Empty h (counts, summary, flags).  Cost proportional to the nonempty
  * blocks, not to nbuckets. */
 void tally__hist_reset(struct tally__hist *h);
 
-/* a += b.  Both must have the same max_value (aborts otherwise: a bug). */
+/* a += b.  Both must have the same max_value (aborts otherwise: a bug);
+ * a must have storage unless b is empty. */
 void tally__hist_merge(struct tally__hist *a, const struct tally__hist *b);
 
 /* a -= b, where b's values were earlier merged into a (aborts if b holds
@@ -255,6 +312,34 @@ void tally__hist_merge_sparse(struct tally__hist *h,
 			      const struct tally__hist_sparse *s);
 void tally__hist_sub_sparse(struct tally__hist *h,
 			    const struct tally__hist_sparse *s);
+
+/* Bytes tally__hist_pack() writes for h. */
+size_t tally__hist_packed_size(const struct tally__hist *h);
+
+/* Write h in packed form to buf (tally__hist_packed_size(h) bytes);
+ * returns the bytes written. */
+size_t tally__hist_pack(const struct tally__hist *h, uint8_t *buf);
+
+/* tally__hist_pack(), and into += h in the same pass (into NULL: pack
+ * only), as tally__hist_merge(into, h). */
+size_t tally__hist_pack_merge(const struct tally__hist *h, uint8_t *buf,
+			      struct tally__hist *into);
+
+/* The summary of a packed histogram, read without its buckets. */
+struct tally__hist_packed_info {
+	uint64_t count, sum, min, max, clamped;
+	uint32_t flags;
+};
+void tally__hist_packed_info(const uint8_t *buf, size_t len,
+			     struct tally__hist_packed_info *out);
+
+/* h += / -= the packed histogram buf[0..len), as tally__hist_merge() /
+ * tally__hist_sub(); it must come from a histogram with h's max_value
+ * (indexes are checked: abort). */
+void tally__hist_merge_packed(struct tally__hist *h, const uint8_t *buf,
+			      size_t len);
+void tally__hist_sub_packed(struct tally__hist *h, const uint8_t *buf,
+			    size_t len);
 
 /*
  * Quantiles of the sum of nh histograms (same max_value), in one pass over

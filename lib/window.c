@@ -17,19 +17,26 @@
  * the aggregator's hot path.  It is not added to the aggregate value by
  * value (that would touch two dense arrays per value, two cache misses
  * with thousands of subjects); readers instead walk aggregate + current
- * together.  Closed slices are kept sparse (nonzero buckets only): most
- * slices touch a few dozen to a few hundred of the 2345 buckets, and a
- * subject keeps up to N-1 of them.  Storing a slice is the only step that
- * can fail (malloc); its room is reserved before anything changes, so a
- * failed advance leaves the window as it was and the current slice simply
- * keeps collecting until the next advance succeeds.
+ * together.  Closed slices are kept packed (hist.h), one after the other
+ * in one buffer per window, oldest first: they close in slice order and
+ * leave in slice order, so the buffer is a queue, with no per-slice
+ * allocation or header.  A closing slice is merged into the aggregate from
+ * its dense form; its packed copy is decoded once, when it leaves.
+ * Storing a slice is the only step that can fail (malloc); its room is
+ * reserved before anything changes, so a failed advance leaves the window
+ * as it was and the current slice simply keeps collecting until the next
+ * advance succeeds.
  *
  * Gaps.  Advancing from slice c to slice k expires the closed slices
- * c-N+1 .. k-N: at most N-1 of them, visited by slice number.  When that is
- * all of them (the subject was idle for about a window), the aggregate is
- * reset in one go instead of subtracting, and after a whole window with
- * nothing in it the sparse buffers are freed, so idle subjects shrink back
- * to their two dense histograms.  No loop ever runs per elapsed slice.
+ * c-N+1 .. k-N: at most N-1 of them, popped from the head of the queue.
+ * When that is all of them (the subject was idle for about a window), the
+ * aggregate is reset in one go instead of subtracting.  No loop ever runs
+ * per elapsed slice.
+ *
+ * Sleep.  An advance that leaves the window with no value at all frees the
+ * two histograms and the queue (window.h, Idle subjects); the next add
+ * wakes it, and the memory it may fail to get is the only way a value can
+ * be lost here, counted in `lost`.
  */
 #include "window.h"
 
@@ -62,11 +69,6 @@ int tally__window_init(struct tally__window *w,
 	if (rc != 0)
 		return rc;
 	memset(w, 0, sizeof(*w));
-	w->ring = calloc(n, sizeof(*w->ring));
-	if (w->ring == NULL)
-		return -ENOMEM;
-	for (uint32_t i = 0; i < n; i++)
-		tally__hist_sparse_clear(&w->ring[i].s);
 	w->nslices = n;
 	rc = tally__hist_init(&w->cur, cfg->max_value);
 	if (rc == 0)
@@ -84,40 +86,153 @@ int tally__window_init(struct tally__window *w,
 
 void tally__window_destroy(struct tally__window *w)
 {
-	for (uint32_t i = 0; w->ring != NULL && i < w->nslices; i++)
-		tally__hist_sparse_free(&w->ring[i].s);
-	free(w->ring);
-	w->ring = NULL;
+	free(w->fifo);
+	w->fifo = NULL;
+	w->fhead = w->ftail = w->fcap = w->nclosed = 0;
 	w->nslices = 0;
 	tally__hist_destroy(&w->cur);
 	tally__hist_destroy(&w->agg);
 	w->magic = 0;
 }
 
-/* Every closed slice leaves; release frees the sparse buffers too. */
-static void window_drop_all(struct tally__window *w, bool release)
+size_t tally__window_heap_bytes(const struct tally__window *w)
 {
-	for (uint32_t i = 0; i < w->nslices; i++) {
-		if (release)
-			tally__hist_sparse_free(&w->ring[i].s);
-		else if (w->ring[i].s.count != 0)
-			tally__hist_sparse_clear(&w->ring[i].s);
+	const struct tally__hist *h[2] = { &w->cur, &w->agg };
+	size_t n = w->fcap;
+
+	for (int k = 0; k < 2; k++) {
+		if (h[k]->counts != NULL)
+			n += h[k]->nblocks * sizeof(uint64_t) +
+			     (h[k]->nbuckets + 3u) / 4u * sizeof(uint64_t);
+		n += h[k]->carry_cap * sizeof(*h[k]->carry);
 	}
+	return n;
+}
+
+/* ---- the queue of closed slices ------------------------------------- */
+
+struct record {
+	uint64_t slice;
+	const uint8_t *packed;
+	size_t plen, len; /* packed bytes; the whole record's */
+};
+
+static const uint8_t *get_varint(const uint8_t *p, const uint8_t *end, uint64_t *v)
+{
+	uint64_t r = 0;
+
+	for (unsigned sh = 0; sh < 64; sh += 7) {
+		TALLY__ASSERT(p < end);
+		r |= (uint64_t)(*p & 0x7f) << sh;
+		if (!(*p++ & 0x80)) {
+			*v = r;
+			return p;
+		}
+	}
+	tally__die(__FILE__, __LINE__, "window: corrupt slice record");
+	return end;
+}
+
+static uint8_t *put_varint(uint8_t *p, uint64_t v)
+{
+	while (v >= 0x80) {
+		*p++ = (uint8_t)(v | 0x80);
+		v >>= 7;
+	}
+	*p++ = (uint8_t)v;
+	return p;
+}
+
+static size_t varint_size(uint64_t v)
+{
+	size_t n = 1;
+
+	for (; v >= 0x80; v >>= 7)
+		n++;
+	return n;
+}
+
+/* The record at offset off of the queue. */
+static struct record record_at(const struct tally__window *w, uint32_t off)
+{
+	const uint8_t *p = w->fifo + off, *end = w->fifo + w->ftail;
+	struct record r;
+	uint64_t plen;
+
+	p = get_varint(p, end, &r.slice);
+	p = get_varint(p, end, &plen);
+	TALLY__ASSERT(plen <= (uint64_t)(end - p));
+	r.packed = p;
+	r.plen = (size_t)plen;
+	r.len = (size_t)(p + plen - (w->fifo + off));
+	return r;
+}
+
+/* Room for need more bytes at the tail.  0 or -ENOMEM (nothing changed). */
+static int fifo_reserve(struct tally__window *w, size_t need)
+{
+	size_t live = w->ftail - w->fhead, want = live + need, cap;
+	uint8_t *p;
+
+	if (w->ftail + need <= w->fcap)
+		return 0;
+	/* grow (or shrink, when much of it sits unused) to want + 25% */
+	cap = want + want / 4 + 64;
+	TALLY__ASSERT(cap < UINT32_MAX);
+	if (want > w->fcap || want * 2 <= w->fcap)
+		p = TALLY__HIST_NOMEM("window.fifo") ? NULL : malloc(cap);
+	else
+		p = NULL; /* it fits: compact in place */
+	if (p == NULL) {
+		if (want > w->fcap)
+			return -ENOMEM;
+		memmove(w->fifo, w->fifo + w->fhead, live);
+		w->fhead = 0;
+		w->ftail = (uint32_t)live;
+		return 0;
+	}
+	if (live)
+		memcpy(p, w->fifo + w->fhead, live);
+	free(w->fifo);
+	w->fifo = p;
+	w->fcap = (uint32_t)cap;
+	w->fhead = 0;
+	w->ftail = (uint32_t)live;
+	return 0;
+}
+
+static void fifo_clear(struct tally__window *w, bool release)
+{
+	w->fhead = w->ftail = 0;
+	w->nclosed = 0;
+	if (release) {
+		free(w->fifo);
+		w->fifo = NULL;
+		w->fcap = 0;
+	}
+}
+
+/* Every closed slice leaves. */
+static void window_drop_all(struct tally__window *w)
+{
+	fifo_clear(w, false);
 	tally__hist_reset(&w->agg);
 }
 
-/* Subtract closed slice j if it is stored.  Returns true when it may have
- * held the aggregate's min or max (bounds need recomputing). */
-static bool window_drop(struct tally__window *w, uint64_t j)
+/* Subtract the oldest closed slice.  Returns true when it may have held
+ * the aggregate's min or max (bounds need recomputing). */
+static bool window_drop_head(struct tally__window *w)
 {
-	struct tally__window_slot *slot = &w->ring[j % w->nslices];
+	struct record r = record_at(w, w->fhead);
+	struct tally__hist_packed_info in;
 	bool extreme;
 
-	if (slot->s.count == 0 || slot->slice != j)
-		return false;
-	extreme = slot->s.min <= w->agg.min || slot->s.max >= w->agg.max;
-	tally__hist_sub_sparse(&w->agg, &slot->s);
-	tally__hist_sparse_clear(&slot->s);
+	tally__hist_packed_info(r.packed, r.plen, &in);
+	extreme = in.min <= w->agg.min || in.max >= w->agg.max;
+	tally__hist_sub_packed(&w->agg, r.packed, r.plen);
+	w->fhead += (uint32_t)r.len;
+	if (--w->nclosed == 0)
+		fifo_clear(w, false);
 	return extreme;
 }
 
@@ -126,13 +241,14 @@ static void window_fix_bounds(struct tally__window *w)
 {
 	uint64_t min = UINT64_MAX, max = 0;
 
-	for (uint32_t i = 0; i < w->nslices; i++) {
-		const struct tally__hist_sparse *s = &w->ring[i].s;
+	for (uint32_t off = w->fhead, k = 0; k < w->nclosed; k++) {
+		struct record r = record_at(w, off);
+		struct tally__hist_packed_info in;
 
-		if (s->count == 0)
-			continue;
-		min = s->min < min ? s->min : min;
-		max = s->max > max ? s->max : max;
+		tally__hist_packed_info(r.packed, r.plen, &in);
+		min = in.min < min ? in.min : min;
+		max = in.max > max ? in.max : max;
+		off += (uint32_t)r.len;
 	}
 	tally__hist_set_bounds(&w->agg, min, max);
 }
@@ -140,49 +256,72 @@ static void window_fix_bounds(struct tally__window *w)
 /* Drop the closed slices that are outside the window of slice k. */
 static void window_expire(struct tally__window *w, uint64_t k)
 {
-	uint64_t n = w->nslices, first, last;
+	uint64_t n = w->nslices, last;
 	bool fix = false;
 
 	if (k < n)
 		return; /* slice k-N would be negative: nothing leaves */
 	last = k - n;
 	if (last + 1 >= w->cur_slice) {
-		window_drop_all(w, false);
+		window_drop_all(w);
 		return;
 	}
-	first = w->cur_slice >= n - 1 ? w->cur_slice - (n - 1) : 0;
-	for (uint64_t j = first; j <= last; j++)
-		fix |= window_drop(w, j);
+	while (w->nclosed > 0 && record_at(w, w->fhead).slice <= last)
+		fix |= window_drop_head(w);
 	if (fix)
 		window_fix_bounds(w);
 	else /* still exact: say so (clears BOUNDS_LOOSE) */
 		tally__hist_set_bounds(&w->agg, w->agg.min, w->agg.max);
 }
 
-/* Count the current slice in the totals, store it if it is still inside
- * the window (room reserved by the caller), and empty it. */
-static void window_close(struct tally__window *w, bool keep)
+/* Count the current slice in the totals, store it (plen packed bytes, room
+ * reserved by the caller) if it is still inside the window, and empty it. */
+static void window_close(struct tally__window *w, bool keep, size_t plen)
 {
-	struct tally__window_slot *slot = &w->ring[w->cur_slice % w->nslices];
-
 	w->total_count += w->cur.count;
 	w->total_sum = tally__hist_sat_add(w->total_sum, w->cur.sum,
 					   &w->total_sum_saturated);
 	if (keep && w->cur.count != 0) {
-		int rc;
+		uint8_t *p = w->fifo + w->ftail;
+		size_t wrote;
 
-		TALLY__ASSERT(slot->s.count == 0);
-		rc = tally__hist_sparse_from(&slot->s, &w->cur);
-		TALLY__ASSERT(rc == 0);
-		slot->slice = w->cur_slice;
-		tally__hist_merge_sparse(&w->agg, &slot->s);
+		p = put_varint(p, w->cur_slice);
+		p = put_varint(p, plen);
+		wrote = tally__hist_pack_merge(&w->cur, p, &w->agg);
+		TALLY__ASSERT(wrote == plen);
+		p += plen;
+		TALLY__ASSERT(p <= w->fifo + w->fcap);
+		w->ftail = (uint32_t)(p - w->fifo);
+		w->nclosed++;
 	}
 	tally__hist_reset(&w->cur);
+}
+
+/* Nothing in the window: give its memory back (window.h, Idle subjects). */
+static void window_sleep(struct tally__window *w)
+{
+	fifo_clear(w, true);
+	tally__hist_release(&w->cur);
+	tally__hist_release(&w->agg);
+}
+
+bool tally__window_add_cold(struct tally__window *w, uint64_t v)
+{
+	TALLY__ASSERT(w->magic == TALLY__WINDOW_MAGIC);
+	/* the aggregate first: a window whose current slice has storage
+	 * always has an aggregate to close it into */
+	if (tally__hist_wake(&w->agg) != 0 || tally__hist_wake(&w->cur) != 0) {
+		w->lost++;
+		return false;
+	}
+	tally__hist_add(&w->cur, v);
+	return true;
 }
 
 int tally__window_advance(struct tally__window *w, uint64_t now_ns)
 {
 	uint64_t k;
+	size_t plen = 0;
 	bool keep;
 
 	TALLY__ASSERT(w->magic == TALLY__WINDOW_MAGIC);
@@ -191,17 +330,21 @@ int tally__window_advance(struct tally__window *w, uint64_t now_ns)
 		return 0;
 	keep = k - w->cur_slice < w->nslices;
 	if (keep && w->cur.count != 0) {
-		struct tally__hist_sparse *s = &w->ring[w->cur_slice % w->nslices].s;
-
-		if (tally__hist_sparse_reserve(s, tally__hist_nonzero(&w->cur)))
+		plen = tally__hist_packed_size(&w->cur);
+		if (fifo_reserve(w, varint_size(w->cur_slice) + varint_size(plen) + plen))
 			return -ENOMEM;
 	}
 	if (keep)
 		window_expire(w, k);
 	else
-		window_drop_all(w, true);
-	window_close(w, keep);
+		window_drop_all(w);
+	window_close(w, keep, plen);
 	w->cur_slice = k;
+	/* empty: give back whatever is held (a wake that got the aggregate
+	 * but not the current slice holds the aggregate alone) */
+	if (w->agg.count == 0 && w->nclosed == 0 && w->cur.count == 0 &&
+	    (w->cur.counts || w->agg.counts || w->fifo))
+		window_sleep(w);
 	return 0;
 }
 
@@ -225,6 +368,7 @@ static void stats_summary(const struct tally__window *w,
 				TALLY__HIST_BUCKET_SATURATED;
 	out->total_count = w->total_count + c->count;
 	out->total_sum = tally__hist_sat_add(w->total_sum, c->sum, &tsat);
+	out->lost = w->lost;
 }
 
 static void stats_rate(const struct tally__window *w, uint64_t now_ns,

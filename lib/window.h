@@ -2,7 +2,7 @@
 /*
  * window.h - private header of the per-subject sliding window (lib/window.c).
  * It owns a subject's time slices: the current slice that the aggregator
- * fills, the ring of closed slices still inside the window, the running
+ * fills, the queue of closed slices still inside the window, the running
  * window aggregate, and the statistics the snapshot publishes (count, sum,
  * mean, min, max, rate, p50 .. p999, totals since start).  Not installed.
  *
@@ -14,12 +14,34 @@
  * gone from the statistics by t + window_ns (it leaves between
  * window_ns - slice_ns and window_ns after it was recorded).
  *
- * Memory per subject: two dense histograms (current slice, aggregate of the
- * closed slices in the window) of 9.7 KB each with the default 1 h range,
- * ~19.4 KB, plus N slot headers of 72 bytes and, per nonempty closed slice,
- * 8 bytes per nonzero bucket (typically a few hundred bytes).  The sparse
- * buffers are kept for reuse and given back after one whole window with no
- * value.  10,000 subjects with default settings: about 200 MB.
+ * Memory per subject: two dense histograms (current slice, aggregate of
+ * the closed slices in the window) of 5 KB each with the default 1 h range
+ * (16-bit counters, hist.h), and the closed slices inside the window in
+ * one buffer, packed (gamma-coded nonzero buckets, about 200 bytes for a
+ * slice of 1,000 log-normal values; hist.h, Packed form), with up to 25%
+ * room to grow.  Measured (bench, part window, 1,000 log-normal values
+ * per subject per slice, malloc overhead included): 10.1 KB per subject
+ * with 1 slice, 13.0 KB with 10, 27.0 KB with 60; 10,000 subjects with
+ * default settings about 130 MB (it was 510 MB with 32-bit counters and
+ * sparse slices).
+ *
+ * Idle subjects: when an advance leaves the window with no value at all
+ * (nothing in the closed slices inside it, nothing in the new current
+ * slice: the subject has been idle for a whole window), the window frees
+ * both histograms and the buffer and keeps only this struct (304
+ * bytes).  Its next value wakes it: tally__window_add() allocates the two
+ * histograms again, and if that fails the value is not recorded and is
+ * counted in `lost` (and in the stats), never dropped silently.  Stats
+ * and advances of a sleeping window cost nothing and allocate nothing.
+ *
+ * For code that reads or merges windows (e.g. several drain threads'
+ * windows merged at publish): the API kept its shape, with these changes
+ * since 16-bit counters and sleep came in: tally__window_add() returns
+ * bool; w->ring is gone (w->fifo, w->nclosed); a histogram's counts are
+ * uint16_t, so read a bucket with tally__hist_bucket(), never counts[i];
+ * a sleeping window's cur and agg have no storage (counts NULL, count 0):
+ * they read as empty, and merging into one needs tally__hist_wake() first;
+ * tally__hist_merge() / _sub() / quantiles / cumulative work as before.
  *
  * Threads: a window belongs to one thread (the aggregator).  Nothing here
  * locks, blocks or is atomic; publish copies the stats out.
@@ -49,12 +71,6 @@ struct tally__window_config {
 					TALLY__WINDOW_DEFAULT_WINDOW_NS,       \
 					TALLY__HIST_DEFAULT_MAX })
 
-/* A closed slice: valid when s.count > 0. */
-struct tally__window_slot {
-	struct tally__hist_sparse s;
-	uint64_t slice;
-};
-
 struct tally__window {
 	uint32_t magic;          /* TALLY__WINDOW_MAGIC while initialised */
 	/* first, on the line that add touches anyway: the engine compares it
@@ -62,13 +78,19 @@ struct tally__window {
 	uint64_t cur_slice;
 	struct tally__hist cur;  /* slice cur_slice, receiving values */
 	struct tally__hist agg;  /* closed slices inside the window; exact min/max */
-	struct tally__window_slot *ring; /* slice k lives in ring[k % nslices] */
+	/* The closed slices inside the window, oldest first, as records
+	 * fifo[fhead .. ftail): varint slice, varint length, packed histogram
+	 * (hist.h).  Records leave from the head, in slice order. */
+	uint8_t *fifo;
+	uint32_t fhead, ftail, fcap;
+	uint32_t nclosed;        /* records in the fifo */
 	uint64_t slice_ns;
 	uint32_t nslices;
 	uint64_t start_ns;       /* time given to init */
 	uint64_t total_count;    /* closed slices since start */
 	uint64_t total_sum;      /* same, saturating */
 	bool total_sum_saturated;
+	uint64_t lost;           /* values not recorded: no memory to wake */
 };
 
 struct tally__window_stats {
@@ -85,6 +107,9 @@ struct tally__window_stats {
 	bool bucket_saturated; /* quantiles inside one octave are approximate */
 	uint64_t total_count;  /* values since start, never decreases */
 	uint64_t total_sum;    /* their sum, saturating, never decreases */
+	uint64_t lost;         /* values since start not recorded for want of
+				* memory (a sleeping window that could not
+				* wake); not in count or total_count */
 };
 
 /*
@@ -99,19 +124,39 @@ int tally__window_init(struct tally__window *w,
 /* Free everything; w may then be init'ed again. */
 void tally__window_destroy(struct tally__window *w);
 
-/* Record one value into the current slice: the hot path, never fails.
- * Call tally__window_advance() first when the time may have moved on. */
-static inline void tally__window_add(struct tally__window *w, uint64_t v)
+/* The cold half of add: the window sleeps (idle); wake it and record v,
+ * or count v in lost.  Returns true when v was recorded. */
+bool tally__window_add_cold(struct tally__window *w, uint64_t v);
+
+/* Record one value into the current slice: the hot path.  Returns true;
+ * false only when the window was asleep and no memory could be had to
+ * wake it (v is then counted in lost).  Call tally__window_advance()
+ * first when the time may have moved on. */
+static inline bool tally__window_add(struct tally__window *w, uint64_t v)
 {
+	if (TALLY__UNLIKELY(w->cur.counts == NULL))
+		return tally__window_add_cold(w, v);
 	tally__hist_add(&w->cur, v);
+	return true;
 }
+
+/* True when the window holds no storage (idle for a whole window). */
+static inline bool tally__window_asleep(const struct tally__window *w)
+{
+	return w->cur.counts == NULL;
+}
+
+/* Heap bytes the window holds now (its histograms and buffer, not the
+ * struct itself): what the bench and the tests report. */
+size_t tally__window_heap_bytes(const struct tally__window *w);
 
 /*
  * Move the window to now_ns: close the current slice if its time is over
  * (into the ring and the aggregate), and subtract every closed slice that
  * left the window.  Any gap is handled in at most N steps; an idle gap of a
  * whole window resets the window in one go.  now_ns in or before the
- * current slice does nothing.  Returns 0 or -ENOMEM (storing the closed
+ * current slice does nothing.  A window left with no value at all is put
+ * to sleep (see Idle subjects).  Returns 0 or -ENOMEM (storing the closed
  * slice); on error nothing changed and the current slice keeps collecting.
  */
 int tally__window_advance(struct tally__window *w, uint64_t now_ns);

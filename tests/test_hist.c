@@ -2,7 +2,8 @@
 /*
  * test_hist.c - Criterion tests of the log-linear histogram (lib/hist.c):
  * the bucket layout and its edges, clamping, merge/subtract (dense and
- * sparse) as inverses, saturation, quantile accuracy against an exact
+ * sparse and packed) as inverses, the 16-bit counters' carry at 65,535 /
+ * 65,536, saturation only without memory, release and wake, quantile accuracy against an exact
  * sorted oracle with the same nearest-rank definition on several
  * distributions, and cumulative counts at the default exporter edges.
  */
@@ -39,6 +40,11 @@ static int cmp_u64(const void *a, const void *b)
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
 
 	return (x > y) - (x < y);
+}
+
+static uint64_t absdiff(uint64_t a, uint64_t b)
+{
+	return a > b ? a - b : b - a;
 }
 
 static struct tally__hist mk(uint64_t max)
@@ -140,7 +146,7 @@ Test(hist, range_and_clamp)
 	tally__hist_add(&h, TALLY__HIST_DEFAULT_MAX);
 	cr_assert_eq(h.clamped, 2);
 	cr_assert_eq(h.count, 3);
-	cr_assert_eq(h.counts[h.nbuckets - 1], 3);
+	cr_assert_eq(tally__hist_bucket(&h, h.nbuckets - 1), 3);
 	cr_assert_eq(h.max, TALLY__HIST_DEFAULT_MAX);
 	cr_assert_eq(h.sum, 3 * TALLY__HIST_DEFAULT_MAX);
 	cr_assert_eq(tally__hist_quantiles(&h, &q1, 1, &out), 0);
@@ -162,7 +168,8 @@ static void assert_same(const struct tally__hist *a, const struct tally__hist *b
 	cr_assert_eq(a->clamped, b->clamped);
 	cr_assert_eq(a->flags & ~(uint32_t)TALLY__HIST_BOUNDS_LOOSE,
 		     b->flags & ~(uint32_t)TALLY__HIST_BOUNDS_LOOSE);
-	cr_assert_eq(memcmp(a->counts, b->counts, a->nbuckets * 4), 0);
+	for (uint32_t i = 0; i < a->nbuckets; i++)
+		cr_assert_eq(tally__hist_bucket(a, i), tally__hist_bucket(b, i), "bucket %u", i);
 	cr_assert_eq(memcmp(a->blocks, b->blocks, a->nblocks * 8), 0);
 }
 
@@ -378,7 +385,7 @@ Test(hist, quantile_errors)
 	tally__hist_destroy(&h);
 }
 
-Test(hist, bucket_saturates_never_wraps)
+Test(hist, bucket_exact_past_uint32)
 {
 	struct tally__hist h = mk(TALLY__HIST_DEFAULT_MAX);
 	struct tally__hist_entry e = { tally__hist_index(5024), UINT32_MAX - 1 };
@@ -393,20 +400,177 @@ Test(hist, bucket_saturates_never_wraps)
 	cr_assert_eq(h.flags, 0);
 	for (int i = 0; i < 3; i++)
 		tally__hist_add(&h, 5024);
-	cr_assert_eq(h.counts[e.idx], UINT32_MAX);
-	cr_assert(h.flags & TALLY__HIST_BUCKET_SATURATED);
+	/* 2^32 + 1 in one bucket: exact (a carry), not saturated */
+	cr_assert_eq(tally__hist_bucket(&h, e.idx), UINT64_C(1) + UINT32_MAX + 1);
+	cr_assert_eq(h.flags, 0);
 	cr_assert_eq(h.count, UINT64_C(1) + UINT32_MAX + 1);
-	cr_assert_eq(h.blocks[e.idx / 64], h.count); /* subtotal stays exact */
-	tally__hist_add(&h, 7000); /* same block: q=1 takes the fallback */
+	cr_assert_eq(h.blocks[e.idx / 64], h.count);
+	tally__hist_add(&h, 7000);
 	cr_assert_eq(tally__hist_quantiles(&h, qs, 2, out), 0);
 	cr_assert_eq(out[0], 5024);
 	cr_assert_eq(out[1], 7000);
 	tally__hist_sub_sparse(&h, &s);
 	cr_assert_eq(h.count, 4);
+	cr_assert_eq(tally__hist_bucket(&h, e.idx), 3);
+	cr_assert_eq(h.ncarry, 0);
+	cr_assert_eq(h.carry_blocks, 0);
 	tally__hist_reset(&h);
-	cr_assert_eq(h.counts[e.idx], 0);
+	cr_assert_eq(tally__hist_bucket(&h, e.idx), 0);
 	cr_assert_eq(h.flags, 0);
 	tally__hist_destroy(&h);
+}
+
+/* A 16-bit counter at exactly 65,535 and 65,536: the carry. */
+Test(hist, counter_carry_at_65535_and_65536)
+{
+	struct tally__hist h = mk(TALLY__HIST_DEFAULT_MAX), g = mk(TALLY__HIST_DEFAULT_MAX);
+	uint32_t i = tally__hist_index(300000), j = tally__hist_index(310000);
+	const double qs[] = { 0.0, 0.5, 1.0 };
+	uint64_t out[3];
+
+	for (int k = 0; k < 65535; k++)
+		tally__hist_add(&h, 300000);
+	cr_assert_eq(h.counts[i], 65535);
+	cr_assert_eq(h.ncarry, 0);
+	cr_assert_eq(tally__hist_bucket(&h, i), 65535);
+	tally__hist_add(&h, 300000); /* 65,536: the counter wraps into the carry */
+	cr_assert_eq(h.counts[i], 0);
+	cr_assert_eq(h.ncarry, 1);
+	cr_assert_neq(h.carry_blocks & (UINT64_C(1) << (i / 64)), 0);
+	cr_assert_eq(tally__hist_bucket(&h, i), 65536);
+	cr_assert_eq(tally__hist_nonzero(&h), 1);
+	cr_assert_eq(h.flags, 0);
+	/* one more value just above in the same block: quantiles see both */
+	tally__hist_add(&h, 310000);
+	cr_assert_eq(tally__hist_quantiles(&h, qs, 3, out), 0);
+	cr_assert_eq(out[0], 300000);
+	cr_assert_leq(absdiff(out[1], 300000) * 128, 300000);
+	cr_assert_eq(out[2], 310000);
+	/* merge carries too: 65,536 + 65,535 + 1 */
+	for (int k = 0; k < 65535; k++)
+		tally__hist_add(&g, 300000);
+	tally__hist_add(&g, 310000);
+	tally__hist_merge(&h, &g);
+	cr_assert_eq(tally__hist_bucket(&h, i), 131071);
+	cr_assert_eq(tally__hist_bucket(&h, j), 2);
+	cr_assert_eq(h.blocks[i / 64], 131073);
+	/* packed and back, counts beyond 16 bits included */
+	size_t n = tally__hist_packed_size(&h);
+	uint8_t *buf = malloc(n);
+	cr_assert_eq(tally__hist_pack(&h, buf), n);
+	tally__hist_sub_packed(&h, buf, n);
+	cr_assert_eq(h.count, 0);
+	cr_assert_eq(h.ncarry, 0);
+	cr_assert_eq(h.carry_blocks, 0);
+	tally__hist_merge_packed(&h, buf, n);
+	cr_assert_eq(tally__hist_bucket(&h, i), 131071);
+	/* down across the boundary: 131,071 - 65,536 = 65,535, no carry left */
+	tally__hist_reset(&g);
+	for (int k = 0; k < 65536; k++)
+		tally__hist_add(&g, 300000);
+	tally__hist_sub(&h, &g);
+	cr_assert_eq(tally__hist_bucket(&h, i), 65535);
+	cr_assert_eq(h.counts[i], 65535);
+	cr_assert_eq(h.ncarry, 0);
+	cr_assert_eq(h.carry_blocks, 0);
+	free(buf);
+	tally__hist_destroy(&h);
+	tally__hist_destroy(&g);
+}
+
+static bool fail_carry(const char *point)
+{
+	return strcmp(point, "hist.carry") == 0;
+}
+
+/* No memory for a carry: the bucket saturates (flagged), never wraps. */
+Test(hist, bucket_saturates_without_memory)
+{
+	struct tally__hist h = mk(TALLY__HIST_DEFAULT_MAX);
+	uint32_t i = tally__hist_index(5024);
+	const double qs[] = { 0.5, 1.0 };
+	uint64_t out[2];
+
+	tally__hist_nomem_hook = fail_carry;
+	for (int k = 0; k < 65537; k++)
+		tally__hist_add(&h, 5024);
+	tally__hist_nomem_hook = NULL;
+	cr_assert_eq(h.counts[i], UINT16_MAX);
+	cr_assert(h.flags & TALLY__HIST_BUCKET_SATURATED);
+	cr_assert_eq(h.count, 65537);
+	cr_assert_eq(h.blocks[i / 64], h.count); /* subtotal stays exact */
+	tally__hist_add(&h, 7000); /* same block: q=1 takes the fallback */
+	cr_assert_eq(tally__hist_quantiles(&h, qs, 2, out), 0);
+	cr_assert_eq(out[0], 5024);
+	cr_assert_eq(out[1], 7000);
+	tally__hist_reset(&h);
+	cr_assert_eq(h.counts[i], 0);
+	cr_assert_eq(h.flags, 0);
+	tally__hist_destroy(&h);
+}
+
+/* Packed form: every bucket and summary back exactly, in few bytes. */
+Test(hist, packed_round_trip)
+{
+	struct tally__hist a = mk(TALLY__HIST_DEFAULT_MAX), b = mk(TALLY__HIST_DEFAULT_MAX);
+	struct tally__hist_packed_info in;
+	uint64_t s = 21;
+
+	for (int round = 0; round < 20; round++) {
+		fill_random(&a, &s, (int)(rnd(&s) % 5000) + 1);
+		size_t n = tally__hist_packed_size(&a);
+		uint8_t *buf = malloc(n);
+
+		cr_assert_eq(tally__hist_pack(&a, buf), n);
+		tally__hist_packed_info(buf, n, &in);
+		cr_assert_eq(in.count, a.count);
+		cr_assert_eq(in.sum, a.sum);
+		cr_assert_eq(in.min, a.min);
+		cr_assert_eq(in.max, a.max);
+		tally__hist_merge_packed(&b, buf, n);
+		assert_same(&b, &a);
+		cr_assert_eq(b.min, a.min);
+		cr_assert_eq(b.max, a.max);
+		tally__hist_sub_packed(&b, buf, n);
+		cr_assert_eq(b.count, 0);
+		cr_assert_eq(tally__hist_nonzero(&b), 0);
+		free(buf);
+		tally__hist_reset(&a);
+	}
+	/* 1,000 log-normal values: a few bits per nonzero bucket */
+	for (int k = 0; k < 1000; k++)
+		tally__hist_add(&a, (uint64_t)exp(log(200000.0) + 1.2 * rnd_normal(&s)));
+	cr_assert_lt(tally__hist_packed_size(&a), tally__hist_nonzero(&a));
+	tally__hist_destroy(&a);
+	tally__hist_destroy(&b);
+}
+
+Test(hist, release_and_wake)
+{
+	struct tally__hist h = mk(TALLY__HIST_DEFAULT_MAX), g = mk(TALLY__HIST_DEFAULT_MAX);
+	const struct tally__hist *two[2] = { &h, &g };
+	const double q = 0.5;
+	uint64_t out, edge = 1024;
+
+	tally__hist_release(&h);
+	cr_assert_null(h.counts);
+	cr_assert_eq(h.nbuckets, 2345);
+	/* a released histogram reads as empty everywhere */
+	cr_assert_eq(tally__hist_quantiles(&h, &q, 1, &out), -ENODATA);
+	cr_assert_eq(tally__hist_nonzero(&h), 0);
+	cr_assert_eq(tally__hist_cumulative_le(&h, &edge, 1, &out), 0);
+	cr_assert_eq(out, 0);
+	tally__hist_add(&g, 100);
+	cr_assert_eq(tally__hist_quantiles_n(two, 2, &q, 1, &out), 0);
+	cr_assert_eq(out, 100);
+	tally__hist_merge(&g, &h); /* merging an empty one: nothing */
+	tally__hist_reset(&h);
+	cr_assert_eq(tally__hist_wake(&h), 0);
+	cr_assert_not_null(h.counts);
+	tally__hist_merge(&h, &g);
+	cr_assert_eq(tally__hist_bucket(&h, 100), 1);
+	tally__hist_destroy(&h);
+	tally__hist_destroy(&g);
 }
 
 Test(hist, sum_saturates)
@@ -426,11 +590,6 @@ Test(hist, sum_saturates)
 	cr_assert_eq(h.count, 2);
 	tally__hist_destroy(&h);
 	tally__hist_destroy(&g);
-}
-
-static uint64_t absdiff(uint64_t a, uint64_t b)
-{
-	return a > b ? a - b : b - a;
 }
 
 Test(hist, loose_bounds_after_sub)

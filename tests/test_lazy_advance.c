@@ -9,6 +9,9 @@
  * before each drain, the other drains with no subject walked (the lazy
  * path alone); what they publish must be the same, field by field,
  * export buckets included (each closed slice folded exactly once).
+ * Then a subject idle for a whole window: its window sleeps (window.h),
+ * wakes on the next sample, and a wake without memory (injected through
+ * tally__hist_nomem_hook) is counted in values_lost.
  */
 #include "config.h"
 
@@ -18,6 +21,7 @@
 
 #include "common/helpers.h"
 #include "engine_priv.h"
+#include "hist.h"
 
 #define LA_SUBJECTS 12u
 #define LA_ROUNDS 300
@@ -122,4 +126,59 @@ Test(lazy_advance, same_as_walking_every_subject_first)
 	cr_expect_gt(published, 20);
 	side_close(&walk);
 	side_close(&lazy);
+}
+
+static bool fail_wake(const char *point)
+{
+	return strcmp(point, "hist.wake") == 0;
+}
+
+/* A subject idle for a whole window gives its window's memory back; its
+ * next samples wake it. When that wake finds no memory (injected), the
+ * samples are drained but lost, and counted (values_lost), never silent. */
+Test(lazy_advance, idle_subject_sleeps_and_a_failed_wake_is_counted)
+{
+	struct side x;
+	struct tally_subject_stats st;
+	struct tally_engine_counters c;
+	uint64_t now = 1000 * SLICE_NS + 1;
+
+	side_open(&x);
+	for (int k = 0; k < 10; k++)
+		cr_assert(tally_record(x.p, x.ids[0], 5000));
+	cr_assert_eq(tally__engine_ingest(x.e, now), 10);
+	tally__engine_publish(x.e, now);
+	cr_assert_eq(tally_engine_read(x.e, x.ids[0], &st), 0);
+	cr_assert_eq(st.count, 10);
+	for (int k = 1; k <= 6; k++) /* a whole window (5 slices) and one more, slice by slice */
+		tally__engine_ingest(x.e, now + (uint64_t)k * SLICE_NS);
+	now += 6 * SLICE_NS;
+	tally__engine_publish(x.e, now);
+	cr_assert_eq(tally_engine_read(x.e, x.ids[0], &st), 0);
+	cr_assert_eq(st.count, 0);
+	cr_assert_eq(st.total_count, 10);
+	/* asleep: the wake fails for want of memory */
+	tally__hist_nomem_hook = fail_wake;
+	for (int k = 0; k < 3; k++)
+		cr_assert(tally_record(x.p, x.ids[0], 7000));
+	cr_assert_eq(tally__engine_ingest(x.e, now), 3);
+	tally__hist_nomem_hook = NULL;
+	tally_engine_counters(x.e, &c);
+	cr_assert_eq(c.values_lost, 3);
+	cr_assert_eq(c.rejected, 0);
+	tally__engine_publish(x.e, now);
+	cr_assert_eq(tally_engine_read(x.e, x.ids[0], &st), 0);
+	cr_assert_eq(st.count, 0);
+	/* memory again: the next samples wake it and count */
+	for (int k = 0; k < 2; k++)
+		cr_assert(tally_record(x.p, x.ids[0], 9000));
+	cr_assert_eq(tally__engine_ingest(x.e, now), 2);
+	tally__engine_publish(x.e, now);
+	cr_assert_eq(tally_engine_read(x.e, x.ids[0], &st), 0);
+	cr_assert_eq(st.count, 2);
+	cr_assert_eq(st.min_ns, 9000);
+	cr_assert_eq(st.total_count, 12);
+	tally_engine_counters(x.e, &c);
+	cr_assert_eq(c.values_lost, 3);
+	side_close(&x);
 }

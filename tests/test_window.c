@@ -2,7 +2,9 @@
 /*
  * test_window.c - Criterion tests of the per-subject sliding window
  * (lib/window.c): configuration checks, values leaving the window on time,
- * slice-by-slice expiry, idle gaps, totals since start, rate, and a
+ * slice-by-slice expiry, idle gaps, sleep and wake of an idle window
+ * (memory failure injected), carries of 16-bit counters across slices,
+ * totals since start, rate, and a
  * property test that the incrementally kept aggregate always equals a
  * from-scratch recomputation over random time steps and window shapes.
  */
@@ -171,8 +173,9 @@ Test(window, idle_gaps)
 	cr_assert_eq(st.count, 0);
 	cr_assert(!st.has_quantiles);
 	cr_assert_eq(st.total_count, 5000);
-	for (uint32_t i = 0; i < w.nslices; i++)
-		cr_assert_null(w.ring[i].s.e);
+	cr_assert_null(w.fifo);
+	cr_assert(tally__window_asleep(&w));
+	cr_assert_eq(tally__window_heap_bytes(&w), 0);
 	/* and it works again afterwards */
 	tally__window_add(&w, 777);
 	cr_assert_eq(tally__window_advance(&w, now + MS), 0);
@@ -239,6 +242,167 @@ Test(window, rate)
 	tally__window_destroy(&w);
 }
 
+/* ---- sleep: an idle subject gives its memory back --------------------- */
+
+/* Idle for less than a window: nothing is freed; the values still inside
+ * count; stepping one slice at a time (as the engine does), the window
+ * sleeps once the last value has left, and wakes on the next one. */
+Test(window, idle_within_and_after_a_window)
+{
+	struct tally__window w;
+	struct tally__window_stats st;
+	uint64_t t = 1000 * SEC + SEC / 2;
+
+	cr_assert_lt(sizeof(struct tally__window), 1024); /* what a sleeper costs */
+	mk(&w, SEC, 10 * SEC, t);
+	cr_assert(tally__window_add(&w, 5000));
+	for (int k = 1; k <= 5; k++)
+		cr_assert_eq(tally__window_advance(&w, t + k * SEC), 0);
+	cr_assert(!tally__window_asleep(&w));
+	cr_assert(tally__window_add(&w, 7000)); /* back within the window */
+	st = stats(&w, t + 5 * SEC);
+	cr_assert_eq(st.count, 2);
+	st = stats(&w, t + 9 * SEC); /* slice 1000 still in: 1000 .. 1009 */
+	cr_assert_eq(st.count, 2);
+	cr_assert_eq(st.min, 5000);
+	st = stats(&w, t + 10 * SEC);
+	cr_assert_eq(st.count, 1);
+	cr_assert_eq(st.min, 7000);
+	cr_assert(!tally__window_asleep(&w));
+	for (int k = 11; k <= 15; k++)
+		cr_assert_eq(tally__window_advance(&w, t + k * SEC), 0);
+	/* slice 1005 left at 1015: nothing in the window, memory given back */
+	cr_assert(tally__window_asleep(&w));
+	cr_assert_eq(tally__window_heap_bytes(&w), 0);
+	st = stats(&w, t + 16 * SEC);
+	cr_assert_eq(st.count, 0);
+	cr_assert(!st.has_quantiles);
+	cr_assert_eq(st.total_count, 2);
+	/* back after the window: woken, exact again */
+	cr_assert(tally__window_add(&w, 9000));
+	cr_assert(!tally__window_asleep(&w));
+	cr_assert_gt(tally__window_heap_bytes(&w), 0);
+	st = stats(&w, t + 16 * SEC);
+	cr_assert_eq(st.count, 1);
+	cr_assert_eq(st.p50, 9000);
+	cr_assert_eq(st.min, 9000);
+	cr_assert_eq(st.total_count, 3);
+	cr_assert_eq(st.lost, 0);
+	st = stats(&w, t + 20 * SEC);
+	cr_assert_eq(st.count, 1);
+	tally__window_destroy(&w);
+}
+
+static const char *fail_at;
+
+static bool fail_point(const char *point)
+{
+	return fail_at != NULL && strcmp(point, fail_at) == 0;
+}
+
+/* No memory to wake a sleeping window: the value is counted as lost. */
+Test(window, wake_without_memory_counts_the_loss)
+{
+	struct tally__window w;
+	struct tally__window_stats st;
+
+	mk(&w, SEC, 10 * SEC, 0);
+	tally__window_add(&w, 1);
+	st = stats(&w, 20 * SEC);
+	cr_assert(tally__window_asleep(&w));
+	tally__hist_nomem_hook = fail_point;
+	fail_at = "hist.wake";
+	cr_assert(!tally__window_add(&w, 2));
+	cr_assert(!tally__window_add(&w, 3));
+	cr_assert(tally__window_asleep(&w));
+	fail_at = NULL;
+	st = stats(&w, 20 * SEC);
+	cr_assert_eq(st.count, 0);
+	cr_assert_eq(st.lost, 2);
+	cr_assert_eq(st.total_count, 1);
+	cr_assert(tally__window_add(&w, 4)); /* memory again: recorded */
+	st = stats(&w, 20 * SEC);
+	cr_assert_eq(st.count, 1);
+	cr_assert_eq(st.p50, 4);
+	cr_assert_eq(st.lost, 2);
+	/* storing a closed slice without memory: the advance fails, nothing
+	 * changes, the next one succeeds with every value */
+	fail_at = "window.fifo";
+	cr_assert_eq(tally__window_advance(&w, 21 * SEC), -ENOMEM);
+	cr_assert_eq(w.cur_slice, 20);
+	cr_assert_eq(w.cur.count, 1);
+	fail_at = NULL;
+	cr_assert_eq(tally__window_advance(&w, 21 * SEC), 0);
+	st = stats(&w, 21 * SEC);
+	cr_assert_eq(st.count, 1);
+	cr_assert_eq(w.agg.count, 1);
+	tally__hist_nomem_hook = NULL;
+	tally__window_destroy(&w);
+}
+
+static int wakes;
+
+static bool fail_second_wake(const char *point)
+{
+	return strcmp(point, "hist.wake") == 0 && ++wakes == 2;
+}
+
+/* A wake that gets the aggregate but not the current slice: the value is
+ * lost (counted), and the next advance gives the aggregate back too. */
+Test(window, half_wake_gives_back_what_it_got)
+{
+	struct tally__window w;
+	struct tally__window_stats st;
+
+	mk(&w, SEC, 10 * SEC, 0);
+	tally__window_add(&w, 1);
+	st = stats(&w, 20 * SEC);
+	cr_assert(tally__window_asleep(&w));
+	wakes = 0;
+	tally__hist_nomem_hook = fail_second_wake;
+	cr_assert(!tally__window_add(&w, 2));
+	tally__hist_nomem_hook = NULL;
+	cr_assert_not_null(w.agg.counts);
+	cr_assert_null(w.cur.counts);
+	st = stats(&w, 21 * SEC);
+	cr_assert_eq(st.lost, 1);
+	cr_assert_eq(st.count, 0);
+	cr_assert_null(w.agg.counts);
+	cr_assert_eq(tally__window_heap_bytes(&w), 0);
+	cr_assert(tally__window_add(&w, 3));
+	st = stats(&w, 21 * SEC);
+	cr_assert_eq(st.count, 1);
+	tally__window_destroy(&w);
+}
+
+/* Slices with more than 65,535 values in one bucket: the carry goes into
+ * the aggregate and leaves with its slice, exactly. */
+Test(window, carry_across_slices)
+{
+	struct tally__window w;
+	struct tally__window_stats st;
+	uint32_t i = tally__hist_index(1000);
+
+	mk(&w, SEC, 3 * SEC, 0);
+	for (uint64_t k = 0; k < 6; k++) {
+		cr_assert_eq(tally__window_advance(&w, k * SEC), 0);
+		for (int n = 0; n < 70000; n++)
+			tally__window_add(&w, 1000);
+		for (uint64_t n = 0; n <= k; n++)
+			tally__window_add(&w, 5000 + n);
+		uint64_t closed = k < 2 ? k : 2;
+		cr_assert_eq(tally__hist_bucket(&w.agg, i), 70000 * closed, "k=%lu", k);
+		cr_assert_eq(tally__hist_bucket(&w.cur, i), 70000);
+		st = stats(&w, k * SEC);
+		cr_assert_eq(st.count, 70000 * (closed + 1) + (closed + 1) * (2 * k + 2 - closed) / 2);
+		cr_assert_eq(st.min, 1000);
+		cr_assert_eq(st.max, 5000 + k);
+		cr_assert_eq(st.p50, tally__hist_bucket_mid(i)); /* 1004: within 1/128 */
+		cr_assert(!st.bucket_saturated);
+	}
+	tally__window_destroy(&w);
+}
+
 /* ---- property test: incremental == from scratch ------------------- */
 
 struct sample {
@@ -268,8 +432,10 @@ static void check_against(struct tally__window *w, const struct sample *s,
 		tally__hist_reset(h);
 	cr_assert_eq(w->agg.count, h->count, "k=%lu", k);
 	cr_assert_eq(w->agg.sum, h->sum);
-	cr_assert_eq(memcmp(w->agg.counts, h->counts, h->nbuckets * 4), 0);
-	cr_assert_eq(memcmp(w->agg.blocks, h->blocks, h->nblocks * 8), 0);
+	for (uint32_t i = 0; i < h->nbuckets; i++)
+		cr_assert_eq(tally__hist_bucket(&w->agg, i), tally__hist_bucket(h, i));
+	for (uint32_t b = 0; b < h->nblocks; b++) /* a sleeping window has none: 0 */
+		cr_assert_eq(w->agg.blocks ? w->agg.blocks[b] : 0, h->blocks[b]);
 	if (h->count) {
 		cr_assert_eq(w->agg.min, h->min);
 		cr_assert_eq(w->agg.max, h->max);

@@ -601,6 +601,7 @@ static void put_engine(struct buf *b, const struct scrape *sc)
 	put_one(b, TM_engine_claims_expired, fmt_u64(v, sizeof(v), sc->ec.claims_expired));
 	put_one(b, TM_engine_subjects_tombstoned, fmt_u64(v, sizeof(v), sc->ec.subjects_tombstoned));
 	put_one(b, TM_engine_pending_kept, fmt_u64(v, sizeof(v), sc->ec.pending_kept));
+	put_one(b, TM_engine_values_lost, fmt_u64(v, sizeof(v), sc->ec.values_lost));
 }
 
 static void put_poller(struct buf *b, const struct scrape *sc)

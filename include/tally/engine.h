@@ -176,6 +176,8 @@ struct tally_engine_counters {
 	uint64_t pending_kept;       /* pending entries unreadable at a publish: their last good copy was used */
 	uint64_t claims_expired;     /* producer claims taken back after TALLY's claim timeout (killed mid-claim) */
 	uint64_t subjects_tombstoned;/* subject entries left half-claimed, cleared by the reaper */
+	uint64_t values_lost;        /* drained samples not recorded for want of memory: an idle
+				      * subject's window, freed, could not get it back (part of drained) */
 };
 TALLY_API void tally_engine_counters(struct tally_engine *e, struct tally_engine_counters *out);
 
