@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * engine.c: the aggregator thread and the two ways it publishes.
+ * engine.c: the aggregator thread (and its drain threads, drain_threads)
+ * and the two ways it publishes.
  *
- * Loop. The thread drains every ring that is not free, a bounded batch per
+ * Loop. The thread drains every ring that is not free (its share of them
+ * with drain_threads > 1, see "Drain threads" below), a bounded batch per
  * ring per pass so that one flooding producer cannot starve the others,
  * and adds each sample to its subject's window (window.c). When a pass
  * finds nothing it sleeps for the drain interval (default 1 ms), so an
@@ -74,6 +76,45 @@
  * or that scan met an entry still being claimed, so an idle table costs
  * one load per reap. A wildcard names no subject: subjects under it get
  * rows when they are interned or recorded.
+ *
+ * Drain threads (drain_threads = N, issue 18). Thread 0 is the aggregator
+ * thread above; threads 1 .. N-1 ("lanes", struct lane) only drain. The
+ * producer slots are split by number: thread k drains slot i when
+ * i mod N = k (claims start at a slot that depends on the claimer's
+ * thread, so a process's producers spread over the threads). Ownership:
+ *   - a lane owns, for every subject it has drained a sample of, a part:
+ *     a latency window of its own and its own since-start export buckets
+ *     (struct part); its slice walk and lazy advance, as thread 0's
+ *     below, over its own parts; the per-slot rejected counter of its
+ *     slots. It reads, and never writes, what thread 0 set up before it
+ *     started (the config, the export edges, the segment's pointers).
+ *   - thread 0 owns everything else, as with one thread: the subject
+ *     states (rows, names, verdicts, rules), its own windows for its own
+ *     slots, the wait series and CoDel state, the pending map, publishing,
+ *     the totals and the reaper. A lane hands it what needs that state:
+ *     a subject it saw first (fresh), to get its row, and every wait and
+ *     pending entry (fwd: id, tag, value), which thread 0 puts into the
+ *     series as if it had drained it itself, at its next pass. A full
+ *     queue (LANE_FWD_CAP) ends the lane's batch there: the entry stays in
+ *     the ring until thread 0 has emptied the queue.
+ * The hand-off is one mutex per lane. The lane holds it for each batch
+ * (and each step of its walk), and reads the clock under it; thread 0
+ * takes it (lane_take: a flag asks the lane to end its batch within
+ * LANE_WANT_EVERY entries and not to take the lock again meanwhile) to
+ * collect fresh subjects and queued entries, to read the lanes' parts for
+ * LANE_GROUP rows at a time at publish (a row is the merge of thread 0's
+ * window and the lanes' parts of the subject, tally__window_stats_merged:
+ * exact count, sum, min and max, the quantiles of the summed histograms,
+ * so the same bound and window semantics as one window; the export
+ * buckets are summed the same way), and, holding every lane, for the
+ * totals (drained is added under the lane's lock, so drained and the
+ * rings agree) and the reaper (no slot is freed under a batch). A part
+ * thread 0 reads is first advanced to the publish time; since a lane
+ * reads its clock under the lock, its next batch is never in an earlier
+ * slice than that. A lane's fold of a closed slice into its export
+ * buckets shows at the next publish that collects it (l->folded). With
+ * N = 1 there is no lane and no lock: every path is the one-thread one.
+ * Memory: a subject drained by k threads has k windows.
  */
 #include "config.h"
 
