@@ -517,12 +517,23 @@ static uint64_t drain_fill(struct tally_producer **p, const struct ingest_data *
 	return n;
 }
 
-static void drain_wait(struct tally_engine *e, uint64_t target)
+/* Until the engine has drained target samples; false after 60 s (said). */
+static bool drain_wait(struct tally_engine *e, uint64_t target)
 {
 	struct tally_engine_counters c;
+	uint64_t t0 = bench_now_ns();
 
-	for (tally_engine_counters(e, &c); c.drained < target; tally_engine_counters(e, &c))
+	for (tally_engine_counters(e, &c); c.drained < target; tally_engine_counters(e, &c)) {
+		if (bench_now_ns() - t0 > UINT64_C(60000000000)) {
+			fprintf(stderr, "bench: drain: %llu drained of %llu after 60 s, %llu rejected\n",
+				(unsigned long long)c.drained, (unsigned long long)target,
+				(unsigned long long)c.rejected);
+			bench_failed = true;
+			return false;
+		}
 		sleep_ns(100000);
+	}
+	return true;
 }
 
 /* One measurement: Msamples/s drained by n drain threads. */
@@ -543,8 +554,8 @@ static double drain_once(struct tally_segment *seg, struct tally_producer **p, c
 	drain_wait(e, c.drained + drain_fill(p, d)); /* warm-up */
 	tally__engine_hold(e, true);
 	sleep_ns(2000000); /* a pass under way ends */
-	uint64_t filled = drain_fill(p, d);
 	tally_engine_counters(e, &c);
+	uint64_t filled = drain_fill(p, d);
 	uint64_t t0 = bench_now_ns();
 	tally__engine_hold(e, false);
 	drain_wait(e, c.drained + filled);

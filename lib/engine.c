@@ -587,6 +587,8 @@ static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 	struct tally_segment *seg = e->seg;
 	uint64_t total = 0;
 
+	if (TALLY__UNLIKELY(atomic_load_explicit(&e->hold, memory_order_relaxed)))
+		return 0; /* tally__engine_hold: not even inside a publish */
 	stall_end(e);
 	if (e->nlanes)
 		lanes_collect(e, now, false);
@@ -1842,7 +1844,7 @@ static void *aggregator_main(void *arg)
 	while (!atomic_load_explicit(&e->stop, memory_order_acquire)) {
 		now = tally__mono_ns();
 		advance_all(e, now, true);
-		uint64_t got = atomic_load_explicit(&e->hold, memory_order_relaxed) ? 0 : drain_all(e, now);
+		uint64_t got = drain_all(e, now);
 		tick(e, now);
 		if (got == 0) {
 			stall_end(e); /* what tick took counts; the sleep does not */
