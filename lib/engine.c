@@ -114,7 +114,8 @@
  * slice than that. A lane's fold of a closed slice into its export
  * buckets shows at the next publish that collects it (l->folded). With
  * N = 1 there is no lane and no lock: every path is the one-thread one.
- * Memory: a subject drained by k threads has k windows.
+ * Memory: thread 0 keeps a window of every subject (its row), and each
+ * lane one more of every subject it has drained a sample of.
  */
 #include "config.h"
 
@@ -605,9 +606,14 @@ static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 }
 
 /* Inside a publish: drain again when a step's time is up. */
+static bool publish_due(const struct tally_engine *e)
+{
+	return tally__mono_ns() - e->stall_from >= PUBLISH_STEP_NS;
+}
+
 static void publish_yield(struct tally_engine *e, uint64_t now)
 {
-	if (tally__mono_ns() - e->stall_from >= PUBLISH_STEP_NS)
+	if (publish_due(e))
 		drain_all(e, now);
 }
 
@@ -1072,14 +1078,14 @@ static void row_window(struct tally_engine *e, uint32_t id, struct subject_state
  * step whose time is up (publish_yield every mask + 1 rows). */
 static void rows_step(struct tally_engine *e, uint32_t i, uint32_t mask, bool *held)
 {
-	bool yield = (i & mask) == mask;
+	bool yield = (i & mask) == mask && publish_due(e);
 
 	if (*held && (yield || i % LANE_GROUP == 0)) {
 		lanes_give_all(e);
 		*held = false;
 	}
 	if (yield)
-		publish_yield(e, e->publish_now);
+		drain_all(e, e->publish_now);
 	if (e->nlanes && !*held) {
 		lanes_take_all(e);
 		*held = true;
