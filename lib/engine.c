@@ -1,11 +1,12 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * engine.c: the aggregator thread (and its drain threads, drain_threads)
- * and the two ways it publishes.
+ * engine.c: the aggregator thread (and, with drain_threads > 1, the drain
+ * threads that drain for it) and the two ways it publishes.
  *
- * Loop. The thread drains every ring that is not free (its share of them
- * with drain_threads > 1, see "Drain threads" below), a bounded batch per
- * ring per pass so that one flooding producer cannot starve the others,
+ * Loop. The thread drains every ring that is not free (with
+ * drain_threads > 1 the drain threads do, see "Drain threads" below), a
+ * bounded batch per ring per pass so that one flooding producer cannot
+ * starve the others,
  * and adds each sample to its subject's window (window.c). When a pass
  * finds nothing it sleeps for the drain interval (default 1 ms), so an
  * idle engine costs about a thousand wake-ups a second and no spinning.
@@ -77,11 +78,15 @@
  * one load per reap. A wildcard names no subject: subjects under it get
  * rows when they are interned or recorded.
  *
- * Drain threads (drain_threads = N, issue 18). Thread 0 is the aggregator
- * thread above; threads 1 .. N-1 ("lanes", struct lane) only drain. The
- * producer slots are split by number: thread k drains slot i when
- * i mod N = k (claims start at a slot that depends on the claimer's
- * thread, so a process's producers spread over the threads). Ownership:
+ * Drain threads (drain_threads = N, issue 18). With N = 1 the aggregator
+ * thread (thread 0) drains every slot itself, as above, and nothing below
+ * exists: no lane, no lock, every path the one-thread one. With N > 1,
+ * N drain threads ("lanes", struct lane) drain and thread 0 drains
+ * nothing: it publishes, reaps and keeps what only it may touch, so its
+ * publish never holds a drain thread's own slots up. The producer slots
+ * are split by number: lane k drains slot i when i mod N = k (claims start
+ * at a slot that depends on the claimer's thread, so a process's
+ * producers spread over the lanes). Ownership:
  *   - a lane owns, for every subject it has drained a sample of, a part:
  *     a latency window of its own and its own since-start export buckets
  *     (struct part); its slice walk and lazy advance, as thread 0's
@@ -89,33 +94,35 @@
  *     slots. It reads, and never writes, what thread 0 set up before it
  *     started (the config, the export edges, the segment's pointers).
  *   - thread 0 owns everything else, as with one thread: the subject
- *     states (rows, names, verdicts, rules), its own windows for its own
- *     slots, the wait series and CoDel state, the pending map, publishing,
- *     the totals and the reaper. A lane hands it what needs that state:
- *     a subject it saw first (fresh), to get its row, and every wait and
- *     pending entry (fwd: id, tag, value), which thread 0 puts into the
- *     series as if it had drained it itself, at its next pass. A full
- *     queue (LANE_FWD_CAP) ends the lane's batch there: the entry stays in
- *     the ring until thread 0 has emptied the queue.
+ *     states (rows, names, verdicts, rules, an empty window of their own
+ *     that the merge includes), the wait series and CoDel state, the
+ *     pending map, publishing, the totals and the reaper. A lane hands it
+ *     what needs that state: a subject it saw first (fresh), to get its
+ *     row, and every wait and pending entry (fwd: id, tag, value), which
+ *     thread 0 puts into the series as if it had drained it itself, at its
+ *     next pass (every drain interval). A full queue (LANE_FWD_CAP) ends
+ *     the lane's batch there: the entry stays in the ring until thread 0
+ *     has emptied the queue.
  * The hand-off is one mutex per lane. The lane holds it for each batch
  * (and each step of its walk), and reads the clock under it; thread 0
  * takes it (lane_take: a flag asks the lane to end its batch within
- * LANE_WANT_EVERY entries and not to take the lock again meanwhile) to
- * collect fresh subjects and queued entries, to read the lanes' parts for
- * LANE_GROUP rows at a time at publish (a row is the merge of thread 0's
- * window and the lanes' parts of the subject, tally__window_stats_merged:
- * exact count, sum, min and max, the quantiles of the summed histograms,
- * so the same bound and window semantics as one window; the export
- * buckets are summed the same way), and, holding every lane, for the
- * totals (drained is added under the lane's lock, so drained and the
- * rings agree) and the reaper (no slot is freed under a batch). A part
- * thread 0 reads is first advanced to the publish time; since a lane
- * reads its clock under the lock, its next batch is never in an earlier
- * slice than that. A lane's fold of a closed slice into its export
- * buckets shows at the next publish that collects it (l->folded). With
- * N = 1 there is no lane and no lock: every path is the one-thread one.
- * Memory: thread 0 keeps a window of every subject (its row), and each
- * lane one more of every subject it has drained a sample of.
+ * LANE_WANT_EVERY entries and not to take the lock again meanwhile; a
+ * lane that waited gets its turn first) to collect fresh subjects and
+ * queued entries; at publish, to merge the windows of LANE_GROUP rows at
+ * a time (a row's window is the merge of thread 0's and the lanes' parts
+ * of the subject, tally__window_stats_merged: exact count, sum, min and
+ * max, the quantiles of the summed histograms, so the same bound and
+ * window semantics as one window; the rest of the row, pending, waits
+ * and verdict, is done after, without the locks), to sum the export
+ * buckets the same way; and, holding every lane, for the totals (drained
+ * is added under the lane's lock, so drained and the rings agree) and the
+ * reaper (no slot is freed under a batch). A part thread 0 reads is first
+ * advanced to the publish time; since a lane reads its clock under the
+ * lock, its next batch is never in an earlier slice than that. A lane's
+ * fold of a closed slice into its export buckets shows at the next
+ * publish, which collects it (l->folded).
+ * Memory: thread 0 keeps a window of every subject (its row; empty with
+ * N > 1), and each lane one of every subject it has drained a sample of.
  */
 #include "config.h"
 
@@ -249,7 +256,7 @@ struct fwd {
  * most this many entries later. */
 #define LANE_WANT_EVERY 512u
 /* Rows thread 0 reads under the drain threads' locks at a time. */
-#define LANE_GROUP 64u
+#define LANE_GROUP 32u
 
 /* Drain thread k >= 1 (a "lane"). Everything below lock is the lane's
  * own, and thread 0's while it holds lock (lane_take). */
@@ -260,6 +267,7 @@ struct lane {
 	bool running;                  /* thread 0's: the thread was created */
 	atomic_bool done;              /* the lane has drained to stop */
 	atomic_uint want;              /* thread 0 waits for lock: give it up soon */
+	atomic_bool waiting;           /* the lane waits for lock (thread 0 lets it in first) */
 	atomic_bool news;              /* fresh or fwd has something (a hint) */
 	pthread_mutex_t lock;
 	struct part **parts;           /* [table_size] */
@@ -281,8 +289,9 @@ struct tally_engine {
 	pthread_t thread;
 	atomic_bool stop;
 	atomic_bool hold;                /* tally__engine_hold: nothing drains */
-	struct lane *lanes;              /* [nlanes]: drain threads 1 .. drain_threads - 1 */
-	uint32_t nlanes, nthreads;       /* nthreads = drain_threads = nlanes + 1 */
+	struct lane *lanes;              /* [nlanes]: the drain threads when drain_threads > 1 */
+	uint32_t nlanes;                 /* 0 (drain_threads 1: this thread drains) or drain_threads */
+	uint32_t own_slots;              /* slots this thread drains itself: all, or none */
 	struct subject_state **subjects; /* [table_size], allocated on first sample */
 	uint32_t *active;                /* ids in order of arrival: row i is active[i] */
 	uint32_t *row_of;                /* [table_size]: row + 1, 0 not active */
@@ -593,7 +602,7 @@ static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 	stall_end(e);
 	if (e->nlanes)
 		lanes_collect(e, now, false);
-	for (uint32_t i = 0; i < seg->nslots; i += e->nthreads) {
+	for (uint32_t i = 0; i < e->own_slots; i++) {
 		struct tally__slot *s = tally__seg_slot(seg, i);
 		uint64_t lease = atomic_load_explicit(&s->ctl.lease, memory_order_relaxed);
 		if (tally__lease_state(lease) == TALLY__SLOT_FREE)
@@ -632,14 +641,14 @@ static void drain_to_stop(struct tally_engine *e, uint64_t now)
 		drain_all(e, now);
 		return;
 	}
-	for (uint32_t i = 0; i < seg->nslots; i += e->nthreads) {
+	for (uint32_t i = 0; i < e->own_slots; i++) {
 		struct tally__slot *s = tally__seg_slot(seg, i);
 		uint64_t head;
 		budget[i] = tally__slot_ready(seg, s, &head);
 	}
 	while (more) {
 		more = false;
-		for (uint32_t i = 0; i < seg->nslots; i += e->nthreads) {
+		for (uint32_t i = 0; i < e->own_slots; i++) {
 			uint64_t took;
 			if (!budget[i])
 				continue;
@@ -721,10 +730,14 @@ static void sleep_us(uint32_t us)
 /* The lane takes its own lock, after thread 0 if thread 0 is waiting. */
 static void lane_lock(struct lane *l)
 {
-	while (atomic_load_explicit(&l->want, memory_order_relaxed))
-		sched_yield();
+	if (atomic_load_explicit(&l->want, memory_order_relaxed)) {
+		atomic_store_explicit(&l->waiting, true, memory_order_relaxed);
+		while (atomic_load_explicit(&l->want, memory_order_relaxed))
+			sched_yield();
+	}
 	if (pthread_mutex_lock(&l->lock))
 		tally__die(__FILE__, __LINE__, "drain thread lock");
+	atomic_store_explicit(&l->waiting, false, memory_order_relaxed);
 }
 
 static void lane_unlock(struct lane *l)
@@ -736,6 +749,9 @@ static void lane_unlock(struct lane *l)
  * entries and waits until lane_give. */
 static void lane_take(struct lane *l)
 {
+	/* a lane that waited for the last hand-off gets its batch first */
+	for (int n = 0; n < 100 && atomic_load_explicit(&l->waiting, memory_order_relaxed); n++)
+		sched_yield();
 	atomic_store_explicit(&l->want, 1, memory_order_relaxed);
 	if (pthread_mutex_lock(&l->lock))
 		tally__die(__FILE__, __LINE__, "drain thread lock");
@@ -951,7 +967,7 @@ static uint64_t lane_pass(struct lane *l, uint64_t now)
 	lane_slice(l, t);
 	lane_walk(l, t, 256);
 	lane_unlock(l);
-	for (uint32_t i = l->index; i < seg->nslots; i += e->nthreads) {
+	for (uint32_t i = l->index; i < seg->nslots; i += e->nlanes) {
 		struct tally__slot *s = tally__seg_slot(seg, i);
 		uint64_t lease = atomic_load_explicit(&s->ctl.lease, memory_order_relaxed), head;
 		bool blocked = false;
@@ -973,13 +989,13 @@ static void lane_drain_to_stop(struct lane *l)
 		lane_pass(l, 0);
 		return;
 	}
-	for (uint32_t i = l->index; i < seg->nslots; i += l->e->nthreads) {
+	for (uint32_t i = l->index; i < seg->nslots; i += l->e->nlanes) {
 		uint64_t head;
 		budget[i] = tally__slot_ready(seg, tally__seg_slot(seg, i), &head);
 	}
 	while (more) {
 		more = false;
-		for (uint32_t i = l->index; i < seg->nslots; i += l->e->nthreads) {
+		for (uint32_t i = l->index; i < seg->nslots; i += l->e->nlanes) {
 			uint64_t took = 0;
 			bool blocked = false;
 			if (!budget[i])
@@ -1055,8 +1071,10 @@ static void lanes_collect(struct tally_engine *e, uint64_t now, bool all)
 static void row_window(struct tally_engine *e, uint32_t id, struct subject_state *st, uint64_t now,
 		       struct tally__window_stats *ws)
 {
-	struct tally__window *wins[TALLY_DRAIN_THREADS_MAX];
+	struct tally__window *wins[TALLY_DRAIN_THREADS_MAX + 1];
 	size_t n = 0;
+
+	_Static_assert(TALLY_DRAIN_THREADS_MAX + 1 <= TALLY__WINDOW_MERGE_MAX, "a row merges up to this many");
 
 	if (!e->nlanes) {
 		tally__window_stats(&st->win, now, ws);
@@ -1092,6 +1110,26 @@ static void rows_step(struct tally_engine *e, uint32_t i, uint32_t mask, bool *h
 	}
 }
 
+/* With drain threads: the merged windows of rows from .. from+LANE_GROUP-1
+ * into out, every lane held for them alone (the rest of a row's work is
+ * done after, without the locks). */
+static void rows_merge(struct tally_engine *e, uint32_t from, uint32_t nrows, uint64_t now,
+		       struct tally__window_stats *out)
+{
+	uint32_t to = from + LANE_GROUP < nrows ? from + LANE_GROUP : nrows;
+
+	publish_yield(e, now);
+	lanes_take_all(e);
+	for (uint32_t i = from; i < to; i++) {
+		uint32_t id = e->active[i];
+		struct subject_state *st = e->subjects[id];
+		if (st->win.cur_slice < e->cur_slice)
+			advance_one(e, st, now);
+		row_window(e, id, st, now, &out[i - from]);
+	}
+	lanes_give_all(e);
+}
+
 static void rows_done(struct tally_engine *e, bool *held)
 {
 	if (*held)
@@ -1110,7 +1148,7 @@ static int lanes_init(struct tally_engine *e)
 	for (uint32_t k = 0; k < e->nlanes; k++) {
 		struct lane *l = &e->lanes[k];
 		l->e = e;
-		l->index = k + 1;
+		l->index = k;
 		pthread_mutex_init(&l->lock, NULL);
 		l->cur_slice = l->walked_slice = tally__mono_ns() / e->cfg.slice_ns;
 		l->parts = calloc(n, sizeof(l->parts[0]));
@@ -1754,21 +1792,27 @@ static void publish(struct tally_engine *e, uint64_t now)
 		return; /* keep the previous snapshot; try again next interval */
 	pending_gather(e);
 	pmap_update(e, sn->nrows, now);
-	bool held = false;
+	struct tally__window_stats wsg[LANE_GROUP];
 	for (uint32_t i = 0; i < sn->nrows; i++) {
-		rows_step(e, i, 15, &held);
 		uint32_t id = e->active[i];
 		struct subject_state *st = e->subjects[id];
 		struct tally_subject_stats *row = &sn->rows[i];
-		if (st->win.cur_slice < e->cur_slice)
-			advance_one(e, st, now);
-		row_window(e, id, st, now, &ws);
+		if (e->nlanes) {
+			if (i % LANE_GROUP == 0)
+				rows_merge(e, i, sn->nrows, now, wsg);
+			ws = wsg[i % LANE_GROUP];
+		} else {
+			if ((i & 15) == 15)
+				publish_yield(e, now);
+			if (st->win.cur_slice < e->cur_slice)
+				advance_one(e, st, now);
+			tally__window_stats(&st->win, now, &ws);
+		}
 		fill_stats(row, id, &ws, now, e->cfg.window_ns);
 		wait_fill(e, st, now, row);
 		pending_of(e, st, i, now, row);
 		judge(e, st, now, row);
 	}
-	rows_done(e, &held);
 	pending_mark_shared(e, sn);
 	latch_publish(e, sn, now);
 	struct snap *old = e->current;
@@ -1929,8 +1973,8 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	e->magic = TALLY__ENGINE_MAGIC;
 	e->seg = seg;
 	e->cfg = *cfg;
-	e->nthreads = cfg->drain_threads;
-	e->nlanes = cfg->drain_threads - 1;
+	e->nlanes = cfg->drain_threads > 1 ? cfg->drain_threads : 0;
+	e->own_slots = e->nlanes ? 0 : seg->nslots;
 	e->wcfg = (struct tally__window_config){ cfg->slice_ns, cfg->window_ns, seg->max_value_ns };
 	e->subjects = calloc(seg->table_size, sizeof(e->subjects[0]));
 	e->active = calloc(seg->table_size, sizeof(e->active[0]));
@@ -2067,7 +2111,7 @@ TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_e
 		struct lane *l = &e->lanes[k];
 		if ((rc = pthread_create(&l->thread, NULL, lane_main, l)) != 0) {
 			tally_engine_stop(&e); /* thread 0 stops the lanes started */
-			return tally__fail(-rc, "cannot start drain thread %u: %s", k + 1, strerror(rc));
+			return tally__fail(-rc, "cannot start drain thread %u: %s", k, strerror(rc));
 		}
 		l->running = true;
 	}

@@ -143,7 +143,7 @@ int tally__window_stats(struct tally__window *w, uint64_t now_ns,
  * or the first -ENOMEM of an advance (*out is still filled).  The caller
  * must hold off every window's owner while this runs.
  */
-#define TALLY__WINDOW_MERGE_MAX 16u
+#define TALLY__WINDOW_MERGE_MAX 32u
 int tally__window_stats_merged(struct tally__window *const *ws, size_t n,
 			       uint64_t now_ns, struct tally__window_stats *out);
 
