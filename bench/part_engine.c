@@ -547,7 +547,7 @@ static double drain_once(struct tally_segment *seg, struct tally_producer **p, c
 
 	tally_engine_config_init(&cfg);
 	cfg.drain_threads = n;
-	cfg.drain_interval_us = 20; /* wakes at once on the release */
+	cfg.drain_interval_us = 100; /* wakes soon after the release, and an idle thread costs little */
 	if ((rc = tally_engine_start(seg, &cfg, &e)) != 0)
 		die("tally_engine_start (drain)", rc);
 	tally_engine_counters(e, &c);
