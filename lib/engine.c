@@ -690,7 +690,7 @@ static bool advance_fold(const struct tally_engine *e, struct tally__window *w, 
 
 /* One subject's windows into the engine's slice (now's): close the
  * previous slice (folded into the export buckets once it has closed). */
-static void advance_one(struct tally_engine *e, struct subject_state *st, uint64_t now)
+__attribute__((noinline)) static void advance_one(struct tally_engine *e, struct subject_state *st, uint64_t now)
 {
 	if (advance_fold(e, &st->win, &st->exp, now))
 		e->buckets_changed = true;
