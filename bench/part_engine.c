@@ -500,7 +500,10 @@ void bench_part_ingest(void)
  * sample (polled every 100 us from here, asleep in between). Each rep
  * starts a fresh engine for every N in turn (A/B/C alternation, same
  * segment, same samples), warmed by one fill first (windows made, pages
- * touched). Slots are 8 in a row, so N = 1, 2, 4 take equal shares. */
+ * touched). Slots are 8 in a row, so N = 1, 2, 4 take equal shares.
+ * Beside each, the same drain per second of the process's CPU time: on a
+ * shared machine the wall-clock ratio says how much CPU the threads got,
+ * this one how much work per CPU-second the split costs (1.00x: none). */
 #define DRAIN_SLOTS 8u
 #define DRAIN_RING (1u << 19)
 #define DRAIN_SUBJECTS "10,1000,10000"
@@ -536,9 +539,21 @@ static bool drain_wait(struct tally_engine *e, uint64_t target)
 	return true;
 }
 
-/* One measurement: Msamples/s drained by n drain threads. */
+static uint64_t process_cpu_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* One measurement: Msamples/s drained by n drain threads (wall clock),
+ * and into *per_cpu Msamples per second of the process's CPU time over
+ * the same span (every thread of it: the drain, the publishing thread,
+ * this one's polls), which a loaded machine's preemption does not
+ * stretch. */
 static double drain_once(struct tally_segment *seg, struct tally_producer **p, const struct ingest_data *d,
-			 uint32_t n)
+			 uint32_t n, double *per_cpu)
 {
 	struct tally_engine_config cfg;
 	struct tally_engine_counters c;
@@ -556,10 +571,11 @@ static double drain_once(struct tally_segment *seg, struct tally_producer **p, c
 	sleep_ns(2000000); /* a pass under way ends */
 	tally_engine_counters(e, &c);
 	uint64_t filled = drain_fill(p, d);
-	uint64_t t0 = bench_now_ns();
+	uint64_t t0 = bench_now_ns(), cpu0 = process_cpu_ns();
 	tally__engine_hold(e, false);
 	drain_wait(e, c.drained + filled);
-	uint64_t ns = bench_now_ns() - t0;
+	uint64_t ns = bench_now_ns() - t0, cpu = process_cpu_ns() - cpu0;
+	*per_cpu = (double)filled / (double)cpu * 1e3;
 	if (tally__engine_rejected(e))
 		fprintf(stderr, "bench: drain: %llu rejected\n", (unsigned long long)tally__engine_rejected(e));
 	tally_engine_stop(&e);
@@ -587,16 +603,24 @@ void bench_part_drain(void)
 		struct tally_producer *p[DRAIN_SLOTS];
 		for (uint32_t k = 0; k < DRAIN_SLOTS; k++)
 			p[k] = attach(seg);
-		static double rate[DRAIN_MAX_N][256];
+		static double rate[DRAIN_MAX_N][256], cpu[DRAIN_MAX_N][256];
 		for (int r = 0; r < bench_opts.reps; r++)
 			for (int k = 0; k < nn; k++)
-				rate[k][r] = drain_once(seg, p, d, ns[k]);
+				rate[k][r] = drain_once(seg, p, d, ns[k], &cpu[k][r]);
 		char base[72], row[72];
 		snprintf(base, sizeof(base), "ingest, %u drain thread%s, %lu subj", ns[0], ns[0] > 1 ? "s" : "", nsubj);
 		for (int k = 0; k < nn; k++) {
 			snprintf(row, sizeof(row), "ingest, %u drain thread%s, %lu subj", ns[k], ns[k] > 1 ? "s" : "", nsubj);
 			snprintf(name, sizeof(name), "drain threads, %lu subj", nsubj);
 			bench_row_series("drain", name, row, "Msamples/s", true, rate[k], bench_opts.reps,
+					 k ? base : NULL, ns[k]);
+		}
+		snprintf(base, sizeof(base), "per CPU-s, %u drain thread%s, %lu subj", ns[0], ns[0] > 1 ? "s" : "", nsubj);
+		for (int k = 0; k < nn; k++) {
+			snprintf(row, sizeof(row), "per CPU-s, %u drain thread%s, %lu subj", ns[k], ns[k] > 1 ? "s" : "",
+				 nsubj);
+			snprintf(name, sizeof(name), "drain threads per CPU-s, %lu subj", nsubj);
+			bench_row_series("drain", name, row, "Msamples/s", true, cpu[k], bench_opts.reps,
 					 k ? base : NULL, ns[k]);
 		}
 		for (uint32_t k = 0; k < DRAIN_SLOTS; k++)
