@@ -17,6 +17,8 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <tally/engine.h>
+
 #include "harness.h"
 
 struct bench_opts bench_opts = { .reps = 7, .scale = 1.0 };
@@ -39,6 +41,7 @@ static const struct {
 } parts[] = {
 	{ "record", bench_part_record, "record ns/op: tally rings vs mutex and atomic histograms, threads 1..--threads" },
 	{ "ingest", bench_part_ingest, "aggregator ingest Msamples/s: the engine.c loop on one core over --subjects, and end to end" },
+	{ "drain", bench_part_drain, "ingest Msamples/s with --drain-threads drain threads (default 1,2,4), rings filled beforehand, at 10, 1,000 and 10,000 subjects" },
 	{ "publish", bench_part_publish, "one publish in ms for --subjects active subjects (default 10,30,100,300,1000,3000,10000)" },
 	{ "window", bench_part_window, "window length sweep (--slices of 1 s): publish ms, slice close, memory per subject" },
 	{ "read", bench_part_read, "read one subject's stats ns/op: in-process, read-only handle, other process" },
@@ -55,6 +58,7 @@ static const struct {
 #define DEFAULT_SUBJECTS "10,30,100,300,1000,3000,10000"
 #define DEFAULT_CONSUMERS "10,100,1000"
 #define DEFAULT_SLICES "1,10,60"
+#define DEFAULT_DRAIN_THREADS "1,2,4"
 
 /* The machine, printed at the start and written into the JSON. */
 static struct {
@@ -323,6 +327,7 @@ static void usage(FILE *to)
 {
 	fprintf(to, "usage: tally-bench [--part NAME[,NAME...]] [--quick] [--reps N] [--scale X]\n"
 		    "                   [--threads N] [--subjects LIST] [--consumers LIST] [--slices LIST]\n"
+		    "                   [--drain-threads LIST]\n"
 		    "                   [--json FILE] [--list]\n"
 		    "Measures every hot path beside its baselines, same process, same run.\n"
 		    "  --quick          3 repetitions, a quarter of the operations (same sweeps)\n"
@@ -332,6 +337,7 @@ static void usage(FILE *to)
 		    "  --subjects LIST  publish, ingest: subjects (default " DEFAULT_SUBJECTS "; alias --sizes)\n"
 		    "  --consumers LIST pending: consumers (default " DEFAULT_CONSUMERS ")\n"
 		    "  --slices LIST    window: window length in 1 s slices (default " DEFAULT_SLICES ")\n"
+		    "  --drain-threads LIST  drain: drain_threads values (default " DEFAULT_DRAIN_THREADS "; the first is the baseline)\n"
 		    "  --json FILE      also write the rows as JSON (bench/plot.sh draws it)\n"
 		    "  --list           list the parts\n");
 }
@@ -343,6 +349,7 @@ int main(int argc, char **argv)
 		{ "scale", required_argument, NULL, 'x' }, { "threads", required_argument, NULL, 't' },
 		{ "sizes", required_argument, NULL, 'S' }, { "subjects", required_argument, NULL, 'S' },
 		{ "consumers", required_argument, NULL, 'C' }, { "slices", required_argument, NULL, 'W' },
+		{ "drain-threads", required_argument, NULL, 'D' },
 		{ "quick", no_argument, NULL, 'q' }, { "json", required_argument, NULL, 'j' },
 		{ "list", no_argument, NULL, 'l' }, { "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -356,7 +363,8 @@ int main(int argc, char **argv)
 	bench_opts.subjects = DEFAULT_SUBJECTS;
 	bench_opts.consumers = DEFAULT_CONSUMERS;
 	bench_opts.slices = DEFAULT_SLICES;
-	while ((c = getopt_long(argc, argv, "p:r:x:t:S:C:W:qj:lh", opts, NULL)) != -1) {
+	bench_opts.drain_threads = DEFAULT_DRAIN_THREADS;
+	while ((c = getopt_long(argc, argv, "p:r:x:t:S:C:W:D:qj:lh", opts, NULL)) != -1) {
 		switch (c) {
 		case 'p': only = optarg; break;
 		case 'r': reps = atoi(optarg); break;
@@ -365,6 +373,7 @@ int main(int argc, char **argv)
 		case 'S': bench_opts.subjects = optarg; break;
 		case 'C': bench_opts.consumers = optarg; break;
 		case 'W': bench_opts.slices = optarg; break;
+		case 'D': bench_opts.drain_threads = optarg; break;
 		case 'q': quick = true; break;
 		case 'j': json = optarg; break;
 		case 'l':
@@ -387,7 +396,8 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	if ((only && check_parts(only) != 0) || !list_ok(bench_opts.subjects, "--subjects", 1000000) ||
-	    !list_ok(bench_opts.consumers, "--consumers", 100000) || !list_ok(bench_opts.slices, "--slices", 3600))
+	    !list_ok(bench_opts.consumers, "--consumers", 100000) || !list_ok(bench_opts.slices, "--slices", 3600) ||
+	    !list_ok(bench_opts.drain_threads, "--drain-threads", TALLY_DRAIN_THREADS_MAX))
 		return 2;
 	read_machine();
 	printf("tally-bench: %s, %ld CPUs online, %s, load average %.2f\n"

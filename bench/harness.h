@@ -22,6 +22,7 @@ struct bench_opts {
 	const char *subjects;  /* subject sweep of publish and ingest (--subjects, alias --sizes) */
 	const char *consumers; /* consumer sweep of pending (--consumers) */
 	const char *slices;    /* window sweep, slices of 1 s per window (--slices) */
+	const char *drain_threads; /* drain: drain_threads sweep (--drain-threads, default 1,2,4) */
 };
 
 extern struct bench_opts bench_opts;
@@ -76,6 +77,7 @@ static inline uint64_t bench_rand(uint64_t *s)
 void bench_part_record(void);
 void bench_part_hist(void);
 void bench_part_ingest(void);
+void bench_part_drain(void);
 void bench_part_publish(void);
 void bench_part_read(void);
 void bench_part_visible(void);

@@ -448,8 +448,8 @@ static void ingest_delivered(struct tally_segment *seg, const struct ingest_data
 }
 
 /* A segment with n subjects interned, and d's ids spread over them. */
-static struct tally_segment *ingest_segment_slots(const char *tag, uint32_t n, uint32_t slots,
-						  struct ingest_data *d, char *name, size_t len)
+static struct tally_segment *ingest_segment_ring(const char *tag, uint32_t n, uint32_t slots, uint32_t ring,
+						 struct ingest_data *d, char *name, size_t len)
 {
 	struct tally_segment_config cfg;
 	tally_subject_t *ids = malloc(n * sizeof(*ids));
@@ -459,7 +459,7 @@ static struct tally_segment *ingest_segment_slots(const char *tag, uint32_t n, u
 		abort();
 	tally_segment_config_init(&cfg);
 	cfg.producer_slots = slots;
-	cfg.ring_capacity = INGEST_RING;
+	cfg.ring_capacity = ring;
 	cfg.subject_capacity = n + n / 4 + 16;
 	struct tally_segment *seg = seg_create(tag, &cfg, name, len);
 	for (uint32_t i = 0; i < n; i++)
@@ -470,6 +470,12 @@ static struct tally_segment *ingest_segment_slots(const char *tag, uint32_t n, u
 	}
 	free(ids);
 	return seg;
+}
+
+static struct tally_segment *ingest_segment_slots(const char *tag, uint32_t n, uint32_t slots,
+						  struct ingest_data *d, char *name, size_t len)
+{
+	return ingest_segment_ring(tag, n, slots, INGEST_RING, d, name, len);
 }
 
 static struct tally_segment *ingest_segment(const char *tag, uint32_t n, struct ingest_data *d,
@@ -504,6 +510,147 @@ void bench_part_ingest(void)
 		seg = ingest_segment_slots("ingest3", E2E_SUBJECTS, (uint32_t)(nprods[k] * bench_opts.reps + 1), d,
 					   name, sizeof(name));
 		ingest_delivered(seg, d, nprods[k]);
+		seg_close(&seg, name);
+	}
+	free(d);
+}
+
+/* ---- drain threads (issue 18) ------------------------------------------------- */
+
+/* The drain with N drain threads (drain_threads), measured on the real
+ * engine and its threads: DRAIN_SLOTS rings of DRAIN_RING entries are
+ * filled beforehand by this thread while the engine is held
+ * (tally__engine_hold), so no producer competes with the drain; the clock
+ * runs from the release until the engine's drained counter has every
+ * sample (polled every 100 us from here, asleep in between). Each rep
+ * starts a fresh engine for every N in turn (A/B/C alternation, same
+ * segment, same samples), warmed by one fill first (windows made, pages
+ * touched). Slots are 8 in a row, so N = 1, 2, 4 take equal shares.
+ * Beside each, the same drain per second of the process's CPU time: on a
+ * shared machine the wall-clock ratio says how much CPU the threads got,
+ * this one how much work per CPU-second the split costs (1.00x: none). */
+#define DRAIN_SLOTS 8u
+#define DRAIN_RING (1u << 19)
+#define DRAIN_SUBJECTS "10,1000,10000"
+#define DRAIN_MAX_N 16
+
+static uint64_t drain_fill(struct tally_producer **p, const struct ingest_data *d)
+{
+	uint64_t n = 0;
+
+	for (uint32_t k = 0; k < DRAIN_SLOTS; k++)
+		for (uint32_t i = 0; i < DRAIN_RING; i++)
+			n += tally_record(p[k], d->ids[(i + k * 4099u) & (INGEST_RING - 1)],
+					  d->values[(i * 7u + k) & (INGEST_RING - 1)]);
+	return n;
+}
+
+/* Until the engine has drained target samples; false after 60 s (said). */
+static bool drain_wait(struct tally_engine *e, uint64_t target)
+{
+	struct tally_engine_counters c;
+	uint64_t t0 = bench_now_ns();
+
+	for (tally_engine_counters(e, &c); c.drained < target; tally_engine_counters(e, &c)) {
+		if (bench_now_ns() - t0 > UINT64_C(60000000000)) {
+			fprintf(stderr, "bench: drain: %llu drained of %llu after 60 s, %llu rejected\n",
+				(unsigned long long)c.drained, (unsigned long long)target,
+				(unsigned long long)c.rejected);
+			bench_failed = true;
+			return false;
+		}
+		sleep_ns(100000);
+	}
+	return true;
+}
+
+static uint64_t process_cpu_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* One measurement: Msamples/s drained by n drain threads (wall clock),
+ * and into *per_cpu Msamples per second of the process's CPU time over
+ * the same span (every thread of it: the drain, the publishing thread,
+ * this one's polls), which a loaded machine's preemption does not
+ * stretch. */
+static double drain_once(struct tally_segment *seg, struct tally_producer **p, const struct ingest_data *d,
+			 uint32_t n, double *per_cpu)
+{
+	struct tally_engine_config cfg;
+	struct tally_engine_counters c;
+	struct tally_engine *e;
+	int rc;
+
+	tally_engine_config_init(&cfg);
+	cfg.drain_threads = n;
+	cfg.drain_interval_us = 100; /* wakes soon after the release, and an idle thread costs little */
+	if ((rc = tally_engine_start(seg, &cfg, &e)) != 0)
+		die("tally_engine_start (drain)", rc);
+	tally_engine_counters(e, &c);
+	drain_wait(e, c.drained + drain_fill(p, d)); /* warm-up */
+	tally__engine_hold(e, true);
+	sleep_ns(2000000); /* a pass under way ends */
+	tally_engine_counters(e, &c);
+	uint64_t filled = drain_fill(p, d);
+	uint64_t t0 = bench_now_ns(), cpu0 = process_cpu_ns();
+	tally__engine_hold(e, false);
+	drain_wait(e, c.drained + filled);
+	uint64_t ns = bench_now_ns() - t0, cpu = process_cpu_ns() - cpu0;
+	*per_cpu = (double)filled / (double)cpu * 1e3;
+	if (tally__engine_rejected(e))
+		fprintf(stderr, "bench: drain: %llu rejected\n", (unsigned long long)tally__engine_rejected(e));
+	tally_engine_stop(&e);
+	return (double)filled / (double)ns * 1e3;
+}
+
+void bench_part_drain(void)
+{
+	struct ingest_data *d = malloc(sizeof(*d));
+	const char *list = DRAIN_SUBJECTS;
+	unsigned long nsubj;
+	char name[64];
+
+	if (!d)
+		abort();
+	while ((nsubj = bench_next_size(&list, "drain subjects", 1000000)) != 0) {
+		uint32_t ns[DRAIN_MAX_N];
+		int nn = 0;
+		const char *tl = bench_opts.drain_threads;
+		unsigned long t;
+		while ((t = bench_next_size(&tl, "--drain-threads", TALLY_DRAIN_THREADS_MAX)) != 0 && nn < DRAIN_MAX_N)
+			ns[nn++] = (uint32_t)t;
+		struct tally_segment *seg = ingest_segment_ring("drain", (uint32_t)nsubj, DRAIN_SLOTS, DRAIN_RING, d,
+								name, sizeof(name));
+		struct tally_producer *p[DRAIN_SLOTS];
+		for (uint32_t k = 0; k < DRAIN_SLOTS; k++)
+			p[k] = attach(seg);
+		static double rate[DRAIN_MAX_N][256], cpu[DRAIN_MAX_N][256];
+		for (int r = 0; r < bench_opts.reps; r++)
+			for (int k = 0; k < nn; k++)
+				rate[k][r] = drain_once(seg, p, d, ns[k], &cpu[k][r]);
+		char base[72], row[72];
+		snprintf(base, sizeof(base), "ingest, %u drain thread%s, %lu subj", ns[0], ns[0] > 1 ? "s" : "", nsubj);
+		for (int k = 0; k < nn; k++) {
+			snprintf(row, sizeof(row), "ingest, %u drain thread%s, %lu subj", ns[k], ns[k] > 1 ? "s" : "", nsubj);
+			snprintf(name, sizeof(name), "drain threads, %lu subj", nsubj);
+			bench_row_series("drain", name, row, "Msamples/s", true, rate[k], bench_opts.reps,
+					 k ? base : NULL, ns[k]);
+		}
+		snprintf(base, sizeof(base), "per CPU-s, %u drain thread%s, %lu subj", ns[0], ns[0] > 1 ? "s" : "", nsubj);
+		for (int k = 0; k < nn; k++) {
+			snprintf(row, sizeof(row), "per CPU-s, %u drain thread%s, %lu subj", ns[k], ns[k] > 1 ? "s" : "",
+				 nsubj);
+			snprintf(name, sizeof(name), "drain threads per CPU-s, %lu subj", nsubj);
+			bench_row_series("drain", name, row, "Msamples/s", true, cpu[k], bench_opts.reps,
+					 k ? base : NULL, ns[k]);
+		}
+		for (uint32_t k = 0; k < DRAIN_SLOTS; k++)
+			tally_producer_detach(&p[k]);
+		snprintf(name, sizeof(name), "tally-bench-drain-%d", (int)getpid());
 		seg_close(&seg, name);
 	}
 	free(d);

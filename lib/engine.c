@@ -1,9 +1,12 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * engine.c: the aggregator thread and the two ways it publishes.
+ * engine.c: the aggregator thread (and, with drain_threads > 1, the drain
+ * threads that drain for it) and the two ways it publishes.
  *
- * Loop. The thread drains every ring that is not free, a bounded batch per
- * ring per pass so that one flooding producer cannot starve the others,
+ * Loop. The thread drains every ring that is not free (with
+ * drain_threads > 1 the drain threads do, see "Drain threads" below), a
+ * bounded batch per ring per pass so that one flooding producer cannot
+ * starve the others,
  * and adds each sample to its subject's window (window.c). When a pass
  * finds nothing it sleeps for the drain interval (default 1 ms), so an
  * idle engine costs about a thousand wake-ups a second and no spinning.
@@ -74,11 +77,58 @@
  * or that scan met an entry still being claimed, so an idle table costs
  * one load per reap. A wildcard names no subject: subjects under it get
  * rows when they are interned or recorded.
+ *
+ * Drain threads (drain_threads = N, issue 18). With N = 1 the aggregator
+ * thread (thread 0) drains every slot itself, as above, and nothing below
+ * exists: no lane, no lock, every path the one-thread one. With N > 1,
+ * N drain threads ("lanes", struct lane) drain and thread 0 drains
+ * nothing: it publishes, reaps and keeps what only it may touch, so its
+ * publish never holds a drain thread's own slots up. The producer slots
+ * are split by number: lane k drains slot i when i mod N = k (claims start
+ * at a slot that depends on the claimer's thread, so a process's
+ * producers spread over the lanes). Ownership:
+ *   - a lane owns, for every subject it has drained a sample of, a part:
+ *     a latency window of its own and its own since-start export buckets
+ *     (struct part); its slice walk and lazy advance, as thread 0's
+ *     below, over its own parts; the per-slot rejected counter of its
+ *     slots. It reads, and never writes, what thread 0 set up before it
+ *     started (the config, the export edges, the segment's pointers).
+ *   - thread 0 owns everything else, as with one thread: the subject
+ *     states (rows, names, verdicts, rules, an empty window of their own
+ *     that the merge includes), the wait series and CoDel state, the
+ *     pending map, publishing, the totals and the reaper. A lane hands it
+ *     what needs that state: a subject it saw first (fresh), to get its
+ *     row, and every wait and pending entry (fwd: id, tag, value), which
+ *     thread 0 puts into the series as if it had drained it itself, at its
+ *     next pass (every drain interval). A full queue (LANE_FWD_CAP) ends
+ *     the lane's batch there: the entry stays in the ring until thread 0
+ *     has emptied the queue.
+ * The hand-off is one mutex per lane. The lane holds it for each batch
+ * (and each step of its walk), and reads the clock under it; thread 0
+ * takes it (lane_take: a flag asks the lane to end its batch within
+ * LANE_WANT_EVERY entries and not to take the lock again meanwhile; a
+ * lane that waited gets its turn first) to collect fresh subjects and
+ * queued entries; at publish, to merge the windows of LANE_GROUP rows at
+ * a time (a row's window is the merge of thread 0's and the lanes' parts
+ * of the subject, tally__window_stats_merged: exact count, sum, min and
+ * max, the quantiles of the summed histograms, so the same bound and
+ * window semantics as one window; the rest of the row, pending, waits
+ * and verdict, is done after, without the locks), to sum the export
+ * buckets the same way; and, holding every lane, for the totals (drained
+ * is added under the lane's lock, so drained and the rings agree) and the
+ * reaper (no slot is freed under a batch). A part thread 0 reads is first
+ * advanced to the publish time; since a lane reads its clock under the
+ * lock, its next batch is never in an earlier slice than that. A lane's
+ * fold of a closed slice into its export buckets shows at the next
+ * publish, which collects it (l->folded).
+ * Memory: thread 0 keeps a window of every subject (its row; empty with
+ * N > 1), and each lane one of every subject it has drained a sample of.
  */
 #include "config.h"
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <stdio.h>
@@ -173,6 +223,13 @@ struct wait_series {
 	uint32_t ack_hash;
 };
 
+/* Since start, over closed slices: counts below each export edge, and
+ * the count and sum they total (the histogram Prometheus scrapes). */
+struct exported {
+	uint64_t *le;
+	uint64_t count, sum;
+};
+
 struct subject_state {
 	struct tally__window win;
 	struct wait_series *wait;
@@ -180,11 +237,53 @@ struct subject_state {
 	const struct tally_threshold_rule *rule; /* cached match, valid while rule_gen is current */
 	uint64_t rule_gen;
 	uint32_t rule_no; /* the rule's rules-section entry + 1 (tally_subject_stats.rule) */
-	/* since start, over closed slices: counts below each export edge, and
-	 * the count and sum they total (the histogram Prometheus scrapes) */
-	uint64_t *le_total;
-	uint64_t closed_count, closed_sum;
+	struct exported exp;
 	char name[TALLY_SUBJECT_MAX + 1];
+};
+
+/* A subject as drain thread k >= 1 sees it (see "Drain threads"). */
+struct part {
+	struct tally__window win;
+	struct exported exp;
+};
+
+/* A wait or pending entry a drain thread took, for thread 0. */
+struct fwd {
+	uint32_t id, tag;
+	uint64_t v;
+};
+
+#define LANE_FWD_CAP 4096u
+/* A drain thread's batch gives its lock up early when thread 0 asks, at
+ * most this many entries later. */
+#define LANE_WANT_EVERY 512u
+/* Rows thread 0 reads under the drain threads' locks at a time. */
+#define LANE_GROUP 32u
+
+/* Drain thread k (a "lane"). Everything below lock is the lane's own,
+ * and thread 0's while it holds lock (lane_take). Aligned to 128 bytes
+ * (two lines, the pair the x86 prefetcher fetches): one lane's writes
+ * never touch a line of its neighbour's. */
+struct lane {
+	_Alignas(128)
+	struct tally_engine *e;
+	uint32_t index;
+	pthread_t thread;
+	bool running;                  /* thread 0's: the thread was created */
+	atomic_bool done;              /* the lane has drained to stop */
+	atomic_uint want;              /* thread 0 waits for lock: give it up soon */
+	atomic_bool waiting;           /* the lane waits for lock (thread 0 lets it in first) */
+	atomic_bool news;              /* fresh or fwd has something (a hint) */
+	pthread_mutex_t lock;
+	struct part **parts;           /* [table_size] */
+	uint32_t *active, nactive;     /* ids of the parts, in order of arrival */
+	uint32_t *fresh, nfresh;       /* parts thread 0 has not yet seen */
+	struct fwd *fwd;               /* [LANE_FWD_CAP] waits and pending for thread 0 */
+	uint32_t nfwd;
+	bool folded;                   /* a slice was folded into exp since thread 0 looked */
+	uint64_t cur_slice, walked_slice;
+	uint32_t walk_pos;
+	uint64_t stall_from;
 };
 
 struct tally_engine {
@@ -194,6 +293,10 @@ struct tally_engine {
 	struct tally__window_config wcfg;
 	pthread_t thread;
 	atomic_bool stop;
+	atomic_bool hold;                /* tally__engine_hold: nothing drains */
+	struct lane *lanes;              /* [nlanes]: the drain threads when drain_threads > 1 */
+	uint32_t nlanes;                 /* 0 (drain_threads 1: this thread drains) or drain_threads */
+	uint32_t own_slots;              /* slots this thread drains itself: all, or none */
 	struct subject_state **subjects; /* [table_size], allocated on first sample */
 	uint32_t *active;                /* ids in order of arrival: row i is active[i] */
 	uint32_t *row_of;                /* [table_size]: row + 1, 0 not active */
@@ -254,6 +357,7 @@ TALLY_API void tally_engine_config_init(struct tally_engine_config *cfg)
 	cfg->publish_interval_ms = 100;
 	cfg->reap_interval_ms = 250;
 	cfg->pending_include_ack = true;
+	cfg->drain_threads = 1;
 }
 
 static int config_check(const struct tally_engine_config *c)
@@ -268,6 +372,9 @@ static int config_check(const struct tally_engine_config *c)
 		return tally__fail(-EINVAL, "publish_interval_ms %u is outside 1..60000", c->publish_interval_ms);
 	if (c->reap_interval_ms < 1 || c->reap_interval_ms > 60000)
 		return tally__fail(-EINVAL, "reap_interval_ms %u is outside 1..60000", c->reap_interval_ms);
+	if (c->drain_threads < 1 || c->drain_threads > TALLY_DRAIN_THREADS_MAX)
+		return tally__fail(-EINVAL, "drain_threads %u is outside 1..%u", c->drain_threads,
+				   TALLY_DRAIN_THREADS_MAX);
 	return 0;
 }
 
@@ -282,11 +389,11 @@ static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, ui
 	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
 		return NULL;
 	struct subject_state *st = calloc(1, sizeof(*st));
-	if (!st || !(st->le_total = calloc(e->nedges, sizeof(uint64_t))) ||
+	if (!st || !(st->exp.le = calloc(e->nedges, sizeof(uint64_t))) ||
 	    tally_subject_name(seg, id, st->name, sizeof(st->name)) != 0 ||
 	    tally__window_init(&st->win, &e->wcfg, now) != 0) {
 		if (st)
-			free(st->le_total);
+			free(st->exp.le);
 		free(st);
 		return NULL;
 	}
@@ -480,22 +587,35 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 	return n - rejected;
 }
 
+/* The longest stretch without draining, of any drain thread. */
+static void stall_note(struct tally_engine *e, uint64_t from)
+{
+	uint64_t d = tally__mono_ns() - from, cur = atomic_load_explicit(&e->max_stall_ns, memory_order_relaxed);
+
+	while (from && d > cur &&
+	       !atomic_compare_exchange_weak_explicit(&e->max_stall_ns, &cur, d, memory_order_relaxed,
+						      memory_order_relaxed))
+		;
+}
+
 static void stall_end(struct tally_engine *e)
 {
-	uint64_t t = tally__mono_ns();
-
-	if (e->stall_from && t - e->stall_from > atomic_load_explicit(&e->max_stall_ns, memory_order_relaxed))
-		atomic_store_explicit(&e->max_stall_ns, t - e->stall_from, memory_order_relaxed);
+	stall_note(e, e->stall_from);
 }
+
+static void lanes_collect(struct tally_engine *e, uint64_t now, bool all);
 
 static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 {
 	struct tally_segment *seg = e->seg;
 	uint64_t total = 0;
 
+	if (TALLY__UNLIKELY(atomic_load_explicit(&e->hold, memory_order_relaxed)))
+		return 0; /* tally__engine_hold: not even inside a publish */
 	stall_end(e);
-
-	for (uint32_t i = 0; i < seg->nslots; i++) {
+	if (e->nlanes)
+		lanes_collect(e, now, false);
+	for (uint32_t i = 0; i < e->own_slots; i++) {
 		struct tally__slot *s = tally__seg_slot(seg, i);
 		uint64_t lease = atomic_load_explicit(&s->ctl.lease, memory_order_relaxed);
 		if (tally__lease_state(lease) == TALLY__SLOT_FREE)
@@ -508,9 +628,14 @@ static uint64_t drain_all(struct tally_engine *e, uint64_t now)
 }
 
 /* Inside a publish: drain again when a step's time is up. */
+static bool publish_due(const struct tally_engine *e)
+{
+	return tally__mono_ns() - e->stall_from >= PUBLISH_STEP_NS;
+}
+
 static void publish_yield(struct tally_engine *e, uint64_t now)
 {
-	if (tally__mono_ns() - e->stall_from >= PUBLISH_STEP_NS)
+	if (publish_due(e))
 		drain_all(e, now);
 }
 
@@ -529,14 +654,14 @@ static void drain_to_stop(struct tally_engine *e, uint64_t now)
 		drain_all(e, now);
 		return;
 	}
-	for (uint32_t i = 0; i < seg->nslots; i++) {
+	for (uint32_t i = 0; i < e->own_slots; i++) {
 		struct tally__slot *s = tally__seg_slot(seg, i);
 		uint64_t head;
 		budget[i] = tally__slot_ready(seg, s, &head);
 	}
 	while (more) {
 		more = false;
-		for (uint32_t i = 0; i < seg->nslots; i++) {
+		for (uint32_t i = 0; i < e->own_slots; i++) {
 			uint64_t took;
 			if (!budget[i])
 				continue;
@@ -549,40 +674,36 @@ static void drain_to_stop(struct tally_engine *e, uint64_t now)
 	free(budget);
 }
 
-/* A slice is closing: its counts below each export edge, to be folded
- * into the subject's since-start export buckets once the close succeeds
- * (one pass over its nonempty blocks). false: nothing to fold. */
-static bool fold_prepare(struct tally_engine *e, const struct subject_state *st, uint64_t *below)
+/* A window into now's slice: the slice that closes (its counts below
+ * each export edge, one pass over its nonempty blocks) is folded into the
+ * since-start export buckets x once the close succeeded. true: folded. */
+static bool advance_fold(const struct tally_engine *e, struct tally__window *w, struct exported *x,
+			 uint64_t now)
 {
-	return st->win.cur.count != 0 &&
-	       tally__hist_cumulative_le(&st->win.cur, e->edges, e->nedges, below) == 0;
-}
-
-static void fold_apply(struct tally_engine *e, struct subject_state *st, const uint64_t *below,
-		       uint64_t count, uint64_t sum)
-{
+	uint64_t below[TALLY__HIST_DEFAULT_NEDGES], prev = w->cur_slice;
+	uint64_t count = w->cur.count, sum = w->cur.sum;
+	bool fold = prev < now / e->cfg.slice_ns && count != 0 &&
+		    tally__hist_cumulative_le(&w->cur, e->edges, e->nedges, below) == 0;
 	bool sat = false;
 
+	tally__window_advance(w, now);
+	/* folded only when the slice did close: a failed advance (no memory)
+	 * is tried again later, and the slice must not count twice */
+	if (!fold || w->cur_slice == prev)
+		return false;
 	for (uint32_t k = 0; k < e->nedges; k++)
-		st->le_total[k] += below[k];
-	e->buckets_changed = true;
-	st->closed_count += count;
-	st->closed_sum = tally__hist_sat_add(st->closed_sum, sum, &sat);
+		x->le[k] += below[k];
+	x->count += count;
+	x->sum = tally__hist_sat_add(x->sum, sum, &sat);
+	return true;
 }
 
 /* One subject's windows into the engine's slice (now's): close the
  * previous slice (folded into the export buckets once it has closed). */
-static void advance_one(struct tally_engine *e, struct subject_state *st, uint64_t now)
+__attribute__((noinline)) static void advance_one(struct tally_engine *e, struct subject_state *st, uint64_t now)
 {
-	uint64_t below[TALLY__HIST_DEFAULT_NEDGES], prev = st->win.cur_slice;
-	uint64_t count = st->win.cur.count, sum = st->win.cur.sum;
-	bool fold = prev < now / e->cfg.slice_ns && fold_prepare(e, st, below);
-
-	tally__window_advance(&st->win, now);
-	/* folded only when the slice did close: a failed advance (no memory)
-	 * is tried again later, and the slice must not count twice */
-	if (fold && st->win.cur_slice != prev)
-		fold_apply(e, st, below, count, sum);
+	if (advance_fold(e, &st->win, &st->exp, now))
+		e->buckets_changed = true;
 	if (st->wait)
 		tally__window_advance(&st->wait->win, now);
 }
@@ -608,6 +729,466 @@ static void advance_all(struct tally_engine *e, uint64_t now, bool step)
 			advance_one(e, st, now);
 	}
 	e->walked_slice = slice;
+}
+
+/* ---- drain threads 1 .. N-1 (see "Drain threads" in the header) ------------ */
+
+static void sleep_us(uint32_t us)
+{
+	struct timespec ts = { us / 1000000u, (long)(us % 1000000u) * 1000L };
+
+	nanosleep(&ts, NULL);
+}
+
+/* The lane takes its own lock, after thread 0 if thread 0 is waiting. */
+static void lane_lock(struct lane *l)
+{
+	if (atomic_load_explicit(&l->want, memory_order_relaxed)) {
+		atomic_store_explicit(&l->waiting, true, memory_order_relaxed);
+		while (atomic_load_explicit(&l->want, memory_order_relaxed))
+			sched_yield();
+	}
+	if (pthread_mutex_lock(&l->lock))
+		tally__die(__FILE__, __LINE__, "drain thread lock");
+	atomic_store_explicit(&l->waiting, false, memory_order_relaxed);
+}
+
+static void lane_unlock(struct lane *l)
+{
+	pthread_mutex_unlock(&l->lock);
+}
+
+/* Thread 0 takes a lane: the lane ends its batch within LANE_WANT_EVERY
+ * entries and waits until lane_give. */
+static void lane_take(struct lane *l)
+{
+	/* a lane that waited for the last hand-off gets its batch first */
+	for (int n = 0; n < 100 && atomic_load_explicit(&l->waiting, memory_order_relaxed); n++)
+		sched_yield();
+	atomic_store_explicit(&l->want, 1, memory_order_relaxed);
+	if (pthread_mutex_lock(&l->lock))
+		tally__die(__FILE__, __LINE__, "drain thread lock");
+}
+
+static void lane_give(struct lane *l)
+{
+	pthread_mutex_unlock(&l->lock);
+	atomic_store_explicit(&l->want, 0, memory_order_relaxed);
+}
+
+static void lanes_take_all(struct tally_engine *e)
+{
+	for (uint32_t k = 0; k < e->nlanes; k++)
+		lane_take(&e->lanes[k]);
+}
+
+static void lanes_give_all(struct tally_engine *e)
+{
+	for (uint32_t k = 0; k < e->nlanes; k++)
+		lane_give(&e->lanes[k]);
+}
+
+/* A lane's first sample of a subject: checked as subject_new checks, and
+ * listed for thread 0, which gives the subject its row. */
+static struct part *part_new(struct lane *l, uint32_t id, uint64_t now)
+{
+	struct tally_engine *e = l->e;
+	struct tally__shm_subject *ent = tally__seg_subject(e->seg, id);
+
+	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
+		return NULL;
+	struct part *p = calloc(1, sizeof(*p));
+	if (!p || !(p->exp.le = calloc(e->nedges, sizeof(uint64_t))) ||
+	    tally__window_init(&p->win, &e->wcfg, now) != 0) {
+		if (p)
+			free(p->exp.le);
+		free(p);
+		return NULL;
+	}
+	l->parts[id] = p;
+	l->active[l->nactive++] = id;
+	l->fresh[l->nfresh++] = id;
+	atomic_store_explicit(&l->news, true, memory_order_relaxed);
+	return p;
+}
+
+static void part_free(struct part *p)
+{
+	tally__window_destroy(&p->win);
+	free(p->exp.le);
+	free(p);
+}
+
+static void part_advance(struct lane *l, struct part *p, uint64_t now)
+{
+	if (advance_fold(l->e, &p->win, &p->exp, now))
+		l->folded = true;
+}
+
+/* The lane's clock entered a new slice: a walk closes the old one in
+ * every part, a step at a time (lane_walk); meanwhile each sample checks
+ * its part (lane_drain_slot), as on thread 0. */
+static void lane_slice(struct lane *l, uint64_t now)
+{
+	uint64_t slice = now / l->e->cfg.slice_ns;
+
+	if (slice != l->cur_slice) {
+		l->cur_slice = slice;
+		l->walk_pos = 0;
+	}
+}
+
+static void lane_walk(struct lane *l, uint64_t now, uint32_t max)
+{
+	if (l->walked_slice == l->cur_slice)
+		return;
+	for (uint32_t n = 0; n < max && l->walk_pos < l->nactive; n++, l->walk_pos++) {
+		struct part *p = l->parts[l->active[l->walk_pos]];
+		if (p->win.cur_slice < l->cur_slice)
+			part_advance(l, p, now);
+	}
+	if (l->walk_pos == l->nactive)
+		l->walked_slice = l->cur_slice;
+}
+
+/* A wait or pending entry, for thread 0 (its series and CoDel state are
+ * thread 0's). 1: queued; 0: a tag no producer writes; -1: the queue is
+ * full (the entry stays in the ring). */
+static int lane_forward(struct lane *l, uint32_t id, uint32_t tag, uint64_t v)
+{
+	switch (TALLY__TAG_KIND(tag)) {
+	case TALLY__ENTRY_WAIT_SKEW:
+	case TALLY__ENTRY_WAIT:
+	case TALLY__ENTRY_PENDING:
+		break;
+	default:
+		return 0;
+	}
+	if (l->nfwd == LANE_FWD_CAP)
+		return -1;
+	l->fwd[l->nfwd++] = (struct fwd){ id, tag, v };
+	atomic_store_explicit(&l->news, true, memory_order_relaxed);
+	return 1;
+}
+
+static inline void lane_prefetch(const struct lane *l, const struct tally_ring_entry *r, bool bucket)
+{
+	uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
+	const struct part *p = id < l->e->seg->table_size ? l->parts[id] : NULL;
+
+	if (!p)
+		return;
+	if (!bucket) {
+		__builtin_prefetch(p, 1);
+		return;
+	}
+	uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
+	const struct tally__hist *h = &p->win.cur;
+	uint32_t i = tally__hist_index(v < h->max_value ? v : h->max_value);
+	__builtin_prefetch(&h->counts[i], 1);
+	__builtin_prefetch(&h->blocks[i >> 6], 1);
+}
+
+/* drain_slot for a lane, into its parts, under its lock. Ends early when
+ * thread 0 wants the lock, or at a wait that finds the queue full
+ * (*blocked). */
+static uint64_t lane_drain_slot(struct lane *l, struct tally__slot *s, uint64_t now, uint64_t budget,
+				uint64_t *consumed, bool *blocked)
+{
+	struct tally_segment *seg = l->e->seg;
+	uint64_t head, n = tally__slot_ready(seg, s, &head), rejected = 0, k;
+	uint64_t mask = seg->ring_cap - 1, max = seg->max_value_ns;
+
+	n = n < budget ? n : budget;
+	n = n < DRAIN_BATCH ? n : DRAIN_BATCH;
+	bool pf = l->nactive >= PF_MIN_SUBJECTS;
+	bool walking = l->walked_slice != l->cur_slice;
+	for (k = 0; k < n; k++) {
+		if ((k & (LANE_WANT_EVERY - 1)) == LANE_WANT_EVERY - 1 &&
+		    atomic_load_explicit(&l->want, memory_order_relaxed))
+			break;
+		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
+		if (pf) {
+			if (k + PF_FAR < n)
+				lane_prefetch(l, &s->ring[(head + k + PF_FAR) & mask], false);
+			if (k + PF_NEAR < n)
+				lane_prefetch(l, &s->ring[(head + k + PF_NEAR) & mask], true);
+		}
+		uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
+		uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
+		uint32_t tag = __atomic_load_n(&r->reserved, __ATOMIC_RELAXED);
+		struct part *p = id < seg->table_size ? l->parts[id] : NULL;
+
+		if (TALLY__UNLIKELY(!p) && (id >= seg->table_size || !(p = part_new(l, id, now)))) {
+			rejected++;
+			continue;
+		}
+		if (TALLY__UNLIKELY(walking) && p->win.cur_slice < l->cur_slice)
+			part_advance(l, p, now);
+		if (TALLY__LIKELY(tag == 0)) {
+			if (TALLY__UNLIKELY(!tally__window_add(&p->win, v < max ? v : max)))
+				atomic_fetch_add_explicit(&l->e->lost, 1, memory_order_relaxed); /* no memory to wake */
+			continue;
+		}
+		int f = lane_forward(l, id, tag, v < max || TALLY__TAG_KIND(tag) == TALLY__ENTRY_PENDING ? v : max);
+		if (f < 0) {
+			*blocked = true;
+			break;
+		}
+		rejected += f == 0;
+	}
+	tally__slot_consume(s, head, k);
+	if (consumed)
+		*consumed = k;
+	if (rejected) { /* single writer of this counter: the slot's drain thread */
+		atomic_store_explicit(&s->ctl.rejected,
+				      atomic_load_explicit(&s->ctl.rejected, memory_order_relaxed) + rejected,
+				      memory_order_relaxed);
+		atomic_fetch_add_explicit(&l->e->rejected, rejected, memory_order_relaxed);
+	}
+	return k - rejected;
+}
+
+/* One batch of slot i under the lane's lock. now 0: the clock, read under
+ * the lock, so that it is never behind a publish that advanced the
+ * lane's parts (lane_take happens before). */
+static uint64_t lane_batch(struct lane *l, uint32_t i, uint64_t now, uint64_t budget, uint64_t *took,
+			   bool *blocked)
+{
+	struct tally_engine *e = l->e;
+
+	lane_lock(l);
+	stall_note(e, l->stall_from);
+	now = now ? now : tally__mono_ns();
+	lane_slice(l, now);
+	uint64_t got = lane_drain_slot(l, tally__seg_slot(e->seg, i), now, budget, took, blocked);
+	/* inside the lock: thread 0 reads the totals under every lane's lock */
+	atomic_fetch_add_explicit(&e->drained, got, memory_order_relaxed);
+	lane_unlock(l);
+	l->stall_from = tally__mono_ns();
+	return got;
+}
+
+/* Every slot of the lane once, and a step of its walk. */
+static uint64_t lane_pass(struct lane *l, uint64_t now)
+{
+	struct tally_engine *e = l->e;
+	struct tally_segment *seg = e->seg;
+	uint64_t total = 0;
+
+	lane_lock(l);
+	uint64_t t = now ? now : tally__mono_ns();
+	lane_slice(l, t);
+	lane_walk(l, t, 256);
+	lane_unlock(l);
+	for (uint32_t i = l->index; i < seg->nslots; i += e->nlanes) {
+		struct tally__slot *s = tally__seg_slot(seg, i);
+		uint64_t lease = atomic_load_explicit(&s->ctl.lease, memory_order_relaxed), head;
+		bool blocked = false;
+		if (tally__lease_state(lease) == TALLY__SLOT_FREE || !tally__slot_ready(seg, s, &head))
+			continue;
+		total += lane_batch(l, i, now, UINT64_MAX, NULL, &blocked);
+	}
+	return total;
+}
+
+/* drain_to_stop for the lane's slots. */
+static void lane_drain_to_stop(struct lane *l)
+{
+	struct tally_segment *seg = l->e->seg;
+	uint64_t *budget = calloc(seg->nslots, sizeof(*budget));
+	bool more = true;
+
+	if (!budget) {
+		lane_pass(l, 0);
+		return;
+	}
+	for (uint32_t i = l->index; i < seg->nslots; i += l->e->nlanes) {
+		uint64_t head;
+		budget[i] = tally__slot_ready(seg, tally__seg_slot(seg, i), &head);
+	}
+	while (more) {
+		more = false;
+		for (uint32_t i = l->index; i < seg->nslots; i += l->e->nlanes) {
+			uint64_t took = 0;
+			bool blocked = false;
+			if (!budget[i])
+				continue;
+			lane_batch(l, i, 0, budget[i], &took, &blocked);
+			budget[i] = took || blocked ? budget[i] - took : 0;
+			if (blocked)
+				sleep_us(20); /* thread 0 empties the queue */
+			more |= budget[i] != 0;
+		}
+	}
+	free(budget);
+}
+
+static void *lane_main(void *arg)
+{
+	struct lane *l = arg;
+	struct tally_engine *e = l->e;
+	char name[16];
+
+	snprintf(name, sizeof(name), "tally-drain%u", l->index);
+	pthread_setname_np(pthread_self(), name);
+	while (!atomic_load_explicit(&e->stop, memory_order_acquire)) {
+		uint64_t got = atomic_load_explicit(&e->hold, memory_order_relaxed) ? 0 : lane_pass(l, 0);
+		if (got == 0) {
+			l->stall_from = 0; /* the sleep does not count */
+			sleep_us(e->cfg.drain_interval_us);
+		}
+	}
+	lane_drain_to_stop(l);
+	atomic_store_explicit(&l->done, true, memory_order_release);
+	return NULL;
+}
+
+/* Thread 0 takes what the lanes left for it: subjects they saw first get
+ * their state (and so a row), waits and pending go into the subjects'
+ * series. all: every lane (a publish), else those with news. */
+static void lanes_collect(struct tally_engine *e, uint64_t now, bool all)
+{
+	for (uint32_t k = 0; k < e->nlanes; k++) {
+		struct lane *l = &e->lanes[k];
+		uint32_t kept = 0;
+		if (!all && !atomic_load_explicit(&l->news, memory_order_relaxed))
+			continue;
+		lane_take(l);
+		atomic_store_explicit(&l->news, false, memory_order_relaxed);
+		for (uint32_t i = 0; i < l->nfresh; i++) {
+			uint32_t id = l->fresh[i];
+			if (!e->subjects[id] && !subject_new(e, id, now))
+				l->fresh[kept++] = id; /* no memory, or no name yet: again next time */
+		}
+		l->nfresh = kept;
+		for (uint32_t i = 0; i < l->nfwd; i++) {
+			struct subject_state *st = e->subjects[l->fwd[i].id];
+			if (!st)
+				continue; /* no state (no memory): lost, as a wait without a series */
+			if (st->win.cur_slice < e->cur_slice)
+				advance_one(e, st, now);
+			ingest_tagged(e, st, l->fwd[i].tag, l->fwd[i].v, now);
+		}
+		l->nfwd = 0;
+		if (l->folded)
+			e->buckets_changed = true;
+		l->folded = false;
+		if (kept)
+			atomic_store_explicit(&l->news, true, memory_order_relaxed);
+		lane_give(l);
+	}
+}
+
+/* Thread 0 merges a row's window with the lanes' parts of it (every lane
+ * held). One drain thread: the window alone, as it always was. */
+static void row_window(struct tally_engine *e, uint32_t id, struct subject_state *st, uint64_t now,
+		       struct tally__window_stats *ws)
+{
+	struct tally__window *wins[TALLY_DRAIN_THREADS_MAX + 1];
+	size_t n = 0;
+
+	_Static_assert(TALLY_DRAIN_THREADS_MAX + 1 <= TALLY__WINDOW_MERGE_MAX, "a row merges up to this many");
+
+	if (!e->nlanes) {
+		tally__window_stats(&st->win, now, ws);
+		return;
+	}
+	wins[n++] = &st->win;
+	for (uint32_t k = 0; k < e->nlanes; k++) {
+		struct part *p = e->lanes[k].parts[id];
+		if (!p)
+			continue;
+		part_advance(&e->lanes[k], p, now);
+		wins[n++] = &p->win;
+	}
+	tally__window_stats_merged(wins, n, now, ws);
+}
+
+/* A step of a walk over the rows with the lanes held: every LANE_GROUP
+ * rows they get their locks back for a moment, and for the drain of a
+ * step whose time is up (publish_yield every mask + 1 rows). */
+static void rows_step(struct tally_engine *e, uint32_t i, uint32_t mask, bool *held)
+{
+	bool yield = (i & mask) == mask && publish_due(e);
+
+	if (*held && (yield || i % LANE_GROUP == 0)) {
+		lanes_give_all(e);
+		*held = false;
+	}
+	if (yield)
+		drain_all(e, e->publish_now);
+	if (e->nlanes && !*held) {
+		lanes_take_all(e);
+		*held = true;
+	}
+}
+
+/* With drain threads: the merged windows of rows from .. from+LANE_GROUP-1
+ * into out, every lane held for them alone (the rest of a row's work is
+ * done after, without the locks). */
+static void rows_merge(struct tally_engine *e, uint32_t from, uint32_t nrows, uint64_t now,
+		       struct tally__window_stats *out)
+{
+	uint32_t to = from + LANE_GROUP < nrows ? from + LANE_GROUP : nrows;
+
+	publish_yield(e, now);
+	lanes_take_all(e);
+	for (uint32_t i = from; i < to; i++) {
+		uint32_t id = e->active[i];
+		struct subject_state *st = e->subjects[id];
+		if (st->win.cur_slice < e->cur_slice)
+			advance_one(e, st, now);
+		row_window(e, id, st, now, &out[i - from]);
+	}
+	lanes_give_all(e);
+}
+
+static void rows_done(struct tally_engine *e, bool *held)
+{
+	if (*held)
+		lanes_give_all(e);
+	*held = false;
+}
+
+static int lanes_init(struct tally_engine *e)
+{
+	uint32_t n = e->seg->table_size;
+
+	if (!e->nlanes)
+		return 0;
+	if (!(e->lanes = aligned_alloc(_Alignof(struct lane), e->nlanes * sizeof(e->lanes[0]))))
+		return -ENOMEM;
+	memset(e->lanes, 0, e->nlanes * sizeof(e->lanes[0]));
+	for (uint32_t k = 0; k < e->nlanes; k++) {
+		struct lane *l = &e->lanes[k];
+		l->e = e;
+		l->index = k;
+		pthread_mutex_init(&l->lock, NULL);
+		l->cur_slice = l->walked_slice = tally__mono_ns() / e->cfg.slice_ns;
+		l->parts = calloc(n, sizeof(l->parts[0]));
+		l->active = calloc(n, sizeof(l->active[0]));
+		l->fresh = calloc(n, sizeof(l->fresh[0]));
+		l->fwd = calloc(LANE_FWD_CAP, sizeof(l->fwd[0]));
+		if (!l->parts || !l->active || !l->fresh || !l->fwd)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+static void lanes_free(struct tally_engine *e)
+{
+	for (uint32_t k = 0; e->lanes && k < e->nlanes; k++) {
+		struct lane *l = &e->lanes[k];
+		for (uint32_t i = 0; i < l->nactive; i++)
+			part_free(l->parts[l->active[i]]);
+		free(l->parts);
+		free(l->active);
+		free(l->fresh);
+		free(l->fwd);
+		pthread_mutex_destroy(&l->lock);
+	}
+	free(e->lanes);
 }
 
 /* ---- publish -------------------------------------------------------------- */
@@ -1117,6 +1698,19 @@ static void retire_shared(struct tally_engine *e)
 		}
 }
 
+/* A lane's export buckets of the subject added into its row. */
+static void bucket_add(const struct tally_engine *e, uint64_t *row, const struct part *p)
+{
+	bool sat = false;
+
+	if (!p)
+		return;
+	for (uint32_t k = 0; k < e->nedges; k++)
+		row[k] += p->exp.le[k];
+	row[e->nedges] += p->exp.count;
+	row[e->nedges + 1] = tally__hist_sat_add(row[e->nedges + 1], p->exp.sum, &sat);
+}
+
 /* Rebuild the shared row map and buckets when they changed. 0 or -ENOMEM. */
 static int shared_refresh(struct tally_engine *e)
 {
@@ -1136,15 +1730,19 @@ static int shared_refresh(struct tally_engine *e)
 		if (!b)
 			return -ENOMEM;
 		e->buckets_changed = false; /* before the drains below: a subject they add sets it again */
+		bool held = false;
 		for (uint32_t i = 0; i < nrows; i++) {
-			if ((i & 63) == 63)
-				publish_yield(e, e->publish_now);
-			const struct subject_state *st = e->subjects[e->active[i]];
+			rows_step(e, i, 63, &held);
+			uint32_t id = e->active[i];
+			const struct subject_state *st = e->subjects[id];
 			uint64_t *row = b->data + (size_t)i * row_len;
-			memcpy(row, st->le_total, e->nedges * sizeof(uint64_t));
-			row[e->nedges] = st->closed_count;
-			row[e->nedges + 1] = st->closed_sum;
+			memcpy(row, st->exp.le, e->nedges * sizeof(uint64_t));
+			row[e->nedges] = st->exp.count;
+			row[e->nedges + 1] = st->exp.sum;
+			for (uint32_t k = 0; k < e->nlanes; k++)
+				bucket_add(e, row, e->lanes[k].parts[id]);
 		}
+		rows_done(e, &held);
 		shared_swap(e, 1, &e->bucket_block, b);
 	}
 	return 0;
@@ -1178,6 +1776,8 @@ static void publish_totals(struct tally_engine *e, uint64_t now)
 {
 	struct tally_segment *seg = e->seg;
 	struct tally__shm_totals *t = &seg->hdr->totals;
+	/* every drain thread between batches: drained and the rings agree */
+	lanes_take_all(e);
 	uint64_t waiting = 0, drained = atomic_load_explicit(&e->drained, memory_order_relaxed);
 
 	for (uint32_t i = 0; i < seg->nslots; i++) {
@@ -1187,6 +1787,7 @@ static void publish_totals(struct tally_engine *e, uint64_t now)
 		if (tl - h <= seg->ring_cap)
 			waiting += tl - h;
 	}
+	lanes_give_all(e);
 	/* monotonic even if a ring's tail moves back (scribbled) */
 	if (drained + waiting > e->recorded_total)
 		e->recorded_total = drained + waiting;
@@ -1204,8 +1805,11 @@ static void publish(struct tally_engine *e, uint64_t now)
 {
 	struct tally__window_stats ws;
 
-	/* before the snapshot is sized: a new threshold set may add subjects */
+	/* before the snapshot is sized: a new threshold set may add subjects,
+	 * and so may the subjects the other drain threads saw first */
 	thresholds_pickup(e, now);
+	if (e->nlanes)
+		lanes_collect(e, now, true);
 	e->publish_now = now;
 	struct snap *sn = snap_alloc(e, now);
 
@@ -1213,15 +1817,22 @@ static void publish(struct tally_engine *e, uint64_t now)
 		return; /* keep the previous snapshot; try again next interval */
 	pending_gather(e);
 	pmap_update(e, sn->nrows, now);
+	struct tally__window_stats wsg[LANE_GROUP];
 	for (uint32_t i = 0; i < sn->nrows; i++) {
-		if ((i & 15) == 15)
-			publish_yield(e, now);
 		uint32_t id = e->active[i];
 		struct subject_state *st = e->subjects[id];
 		struct tally_subject_stats *row = &sn->rows[i];
-		if (st->win.cur_slice < e->cur_slice)
-			advance_one(e, st, now);
-		tally__window_stats(&st->win, now, &ws);
+		if (e->nlanes) {
+			if (i % LANE_GROUP == 0)
+				rows_merge(e, i, sn->nrows, now, wsg);
+			ws = wsg[i % LANE_GROUP];
+		} else {
+			if ((i & 15) == 15)
+				publish_yield(e, now);
+			if (st->win.cur_slice < e->cur_slice)
+				advance_one(e, st, now);
+			tally__window_stats(&st->win, now, &ws);
+		}
 		fill_stats(row, id, &ws, now, e->cfg.window_ns);
 		wait_fill(e, st, now, row);
 		pending_of(e, st, i, now, row);
@@ -1247,7 +1858,10 @@ static void reap(struct tally_engine *e, uint64_t now)
 {
 	struct tally__reap_stats st;
 
+	/* a slot is freed only once drained: no drain thread mid-batch */
+	lanes_take_all(e);
 	tally__slots_reap(e->seg, now, &st);
+	lanes_give_all(e);
 	atomic_fetch_add_explicit(&e->died, st.died, memory_order_relaxed);
 	atomic_fetch_add_explicit(&e->released, st.released, memory_order_relaxed);
 	atomic_fetch_add_explicit(&e->claims_expired, st.claims_expired, memory_order_relaxed);
@@ -1269,11 +1883,23 @@ static void tick(struct tally_engine *e, uint64_t now)
 	}
 }
 
-static void sleep_us(uint32_t us)
+/* Thread 0 at stop: the lanes drain to stop too; meanwhile thread 0
+ * empties their queues (a lane whose queue is full waits for it). */
+static void lanes_stop(struct tally_engine *e)
 {
-	struct timespec ts = { us / 1000000u, (long)(us % 1000000u) * 1000L };
-
-	nanosleep(&ts, NULL);
+	for (uint32_t k = 0; k < e->nlanes; k++) {
+		struct lane *l = &e->lanes[k];
+		if (!l->running)
+			continue;
+		while (!atomic_load_explicit(&l->done, memory_order_acquire)) {
+			lanes_collect(e, tally__mono_ns(), false);
+			sleep_us(50);
+		}
+		pthread_join(l->thread, NULL);
+		l->running = false;
+	}
+	if (e->nlanes)
+		lanes_collect(e, tally__mono_ns(), true);
 }
 
 static void *aggregator_main(void *arg)
@@ -1303,6 +1929,8 @@ static void *aggregator_main(void *arg)
 	}
 	now = tally__mono_ns();
 	drain_to_stop(e, now);
+	lanes_stop(e);
+	now = tally__mono_ns();
 	advance_all(e, now, false);
 	publish(e, now);
 	return NULL;
@@ -1317,9 +1945,10 @@ static void engine_free(struct tally_engine *e)
 		if (e->subjects[e->active[i]]->wait)
 			tally__window_destroy(&e->subjects[e->active[i]]->wait->win);
 		free(e->subjects[e->active[i]]->wait);
-		free(e->subjects[e->active[i]]->le_total);
+		free(e->subjects[e->active[i]]->exp.le);
 		free(e->subjects[e->active[i]]);
 	}
+	lanes_free(e);
 	tally_thresholds_free(&next);
 	tally_thresholds_free(&e->thresholds);
 	free(e->subjects);
@@ -1369,6 +1998,8 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	e->magic = TALLY__ENGINE_MAGIC;
 	e->seg = seg;
 	e->cfg = *cfg;
+	e->nlanes = cfg->drain_threads > 1 ? cfg->drain_threads : 0;
+	e->own_slots = e->nlanes ? 0 : seg->nslots;
 	e->wcfg = (struct tally__window_config){ cfg->slice_ns, cfg->window_ns, seg->max_value_ns };
 	e->subjects = calloc(seg->table_size, sizeof(e->subjects[0]));
 	e->active = calloc(seg->table_size, sizeof(e->active[0]));
@@ -1391,7 +2022,7 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	if (!e->subjects || !e->active || !e->row_of || !e->pviews || !e->pvalid || !e->pused ||
 	    !e->pmatch || !e->ptop || !e->phash || !e->erows || !e->elen || !e->ecap || !e->epat ||
 	    !e->emapped || !e->rstart ||
-	    !e->thresholds) {
+	    !e->thresholds || lanes_init(e) != 0) {
 		engine_free(e);
 		return -ENOMEM;
 	}
@@ -1407,16 +2038,33 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	return 0;
 }
 
+/* Without threads, the lanes' passes run here, before thread 0's. */
+static uint64_t lanes_pass(struct tally_engine *e, uint64_t now)
+{
+	uint64_t got = 0;
+
+	for (uint32_t k = 0; k < e->nlanes; k++)
+		got += lane_pass(&e->lanes[k], now);
+	return got;
+}
+
 uint64_t tally__engine_ingest(struct tally_engine *e, uint64_t now)
 {
 	advance_all(e, now, false);
-	return drain_all(e, now);
+	uint64_t got = lanes_pass(e, now);
+	return got + drain_all(e, now);
 }
 
 uint64_t tally__engine_ingest_lazy(struct tally_engine *e, uint64_t now)
 {
 	e->cur_slice = now / e->cfg.slice_ns; /* entered, but no subject walked */
-	return drain_all(e, now);
+	uint64_t got = lanes_pass(e, now);
+	return got + drain_all(e, now);
+}
+
+void tally__engine_hold(struct tally_engine *e, bool hold)
+{
+	atomic_store_explicit(&e->hold, hold, memory_order_relaxed);
 }
 
 void tally__engine_publish(struct tally_engine *e, uint64_t now)
@@ -1485,6 +2133,14 @@ TALLY_API int tally_engine_start(struct tally_segment *seg, const struct tally_e
 	while (!e->started)
 		pthread_cond_wait(&e->start_cond, &e->start_lock);
 	pthread_mutex_unlock(&e->start_lock);
+	for (uint32_t k = 0; k < e->nlanes; k++) {
+		struct lane *l = &e->lanes[k];
+		if ((rc = pthread_create(&l->thread, NULL, lane_main, l)) != 0) {
+			tally_engine_stop(&e); /* thread 0 stops the lanes started */
+			return tally__fail(-rc, "cannot start drain thread %u: %s", k, strerror(rc));
+		}
+		l->running = true;
+	}
 	*out = e;
 	return 0;
 }

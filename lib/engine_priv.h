@@ -20,13 +20,20 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 
 /* One pass of the aggregator's ingest at time now: close slices that
  * ended, then drain every ring once (a bounded batch each). Returns the
- * samples taken. Only on an engine from tally__engine_new(). */
+ * samples taken. Only on an engine from tally__engine_new(). With
+ * drain_threads N > 1, each drain thread's pass over its own slots runs
+ * here in turn, in the caller's thread (threads 1 .. N-1, then 0). */
 uint64_t tally__engine_ingest(struct tally_engine *e, uint64_t now);
 
 /* For tests of the lazy advance: enter now's slice without walking the
  * subjects (as when a drain comes between a slice change and the walk
  * reaching a subject), then drain every ring once. */
 uint64_t tally__engine_ingest_lazy(struct tally_engine *e, uint64_t now);
+
+/* Hold (true) or resume the draining of every drain thread of a running
+ * engine; it still publishes. For the benchmark: rings filled while
+ * held, then drained flat out. Any thread. */
+void tally__engine_hold(struct tally_engine *e, bool hold);
 
 /* What the thread does to publish at now: close slices that ended in
  * every window, then publish (tally_engine_read then reads it). */

@@ -415,3 +415,66 @@ int tally__window_stats(struct tally__window *w, uint64_t now_ns,
 	stats_quantiles(w, out);
 	return rc;
 }
+
+/* ---- merge (drain_threads) ----------------------------------------------- */
+
+int tally__window_stats_merged(struct tally__window *const *ws, size_t n,
+			       uint64_t now_ns, struct tally__window_stats *out)
+{
+	static const double qs[5] = { 0.5, 0.9, 0.95, 0.99, 0.999 };
+	const struct tally__hist *hs[2 * TALLY__WINDOW_MERGE_MAX];
+	const struct tally__window *first = NULL;
+	bool sat = false, tsat = false;
+	uint32_t flags = 0;
+	uint64_t v[5], start = UINT64_MAX, cur = 0;
+	int rc = 0;
+
+	memset(out, 0, sizeof(*out));
+	if (n == 0 || n > TALLY__WINDOW_MERGE_MAX)
+		return -EINVAL;
+	out->min = UINT64_MAX;
+	for (size_t k = 0; k < n; k++) {
+		struct tally__window *w = ws[k];
+		int r = tally__window_advance(w, now_ns);
+
+		rc = rc ? rc : r;
+		TALLY__ASSERT(w->nslices == ws[0]->nslices && w->slice_ns == ws[0]->slice_ns);
+		hs[2 * k] = &w->agg;
+		hs[2 * k + 1] = &w->cur;
+		flags |= w->agg.flags | w->cur.flags;
+		out->count += w->agg.count + w->cur.count;
+		out->sum = tally__hist_sat_add(out->sum, w->agg.sum, &sat);
+		out->sum = tally__hist_sat_add(out->sum, w->cur.sum, &sat);
+		out->min = w->agg.min < out->min ? w->agg.min : out->min;
+		out->min = w->cur.min < out->min ? w->cur.min : out->min;
+		out->max = w->agg.max > out->max ? w->agg.max : out->max;
+		out->max = w->cur.max > out->max ? w->cur.max : out->max;
+		out->clamped += w->agg.clamped + w->cur.clamped;
+		out->total_count += w->total_count + w->cur.count;
+		out->total_sum = tally__hist_sat_add(out->total_sum, w->total_sum, &tsat);
+		out->total_sum = tally__hist_sat_add(out->total_sum, w->cur.sum, &tsat);
+		/* the rate's span: the latest slice (an advance may have failed)
+		 * and the earliest start */
+		if (!first || w->cur_slice > cur)
+			cur = w->cur_slice, first = w;
+		start = w->start_ns < start ? w->start_ns : start;
+	}
+	sat |= (flags & TALLY__HIST_SUM_SATURATED) != 0;
+	out->mean = out->count ? (double)out->sum / (double)out->count : 0.0;
+	if (out->count == 0)
+		out->min = out->max = 0;
+	out->sum_saturated = sat;
+	out->bucket_saturated = flags & TALLY__HIST_BUCKET_SATURATED;
+	struct tally__window span = *first;
+	span.start_ns = start;
+	stats_rate(&span, now_ns, out);
+	out->has_quantiles = tally__hist_quantiles_n(hs, 2 * n, qs, 5, v) == 0;
+	if (!out->has_quantiles)
+		memset(v, 0, sizeof(v));
+	out->p50 = v[0];
+	out->p90 = v[1];
+	out->p95 = v[2];
+	out->p99 = v[3];
+	out->p999 = v[4];
+	return rc;
+}

@@ -50,6 +50,7 @@
 #define TALLY_LIB_WINDOW_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "hist.h"
@@ -172,5 +173,23 @@ int tally__window_advance(struct tally__window *w, uint64_t now_ns);
  */
 int tally__window_stats(struct tally__window *w, uint64_t now_ns,
 			struct tally__window_stats *out);
+
+/*
+ * Merge (drain_threads, lib/engine.c): the statistics of the sum of n
+ * windows of one subject that were filled by different threads, as if
+ * every value had gone into one window.  All n must share one
+ * configuration (slice, window, max_value); each is first advanced to
+ * now_ns.  count, sum, min, max, clamped and the totals are exact
+ * combinations; the quantiles are one walk over the 2n histograms
+ * (tally__hist_quantiles_n), so they are the quantiles of the summed
+ * histogram, within the same bound; the rate counts from the earliest
+ * window's start.  n == 1 gives what tally__window_stats gives.  n is
+ * 1 .. TALLY__WINDOW_MERGE_MAX.  Returns 0, -EINVAL (n out of range),
+ * or the first -ENOMEM of an advance (*out is still filled).  The caller
+ * must hold off every window's owner while this runs.
+ */
+#define TALLY__WINDOW_MERGE_MAX 32u
+int tally__window_stats_merged(struct tally__window *const *ws, size_t n,
+			       uint64_t now_ns, struct tally__window_stats *out);
 
 #endif /* TALLY_LIB_WINDOW_H */

@@ -7,7 +7,9 @@
  * publishing every millisecond while readers read it in-process (RCU) and
  * through the segment's latch, and recording threads (thread-local
  * handles) following an owner that is stopped and created again while
- * they record (the library's watcher thread against the recorders).
+ * they record (the library's watcher thread against the recorders); and
+ * drain_threads 2 and 4 with six producers: exact per-subject counts,
+ * min and max in the merged rows, exact totals.
  * Runs in every `make check` too.
  */
 #include "config.h"
@@ -309,12 +311,176 @@ static void following(void)
 	tally_segment_close(&owner);
 }
 
+/* ---- 5: several drain threads, exact accounting ------------------------------------ */
+
+#define DT_SUBJECTS 8
+#define DT_PRODUCERS 6
+#define DT_PER_PHASE 20000
+
+struct dt_arg {
+	struct tally_segment *seg;
+	const tally_subject_t *ids;
+	int index;
+	uint64_t attempts, recorded, dropped;
+	uint64_t count[DT_SUBJECTS], min[DT_SUBJECTS], max[DT_SUBJECTS];
+	uint64_t waits_sure[DT_SUBJECTS], waits_maybe[DT_SUBJECTS];
+};
+
+/* Two phases, each on a handle (and so a slot, and so maybe another
+ * drain thread) of its own: latencies without retrying, and every 64th
+ * an ack reply (a wait and a pending entry). */
+static void *dt_producer(void *p)
+{
+	struct dt_arg *a = p;
+	uint64_t x = 0x9e3779b97f4a7c15ull * (uint64_t)(a->index + 1);
+	char reply[128];
+
+	for (int s = 0; s < DT_SUBJECTS; s++)
+		a->min[s] = UINT64_MAX;
+	for (int phase = 0; phase < 2; phase++) {
+		struct tally_producer *prod;
+		struct tally_producer_counters c0, c1;
+		if (tally_producer_attach(a->seg, &prod))
+			return NULL;
+		for (int i = 0; i < DT_PER_PHASE; i++) {
+			x = x * 6364136223846793005ull + 1442695040888963407ull;
+			int s = (int)((x >> 33) % DT_SUBJECTS);
+			uint64_t v = 1000 + (x >> 45);
+			if (i % 64 == 63) {
+				uint64_t now = tally_real_ns();
+				snprintf(reply, sizeof(reply), "$JS.ACK.S.c%d.1.%d.%d.%llu.3", s, i, i,
+					 (unsigned long long)(now - v));
+				tally_producer_counters(prod, &c0);
+				tally_record_jetstream_at(prod, a->ids[s], reply, strlen(reply), now);
+				tally_producer_counters(prod, &c1);
+				a->waits_sure[s] += c1.recorded - c0.recorded == 2;
+				a->waits_maybe[s] += c1.recorded - c0.recorded == 1;
+				continue;
+			}
+			a->attempts++;
+			if (!tally_record(prod, a->ids[s], v))
+				continue;
+			a->count[s]++;
+			a->min[s] = v < a->min[s] ? v : a->min[s];
+			a->max[s] = v > a->max[s] ? v : a->max[s];
+		}
+		tally_producer_counters(prod, &c1);
+		a->recorded += c1.recorded;
+		a->dropped += c1.dropped;
+		tally_producer_detach(&prod);
+	}
+	return NULL;
+}
+
+static bool dt_all_visible(struct tally_engine *e, const tally_subject_t *ids, const uint64_t *want)
+{
+	struct tally_subject_stats st;
+
+	for (int s = 0; s < DT_SUBJECTS; s++)
+		if (tally_engine_read(e, ids[s], &st) != 0 || st.total_count != want[s])
+			return false;
+	return true;
+}
+
+static void draining_threads(uint32_t nthreads)
+{
+	struct tally_segment *seg = make("sd", NULL);
+	struct tally_engine_config cfg;
+	struct tally_engine *e;
+	tally_subject_t ids[DT_SUBJECTS];
+	struct dt_arg a[DT_PRODUCERS];
+	pthread_t th[DT_PRODUCERS], tr;
+	atomic_bool stop = false;
+	char name[32];
+
+	tally_engine_config_init(&cfg);
+	cfg.drain_threads = nthreads;
+	cfg.publish_interval_ms = 1;
+	cfg.reap_interval_ms = 5;
+	cfg.slice_ns = 20000000;    /* slices close while it runs: walks, lazy advances, folds */
+	cfg.window_ns = 60000000000; /* and nothing leaves the window */
+	for (int s = 0; s < DT_SUBJECTS; s++) {
+		snprintf(name, sizeof(name), "stress.drain.%d", s);
+		tally_subject_intern(seg, name, &ids[s]);
+	}
+	if (!seg || tally_engine_start(seg, &cfg, &e)) {
+		tap_ok(0, "drain_threads %u: engine start: %s", nthreads, tally_errmsg());
+		return;
+	}
+	struct read_arg in = { .e = e, .id = ids[0], .stop = &stop };
+	pthread_create(&tr, NULL, reader, &in);
+	for (int t = 0; t < DT_PRODUCERS; t++) {
+		a[t] = (struct dt_arg){ .seg = seg, .ids = ids, .index = t };
+		pthread_create(&th[t], NULL, dt_producer, &a[t]);
+	}
+	uint64_t want[DT_SUBJECTS] = { 0 }, min[DT_SUBJECTS], max[DT_SUBJECTS] = { 0 };
+	uint64_t sure[DT_SUBJECTS] = { 0 }, maybe[DT_SUBJECTS] = { 0 };
+	uint64_t attempts = 0, counted = 0, recorded = 0, dropped = 0;
+	for (int s = 0; s < DT_SUBJECTS; s++)
+		min[s] = UINT64_MAX;
+	for (int t = 0; t < DT_PRODUCERS; t++) {
+		pthread_join(th[t], NULL);
+		attempts += a[t].attempts;
+		recorded += a[t].recorded;
+		dropped += a[t].dropped;
+		for (int s = 0; s < DT_SUBJECTS; s++) {
+			want[s] += a[t].count[s];
+			counted += a[t].count[s];
+			min[s] = a[t].min[s] < min[s] ? a[t].min[s] : min[s];
+			max[s] = a[t].max[s] > max[s] ? a[t].max[s] : max[s];
+			sure[s] += a[t].waits_sure[s];
+			maybe[s] += a[t].waits_maybe[s];
+		}
+	}
+	/* what was recorded shows, exactly, in the merged rows (bounded: TSan is slow) */
+	bool visible = false;
+	for (int i = 0; i < 2000 && !(visible = dt_all_visible(e, ids, want)); i++)
+		tt_sleep_ms(5);
+	bool exact = true, waits = true;
+	for (int s = 0; s < DT_SUBJECTS; s++) {
+		struct tally_subject_stats st = { 0 };
+		struct tally_subject_buckets b = { 0 };
+		tally_engine_read(e, ids[s], &st);
+		exact &= st.count == want[s] && st.min_ns == min[s] && st.max_ns == max[s];
+		waits &= st.wait_count >= sure[s] && st.wait_count <= sure[s] + maybe[s];
+		(void)tally_engine_read_buckets(e, ids[s], &b);
+		exact &= b.count <= want[s];
+	}
+	/* a claim's drops reach the segment's totals when the reaper has seen
+	 * its slot released (every 5 ms here; bounded wait, TSan is slow) */
+	struct tally_segment_totals tot;
+	for (int i = 0; i < 2000; i++) {
+		int trc = tally_read_totals(seg, &tot);
+		if ((trc == 0 || trc == TALLY_ESTALE) && tot.dropped == dropped && tot.drained == recorded)
+			break;
+		tt_sleep_ms(5);
+	}
+	atomic_store(&stop, true);
+	pthread_join(tr, NULL);
+	tap_ok(visible && exact, "drain_threads %u: %d producers on two slots each, per-subject counts, "
+	       "min and max exact (%llu latencies over %d subjects)", nthreads, DT_PRODUCERS,
+	       (unsigned long long)counted, DT_SUBJECTS);
+	tap_ok(waits, "drain_threads %u: every wait recorded is in its subject's series", nthreads);
+	tap_ok(in.reads > 0 && in.bad == 0, "drain_threads %u: in-process reads while it publishes: %llu, bad %llu",
+	       nthreads, (unsigned long long)in.reads, (unsigned long long)in.bad);
+	tally_engine_stop(&e);
+	int rc = tally_read_totals(seg, &tot);
+	tap_ok((rc == 0 || rc == TALLY_ESTALE) && tot.drained == recorded && tot.recorded == recorded &&
+	       tot.dropped == dropped && tot.rejected == 0 && recorded + dropped >= attempts,
+	       "drain_threads %u: recorded %llu = drained %llu, dropped %llu (segment: %llu), of %llu attempts",
+	       nthreads, (unsigned long long)recorded, (unsigned long long)tot.drained,
+	       (unsigned long long)dropped, (unsigned long long)tot.dropped, (unsigned long long)attempts);
+	tally_segment_close(&seg);
+}
+
 int main(void)
 {
-	tap_plan(9);
+	tap_plan(17);
 	interning();
 	recording();
 	publishing();
 	following();
+	draining_threads(2);
+	draining_threads(4);
 	return tap_done();
 }

@@ -12,6 +12,11 @@
  * Then a subject idle for a whole window: its window sleeps (window.h),
  * wakes on the next sample, and a wake without memory (injected through
  * tally__hist_nomem_hook) is counted in values_lost.
+ * test_lazy_advance_drain2 is this file built with TT_DRAIN_THREADS 2:
+ * the lazy side then has two drain threads (run in turn by the caller),
+ * each taking one of its two producers' slots, and what it publishes
+ * (their windows and export buckets merged) must still be the same as
+ * the one-thread walking side's.
  */
 #include "config.h"
 
@@ -22,6 +27,10 @@
 #include "common/helpers.h"
 #include "engine_priv.h"
 #include "hist.h"
+
+#ifndef TT_DRAIN_THREADS
+#define TT_DRAIN_THREADS 1
+#endif
 
 #define LA_SUBJECTS 12u
 #define LA_ROUNDS 300
@@ -38,11 +47,11 @@ static uint64_t rnd(uint64_t *s)
 struct side {
 	struct tally_segment *seg;
 	struct tally_engine *e;
-	struct tally_producer *p;
+	struct tally_producer *p[2]; /* two slots, side by side: drain threads 0 and 1 */
 	tally_subject_t ids[LA_SUBJECTS];
 };
 
-static void side_open(struct side *x)
+static void side_open(struct side *x, uint32_t drain_threads)
 {
 	struct tally_segment_config cfg;
 	struct tally_engine_config ecfg;
@@ -53,8 +62,10 @@ static void side_open(struct side *x)
 	tally_engine_config_init(&ecfg);
 	ecfg.slice_ns = SLICE_NS;
 	ecfg.window_ns = 5 * SLICE_NS;
+	ecfg.drain_threads = drain_threads;
 	cr_assert_eq(tally__engine_new(x->seg, &ecfg, &x->e), 0, "%s", tally_errmsg());
-	cr_assert_eq(tally_producer_attach(x->seg, &x->p), 0, "%s", tally_errmsg());
+	for (int k = 0; k < 2; k++)
+		cr_assert_eq(tally_producer_attach(x->seg, &x->p[k]), 0, "%s", tally_errmsg());
 	for (uint32_t i = 0; i < LA_SUBJECTS; i++) {
 		char name[32];
 		snprintf(name, sizeof(name), "lazy.s%u", i);
@@ -64,7 +75,8 @@ static void side_open(struct side *x)
 
 static void side_close(struct side *x)
 {
-	tally_producer_detach(&x->p);
+	tally_producer_detach(&x->p[0]);
+	tally_producer_detach(&x->p[1]);
 	tally__engine_free(&x->e);
 	tally_segment_close(&x->seg);
 }
@@ -75,8 +87,8 @@ Test(lazy_advance, same_as_walking_every_subject_first)
 	uint64_t seed = 0x2545f4914f6cdd1dull, now = 1000 * SLICE_NS;
 	int published = 0;
 
-	side_open(&walk);
-	side_open(&lazy);
+	side_open(&walk, 1);
+	side_open(&lazy, TT_DRAIN_THREADS);
 	for (int round = 0; round < LA_ROUNDS; round++) {
 		uint64_t r = rnd(&seed);
 		/* time moves by 0 .. 2.5 slices, now and then by a whole window */
@@ -86,8 +98,8 @@ Test(lazy_advance, same_as_walking_every_subject_first)
 			uint64_t q = rnd(&seed);
 			uint32_t s = (uint32_t)(q % (LA_SUBJECTS / (round % 3 + 1))); /* some subjects go idle */
 			uint64_t v = 1000 + (q >> 16) % 5000000;
-			cr_assert(tally_record(walk.p, walk.ids[s], v));
-			cr_assert(tally_record(lazy.p, lazy.ids[s], v));
+			cr_assert(tally_record(walk.p[k & 1], walk.ids[s], v));
+			cr_assert(tally_record(lazy.p[k & 1], lazy.ids[s], v));
 		}
 		cr_assert_eq(tally__engine_ingest(walk.e, now), n);
 		cr_assert_eq(tally__engine_ingest_lazy(lazy.e, now), n);
@@ -143,9 +155,9 @@ Test(lazy_advance, idle_subject_sleeps_and_a_failed_wake_is_counted)
 	struct tally_engine_counters c;
 	uint64_t now = 1000 * SLICE_NS + 1;
 
-	side_open(&x);
+	side_open(&x, TT_DRAIN_THREADS);
 	for (int k = 0; k < 10; k++)
-		cr_assert(tally_record(x.p, x.ids[0], 5000));
+		cr_assert(tally_record(x.p[0], x.ids[0], 5000));
 	cr_assert_eq(tally__engine_ingest(x.e, now), 10);
 	tally__engine_publish(x.e, now);
 	cr_assert_eq(tally_engine_read(x.e, x.ids[0], &st), 0);
@@ -160,7 +172,7 @@ Test(lazy_advance, idle_subject_sleeps_and_a_failed_wake_is_counted)
 	/* asleep: the wake fails for want of memory */
 	tally__hist_nomem_hook = fail_wake;
 	for (int k = 0; k < 3; k++)
-		cr_assert(tally_record(x.p, x.ids[0], 7000));
+		cr_assert(tally_record(x.p[0], x.ids[0], 7000));
 	cr_assert_eq(tally__engine_ingest(x.e, now), 3);
 	tally__hist_nomem_hook = NULL;
 	tally_engine_counters(x.e, &c);
@@ -171,7 +183,7 @@ Test(lazy_advance, idle_subject_sleeps_and_a_failed_wake_is_counted)
 	cr_assert_eq(st.count, 0);
 	/* memory again: the next samples wake it and count */
 	for (int k = 0; k < 2; k++)
-		cr_assert(tally_record(x.p, x.ids[0], 9000));
+		cr_assert(tally_record(x.p[0], x.ids[0], 9000));
 	cr_assert_eq(tally__engine_ingest(x.e, now), 2);
 	tally__engine_publish(x.e, now);
 	cr_assert_eq(tally_engine_read(x.e, x.ids[0], &st), 0);

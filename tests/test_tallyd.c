@@ -475,6 +475,8 @@ Test(tallyd, config_mistakes_fail_at_start_naming_file_and_line)
 		{ "[thresholds]\nmin_samples = 1\n[thresholds]\n", ":3: ", "[thresholds] again" },
 		{ "[thresholds \"orders.>]\np95_warn_ms = 5\n", ":1: ", "unbalanced quote" },
 		{ "[engine]\npublish_interval_ms = 100000\n", ":2: ", "from 1 to 60000" },
+		{ "[engine]\nslice_ms = 100\ndrain_threads = 0\n", ":3: ", "drain_threads = \"0\": expected a whole number from 1 to 16" },
+		{ "[engine]\ndrain_threads = 17\n", ":2: ", "from 1 to 16" },
 		{ "[engine]\nslice_ms = 1\nwindow_ms = 60000\n", ":3: ",
 		  "window_ms / slice_ms = 60000 slices, at most 3600" },
 		{ "[engine]\nslice_ms = 0.5\nwindow_ms = 1\n", ":2: ", "slice_ms = 0.5: at least 1 ms" },
@@ -678,6 +680,41 @@ Test(tallyd, sighup_with_a_bad_config_keeps_the_old_one)
 	cr_expect_gt(st.total_count, before, "no new samples aggregated after the bad reload");
 	cr_expect_eq(st.verdict, TALLY_VERDICT_OVERLOAD, "thresholds changed by a bad file");
 	rec_close(&r);
+	td_cleanup(d);
+}
+
+/* drain_threads = 2 (issue 18): two producers, on two slots and so on
+ * both drain threads, record into one subject; the published row holds
+ * every sample of both, counted once. */
+Test(tallyd, two_drain_threads_publish_every_sample_once)
+{
+	struct td *d;
+	struct rec a, b;
+	struct tally_subject_stats st = { 0 };
+	enum { N = 3000 };
+
+	d = td_new("td-drain2");
+	td_write_cfg(d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE "drain_threads = 2\n",
+		     d->seg);
+	td_start_ready(d, (const char *const[]){ "-c", d->cfg, NULL });
+	rec_open(&a, d->seg, "orders.created");
+	rec_open(&b, d->seg, "orders.created");
+	for (int i = 0; i < N; i++) {
+		while (!tally_record(a.p, a.id, 1000 + (uint64_t)i))
+			tt_sleep_ms(1);
+		while (!tally_record(b.p, b.id, 100000 + (uint64_t)i))
+			tt_sleep_ms(1);
+	}
+	uint64_t end = now_ms() + 5000;
+	while ((tally_read_subject(a.seg, a.id, &st) != 0 || st.total_count < 2 * N) && now_ms() < end)
+		tt_sleep_ms(5);
+	cr_expect_eq(st.total_count, 2 * N, "total %llu", (unsigned long long)st.total_count);
+	if (st.count == 2 * N) { /* all still in the window (1 s): both threads' extremes */
+		cr_expect_eq(st.min_ns, 1000);
+		cr_expect_eq(st.max_ns, 100000 + N - 1);
+	}
+	rec_close(&a);
+	rec_close(&b);
 	td_cleanup(d);
 }
 

@@ -6,7 +6,9 @@
  * (memory failure injected), carries of 16-bit counters across slices,
  * totals since start, rate, and a
  * property test that the incrementally kept aggregate always equals a
- * from-scratch recomputation over random time steps and window shapes.
+ * from-scratch recomputation over random time steps and window shapes;
+ * and the merge of windows filled by several drain threads against one
+ * window given every value.
  */
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -507,3 +509,87 @@ Test(window, incremental_equals_scratch_2) { property(100 * MS, 2, 3); }
 Test(window, incremental_equals_scratch_7) { property(7 * MS, 7, 4); }
 Test(window, incremental_equals_scratch_60) { property(SEC, 60, 5); }
 Test(window, incremental_equals_scratch_3600) { property(MS, 3600, 6); }
+
+/* ---- merge (drain_threads) ------------------------------------------------ */
+
+static bool same_stats(const struct tally__window_stats *a, const struct tally__window_stats *b)
+{
+	return a->count == b->count && a->sum == b->sum && a->min == b->min && a->max == b->max &&
+	       a->p50 == b->p50 && a->p90 == b->p90 && a->p95 == b->p95 && a->p99 == b->p99 &&
+	       a->p999 == b->p999 && a->has_quantiles == b->has_quantiles && a->clamped == b->clamped &&
+	       a->total_count == b->total_count && a->total_sum == b->total_sum &&
+	       a->covered_ns == b->covered_ns && a->rate == b->rate && a->mean == b->mean;
+}
+
+/* Values dealt at random over n windows give, merged, exactly what one
+ * window given every value gives: at every step, across slice closes,
+ * expiry and idle gaps; values above the range are clamped alike. */
+static void merged_equals_one(uint32_t n, uint64_t slice, uint32_t slices, uint64_t seed)
+{
+	struct tally__window one, parts[4], *ws[4];
+	struct tally__window_config c = TALLY__WINDOW_CONFIG_DEFAULT;
+	uint64_t t = 5 * slice + 3;
+
+	c.slice_ns = slice;
+	c.window_ns = slice * slices;
+	c.max_value = 10 * SEC;
+	cr_assert_eq(tally__window_init(&one, &c, t), 0);
+	for (uint32_t k = 0; k < n; k++) {
+		cr_assert_eq(tally__window_init(&parts[k], &c, t), 0);
+		ws[k] = &parts[k];
+	}
+	for (int step = 0; step < 400; step++) {
+		uint64_t r = rnd(&seed), m = r % 500;
+		for (uint64_t i = 0; i < m; i++) {
+			uint64_t v = rnd(&seed);
+			v = (v & 7) == 0 ? v % 100 : (v & 7) == 1 ? 20 * SEC : (v >> 20) % (3 * SEC);
+			uint32_t k = (uint32_t)(rnd(&seed) % n);
+			tally__window_add(&one, v);
+			tally__window_add(&parts[k], v);
+		}
+		/* mostly within a slice, sometimes a slice or more, sometimes a whole window */
+		r = rnd(&seed) % 100;
+		t += r < 70 ? slice / 7 : r < 95 ? slice * (1 + r % 3) : slice * (slices + 1);
+		for (uint32_t k = 0; k < n; k++) /* the owners advance when they drain */
+			if (rnd(&seed) & 1)
+				cr_assert_eq(tally__window_advance(&parts[k], t), 0);
+		cr_assert_eq(tally__window_advance(&one, t), 0);
+		struct tally__window_stats a, b;
+		cr_assert_eq(tally__window_stats(&one, t, &a), 0);
+		cr_assert_eq(tally__window_stats_merged(ws, n, t, &b), 0);
+		cr_assert(same_stats(&a, &b), "n %u step %d: count %llu/%llu p99 %llu/%llu min %llu/%llu",
+			  n, step, (unsigned long long)a.count, (unsigned long long)b.count,
+			  (unsigned long long)a.p99, (unsigned long long)b.p99, (unsigned long long)a.min,
+			  (unsigned long long)b.min);
+	}
+	tally__window_destroy(&one);
+	for (uint32_t k = 0; k < n; k++)
+		tally__window_destroy(&parts[k]);
+}
+
+Test(window, merged_one_window_is_stats) { merged_equals_one(1, SEC, 10, 11); }
+Test(window, merged_two_windows_equal_one) { merged_equals_one(2, SEC, 10, 12); }
+Test(window, merged_four_windows_equal_one) { merged_equals_one(4, 10 * MS, 60, 13); }
+Test(window, merged_single_slice) { merged_equals_one(2, MS, 1, 14); }
+
+Test(window, merged_rate_counts_from_the_earliest_start)
+{
+	struct tally__window a, b, one, *ws[2] = { &a, &b };
+	struct tally__window_stats m, s;
+
+	mk(&a, SEC, 10 * SEC, 100 * SEC);
+	mk(&one, SEC, 10 * SEC, 100 * SEC);
+	mk(&b, SEC, 10 * SEC, 103 * SEC); /* another thread saw the subject 3 s later */
+	tally__window_add(&a, 5);
+	tally__window_add(&b, 7);
+	tally__window_add(&one, 5);
+	tally__window_add(&one, 7);
+	cr_assert_eq(tally__window_stats_merged(ws, 2, 104 * SEC, &m), 0);
+	cr_assert_eq(tally__window_stats(&one, 104 * SEC, &s), 0);
+	cr_expect_eq(m.covered_ns, 4 * SEC);
+	cr_expect(same_stats(&m, &s));
+	cr_expect_eq(tally__window_stats_merged(ws, 0, 104 * SEC, &m), -EINVAL);
+	tally__window_destroy(&a);
+	tally__window_destroy(&b);
+	tally__window_destroy(&one);
+}

@@ -84,6 +84,7 @@ static const struct key engine_keys[] = {
 	{ "publish_interval_ms", K_U32, CF(engine.publish_interval_ms), 1, 60000 },
 	{ "drain_interval_us", K_U32, CF(engine.drain_interval_us), 1, 1000000 },
 	{ "reap_interval_ms", K_U32, CF(engine.reap_interval_ms), 1, 3600000 },
+	{ "drain_threads", K_U32, CF(engine.drain_threads), 1, TALLY_DRAIN_THREADS_MAX },
 	{ NULL, 0, 0, 0, 0 },
 };
 

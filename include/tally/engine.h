@@ -3,7 +3,9 @@
  * tally/engine.h: the engine an owner runs over its segment (tallyd, or a
  * router that embeds it), and the reads of what it publishes.
  *
- * The engine's aggregator thread drains every producer ring in batches,
+ * The engine's aggregator thread (or, with drain_threads > 1, that many
+ * drain threads, each taking its share of the producer slots) drains the
+ * producer rings in batches,
  * keeps a sliding window per subject (time slices of log-linear
  * histograms, relative error at most 1/128 = 0.79%), and every publish
  * interval publishes an immutable snapshot of all subjects twice: through
@@ -43,7 +45,15 @@ struct tally_engine_config {
 	uint32_t publish_interval_ms; /* snapshot period (default 100) */
 	uint32_t reap_interval_ms;    /* dead-producer check period (default 250) */
 	bool pending_include_ack;     /* backlog = num_pending + num_ack_pending (default true) */
+	/* Threads that drain the rings (default 1, at most TALLY_DRAIN_THREADS_MAX).
+	 * 1: the aggregator thread drains every ring. N > 1: N drain threads,
+	 * thread k taking the producer slots k, k + N, k + 2N, ...; the
+	 * aggregator thread drains nothing and merges their windows into
+	 * each subject's row at publish. */
+	uint32_t drain_threads;
 };
+
+#define TALLY_DRAIN_THREADS_MAX 16
 
 /* Fill cfg with the defaults. Never fails. */
 TALLY_API void tally_engine_config_init(struct tally_engine_config *cfg);
@@ -51,7 +61,7 @@ TALLY_API void tally_engine_config_init(struct tally_engine_config *cfg);
 /*
  * Start the engine on a segment this process owns (tally_segment_create).
  * Starts the aggregator thread, which publishes a first snapshot before
- * this returns. 0, -EINVAL (bad config, tally_errmsg() says which key),
+ * this returns, and with drain_threads > 1 that many drain threads. 0, -EINVAL (bad config, tally_errmsg() says which key),
  * -EPERM (not the owner), -EBUSY (an engine already runs on it), -ENOMEM.
  * The segment must outlive the engine.
  */
