@@ -90,6 +90,11 @@ static const struct key engine_keys[] = {
 static const struct key http_keys[] = {
 	{ "listen", K_LISTEN, CF(http_listen), 0, 0 },
 	{ "enabled", K_BOOL, CF(http_enabled), 0, 0 },
+	{ "latency_histogram", K_BOOL, CF(http.histogram), 0, 0 },
+	{ "histogram_buckets_ms", K_STR, CF(http_buckets), 0, 0 },
+	{ "tls_cert_file", K_STR, CF(http_tls_cert), 0, 0 },
+	{ "tls_key_file", K_STR, CF(http_tls_key), 0, 0 },
+	{ "basic_auth_users", K_STR, CF(http_users), 0, 0 },
 	{ NULL, 0, 0, 0, 0 },
 };
 
@@ -720,6 +725,7 @@ static void defaults(struct tallyd_config *c)
 	tally_segment_config_init(&c->seg);
 	tally_engine_config_init(&c->engine);
 	c->http_enabled = true;
+	tallyd_http_opts_init(&c->http);
 	c->include_ack_pending = true;
 	c->share_create = true;
 	tally_share_config_init(&c->share);
@@ -822,6 +828,114 @@ static void check_segment_engine(struct parser *p)
 		     TALLYD_MAX_SLICES,
 		     (double)((c->engine.window_ns + TALLYD_MAX_SLICES - 1) / TALLYD_MAX_SLICES) / 1e6);
 	c->engine.pending_include_ack = c->include_ack_pending;
+}
+
+/* histogram_buckets_ms: ascending bounds in ms, commas or blanks between. */
+static void build_buckets(struct parser *p)
+{
+	struct tallyd_config *c = p->cfg;
+	int line = keyline(p, S_HTTP, "histogram_buckets_ms");
+	char *copy, *save = NULL;
+	uint64_t ns;
+	bool bad = false;
+
+	if (!c->http_buckets)
+		return;
+	if (!c->http.histogram) {
+		perr(p, line, "[http]: histogram_buckets_ms with latency_histogram = false: there is no "
+		     "histogram to give buckets to; remove one of the two");
+		return;
+	}
+	if (!(copy = strdup(c->http_buckets))) {
+		perr(p, line, "out of memory");
+		return;
+	}
+	for (char *t = strtok_r(copy, ", \t", &save); t; t = strtok_r(NULL, ", \t", &save)) {
+		if (!parse_ms_ns(t, &ns) || ns == 0) {
+			perr(p, line, "[http]: histogram_buckets_ms: \"%s\" is not a bound in milliseconds "
+			     "above 0 (e.g. 0.5, 10, 250)", t);
+			bad = true;
+			break;
+		}
+		if (c->http.nbuckets == TALLYD_HTTP_MAX_BUCKETS) {
+			perr(p, line, "[http]: histogram_buckets_ms: more than %d bounds",
+			     TALLYD_HTTP_MAX_BUCKETS);
+			bad = true;
+			break;
+		}
+		if (c->http.nbuckets && ns <= c->http.bucket_ns[c->http.nbuckets - 1]) {
+			perr(p, line, "[http]: histogram_buckets_ms: \"%s\" is not above the bound before "
+			     "it: give the bounds in ascending order", t);
+			bad = true;
+			break;
+		}
+		c->http.bucket_ns[c->http.nbuckets++] = ns;
+	}
+	if (!bad && c->http.nbuckets == 0)
+		perr(p, line, "[http]: histogram_buckets_ms: no bound given (leave it out for the "
+		     "default, two bounds per octave)");
+	free(copy);
+}
+
+/* A file a key names, readable now (tls_cert_file, tls_key_file). */
+static void check_file(struct parser *p, const char *key, const char *path)
+{
+	FILE *f = fopen(path, "r");
+	struct stat st;
+
+	if (!f) {
+		perr(p, keyline(p, S_HTTP, key), "[http]: %s %s: %s", key, path, strerror(errno));
+		return;
+	}
+	if (fstat(fileno(f), &st) == 0 && !S_ISREG(st.st_mode))
+		perr(p, keyline(p, S_HTTP, key), "[http]: %s %s: not a regular file", key, path);
+	fclose(f);
+}
+
+/* [http]: buckets, TLS files, basic-auth users. */
+static void build_http(struct parser *p)
+{
+	struct tallyd_config *c = p->cfg;
+	char *copy, *save = NULL, why[256];
+
+	c->http.listen = c->http_listen;
+	build_buckets(p);
+	c->http.tls_cert_file = c->http_tls_cert;
+	c->http.tls_key_file = c->http_tls_key;
+	if (!c->http_tls_cert != !c->http_tls_key)
+		perr(p, keyline(p, S_HTTP, c->http_tls_cert ? "tls_cert_file" : "tls_key_file"),
+		     "[http]: TLS needs both tls_cert_file and tls_key_file");
+	else if (c->http_tls_cert && !tallyd_http_tls_supported())
+		perr(p, keyline(p, S_HTTP, "tls_cert_file"), "[http]: this libmicrohttpd was built "
+		     "without TLS (Debian's libmicrohttpd12 has it, through GnuTLS)");
+	if (c->http_tls_cert) {
+		check_file(p, "tls_cert_file", c->http_tls_cert);
+		check_file(p, "tls_key_file", c->http_tls_key);
+	}
+	if (!c->http_users)
+		return;
+	if (!(copy = strdup(c->http_users))) {
+		perr(p, keyline(p, S_HTTP, "basic_auth_users"), "out of memory");
+		return;
+	}
+	for (char *t = strtok_r(copy, ", \t", &save); t; t = strtok_r(NULL, ", \t", &save)) {
+		if (c->http.nusers == TALLYD_HTTP_MAX_USERS) {
+			perr(p, keyline(p, S_HTTP, "basic_auth_users"), "[http]: basic_auth_users: "
+			     "more than %d users", TALLYD_HTTP_MAX_USERS);
+			break;
+		}
+		if (tallyd_http_user_parse(t, &c->http.users[c->http.nusers], why, sizeof(why)) != 0) {
+			perr(p, keyline(p, S_HTTP, "basic_auth_users"), "[http]: basic_auth_users: %s", why);
+			continue;
+		}
+		for (uint32_t i = 0; i < c->http.nusers; i++)
+			if (strcmp(c->http.users[i].name, c->http.users[c->http.nusers].name) == 0)
+				perr(p, keyline(p, S_HTTP, "basic_auth_users"), "[http]: basic_auth_users: "
+				     "user %s given twice", c->http.users[i].name);
+		c->http.nusers++;
+	}
+	explicit_bzero(copy, strlen(copy));
+	free(copy);
 }
 
 static int build_nats(struct parser *p)
@@ -1023,6 +1137,7 @@ int tallyd_config_load(const char *path, const struct tallyd_overrides *ov,
 	if (rc == 0 && p.nerrors == 0) {
 		inherit_rules(&p);
 		check_segment_engine(&p);
+		build_http(&p);
 		rc = build_nats(&p);
 		if (rc == 0)
 			rc = build_share(&p);
@@ -1042,6 +1157,7 @@ out:
 void tallyd_config_free(struct tallyd_config *c)
 {
 	char **strs[] = { &c->path,  &c->segment_name, &c->group,   &c->http_listen,
+			  &c->http_buckets, &c->http_tls_cert, &c->http_tls_key, &c->http_users,
 			  &c->nats_url, &c->creds,     &c->user,    &c->password,
 			  &c->token,   &c->tls_ca,     &c->js_domain, &c->js_prefix,
 			  &c->share_host, &c->share_bucket, &c->share_url, &c->share_combine,
