@@ -891,9 +891,9 @@ static void limit_flush(struct tallyd_exporter *x, uint64_t now, bool force)
 	x->ll.more = 0;
 	pthread_mutex_unlock(&x->ll.mu);
 	if (more)
-		x->log(1, "http: %" PRIu64 " more libmicrohttpd message%s (malformed requests) in the "
-		       "last %" PRIu64 " s, not logged one by one", more, more == 1 ? "" : "s",
-		       secs ? secs : 1);
+		x->log(1, "http: %" PRIu64 " more libmicrohttpd message%s in the last %" PRIu64 " s "
+		       "(malformed requests, failed TLS handshakes and the like), not logged one by one",
+		       more, more == 1 ? "" : "s", secs ? secs : 1);
 }
 
 /* libmicrohttpd's "... (HTTP response code is 400 ('<html>...</html>'))":
