@@ -360,7 +360,7 @@ static void warn_restart_only(const struct tallyd_config *a, const struct tallyd
 		   x->group_readable != y->group_readable ||
 		   strcmp(a->group ? a->group : "", b->group ? b->group : "");
 	bool eng = memcmp(&a->engine, &b->engine, sizeof(a->engine)) != 0;
-	bool http = a->http_enabled != b->http_enabled || strcmp(a->http_listen, b->http_listen);
+	bool http = tallyd_config_http_differs(a, b);
 
 	if (seg || eng || http)
 		tlog(L_WARN, "reload: changes to%s%s%s take effect only after a restart; ignored",

@@ -1154,6 +1154,19 @@ out:
 	return rc;
 }
 
+static bool str_differs(const char *a, const char *b)
+{
+	return strcmp(a ? a : "", b ? b : "") != 0;
+}
+
+bool tallyd_config_http_differs(const struct tallyd_config *a, const struct tallyd_config *b)
+{
+	return a->http_enabled != b->http_enabled || str_differs(a->http_listen, b->http_listen) ||
+	       a->http.histogram != b->http.histogram || str_differs(a->http_buckets, b->http_buckets) ||
+	       str_differs(a->http_tls_cert, b->http_tls_cert) ||
+	       str_differs(a->http_tls_key, b->http_tls_key) || str_differs(a->http_users, b->http_users);
+}
+
 void tallyd_config_free(struct tallyd_config *c)
 {
 	char **strs[] = { &c->path,  &c->segment_name, &c->group,   &c->http_listen,

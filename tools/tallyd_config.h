@@ -105,6 +105,9 @@ int tallyd_config_load(const char *path, const struct tallyd_overrides *ov,
 struct tally_thresholds *tallyd_config_thresholds(const struct tallyd_config *cfg, char *err,
 						  size_t errlen);
 
+/* Whether [http] (or --http/--no-http) differs: a restart-only change. */
+bool tallyd_config_http_differs(const struct tallyd_config *a, const struct tallyd_config *b);
+
 /* Free what load allocated; idempotent. */
 void tallyd_config_free(struct tallyd_config *cfg);
 
