@@ -1266,7 +1266,7 @@ int tallyd_exporter_start(const struct tallyd_http_opts *o, struct tallyd_export
 	struct sockaddr_storage ss;
 	socklen_t sslen;
 	struct tallyd_exporter *x;
-	int fd, rc;
+	int fd, mfd = -1, rc = 0;
 
 	*out = NULL;
 	if (tallyd_parse_listen(o->listen, &ss, &sslen, why, whylen))
@@ -1292,7 +1292,13 @@ int tallyd_exporter_start(const struct tallyd_http_opts *o, struct tallyd_export
 		exporter_free(x);
 		return fd;
 	}
-	if ((rc = start_daemon(x, fd, why, whylen)) != 0) {
+	/* libmicrohttpd gets a copy: it closes the socket it was given on some
+	 * of its failure paths and not on others, so ours is closed here, once */
+	if ((mfd = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0 || (rc = start_daemon(x, mfd, why, whylen)) != 0) {
+		if (mfd < 0) {
+			rc = -errno;
+			snprintf(why, whylen, "cannot listen on %s: %s", o->listen, strerror(errno));
+		}
 		close(fd);
 		exporter_free(x);
 		return rc;
@@ -1301,6 +1307,7 @@ int tallyd_exporter_start(const struct tallyd_http_opts *o, struct tallyd_export
 	x->port = getsockname(fd, (struct sockaddr *)&ss, &sslen) == 0 ?
 		  ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port :
 						   ((struct sockaddr_in *)&ss)->sin_port) : 0;
+	close(fd);
 	*out = x;
 	return 0;
 }
