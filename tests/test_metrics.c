@@ -645,6 +645,10 @@ Test(metrics, http_keys_checked_with_file_and_line)
 		  "tallyd.ini:2: [http]: basic_auth_users: user prom: \"secret\" is not a bcrypt hash" },
 		{ "[http]\nbasic_auth_users = prom\n", "tallyd.ini:2: [http]: basic_auth_users: \"prom\": "
 		  "expected NAME:BCRYPT_HASH" },
+		{ "[http]\n\nbasic_auth_file = /nonexistent/htpasswd\n",
+		  "tallyd.ini:3: [http]: basic_auth_file /nonexistent/htpasswd: No such file" },
+		{ "[http]\nbasic_auth_file = /etc/hostname\n",
+		  "tallyd.ini:2: [http]: basic_auth_file /etc/hostname:1: " },
 	};
 
 	env_dir(e, "mx-keys");
@@ -837,15 +841,21 @@ static void make_cert(const struct env *e, char *cert, char *key, size_t len)
 Test(metrics, tls_and_basic_auth)
 {
 	struct env *e = &the_env;
-	char cert[160], key[160], hash[128], ini[1024], url[96];
+	char cert[160], key[160], hash[128], hash2y[128], ini[1024], url[96], users[256], pwf[160];
 	struct mem hdr, body;
 	char *reply;
 
 	env_dir(e, "mx-tls");
 	make_cert(e, cert, key, sizeof(cert));
 	bcrypt_hash("s3cret", hash, sizeof(hash));
+	/* htpasswd -B writes $2y$: the same bcrypt under another prefix */
+	bcrypt_hash("other-pw", hash2y, sizeof(hash2y));
+	hash2y[2] = 'y';
+	/* one user in the file (htpasswd lines), one inline */
+	snprintf(users, sizeof(users), "# made by htpasswd -B\n\nhtp:%s\n", hash2y);
+	write_file(e, "htpasswd", users, pwf, sizeof(pwf));
 	snprintf(ini, sizeof(ini), "[http]\ntls_cert_file = %s\ntls_key_file = %s\n"
-		 "basic_auth_users = prom:%s\n", cert, key, hash);
+		 "basic_auth_users = prom:%s\nbasic_auth_file = %s\n", cert, key, hash, pwf);
 	env_launch(e, ini);
 	cr_expect(strstr(child_log(&e->td), "https://127.0.0.1:"), "%s", child_log(&e->td));
 	snprintf(url, sizeof(url), "https://127.0.0.1:%d/metrics", e->port);
@@ -867,6 +877,12 @@ Test(metrics, tls_and_basic_auth)
 		free(hdr.p);
 		free(body.p);
 	}
+	cr_expect_eq(curl_get(url, cert, "htp:other-pw", &hdr, &body), 200, "$2y$: %s", hdr.p);
+	free(hdr.p);
+	free(body.p);
+	cr_expect_eq(curl_get(url, cert, "htp:s3cret", &hdr, &body), 401, "another user's password");
+	free(hdr.p);
+	free(body.p);
 	/* every path asks for credentials first */
 	snprintf(url, sizeof(url), "https://127.0.0.1:%d/", e->port);
 	cr_expect_eq(curl_get(url, cert, NULL, &hdr, &body), 401);

@@ -95,6 +95,7 @@ static const struct key http_keys[] = {
 	{ "tls_cert_file", K_STR, CF(http_tls_cert), 0, 0 },
 	{ "tls_key_file", K_STR, CF(http_tls_key), 0, 0 },
 	{ "basic_auth_users", K_STR, CF(http_users), 0, 0 },
+	{ "basic_auth_file", K_STR, CF(http_users_file), 0, 0 },
 	{ NULL, 0, 0, 0, 0 },
 };
 
@@ -892,11 +893,67 @@ static void check_file(struct parser *p, const char *key, const char *path)
 	fclose(f);
 }
 
+/* One NAME:HASH entry into the users; why names where it came from. */
+static void add_user(struct parser *p, const char *entry, const char *where)
+{
+	struct tallyd_config *c = p->cfg;
+	int line = keyline(p, S_HTTP, strncmp(where, "basic_auth_users", 16) == 0 ?
+				      "basic_auth_users" : "basic_auth_file");
+	char why[256];
+
+	if (c->http.nusers == TALLYD_HTTP_MAX_USERS) {
+		perr(p, line, "[http]: %s: more than %d users", where, TALLYD_HTTP_MAX_USERS);
+		return;
+	}
+	if (tallyd_http_user_parse(entry, &c->http.users[c->http.nusers], why, sizeof(why)) != 0) {
+		perr(p, line, "[http]: %s: %s", where, why);
+		return;
+	}
+	for (uint32_t i = 0; i < c->http.nusers; i++)
+		if (strcmp(c->http.users[i].name, c->http.users[c->http.nusers].name) == 0) {
+			perr(p, line, "[http]: %s: user %s given twice", where, c->http.users[i].name);
+			return;
+		}
+	c->http.nusers++;
+}
+
+/* basic_auth_file: htpasswd lines NAME:HASH; blank lines and # comments skipped. */
+static void read_users_file(struct parser *p, const char *path)
+{
+	char *line = NULL, where[300];
+	size_t cap = 0;
+	ssize_t n;
+	int no = 0;
+	FILE *f = fopen(path, "r");
+
+	if (!f) {
+		perr(p, keyline(p, S_HTTP, "basic_auth_file"), "[http]: basic_auth_file %s: %s", path,
+		     strerror(errno));
+		return;
+	}
+	while ((n = getline(&line, &cap, f)) >= 0) {
+		char *t = line + strspn(line, " \t");
+
+		no++;
+		t[strcspn(t, "\r\n")] = '\0';
+		for (size_t l = strlen(t); l > 0 && (t[l - 1] == ' ' || t[l - 1] == '\t');)
+			t[--l] = '\0';
+		if (!*t || *t == '#')
+			continue;
+		snprintf(where, sizeof(where), "basic_auth_file %.200s:%d", path, no);
+		add_user(p, t, where);
+	}
+	if (line)
+		explicit_bzero(line, cap);
+	free(line);
+	fclose(f);
+}
+
 /* [http]: buckets, TLS files, basic-auth users. */
 static void build_http(struct parser *p)
 {
 	struct tallyd_config *c = p->cfg;
-	char *copy, *save = NULL, why[256];
+	char *copy, *save = NULL;
 
 	c->http.listen = c->http_listen;
 	build_buckets(p);
@@ -912,30 +969,17 @@ static void build_http(struct parser *p)
 		check_file(p, "tls_cert_file", c->http_tls_cert);
 		check_file(p, "tls_key_file", c->http_tls_key);
 	}
-	if (!c->http_users)
-		return;
-	if (!(copy = strdup(c->http_users))) {
-		perr(p, keyline(p, S_HTTP, "basic_auth_users"), "out of memory");
-		return;
-	}
-	for (char *t = strtok_r(copy, ", \t", &save); t; t = strtok_r(NULL, ", \t", &save)) {
-		if (c->http.nusers == TALLYD_HTTP_MAX_USERS) {
-			perr(p, keyline(p, S_HTTP, "basic_auth_users"), "[http]: basic_auth_users: "
-			     "more than %d users", TALLYD_HTTP_MAX_USERS);
-			break;
+	if (c->http_users) {
+		if (!(copy = strdup(c->http_users))) {
+			perr(p, keyline(p, S_HTTP, "basic_auth_users"), "out of memory");
+			return;
 		}
-		if (tallyd_http_user_parse(t, &c->http.users[c->http.nusers], why, sizeof(why)) != 0) {
-			perr(p, keyline(p, S_HTTP, "basic_auth_users"), "[http]: basic_auth_users: %s", why);
-			continue;
-		}
-		for (uint32_t i = 0; i < c->http.nusers; i++)
-			if (strcmp(c->http.users[i].name, c->http.users[c->http.nusers].name) == 0)
-				perr(p, keyline(p, S_HTTP, "basic_auth_users"), "[http]: basic_auth_users: "
-				     "user %s given twice", c->http.users[i].name);
-		c->http.nusers++;
+		for (char *t = strtok_r(copy, ", \t", &save); t; t = strtok_r(NULL, ", \t", &save))
+			add_user(p, t, "basic_auth_users");
+		free(copy);
 	}
-	explicit_bzero(copy, strlen(copy));
-	free(copy);
+	if (c->http_users_file)
+		read_users_file(p, c->http_users_file);
 }
 
 static int build_nats(struct parser *p)
@@ -1164,13 +1208,15 @@ bool tallyd_config_http_differs(const struct tallyd_config *a, const struct tall
 	return a->http_enabled != b->http_enabled || str_differs(a->http_listen, b->http_listen) ||
 	       a->http.histogram != b->http.histogram || str_differs(a->http_buckets, b->http_buckets) ||
 	       str_differs(a->http_tls_cert, b->http_tls_cert) ||
-	       str_differs(a->http_tls_key, b->http_tls_key) || str_differs(a->http_users, b->http_users);
+	       str_differs(a->http_tls_key, b->http_tls_key) || str_differs(a->http_users, b->http_users) ||
+	       str_differs(a->http_users_file, b->http_users_file);
 }
 
 void tallyd_config_free(struct tallyd_config *c)
 {
 	char **strs[] = { &c->path,  &c->segment_name, &c->group,   &c->http_listen,
 			  &c->http_buckets, &c->http_tls_cert, &c->http_tls_key, &c->http_users,
+			  &c->http_users_file,
 			  &c->nats_url, &c->creds,     &c->user,    &c->password,
 			  &c->token,   &c->tls_ca,     &c->js_domain, &c->js_prefix,
 			  &c->share_host, &c->share_bucket, &c->share_url, &c->share_combine,

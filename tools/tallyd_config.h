@@ -69,7 +69,7 @@ struct tallyd_config {
 	char *http_listen;
 	bool http_enabled;
 	struct tallyd_http_opts http;
-	char *http_buckets, *http_tls_cert, *http_tls_key, *http_users;
+	char *http_buckets, *http_tls_cert, *http_tls_key, *http_users, *http_users_file;
 	/* [nats] (nats.urls NULL: no poller); strings point into this struct */
 	struct tally_poller_config nats;
 	char *nats_url, *creds, *user, *password, *token, *tls_ca, *js_domain, *js_prefix;
