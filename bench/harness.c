@@ -51,6 +51,7 @@ static const struct {
 	{ "hist", bench_part_hist, "histogram index/add ns/op; 5-quantile query vs exact P95 (qsort, quickselect)" },
 	{ "error", bench_part_error, "quantile relative error against exact quantiles, six distributions" },
 	{ "hosts", bench_part_hosts, "many hosts: KV propagation B -> A (p50, p99), KV writes/s at 1,000 subjects, aggregator cost; 3-node cluster" },
+	{ "metrics", bench_part_metrics, "tallyd /metrics at 1,000 subjects: scrape size (full, 8 buckets, quantiles only; plain and gzip), HTTP thread CPU per scrape, zlib level 1 vs 6" },
 	{ "gateway", bench_part_gateway, "tally-gateway with wrk: check mode behind nginx auth_request, proxy mode, against direct" },
 };
 

@@ -87,5 +87,6 @@ void bench_part_jsack(void);
 void bench_part_error(void);
 void bench_part_gateway(void);
 void bench_part_hosts(void);
+void bench_part_metrics(void);
 
 #endif

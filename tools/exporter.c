@@ -7,19 +7,35 @@
  * HELP and TYPE lines, into one growing buffer that libmicrohttpd frees
  * after sending. Nothing is cached between scrapes and nothing is written
  * to the segment.
+ *
+ * The HTTP side owns its listening socket (so that a port in use is named
+ * with its address), hands it to libmicrohttpd with TLS from the PEM files
+ * when asked, checks basic auth before anything else (bcrypt through
+ * crypt_rn(3); the last good credential of each user is remembered, so a
+ * scraper costs one bcrypt per password change, not one per scrape), and
+ * gzips the body for a scraper that accepts it. libmicrohttpd logs one
+ * line per malformed request: those go through a limiter (the first of a
+ * minute, then one line with how many more).
  */
 #include "config.h"
 
 #include <arpa/inet.h>
+#include <crypt.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
+#include <zlib.h>
 
 #include "exporter.h"
 #include "text.h"
@@ -208,6 +224,7 @@ struct scrape {
 	uint32_t rem_cap;
 	bool share;
 	struct tally_share_status shs;
+	const struct tallyd_http_opts *opts; /* which series to write */
 };
 
 /* Make room for n elements of size sz in *arr (kept between scrapes). */
@@ -334,19 +351,50 @@ static bool exported_edge(uint64_t le_ns)
 	return (e & (e - 1)) == 0 || (e % 3 == 0 && (third & (third - 1)) == 0);
 }
 
+/*
+ * The buckets asked for ([http] histogram_buckets_ms): each bound becomes
+ * the engine's largest edge at or below it (at most a fifth lower: 4 edges
+ * per octave), so that its count stays exact; le says which edge. Bounds
+ * below the first edge take the first; two bounds on one edge give one.
+ * keep[k] set for each edge exported.
+ */
+static void chosen_edges(const struct tallyd_http_opts *o, const struct tally_subject_buckets *hb,
+			 bool *keep)
+{
+	memset(keep, 0, hb->n * sizeof(*keep));
+	for (uint32_t j = 0; j < o->nbuckets; j++) {
+		uint32_t k = 0;
+
+		while (k + 1 < hb->n && hb->le_ns[k + 1] <= o->bucket_ns[j])
+			k++;
+		if (hb->n)
+			keep[k] = true;
+	}
+}
+
 static void put_histogram(struct buf *b, const struct scrape *sc)
 {
 	struct tally_subject_buckets hb;
+	bool keep[TALLY_BUCKETS_MAX];
 	char v[32], le[32];
 
+	if (sc->opts && !sc->opts->histogram)
+		return;
 	family(b, TM_subject_latency);
 	for (uint32_t i = 0; i < sc->nsubj; i++) {
 		const char *name = sc->subj[i].name;
 
 		if (tally_engine_read_buckets(sc->engine, sc->subj[i].id, &hb) != 0)
 			continue;
+		if (hb.n > TALLY_BUCKETS_MAX)
+			hb.n = TALLY_BUCKETS_MAX;
+		if (sc->opts && sc->opts->nbuckets)
+			chosen_edges(sc->opts, &hb, keep);
+		else
+			for (uint32_t k = 0; k < hb.n; k++)
+				keep[k] = exported_edge(hb.le_ns[k]);
 		for (uint32_t k = 0; k < hb.n; k++)
-			if (exported_edge(hb.le_ns[k]))
+			if (keep[k])
 				sample(b, TM_subject_latency, "_bucket",
 				       fmt_u64(v, sizeof(v), hb.cumulative[k]), "subject", name, "le",
 				       fmt_sec(le, sizeof(le), hb.le_ns[k]), NULL);
@@ -634,11 +682,13 @@ static void put_poller(struct buf *b, const struct scrape *sc)
 		       NULL);
 }
 
-static int render(struct tallyd_exporter_source *src, struct scrape *sc, char **out, size_t *len)
+static int render(struct tallyd_exporter_source *src, const struct tallyd_http_opts *o,
+		  struct scrape *sc, char **out, size_t *len)
 {
 	struct buf b = { 0 };
 	int rc = scrape_read(src, sc);
 
+	sc->opts = o;
 	*out = NULL;
 	*len = 0;
 	if (rc != 0)
@@ -659,16 +709,22 @@ static int render(struct tallyd_exporter_source *src, struct scrape *sc, char **
 	return 0;
 }
 
-int tallyd_metrics_render(struct tallyd_exporter_source *src, char **out, size_t *len)
+int tallyd_metrics_render(struct tallyd_exporter_source *src, const struct tallyd_http_opts *o,
+			  char **out, size_t *len)
 {
 	struct scrape sc = { 0 };
-	int rc = render(src, &sc, out, len);
+	int rc = render(src, o, &sc, out, len);
 
 	scrape_free(&sc);
 	return rc;
 }
 
 /* ---- listen address ---- */
+
+static bool listen_ok(int fd)
+{
+	return listen(fd, 64) == 0;
+}
 
 static int parse_port(const char *s, uint16_t *port, char *why, size_t whylen)
 {
@@ -743,15 +799,145 @@ int tallyd_parse_listen(const char *s, struct sockaddr_storage *ss, socklen_t *s
 	return 0;
 }
 
+/* ---- options ---- */
+
+void tallyd_http_opts_init(struct tallyd_http_opts *o)
+{
+	memset(o, 0, sizeof(*o));
+	o->listen = TALLYD_HTTP_DEFAULT_LISTEN;
+	o->histogram = true;
+}
+
+bool tallyd_http_tls_supported(void)
+{
+	return MHD_is_feature_supported(MHD_FEATURE_TLS) == MHD_YES;
+}
+
+int tallyd_http_user_parse(const char *entry, struct tallyd_http_user *u, char *why, size_t whylen)
+{
+	const char *colon = strchr(entry, ':'), *h;
+	struct crypt_data *cd;
+	const char *out;
+	size_t nl;
+
+	memset(u, 0, sizeof(*u));
+	if (!colon || colon == entry) {
+		snprintf(why, whylen, "\"%.80s\": expected NAME:BCRYPT_HASH", entry);
+		return -EINVAL;
+	}
+	nl = (size_t)(colon - entry);
+	h = colon + 1;
+	if (nl >= sizeof(u->name)) {
+		snprintf(why, whylen, "user name longer than %zu bytes", sizeof(u->name) - 1);
+		return -EINVAL;
+	}
+	if (strlen(h) != 60 || h[0] != '$' || h[1] != '2' || !strchr("aby", h[2]) || h[3] != '$') {
+		snprintf(why, whylen, "user %.*s: \"%.80s\" is not a bcrypt hash ($2b$, $2y$ or $2a$, "
+			 "60 characters; e.g. htpasswd -nbBC 10 NAME PASSWORD)", (int)nl, entry, h);
+		return -EINVAL;
+	}
+	/* crypt(3) must take it: a hash with a bad cost or salt fails every login */
+	if (!(cd = calloc(1, sizeof(*cd))))
+		return -ENOMEM;
+	out = crypt_rn("", h, cd, sizeof(*cd));
+	if (!out || out[0] == '*') {
+		snprintf(why, whylen, "user %.*s: crypt(3) rejects the hash \"%.80s\" (cost 4..31, a "
+			 "22-character salt)", (int)nl, entry, h);
+		free(cd);
+		return -EINVAL;
+	}
+	free(cd);
+	memcpy(u->name, entry, nl);
+	snprintf(u->hash, sizeof(u->hash), "%s", h);
+	return 0;
+}
+
 /* ---- HTTP ---- */
+
+/* libmicrohttpd's messages: the first of a window, then a count. */
+struct log_limit {
+	pthread_mutex_t mu;
+	bool open;              /* a window is under way */
+	uint64_t start_ns;
+	uint64_t more;          /* messages not logged in it */
+};
 
 struct tallyd_exporter {
 	struct MHD_Daemon *d;
 	struct tallyd_exporter_source *src;
+	struct tallyd_http_opts o;
 	struct scrape sc;   /* arrays reused by every scrape: one HTTP thread */
 	tallyd_log_fn log;
 	uint16_t port;
+	struct log_limit ll;
+	char *tls_cert, *tls_key;  /* PEM, kept while the daemon runs */
+	/* basic auth: the HTTP thread only */
+	struct crypt_data cd;
+	int good_user;             /* -1, or the user whose good password is in good_pass */
+	char good_pass[128];
 };
+
+static void limit_flush(struct tallyd_exporter *x, uint64_t now, bool force)
+{
+	uint64_t more, secs;
+
+	pthread_mutex_lock(&x->ll.mu);
+	more = x->ll.more;
+	secs = (now - x->ll.start_ns) / 1000000000u;
+	if (!x->ll.open || (!force && now - x->ll.start_ns < TALLYD_HTTP_LOG_EVERY_S * 1000000000ull)) {
+		pthread_mutex_unlock(&x->ll.mu);
+		return;
+	}
+	x->ll.open = false;
+	x->ll.more = 0;
+	pthread_mutex_unlock(&x->ll.mu);
+	if (more)
+		x->log(1, "http: %" PRIu64 " more libmicrohttpd message%s in the last %" PRIu64 " s "
+		       "(malformed requests, failed TLS handshakes and the like), not logged one by one",
+		       more, more == 1 ? "" : "s", secs ? secs : 1);
+}
+
+/* libmicrohttpd's "... (HTTP response code is 400 ('<html>...</html>'))":
+ * the HTML page it sent says nothing more; cut it. */
+static void strip_html(char *msg)
+{
+	char *h = strstr(msg, " ('<html>"), *end;
+
+	if (!h || !(end = strstr(h, "</html>')")))
+		return;
+	memmove(h, end + strlen("</html>')"), strlen(end + strlen("</html>')")) + 1);
+}
+
+/* fmt is libmicrohttpd's own printf format: the attribute says so, to
+ * the compiler's -Wformat-nonliteral and to its checks of callers. */
+__attribute__((format(printf, 2, 0))) static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+	struct tallyd_exporter *x = cls;
+	uint64_t now = mono_ns();
+	char msg[512];
+	bool first;
+	size_t n;
+
+	limit_flush(x, now, false);
+	pthread_mutex_lock(&x->ll.mu);
+	first = !x->ll.open;
+	if (first) {
+		x->ll.open = true;
+		x->ll.start_ns = now;
+	} else {
+		x->ll.more++;
+	}
+	pthread_mutex_unlock(&x->ll.mu);
+	if (!first)
+		return;
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	strip_html(msg);
+	n = strlen(msg);
+	while (n > 0 && msg[n - 1] == '\n')
+		msg[--n] = '\0';
+	x->log(1, "http: %s (further messages within %d s are counted, not logged)", msg,
+	       TALLYD_HTTP_LOG_EVERY_S);
+}
 
 static enum MHD_Result reply(struct MHD_Connection *c, unsigned status, const char *text,
 			     const char *allow)
@@ -770,17 +956,79 @@ static enum MHD_Result reply(struct MHD_Connection *c, unsigned status, const ch
 	return ret;
 }
 
+/* Accept-Encoding names gzip (any case) without q=0. */
+static bool accepts_gzip(struct MHD_Connection *c)
+{
+	const char *ae = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+						     MHD_HTTP_HEADER_ACCEPT_ENCODING);
+
+	while (ae && *ae) {
+		size_t tl;
+		const char *q;
+
+		ae += strspn(ae, " \t,");
+		tl = strcspn(ae, " \t;,");
+		if (tl == 4 && strncasecmp(ae, "gzip", 4) == 0) {
+			const char *end = ae + strcspn(ae, ",");
+
+			q = strstr(ae, "q=");
+			return !(q && q < end && strtod(q + 2, NULL) <= 0.0);
+		}
+		ae += strcspn(ae, ",");
+	}
+	return false;
+}
+
+/* body gzipped into *out (malloc'd): 0, or -ENOMEM/-EIO. */
+static int gzip_body(const char *in, size_t len, char **out, size_t *outlen)
+{
+	z_stream z;
+	size_t cap;
+	int rc;
+
+	memset(&z, 0, sizeof(z));
+	*out = NULL;
+	if (len > UINT32_MAX / 2 ||
+	    deflateInit2(&z, TALLYD_HTTP_GZIP_LEVEL, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+		return -ENOMEM;
+	cap = deflateBound(&z, (uLong)len);
+	if (!(*out = malloc(cap))) {
+		deflateEnd(&z);
+		return -ENOMEM;
+	}
+	z.next_in = (Bytef *)(uintptr_t)in;
+	z.avail_in = (uInt)len;
+	z.next_out = (Bytef *)*out;
+	z.avail_out = (uInt)cap;
+	rc = deflate(&z, Z_FINISH);
+	*outlen = z.total_out;
+	deflateEnd(&z);
+	if (rc != Z_STREAM_END) {
+		free(*out);
+		*out = NULL;
+		return -EIO;
+	}
+	return 0;
+}
+
 static enum MHD_Result serve_metrics(struct tallyd_exporter *x, struct MHD_Connection *c)
 {
 	struct MHD_Response *r;
 	enum MHD_Result ret;
-	char *body;
-	size_t len;
-	int rc = render(x->src, &x->sc, &body, &len);
+	char *body, *gz;
+	size_t len, gzlen;
+	bool gzip = false;
+	int rc = render(x->src, &x->o, &x->sc, &body, &len);
 
 	if (rc != 0) {
 		x->log(0, "GET /metrics: %s", tally_strerror(rc));
 		return reply(c, MHD_HTTP_INTERNAL_SERVER_ERROR, "cannot read the segment\n", NULL);
+	}
+	if (accepts_gzip(c) && gzip_body(body, len, &gz, &gzlen) == 0) {
+		free(body);
+		body = gz;
+		len = gzlen;
+		gzip = true;
 	}
 	r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
 	if (!r) {
@@ -790,18 +1038,85 @@ static enum MHD_Result serve_metrics(struct tallyd_exporter *x, struct MHD_Conne
 	MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE,
 				"text/plain; version=0.0.4; charset=utf-8");
 	MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+	MHD_add_response_header(r, MHD_HTTP_HEADER_VARY, MHD_HTTP_HEADER_ACCEPT_ENCODING);
+	if (gzip)
+		MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_ENCODING, "gzip");
 	ret = MHD_queue_response(c, MHD_HTTP_OK, r);
 	MHD_destroy_response(r);
 	return ret;
 }
 
+/* Constant-time equality of two NUL-terminated strings of at most n bytes. */
+static bool same(const char *a, const char *b, size_t n)
+{
+	unsigned char d = 0;
+	size_t la = strnlen(a, n), lb = strnlen(b, n);
+
+	for (size_t i = 0; i < n; i++)
+		d |= (unsigned char)((i < la ? a[i] : 0) ^ (i < lb ? b[i] : 0));
+	return d == 0 && la == lb;
+}
+
 /*
- * A wrong path or method is answered on the first call, when only the
- * headers have been read: its body is never read (libmicrohttpd closes the
- * connection after the reply). GET and HEAD /metrics are answered on the
- * second call, once the request is complete, so that the connection can
- * be kept alive; a body sent with them is discarded as it arrives (the
- * connection's memory limit bounds what is buffered).
+ * Basic auth against the bcrypt hashes. An unknown user costs the same
+ * bcrypt as a known one (the first user's hash), so that timing does not
+ * tell which names exist.
+ */
+static bool authorized(struct tallyd_exporter *x, struct MHD_Connection *c)
+{
+	char *pass = NULL, *user;
+	const struct tallyd_http_user *u = NULL;
+	const char *out;
+	bool ok = false;
+	int idx = -1;
+
+	if (!x->o.nusers)
+		return true;
+	if (!(user = MHD_basic_auth_get_username_password(c, &pass)))
+		return false;
+	for (uint32_t i = 0; i < x->o.nusers; i++)
+		if (strcmp(x->o.users[i].name, user) == 0)
+			idx = (int)i;
+	if (pass && idx >= 0 && idx == x->good_user && same(pass, x->good_pass, sizeof(x->good_pass))) {
+		ok = true;
+	} else if (pass) {
+		u = &x->o.users[idx >= 0 ? idx : 0];
+		out = crypt_rn(pass, u->hash, &x->cd, sizeof(x->cd));
+		ok = idx >= 0 && out && same(out, u->hash, sizeof(u->hash));
+		if (ok && strlen(pass) < sizeof(x->good_pass)) {
+			x->good_user = idx;
+			snprintf(x->good_pass, sizeof(x->good_pass), "%s", pass);
+		}
+	}
+	MHD_free(user);
+	if (pass)
+		MHD_free(pass);
+	return ok;
+}
+
+static enum MHD_Result unauthorized(struct MHD_Connection *c)
+{
+	static const char text[] = "unauthorized\n";
+	struct MHD_Response *r;
+	enum MHD_Result ret;
+
+	r = MHD_create_response_from_buffer(sizeof(text) - 1, (void *)text, MHD_RESPMEM_PERSISTENT);
+	if (!r)
+		return MHD_NO;
+	MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain; charset=utf-8");
+	ret = MHD_queue_basic_auth_fail_response(c, "tallyd", r);
+	MHD_destroy_response(r);
+	return ret;
+}
+
+/*
+ * Credentials are checked first, on every path (as exporter-toolkit
+ * does). A wrong path or method is answered on the first call, when only
+ * the headers have been read: its body is never read (libmicrohttpd
+ * closes the connection after the reply). GET and HEAD /metrics are
+ * answered on the second call, once the request is complete, so that the
+ * connection can be kept alive; a body sent with them is discarded as it
+ * arrives (the connection's memory limit bounds what is buffered).
  */
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
 				  const char *method, const char *version, const char *upload,
@@ -813,6 +1128,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 	(void)version;
 	(void)upload;
 	if (*req_cls == NULL) {
+		limit_flush(x, mono_ns(), false);
+		if (!authorized(x, c))
+			return unauthorized(c);
 		if (strcmp(url, "/metrics") != 0)
 			return reply(c, MHD_HTTP_NOT_FOUND, "not found: try GET /metrics\n", NULL);
 		if (strcmp(method, MHD_HTTP_METHOD_GET) != 0 &&
@@ -829,55 +1147,168 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 	return serve_metrics(x, c);
 }
 
-/* fmt is libmicrohttpd's own printf format: the attribute says so, to
- * the compiler's -Wformat-nonliteral and to its checks of callers. */
-__attribute__((format(printf, 2, 0))) static void mhd_log(void *cls, const char *fmt, va_list ap)
+/* A PEM file into a NUL-terminated buffer (at most 1 MiB). */
+static int read_pem(const char *path, const char *key, char **out, char *why, size_t whylen)
 {
-	struct tallyd_exporter *x = cls;
-	char msg[512];
-	size_t n;
+	struct stat st;
+	ssize_t n;
+	int fd = open(path, O_RDONLY | O_CLOEXEC), err;
 
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	n = strlen(msg);
-	while (n > 0 && msg[n - 1] == '\n')
-		msg[--n] = '\0';
-	x->log(1, "http: %s", msg);
+	*out = NULL;
+	if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > (1 << 20)) {
+		err = fd < 0 ? errno : EINVAL;
+		snprintf(why, whylen, "%s %s: %s", key, path,
+			 fd < 0 ? strerror(err) : "not a regular file of at most 1 MiB");
+		if (fd >= 0)
+			close(fd);
+		return -err;
+	}
+	if (!(*out = calloc(1, (size_t)st.st_size + 1))) {
+		close(fd);
+		return -ENOMEM;
+	}
+	n = read(fd, *out, (size_t)st.st_size);
+	err = errno;
+	close(fd);
+	if (n != st.st_size || !strstr(*out, "-----BEGIN ")) {
+		snprintf(why, whylen, "%s %s: %s", key, path, n < 0 ? strerror(err) : "not PEM "
+			 "(no -----BEGIN line)");
+		free(*out);
+		*out = NULL;
+		return -EINVAL;
+	}
+	return 0;
 }
 
-int tallyd_exporter_start(const char *listen, struct tallyd_exporter_source *src, tallyd_log_fn log,
-			  struct tallyd_exporter **out, char *why, size_t whylen)
+/*
+ * The listening socket, bound here so that a failure names the address:
+ * EADDRINUSE is another process (another tallyd?) on that port.
+ */
+static int open_listener(const char *listen, const struct sockaddr_storage *ss, socklen_t sslen,
+			 char *why, size_t whylen)
+{
+	int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1, err;
+
+	if (fd < 0) {
+		err = errno;
+		snprintf(why, whylen, "cannot listen on %s: socket: %s", listen, strerror(err));
+		return -err;
+	}
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (ss->ss_family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+	if (bind(fd, (const struct sockaddr *)ss, sslen) == 0 && listen_ok(fd))
+		return fd;
+	err = errno;
+	close(fd);
+	if (err == EADDRINUSE)
+		snprintf(why, whylen, "cannot listen on %s: address already in use: another process "
+			 "listens on that port (another tallyd? see ss -ltnp); choose another port with "
+			 "[http] listen or --http ADDR:PORT, or turn the endpoint off with --no-http", listen);
+	else if (err == EACCES)
+		snprintf(why, whylen, "cannot listen on %s: permission denied (ports below 1024 need "
+			 "CAP_NET_BIND_SERVICE): choose another port with [http] listen or --http", listen);
+	else if (err == EADDRNOTAVAIL)
+		snprintf(why, whylen, "cannot listen on %s: not an address of this host: fix [http] "
+			 "listen or --http", listen);
+	else
+		snprintf(why, whylen, "cannot listen on %s: %s", listen, strerror(err));
+	return -err;
+}
+
+static int start_daemon(struct tallyd_exporter *x, int fd, char *why, size_t whylen)
+{
+	unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
+	struct MHD_OptionItem opts[] = {
+		{ MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_log, x },
+		{ MHD_OPTION_LISTEN_SOCKET, fd, NULL },
+		{ MHD_OPTION_CONNECTION_LIMIT, TALLYD_HTTP_MAX_CONN, NULL },
+		{ MHD_OPTION_CONNECTION_MEMORY_LIMIT, TALLYD_HTTP_MEM_LIMIT, NULL },
+		{ MHD_OPTION_CONNECTION_TIMEOUT, TALLYD_HTTP_TIMEOUT_S, NULL },
+		{ MHD_OPTION_END, 0, NULL },
+		{ MHD_OPTION_END, 0, NULL },
+		{ MHD_OPTION_END, 0, NULL },
+	};
+
+	if (x->o.tls_cert_file) {
+		flags |= MHD_USE_TLS;
+		opts[5] = (struct MHD_OptionItem){ MHD_OPTION_HTTPS_MEM_CERT, 0, x->tls_cert };
+		opts[6] = (struct MHD_OptionItem){ MHD_OPTION_HTTPS_MEM_KEY, 0, x->tls_key };
+	}
+	x->d = MHD_start_daemon(flags, 0, NULL, NULL, on_request, x, MHD_OPTION_ARRAY, opts,
+				MHD_OPTION_END);
+	if (x->d)
+		return 0;
+	if (x->o.tls_cert_file)
+		snprintf(why, whylen, "cannot serve TLS with tls_cert_file %s and tls_key_file %s (a "
+			 "certificate and its unencrypted key in PEM; libmicrohttpd's reason is logged "
+			 "above)", x->o.tls_cert_file, x->o.tls_key_file);
+	else
+		snprintf(why, whylen, "cannot start the HTTP server on %s: %s", x->o.listen,
+			 strerror(errno ? errno : EINVAL));
+	return -EINVAL;
+}
+
+static void exporter_free(struct tallyd_exporter *x)
+{
+	scrape_free(&x->sc);
+	free(x->tls_cert);
+	if (x->tls_key)
+		explicit_bzero(x->tls_key, strlen(x->tls_key));
+	free(x->tls_key);
+	explicit_bzero(x->good_pass, sizeof(x->good_pass));
+	pthread_mutex_destroy(&x->ll.mu);
+	free(x);
+}
+
+int tallyd_exporter_start(const struct tallyd_http_opts *o, struct tallyd_exporter_source *src,
+			  tallyd_log_fn log, struct tallyd_exporter **out, char *why, size_t whylen)
 {
 	struct sockaddr_storage ss;
 	socklen_t sslen;
 	struct tallyd_exporter *x;
-	const union MHD_DaemonInfo *info;
-	unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
+	int fd, mfd = -1, rc = 0;
 
 	*out = NULL;
-	if (tallyd_parse_listen(listen, &ss, &sslen, why, whylen))
+	if (tallyd_parse_listen(o->listen, &ss, &sslen, why, whylen))
 		return -EINVAL;
+	if (o->tls_cert_file && !tallyd_http_tls_supported()) {
+		snprintf(why, whylen, "this libmicrohttpd has no TLS: build it with GnuTLS");
+		return -ENOTSUP;
+	}
 	if (!(x = calloc(1, sizeof(*x))))
 		return -ENOMEM;
+	pthread_mutex_init(&x->ll.mu, NULL);
 	x->src = src;
 	x->log = log;
-	if (ss.ss_family == AF_INET6)
-		flags |= MHD_USE_IPv6;
-	x->d = MHD_start_daemon(flags, 0, NULL, NULL, on_request, x,
-				MHD_OPTION_EXTERNAL_LOGGER, mhd_log, x,
-				MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-				MHD_OPTION_CONNECTION_LIMIT, (unsigned)TALLYD_HTTP_MAX_CONN,
-				MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)TALLYD_HTTP_MEM_LIMIT,
-				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)TALLYD_HTTP_TIMEOUT_S,
-				MHD_OPTION_END);
-	if (!x->d) {
-		int err = errno ? errno : EADDRINUSE;
-
-		snprintf(why, whylen, "cannot listen on %s: %s", listen, strerror(err));
-		free(x);
-		return -err;
+	x->o = *o;
+	x->good_user = -1;
+	if (o->tls_cert_file &&
+	    ((rc = read_pem(o->tls_cert_file, "tls_cert_file", &x->tls_cert, why, whylen)) != 0 ||
+	     (rc = read_pem(o->tls_key_file, "tls_key_file", &x->tls_key, why, whylen)) != 0)) {
+		exporter_free(x);
+		return rc;
 	}
-	info = MHD_get_daemon_info(x->d, MHD_DAEMON_INFO_BIND_PORT);
-	x->port = info ? info->port : 0;
+	if ((fd = open_listener(o->listen, &ss, sslen, why, whylen)) < 0) {
+		exporter_free(x);
+		return fd;
+	}
+	/* libmicrohttpd gets a copy: it closes the socket it was given on some
+	 * of its failure paths and not on others, so ours is closed here, once */
+	if ((mfd = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0 || (rc = start_daemon(x, mfd, why, whylen)) != 0) {
+		if (mfd < 0) {
+			rc = -errno;
+			snprintf(why, whylen, "cannot listen on %s: %s", o->listen, strerror(errno));
+		}
+		close(fd);
+		exporter_free(x);
+		return rc;
+	}
+	sslen = sizeof(ss);
+	x->port = getsockname(fd, (struct sockaddr *)&ss, &sslen) == 0 ?
+		  ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port :
+						   ((struct sockaddr_in *)&ss)->sin_port) : 0;
+	close(fd);
 	*out = x;
 	return 0;
 }
@@ -892,7 +1323,7 @@ void tallyd_exporter_stop(struct tallyd_exporter **px)
 	if (!px || !*px)
 		return;
 	MHD_stop_daemon((*px)->d);
-	scrape_free(&(*px)->sc);
-	free(*px);
+	limit_flush(*px, mono_ns(), true);
+	exporter_free(*px);
 	*px = NULL;
 }

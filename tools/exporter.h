@@ -11,7 +11,15 @@
  * 404, any other method on /metrics 405 (with Allow: GET, HEAD); at most
  * TALLYD_HTTP_MAX_CONN connections, each with TALLYD_HTTP_MEM_LIMIT bytes
  * for its request (larger headers get 431) and an idle timeout of
- * TALLYD_HTTP_TIMEOUT_S; request bodies are never read.
+ * TALLYD_HTTP_TIMEOUT_S; request bodies are never read. libmicrohttpd's
+ * own messages (one per malformed request) are rate-limited: the first of
+ * a minute is logged, the rest summed up in one line.
+ *
+ * Options, as Prometheus exporters have them (struct tallyd_http_opts):
+ * TLS from a PEM certificate and key (GnuTLS inside libmicrohttpd), HTTP
+ * basic authentication against bcrypt hashes (crypt(3), libxcrypt), gzip
+ * when the scraper accepts it, and fewer series per subject: no since-start
+ * histogram, or a histogram with only the bounds asked for.
  */
 #ifndef TALLYD_EXPORTER_H
 #define TALLYD_EXPORTER_H
@@ -28,6 +36,41 @@
 #define TALLYD_HTTP_MAX_CONN 64
 #define TALLYD_HTTP_MEM_LIMIT (32u * 1024u)
 #define TALLYD_HTTP_TIMEOUT_S 10u
+#define TALLYD_HTTP_MAX_BUCKETS 32
+#define TALLYD_HTTP_MAX_USERS 8
+#define TALLYD_HTTP_LOG_EVERY_S 60
+/* zlib level of gzipped scrapes (BENCHMARKS.md, "/metrics size and gzip") */
+#define TALLYD_HTTP_GZIP_LEVEL 1
+
+/* One basic-auth user: name and a bcrypt hash ($2a$, $2b$ or $2y$). */
+struct tallyd_http_user {
+	char name[64];
+	char hash[128];
+};
+
+/* How /metrics is served; strings owned by the caller (tallyd_config). */
+struct tallyd_http_opts {
+	const char *listen;            /* ADDR:PORT */
+	bool histogram;                /* false: window quantiles only, no _bucket/_sum/_count */
+	uint64_t bucket_ns[TALLYD_HTTP_MAX_BUCKETS]; /* nbuckets 0: two bounds per octave */
+	uint32_t nbuckets;
+	const char *tls_cert_file, *tls_key_file;   /* both or neither */
+	struct tallyd_http_user users[TALLYD_HTTP_MAX_USERS];
+	uint32_t nusers;               /* 0: no authentication */
+};
+
+/* Defaults: TALLYD_HTTP_DEFAULT_LISTEN, the full histogram, no TLS, no users. */
+void tallyd_http_opts_init(struct tallyd_http_opts *o);
+
+/*
+ * Check one "NAME:BCRYPT_HASH" entry into *u: 0, or -EINVAL with the
+ * reason in why (not a bcrypt hash, one that crypt(3) rejects). Pure.
+ */
+int tallyd_http_user_parse(const char *entry, struct tallyd_http_user *u, char *why,
+			   size_t whylen);
+
+/* Whether this libmicrohttpd was built with TLS (Debian's is, with GnuTLS). */
+bool tallyd_http_tls_supported(void);
 
 /* What the exporter reads. Owned by the caller; must outlive the exporter. */
 struct tallyd_exporter_source {
@@ -49,7 +92,8 @@ int tallyd_parse_listen(const char *s, struct sockaddr_storage *ss, socklen_t *s
  * (*out, *len without the NUL; the caller frees). 0 or -ENOMEM. Called
  * from the HTTP thread; reads only: thread-safe against the engine.
  */
-int tallyd_metrics_render(struct tallyd_exporter_source *src, char **out, size_t *len);
+int tallyd_metrics_render(struct tallyd_exporter_source *src, const struct tallyd_http_opts *o,
+			  char **out, size_t *len);
 
 struct tallyd_exporter;
 
@@ -58,12 +102,14 @@ typedef void (*tallyd_log_fn)(int level, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 
 /*
- * Start serving on listen. 0, or a negative errno with the reason in why
- * (bad address, port in use, ...). Does not block. The caller must have
- * blocked the signals it handles before: the HTTP thread inherits the mask.
+ * Start serving as o says (copied). 0, or a negative errno with the reason
+ * in why: a bad address; -EADDRINUSE naming the address and port another
+ * process listens on; a certificate or key that cannot be read or that
+ * TLS rejects. Does not block. The caller must have blocked the signals it
+ * handles before: the HTTP thread inherits the mask.
  */
-int tallyd_exporter_start(const char *listen, struct tallyd_exporter_source *src, tallyd_log_fn log,
-			  struct tallyd_exporter **out, char *why, size_t whylen);
+int tallyd_exporter_start(const struct tallyd_http_opts *o, struct tallyd_exporter_source *src,
+			  tallyd_log_fn log, struct tallyd_exporter **out, char *why, size_t whylen);
 
 /* The port actually bound (useful with port 0). */
 uint16_t tallyd_exporter_port(const struct tallyd_exporter *x);

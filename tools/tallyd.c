@@ -23,7 +23,14 @@
  *
  * Exit status: 0 after a clean shutdown; 1 when it cannot run (the
  * segment has a live owner, the port is taken, ...); 2 for bad usage or a
- * bad configuration file.
+ * bad configuration file. `tallyd --check-config FILE` (or the older
+ * `--check -c FILE`, `-t`) checks a file and exits 0 or 2.
+ *
+ * Under systemd (Type=notify, etc/tallyd.service) it tells the service
+ * manager through sd_notify(3): READY=1 once the segment, the engine, the
+ * poller and /metrics are up; RELOADING=1 then READY=1 around a SIGHUP;
+ * STOPPING=1 on SIGTERM/SIGINT; a STATUS= line with each. Without
+ * NOTIFY_SOCKET in the environment these calls do nothing.
  */
 #include "config.h"
 
@@ -37,6 +44,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/signalfd.h>
+#include <systemd/sd-daemon.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -130,8 +138,9 @@ static void usage(FILE *f)
 		"      --nats URL        poll this NATS server (overrides [nats] url)\n"
 		"      --keep            keep the segment in /dev/shm after exit\n"
 		"      --replace         replace a segment left by a dead owner\n"
-		"  -t, --check           check the configuration (every key, URL and file it\n"
-		"                        names) and exit: 0 valid, 2 not\n"
+		"      --check-config FILE  check FILE (every key, URL and file it names)\n"
+		"                        and exit: 0 valid, 2 not\n"
+		"  -t, --check           the same for the file of -c (or the defaults)\n"
 		"  -v, --verbose         log debug messages too\n"
 		"  -h, --help            this help\n"
 		"      --version         print the version\n"
@@ -140,7 +149,7 @@ static void usage(FILE *f)
 		"Exit status: 0 clean stop, 1 cannot run, 2 bad usage or configuration.\n");
 }
 
-enum { O_HTTP = 256, O_NO_HTTP, O_NATS, O_KEEP, O_REPLACE, O_VERSION };
+enum { O_HTTP = 256, O_NO_HTTP, O_NATS, O_KEEP, O_REPLACE, O_VERSION, O_CHECK_CONFIG };
 
 /* 0 to run, or an exit status + 1 (so that 0 can mean "go on"). */
 static int parse_args(int argc, char **argv, struct opts *o)
@@ -152,8 +161,10 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		{ "replace", no_argument, NULL, O_REPLACE }, { "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },          { "version", no_argument, NULL, O_VERSION },
 		{ "check", no_argument, NULL, 't' },
+		{ "check-config", required_argument, NULL, O_CHECK_CONFIG },
 		{ NULL, 0, NULL, 0 },
 	};
+	const char *check_file = NULL;
 	int c;
 
 	memset(o, 0, sizeof(*o));
@@ -168,6 +179,7 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		case O_REPLACE: o->replace = true; break;
 		case 'v': verbosity = L_DEBUG; break;
 		case 't': o->check = true; break;
+		case O_CHECK_CONFIG: o->check = true; check_file = optarg; break;
 		case 'h': usage(stdout); return 0 + 1;
 		case O_VERSION:
 			printf("tallyd %s (libtally %s)\n", PACKAGE_VERSION, tally_version());
@@ -180,6 +192,13 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		usage(stderr);
 		return EXIT_USAGE + 1;
 	}
+	if (check_file && o->config && strcmp(check_file, o->config) != 0) {
+		fprintf(stderr, "tallyd: --check-config %s and -c %s name two files: give one\n",
+			check_file, o->config);
+		return EXIT_USAGE + 1;
+	}
+	if (check_file)
+		o->config = check_file;
 	if (o->ov.http && o->ov.no_http) {
 		fprintf(stderr, "tallyd: --http and --no-http contradict each other\n");
 		return EXIT_USAGE + 1;
@@ -313,14 +332,14 @@ static int start_share(struct daemon *d)
 
 static int start_http(struct daemon *d)
 {
-	char why[256];
+	char why[512];
 	int rc;
 
 	if (!d->boot.http_enabled)
 		return 0;
 	d->src.seg = d->seg;
 	d->src.engine = d->engine;
-	rc = tallyd_exporter_start(d->boot.http_listen, &d->src, tlog, &d->http, why, sizeof(why));
+	rc = tallyd_exporter_start(&d->boot.http, &d->src, tlog, &d->http, why, sizeof(why));
 	if (rc != 0) {
 		tlog(L_ERR, "http: %s", why);
 		return -1;
@@ -349,7 +368,8 @@ static void log_ready(struct daemon *d)
 	if (d->http) {
 		const char *colon = strrchr(d->boot.http_listen, ':');
 
-		snprintf(http, sizeof(http), "http://%.*s:%u/metrics",
+		snprintf(http, sizeof(http), "%s://%.*s:%u/metrics",
+			 d->boot.http.tls_cert_file ? "https" : "http",
 			 (int)(colon - d->boot.http_listen), d->boot.http_listen,
 			 (unsigned)tallyd_exporter_port(d->http));
 	}
@@ -359,6 +379,8 @@ static void log_ready(struct daemon *d)
 	     d->boot.segment_name, info.total_size, info.generation, http,
 	     d->poller ? "polling " : "no poller",
 	     d->poller ? d->live.nats.urls : "");
+	sd_notifyf(0, "READY=1\nSTATUS=running: segment %s, %s, %s%s", d->boot.segment_name, http,
+		   d->poller ? "polling " : "no poller", d->poller ? d->live.nats.urls : "");
 }
 
 /* Which restart-only settings a reloaded file changes (logged, not applied). */
@@ -372,7 +394,7 @@ static void warn_restart_only(const struct tallyd_config *a, const struct tallyd
 		   x->group_readable != y->group_readable ||
 		   strcmp(a->group ? a->group : "", b->group ? b->group : "");
 	bool eng = memcmp(&a->engine, &b->engine, sizeof(a->engine)) != 0;
-	bool http = a->http_enabled != b->http_enabled || strcmp(a->http_listen, b->http_listen);
+	bool http = tallyd_config_http_differs(a, b);
 
 	if (seg || eng || http)
 		tlog(L_WARN, "reload: changes to%s%s%s take effect only after a restart; ignored",
@@ -472,11 +494,22 @@ static void run(struct daemon *d)
 			return;
 		}
 		if (si.ssi_signo == SIGHUP) {
+			const char *before = d->live.path; /* a new path once a reload applies */
+			struct timespec ts;
+
+			clock_gettime(CLOCK_MONOTONIC, &ts);
+			sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%" PRIu64 "\nSTATUS=reloading %s",
+				   (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u,
+				   before ? before : "(no file)");
 			reload(d);
+			sd_notifyf(0, "READY=1\nSTATUS=running: %s", d->live.path != before ?
+				   "reloaded" : "the last reload failed, the configuration before it runs");
 			continue;
 		}
 		tlog(L_INFO, "%s from pid %u: stopping", si.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM",
 		     si.ssi_pid);
+		sd_notifyf(0, "STOPPING=1\nSTATUS=stopping (%s)",
+			   si.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
 		return;
 	}
 }

@@ -91,6 +91,12 @@ static const struct key engine_keys[] = {
 static const struct key http_keys[] = {
 	{ "listen", K_LISTEN, CF(http_listen), 0, 0 },
 	{ "enabled", K_BOOL, CF(http_enabled), 0, 0 },
+	{ "latency_histogram", K_BOOL, CF(http.histogram), 0, 0 },
+	{ "histogram_buckets_ms", K_STR, CF(http_buckets), 0, 0 },
+	{ "tls_cert_file", K_STR, CF(http_tls_cert), 0, 0 },
+	{ "tls_key_file", K_STR, CF(http_tls_key), 0, 0 },
+	{ "basic_auth_users", K_STR, CF(http_users), 0, 0 },
+	{ "basic_auth_file", K_STR, CF(http_users_file), 0, 0 },
 	{ NULL, 0, 0, 0, 0 },
 };
 
@@ -721,6 +727,7 @@ static void defaults(struct tallyd_config *c)
 	tally_segment_config_init(&c->seg);
 	tally_engine_config_init(&c->engine);
 	c->http_enabled = true;
+	tallyd_http_opts_init(&c->http);
 	c->include_ack_pending = true;
 	c->share_create = true;
 	tally_share_config_init(&c->share);
@@ -823,6 +830,157 @@ static void check_segment_engine(struct parser *p)
 		     TALLYD_MAX_SLICES,
 		     (double)((c->engine.window_ns + TALLYD_MAX_SLICES - 1) / TALLYD_MAX_SLICES) / 1e6);
 	c->engine.pending_include_ack = c->include_ack_pending;
+}
+
+/* histogram_buckets_ms: ascending bounds in ms, commas or blanks between. */
+static void build_buckets(struct parser *p)
+{
+	struct tallyd_config *c = p->cfg;
+	int line = keyline(p, S_HTTP, "histogram_buckets_ms");
+	char *copy, *save = NULL;
+	uint64_t ns;
+	bool bad = false;
+
+	if (!c->http_buckets)
+		return;
+	if (!c->http.histogram) {
+		perr(p, line, "[http]: histogram_buckets_ms with latency_histogram = false: there is no "
+		     "histogram to give buckets to; remove one of the two");
+		return;
+	}
+	if (!(copy = strdup(c->http_buckets))) {
+		perr(p, line, "out of memory");
+		return;
+	}
+	for (char *t = strtok_r(copy, ", \t", &save); t; t = strtok_r(NULL, ", \t", &save)) {
+		if (!parse_ms_ns(t, &ns) || ns == 0) {
+			perr(p, line, "[http]: histogram_buckets_ms: \"%s\" is not a bound in milliseconds "
+			     "above 0 (e.g. 0.5, 10, 250)", t);
+			bad = true;
+			break;
+		}
+		if (c->http.nbuckets == TALLYD_HTTP_MAX_BUCKETS) {
+			perr(p, line, "[http]: histogram_buckets_ms: more than %d bounds",
+			     TALLYD_HTTP_MAX_BUCKETS);
+			bad = true;
+			break;
+		}
+		if (c->http.nbuckets && ns <= c->http.bucket_ns[c->http.nbuckets - 1]) {
+			perr(p, line, "[http]: histogram_buckets_ms: \"%s\" is not above the bound before "
+			     "it: give the bounds in ascending order", t);
+			bad = true;
+			break;
+		}
+		c->http.bucket_ns[c->http.nbuckets++] = ns;
+	}
+	if (!bad && c->http.nbuckets == 0)
+		perr(p, line, "[http]: histogram_buckets_ms: no bound given (leave it out for the "
+		     "default, two bounds per octave)");
+	free(copy);
+}
+
+/* A file a key names, readable now (tls_cert_file, tls_key_file). */
+static void check_file(struct parser *p, const char *key, const char *path)
+{
+	FILE *f = fopen(path, "r");
+	struct stat st;
+
+	if (!f) {
+		perr(p, keyline(p, S_HTTP, key), "[http]: %s %s: %s", key, path, strerror(errno));
+		return;
+	}
+	if (fstat(fileno(f), &st) == 0 && !S_ISREG(st.st_mode))
+		perr(p, keyline(p, S_HTTP, key), "[http]: %s %s: not a regular file", key, path);
+	fclose(f);
+}
+
+/* One NAME:HASH entry into the users; why names where it came from. */
+static void add_user(struct parser *p, const char *entry, const char *where)
+{
+	struct tallyd_config *c = p->cfg;
+	int line = keyline(p, S_HTTP, strncmp(where, "basic_auth_users", 16) == 0 ?
+				      "basic_auth_users" : "basic_auth_file");
+	char why[256];
+
+	if (c->http.nusers == TALLYD_HTTP_MAX_USERS) {
+		perr(p, line, "[http]: %s: more than %d users", where, TALLYD_HTTP_MAX_USERS);
+		return;
+	}
+	if (tallyd_http_user_parse(entry, &c->http.users[c->http.nusers], why, sizeof(why)) != 0) {
+		perr(p, line, "[http]: %s: %s", where, why);
+		return;
+	}
+	for (uint32_t i = 0; i < c->http.nusers; i++)
+		if (strcmp(c->http.users[i].name, c->http.users[c->http.nusers].name) == 0) {
+			perr(p, line, "[http]: %s: user %s given twice", where, c->http.users[i].name);
+			return;
+		}
+	c->http.nusers++;
+}
+
+/* basic_auth_file: htpasswd lines NAME:HASH; blank lines and # comments skipped. */
+static void read_users_file(struct parser *p, const char *path)
+{
+	char *line = NULL, where[300];
+	size_t cap = 0;
+	ssize_t n;
+	int no = 0;
+	FILE *f = fopen(path, "r");
+
+	if (!f) {
+		perr(p, keyline(p, S_HTTP, "basic_auth_file"), "[http]: basic_auth_file %s: %s", path,
+		     strerror(errno));
+		return;
+	}
+	while ((n = getline(&line, &cap, f)) >= 0) {
+		char *t = line + strspn(line, " \t");
+
+		no++;
+		t[strcspn(t, "\r\n")] = '\0';
+		for (size_t l = strlen(t); l > 0 && (t[l - 1] == ' ' || t[l - 1] == '\t');)
+			t[--l] = '\0';
+		if (!*t || *t == '#')
+			continue;
+		snprintf(where, sizeof(where), "basic_auth_file %.200s:%d", path, no);
+		add_user(p, t, where);
+	}
+	if (line)
+		explicit_bzero(line, cap);
+	free(line);
+	fclose(f);
+}
+
+/* [http]: buckets, TLS files, basic-auth users. */
+static void build_http(struct parser *p)
+{
+	struct tallyd_config *c = p->cfg;
+	char *copy, *save = NULL;
+
+	c->http.listen = c->http_listen;
+	build_buckets(p);
+	c->http.tls_cert_file = c->http_tls_cert;
+	c->http.tls_key_file = c->http_tls_key;
+	if (!c->http_tls_cert != !c->http_tls_key)
+		perr(p, keyline(p, S_HTTP, c->http_tls_cert ? "tls_cert_file" : "tls_key_file"),
+		     "[http]: TLS needs both tls_cert_file and tls_key_file");
+	else if (c->http_tls_cert && !tallyd_http_tls_supported())
+		perr(p, keyline(p, S_HTTP, "tls_cert_file"), "[http]: this libmicrohttpd was built "
+		     "without TLS (Debian's libmicrohttpd12 has it, through GnuTLS)");
+	if (c->http_tls_cert) {
+		check_file(p, "tls_cert_file", c->http_tls_cert);
+		check_file(p, "tls_key_file", c->http_tls_key);
+	}
+	if (c->http_users) {
+		if (!(copy = strdup(c->http_users))) {
+			perr(p, keyline(p, S_HTTP, "basic_auth_users"), "out of memory");
+			return;
+		}
+		for (char *t = strtok_r(copy, ", \t", &save); t; t = strtok_r(NULL, ", \t", &save))
+			add_user(p, t, "basic_auth_users");
+		free(copy);
+	}
+	if (c->http_users_file)
+		read_users_file(p, c->http_users_file);
 }
 
 static int build_nats(struct parser *p)
@@ -1024,6 +1182,7 @@ int tallyd_config_load(const char *path, const struct tallyd_overrides *ov,
 	if (rc == 0 && p.nerrors == 0) {
 		inherit_rules(&p);
 		check_segment_engine(&p);
+		build_http(&p);
 		rc = build_nats(&p);
 		if (rc == 0)
 			rc = build_share(&p);
@@ -1040,9 +1199,25 @@ out:
 	return rc;
 }
 
+static bool str_differs(const char *a, const char *b)
+{
+	return strcmp(a ? a : "", b ? b : "") != 0;
+}
+
+bool tallyd_config_http_differs(const struct tallyd_config *a, const struct tallyd_config *b)
+{
+	return a->http_enabled != b->http_enabled || str_differs(a->http_listen, b->http_listen) ||
+	       a->http.histogram != b->http.histogram || str_differs(a->http_buckets, b->http_buckets) ||
+	       str_differs(a->http_tls_cert, b->http_tls_cert) ||
+	       str_differs(a->http_tls_key, b->http_tls_key) || str_differs(a->http_users, b->http_users) ||
+	       str_differs(a->http_users_file, b->http_users_file);
+}
+
 void tallyd_config_free(struct tallyd_config *c)
 {
 	char **strs[] = { &c->path,  &c->segment_name, &c->group,   &c->http_listen,
+			  &c->http_buckets, &c->http_tls_cert, &c->http_tls_key, &c->http_users,
+			  &c->http_users_file,
 			  &c->nats_url, &c->creds,     &c->user,    &c->password,
 			  &c->token,   &c->tls_ca,     &c->js_domain, &c->js_prefix,
 			  &c->share_host, &c->share_bucket, &c->share_url, &c->share_combine,

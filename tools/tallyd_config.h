@@ -34,6 +34,8 @@
 
 #include <tally/tally.h>
 
+#include "exporter.h"
+
 /* Command-line values; NULL or false: not given. */
 struct tallyd_overrides {
 	const char *segment;   /* -s/--segment, else TALLY_SEGMENT */
@@ -62,9 +64,12 @@ struct tallyd_config {
 	char *group;
 	/* [engine] */
 	struct tally_engine_config engine;
-	/* [http] */
+	/* [http]; http.listen points at http_listen, the rest of http is
+	 * parsed from the strings below */
 	char *http_listen;
 	bool http_enabled;
+	struct tallyd_http_opts http;
+	char *http_buckets, *http_tls_cert, *http_tls_key, *http_users, *http_users_file;
 	/* [nats] (nats.urls NULL: no poller); strings point into this struct */
 	struct tally_poller_config nats;
 	char *nats_url, *creds, *user, *password, *token, *tls_ca, *js_domain, *js_prefix;
@@ -99,6 +104,9 @@ int tallyd_config_load(const char *path, const struct tallyd_overrides *ov,
  * on failure with the reason in err. */
 struct tally_thresholds *tallyd_config_thresholds(const struct tallyd_config *cfg, char *err,
 						  size_t errlen);
+
+/* Whether [http] (or --http/--no-http) differs: a restart-only change. */
+bool tallyd_config_http_differs(const struct tallyd_config *a, const struct tallyd_config *b);
 
 /* Free what load allocated; idempotent. */
 void tallyd_config_free(struct tallyd_config *cfg);
