@@ -477,6 +477,7 @@ Test(tallyd, config_mistakes_fail_at_start_naming_file_and_line)
 		{ "[engine]\npublish_interval_ms = 100000\n", ":2: ", "from 1 to 60000" },
 		{ "[engine]\nslice_ms = 100\ndrain_threads = 0\n", ":3: ", "drain_threads = \"0\": expected a whole number from 1 to 16" },
 		{ "[engine]\ndrain_threads = 17\n", ":2: ", "from 1 to 16" },
+		{ "[share]\nhost = a\nmax_inflight = 0\n", ":3: ", "max_inflight = \"0\": expected a whole number from 1 to 65536" },
 		{ "[engine]\nslice_ms = 1\nwindow_ms = 60000\n", ":3: ",
 		  "window_ms / slice_ms = 60000 slices, at most 3600" },
 		{ "[engine]\nslice_ms = 0.5\nwindow_ms = 1\n", ":2: ", "slice_ms = 0.5: at least 1 ms" },

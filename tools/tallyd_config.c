@@ -131,6 +131,7 @@ static const struct key share_keys[] = {
 	{ "replicas", K_U32, CF(share.replicas), 1, 5 },
 	{ "request_timeout_ms", K_U32, CF(share.request_timeout_ms), 1, 600000 },
 	{ "retry_ms", K_U32, CF(share.retry_ms), 1, 3600000 },
+	{ "max_inflight", K_U32, CF(share.max_inflight), 1, 65536 },
 	{ "create_bucket", K_BOOL, CF(share_create), 0, 0 },
 	{ "remote_capacity", K_U32, CF(seg.remote_capacity), 1, 65536 },
 	{ "combine", K_STR, CF(share_combine), 0, 0 },
