@@ -510,6 +510,7 @@ static void drop_js(struct tally_share *s, int64_t wait_ms, const char *why)
 		return;
 	dropped = quiesce(s, wait_ms);
 	take_acks(s, &got);
+	s->st.put_errors += (uint64_t)dropped; /* never acknowledged: as good as failed */
 	if (dropped || got.failed)
 		slog(s, why ? LOG_WARN : LOG_DEBUG, "%s: of the puts in flight to KV bucket %s, %" PRIu64
 		     " failed and %d were not acknowledged within %" PRId64 " ms", why ? why : "unbinding",

@@ -156,7 +156,8 @@ struct tally_share_status {
 	bool connected;
 	char host[TALLY_SHARE_HOST_MAX + 1];
 	char bucket[64];
-	uint64_t puts, put_errors;    /* this host's puts: acknowledged; failed */
+	uint64_t puts, put_errors;    /* this host's puts: acknowledged; failed, or dropped unacknowledged
+				       * when the bucket was bound again or sharing stopped */
 	uint64_t updates, rejected;   /* other hosts' entries received; refused by validation */
 	uint64_t expired, full;       /* removed (max_age, deleted); dropped (section full) */
 	uint64_t last_put_age_ms;     /* UINT64_MAX never */
