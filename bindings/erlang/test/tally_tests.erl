@@ -314,10 +314,11 @@ dirty_schedulers_get_their_own_slots_test() ->
         Me = list_to_integer(os:getpid()),
         {ok, Slots} = tally:slots(S),
         Mine = [Tid || #{os_pid := P, tid := Tid} <- Slots, P =:= Me],
-        %% normal schedulers, and at least one dirty CPU and one dirty IO
-        %% scheduler thread, each with a slot of its own; never more than
-        %% the VM's scheduler threads
-        ?assert(length(Mine) >= erlang:system_info(schedulers_online) + 2, Mine),
+        %% at least one normal, one dirty CPU and one dirty IO scheduler
+        %% thread, each with a slot of its own (the VM may run all eight
+        %% record/2 loops on one normal scheduler: how many normal ones
+        %% recorded is the VM's choice); never more than its scheduler threads
+        ?assert(length(Mine) >= 3, Mine),
         ?assert(length(Mine) =< tally:slots_needed(), Mine),
         ?assertEqual(length(Mine), length(lists:usort(Mine)))
     end).
