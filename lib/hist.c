@@ -111,7 +111,8 @@ int tally__hist_init(struct tally__hist *h, uint64_t max_value)
 	return storage_alloc(h, "hist.init");
 }
 
-void tally__hist_destroy(struct tally__hist *h)
+/* Give back the counters and the carry table (the geometry stays). */
+static void storage_free(struct tally__hist *h)
 {
 	free(h->blocks);
 	free(h->carry);
@@ -120,6 +121,11 @@ void tally__hist_destroy(struct tally__hist *h)
 	h->carry = NULL;
 	h->ncarry = h->carry_cap = 0;
 	h->carry_blocks = 0;
+}
+
+void tally__hist_destroy(struct tally__hist *h)
+{
+	storage_free(h);
 	h->nbuckets = 0;
 	h->nblocks = 0;
 }
@@ -127,13 +133,7 @@ void tally__hist_destroy(struct tally__hist *h)
 void tally__hist_release(struct tally__hist *h)
 {
 	TALLY__ASSERT(h->count == 0);
-	free(h->blocks);
-	free(h->carry);
-	h->blocks = NULL;
-	h->counts = NULL;
-	h->carry = NULL;
-	h->ncarry = h->carry_cap = 0;
-	h->carry_blocks = 0;
+	storage_free(h);
 	summary_clear(h);
 }
 
@@ -536,18 +536,16 @@ void tally__hist_sub_sparse(struct tally__hist *h,
 
 /* ---- packed form ------------------------------------------------------ */
 
-static unsigned varint_len(uint64_t v)
+size_t tally__varint_len(uint64_t v)
 {
-	unsigned n = 1;
+	size_t n = 1;
 
-	while (v >= 0x80) {
-		v >>= 7;
+	for (; v >= 0x80; v >>= 7)
 		n++;
-	}
 	return n;
 }
 
-static uint8_t *varint_put(uint8_t *p, uint64_t v)
+uint8_t *tally__varint_put(uint8_t *p, uint64_t v)
 {
 	while (v >= 0x80) {
 		*p++ = (uint8_t)(v | 0x80);
@@ -557,8 +555,7 @@ static uint8_t *varint_put(uint8_t *p, uint64_t v)
 	return p;
 }
 
-static const uint8_t *varint_get(const uint8_t *p, const uint8_t *end,
-				 uint64_t *v)
+const uint8_t *tally__varint_get(const uint8_t *p, const uint8_t *end, uint64_t *v, const char *what)
 {
 	uint64_t r = 0;
 
@@ -570,7 +567,7 @@ static const uint8_t *varint_get(const uint8_t *p, const uint8_t *end,
 			return p;
 		}
 	}
-	tally__die(__FILE__, __LINE__, "packed histogram: varint too long");
+	tally__die(__FILE__, __LINE__, "%s", what);
 	return end;
 }
 
@@ -701,9 +698,8 @@ static uint64_t bitr_gamma(struct bitr *r)
 
 static size_t packed_header_len(const struct tally__hist *h)
 {
-	return varint_len(h->count) + varint_len(h->sum) + varint_len(h->min) +
-	       varint_len(h->max) + varint_len(h->clamped) +
-	       varint_len(h->flags);
+	return tally__varint_len(h->count) + tally__varint_len(h->sum) + tally__varint_len(h->min) +
+	       tally__varint_len(h->max) + tally__varint_len(h->clamped) + tally__varint_len(h->flags);
 }
 
 /* After the last pair, a gap past the last bucket ends the list. */
@@ -730,12 +726,12 @@ size_t tally__hist_pack_merge(const struct tally__hist *h, uint8_t *buf,
 
 	TALLY__ASSERT(into == NULL || into->nbuckets == h->nbuckets);
 	TALLY__ASSERT(into == NULL || into->counts != NULL || h->count == 0);
-	p = varint_put(p, h->count);
-	p = varint_put(p, h->sum);
-	p = varint_put(p, h->min);
-	p = varint_put(p, h->max);
-	p = varint_put(p, h->clamped);
-	p = varint_put(p, h->flags);
+	p = tally__varint_put(p, h->count);
+	p = tally__varint_put(p, h->sum);
+	p = tally__varint_put(p, h->min);
+	p = tally__varint_put(p, h->max);
+	p = tally__varint_put(p, h->clamped);
+	p = tally__varint_put(p, h->flags);
 	w = (struct bitw){ p, 0, 0 };
 	FOR_EACH_BUCKET(h, i, n, {
 		bitw_pair(&w, i + 1u - prev, n);
@@ -761,12 +757,12 @@ static const uint8_t *packed_head(const uint8_t *buf, size_t len,
 	const uint8_t *p = buf, *end = buf + len;
 	uint64_t flags;
 
-	p = varint_get(p, end, &o->count);
-	p = varint_get(p, end, &o->sum);
-	p = varint_get(p, end, &o->min);
-	p = varint_get(p, end, &o->max);
-	p = varint_get(p, end, &o->clamped);
-	p = varint_get(p, end, &flags);
+	p = tally__varint_get(p, end, &o->count, "packed histogram: varint too long");
+	p = tally__varint_get(p, end, &o->sum, "packed histogram: varint too long");
+	p = tally__varint_get(p, end, &o->min, "packed histogram: varint too long");
+	p = tally__varint_get(p, end, &o->max, "packed histogram: varint too long");
+	p = tally__varint_get(p, end, &o->clamped, "packed histogram: varint too long");
+	p = tally__varint_get(p, end, &flags, "packed histogram: varint too long");
 	o->flags = (uint32_t)flags;
 	return p;
 }

@@ -379,4 +379,12 @@ int tally__hist_cumulative_le(const struct tally__hist *h,
  */
 size_t tally__hist_default_edges(uint64_t *out, size_t cap);
 
+/* LEB128 varints of the packed forms (this file's and window.c's): the
+ * length of v's, write v at p (returns past it), read one at p before end
+ * (returns past it; a varint longer than 10 bytes is a broken invariant of
+ * our own heap data: dies naming what). */
+size_t tally__varint_len(uint64_t v);
+uint8_t *tally__varint_put(uint8_t *p, uint64_t v);
+const uint8_t *tally__varint_get(const uint8_t *p, const uint8_t *end, uint64_t *v, const char *what);
+
 #endif /* TALLY_LIB_HIST_H */

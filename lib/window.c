@@ -117,41 +117,6 @@ struct record {
 	size_t plen, len; /* packed bytes; the whole record's */
 };
 
-static const uint8_t *get_varint(const uint8_t *p, const uint8_t *end, uint64_t *v)
-{
-	uint64_t r = 0;
-
-	for (unsigned sh = 0; sh < 64; sh += 7) {
-		TALLY__ASSERT(p < end);
-		r |= (uint64_t)(*p & 0x7f) << sh;
-		if (!(*p++ & 0x80)) {
-			*v = r;
-			return p;
-		}
-	}
-	tally__die(__FILE__, __LINE__, "window: corrupt slice record");
-	return end;
-}
-
-static uint8_t *put_varint(uint8_t *p, uint64_t v)
-{
-	while (v >= 0x80) {
-		*p++ = (uint8_t)(v | 0x80);
-		v >>= 7;
-	}
-	*p++ = (uint8_t)v;
-	return p;
-}
-
-static size_t varint_size(uint64_t v)
-{
-	size_t n = 1;
-
-	for (; v >= 0x80; v >>= 7)
-		n++;
-	return n;
-}
-
 /* The record at offset off of the queue. */
 static struct record record_at(const struct tally__window *w, uint32_t off)
 {
@@ -159,8 +124,8 @@ static struct record record_at(const struct tally__window *w, uint32_t off)
 	struct record r;
 	uint64_t plen;
 
-	p = get_varint(p, end, &r.slice);
-	p = get_varint(p, end, &plen);
+	p = tally__varint_get(p, end, &r.slice, "window: corrupt slice record");
+	p = tally__varint_get(p, end, &plen, "window: corrupt slice record");
 	TALLY__ASSERT(plen <= (uint64_t)(end - p));
 	r.packed = p;
 	r.plen = (size_t)plen;
@@ -285,8 +250,8 @@ static void window_close(struct tally__window *w, bool keep, size_t plen)
 		uint8_t *p = w->fifo + w->ftail;
 		size_t wrote;
 
-		p = put_varint(p, w->cur_slice);
-		p = put_varint(p, plen);
+		p = tally__varint_put(p, w->cur_slice);
+		p = tally__varint_put(p, plen);
 		wrote = tally__hist_pack_merge(&w->cur, p, &w->agg);
 		TALLY__ASSERT(wrote == plen);
 		p += plen;
@@ -331,7 +296,7 @@ int tally__window_advance(struct tally__window *w, uint64_t now_ns)
 	keep = k - w->cur_slice < w->nslices;
 	if (keep && w->cur.count != 0) {
 		plen = tally__hist_packed_size(&w->cur);
-		if (fifo_reserve(w, varint_size(w->cur_slice) + varint_size(plen) + plen))
+		if (fifo_reserve(w, tally__varint_len(w->cur_slice) + tally__varint_len(plen) + plen))
 			return -ENOMEM;
 	}
 	if (keep)
@@ -387,14 +352,13 @@ static void stats_rate(const struct tally__window *w, uint64_t now_ns,
 	out->rate = (double)out->count * 1e9 / (double)covered;
 }
 
-static void stats_quantiles(const struct tally__window *w,
-			    struct tally__window_stats *out)
+/* The published quantiles of the histograms hs together (0 without data). */
+static void fill_quantiles(const struct tally__hist *const *hs, size_t n, struct tally__window_stats *out)
 {
 	static const double qs[5] = { 0.5, 0.9, 0.95, 0.99, 0.999 };
-	const struct tally__hist *hs[2] = { &w->agg, &w->cur };
 	uint64_t v[5];
 
-	out->has_quantiles = tally__hist_quantiles_n(hs, 2, qs, 5, v) == 0;
+	out->has_quantiles = tally__hist_quantiles_n(hs, n, qs, 5, v) == 0;
 	if (!out->has_quantiles)
 		memset(v, 0, sizeof(v));
 	out->p50 = v[0];
@@ -402,6 +366,14 @@ static void stats_quantiles(const struct tally__window *w,
 	out->p95 = v[2];
 	out->p99 = v[3];
 	out->p999 = v[4];
+}
+
+static void stats_quantiles(const struct tally__window *w,
+			    struct tally__window_stats *out)
+{
+	const struct tally__hist *hs[2] = { &w->agg, &w->cur };
+
+	fill_quantiles(hs, 2, out);
 }
 
 int tally__window_stats(struct tally__window *w, uint64_t now_ns,
@@ -421,12 +393,11 @@ int tally__window_stats(struct tally__window *w, uint64_t now_ns,
 int tally__window_stats_merged(struct tally__window *const *ws, size_t n,
 			       uint64_t now_ns, struct tally__window_stats *out)
 {
-	static const double qs[5] = { 0.5, 0.9, 0.95, 0.99, 0.999 };
 	const struct tally__hist *hs[2 * TALLY__WINDOW_MERGE_MAX];
 	const struct tally__window *first = NULL;
 	bool sat = false, tsat = false;
 	uint32_t flags = 0;
-	uint64_t v[5], start = UINT64_MAX, cur = 0;
+	uint64_t start = UINT64_MAX, cur = 0;
 	int rc = 0;
 
 	memset(out, 0, sizeof(*out));
@@ -468,13 +439,6 @@ int tally__window_stats_merged(struct tally__window *const *ws, size_t n,
 	struct tally__window span = *first;
 	span.start_ns = start;
 	stats_rate(&span, now_ns, out);
-	out->has_quantiles = tally__hist_quantiles_n(hs, 2 * n, qs, 5, v) == 0;
-	if (!out->has_quantiles)
-		memset(v, 0, sizeof(v));
-	out->p50 = v[0];
-	out->p90 = v[1];
-	out->p95 = v[2];
-	out->p99 = v[3];
-	out->p999 = v[4];
+	fill_quantiles(hs, 2 * n, out);
 	return rc;
 }

@@ -80,16 +80,7 @@ TestSuite(service, .fini = svc_cleanup, .timeout = 60);
 
 static const char *file_text(const char *path)
 {
-	static char buf[65536];
-	FILE *f = fopen(path, "r");
-	size_t n = 0;
-
-	if (f) {
-		n = fread(buf, 1, sizeof(buf) - 1, f);
-		fclose(f);
-	}
-	buf[n] = '\0';
-	return buf;
+	return tt_file_text(path);
 }
 
 static void write_text(const char *path, const char *text)

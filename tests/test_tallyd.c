@@ -135,16 +135,7 @@ static void td_startv(struct td *d, const char *const *args)
 /* The whole log so far (static buffer). */
 static const char *td_logtext(const struct td *d)
 {
-	static char buf[65536];
-	FILE *f = fopen(d->log, "r");
-	size_t n = 0;
-
-	if (f) {
-		n = fread(buf, 1, sizeof(buf) - 1, f);
-		fclose(f);
-	}
-	buf[n] = '\0';
-	return buf;
+	return tt_file_text(d->log);
 }
 
 /* Wait until the log holds needle (true) or timeout_ms passes, or tallyd exits. */

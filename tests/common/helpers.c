@@ -280,3 +280,17 @@ bool tt_command_output(const char *cmd, char *buf, size_t len)
 	pclose(f);
 	return true;
 }
+
+const char *tt_file_text(const char *path)
+{
+	static char buf[65536];
+	FILE *f = fopen(path, "r");
+	size_t n = 0;
+
+	if (f) {
+		n = fread(buf, 1, sizeof(buf) - 1, f);
+		fclose(f);
+	}
+	buf[n] = '\0';
+	return buf;
+}

@@ -46,6 +46,9 @@ void tt_sleep_ms(unsigned ms);
 /* What cmd (run by sh) printed on stdout, NUL-terminated in buf (len > 0).
  * false when it could not be started. */
 bool tt_command_output(const char *cmd, char *buf, size_t len);
+/* The first 64 KiB of the file at path ("" when it cannot be read), in a
+ * static buffer that the next call overwrites. */
+const char *tt_file_text(const char *path);
 
 /* A gate for children that run library code: fork them while the test
  * process has no thread of its own running (a child of a multi-threaded

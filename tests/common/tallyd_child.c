@@ -61,16 +61,7 @@ int tt_tallyd_write_cfg(struct tt_tallyd *d, const char *text)
 
 const char *tt_tallyd_log(const struct tt_tallyd *d)
 {
-	static char buf[65536];
-	FILE *f = fopen(d->log, "r");
-	size_t n = 0;
-
-	if (f) {
-		n = fread(buf, 1, sizeof(buf) - 1, f);
-		fclose(f);
-	}
-	buf[n] = '\0';
-	return buf;
+	return tt_file_text(d->log);
 }
 
 bool tt_tallyd_wait_log(struct tt_tallyd *d, const char *needle, unsigned timeout_ms)
