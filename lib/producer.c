@@ -640,6 +640,13 @@ TALLY_API bool tally__record_full(struct tally_producer *p, tally_subject_t subj
 	return full_path(p, subject, ns, 0);
 }
 
+static inline void entry_put(struct tally_ring_entry *e, tally_subject_t subject, uint64_t v, uint32_t tag)
+{
+	e->value_ns = v;
+	e->subject = subject;
+	e->reserved = tag;
+}
+
 /* tally__record_raw with a tag (shm_layout.h) and no clamp: the caller
  * clamps a wait; a pending count is no time. */
 static bool record_tagged_raw(struct tally_producer *p, tally_subject_t subject, uint64_t v, uint32_t tag)
@@ -648,10 +655,7 @@ static bool record_tagged_raw(struct tally_producer *p, tally_subject_t subject,
 
 	if (TALLY__UNLIKELY(t - p->cached_head >= __atomic_load_n(&p->capacity, __ATOMIC_RELAXED)))
 		return full_path(p, subject, v, tag);
-	struct tally_ring_entry *e = &p->ring[t & p->mask];
-	e->value_ns = v;
-	e->subject = subject;
-	e->reserved = tag;
+	entry_put(&p->ring[t & p->mask], subject, v, tag);
 	p->tail = t + 1;
 	/* Release: as in tally__record_raw, the entry before the tail. */
 	__atomic_store_n(p->shm_tail, t + 1, __ATOMIC_RELEASE);
@@ -682,13 +686,8 @@ bool tally__record_tagged2(struct tally_producer *p, tally_subject_t subject, ui
 		bool ok = tally__record_tagged(p, subject, v0, tag0); /* first, as on the fast path */
 		return tally__record_tagged(p, subject, v1, tag1) && ok;
 	}
-	struct tally_ring_entry *e = &p->ring[t & p->mask], *e1 = &p->ring[(t + 1) & p->mask];
-	e->value_ns = v0;
-	e->subject = subject;
-	e->reserved = tag0;
-	e1->value_ns = v1;
-	e1->subject = subject;
-	e1->reserved = tag1;
+	entry_put(&p->ring[t & p->mask], subject, v0, tag0);
+	entry_put(&p->ring[(t + 1) & p->mask], subject, v1, tag1);
 	p->tail = t + 2;
 	/* Release: both entries before the tail that covers them. */
 	__atomic_store_n(p->shm_tail, t + 2, __ATOMIC_RELEASE);

@@ -97,20 +97,6 @@ static void cleanup(void)
 
 TestSuite(e2e_stalled, .fini = cleanup, .timeout = 60);
 
-static const char *slurp_file(const char *path)
-{
-	static char buf[65536];
-	FILE *f = fopen(path, "r");
-	size_t n = 0;
-
-	if (f) {
-		n = fread(buf, 1, sizeof(buf) - 1, f);
-		fclose(f);
-	}
-	buf[n] = '\0';
-	return buf;
-}
-
 static pid_t spawn(const char *log, const char *const *argv)
 {
 	fflush(NULL);
@@ -152,9 +138,9 @@ __attribute__((format(printf, 1, 2))) static void tallyd_start(const char *fmt, 
 	cr_assert_eq(fclose(f), 0);
 	tallyd.pid = spawn(tallyd.log, (const char *const[]){ TALLYD, "-c", tallyd.cfg, "-s", tallyd.seg,
 							      "--nats", nats.url, NULL });
-	for (int i = 0; i < 1000 && !strstr(slurp_file(tallyd.log), "ready:"); i++)
+	for (int i = 0; i < 1000 && !strstr(tt_file_text(tallyd.log), "ready:"); i++)
 		tt_sleep_ms(10);
-	cr_assert(strstr(slurp_file(tallyd.log), "ready:"), "tallyd not ready:\n%s", slurp_file(tallyd.log));
+	cr_assert(strstr(tt_file_text(tallyd.log), "ready:"), "tallyd not ready:\n%s", tt_file_text(tallyd.log));
 }
 
 struct status {
@@ -232,7 +218,7 @@ Test(e2e_stalled, a_router_that_completes_nothing_is_shed)
 			tt_sleep_ms(50);
 	}
 	cr_assert(ok, "configured subject has a verdict before its first sample: exit %d\n%s\ntallyd log:\n%s",
-		  s.code, s.out, slurp_file(tallyd.log));
+		  s.code, s.out, tt_file_text(tallyd.log));
 	snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
 	gateway.pid = spawn(gateway.log, (const char *const[]){ GATEWAY, "-c", gateway.cfg, "-s", tallyd.seg, "--listen", listen,
 								NULL });
@@ -269,7 +255,7 @@ Test(e2e_stalled, a_router_that_completes_nothing_is_shed)
 	fprintf(stderr, "[e2e stalled] time from first message to shed: %.0f ms (stall_after_ms %d, "
 		"poll %d ms, publish %d ms, one message every %d ms; last ok read at %.0f ms)\n",
 		shed_ms, STALL_AFTER_MS, POLL_INTERVAL_MS, PUBLISH_INTERVAL_MS, 1000 / MSG_RATE, before_ms);
-	cr_assert_geq(shed_ms, 0, "never shed: %s\ntallyd log:\n%s", s.out, slurp_file(tallyd.log));
+	cr_assert_geq(shed_ms, 0, "never shed: %s\ntallyd log:\n%s", s.out, tt_file_text(tallyd.log));
 	cr_expect_geq(shed_ms, STALL_AFTER_MS - PUBLISH_INTERVAL_MS, "not before the stall time: %.0f ms",
 		      shed_ms);
 	cr_expect_leq(shed_ms, 1000 / MSG_RATE + STALL_AFTER_MS + POLL_INTERVAL_MS + PUBLISH_INTERVAL_MS +
@@ -311,7 +297,7 @@ Test(e2e_stalled, a_backlog_above_overload_with_no_sample_is_overload_on_pending
 	}
 	fprintf(stderr, "[e2e stalled] backlog of 300, no sample: overload after %.0f ms\n%s", at, s.out);
 	cr_assert_geq(at, 0, "not overload: exit %d\n%s\ntallyd log:\n%s", s.code, s.out,
-		      slurp_file(tallyd.log));
+		      tt_file_text(tallyd.log));
 	cr_expect_lt(at, 10000, "before the stall time");
 	cr_expect(strstr(s.out, "orders.flood: overload (pending)"), "pending alone, not stalled: %s", s.out);
 	/* the poll may land while the 300 are still being published: at or
@@ -430,7 +416,7 @@ static void stale_through_the_gateway(bool closed)
 	fprintf(stderr, "[e2e %s] nats-server stopped: gateway %s after %.0f ms (stale_after_ms 500)\n",
 		closed ? "fail-closed" : "fail-open", closed ? "sheds" : "fails open", at);
 	cr_assert_geq(at, 0, "never %s: %d %s\ntallyd log:\n%s", closed ? "shed" : "failed open", code,
-		      reply, slurp_file(tallyd.log));
+		      reply, tt_file_text(tallyd.log));
 	if (closed) {
 		cr_expect_eq(tt_http_header(reply, "X-Tally-Fail-Closed", hdr, sizeof(hdr)), 0, "%s", reply);
 		cr_expect(strstr(hdr, "stale"), "%s", hdr);

@@ -93,15 +93,11 @@ static const char *child_log(const struct child *c)
 	return n > 8000 ? buf + n - 8000 : buf;
 }
 
-/* SIGTERM, wait up to timeout_ms, then SIGKILL. The exit code, or -1. */
-static int child_stop(struct child *c, unsigned timeout_ms)
+/* Wait for the child until end (ms), then SIGKILL it. The exit code, or -1. */
+static int child_wait(struct child *c, uint64_t end)
 {
-	uint64_t end = now_ms() + timeout_ms;
 	int st = 0;
 
-	if (c->pid <= 0)
-		return -1;
-	kill(c->pid, SIGTERM);
 	while (waitpid(c->pid, &st, WNOHANG) == 0) {
 		if (now_ms() >= end) {
 			kill(c->pid, SIGKILL);
@@ -113,6 +109,15 @@ static int child_stop(struct child *c, unsigned timeout_ms)
 	}
 	c->pid = 0;
 	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* SIGTERM, wait up to timeout_ms, then SIGKILL. The exit code, or -1. */
+static int child_stop(struct child *c, unsigned timeout_ms)
+{
+	if (c->pid <= 0)
+		return -1;
+	kill(c->pid, SIGTERM);
+	return child_wait(c, now_ms() + timeout_ms);
 }
 
 /* ---- tallyd with its exporter ---- */
@@ -475,21 +480,10 @@ static int count_of(const char *hay, const char *needle)
 static int run_wait(struct child *c, const char *log, const char *const *argv, unsigned timeout_ms)
 {
 	uint64_t end = now_ms() + timeout_ms;
-	int st = 0;
 
 	unlink(log);
 	child_start(c, log, argv);
-	while (waitpid(c->pid, &st, WNOHANG) == 0) {
-		if (now_ms() >= end) {
-			kill(c->pid, SIGKILL);
-			waitpid(c->pid, &st, 0);
-			c->pid = 0;
-			return -1;
-		}
-		tt_sleep_ms(10);
-	}
-	c->pid = 0;
-	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+	return child_wait(c, end);
 }
 
 Test(metrics, malformed_requests_get_400_and_one_log_line_a_minute)
