@@ -15,16 +15,21 @@
  * subject's verdict from the segment, or why there is none: judge.c) and
  * decide (admit or shed, and with which status: shed.c). config.c reads
  * the INI file, server.c runs libmicrohttpd and the check and admin
- * endpoints, proxy.c the forwarding.
+ * endpoints, loop.c proxy mode's event loops, proxy.c the forwarding.
  */
 #ifndef TALLY_GATEWAY_H
 #define TALLY_GATEWAY_H
 
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include <curl/curl.h>
+#include <microhttpd.h>
+#include <sys/socket.h>
 
 #include <tally/tally.h>
 
@@ -226,24 +231,79 @@ void gw_evaluate(struct gw *g, const char *method, const char *uri,
 		 const char *(*header)(void *ctx, const char *name), void *ctx,
 		 struct gw_outcome *o);
 
-struct MHD_Response;
 /* The X-Tally-* headers (and Retry-After on a shed) of an outcome. */
 void gw_add_decision_headers(struct MHD_Response *resp, const struct gw_outcome *o);
+
+/* libmicrohttpd's messages into the gateway's log, one line each. */
+__attribute__((format(printf, 2, 0))) void gw_mhd_log(void *cls, const char *fmt, va_list ap);
 
 /* Run until SIGINT/SIGTERM: 0, or an exit status after a line on stderr. */
 int gw_serve(struct gw *g);
 
-/* proxy.c: called by server.c for each request in proxy mode. */
-struct MHD_Connection;
+/* ---- proxy mode: the event loops (loop.c) and the requests (proxy.c) ---- */
+
+/* One loop: a thread, its libmicrohttpd daemon, its curl multi handle and
+ * the epoll set of both (loop.c's header). Touched by its thread only,
+ * but for start and stop. */
+struct gw_loop {
+	struct gw *g;
+	pthread_t thread;
+	struct MHD_Daemon *d;
+	CURLM *multi;
+	int ep, mhd_fd, stop_fd;
+	uint64_t curl_due;            /* when curl's timer fires (gw_now_ns), 0: not set */
+	uint64_t next_scan;           /* the next deadline scan */
+	bool kick;                    /* a request was resumed: run libmicrohttpd */
+	bool tearing_down;            /* stopping: nothing suspends any more */
+	struct gw_proxy_req *waiting; /* the suspended requests (each waits for the upstream) */
+	struct gw_fd *fds;            /* [nfds]: curl's sockets by number (loop.c, on_socket) */
+	size_t nfds;
+};
+
+struct gw_fd {
+	bool ours;       /* opened by gw_loop_open_socket, not closed since */
+	bool registered; /* in the epoll set, for events */
+	uint32_t events;
+	uint32_t want;   /* what curl asked for last; 0: let go (maybe still registered) */
+};
+
+/* CURLOPT_OPENSOCKETFUNCTION and CURLOPT_CLOSESOCKETFUNCTION of every
+ * transfer (clientp: its loop), so the loop knows a socket's number is
+ * new or gone. */
+curl_socket_t gw_loop_open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *a);
+int gw_loop_close_socket(void *clientp, curl_socket_t fd);
+
+/* What every loop's daemon is started with (server.c fills it in). */
+struct gw_daemon_options {
+	unsigned flags;                       /* besides MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME */
+	const struct sockaddr_storage *addr;
+	MHD_AccessHandlerCallback on_request; /* cls: the struct gw */
+	void *(*on_uri)(void *cls, const char *uri, struct MHD_Connection *c);
+	MHD_RequestCompletedCallback on_completed;
+	MHD_NotifyConnectionCallback on_connection; /* cls: the struct gw_loop */
+	unsigned connection_limit, idle_timeout_s;
+	size_t memory;
+};
+
+/* n loops, running: 0, or -1 with errno (none left running). */
+int gw_loops_start(struct gw *g, struct gw_loop *loops, unsigned n, const struct gw_daemon_options *o);
+/* Stops them: what is suspended fails, every connection is closed. */
+void gw_loops_stop(struct gw_loop *loops, unsigned n);
+
 struct gw_proxy_req;
 int gw_proxy_global_init(void);
-void *gw_proxy_conn_new(void);
+/* A client connection's forwarding state (its curl handle), on loop l. */
+void *gw_proxy_conn_new(struct gw_loop *l);
 void gw_proxy_conn_free(void *conn);
 /* The access handler's work for an admitted request (MHD_YES or MHD_NO). */
 int gw_proxy_handle(struct gw *g, void *conn, struct MHD_Connection *c, struct gw_proxy_req **pr,
 		    const char *method, const char *uri, const char *upload, size_t *upload_size,
 		    const struct gw_outcome *o);
 void gw_proxy_req_free(struct gw_proxy_req *pr);
+/* For loop.c: curl finished easy's transfer; the deadlines at now; stop. */
+void gw_proxy_transfer_done(struct gw_loop *l, CURL *easy, CURLcode result);
+void gw_proxy_expire(struct gw_loop *l, uint64_t now);
+void gw_proxy_teardown(struct gw_loop *l);
 
 /* ---- shared CLI helpers (cli.c) --------------------------------------------- */
 

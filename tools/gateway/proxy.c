@@ -1,29 +1,54 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * proxy.c: forwarding an admitted request to the upstream with libcurl,
- * streaming both bodies, in the thread that libmicrohttpd gives the
- * client's connection (server.c runs proxy mode thread-per-connection).
+ * streaming both bodies, without blocking: every request of a client
+ * connection runs on that connection's event loop (loop.c), its transfer
+ * on the loop's curl multi handle. Nothing here locks: libmicrohttpd's
+ * callbacks and curl's run on the loop's one thread, in turn.
  *
- * Each client connection owns a curl multi handle (its pool of upstream
- * connections: keep-alive on both sides) and one easy handle, reset for
- * every request. Everything runs in that one thread, so nothing here
- * locks: the two libraries take turns.
+ * A client connection owns one curl easy handle, reset for each request;
+ * the loop's multi handle keeps the upstream connections alive between
+ * requests and between client connections.
+ *
+ * The state of a request. A handler that cannot go on without the
+ * upstream suspends its client connection (MHD_suspend_connection) and
+ * says what it waits for; curl's callbacks, the end of the transfer or
+ * the deadline resume it (MHD_resume_connection), and libmicrohttpd then
+ * calls the same handler again, which looks once more:
+ *
+ *   wait       suspended until                   then
+ *   --------   -------------------------------   ---------------------------
+ *   UPLOAD     curl has taken the buffered       the handler is given the
+ *              request body (on_read emptied     piece it could not take,
+ *              sbuf), or the transfer ended      and takes it now
+ *   HEADERS    the upstream's headers are in,    the last call answers:
+ *              or the transfer ended             respond(), or 502/504
+ *   BODY       bytes of the response body are    read_body hands them out,
+ *              in (on_write), or the transfer    or ends the stream (an
+ *              ended                             error if it broke)
+ *
+ * Each wait has a deadline, upstream_timeout_ms from when it began (a
+ * wait on the client, which is libmicrohttpd's, has none): past it the
+ * transfer is dropped (curl closes that upstream connection) and the
+ * request fails, 504 before the headers, a broken stream after them.
+ * Suspended requests are on the loop's waiting list, which the loop scans
+ * for deadlines every 10 ms. At stop (gw_proxy_teardown) every waiting
+ * request fails and is resumed, and the handlers never suspend again.
  *
  *   request body   libmicrohttpd hands the access handler one piece at a
- *                  time; we make it curl's, run the multi handle until
- *                  curl has sent it all (its read callback pauses the
- *                  upload when the piece is used up), and return for the
- *                  next one. A body of unknown length goes out chunked.
- *   status         on the last call (the body is complete) we run curl
- *                  until the upstream's headers are in, at most
- *                  upstream_timeout_ms (504 after that); curl failing to
- *                  connect or breaking before them is 502.
- *   response body  a libmicrohttpd response whose reader callback runs
- *                  curl until the next bytes arrive (again at most
- *                  upstream_timeout_ms between two reads). curl's write
- *                  callback buffers up to WBUF_MAX and then pauses the
- *                  download: a slow client slows the upstream, memory
- *                  stays bounded whatever the size of the body.
+ *                  time; it is copied into sbuf (at most SBUF_MAX), from
+ *                  which curl's read callback takes it; a piece that does
+ *                  not fit waits (UPLOAD). A body of unknown length goes
+ *                  out chunked. A piece for a transfer that already ended
+ *                  is dropped.
+ *   status         on the last call (the body is complete): the upstream's
+ *                  status and headers, or 502 when curl could not connect
+ *                  or the transfer broke before them.
+ *   response body  curl's write callback buffers up to WBUF_MAX and then
+ *                  pauses the download until the client has taken half of
+ *                  it: a slow client slows the upstream, memory stays
+ *                  bounded whatever the size of the body. An answer that
+ *                  came in whole with its headers goes out as one buffer.
  */
 #include "config.h"
 
@@ -39,26 +64,33 @@
 #include "gateway.h"
 
 #define WBUF_MAX (256 * 1024)
+#define SBUF_MAX (256 * 1024)
 #define MAX_RESP_HEADERS 128
 
 struct pconn {
-	CURLM *multi;
+	struct gw_loop *loop;
 	CURL *easy;
 };
 
+enum wait_for { WAIT_NONE, WAIT_UPLOAD, WAIT_HEADERS, WAIT_BODY };
+
 struct gw_proxy_req {
 	struct gw *g;
-	struct pconn *pc;
+	struct gw_loop *loop;
+	struct MHD_Connection *c;
 	CURL *easy;
 	struct curl_slist *hdrs;
+	enum wait_for wait;                /* WAIT_NONE: not suspended */
+	uint64_t deadline;                 /* of the wait */
+	struct gw_proxy_req *prev, *next;  /* the loop's waiting list, while suspended */
 	bool added, eof, send_paused, recv_paused, done, headers_done, failed, timed_out;
 	CURLcode result;
-	const char *chunk;
-	size_t chunk_len;
+	char *sbuf;                        /* the request body on its way: [soff, slen) */
+	size_t slen, soff, scap;
 	long status;
 	char *rh[MAX_RESP_HEADERS];
 	size_t nrh;
-	char *buf;
+	char *buf;                         /* the response body on its way: [off, len) */
 	size_t len, off, cap;
 	char errbuf[CURL_ERROR_SIZE];
 };
@@ -68,14 +100,16 @@ int gw_proxy_global_init(void)
 	return curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK ? 0 : -1;
 }
 
-void *gw_proxy_conn_new(void)
+void *gw_proxy_conn_new(struct gw_loop *l)
 {
 	struct pconn *pc = calloc(1, sizeof(*pc));
 
-	if (pc && (!(pc->multi = curl_multi_init()) || !(pc->easy = curl_easy_init()))) {
-		gw_proxy_conn_free(pc);
+	if (pc && !(pc->easy = curl_easy_init())) {
+		free(pc);
 		return NULL;
 	}
+	if (pc)
+		pc->loop = l;
 	return pc;
 }
 
@@ -85,10 +119,7 @@ void gw_proxy_conn_free(void *conn)
 
 	if (!pc)
 		return;
-	if (pc->easy)
-		curl_easy_cleanup(pc->easy);
-	if (pc->multi)
-		curl_multi_cleanup(pc->multi);
+	curl_easy_cleanup(pc->easy);
 	free(pc);
 }
 
@@ -99,29 +130,138 @@ static void resp_headers_clear(struct gw_proxy_req *pr)
 	pr->nrh = 0;
 }
 
+/* ---- suspending and resuming ---- */
+
+static void waiting_unlink(struct gw_proxy_req *pr)
+{
+	if (pr->prev)
+		pr->prev->next = pr->next;
+	else
+		pr->loop->waiting = pr->next;
+	if (pr->next)
+		pr->next->prev = pr->prev;
+	pr->prev = pr->next = NULL;
+}
+
+/* The connection waits for the upstream (w); false at stop: fail instead. */
+static bool suspend(struct gw_proxy_req *pr, enum wait_for w)
+{
+	struct gw_loop *l = pr->loop;
+
+	if (l->tearing_down)
+		return false;
+	pr->deadline = gw_now_ns() + (uint64_t)pr->g->cfg->upstream_timeout_ms * 1000000ull;
+	if (pr->wait == WAIT_NONE) {
+		MHD_suspend_connection(pr->c);
+		pr->next = l->waiting;
+		if (l->waiting)
+			l->waiting->prev = pr;
+		l->waiting = pr;
+	}
+	pr->wait = w;
+	return true;
+}
+
+/* What the request waited for happened (or never will): libmicrohttpd
+ * calls its handler again at the loop's next run. */
+static void resume(struct gw_proxy_req *pr)
+{
+	if (pr->wait == WAIT_NONE)
+		return;
+	waiting_unlink(pr);
+	pr->wait = WAIT_NONE;
+	MHD_resume_connection(pr->c);
+	pr->loop->kick = true;
+}
+
+/* The transfer ends here (timeout, stop, an error of ours): curl closes
+ * its upstream connection, since the exchange on it is unfinished. */
+static void drop_transfer(struct gw_proxy_req *pr)
+{
+	if (pr->added)
+		curl_multi_remove_handle(pr->loop->multi, pr->easy);
+	pr->added = false;
+}
+
 void gw_proxy_req_free(struct gw_proxy_req *pr)
 {
 	if (!pr)
 		return;
-	if (pr->added)
-		curl_multi_remove_handle(pr->pc->multi, pr->easy); /* an unfinished one closes its connection */
+	if (pr->wait != WAIT_NONE)
+		waiting_unlink(pr); /* the connection closed while suspended (stop) */
+	drop_transfer(pr);
 	curl_slist_free_all(pr->hdrs);
 	resp_headers_clear(pr);
+	free(pr->sbuf);
 	free(pr->buf);
 	free(pr);
 }
 
+void gw_proxy_transfer_done(struct gw_loop *l, CURL *easy, CURLcode result)
+{
+	struct gw_proxy_req *pr = NULL;
+
+	(void)l;
+	curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&pr);
+	if (!pr)
+		return;
+	pr->done = true;
+	pr->result = result;
+	resume(pr);
+}
+
+void gw_proxy_expire(struct gw_loop *l, uint64_t now)
+{
+	struct gw_proxy_req *pr = l->waiting, *next;
+
+	for (; pr; pr = next) {
+		next = pr->next;
+		if (now < pr->deadline)
+			continue;
+		pr->timed_out = pr->failed = true;
+		drop_transfer(pr);
+		resume(pr);
+	}
+}
+
+void gw_proxy_teardown(struct gw_loop *l)
+{
+	l->tearing_down = true;
+	while (l->waiting) {
+		struct gw_proxy_req *pr = l->waiting;
+		pr->failed = true;
+		drop_transfer(pr);
+		resume(pr);
+	}
+}
+
 /* ---- curl's callbacks ---- */
+
+/* A buffer's new size for need bytes: doubled from 4 KiB up to max (or
+ * need, past it). Most answers are small: a buffer of max for each was a
+ * fresh mapping per request. */
+static size_t grown(size_t cap, size_t need, size_t max)
+{
+	size_t n = cap ? cap : 4096;
+
+	while (n < need && n < max)
+		n *= 2;
+	return n < need ? need : n;
+}
 
 static size_t on_read(char *out, size_t size, size_t n, void *ud)
 {
 	struct gw_proxy_req *pr = ud;
-	size_t k = size * n < pr->chunk_len ? size * n : pr->chunk_len;
+	size_t avail = pr->slen - pr->soff, k = size * n < avail ? size * n : avail;
 
 	if (k) {
-		memcpy(out, pr->chunk, k);
-		pr->chunk += k;
-		pr->chunk_len -= k;
+		memcpy(out, pr->sbuf + pr->soff, k);
+		pr->soff += k;
+		if (pr->soff == pr->slen) {
+			pr->soff = pr->slen = 0;
+			if (pr->wait == WAIT_UPLOAD) /* room for the piece that waits */
+				resume(pr);
+		}
 		return k;
 	}
 	if (pr->eof)
@@ -147,7 +287,7 @@ static size_t on_write(char *in, size_t size, size_t n, void *ud)
 		pr->off = 0;
 	}
 	if (pr->len + k > pr->cap) {
-		size_t cap = pr->len + k > WBUF_MAX ? pr->len + k : WBUF_MAX;
+		size_t cap = grown(pr->cap, pr->len + k, WBUF_MAX);
 		char *b = realloc(pr->buf, cap);
 		if (!b)
 			return 0; /* curl fails the transfer: CURLE_WRITE_ERROR */
@@ -156,6 +296,8 @@ static size_t on_write(char *in, size_t size, size_t n, void *ud)
 	}
 	memcpy(pr->buf + pr->len, in, k);
 	pr->len += k;
+	if (pr->wait == WAIT_BODY)
+		resume(pr);
 	return k;
 }
 
@@ -183,12 +325,16 @@ static size_t on_header(char *b, size_t size, size_t n, void *ud)
 		resp_headers_clear(pr);
 		pr->headers_done = false;
 		pr->status = 0;
-		sscanf(b, "HTTP/%*s %ld", &pr->status);
+		const char *sp = memchr(b, ' ', l);
+		pr->status = sp ? strtol(sp + 1, NULL, 10) : 0;
 		return len;
 	}
 	if (l == 0) {
-		if (pr->status >= 200)
+		if (pr->status >= 200) {
 			pr->headers_done = true;
+			if (pr->wait == WAIT_HEADERS)
+				resume(pr);
+		}
 		return len;
 	}
 	const char *colon = memchr(b, ':', l);
@@ -198,65 +344,6 @@ static size_t on_header(char *b, size_t size, size_t n, void *ud)
 		pr->nrh++;
 	return len;
 }
-
-/* ---- running curl ---- */
-
-static void unpause(struct gw_proxy_req *pr)
-{
-	pr->send_paused = pr->send_paused && pr->chunk_len == 0 && !pr->eof;
-	if (pr->recv_paused && pr->len - pr->off < WBUF_MAX / 2)
-		pr->recv_paused = false;
-	curl_easy_pause(pr->easy, (pr->send_paused ? CURLPAUSE_SEND : 0) |
-				  (pr->recv_paused ? CURLPAUSE_RECV : 0));
-}
-
-/* Run the transfer until cond(pr), its end, or deadline (0: none): 0, or
- * -ETIMEDOUT. */
-static int pump(struct gw_proxy_req *pr, bool (*cond)(const struct gw_proxy_req *), uint64_t deadline)
-{
-	CURLM *m = pr->pc->multi;
-
-	for (;;) {
-		int running, q;
-		CURLMsg *msg;
-
-		curl_multi_perform(m, &running);
-		while ((msg = curl_multi_info_read(m, &q)))
-			if (msg->msg == CURLMSG_DONE) {
-				pr->done = true;
-				pr->result = msg->data.result;
-			}
-		if (pr->done || cond(pr))
-			return 0;
-		uint64_t now = gw_now_ns();
-		if (deadline && now >= deadline)
-			return -ETIMEDOUT;
-		int wait = deadline ? (int)((deadline - now) / 1000000 + 1) : 1000;
-		curl_multi_poll(m, NULL, 0, wait < 1000 ? wait : 1000, NULL);
-	}
-}
-
-static bool piece_sent(const struct gw_proxy_req *pr)
-{
-	return pr->chunk_len == 0;
-}
-
-static bool got_headers(const struct gw_proxy_req *pr)
-{
-	return pr->headers_done;
-}
-
-static bool got_bytes(const struct gw_proxy_req *pr)
-{
-	return pr->len > pr->off || pr->recv_paused;
-}
-
-static uint64_t deadline_of(const struct gw_proxy_req *pr)
-{
-	return gw_now_ns() + (uint64_t)pr->g->cfg->upstream_timeout_ms * 1000000ull;
-}
-
-/* ---- the request ---- */
 
 struct hdr_ctx {
 	struct gw_proxy_req *pr;
@@ -310,6 +397,21 @@ static void forwarded_for(struct MHD_Connection *c, struct hdr_ctx *h)
 		h->pr->hdrs = s;
 }
 
+/* ---- the transfer ---- */
+
+static void unpause(struct gw_proxy_req *pr)
+{
+	bool send = pr->send_paused && pr->slen == pr->soff && !pr->eof;
+	bool recv = pr->recv_paused && pr->len - pr->off >= WBUF_MAX / 2;
+
+	if (send == pr->send_paused && recv == pr->recv_paused)
+		return; /* nothing changes: no call into curl */
+	pr->send_paused = send;
+	pr->recv_paused = recv;
+	/* may call on_write at once with what curl held back */
+	curl_easy_pause(pr->easy, (send ? CURLPAUSE_SEND : 0) | (recv ? CURLPAUSE_RECV : 0));
+}
+
 static int start(struct gw *g, struct pconn *pc, struct MHD_Connection *c, struct gw_proxy_req **out,
 		 const char *method, const char *uri)
 {
@@ -321,17 +423,23 @@ static int start(struct gw *g, struct pconn *pc, struct MHD_Connection *c, struc
 		return free(pr), -ENOMEM;
 	*out = pr;
 	pr->g = g;
-	pr->pc = pc;
+	pr->loop = pc->loop;
+	pr->c = c;
 	pr->easy = pc->easy;
 	MHD_get_connection_values(c, MHD_HEADER_KIND, add_header, &h);
 	forwarded_for(c, &h);
 	snprintf(url, sizeof(url), "%s%s", g->cfg->upstream, uri);
 	CURL *e = pr->easy;
 	curl_easy_reset(e);
+	curl_easy_setopt(e, CURLOPT_PRIVATE, pr);
 	curl_easy_setopt(e, CURLOPT_URL, url);
 	curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
 	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(e, CURLOPT_HTTPHEADER, pr->hdrs);
+	curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, gw_loop_open_socket);
+	curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, pr->loop);
+	curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, gw_loop_close_socket);
+	curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, pr->loop);
 	curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)g->cfg->connect_timeout_ms);
 	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, pr->errbuf);
 	curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
@@ -353,7 +461,7 @@ static int start(struct gw *g, struct pconn *pc, struct MHD_Connection *c, struc
 	} else {
 		pr->eof = true;
 	}
-	if (curl_multi_add_handle(pc->multi, e) != CURLM_OK)
+	if (curl_multi_add_handle(pr->loop->multi, e) != CURLM_OK)
 		return -ENOMEM;
 	pr->added = true;
 	return 0;
@@ -370,13 +478,12 @@ static enum MHD_Result fail(struct gw_proxy_req *pr, struct MHD_Connection *c, c
 	if (timeout)
 		snprintf(body, sizeof(body), "upstream %s did not answer within upstream_timeout_ms = %u\n",
 			 g->cfg->upstream, g->cfg->upstream_timeout_ms);
+	else if (pr->loop->tearing_down)
+		snprintf(body, sizeof(body), "upstream %s: the gateway is stopping\n", g->cfg->upstream);
 	else
 		snprintf(body, sizeof(body), "upstream %s: %s\n", g->cfg->upstream,
-			 pr->errbuf[0] ? pr->errbuf : pr->failed ? "out of memory" : curl_easy_strerror(pr->result));
-	if (pr->added) { /* drop the transfer: curl closes its connection */
-		curl_multi_remove_handle(pr->pc->multi, pr->easy);
-		pr->added = false;
-	}
+			 pr->errbuf[0] ? pr->errbuf : pr->done ? curl_easy_strerror(pr->result) : "out of memory");
+	drop_transfer(pr);
 	struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_COPY);
 	if (!r)
 		return MHD_NO;
@@ -392,11 +499,8 @@ static ssize_t read_body(void *cls, uint64_t pos, char *out, size_t max)
 	struct gw_proxy_req *pr = cls;
 
 	(void)pos;
-	if (pr->off == pr->len && !pr->done) {
-		unpause(pr);
-		if (pump(pr, got_bytes, deadline_of(pr)) != 0)
-			return MHD_CONTENT_READER_END_WITH_ERROR;
-	}
+	if (pr->off == pr->len && !pr->done && !pr->failed)
+		unpause(pr); /* the buffer is empty: take what curl held back */
 	if (pr->off < pr->len) {
 		size_t k = pr->len - pr->off < max ? pr->len - pr->off : max;
 		memcpy(out, pr->buf + pr->off, k);
@@ -407,7 +511,9 @@ static ssize_t read_body(void *cls, uint64_t pos, char *out, size_t max)
 	}
 	if (pr->done && pr->result == CURLE_OK)
 		return MHD_CONTENT_READER_END_OF_STREAM;
-	return pr->done ? MHD_CONTENT_READER_END_WITH_ERROR : 0;
+	if (pr->done || pr->failed || !suspend(pr, WAIT_BODY))
+		return MHD_CONTENT_READER_END_WITH_ERROR;
+	return 0; /* suspended: called again when bytes are in */
 }
 
 static enum MHD_Result respond(struct gw_proxy_req *pr, struct MHD_Connection *c, const struct gw_outcome *o)
@@ -438,6 +544,48 @@ static enum MHD_Result respond(struct gw_proxy_req *pr, struct MHD_Connection *c
 	return ret;
 }
 
+/* A piece of the request body into sbuf, as much as fits; the rest waits. */
+static void take_piece(struct gw_proxy_req *pr, const char *upload, size_t *upload_size)
+{
+	if (pr->failed || pr->done) { /* nobody to send it to: dropped */
+		*upload_size = 0;
+		return;
+	}
+	if (pr->soff == pr->slen)
+		pr->soff = pr->slen = 0;
+	else if (pr->soff && pr->slen + *upload_size > SBUF_MAX) {
+		memmove(pr->sbuf, pr->sbuf + pr->soff, pr->slen - pr->soff);
+		pr->slen -= pr->soff;
+		pr->soff = 0;
+	}
+	size_t want = pr->slen + *upload_size < SBUF_MAX ? pr->slen + *upload_size : SBUF_MAX;
+	if (want > pr->scap) {
+		size_t cap = grown(pr->scap, want, SBUF_MAX);
+		char *b = realloc(pr->sbuf, cap < SBUF_MAX ? cap : SBUF_MAX);
+		if (!b) {
+			pr->failed = true; /* 502 "out of memory" at the last call */
+			drop_transfer(pr);
+			*upload_size = 0;
+			return;
+		}
+		pr->sbuf = b;
+		pr->scap = cap < SBUF_MAX ? cap : SBUF_MAX;
+	}
+	size_t room = pr->scap - pr->slen, k = *upload_size < room ? *upload_size : room;
+	memcpy(pr->sbuf + pr->slen, upload, k);
+	pr->slen += k;
+	*upload_size -= k;
+	if (k && pr->send_paused) {
+		pr->send_paused = false;
+		curl_easy_pause(pr->easy, pr->recv_paused ? CURLPAUSE_RECV : CURLPAUSE_CONT);
+	}
+	if (*upload_size && !suspend(pr, WAIT_UPLOAD)) { /* stopping */
+		pr->failed = true;
+		drop_transfer(pr);
+		*upload_size = 0;
+	}
+}
+
 int gw_proxy_handle(struct gw *g, void *conn, struct MHD_Connection *c, struct gw_proxy_req **prp,
 		    const char *method, const char *uri, const char *upload, size_t *upload_size,
 		    const struct gw_outcome *o)
@@ -450,25 +598,27 @@ int gw_proxy_handle(struct gw *g, void *conn, struct MHD_Connection *c, struct g
 		(*prp)->failed = !(*prp)->added;
 		return MHD_YES;
 	}
-	if (*upload_size) { /* a piece of the body: curl sends it before we take the next */
-		if (!pr->failed && !pr->done) {
-			pr->chunk = upload;
-			pr->chunk_len = *upload_size;
-			unpause(pr);
-			if (pump(pr, piece_sent, deadline_of(pr)) != 0) /* the upstream stopped reading */
-				pr->failed = pr->timed_out = true;
-		}
-		pr->chunk_len = 0;
-		*upload_size = 0;
+	if (*upload_size) {
+		take_piece(pr, upload, upload_size);
 		return MHD_YES;
 	}
-	if (pr->failed) /* the last call: the body is complete; reply once */
+	/* the last call: the body is complete; reply once */
+	if (!pr->eof) {
+		pr->eof = true;
+		if (pr->send_paused) { /* curl learns the end from on_read */
+			pr->send_paused = false;
+			curl_easy_pause(pr->easy, pr->recv_paused ? CURLPAUSE_RECV : CURLPAUSE_CONT);
+		}
+	}
+	if (pr->failed)
 		return fail(pr, c, o, pr->timed_out);
-	pr->eof = true;
-	unpause(pr);
-	if (pump(pr, got_headers, deadline_of(pr)) != 0)
-		return fail(pr, c, o, true);
-	if (!pr->headers_done)
+	if (pr->headers_done)
+		return respond(pr, c, o);
+	if (pr->done)
 		return fail(pr, c, o, pr->result == CURLE_OPERATION_TIMEDOUT);
-	return respond(pr, c, o);
+	if (!suspend(pr, WAIT_HEADERS)) {
+		pr->failed = true;
+		return fail(pr, c, o, false);
+	}
+	return MHD_YES;
 }

@@ -13,9 +13,11 @@
  * decision is taken on the first call (headers are all it needs); a body
  * the check does not need is read and dropped.
  *
- * Check mode runs a thread pool over epoll (nothing in a check blocks).
- * Proxy mode runs a thread per connection: its forwarding (proxy.c)
- * blocks that connection's thread while libcurl talks to the upstream.
+ * Check mode runs libmicrohttpd's thread pool over epoll (nothing in a
+ * check blocks). Proxy mode runs event loops (loop.c), one per thread,
+ * each with its own daemon on the same port: its forwarding (proxy.c)
+ * suspends a connection while libcurl talks to the upstream and never
+ * blocks a thread. `threads` sizes both (0: one per online CPU).
  */
 #include "config.h"
 
@@ -338,19 +340,28 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **sock_ctx,
 	struct gw *g = cls;
 
 	(void)c;
+	(void)sock_ctx;
 	if (toe == MHD_CONNECTION_NOTIFY_STARTED)
 		atomic_fetch_add_explicit(&g->n.connections, 1, memory_order_relaxed);
-	if (g->cfg->mode != GW_MODE_PROXY)
-		return;
-	if (toe == MHD_CONNECTION_NOTIFY_STARTED)
-		*sock_ctx = gw_proxy_conn_new();
-	else {
+}
+
+/* Proxy mode: cls is the connection's loop; its curl handle comes and goes
+ * with it. */
+static void on_proxy_connection(void *cls, struct MHD_Connection *c, void **sock_ctx,
+				enum MHD_ConnectionNotificationCode toe)
+{
+	struct gw_loop *l = cls;
+
+	on_connection(l->g, c, sock_ctx, toe);
+	if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+		*sock_ctx = gw_proxy_conn_new(l);
+	} else {
 		gw_proxy_conn_free(*sock_ctx);
 		*sock_ctx = NULL;
 	}
 }
 
-__attribute__((format(printf, 2, 0))) static void mhd_log(void *cls, const char *fmt, va_list ap)
+void gw_mhd_log(void *cls, const char *fmt, va_list ap)
 {
 	char line[512];
 
@@ -385,26 +396,43 @@ int gw_serve(struct gw *g)
 	sigaddset(&set, SIGTERM);
 	pthread_sigmask(SIG_BLOCK, &set, NULL);
 	signal(SIGPIPE, SIG_IGN);
-	unsigned flags = MHD_USE_ERROR_LOG | MHD_USE_INTERNAL_POLLING_THREAD |
-			 (ss.ss_family == AF_INET6 ? MHD_USE_IPv6 : 0) |
-			 (cfg->mode == GW_MODE_PROXY ? MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL
-						     : MHD_USE_EPOLL);
-	struct MHD_Daemon *d = MHD_start_daemon(
-		flags, 0, NULL, NULL, on_request, g, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
-		MHD_OPTION_SOCK_ADDR, &ss,
-		MHD_OPTION_URI_LOG_CALLBACK, on_uri, g,
-		MHD_OPTION_NOTIFY_COMPLETED, on_completed, g,
-		MHD_OPTION_NOTIFY_CONNECTION, on_connection, g,
-		MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->connection_limit,
-		MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->idle_timeout_s,
-		MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)GW_CONN_MEMORY,
-		MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
-		cfg->mode == GW_MODE_CHECK ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, threads,
-		MHD_OPTION_END);
-	if (!d) {
-		fprintf(stderr, "tally-gateway: cannot listen on %s: %s (is another process on that "
-				"port? pick another with --listen)\n", cfg->listen, strerror(errno));
-		return 4;
+	unsigned flags = MHD_USE_ERROR_LOG | (ss.ss_family == AF_INET6 ? MHD_USE_IPv6 : 0);
+	struct MHD_Daemon *d = NULL;
+	struct gw_loop *loops = NULL;
+	if (cfg->mode == GW_MODE_PROXY) {
+		struct gw_daemon_options o = {
+			.flags = flags, .addr = &ss, .on_request = on_request, .on_uri = on_uri,
+			.on_completed = on_completed, .on_connection = on_proxy_connection,
+			/* each loop takes its share of the limit (the kernel spreads connections) */
+			.connection_limit = (cfg->connection_limit + threads - 1) / threads,
+			.idle_timeout_s = cfg->idle_timeout_s, .memory = GW_CONN_MEMORY,
+		};
+		if (!(loops = calloc(threads, sizeof(*loops))) || gw_loops_start(g, loops, threads, &o) != 0) {
+			int err = loops ? errno : ENOMEM;
+			free(loops);
+			fprintf(stderr, "tally-gateway: cannot listen on %s: %s (is another process on that "
+					"port? pick another with --listen)\n", cfg->listen, strerror(err));
+			return 4;
+		}
+	} else {
+		d = MHD_start_daemon(
+			flags | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL, 0, NULL, NULL, on_request, g,
+			MHD_OPTION_EXTERNAL_LOGGER, gw_mhd_log, NULL,
+			MHD_OPTION_SOCK_ADDR, &ss,
+			MHD_OPTION_URI_LOG_CALLBACK, on_uri, g,
+			MHD_OPTION_NOTIFY_COMPLETED, on_completed, g,
+			MHD_OPTION_NOTIFY_CONNECTION, on_connection, g,
+			MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->connection_limit,
+			MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->idle_timeout_s,
+			MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)GW_CONN_MEMORY,
+			MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
+			MHD_OPTION_THREAD_POOL_SIZE, threads,
+			MHD_OPTION_END);
+		if (!d) {
+			fprintf(stderr, "tally-gateway: cannot listen on %s: %s (is another process on that "
+					"port? pick another with --listen)\n", cfg->listen, strerror(errno));
+			return 4;
+		}
 	}
 	gw_log("%s mode, listening on %s, segment %s, %zu route(s)%s%s%s",
 	       cfg->mode == GW_MODE_CHECK ? "check" : "proxy", cfg->listen, cfg->segment, cfg->nroutes,
@@ -412,7 +440,11 @@ int gw_serve(struct gw *g)
 	       cfg->mode == GW_MODE_PROXY ? cfg->upstream : "", cfg->fail_closed ? ", fail-closed" : "");
 	while (sigwait(&set, &sig) != 0)
 		;
-	MHD_stop_daemon(d);
+	if (d)
+		MHD_stop_daemon(d);
+	if (loops)
+		gw_loops_stop(loops, threads);
+	free(loops);
 	gw_log("stopping on signal %d: %llu admitted, %llu shed 429, %llu shed 503, %llu failed open, "
 	       "%llu shed fail-closed, %llu unmapped", sig, (unsigned long long)g->n.admitted,
 	       (unsigned long long)g->n.shed_429, (unsigned long long)g->n.shed_503,
