@@ -4,8 +4,10 @@
  * a real upstream (tests/gw_upstream.c), with a real owner: bodies from 0
  * bytes to 100 MB each way, compared by hash; chunked uploads and
  * 100-continue; keep-alive; methods; a slow client; 502 when the upstream
- * is down and 504 when it is too slow; and shed requests never reaching
- * the upstream.
+ * is down and 504 when it is too slow; shed requests never reaching
+ * the upstream; 120 clients at once on one and on three loop threads,
+ * each answered with its own bytes; clients that vanish mid-upload and
+ * mid-download; SIGTERM while requests wait on the upstream.
  */
 #include "config.h"
 
@@ -13,6 +15,7 @@
 #include <criterion/criterion.h>
 #include <inttypes.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,7 +35,7 @@ struct env {
 	int port, up_port;
 };
 
-static void env_start(struct env *e, const char *extra_ini, bool upstream_down)
+static void env_start(struct env *e, const char *gateway_ini, const char *extra_ini, bool upstream_down)
 {
 	char ini[2048];
 
@@ -46,9 +49,9 @@ static void env_start(struct env *e, const char *extra_ini, bool upstream_down)
 		e->up_port = tt_free_port(); /* nothing listens there */
 	else
 		cr_assert_gt(e->up = gwt_upstream_start(&e->up_port), 0);
-	snprintf(ini, sizeof(ini), "[gateway]\nmode = proxy\n[proxy]\nupstream = http://127.0.0.1:%d\n%s"
+	snprintf(ini, sizeof(ini), "[gateway]\nmode = proxy\n%s[proxy]\nupstream = http://127.0.0.1:%d\n%s"
 		 "[route * /over/**]\nsubject = gw.over\n[route * /warn/**]\nsubject = gw.warn\n"
-		 "[route * /**]\nsubject = gw.ok\n", e->up_port, extra_ini);
+		 "[route * /**]\nsubject = gw.ok\n", gateway_ini, e->up_port, extra_ini);
 	cr_assert_eq(gwt_write(e->ini, ini), 0);
 	cr_assert_gt(e->gw = gwt_gateway_start(e->ini, e->seg, e->log, &e->port, NULL, NULL), 0);
 }
@@ -81,7 +84,7 @@ Test(gateway_proxy, request_bodies_0_bytes_to_100_mb, .timeout = 300)
 	struct env e;
 	struct gwt_resp r;
 
-	env_start(&e, "", false);
+	env_start(&e, "", "", false);
 	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
 		struct gwt_req rq = { .method = "POST", .body = sizes[i] };
 		char what[64];
@@ -106,7 +109,7 @@ Test(gateway_proxy, response_bodies_0_bytes_to_100_mb, .timeout = 300)
 	struct gwt_resp r;
 	char path[64], cl[32];
 
-	env_start(&e, "", false);
+	env_start(&e, "", "", false);
 	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
 		snprintf(path, sizeof(path), "/_big/%" PRIu64, sizes[i]);
 		cr_expect_eq(gwt_get(e.port, path, &r), 200, "%s: %s", path, r.body);
@@ -124,7 +127,7 @@ Test(gateway_proxy, keep_alive_and_methods, .timeout = 60)
 	struct gwt_resp r;
 	static const char *const methods[] = { "GET", "DELETE", "OPTIONS", "PATCH", "PUT", NULL };
 
-	env_start(&e, "", false);
+	env_start(&e, "", "", false);
 	cr_expect_eq(gwt_get(e.port, "/a", &r), 200);
 	cr_expect_eq(r.connects, 1);
 	for (int i = 0; methods[i]; i++) {
@@ -178,7 +181,7 @@ Test(gateway_proxy, slow_client_does_not_hold_others, .timeout = 60)
 	char *reply = NULL, want[96];
 	int fd[2];
 
-	env_start(&e, "", false);
+	env_start(&e, "", "", false);
 	cr_assert_eq(pipe(fd), 0);
 	pid_t child = fork(); /* no library code runs in it: a socket client */
 	if (child == 0) {
@@ -209,7 +212,7 @@ Test(gateway_proxy, upstream_down_is_502, .timeout = 60)
 	struct env e;
 	struct gwt_resp r;
 
-	env_start(&e, "", true);
+	env_start(&e, "", "", true);
 	cr_expect_eq(gwt_get(e.port, "/x", &r), 502, "%s", r.body);
 	cr_expect(strstr(r.body, "upstream http://127.0.0.1:"), "names the upstream: %s", r.body);
 	struct gwt_req rq = { .method = "POST", .body = 1 << 20 };
@@ -224,7 +227,7 @@ Test(gateway_proxy, upstream_too_slow_is_504, .timeout = 60)
 	struct env e;
 	struct gwt_resp r;
 
-	env_start(&e, "upstream_timeout_ms = 300\n", false);
+	env_start(&e, "", "upstream_timeout_ms = 300\n", false);
 	cr_expect_eq(gwt_get(e.port, "/_slow/3000", &r), 504, "%s", r.body);
 	cr_expect(strstr(r.body, "upstream_timeout_ms = 300"), "%s", r.body);
 	cr_expect_eq(gwt_get(e.port, "/_slow/10", &r), 200, "a quick one passes");
@@ -237,7 +240,7 @@ Test(gateway_proxy, shed_requests_never_reach_the_upstream, .timeout = 60)
 	struct gwt_resp r;
 	char v[64];
 
-	env_start(&e, "[shedding]\nengine_probability = false\nwarn_shed_fraction = 1\noverload_trickle = 0\n", false);
+	env_start(&e, "", "[shedding]\nengine_probability = false\nwarn_shed_fraction = 1\noverload_trickle = 0\n", false);
 	for (int i = 0; i < 20; i++) {
 		struct gwt_req rq = { .method = "POST", .body = i * 1000 };
 		cr_expect_eq(gwt_http(e.port, "/over/1", &rq, &r), 503, "%s", r.body);
@@ -250,4 +253,230 @@ Test(gateway_proxy, shed_requests_never_reach_the_upstream, .timeout = 60)
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/warn/1"), 0);
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/ok"), 1);
 	env_stop(&e);
+}
+
+/* Many clients at once on raw sockets, driven by one poll loop: each
+ * sends its request whole (a body of its own size), then reads to EOF. */
+struct raw_conn {
+	int fd;
+	char *out, *in;
+	size_t out_len, out_off, in_len, in_cap;
+	bool done;
+};
+
+static int raw_connect(int port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static void raw_request(struct raw_conn *c, int port, const char *method, const char *path, size_t body)
+{
+	char head[256];
+	int n = snprintf(head, sizeof(head), "%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n"
+			 "Connection: close\r\n\r\n", method, path, body);
+
+	memset(c, 0, sizeof(*c));
+	cr_assert_geq(c->fd = raw_connect(port), 0, "connect to the gateway");
+	cr_assert(c->out = malloc((size_t)n + body));
+	memcpy(c->out, head, (size_t)n);
+	gw_pattern_fill(c->out + n, 0, body);
+	c->out_len = (size_t)n + body;
+	c->in_cap = 4096;
+	cr_assert(c->in = malloc(c->in_cap));
+}
+
+static void raw_run(struct raw_conn *c, int n)
+{
+	struct pollfd *p = calloc((size_t)n, sizeof(*p));
+	int left = n;
+
+	cr_assert(p);
+	while (left > 0) {
+		for (int i = 0; i < n; i++) {
+			p[i].fd = c[i].done ? -1 : c[i].fd;
+			p[i].events = POLLIN | (c[i].out_off < c[i].out_len ? POLLOUT : 0);
+		}
+		cr_assert_gt(poll(p, (nfds_t)n, 30000), 0, "the gateway answers within 30 s");
+		for (int i = 0; i < n; i++) {
+			struct raw_conn *r = &c[i];
+			if (r->done || !p[i].revents)
+				continue;
+			if ((p[i].revents & POLLOUT) && r->out_off < r->out_len) {
+				ssize_t k = send(r->fd, r->out + r->out_off, r->out_len - r->out_off, MSG_NOSIGNAL);
+				if (k > 0)
+					r->out_off += (size_t)k;
+			}
+			if (p[i].revents & (POLLIN | POLLHUP | POLLERR)) {
+				if (r->in_len + 1 >= r->in_cap)
+					cr_assert(r->in = realloc(r->in, r->in_cap *= 2));
+				ssize_t k = recv(r->fd, r->in + r->in_len, r->in_cap - r->in_len - 1, 0);
+				if (k > 0) {
+					r->in_len += (size_t)k;
+				} else if (k == 0 || (p[i].revents & (POLLHUP | POLLERR))) {
+					r->in[r->in_len] = '\0';
+					r->done = true;
+					close(r->fd);
+					left--;
+				}
+			}
+		}
+	}
+	free(p);
+}
+
+static void raw_free(struct raw_conn *c, int n)
+{
+	for (int i = 0; i < n; i++) {
+		free(c[i].out);
+		free(c[i].in);
+	}
+}
+
+/* The body after the head, and its length from Content-Length. */
+static const char *raw_body(const struct raw_conn *c, size_t *len)
+{
+	const char *b = strstr(c->in, "\r\n\r\n");
+	char cl[32];
+
+	*len = 0;
+	if (!b)
+		return NULL;
+	b += 4;
+	if (tt_http_header(c->in, "Content-Length", cl, sizeof(cl)) == 0)
+		*len = (size_t)strtoull(cl, NULL, 10);
+	return (size_t)(b - c->in) + *len <= c->in_len ? b : NULL;
+}
+
+/* 120 clients at once, each answered with what it sent: a body of its own
+ * length to a slow path of its own, or a response of its own length. With
+ * N loop threads many connections share a thread; a reply that went to
+ * the wrong client, or got mixed with another, shows. */
+static void many_clients(const char *threads)
+{
+	enum { N = 120 };
+	struct raw_conn *c = calloc(N, sizeof(*c));
+	struct env e;
+	char ini[128], path[64], want[160];
+
+	cr_assert(c);
+	snprintf(ini, sizeof(ini), "threads = %s\n", threads);
+	env_start(&e, ini, "", false);
+	for (int i = 0; i < N; i++) {
+		if (i % 3 == 2) {
+			snprintf(path, sizeof(path), "/_big/%d", 1000 * i + i);
+			raw_request(&c[i], e.port, "GET", path, 0);
+		} else {
+			snprintf(path, sizeof(path), "/_slow/200/%d", i);
+			raw_request(&c[i], e.port, "POST", path, (size_t)(997 * i));
+		}
+	}
+	raw_run(c, N);
+	for (int i = 0; i < N; i++) {
+		size_t len;
+		const char *body = raw_body(&c[i], &len);
+		cr_expect(strncmp(c[i].in, "HTTP/1.1 200", 12) == 0, "client %d (threads = %s): %.200s", i, threads,
+			  c[i].in);
+		cr_expect(body, "client %d: a whole body: %.200s", i, c[i].in);
+		if (!body)
+			continue;
+		if (i % 3 == 2) {
+			cr_expect_eq(len, (size_t)(1000 * i + i), "client %d: its own length", i);
+			cr_expect_eq(gw_fnv(GW_FNV_INIT, body, len), gwt_pattern_fnv(len), "client %d: its own bytes", i);
+		} else {
+			snprintf(want, sizeof(want), "POST /_slow/200/%d len=%d fnv=%016" PRIx64 " ", i, 997 * i,
+				 gwt_pattern_fnv((uint64_t)(997 * i)));
+			cr_expect(strncmp(body, want, strlen(want)) == 0, "client %d: want %s, got %.200s", i, want, body);
+		}
+	}
+	raw_free(c, N);
+	free(c);
+	env_stop(&e);
+}
+
+Test(gateway_proxy, many_clients_one_loop_thread, .timeout = 120)
+{
+	many_clients("1");
+}
+
+Test(gateway_proxy, many_clients_three_loop_threads, .timeout = 120)
+{
+	many_clients("3");
+}
+
+/* Clients that go away mid-upload and mid-download: the gateway lets go
+ * of both sides and goes on serving. */
+Test(gateway_proxy, clients_that_vanish_mid_request, .timeout = 120)
+{
+	struct env e;
+	struct gwt_resp r;
+	char head[160], buf[65536];
+
+	env_start(&e, "threads = 1\n", "", false);
+	for (int round = 0; round < 5; round++) {
+		int fd = raw_connect(e.port);
+		cr_assert_geq(fd, 0);
+		const char *get = "GET /_big/100000000 HTTP/1.1\r\nHost: x\r\n\r\n";
+		cr_assert_eq(send(fd, get, strlen(get), MSG_NOSIGNAL), (ssize_t)strlen(get));
+		size_t got = 0;
+		ssize_t k;
+		while (got < (1u << 20) && (k = recv(fd, buf, sizeof(buf), 0)) > 0)
+			got += (size_t)k;
+		cr_expect_geq(got, 1u << 20, "round %d: the download started", round);
+		close(fd); /* 99 MB unread */
+
+		cr_assert_geq(fd = raw_connect(e.port), 0);
+		int n = snprintf(head, sizeof(head), "POST /vanish/%d HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n",
+				 round);
+		send(fd, head, (size_t)n, MSG_NOSIGNAL);
+		gw_pattern_fill(buf, 0, sizeof(buf));
+		for (int i = 0; i < 16; i++)
+			send(fd, buf, sizeof(buf), MSG_NOSIGNAL);
+		close(fd); /* 1 MB of 10 MB sent */
+
+		cr_expect_eq(gwt_get(e.port, "/after", &r), 200, "round %d: served after the vanished clients: %s", round,
+			     r.body);
+	}
+	tt_sleep_ms(200);
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/after"), 5);
+	env_stop(&e);
+}
+
+/* SIGTERM while requests wait on an upstream that would answer in 60 s:
+ * the gateway gives them up and exits 0 (gwt_stop kills it after 10 s). */
+Test(gateway_proxy, sigterm_with_requests_waiting_on_the_upstream, .timeout = 120)
+{
+	enum { N = 20 };
+	struct raw_conn c[N];
+	struct env e;
+	char path[64];
+
+	env_start(&e, "threads = 2\n", "", false);
+	for (int i = 0; i < N; i++) {
+		snprintf(path, sizeof(path), "/_slow/60000/%d", i);
+		raw_request(&c[i], e.port, i % 2 ? "POST" : "GET", path, (size_t)(i % 2 ? 5000 : 0));
+		cr_assert_eq(send(c[i].fd, c[i].out, c[i].out_len, MSG_NOSIGNAL), (ssize_t)c[i].out_len);
+		c[i].out_off = c[i].out_len;
+	}
+	for (int i = 0; i < 100 && gwt_upstream_count(e.up_port, "") < N; i++)
+		tt_sleep_ms(20);
+	cr_expect_eq(gwt_upstream_count(e.up_port, ""), N, "every request reached the upstream");
+	int st = gwt_stop(e.gw);
+	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the gateway exits 0 on SIGTERM (status %#x)", st);
+	raw_run(c, N); /* each client sees its connection end */
+	raw_free(c, N);
+	kill(e.up, SIGKILL); /* its threads sleep for a minute */
+	waitpid(e.up, NULL, 0);
+	kill(e.owner, SIGKILL);
+	waitpid(e.owner, NULL, 0);
+	tally_segment_unlink(e.seg);
+	gwt_rmtree(e.dir);
 }

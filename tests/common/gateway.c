@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -83,6 +84,10 @@ pid_t gwt_owner_start(const char *name, bool group_readable)
 		return -1;
 	pid_t pid = fork();
 	if (pid == 0) {
+		/* a test that fails an assertion exits without stopping it: it
+		 * must not outlive the test (it would hold the test's output
+		 * open, and the harness would wait for ever) */
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		close(fd[0]);
 		owner_main(name, group_readable, fd[1]);
 	}
@@ -103,6 +108,7 @@ pid_t gwt_spawn(const char *log, const char *const argv[])
 	pid_t pid = fork();
 
 	if (pid == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGKILL); /* dies with a test that failed an assertion */
 		if (log) {
 			int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
 			if (fd >= 0) {
