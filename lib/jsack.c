@@ -82,6 +82,12 @@ static inline vec vzero(void)
 {
 	return _mm_setzero_si128();
 }
+/* bit i: byte i is a digit */
+static inline uint32_t vmask_digit(vec v)
+{
+	__m128i d = _mm_sub_epi8(v, _mm_set1_epi8('0'));
+	return (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(9)), d));
+}
 /* bit i: byte i is neither a digit nor a dot */
 static inline uint32_t vmask_nonnum(vec v)
 {
@@ -125,6 +131,13 @@ static inline vec vzero(void)
 	vec v;
 	memset(v.b, 0, 16);
 	return v;
+}
+static inline uint32_t vmask_digit(vec v)
+{
+	uint32_t m = 0;
+	for (unsigned i = 0; i < 16; i++)
+		m |= (uint32_t)(v.b[i] >= '0' && v.b[i] <= '9') << i;
+	return m;
 }
 static inline uint32_t vmask_nonnum(vec v)
 {
@@ -290,46 +303,183 @@ static inline const char *tok(const char *s, const uint32_t *pos, uint32_t k, ui
 	return s + pos[k] + 1;
 }
 
-TALLY_API int tally_jsack_parse(const char *reply, size_t len, struct tally_jsack *out)
+/* The fields a record reads (stream, consumer, timestamp, pending), or
+ * with full all of them. */
+enum fill { FILL_RECORD, FILL_ALL };
+
+/*
+ * The five numbers, in the tokens after the dots q0 .. q4, each ending
+ * at the next (q5: the end of pending): 1 to 19 digits each, nothing but
+ * digits. digits (bit i: byte i is one) is given for a reply of up to 63
+ * bytes; NULL: the bytes are read again. FILL_RECORD reads only the
+ * timestamp and pending; the other three are only bounded (one of 16 or
+ * more digits is read, to compare it with INT64_MAX).
+ */
+static inline __attribute__((always_inline)) bool numbers(const char *s, uint32_t q0, uint32_t q1, uint32_t q2,
+							  uint32_t q3, uint32_t q4, uint32_t q5,
+							  const uint64_t *digits, struct tally_jsack *out,
+							  enum fill fill)
+{
+	uint32_t l0 = q1 - q0 - 1, l1 = q2 - q1 - 1, l2 = q3 - q2 - 1, l3 = q4 - q3 - 1, l4 = q5 - q4 - 1;
+	bool bad = (l3 > 19) | (l4 > 19);
+
+	if (digits) { /* bits q0 + 1 .. q5 - 1, the dots q1..q4 aside, are digits */
+		uint64_t in = ((uint64_t)1 << q5) - ((uint64_t)2 << q0);
+		in &= ~((uint64_t)1 << q1 | (uint64_t)1 << q2 | (uint64_t)1 << q3 | (uint64_t)1 << q4);
+		bad |= (in & ~*digits) != 0;
+	} else {
+		bad |= !only_digits_and_dots(s, q0 + 1, q5);
+	}
+	if (fill == FILL_ALL || TALLY__UNLIKELY((l0 | l1 | l2) >= 16)) {
+		bad |= (l0 > 19) | (l1 > 19) | (l2 > 19);
+		if (bad)
+			return false;
+		out->delivered = number(s + q0 + 1, l0, &bad);
+		out->stream_seq = number(s + q1 + 1, l1, &bad);
+		out->consumer_seq = number(s + q2 + 1, l2, &bad);
+	}
+	if (bad)
+		return false;
+	out->timestamp_ns = number(s + q3 + 1, l3, &bad);
+	out->pending = number(s + q4 + 1, l4, &bad);
+	return !bad;
+}
+
+/* The domain and account hash tokens [a, a + alen) and [h, h + hlen). */
+static inline void set_domain(struct tally_jsack *out, const char *a, uint32_t alen, const char *h, uint32_t hlen)
+{
+	out->domain = !a || (alen == 1 && a[0] == '_') ? NULL : a;
+	out->domain_len = out->domain ? alen : 0;
+	out->account_hash = h;
+	out->account_hash_len = hlen;
+}
+
+/*
+ * A reply of 21 to 63 bytes, its prefix checked: one branch-free pass.
+ * The four blocks give the dots, the digits and the refused bytes of the
+ * whole reply as 64-bit masks; a dot put at len (bit 63 kept set too, so
+ * that no count of trailing zeros is of 0) makes the k-th dot after the
+ * prefix, d[k], len for k = n + 1 and at least len past it, n the dots
+ * after the prefix. So n is 6 (the 9-token layout) when d[6] < len ==
+ * d[7], at least 8 (12 tokens and more) when d[8] < len; d[9] is then the
+ * end of pending either way. The layout picks its six number bounds with
+ * no branch.
+ */
+static inline __attribute__((always_inline)) int parse_short(const char *s, uint32_t len, struct tally_jsack *out,
+							     enum fill fill)
+{
+	const uint64_t top = (uint64_t)1 << 63;
+	uint32_t last = len - 16;
+	uint64_t dots = 0, digits = 0;
+	vec dist = vzero();
+
+#pragma GCC unroll 4
+	for (uint32_t b = 0; b < 64; b += 16) {
+		uint32_t o = b < last ? b : last;
+		vec v = vload(s + o);
+		dist = vmax_dist(dist, v);
+		dots |= (uint64_t)vmask_eq(v, '.') << o;
+		digits |= (uint64_t)vmask_digit(v) << o;
+	}
+	/* two dots in a row, or a dot last: an empty token */
+	bool bad = !vdist_ok(dist) | ((dots & (dots << 1 | (uint64_t)1 << (len - 1))) != 0);
+	uint64_t r = (dots & ~(uint64_t)0x88u) | (uint64_t)1 << len; /* not the prefix's dots (3, 7) */
+	uint32_t d1 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d2 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d3 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d4 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d5 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d6 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d7 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d8 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d9 = (uint32_t)__builtin_ctzll(r | top);
+	bool old = (d6 < len) & (d7 == len);
+	if (bad || (!old && d8 >= len))
+		return -EINVAL;
+	/* the stream's token: after sd (the prefix's last dot, or the second
+	 * after it), then the consumer's, then the numbers after q0..q4 */
+	uint32_t sd = old ? PREFIX_LEN - 1 : d2, cd = old ? d1 : d3, q0 = old ? d2 : d4;
+	uint32_t q1 = old ? d3 : d5, q2 = old ? d4 : d6, q3 = old ? d5 : d7, q4 = old ? d6 : d8;
+	uint32_t q5 = old ? len : d9;
+	if (!numbers(s, q0, q1, q2, q3, q4, q5, &digits, out, fill))
+		return -EINVAL;
+	out->stream = s + sd + 1;
+	out->stream_len = cd - sd - 1;
+	out->consumer = s + cd + 1;
+	out->consumer_len = q0 - cd - 1;
+	if (fill == FILL_ALL) {
+		if (old)
+			set_domain(out, NULL, 0, NULL, 0);
+		else
+			set_domain(out, s + PREFIX_LEN, d1 - PREFIX_LEN, s + d1 + 1, d2 - d1 - 1);
+	}
+	return 0;
+}
+
+/* A reply of 64 bytes or more, its prefix checked: the dots a block of 64
+ * at a time, the digits read again. */
+static int parse_long(const char *reply, uint32_t len, struct tally_jsack *out)
 {
 	struct dots d;
-	bool bad = false;
 
-	if (!reply || len < MIN_LEN || len > UINT32_MAX || memcmp(reply, PREFIX, PREFIX_LEN) != 0 ||
-	    !scan(reply, (uint32_t)len, &d))
+	if (!scan(reply, len, &d))
 		return -EINVAL;
 	/* after the prefix: 7 tokens (old layout), or 9 and more (new) */
 	const uint32_t *p = d.pos; /* the stream's token: p[0]..p[1] */
 	if (d.n == 6) {
-		out->domain = out->account_hash = NULL;
-		out->domain_len = out->account_hash_len = 0;
+		set_domain(out, NULL, 0, NULL, 0);
 	} else if (TALLY__LIKELY(d.n >= 8)) {
-		out->domain = tok(reply, p, 0, &out->domain_len);
-		if (out->domain_len == 1 && out->domain[0] == '_') {
-			out->domain = NULL;
-			out->domain_len = 0;
-		}
-		out->account_hash = tok(reply, p, 1, &out->account_hash_len);
+		const char *a = reply + p[0] + 1, *h = reply + p[1] + 1;
+		set_domain(out, a, p[1] - p[0] - 1, h, p[2] - p[1] - 1);
 		p += 2;
 	} else {
 		return -EINVAL;
 	}
 	out->stream = tok(reply, p, 0, &out->stream_len);
 	out->consumer = tok(reply, p, 1, &out->consumer_len);
-	/* the five numbers: q[k] + 1 .. q[k + 1], 1 to 19 digits, and nothing
-	 * but digits and the four dots between them */
-	const uint32_t *q = p + 2;
-	uint32_t l0 = q[1] - q[0] - 1, l1 = q[2] - q[1] - 1, l2 = q[3] - q[2] - 1, l3 = q[4] - q[3] - 1,
-		 l4 = q[5] - q[4] - 1;
-	if ((l0 > 19) | (l1 > 19) | (l2 > 19) | (l3 > 19) | (l4 > 19) ||
-	    !only_digits_and_dots(reply, q[0] + 1, q[5]))
+	return numbers(reply, p[2], p[3], p[4], p[5], p[6], p[7], NULL, out, FILL_ALL) ? 0 : -EINVAL;
+}
+
+/* Whether reply can be an ack subject at all: a length the parsers take,
+ * and the prefix. */
+static inline bool plausible(const char *reply, size_t len)
+{
+	return reply && len >= MIN_LEN && len <= UINT32_MAX && load_le64(reply) == load_le64(PREFIX);
+}
+
+TALLY_API int tally_jsack_parse(const char *reply, size_t len, struct tally_jsack *out)
+{
+	if (!plausible(reply, len))
 		return -EINVAL;
-	out->delivered = number(reply + q[0] + 1, l0, &bad);
-	out->stream_seq = number(reply + q[1] + 1, l1, &bad);
-	out->consumer_seq = number(reply + q[2] + 1, l2, &bad);
-	out->timestamp_ns = number(reply + q[3] + 1, l3, &bad);
-	out->pending = number(reply + q[4] + 1, l4, &bad);
-	return bad ? -EINVAL : 0;
+	if (len < 64)
+		return parse_short(reply, (uint32_t)len, out, FILL_ALL);
+	return parse_long(reply, (uint32_t)len, out);
+}
+
+/* What tally_record_jetstream_at reads of a reply: stream, consumer,
+ * timestamp_ns and pending; the rest of *out is left unspecified. The
+ * same subjects are accepted and refused as by tally_jsack_parse. */
+static inline __attribute__((always_inline)) int parse_record(const char *reply, size_t len,
+							      struct tally_jsack *out)
+{
+	if (!plausible(reply, len))
+		return -EINVAL;
+	if (TALLY__LIKELY(len < 64))
+		return parse_short(reply, (uint32_t)len, out, FILL_RECORD);
+	return parse_long(reply, (uint32_t)len, out);
+}
+
+int tally__jsack_parse_record(const char *reply, size_t len, struct tally_jsack *out)
+{
+	return parse_record(reply, len, out);
 }
 
 uint32_t tally__jsack_consumer_hash(const char *stream, size_t stream_len, const char *consumer,
@@ -384,7 +534,7 @@ TALLY_API int tally_record_jetstream_at(struct tally_producer *p, tally_subject_
 	struct tally_jsack a;
 	bool ok;
 
-	if (tally_jsack_parse(reply, reply_len, &a) != 0)
+	if (parse_record(reply, reply_len, &a) != 0)
 		return -EINVAL;
 	uint32_t ptag = consumer_tag(p, &a);
 	uint64_t wait = now_real_ns - a.timestamp_ns;

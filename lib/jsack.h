@@ -18,6 +18,14 @@
 uint32_t tally__jsack_consumer_hash(const char *stream, size_t stream_len, const char *consumer,
 				    size_t consumer_len);
 
+struct tally_jsack;
+
+/* What tally_record_jetstream_at() reads of a reply, as it reads it:
+ * tally_jsack_parse() but only stream, consumer, timestamp_ns and pending
+ * filled (the rest unspecified); it accepts and refuses exactly the same
+ * subjects (the fuzzer compares both). Pure, thread-safe. */
+int tally__jsack_parse_record(const char *reply, size_t len, struct tally_jsack *out);
+
 /* A producer handle's last consumer key ("stream.consumer", the run of
  * the reply that holds both names: it has exactly one dot, so it names
  * one pair) and the tag of its pending entries. len 0: empty (a zeroed
