@@ -317,19 +317,16 @@ enum fill { FILL_RECORD, FILL_ALL };
  */
 static inline __attribute__((always_inline)) bool numbers(const char *s, uint32_t q0, uint32_t q1, uint32_t q2,
 							  uint32_t q3, uint32_t q4, uint32_t q5,
-							  const uint64_t *digits, struct tally_jsack *out,
+							  const uint64_t *nonnum, struct tally_jsack *out,
 							  enum fill fill)
 {
 	uint32_t l0 = q1 - q0 - 1, l1 = q2 - q1 - 1, l2 = q3 - q2 - 1, l3 = q4 - q3 - 1, l4 = q5 - q4 - 1;
 	bool bad = (l3 > 19) | (l4 > 19);
 
-	if (digits) { /* bits q0 + 1 .. q5 - 1, the dots q1..q4 aside, are digits */
-		uint64_t in = ((uint64_t)1 << q5) - ((uint64_t)2 << q0);
-		in &= ~((uint64_t)1 << q1 | (uint64_t)1 << q2 | (uint64_t)1 << q3 | (uint64_t)1 << q4);
-		bad |= (in & ~*digits) != 0;
-	} else {
+	if (nonnum) /* bits q0 + 1 .. q5 - 1 */
+		bad |= (*nonnum & (((uint64_t)1 << q5) - ((uint64_t)2 << q0))) != 0;
+	else
 		bad |= !only_digits_and_dots(s, q0 + 1, q5);
-	}
 	if (fill == FILL_ALL || TALLY__UNLIKELY((l0 | l1 | l2) >= 16)) {
 		bad |= (l0 > 19) | (l1 > 19) | (l2 > 19);
 		if (bad)
@@ -354,23 +351,39 @@ static inline void set_domain(struct tally_jsack *out, const char *a, uint32_t a
 	out->account_hash_len = hlen;
 }
 
+/* The fields of a short reply once its layout is known: the stream's
+ * token after the dot sd, the consumer's after cd, the numbers after q0
+ * .. q4, pending ending at q5; (a, alen) the domain, NULL for none. */
+static inline __attribute__((always_inline)) int short_fields(const char *s, uint32_t sd, uint32_t cd, uint32_t q0,
+							      uint32_t q1, uint32_t q2, uint32_t q3, uint32_t q4,
+							      uint32_t q5, uint64_t nonnum, struct tally_jsack *out,
+							      enum fill fill)
+{
+	if (!numbers(s, q0, q1, q2, q3, q4, q5, &nonnum, out, fill))
+		return -EINVAL;
+	out->stream = s + sd + 1;
+	out->stream_len = cd - sd - 1;
+	out->consumer = s + cd + 1;
+	out->consumer_len = q0 - cd - 1;
+	return 0;
+}
+
 /*
- * A reply of 21 to 63 bytes, its prefix checked: one branch-free pass.
- * The four blocks give the dots, the digits and the refused bytes of the
- * whole reply as 64-bit masks; a dot put at len (bit 63 kept set too, so
- * that no count of trailing zeros is of 0) makes the k-th dot after the
- * prefix, d[k], len for k = n + 1 and at least len past it, n the dots
- * after the prefix. So n is 6 (the 9-token layout) when d[6] < len ==
- * d[7], at least 8 (12 tokens and more) when d[8] < len; d[9] is then the
- * end of pending either way. The layout picks its six number bounds with
- * no branch.
+ * A reply of 21 to 63 bytes, its prefix checked: one pass with no branch
+ * but the layout's. The four blocks give the dots, the bytes that are
+ * neither digits nor dots and the refused bytes of the whole reply as
+ * 64-bit masks. A dot put at len (and bit 63 kept set, so that no count
+ * of trailing zeros is of 0) makes the k-th dot after the prefix, d_k,
+ * len for k = n + 1 and at least len past it, n the dots after the
+ * prefix: n is 6 (the 9-token layout) when d6 < len == d7, at least 8
+ * (12 tokens and more) when d8 < len, and d9 then ends pending.
  */
 static inline __attribute__((always_inline)) int parse_short(const char *s, uint32_t len, struct tally_jsack *out,
 							     enum fill fill)
 {
 	const uint64_t top = (uint64_t)1 << 63;
 	uint32_t last = len - 16;
-	uint64_t dots = 0, digits = 0;
+	uint64_t dots = 0, nonnum = 0;
 	vec dist = vzero();
 
 #pragma GCC unroll 4
@@ -379,10 +392,11 @@ static inline __attribute__((always_inline)) int parse_short(const char *s, uint
 		vec v = vload(s + o);
 		dist = vmax_dist(dist, v);
 		dots |= (uint64_t)vmask_eq(v, '.') << o;
-		digits |= (uint64_t)vmask_digit(v) << o;
+		nonnum |= (uint64_t)vmask_nonnum(v) << o;
 	}
 	/* two dots in a row, or a dot last: an empty token */
-	bool bad = !vdist_ok(dist) | ((dots & (dots << 1 | (uint64_t)1 << (len - 1))) != 0);
+	if (!vdist_ok(dist) || (dots & (dots << 1 | (uint64_t)1 << (len - 1))) != 0)
+		return -EINVAL;
 	uint64_t r = (dots & ~(uint64_t)0x88u) | (uint64_t)1 << len; /* not the prefix's dots (3, 7) */
 	uint32_t d1 = (uint32_t)__builtin_ctzll(r | top);
 	r &= r - 1;
@@ -397,31 +411,20 @@ static inline __attribute__((always_inline)) int parse_short(const char *s, uint
 	uint32_t d6 = (uint32_t)__builtin_ctzll(r | top);
 	r &= r - 1;
 	uint32_t d7 = (uint32_t)__builtin_ctzll(r | top);
+	if (TALLY__LIKELY((d6 < len) & (d7 == len))) {
+		if (fill == FILL_ALL)
+			set_domain(out, NULL, 0, NULL, 0);
+		return short_fields(s, PREFIX_LEN - 1, d1, d2, d3, d4, d5, d6, len, nonnum, out, fill);
+	}
 	r &= r - 1;
 	uint32_t d8 = (uint32_t)__builtin_ctzll(r | top);
 	r &= r - 1;
 	uint32_t d9 = (uint32_t)__builtin_ctzll(r | top);
-	bool old = (d6 < len) & (d7 == len);
-	if (bad || (!old && d8 >= len))
+	if (d8 >= len)
 		return -EINVAL;
-	/* the stream's token: after sd (the prefix's last dot, or the second
-	 * after it), then the consumer's, then the numbers after q0..q4 */
-	uint32_t sd = old ? PREFIX_LEN - 1 : d2, cd = old ? d1 : d3, q0 = old ? d2 : d4;
-	uint32_t q1 = old ? d3 : d5, q2 = old ? d4 : d6, q3 = old ? d5 : d7, q4 = old ? d6 : d8;
-	uint32_t q5 = old ? len : d9;
-	if (!numbers(s, q0, q1, q2, q3, q4, q5, &digits, out, fill))
-		return -EINVAL;
-	out->stream = s + sd + 1;
-	out->stream_len = cd - sd - 1;
-	out->consumer = s + cd + 1;
-	out->consumer_len = q0 - cd - 1;
-	if (fill == FILL_ALL) {
-		if (old)
-			set_domain(out, NULL, 0, NULL, 0);
-		else
-			set_domain(out, s + PREFIX_LEN, d1 - PREFIX_LEN, s + d1 + 1, d2 - d1 - 1);
-	}
-	return 0;
+	if (fill == FILL_ALL)
+		set_domain(out, s + PREFIX_LEN, d1 - PREFIX_LEN, s + d1 + 1, d2 - d1 - 1);
+	return short_fields(s, d2, d3, d4, d5, d6, d7, d8, d9, nonnum, out, fill);
 }
 
 /* A reply of 64 bytes or more, its prefix checked: the dots a block of 64
