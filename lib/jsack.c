@@ -327,7 +327,8 @@ static inline __attribute__((always_inline)) bool numbers(const char *s, uint32_
 		bad |= (*nonnum & (((uint64_t)1 << q5) - ((uint64_t)2 << q0))) != 0;
 	else
 		bad |= !only_digits_and_dots(s, q0 + 1, q5);
-	if (fill == FILL_ALL || TALLY__UNLIKELY((l0 | l1 | l2) >= 16)) {
+	/* q3 - q0 - 3 = l0 + l1 + l2: under 16, none of the three is long */
+	if (fill == FILL_ALL || TALLY__UNLIKELY(q3 - q0 >= 16 + 3 && (l0 | l1 | l2) >= 16)) {
 		bad |= (l0 > 19) | (l1 > 19) | (l2 > 19);
 		if (bad)
 			return false;
@@ -498,16 +499,18 @@ uint32_t tally__jsack_consumer_hash(const char *stream, size_t stream_len, const
 	return (h >> 28 ^ h) & 0x0fffffffu; /* fold the top bits in */
 }
 
-/* a[0..len) == b[0..len), 8 bytes at a time (the last 8 overlapping). */
+/* a[0..len) == b[0..len), 8 bytes at a time (the last 8 overlapping);
+ * a key of 8 to 16 bytes, the common one, with no loop. */
 static inline bool key_eq(const char *a, const char *b, uint32_t len)
 {
-	uint64_t diff = 0;
+	uint64_t diff;
 
 	if (len < 8)
 		return memcmp(a, b, len) == 0;
-	for (uint32_t i = 0; i + 8 < len; i += 8)
+	diff = (load_le64(a) ^ load_le64(b)) | (load_le64(a + len - 8) ^ load_le64(b + len - 8));
+	for (uint32_t i = 8; i + 8 < len; i += 8)
 		diff |= load_le64(a + i) ^ load_le64(b + i);
-	return (diff | (load_le64(a + len - 8) ^ load_le64(b + len - 8))) == 0;
+	return diff == 0;
 }
 
 /* The pending entry's tag for a's consumer: from the handle's cache when
