@@ -5,19 +5,23 @@
  * into its fields, and turning one message's fields into two ring
  * entries: the wait, and the consumer's pending count.
  *
- * The parser reads every byte once, 16 at a time: two compares give the
- * bytes outside 0x21..0x7e and a third the dots, each as a 16-bit mask
- * (SSE2 on x86-64, a plain loop elsewhere). The masks give, with no
- * branch per byte, whether any byte is refused, whether two dots touch
- * (an empty token), how many dots there are and where the first 11 fall.
- * A subject shorter than 21 bytes is refused at once (the shortest ack
- * subject is "$JS.ACK.S.C.1.2.3.4.5"), so the last 16 bytes are always
- * there to be read as one block, overlapping the block before. The five
- * numbers are then read eight digits at a time (a load, a mask and three
- * multiplies per eight digits), each digit checked in the same word; a
- * number is bounded by its digit count (19 digits fit a uint64; only a
- * 19-digit one is compared with INT64_MAX). Nothing is copied; the
- * strings of the result point into the input.
+ * The parser reads every byte once, 16 at a time (SSE2 on x86-64, a
+ * plain loop elsewhere): compares give the bytes outside 0x21..0x7e, the
+ * dots and the bytes that are neither digits nor dots as masks, with no
+ * branch per byte. A subject shorter than 21 bytes is refused at once
+ * (the shortest ack subject is "$JS.ACK.S.C.1.2.3.4.5"), so the last 16
+ * bytes are always there to be read as one block, overlapping the block
+ * before. A reply under 64 bytes (every 9-token reply of a real server)
+ * is read as four such blocks into 64-bit masks with no branch, its dots
+ * found by a straight chain of trailing-zero counts and its digits
+ * checked by one mask test; a longer one a block of 64 bytes at a time.
+ * The numbers are read eight digits at a time (a load, a mask and three
+ * multiplies per eight digits); a number is bounded by its digit count
+ * (19 digits fit a uint64; only a 19-digit one is compared with
+ * INT64_MAX). Nothing is copied; the strings of the result point into
+ * the input. The record call parses only what it stores (stream and
+ * consumer, the timestamp, pending; the other three numbers are only
+ * bounded), and accepts exactly the replies tally_jsack_parse does.
  *
  * The wait is the wall clock now minus the timestamp nats-server stored:
  * both are CLOCK_REALTIME, on two hosts when the router runs elsewhere,
@@ -25,7 +29,7 @@
  * recorded as 0 (the message did not wait less than nothing) in an entry
  * of its own kind, so the owner counts it per subject (wait_skewed).
  * Both entries of a message go into the ring together, behind one tail
- * store. The consumer hash of the pending entry is cached per producer
+ * store, inline (lib/producer.h), with no call on the fast path. The consumer hash of the pending entry is cached per producer
  * handle for the last "stream.consumer" seen (a router acks many messages
  * of one consumer in a row); the cache is keyed by those bytes, compared
  * in full, so it never answers for another name.
@@ -303,15 +307,15 @@ static inline const char *tok(const char *s, const uint32_t *pos, uint32_t k, ui
 	return s + pos[k] + 1;
 }
 
-/* The fields a record reads (stream, consumer, timestamp, pending), or
- * with full all of them. */
+/* What a parse fills: what a record reads (stream, consumer, timestamp,
+ * pending), or all of struct tally_jsack. */
 enum fill { FILL_RECORD, FILL_ALL };
 
 /*
  * The five numbers, in the tokens after the dots q0 .. q4, each ending
  * at the next (q5: the end of pending): 1 to 19 digits each, nothing but
- * digits. digits (bit i: byte i is one) is given for a reply of up to 63
- * bytes; NULL: the bytes are read again. FILL_RECORD reads only the
+ * digits. nonnum (bit i: byte i is neither a digit nor a dot) is given
+ * for a reply of up to 63 bytes; NULL: the bytes are read again. FILL_RECORD reads only the
  * timestamp and pending; the other three are only bounded (one of 16 or
  * more digits is read, to compare it with INT64_MAX).
  */
@@ -354,7 +358,7 @@ static inline void set_domain(struct tally_jsack *out, const char *a, uint32_t a
 
 /* The fields of a short reply once its layout is known: the stream's
  * token after the dot sd, the consumer's after cd, the numbers after q0
- * .. q4, pending ending at q5; (a, alen) the domain, NULL for none. */
+ * .. q4, pending ending at q5. */
 static inline __attribute__((always_inline)) int short_fields(const char *s, uint32_t sd, uint32_t cd, uint32_t q0,
 							      uint32_t q1, uint32_t q2, uint32_t q3, uint32_t q4,
 							      uint32_t q5, uint64_t nonnum, struct tally_jsack *out,

@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * jsack.h (private): the consumer hash that ties a pending sample taken
+ * jsack.h (private): the record path's parse of an ack reply (reached by
+ * tests/fuzz/fuzz_jsack.c too), the consumer hash that ties a pending sample taken
  * from an ack reply (lib/jsack.c) to the poller's entry for the same
  * consumer (lib/engine.c), and the cache of it that each producer handle
- * keeps (lib/producer.c holds it, lib/jsack.c fills it). Not installed.
+ * keeps (at the start of the handle, struct tally__producer_head in
+ * lib/producer.h; lib/jsack.c fills it). Not installed.
  */
 #ifndef TALLY_LIB_JSACK_H
 #define TALLY_LIB_JSACK_H

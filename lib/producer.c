@@ -137,6 +137,8 @@ static struct producer_full *full_of(struct tally_producer *p)
 
 _Static_assert(offsetof(struct tally_producer, shm_head) == 64,
 	       "the record path's fields fill the handle's first cache line");
+_Static_assert(offsetof(struct producer_full, head) == 0,
+	       "a handle starts with struct tally__producer_head (lib/jsack.c reads it)");
 
 /* Zeroed, 64-byte aligned: what tally_record() reads is one cache line. */
 static struct producer_full *handle_alloc(void)

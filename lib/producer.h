@@ -1,9 +1,12 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * producer.h (private): the owner's side of producer slots: draining a
- * ring, and the reaper that notices dead producers and frees slots.
+ * ring, and the reaper that notices dead producers and frees slots; and,
+ * for lib/jsack.c, the tagged records of a handle (the two-entry store
+ * inline) and the start of the handle it reaches with no call.
  *
- * Only the owner's aggregator thread calls these (one consumer per ring).
+ * Only the owner's aggregator thread calls the drain and reap functions
+ * (one consumer per ring); the record ones, the handle's owning thread.
  */
 #ifndef TALLY_LIB_PRODUCER_H
 #define TALLY_LIB_PRODUCER_H
