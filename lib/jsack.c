@@ -434,7 +434,7 @@ static inline __attribute__((always_inline)) int parse_short(const char *s, uint
 
 /* A reply of 64 bytes or more, its prefix checked: the dots a block of 64
  * at a time, the digits read again. */
-static int parse_long(const char *reply, uint32_t len, struct tally_jsack *out)
+static int parse_long(const char *reply, uint32_t len, struct tally_jsack *out, enum fill fill)
 {
 	struct dots d;
 
@@ -453,7 +453,7 @@ static int parse_long(const char *reply, uint32_t len, struct tally_jsack *out)
 	}
 	out->stream = tok(reply, p, 0, &out->stream_len);
 	out->consumer = tok(reply, p, 1, &out->consumer_len);
-	return numbers(reply, p[2], p[3], p[4], p[5], p[6], p[7], NULL, out, FILL_ALL) ? 0 : -EINVAL;
+	return numbers(reply, p[2], p[3], p[4], p[5], p[6], p[7], NULL, out, fill) ? 0 : -EINVAL;
 }
 
 /* Whether reply can be an ack subject at all: a length the parsers take,
@@ -469,7 +469,7 @@ TALLY_API int tally_jsack_parse(const char *reply, size_t len, struct tally_jsac
 		return -EINVAL;
 	if (len < 64)
 		return parse_short(reply, (uint32_t)len, out, FILL_ALL);
-	return parse_long(reply, (uint32_t)len, out);
+	return parse_long(reply, (uint32_t)len, out, FILL_ALL);
 }
 
 /* What tally_record_jetstream_at reads of a reply: stream, consumer,
@@ -482,7 +482,7 @@ static inline __attribute__((always_inline)) int parse_record(const char *reply,
 		return -EINVAL;
 	if (TALLY__LIKELY(len < 64))
 		return parse_short(reply, (uint32_t)len, out, FILL_RECORD);
-	return parse_long(reply, (uint32_t)len, out);
+	return parse_long(reply, (uint32_t)len, out, FILL_RECORD);
 }
 
 int tally__jsack_parse_record(const char *reply, size_t len, struct tally_jsack *out)
