@@ -86,12 +86,6 @@ static inline vec vzero(void)
 {
 	return _mm_setzero_si128();
 }
-/* bit i: byte i is a digit */
-static inline uint32_t vmask_digit(vec v)
-{
-	__m128i d = _mm_sub_epi8(v, _mm_set1_epi8('0'));
-	return (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(9)), d));
-}
 /* bit i: byte i is neither a digit nor a dot */
 static inline uint32_t vmask_nonnum(vec v)
 {
@@ -135,13 +129,6 @@ static inline vec vzero(void)
 	vec v;
 	memset(v.b, 0, 16);
 	return v;
-}
-static inline uint32_t vmask_digit(vec v)
-{
-	uint32_t m = 0;
-	for (unsigned i = 0; i < 16; i++)
-		m |= (uint32_t)(v.b[i] >= '0' && v.b[i] <= '9') << i;
-	return m;
 }
 static inline uint32_t vmask_nonnum(vec v)
 {
