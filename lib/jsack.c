@@ -361,10 +361,10 @@ static inline __attribute__((always_inline)) int short_fields(const char *s, uin
 }
 
 /*
- * A reply of 21 to 63 bytes, its prefix checked: one pass with no branch
- * but the layout's. The four blocks give the dots, the bytes that are
- * neither digits nor dots and the refused bytes of the whole reply as
- * 64-bit masks. A dot put at len (and bit 63 kept set, so that no count
+ * A reply of 21 to 63 bytes, its prefix checked: one pass, with no branch
+ * per byte or per dot (only the refusals and the layout's). The four
+ * blocks give the dots, the bytes that are neither digits nor dots and
+ * the refused bytes of the whole reply as 64-bit masks. A dot put at len (and bit 63 kept set, so that no count
  * of trailing zeros is of 0) makes the k-th dot after the prefix, d_k,
  * len for k = n + 1 and at least len past it, n the dots after the
  * prefix: n is 6 (the 9-token layout) when d6 < len == d7, at least 8
