@@ -5,19 +5,23 @@
  * into its fields, and turning one message's fields into two ring
  * entries: the wait, and the consumer's pending count.
  *
- * The parser reads every byte once, 16 at a time: two compares give the
- * bytes outside 0x21..0x7e and a third the dots, each as a 16-bit mask
- * (SSE2 on x86-64, a plain loop elsewhere). The masks give, with no
- * branch per byte, whether any byte is refused, whether two dots touch
- * (an empty token), how many dots there are and where the first 11 fall.
- * A subject shorter than 21 bytes is refused at once (the shortest ack
- * subject is "$JS.ACK.S.C.1.2.3.4.5"), so the last 16 bytes are always
- * there to be read as one block, overlapping the block before. The five
- * numbers are then read eight digits at a time (a load, a mask and three
- * multiplies per eight digits), each digit checked in the same word; a
- * number is bounded by its digit count (19 digits fit a uint64; only a
- * 19-digit one is compared with INT64_MAX). Nothing is copied; the
- * strings of the result point into the input.
+ * The parser reads every byte once, 16 at a time (SSE2 on x86-64, a
+ * plain loop elsewhere): compares give the bytes outside 0x21..0x7e, the
+ * dots and the bytes that are neither digits nor dots as masks, with no
+ * branch per byte. A subject shorter than 21 bytes is refused at once
+ * (the shortest ack subject is "$JS.ACK.S.C.1.2.3.4.5"), so the last 16
+ * bytes are always there to be read as one block, overlapping the block
+ * before. A reply under 64 bytes (every 9-token reply of a real server)
+ * is read as four such blocks into 64-bit masks with no branch, its dots
+ * found by a straight chain of trailing-zero counts and its digits
+ * checked by one mask test; a longer one a block of 64 bytes at a time.
+ * The numbers are read eight digits at a time (a load, a mask and three
+ * multiplies per eight digits); a number is bounded by its digit count
+ * (19 digits fit a uint64; only a 19-digit one is compared with
+ * INT64_MAX). Nothing is copied; the strings of the result point into
+ * the input. The record call parses only what it stores (stream and
+ * consumer, the timestamp, pending; the other three numbers are only
+ * bounded), and accepts exactly the replies tally_jsack_parse does.
  *
  * The wait is the wall clock now minus the timestamp nats-server stored:
  * both are CLOCK_REALTIME, on two hosts when the router runs elsewhere,
@@ -25,7 +29,7 @@
  * recorded as 0 (the message did not wait less than nothing) in an entry
  * of its own kind, so the owner counts it per subject (wait_skewed).
  * Both entries of a message go into the ring together, behind one tail
- * store. The consumer hash of the pending entry is cached per producer
+ * store, inline (lib/producer.h), with no call on the fast path. The consumer hash of the pending entry is cached per producer
  * handle for the last "stream.consumer" seen (a router acks many messages
  * of one consumer in a row); the cache is keyed by those bytes, compared
  * in full, so it never answers for another name.
@@ -290,46 +294,187 @@ static inline const char *tok(const char *s, const uint32_t *pos, uint32_t k, ui
 	return s + pos[k] + 1;
 }
 
-TALLY_API int tally_jsack_parse(const char *reply, size_t len, struct tally_jsack *out)
+/* What a parse fills: what a record reads (stream, consumer, timestamp,
+ * pending), or all of struct tally_jsack. */
+enum fill { FILL_RECORD, FILL_ALL };
+
+/*
+ * The five numbers, in the tokens after the dots q0 .. q4, each ending
+ * at the next (q5: the end of pending): 1 to 19 digits each, nothing but
+ * digits. nonnum (bit i: byte i is neither a digit nor a dot) is given
+ * for a reply of up to 63 bytes; NULL: the bytes are read again. FILL_RECORD reads only the
+ * timestamp and pending; the other three are only bounded (one of 16 or
+ * more digits is read, to compare it with INT64_MAX).
+ */
+static inline __attribute__((always_inline)) bool numbers(const char *s, uint32_t q0, uint32_t q1, uint32_t q2,
+							  uint32_t q3, uint32_t q4, uint32_t q5,
+							  const uint64_t *nonnum, struct tally_jsack *out,
+							  enum fill fill)
+{
+	uint32_t l0 = q1 - q0 - 1, l1 = q2 - q1 - 1, l2 = q3 - q2 - 1, l3 = q4 - q3 - 1, l4 = q5 - q4 - 1;
+	bool bad = (l3 > 19) | (l4 > 19);
+
+	if (nonnum) /* bits q0 + 1 .. q5 - 1 */
+		bad |= (*nonnum & (((uint64_t)1 << q5) - ((uint64_t)2 << q0))) != 0;
+	else
+		bad |= !only_digits_and_dots(s, q0 + 1, q5);
+	/* q3 - q0 - 3 = l0 + l1 + l2: under 16, none of the three is long */
+	if (fill == FILL_ALL || TALLY__UNLIKELY(q3 - q0 >= 16 + 3 && (l0 | l1 | l2) >= 16)) {
+		bad |= (l0 > 19) | (l1 > 19) | (l2 > 19);
+		if (bad)
+			return false;
+		out->delivered = number(s + q0 + 1, l0, &bad);
+		out->stream_seq = number(s + q1 + 1, l1, &bad);
+		out->consumer_seq = number(s + q2 + 1, l2, &bad);
+	}
+	if (bad)
+		return false;
+	out->timestamp_ns = number(s + q3 + 1, l3, &bad);
+	out->pending = number(s + q4 + 1, l4, &bad);
+	return !bad;
+}
+
+/* The domain and account hash tokens [a, a + alen) and [h, h + hlen). */
+static inline void set_domain(struct tally_jsack *out, const char *a, uint32_t alen, const char *h, uint32_t hlen)
+{
+	out->domain = !a || (alen == 1 && a[0] == '_') ? NULL : a;
+	out->domain_len = out->domain ? alen : 0;
+	out->account_hash = h;
+	out->account_hash_len = hlen;
+}
+
+/* The fields of a short reply once its layout is known: the stream's
+ * token after the dot sd, the consumer's after cd, the numbers after q0
+ * .. q4, pending ending at q5. */
+static inline __attribute__((always_inline)) int short_fields(const char *s, uint32_t sd, uint32_t cd, uint32_t q0,
+							      uint32_t q1, uint32_t q2, uint32_t q3, uint32_t q4,
+							      uint32_t q5, uint64_t nonnum, struct tally_jsack *out,
+							      enum fill fill)
+{
+	if (!numbers(s, q0, q1, q2, q3, q4, q5, &nonnum, out, fill))
+		return -EINVAL;
+	out->stream = s + sd + 1;
+	out->stream_len = cd - sd - 1;
+	out->consumer = s + cd + 1;
+	out->consumer_len = q0 - cd - 1;
+	return 0;
+}
+
+/*
+ * A reply of 21 to 63 bytes, its prefix checked: one pass, with no branch
+ * per byte or per dot (only the refusals and the layout's). The four
+ * blocks give the dots, the bytes that are neither digits nor dots and
+ * the refused bytes of the whole reply as 64-bit masks. A dot put at len (and bit 63 kept set, so that no count
+ * of trailing zeros is of 0) makes the k-th dot after the prefix, d_k,
+ * len for k = n + 1 and at least len past it, n the dots after the
+ * prefix: n is 6 (the 9-token layout) when d6 < len == d7, at least 8
+ * (12 tokens and more) when d8 < len, and d9 then ends pending.
+ */
+static inline __attribute__((always_inline)) int parse_short(const char *s, uint32_t len, struct tally_jsack *out,
+							     enum fill fill)
+{
+	const uint64_t top = (uint64_t)1 << 63;
+	uint32_t last = len - 16;
+	uint64_t dots = 0, nonnum = 0;
+	vec dist = vzero();
+
+#pragma GCC unroll 4
+	for (uint32_t b = 0; b < 64; b += 16) {
+		uint32_t o = b < last ? b : last;
+		vec v = vload(s + o);
+		dist = vmax_dist(dist, v);
+		dots |= (uint64_t)vmask_eq(v, '.') << o;
+		nonnum |= (uint64_t)vmask_nonnum(v) << o;
+	}
+	/* two dots in a row, or a dot last: an empty token */
+	if (!vdist_ok(dist) || (dots & (dots << 1 | (uint64_t)1 << (len - 1))) != 0)
+		return -EINVAL;
+	uint64_t r = (dots & ~(uint64_t)0x88u) | (uint64_t)1 << len; /* not the prefix's dots (3, 7) */
+	uint32_t d1 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d2 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d3 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d4 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d5 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d6 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d7 = (uint32_t)__builtin_ctzll(r | top);
+	if (TALLY__LIKELY((d6 < len) & (d7 == len))) {
+		if (fill == FILL_ALL)
+			set_domain(out, NULL, 0, NULL, 0);
+		return short_fields(s, PREFIX_LEN - 1, d1, d2, d3, d4, d5, d6, len, nonnum, out, fill);
+	}
+	r &= r - 1;
+	uint32_t d8 = (uint32_t)__builtin_ctzll(r | top);
+	r &= r - 1;
+	uint32_t d9 = (uint32_t)__builtin_ctzll(r | top);
+	if (d8 >= len)
+		return -EINVAL;
+	if (fill == FILL_ALL)
+		set_domain(out, s + PREFIX_LEN, d1 - PREFIX_LEN, s + d1 + 1, d2 - d1 - 1);
+	return short_fields(s, d2, d3, d4, d5, d6, d7, d8, d9, nonnum, out, fill);
+}
+
+/* A reply of 64 bytes or more, its prefix checked: the dots a block of 64
+ * at a time, the digits read again. */
+static int parse_long(const char *reply, uint32_t len, struct tally_jsack *out, enum fill fill)
 {
 	struct dots d;
-	bool bad = false;
 
-	if (!reply || len < MIN_LEN || len > UINT32_MAX || memcmp(reply, PREFIX, PREFIX_LEN) != 0 ||
-	    !scan(reply, (uint32_t)len, &d))
+	if (!scan(reply, len, &d))
 		return -EINVAL;
 	/* after the prefix: 7 tokens (old layout), or 9 and more (new) */
 	const uint32_t *p = d.pos; /* the stream's token: p[0]..p[1] */
 	if (d.n == 6) {
-		out->domain = out->account_hash = NULL;
-		out->domain_len = out->account_hash_len = 0;
+		set_domain(out, NULL, 0, NULL, 0);
 	} else if (TALLY__LIKELY(d.n >= 8)) {
-		out->domain = tok(reply, p, 0, &out->domain_len);
-		if (out->domain_len == 1 && out->domain[0] == '_') {
-			out->domain = NULL;
-			out->domain_len = 0;
-		}
-		out->account_hash = tok(reply, p, 1, &out->account_hash_len);
+		const char *a = reply + p[0] + 1, *h = reply + p[1] + 1;
+		set_domain(out, a, p[1] - p[0] - 1, h, p[2] - p[1] - 1);
 		p += 2;
 	} else {
 		return -EINVAL;
 	}
 	out->stream = tok(reply, p, 0, &out->stream_len);
 	out->consumer = tok(reply, p, 1, &out->consumer_len);
-	/* the five numbers: q[k] + 1 .. q[k + 1], 1 to 19 digits, and nothing
-	 * but digits and the four dots between them */
-	const uint32_t *q = p + 2;
-	uint32_t l0 = q[1] - q[0] - 1, l1 = q[2] - q[1] - 1, l2 = q[3] - q[2] - 1, l3 = q[4] - q[3] - 1,
-		 l4 = q[5] - q[4] - 1;
-	if ((l0 > 19) | (l1 > 19) | (l2 > 19) | (l3 > 19) | (l4 > 19) ||
-	    !only_digits_and_dots(reply, q[0] + 1, q[5]))
+	return numbers(reply, p[2], p[3], p[4], p[5], p[6], p[7], NULL, out, fill) ? 0 : -EINVAL;
+}
+
+/* Whether reply can be an ack subject at all: a length the parsers take,
+ * and the prefix. */
+static inline bool plausible(const char *reply, size_t len)
+{
+	return reply && len >= MIN_LEN && len <= UINT32_MAX && load_le64(reply) == load_le64(PREFIX);
+}
+
+TALLY_API int tally_jsack_parse(const char *reply, size_t len, struct tally_jsack *out)
+{
+	if (!plausible(reply, len))
 		return -EINVAL;
-	out->delivered = number(reply + q[0] + 1, l0, &bad);
-	out->stream_seq = number(reply + q[1] + 1, l1, &bad);
-	out->consumer_seq = number(reply + q[2] + 1, l2, &bad);
-	out->timestamp_ns = number(reply + q[3] + 1, l3, &bad);
-	out->pending = number(reply + q[4] + 1, l4, &bad);
-	return bad ? -EINVAL : 0;
+	if (len < 64)
+		return parse_short(reply, (uint32_t)len, out, FILL_ALL);
+	return parse_long(reply, (uint32_t)len, out, FILL_ALL);
+}
+
+/* What tally_record_jetstream_at reads of a reply: stream, consumer,
+ * timestamp_ns and pending; the rest of *out is left unspecified. The
+ * same subjects are accepted and refused as by tally_jsack_parse. */
+static inline __attribute__((always_inline)) int parse_record(const char *reply, size_t len,
+							      struct tally_jsack *out)
+{
+	if (!plausible(reply, len))
+		return -EINVAL;
+	if (TALLY__LIKELY(len < 64))
+		return parse_short(reply, (uint32_t)len, out, FILL_RECORD);
+	return parse_long(reply, (uint32_t)len, out, FILL_RECORD);
+}
+
+int tally__jsack_parse_record(const char *reply, size_t len, struct tally_jsack *out)
+{
+	return parse_record(reply, len, out);
 }
 
 uint32_t tally__jsack_consumer_hash(const char *stream, size_t stream_len, const char *consumer,
@@ -345,16 +490,18 @@ uint32_t tally__jsack_consumer_hash(const char *stream, size_t stream_len, const
 	return (h >> 28 ^ h) & 0x0fffffffu; /* fold the top bits in */
 }
 
-/* a[0..len) == b[0..len), 8 bytes at a time (the last 8 overlapping). */
+/* a[0..len) == b[0..len), 8 bytes at a time (the last 8 overlapping);
+ * a key of 8 to 16 bytes, the common one, with no loop. */
 static inline bool key_eq(const char *a, const char *b, uint32_t len)
 {
-	uint64_t diff = 0;
+	uint64_t diff;
 
 	if (len < 8)
 		return memcmp(a, b, len) == 0;
-	for (uint32_t i = 0; i + 8 < len; i += 8)
+	diff = (load_le64(a) ^ load_le64(b)) | (load_le64(a + len - 8) ^ load_le64(b + len - 8));
+	for (uint32_t i = 8; i + 8 < len; i += 8)
 		diff |= load_le64(a + i) ^ load_le64(b + i);
-	return (diff | (load_le64(a + len - 8) ^ load_le64(b + len - 8))) == 0;
+	return diff == 0;
 }
 
 /* The pending entry's tag for a's consumer: from the handle's cache when
@@ -384,7 +531,7 @@ TALLY_API int tally_record_jetstream_at(struct tally_producer *p, tally_subject_
 	struct tally_jsack a;
 	bool ok;
 
-	if (tally_jsack_parse(reply, reply_len, &a) != 0)
+	if (parse_record(reply, reply_len, &a) != 0)
 		return -EINVAL;
 	uint32_t ptag = consumer_tag(p, &a);
 	uint64_t wait = now_real_ns - a.timestamp_ns;

@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * jsack.h (private): the consumer hash that ties a pending sample taken
+ * jsack.h (private): the record path's parse of an ack reply (reached by
+ * tests/fuzz/fuzz_jsack.c too), the consumer hash that ties a pending sample taken
  * from an ack reply (lib/jsack.c) to the poller's entry for the same
  * consumer (lib/engine.c), and the cache of it that each producer handle
- * keeps (lib/producer.c holds it, lib/jsack.c fills it). Not installed.
+ * keeps (at the start of the handle, struct tally__producer_head in
+ * lib/producer.h; lib/jsack.c fills it). Not installed.
  */
 #ifndef TALLY_LIB_JSACK_H
 #define TALLY_LIB_JSACK_H
@@ -17,6 +19,14 @@
  * consumer's sample stand in for the other's poll. */
 uint32_t tally__jsack_consumer_hash(const char *stream, size_t stream_len, const char *consumer,
 				    size_t consumer_len);
+
+struct tally_jsack;
+
+/* What tally_record_jetstream_at() reads of a reply, as it reads it:
+ * tally_jsack_parse() but only stream, consumer, timestamp_ns and pending
+ * filled (the rest unspecified); it accepts and refuses exactly the same
+ * subjects (the fuzzer compares both). Pure, thread-safe. */
+int tally__jsack_parse_record(const char *reply, size_t len, struct tally_jsack *out);
 
 /* A producer handle's last consumer key ("stream.consumer", the run of
  * the reply that holds both names: it has exactly one dot, so it names

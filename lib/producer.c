@@ -107,7 +107,8 @@ enum revoke_reason {
 };
 
 struct producer_full {
-	struct tally_producer pub; /* first, on a cache line of its own start: the handle */
+	struct tally__producer_head head; /* first, on a cache line of its own start: the handle
+					   * (head.pub), then tally_record_jetstream's last consumer key */
 	struct tally_segment *seg;    /* the origin: the segment the caller attached to */
 	struct tally_segment *target; /* the segment the slot is in: seg, or a successor */
 	struct tally__remap *remap;   /* seg's ids -> target's; NULL while target == seg */
@@ -127,7 +128,6 @@ struct producer_full {
 	enum revoke_reason revoked;
 	bool local;                /* a thread-local handle (tally_producer_local) */
 	struct producer_full *prev, *next; /* the process's registry of handles */
-	struct tally__jsack_cache jsack;   /* tally_record_jetstream's last consumer key */
 };
 
 static struct producer_full *full_of(struct tally_producer *p)
@@ -137,6 +137,8 @@ static struct producer_full *full_of(struct tally_producer *p)
 
 _Static_assert(offsetof(struct tally_producer, shm_head) == 64,
 	       "the record path's fields fill the handle's first cache line");
+_Static_assert(offsetof(struct producer_full, head) == 0,
+	       "a handle starts with struct tally__producer_head (lib/jsack.c reads it)");
 
 /* Zeroed, 64-byte aligned: what tally_record() reads is one cache line. */
 static struct producer_full *handle_alloc(void)
@@ -167,7 +169,7 @@ static void revoke_handle(struct producer_full *f, enum revoke_reason why)
 	f->revoked = why;
 	/* capacity 0: every tally_record() now takes the slow path, where it
 	 * sees the revocation; nothing reaches the ring again. */
-	__atomic_store_n(&f->pub.capacity, 0, __ATOMIC_RELAXED);
+	__atomic_store_n(&f->head.pub.capacity, 0, __ATOMIC_RELAXED);
 }
 
 void tally__producers_poke(struct tally_segment *origin)
@@ -178,7 +180,7 @@ void tally__producers_poke(struct tally_segment *origin)
 			/* capacity first, then the flag, both seq_cst: a handle
 			 * restoring its capacity looks at the flag after its store
 			 * (owner_check), so one of the two sees the other */
-			__atomic_store_n(&f->pub.capacity, 0, __ATOMIC_SEQ_CST);
+			__atomic_store_n(&f->head.pub.capacity, 0, __ATOMIC_SEQ_CST);
 			atomic_store_explicit(&f->poked, true, memory_order_seq_cst);
 		}
 	pthread_mutex_unlock(&registry_lock);
@@ -283,14 +285,14 @@ static void fill_handle(struct producer_full *f, struct tally__slot *s, uint32_t
 	atomic_store_explicit(&s->clamped, 0, memory_order_relaxed);
 	f->dropped = f->base_dropped = 0;
 	f->clamped = f->base_clamped = 0;
-	f->pub.ring = s->ring;
-	__atomic_store_n(&f->pub.capacity, t->ring_cap, __ATOMIC_RELAXED);
-	f->pub.mask = t->ring_cap - 1;
-	f->pub.tail = f->base_tail;
-	f->pub.cached_head = atomic_load_explicit(&s->head, memory_order_acquire);
-	f->pub.shm_tail = (uint64_t *)&s->tail;
-	f->pub.shm_head = (const uint64_t *)&s->head;
-	f->pub.max_value_ns = t->max_value_ns;
+	f->head.pub.ring = s->ring;
+	__atomic_store_n(&f->head.pub.capacity, t->ring_cap, __ATOMIC_RELAXED);
+	f->head.pub.mask = t->ring_cap - 1;
+	f->head.pub.tail = f->base_tail;
+	f->head.pub.cached_head = atomic_load_explicit(&s->head, memory_order_acquire);
+	f->head.pub.shm_tail = (uint64_t *)&s->tail;
+	f->head.pub.shm_head = (const uint64_t *)&s->head;
+	f->head.pub.max_value_ns = t->max_value_ns;
 }
 
 /* CLAIMING(g): fill in the claim and publish ACTIVE(g). false if the
@@ -387,7 +389,7 @@ static int attach(struct tally_segment *seg, bool local, struct tally_producer *
 	registry_add(f);
 	if (seg->follow)
 		tally__follow_watch(seg);
-	*out = &f->pub;
+	*out = &f->head.pub;
 	return 0;
 }
 
@@ -469,7 +471,7 @@ static bool move_to_current(struct producer_full *f)
 	if (to == f->target)
 		return true;
 	uint64_t head = atomic_load_explicit(&f->slot->head, memory_order_acquire);
-	uint64_t left = f->pub.tail - head <= f->target->ring_cap ? f->pub.tail - head : 0;
+	uint64_t left = f->head.pub.tail - head <= f->target->ring_cap ? f->head.pub.tail - head : 0;
 	if (!(n = handle_alloc()))
 		return false;
 	n->seg = f->seg;
@@ -481,7 +483,7 @@ static bool move_to_current(struct producer_full *f)
 		return false;
 	}
 	struct tally_producer_counters c;
-	tally_producer_counters(&f->pub, &c);
+	tally_producer_counters(&f->head.pub, &c);
 	lease_cas(f->slot, f->lease, tally__lease(tally__lease_gen(f->lease), TALLY__SLOT_RELEASING));
 	f->carried_recorded = c.recorded;
 	f->carried_dropped = c.dropped;
@@ -498,15 +500,15 @@ static bool move_to_current(struct producer_full *f)
 	f->clamped = n->clamped;
 	f->lost = n->lost;
 	f->moves = n->moves;
-	f->pub.ring = n->pub.ring;
-	f->pub.mask = n->pub.mask;
-	f->pub.tail = n->pub.tail;
-	f->pub.cached_head = n->pub.cached_head;
-	f->pub.shm_tail = n->pub.shm_tail;
-	f->pub.shm_head = n->pub.shm_head;
-	f->pub.max_value_ns = n->pub.max_value_ns;
-	f->pub.remap = m;
-	__atomic_store_n(&f->pub.capacity, to->ring_cap, __ATOMIC_RELAXED);
+	f->head.pub.ring = n->head.pub.ring;
+	f->head.pub.mask = n->head.pub.mask;
+	f->head.pub.tail = n->head.pub.tail;
+	f->head.pub.cached_head = n->head.pub.cached_head;
+	f->head.pub.shm_tail = n->head.pub.shm_tail;
+	f->head.pub.shm_head = n->head.pub.shm_head;
+	f->head.pub.max_value_ns = n->head.pub.max_value_ns;
+	f->head.pub.remap = m;
+	__atomic_store_n(&f->head.pub.capacity, to->ring_cap, __ATOMIC_RELAXED);
 	free(n);
 	return true;
 }
@@ -523,9 +525,9 @@ static bool owner_check(struct producer_full *f, uint64_t now)
 	if (f->orphaned)
 		return false;
 	if (!f->revoked) {
-		__atomic_store_n(&f->pub.capacity, f->target->ring_cap, __ATOMIC_SEQ_CST);
+		__atomic_store_n(&f->head.pub.capacity, f->target->ring_cap, __ATOMIC_SEQ_CST);
 		if (atomic_load_explicit(&f->poked, memory_order_seq_cst)) /* poked meanwhile */
-			__atomic_store_n(&f->pub.capacity, 0, __ATOMIC_SEQ_CST);
+			__atomic_store_n(&f->head.pub.capacity, 0, __ATOMIC_SEQ_CST);
 	}
 	return true;
 }
@@ -572,7 +574,7 @@ static bool record_unusual(struct producer_full *f)
 	if (f->revoked)
 		return false;
 	bool poked = atomic_load_explicit(&f->poked, memory_order_relaxed) ||
-		     __atomic_load_n(&f->pub.capacity, __ATOMIC_RELAXED) == 0;
+		     __atomic_load_n(&f->head.pub.capacity, __ATOMIC_RELAXED) == 0;
 	uint64_t now = tally__mono_ns();
 	/* orphaned: ask again once the retry period is over; poked, or a
 	 * capacity left at 0 by a poke we raced: ask now */
@@ -676,27 +678,12 @@ bool tally__record_tagged(struct tally_producer *p, tally_subject_t subject, uin
 	return record_tagged_raw(p, subject, v, tag);
 }
 
-bool tally__record_tagged2(struct tally_producer *p, tally_subject_t subject, uint64_t v0, uint32_t tag0,
-			   uint64_t v1, uint32_t tag1)
+bool tally__record_tagged2_slow(struct tally_producer *p, tally_subject_t subject, uint64_t v0, uint32_t tag0,
+				uint64_t v1, uint32_t tag1)
 {
-	uint64_t t = p->tail;
+	bool ok = tally__record_tagged(p, subject, v0, tag0); /* first, as on the fast path */
 
-	if (TALLY__UNLIKELY(p->remap != NULL ||
-			    t + 2 - p->cached_head > __atomic_load_n(&p->capacity, __ATOMIC_RELAXED))) {
-		bool ok = tally__record_tagged(p, subject, v0, tag0); /* first, as on the fast path */
-		return tally__record_tagged(p, subject, v1, tag1) && ok;
-	}
-	entry_put(&p->ring[t & p->mask], subject, v0, tag0);
-	entry_put(&p->ring[(t + 1) & p->mask], subject, v1, tag1);
-	p->tail = t + 2;
-	/* Release: both entries before the tail that covers them. */
-	__atomic_store_n(p->shm_tail, t + 2, __ATOMIC_RELEASE);
-	return true;
-}
-
-struct tally__jsack_cache *tally__producer_jsack_cache(struct tally_producer *p)
-{
-	return &full_of(p)->jsack;
+	return tally__record_tagged(p, subject, v1, tag1) && ok;
 }
 
 /* A wait above max_value_ns: stored at the maximum and counted clamped,
@@ -817,7 +804,7 @@ TALLY_API int tally_producer_local(struct tally_segment *seg, struct tally_produ
 	int rc;
 
 	if (TALLY__LIKELY(le != NULL)) {
-		*out = &le->f->pub;
+		*out = &le->f->head.pub;
 		return 0;
 	}
 	if ((rc = attach(seg, true, &p)) != 0)

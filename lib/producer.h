@@ -1,13 +1,17 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * producer.h (private): the owner's side of producer slots: draining a
- * ring, and the reaper that notices dead producers and frees slots.
+ * ring, and the reaper that notices dead producers and frees slots; and,
+ * for lib/jsack.c, the tagged records of a handle (the two-entry store
+ * inline) and the start of the handle it reaches with no call.
  *
- * Only the owner's aggregator thread calls these (one consumer per ring).
+ * Only the owner's aggregator thread calls the drain and reap functions
+ * (one consumer per ring); the record ones, the handle's owning thread.
  */
 #ifndef TALLY_LIB_PRODUCER_H
 #define TALLY_LIB_PRODUCER_H
 
+#include "jsack.h"
 #include "segment.h"
 
 /*
@@ -46,13 +50,51 @@ static inline void tally__slot_consume(struct tally__slot *s, uint64_t head, uin
 bool tally__record_tagged(struct tally_producer *p, tally_subject_t subject, uint64_t v, uint32_t tag);
 /* The same at max_value_ns, counted as clamped. */
 bool tally__record_tagged_clamped(struct tally_producer *p, tally_subject_t subject, uint32_t tag);
+/* The start of every producer handle (lib/producer.c's struct
+ * producer_full): the public part, then the consumer-key cache of
+ * tally_record_jetstream (lib/jsack.h), so that lib/jsack.c reaches both
+ * with no call. The cache is the owning thread's only. */
+struct tally__producer_head {
+	struct tally_producer pub;
+	struct tally__jsack_cache jsack;
+};
+
+static inline struct tally__jsack_cache *tally__producer_jsack_cache(struct tally_producer *p)
+{
+	return &((struct tally__producer_head *)(void *)p)->jsack;
+}
+
+/* tally__record_tagged2 when the inline path cannot store both entries at
+ * once (followed a new owner, the ring nearly full, capacity 0): one at a
+ * time, as tally__record_tagged. true if both were stored. */
+bool tally__record_tagged2_slow(struct tally_producer *p, tally_subject_t subject, uint64_t v0, uint32_t tag0,
+				uint64_t v1, uint32_t tag1);
+
 /* Two tagged entries for subject behind one tail store (the aggregator
  * sees both or neither); near a full ring, after an owner restart, one
- * at a time as tally__record_tagged. true if both were stored. */
-bool tally__record_tagged2(struct tally_producer *p, tally_subject_t subject, uint64_t v0, uint32_t tag0,
-			   uint64_t v1, uint32_t tag1);
-/* The handle's consumer-key cache (lib/jsack.h); owning thread only. */
-struct tally__jsack_cache *tally__producer_jsack_cache(struct tally_producer *p);
+ * at a time through the slow path. true if both were stored. */
+static inline bool tally__record_tagged2(struct tally_producer *p, tally_subject_t subject, uint64_t v0,
+					 uint32_t tag0, uint64_t v1, uint32_t tag1)
+{
+	uint64_t t = p->tail;
+
+	/* relaxed capacity: as in tally__record_raw */
+	if (__builtin_expect(p->remap != NULL ||
+				     t + 2 - p->cached_head > __atomic_load_n(&p->capacity, __ATOMIC_RELAXED),
+			     0))
+		return tally__record_tagged2_slow(p, subject, v0, tag0, v1, tag1);
+	struct tally_ring_entry *e0 = &p->ring[t & p->mask], *e1 = &p->ring[(t + 1) & p->mask];
+	e0->value_ns = v0;
+	e0->subject = subject;
+	e0->reserved = tag0;
+	e1->value_ns = v1;
+	e1->subject = subject;
+	e1->reserved = tag1;
+	p->tail = t + 2;
+	/* Release: both entries before the tail that covers them. */
+	__atomic_store_n(p->shm_tail, t + 2, __ATOMIC_RELEASE);
+	return true;
+}
 
 struct tally__reap_stats {
 	uint32_t died;     /* ACTIVE slots found with their process or thread gone */

@@ -15,7 +15,8 @@
  * falls at every place of the parser's blocks; and
  * what recording them leaves in a real engine's
  * published stats: the wait, a clock skew clamped at 0 and counted, and
- * the consumer's pending as a live backlog sample.
+ * the consumer's pending as a live backlog sample; and that the record
+ * call, which parses only what it stores, takes exactly those replies.
  */
 #include "config.h"
 
@@ -28,6 +29,7 @@
 
 #include "common/helpers.h"
 #include "common/nats_server.h"
+#include "jsack.h" /* lib/jsack.h: tally__jsack_parse_record */
 
 #define MS 1000000ull
 #define NMSG 40
@@ -377,5 +379,54 @@ Test(jsack, waits_skew_and_pending_reach_the_segment, .timeout = 60)
 	}
 	read_until(&r, &s, has_skew);
 	cr_expect_eq(s.pending, 0);
+	rig_stop(&r);
+}
+
+/* The record call parses only what it stores (lib/jsack.c): every reply
+ * that tally_jsack_parse refuses it refuses too, and every one it takes
+ * it reads the same. Each number position is given numbers of 1 to 20
+ * digits, at and past INT64_MAX, and with a letter, in both layouts,
+ * short (the one-pass path, under 64 bytes) and long. */
+Test(jsack, record_path_takes_exactly_what_the_parser_takes, .timeout = 60)
+{
+	static const char *const nums[] = { "1", "42", "1234567890123456", "12345678901234567",
+					    "9223372036854775807", "9223372036854775808", "99999999999999999999",
+					    "00000000000000000001", "1x", "x", "0000000000000000001" };
+	static const char *const heads[] = { "", "_.H.", "dom.H4sh0123456789012345678901234567890123456789." };
+	static const char *const tails[] = { "", ".r", ".rNd.x" };
+	static const char *const streams[] = { "S", "ORDERS", "a-stream-of-twenty-c" };
+	struct rig r;
+	struct tally_jsack a, m;
+	char reply[256];
+	int accepted = 0, refused = 0;
+
+	rig_start(&r);
+	for (size_t h = 0; h < 3; h++)
+		for (size_t st = 0; st < 3; st++)
+			for (int pos = 0; pos < 5; pos++)
+				for (size_t v = 0; v < sizeof(nums) / sizeof(nums[0]); v++) {
+					const char *n[5] = { "3", "17", "17", "1700000000000000000", "5" };
+					n[pos] = nums[v];
+					snprintf(reply, sizeof(reply), "$JS.ACK.%s%s.c.%s.%s.%s.%s.%s%s", heads[h],
+						 streams[st], n[0], n[1], n[2], n[3], n[4], tails[h]);
+					size_t len = strlen(reply);
+					int rc = tally_jsack_parse(reply, len, &a);
+					cr_assert_eq(tally__jsack_parse_record(reply, len, &m), rc, "%s", reply);
+					int rrc = tally_record_jetstream_at(r.p, r.id, reply, len, 1800000000000000000ull);
+					if (rc != 0) {
+						cr_expect_eq(rrc, -EINVAL, "%s", reply);
+						refused++;
+						continue;
+					}
+					accepted++;
+					cr_expect_neq(rrc, -EINVAL, "%s", reply);
+					cr_expect(m.stream == a.stream && m.stream_len == a.stream_len &&
+						  m.consumer == a.consumer && m.consumer_len == a.consumer_len &&
+						  m.timestamp_ns == a.timestamp_ns && m.pending == a.pending,
+						  "%s", reply);
+				}
+	/* per layout, stream and position, 6 of the 11 are numbers */
+	cr_expect_eq(accepted, 3 * 3 * 5 * 6, "%d accepted", accepted);
+	cr_expect_eq(refused, 3 * 3 * 5 * 5, "%d refused", refused);
 	rig_stop(&r);
 }

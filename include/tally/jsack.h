@@ -53,7 +53,7 @@ struct tally_jsack {
 /*
  * Parse reply[0..len) as an ack reply subject. 0 and *out filled, or
  * -EINVAL (not one: *out unspecified). Pure, thread-safe; one pass, 16
- * bytes at a time, about 30 ns for a 50-byte subject on a shared 2-vCPU
+ * bytes at a time, about 25 ns for a 50-byte subject on a shared 2-vCPU
  * VM (BENCHMARKS.md).
  */
 TALLY_API int tally_jsack_parse(const char *reply, size_t len, struct tally_jsack *out);
@@ -73,7 +73,8 @@ TALLY_API int tally_jsack_parse(const char *reply, size_t len, struct tally_jsac
  * (the ring was full or there was no owner: dropped or lost, counted as
  * for tally_record()). Both entries go into the ring behind one tail
  * store; the consumer's hash is kept in the handle for the last
- * stream.consumer seen. Wait-free; owning thread only, like tally_record.
+ * stream.consumer seen. About 25 ns for a 50-byte reply, parse included
+ * (BENCHMARKS.md). Wait-free; owning thread only, like tally_record.
  */
 TALLY_API int tally_record_jetstream_at(struct tally_producer *p, tally_subject_t subject,
 					const char *reply, size_t reply_len, uint64_t now_real_ns);

@@ -15,6 +15,9 @@
  *    aside, which is NULL or non-empty, and never "_"), holds no dot, and
  *    the numbers are at most INT64_MAX;
  *  - a parse is deterministic;
+ *  - the record path's parse (tally__jsack_parse_record, which fills only
+ *    stream, consumer, timestamp and pending) accepts and refuses exactly
+ *    the same inputs and reads those four fields the same;
  *  - it gives exactly what ref_parse below gives, accepting and refusing
  *    the same inputs: ref_parse is the grammar of tally/jsack.h written
  *    as plainly as possible, a byte at a time, which the library's
@@ -34,6 +37,8 @@
 
 #include <nats/nats.h>
 #include <tally/jsack.h>
+
+#include "jsack.h" /* lib/jsack.h: tally__jsack_parse_record */
 
 natsStatus js_getMetaData(const char *reply, char **domain, char **stream, char **consumer,
 			  uint64_t *numDelivered, uint64_t *sseq, uint64_t *dseq, int64_t *tm,
@@ -170,13 +175,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	int rc = tally_jsack_parse(buf, size, &a);
 	CHECK(rc == 0 || rc == -EINVAL);
 	CHECK(tally_jsack_parse(buf, size, &b) == rc);
-	struct tally_jsack r;
+	struct tally_jsack r, m;
 	CHECK(ref_parse(buf, size, &r) == rc);
+	CHECK(tally__jsack_parse_record(buf, size, &m) == rc);
 	if (rc != 0) {
 		free(buf);
 		return 0;
 	}
 	CHECK(same_jsack(&a, &b) && same_jsack(&a, &r));
+	CHECK(m.stream == a.stream && m.stream_len == a.stream_len && m.consumer == a.consumer &&
+	      m.consumer_len == a.consumer_len && m.timestamp_ns == a.timestamp_ns && m.pending == a.pending);
 	check_str(a.stream, a.stream_len, buf, size);
 	check_str(a.consumer, a.consumer_len, buf, size);
 	if (a.domain) {
