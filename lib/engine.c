@@ -272,9 +272,10 @@ struct lane {
 	bool running;                  /* thread 0's: the thread was created */
 	atomic_bool done;              /* the lane has drained to stop */
 	atomic_uint want;              /* thread 0 waits for lock: give it up soon */
-	atomic_bool waiting;           /* the lane waits for lock (thread 0 lets it in first) */
+	atomic_bool waiting;           /* the lane waits on turn (thread 0 lets it in first) */
 	atomic_bool news;              /* fresh or fwd has something (a hint) */
 	pthread_mutex_t lock;
+	pthread_cond_t turn;           /* with lock: thread 0 has given the lane back */
 	struct part **parts;           /* [table_size] */
 	uint32_t *active, nactive;     /* ids of the parts, in order of arrival */
 	uint32_t *fresh, nfresh;       /* parts thread 0 has not yet seen */
@@ -346,6 +347,10 @@ struct tally_engine {
 	pthread_mutex_t start_lock;
 	pthread_cond_t start_cond;
 	bool started;
+	/* with drain threads: thread 0 sleeps on wake until a lane has news,
+	 * its next tick or the stop (agg_sleep) */
+	pthread_mutex_t wake_lock;
+	pthread_cond_t wake;
 };
 
 TALLY_API void tally_engine_config_init(struct tally_engine_config *cfg)
@@ -740,16 +745,22 @@ static void sleep_us(uint32_t us)
 	nanosleep(&ts, NULL);
 }
 
-/* The lane takes its own lock, after thread 0 if thread 0 is waiting. */
+/* The lane takes its own lock, after thread 0 if thread 0 wants it: it
+ * sleeps on turn (the lock released) until thread 0 has given the lane
+ * back, no spinning: with N drain threads on N cores, thread 0 shares a
+ * core with one of them, and a spinning lane takes the time thread 0
+ * needs to finish. want is written under the lock at the give, so no
+ * wake-up is lost. */
 static void lane_lock(struct lane *l)
 {
-	if (atomic_load_explicit(&l->want, memory_order_relaxed)) {
-		atomic_store_explicit(&l->waiting, true, memory_order_relaxed);
-		while (atomic_load_explicit(&l->want, memory_order_relaxed))
-			sched_yield();
-	}
 	if (pthread_mutex_lock(&l->lock))
 		tally__die(__FILE__, __LINE__, "drain thread lock");
+	if (!atomic_load_explicit(&l->want, memory_order_relaxed))
+		return;
+	atomic_store_explicit(&l->waiting, true, memory_order_relaxed);
+	while (atomic_load_explicit(&l->want, memory_order_relaxed))
+		if (pthread_cond_wait(&l->turn, &l->lock))
+			tally__die(__FILE__, __LINE__, "drain thread wait");
 	atomic_store_explicit(&l->waiting, false, memory_order_relaxed);
 }
 
@@ -772,8 +783,10 @@ static void lane_take(struct lane *l)
 
 static void lane_give(struct lane *l)
 {
-	pthread_mutex_unlock(&l->lock);
 	atomic_store_explicit(&l->want, 0, memory_order_relaxed);
+	if (atomic_load_explicit(&l->waiting, memory_order_relaxed))
+		pthread_cond_signal(&l->turn);
+	pthread_mutex_unlock(&l->lock);
 }
 
 static void lanes_take_all(struct tally_engine *e)
@@ -786,6 +799,17 @@ static void lanes_give_all(struct tally_engine *e)
 {
 	for (uint32_t k = 0; k < e->nlanes; k++)
 		lane_give(&e->lanes[k]);
+}
+
+/* The lane has something for thread 0: wake it if this is news (once per
+ * collect, so at most once per drain interval while news keeps coming). */
+static void lane_news(struct lane *l)
+{
+	if (atomic_exchange_explicit(&l->news, true, memory_order_relaxed))
+		return;
+	pthread_mutex_lock(&l->e->wake_lock);
+	pthread_cond_signal(&l->e->wake);
+	pthread_mutex_unlock(&l->e->wake_lock);
 }
 
 /* A lane's first sample of a subject: checked as subject_new checks, and
@@ -808,7 +832,7 @@ static struct part *part_new(struct lane *l, uint32_t id, uint64_t now)
 	l->parts[id] = p;
 	l->active[l->nactive++] = id;
 	l->fresh[l->nfresh++] = id;
-	atomic_store_explicit(&l->news, true, memory_order_relaxed);
+	lane_news(l);
 	return p;
 }
 
@@ -867,7 +891,7 @@ static int lane_forward(struct lane *l, uint32_t id, uint32_t tag, uint64_t v)
 	if (l->nfwd == LANE_FWD_CAP)
 		return -1;
 	l->fwd[l->nfwd++] = (struct fwd){ id, tag, v };
-	atomic_store_explicit(&l->news, true, memory_order_relaxed);
+	lane_news(l);
 	return 1;
 }
 
@@ -1165,6 +1189,7 @@ static int lanes_init(struct tally_engine *e)
 		l->e = e;
 		l->index = k;
 		pthread_mutex_init(&l->lock, NULL);
+		pthread_cond_init(&l->turn, NULL);
 		l->cur_slice = l->walked_slice = tally__mono_ns() / e->cfg.slice_ns;
 		l->parts = calloc(n, sizeof(l->parts[0]));
 		l->active = calloc(n, sizeof(l->active[0]));
@@ -1187,6 +1212,7 @@ static void lanes_free(struct tally_engine *e)
 		free(l->fresh);
 		free(l->fwd);
 		pthread_mutex_destroy(&l->lock);
+		pthread_cond_destroy(&l->turn);
 	}
 	free(e->lanes);
 }
@@ -1902,6 +1928,37 @@ static void lanes_stop(struct tally_engine *e)
 		lanes_collect(e, tally__mono_ns(), true);
 }
 
+static bool lanes_news(struct tally_engine *e)
+{
+	for (uint32_t k = 0; k < e->nlanes; k++)
+		if (atomic_load_explicit(&e->lanes[k].news, memory_order_relaxed))
+			return true;
+	return false;
+}
+
+/* Thread 0 with drain threads drains nothing, so it need not wake every
+ * drain interval to find nothing: after the drain interval (which bounds
+ * how often news can wake it) it sleeps on wake until a lane has news
+ * (lane_news), its next tick (slice, publish, reap) or the stop. Each
+ * wake-up of a third thread on the drain threads' cores takes one of them
+ * off its core. */
+static void agg_sleep(struct tally_engine *e, uint64_t now)
+{
+	uint64_t until = (e->cur_slice + 1) * e->cfg.slice_ns;
+
+	sleep_us(e->cfg.drain_interval_us);
+	until = e->next_publish < until ? e->next_publish : until;
+	until = e->next_reap < until ? e->next_reap : until;
+	if (until <= now)
+		return;
+	struct timespec ts = { (time_t)(until / 1000000000u), (long)(until % 1000000000u) };
+	pthread_mutex_lock(&e->wake_lock);
+	while (!atomic_load_explicit(&e->stop, memory_order_acquire) && !lanes_news(e) &&
+	       pthread_cond_timedwait(&e->wake, &e->wake_lock, &ts) != ETIMEDOUT)
+		;
+	pthread_mutex_unlock(&e->wake_lock);
+}
+
 static void *aggregator_main(void *arg)
 {
 	struct tally_engine *e = arg;
@@ -1924,7 +1981,10 @@ static void *aggregator_main(void *arg)
 		if (got == 0) {
 			stall_end(e); /* what tick took counts; the sleep does not */
 			e->stall_from = 0;
-			sleep_us(e->cfg.drain_interval_us);
+			if (e->nlanes)
+				agg_sleep(e, now);
+			else
+				sleep_us(e->cfg.drain_interval_us);
 		}
 	}
 	now = tally__mono_ns();
@@ -1969,6 +2029,8 @@ static void engine_free(struct tally_engine *e)
 	free(e->emapped);
 	free(e->rstart);
 	free(e->ridx);
+	pthread_mutex_destroy(&e->wake_lock);
+	pthread_cond_destroy(&e->wake);
 	e->magic = 0;
 	free(e);
 }
@@ -1997,6 +2059,12 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 		return -ENOMEM;
 	e->magic = TALLY__ENGINE_MAGIC;
 	e->seg = seg;
+	pthread_mutex_init(&e->wake_lock, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&e->wake, &ca);
+	pthread_condattr_destroy(&ca);
 	e->cfg = *cfg;
 	e->nlanes = cfg->drain_threads > 1 ? cfg->drain_threads : 0;
 	e->own_slots = e->nlanes ? 0 : seg->nslots;
@@ -2153,6 +2221,9 @@ TALLY_API void tally_engine_stop(struct tally_engine **ep)
 		return;
 	TALLY__ASSERT(e->magic == TALLY__ENGINE_MAGIC);
 	atomic_store_explicit(&e->stop, true, memory_order_release);
+	pthread_mutex_lock(&e->wake_lock); /* thread 0 may sleep until its next tick (agg_sleep) */
+	pthread_cond_signal(&e->wake);
+	pthread_mutex_unlock(&e->wake_lock);
 	pthread_join(e->thread, NULL);
 	release_published(e);
 	e->seg->engine_attached = false;
