@@ -100,17 +100,24 @@
  *     what needs that state: a subject it saw first (fresh), to get its
  *     row, and every wait and pending entry (fwd: id, tag, value), which
  *     thread 0 puts into the series as if it had drained it itself, at its
- *     next pass (every drain interval). A full queue (LANE_FWD_CAP) ends
- *     the lane's batch there: the entry stays in the ring until thread 0
- *     has emptied the queue.
+ *     next pass. A full queue (LANE_FWD_CAP) ends the lane's batch there:
+ *     the entry stays in the ring until thread 0 has emptied the queue.
+ *   - thread 0, draining nothing, does not wake every drain interval: it
+ *     sleeps until a lane has news for it (the first since its last
+ *     collect signals it), its next slice, publish or reap, or the stop,
+ *     and at least the drain interval between passes (agg_sleep).
  * The hand-off is one mutex per lane. The lane holds it for each batch
  * (and each step of its walk), and reads the clock under it; thread 0
  * takes it (lane_take: a flag asks the lane to end its batch within
- * LANE_WANT_EVERY entries and not to take the lock again meanwhile; a
- * lane that waited gets its turn first) to collect fresh subjects and
- * queued entries; at publish, to merge the windows of LANE_GROUP rows at
- * a time (a row's window is the merge of thread 0's and the lanes' parts
- * of the subject, tally__window_stats_merged: exact count, sum, min and
+ * LANE_WANT_EVERY entries, and a lane that finds the flag set sleeps on
+ * a condition variable, no spinning, until thread 0 gives the lane back;
+ * a lane that waited gets its turn first) to collect fresh subjects and
+ * queued entries; at publish, to merge the windows of up to LANE_GROUP
+ * rows at a time, for at most LANE_HOLD_NS (half a publish step), as few
+ * hand-offs as that allows, since each costs every lane the end of a
+ * batch and a wake-up (a row's window is the merge of thread 0's and the
+ * lanes' parts of the subject, tally__window_stats_merged: exact count,
+ * sum, min and
  * max, the quantiles of the summed histograms, so the same bound and
  * window semantics as one window; the rest of the row, pending, waits
  * and verdict, is done after, without the locks), to sum the export
@@ -257,8 +264,13 @@ struct fwd {
 /* A drain thread's batch gives its lock up early when thread 0 asks, at
  * most this many entries later. */
 #define LANE_WANT_EVERY 512u
-/* Rows thread 0 reads under the drain threads' locks at a time. */
-#define LANE_GROUP 32u
+/* Rows thread 0 reads under the drain threads' locks at a time: at most
+ * LANE_GROUP, and no longer than LANE_HOLD_NS (checked every 16 rows).
+ * Each take costs the drain threads the end of a batch and a wake-up, so
+ * a hand-off every few rows cost more than the merge itself; half a
+ * publish step keeps a drain thread's stall under PUBLISH_STEP_NS. */
+#define LANE_GROUP 512u
+#define LANE_HOLD_NS (PUBLISH_STEP_NS / 2)
 
 /* Drain thread k (a "lane"). Everything below lock is the lane's own,
  * and thread 0's while it holds lock (lane_take). Aligned to 128 bytes
@@ -330,6 +342,8 @@ struct tally_engine {
 	uint64_t cur_slice, next_publish, next_reap;
 	uint64_t walked_slice;           /* the last slice every subject was walked into (advance_all) */
 	uint64_t publish_now;            /* the time of the publish under way */
+	struct tally__window_stats *wsg; /* [LANE_GROUP] with drain threads: merged rows (rows_merge) */
+	uint64_t held_from;              /* when rows_step took the drain threads */
 	uint64_t edges[TALLY__HIST_DEFAULT_NEDGES]; /* export bucket edges, ns */
 	uint32_t nedges;
 	_Atomic uint64_t drained, rejected, publishes, last_publish_ns, died, released;
@@ -1129,14 +1143,15 @@ static void row_window(struct tally_engine *e, uint32_t id, struct subject_state
 	tally__window_stats_merged(wins, n, now, ws);
 }
 
-/* A step of a walk over the rows with the lanes held: every LANE_GROUP
- * rows they get their locks back for a moment, and for the drain of a
- * step whose time is up (publish_yield every mask + 1 rows). */
+/* A step of a walk over the rows with the lanes held: every 16 rows, once
+ * held for LANE_HOLD_NS, they get their locks back for a moment, and for
+ * the drain of a step whose time is up (publish_yield every mask + 1
+ * rows). */
 static void rows_step(struct tally_engine *e, uint32_t i, uint32_t mask, bool *held)
 {
 	bool yield = (i & mask) == mask && publish_due(e);
 
-	if (*held && (yield || i % LANE_GROUP == 0)) {
+	if (*held && (yield || ((i & 15) == 0 && tally__mono_ns() - e->held_from >= LANE_HOLD_NS))) {
 		lanes_give_all(e);
 		*held = false;
 	}
@@ -1144,21 +1159,26 @@ static void rows_step(struct tally_engine *e, uint32_t i, uint32_t mask, bool *h
 		drain_all(e, e->publish_now);
 	if (e->nlanes && !*held) {
 		lanes_take_all(e);
+		e->held_from = tally__mono_ns();
 		*held = true;
 	}
 }
 
-/* With drain threads: the merged windows of rows from .. from+LANE_GROUP-1
- * into out, every lane held for them alone (the rest of a row's work is
- * done after, without the locks). */
-static void rows_merge(struct tally_engine *e, uint32_t from, uint32_t nrows, uint64_t now,
-		       struct tally__window_stats *out)
+/* With drain threads: the merged windows of rows from .. (at most
+ * LANE_GROUP of them, for at most LANE_HOLD_NS) into out, every lane held
+ * for them alone (the rest of a row's work is done after, without the
+ * locks). Returns the row after the last one merged. */
+static uint32_t rows_merge(struct tally_engine *e, uint32_t from, uint32_t nrows, uint64_t now,
+			   struct tally__window_stats *out)
 {
-	uint32_t to = from + LANE_GROUP < nrows ? from + LANE_GROUP : nrows;
+	uint32_t to = from + LANE_GROUP < nrows ? from + LANE_GROUP : nrows, i;
 
 	publish_yield(e, now);
 	lanes_take_all(e);
-	for (uint32_t i = from; i < to; i++) {
+	uint64_t t0 = tally__mono_ns();
+	for (i = from; i < to; i++) {
+		if ((i - from) % 16 == 15 && tally__mono_ns() - t0 >= LANE_HOLD_NS)
+			break;
 		uint32_t id = e->active[i];
 		struct subject_state *st = e->subjects[id];
 		if (st->win.cur_slice < e->cur_slice)
@@ -1166,6 +1186,7 @@ static void rows_merge(struct tally_engine *e, uint32_t from, uint32_t nrows, ui
 		row_window(e, id, st, now, &out[i - from]);
 	}
 	lanes_give_all(e);
+	return i;
 }
 
 static void rows_done(struct tally_engine *e, bool *held)
@@ -1181,6 +1202,8 @@ static int lanes_init(struct tally_engine *e)
 
 	if (!e->nlanes)
 		return 0;
+	if (!(e->wsg = calloc(LANE_GROUP, sizeof(e->wsg[0]))))
+		return -ENOMEM;
 	if (!(e->lanes = aligned_alloc(_Alignof(struct lane), e->nlanes * sizeof(e->lanes[0]))))
 		return -ENOMEM;
 	memset(e->lanes, 0, e->nlanes * sizeof(e->lanes[0]));
@@ -1215,6 +1238,7 @@ static void lanes_free(struct tally_engine *e)
 		pthread_cond_destroy(&l->turn);
 	}
 	free(e->lanes);
+	free(e->wsg);
 }
 
 /* ---- publish -------------------------------------------------------------- */
@@ -1843,15 +1867,15 @@ static void publish(struct tally_engine *e, uint64_t now)
 		return; /* keep the previous snapshot; try again next interval */
 	pending_gather(e);
 	pmap_update(e, sn->nrows, now);
-	struct tally__window_stats wsg[LANE_GROUP];
+	uint32_t merged_from = 0, merged_to = 0;
 	for (uint32_t i = 0; i < sn->nrows; i++) {
 		uint32_t id = e->active[i];
 		struct subject_state *st = e->subjects[id];
 		struct tally_subject_stats *row = &sn->rows[i];
 		if (e->nlanes) {
-			if (i % LANE_GROUP == 0)
-				rows_merge(e, i, sn->nrows, now, wsg);
-			ws = wsg[i % LANE_GROUP];
+			if (i == merged_to)
+				merged_to = rows_merge(e, merged_from = i, sn->nrows, now, e->wsg);
+			ws = e->wsg[i - merged_from];
 		} else {
 			if ((i & 15) == 15)
 				publish_yield(e, now);
