@@ -1143,6 +1143,43 @@ static void row_window(struct tally_engine *e, uint32_t id, struct subject_state
 	tally__window_stats_merged(wins, n, now, ws);
 }
 
+/* The merge is bound by cache misses at thousands of subjects (every
+ * part of a row is cold: the lanes' working set is all their parts), so
+ * it fetches ahead as the drain does: MERGE_PF_FAR rows ahead the state
+ * and parts (their window headers), MERGE_PF_NEAR rows ahead (those have
+ * arrived) the block subtotals the quantile walk adds up. */
+#define MERGE_PF_FAR 4u
+#define MERGE_PF_NEAR 2u
+
+static void prefetch_lines(const void *p, size_t len)
+{
+	for (size_t o = 0; o < len; o += 64)
+		__builtin_prefetch((const char *)p + o, 0);
+}
+
+static void merge_prefetch(const struct tally_engine *e, uint32_t i, uint32_t to)
+{
+	if (i + MERGE_PF_FAR < to) {
+		uint32_t id = e->active[i + MERGE_PF_FAR];
+		prefetch_lines(e->subjects[id], sizeof(struct tally__window));
+		for (uint32_t k = 0; k < e->nlanes; k++)
+			if (e->lanes[k].parts[id])
+				prefetch_lines(e->lanes[k].parts[id], sizeof(struct tally__window));
+	}
+	if (i + MERGE_PF_NEAR < to) {
+		uint32_t id = e->active[i + MERGE_PF_NEAR];
+		for (uint32_t k = 0; k < e->nlanes; k++) {
+			const struct part *p = e->lanes[k].parts[id];
+			if (!p)
+				continue;
+			if (p->win.cur.blocks && p->win.cur.count)
+				prefetch_lines(p->win.cur.blocks, p->win.cur.nblocks * sizeof(uint64_t));
+			if (p->win.agg.blocks && p->win.agg.count)
+				prefetch_lines(p->win.agg.blocks, p->win.agg.nblocks * sizeof(uint64_t));
+		}
+	}
+}
+
 /* A step of a walk over the rows with the lanes held: every 16 rows, once
  * held for LANE_HOLD_NS, they get their locks back for a moment, and for
  * the drain of a step whose time is up (publish_yield every mask + 1
@@ -1179,6 +1216,7 @@ static uint32_t rows_merge(struct tally_engine *e, uint32_t from, uint32_t nrows
 	for (i = from; i < to; i++) {
 		if ((i - from) % 16 == 15 && tally__mono_ns() - t0 >= LANE_HOLD_NS)
 			break;
+		merge_prefetch(e, i, to);
 		uint32_t id = e->active[i];
 		struct subject_state *st = e->subjects[id];
 		if (st->win.cur_slice < e->cur_slice)
