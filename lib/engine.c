@@ -520,6 +520,13 @@ static void advance_one(struct tally_engine *e, struct subject_state *st, uint64
 #define PF_FAR 16u
 #define PF_NEAR 8u
 #define PF_MIN_SUBJECTS 256u
+/* The ring itself: the hardware prefetcher follows a stream only inside
+ * a 4 KiB page (256 entries), so every page the drain enters was a stall
+ * on memory; RING_PF entries ahead (2 KiB), one line in four entries, and
+ * only entries already published (a line the producer is still writing
+ * would be taken from it). At 10 subjects, where nothing else misses,
+ * this was +50% samples per CPU-second, one drain thread or two. */
+#define RING_PF 128u
 
 static inline void prefetch_state(const struct tally_engine *e, const struct tally_ring_entry *r)
 {
@@ -568,6 +575,8 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 	bool walking = e->walked_slice != e->cur_slice;
 	for (uint64_t k = 0; k < n; k++) {
 		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
+		if ((k & 3) == 0 && k + RING_PF < n)
+			__builtin_prefetch(&s->ring[(head + k + RING_PF) & mask], 0);
 		if (pf) {
 			if (k + PF_FAR < n)
 				prefetch_state(e, &s->ring[(head + k + PF_FAR) & mask]);
@@ -946,6 +955,8 @@ static uint64_t lane_drain_slot(struct lane *l, struct tally__slot *s, uint64_t 
 		    atomic_load_explicit(&l->want, memory_order_relaxed))
 			break;
 		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
+		if ((k & 3) == 0 && k + RING_PF < n)
+			__builtin_prefetch(&s->ring[(head + k + RING_PF) & mask], 0);
 		if (pf) {
 			if (k + PF_FAR < n)
 				lane_prefetch(l, &s->ring[(head + k + PF_FAR) & mask], false);
