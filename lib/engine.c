@@ -109,18 +109,17 @@
  * The hand-off is one mutex per lane. The lane holds it for each batch
  * (and each step of its walk), and reads the clock under it; thread 0
  * takes it (lane_take: a flag asks the lane to end its batch within
- * LANE_WANT_EVERY entries, and a lane that finds the flag set sleeps on
- * a condition variable, no spinning, until thread 0 gives the lane back;
- * a lane that waited gets its turn first) to collect fresh subjects and
+ * LANE_WANT_EVERY entries, and a lane that finds the flag set sleeps on a
+ * condition variable, no spinning, until thread 0 gives the lane back; a
+ * lane that waited gets its turn first) to collect fresh subjects and
  * queued entries; at publish, to merge the windows of up to LANE_GROUP
  * rows at a time, for at most LANE_HOLD_NS (half a publish step), as few
  * hand-offs as that allows, since each costs every lane the end of a
  * batch and a wake-up (a row's window is the merge of thread 0's and the
  * lanes' parts of the subject, tally__window_stats_merged: exact count,
- * sum, min and
- * max, the quantiles of the summed histograms, so the same bound and
- * window semantics as one window; the rest of the row, pending, waits
- * and verdict, is done after, without the locks), to sum the export
+ * sum, min and max, the quantiles of the summed histograms, so the same
+ * bound and window semantics as one window; the rest of the row, pending,
+ * waits and verdict, is done after, without the locks), to sum the export
  * buckets the same way; and, holding every lane, for the totals (drained
  * is added under the lane's lock, so drained and the rings agree) and the
  * reaper (no slot is freed under a batch). A part thread 0 reads is first
@@ -525,7 +524,7 @@ static void advance_one(struct tally_engine *e, struct subject_state *st, uint64
  * on memory; RING_PF entries ahead (2 KiB), one line in four entries, and
  * only entries already published (a line the producer is still writing
  * would be taken from it). At 10 subjects, where nothing else misses,
- * this was +50% samples per CPU-second, one drain thread or two. */
+ * this was +35-70% samples per CPU-second, one drain thread or two. */
 #define RING_PF 128u
 
 static inline void prefetch_state(const struct tally_engine *e, const struct tally_ring_entry *r)
