@@ -100,20 +100,26 @@
  *     what needs that state: a subject it saw first (fresh), to get its
  *     row, and every wait and pending entry (fwd: id, tag, value), which
  *     thread 0 puts into the series as if it had drained it itself, at its
- *     next pass (every drain interval). A full queue (LANE_FWD_CAP) ends
- *     the lane's batch there: the entry stays in the ring until thread 0
- *     has emptied the queue.
+ *     next pass. A full queue (LANE_FWD_CAP) ends the lane's batch there:
+ *     the entry stays in the ring until thread 0 has emptied the queue.
+ *   - thread 0, draining nothing, does not wake every drain interval: it
+ *     sleeps until a lane has news for it (the first since its last
+ *     collect signals it), its next slice, publish or reap, or the stop,
+ *     and at least the drain interval between passes (agg_sleep).
  * The hand-off is one mutex per lane. The lane holds it for each batch
  * (and each step of its walk), and reads the clock under it; thread 0
  * takes it (lane_take: a flag asks the lane to end its batch within
- * LANE_WANT_EVERY entries and not to take the lock again meanwhile; a
+ * LANE_WANT_EVERY entries, and a lane that finds the flag set sleeps on a
+ * condition variable, no spinning, until thread 0 gives the lane back; a
  * lane that waited gets its turn first) to collect fresh subjects and
- * queued entries; at publish, to merge the windows of LANE_GROUP rows at
- * a time (a row's window is the merge of thread 0's and the lanes' parts
- * of the subject, tally__window_stats_merged: exact count, sum, min and
- * max, the quantiles of the summed histograms, so the same bound and
- * window semantics as one window; the rest of the row, pending, waits
- * and verdict, is done after, without the locks), to sum the export
+ * queued entries; at publish, to merge the windows of up to LANE_GROUP
+ * rows at a time, for at most LANE_HOLD_NS (half a publish step), as few
+ * hand-offs as that allows, since each costs every lane the end of a
+ * batch and a wake-up (a row's window is the merge of thread 0's and the
+ * lanes' parts of the subject, tally__window_stats_merged: exact count,
+ * sum, min and max, the quantiles of the summed histograms, so the same
+ * bound and window semantics as one window; the rest of the row, pending,
+ * waits and verdict, is done after, without the locks), to sum the export
  * buckets the same way; and, holding every lane, for the totals (drained
  * is added under the lane's lock, so drained and the rings agree) and the
  * reaper (no slot is freed under a batch). A part thread 0 reads is first
@@ -257,8 +263,13 @@ struct fwd {
 /* A drain thread's batch gives its lock up early when thread 0 asks, at
  * most this many entries later. */
 #define LANE_WANT_EVERY 512u
-/* Rows thread 0 reads under the drain threads' locks at a time. */
-#define LANE_GROUP 32u
+/* Rows thread 0 reads under the drain threads' locks at a time: at most
+ * LANE_GROUP, and no longer than LANE_HOLD_NS (checked every 16 rows).
+ * Each take costs the drain threads the end of a batch and a wake-up, so
+ * a hand-off every few rows cost more than the merge itself; half a
+ * publish step keeps a drain thread's stall under PUBLISH_STEP_NS. */
+#define LANE_GROUP 512u
+#define LANE_HOLD_NS (PUBLISH_STEP_NS / 2)
 
 /* Drain thread k (a "lane"). Everything below lock is the lane's own,
  * and thread 0's while it holds lock (lane_take). Aligned to 128 bytes
@@ -272,9 +283,10 @@ struct lane {
 	bool running;                  /* thread 0's: the thread was created */
 	atomic_bool done;              /* the lane has drained to stop */
 	atomic_uint want;              /* thread 0 waits for lock: give it up soon */
-	atomic_bool waiting;           /* the lane waits for lock (thread 0 lets it in first) */
+	atomic_bool waiting;           /* the lane waits on turn (thread 0 lets it in first) */
 	atomic_bool news;              /* fresh or fwd has something (a hint) */
 	pthread_mutex_t lock;
+	pthread_cond_t turn;           /* with lock: thread 0 has given the lane back */
 	struct part **parts;           /* [table_size] */
 	uint32_t *active, nactive;     /* ids of the parts, in order of arrival */
 	uint32_t *fresh, nfresh;       /* parts thread 0 has not yet seen */
@@ -329,6 +341,8 @@ struct tally_engine {
 	uint64_t cur_slice, next_publish, next_reap;
 	uint64_t walked_slice;           /* the last slice every subject was walked into (advance_all) */
 	uint64_t publish_now;            /* the time of the publish under way */
+	struct tally__window_stats *wsg; /* [LANE_GROUP] with drain threads: merged rows (rows_merge) */
+	uint64_t held_from;              /* when rows_step took the drain threads */
 	uint64_t edges[TALLY__HIST_DEFAULT_NEDGES]; /* export bucket edges, ns */
 	uint32_t nedges;
 	_Atomic uint64_t drained, rejected, publishes, last_publish_ns, died, released;
@@ -346,6 +360,10 @@ struct tally_engine {
 	pthread_mutex_t start_lock;
 	pthread_cond_t start_cond;
 	bool started;
+	/* with drain threads: thread 0 sleeps on wake until a lane has news,
+	 * its next tick or the stop (agg_sleep) */
+	pthread_mutex_t wake_lock;
+	pthread_cond_t wake;
 };
 
 TALLY_API void tally_engine_config_init(struct tally_engine_config *cfg)
@@ -501,6 +519,13 @@ static void advance_one(struct tally_engine *e, struct subject_state *st, uint64
 #define PF_FAR 16u
 #define PF_NEAR 8u
 #define PF_MIN_SUBJECTS 256u
+/* The ring itself: the hardware prefetcher follows a stream only inside
+ * a 4 KiB page (256 entries), so every page the drain enters was a stall
+ * on memory; RING_PF entries ahead (2 KiB), one line in four entries, and
+ * only entries already published (a line the producer is still writing
+ * would be taken from it). At 10 subjects, where nothing else misses,
+ * this was +35-70% samples per CPU-second, one drain thread or two. */
+#define RING_PF 128u
 
 static inline void prefetch_state(const struct tally_engine *e, const struct tally_ring_entry *r)
 {
@@ -549,6 +574,8 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 	bool walking = e->walked_slice != e->cur_slice;
 	for (uint64_t k = 0; k < n; k++) {
 		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
+		if ((k & 3) == 0 && k + RING_PF < n)
+			__builtin_prefetch(&s->ring[(head + k + RING_PF) & mask], 0);
 		if (pf) {
 			if (k + PF_FAR < n)
 				prefetch_state(e, &s->ring[(head + k + PF_FAR) & mask]);
@@ -740,16 +767,22 @@ static void sleep_us(uint32_t us)
 	nanosleep(&ts, NULL);
 }
 
-/* The lane takes its own lock, after thread 0 if thread 0 is waiting. */
+/* The lane takes its own lock, after thread 0 if thread 0 wants it: it
+ * sleeps on turn (the lock released) until thread 0 has given the lane
+ * back, no spinning: with N drain threads on N cores, thread 0 shares a
+ * core with one of them, and a spinning lane takes the time thread 0
+ * needs to finish. want is written under the lock at the give, so no
+ * wake-up is lost. */
 static void lane_lock(struct lane *l)
 {
-	if (atomic_load_explicit(&l->want, memory_order_relaxed)) {
-		atomic_store_explicit(&l->waiting, true, memory_order_relaxed);
-		while (atomic_load_explicit(&l->want, memory_order_relaxed))
-			sched_yield();
-	}
 	if (pthread_mutex_lock(&l->lock))
 		tally__die(__FILE__, __LINE__, "drain thread lock");
+	if (!atomic_load_explicit(&l->want, memory_order_relaxed))
+		return;
+	atomic_store_explicit(&l->waiting, true, memory_order_relaxed);
+	while (atomic_load_explicit(&l->want, memory_order_relaxed))
+		if (pthread_cond_wait(&l->turn, &l->lock))
+			tally__die(__FILE__, __LINE__, "drain thread wait");
 	atomic_store_explicit(&l->waiting, false, memory_order_relaxed);
 }
 
@@ -772,8 +805,10 @@ static void lane_take(struct lane *l)
 
 static void lane_give(struct lane *l)
 {
-	pthread_mutex_unlock(&l->lock);
 	atomic_store_explicit(&l->want, 0, memory_order_relaxed);
+	if (atomic_load_explicit(&l->waiting, memory_order_relaxed))
+		pthread_cond_signal(&l->turn);
+	pthread_mutex_unlock(&l->lock);
 }
 
 static void lanes_take_all(struct tally_engine *e)
@@ -786,6 +821,17 @@ static void lanes_give_all(struct tally_engine *e)
 {
 	for (uint32_t k = 0; k < e->nlanes; k++)
 		lane_give(&e->lanes[k]);
+}
+
+/* The lane has something for thread 0: wake it if this is news (once per
+ * collect, so at most once per drain interval while news keeps coming). */
+static void lane_news(struct lane *l)
+{
+	if (atomic_exchange_explicit(&l->news, true, memory_order_relaxed))
+		return;
+	pthread_mutex_lock(&l->e->wake_lock);
+	pthread_cond_signal(&l->e->wake);
+	pthread_mutex_unlock(&l->e->wake_lock);
 }
 
 /* A lane's first sample of a subject: checked as subject_new checks, and
@@ -808,7 +854,7 @@ static struct part *part_new(struct lane *l, uint32_t id, uint64_t now)
 	l->parts[id] = p;
 	l->active[l->nactive++] = id;
 	l->fresh[l->nfresh++] = id;
-	atomic_store_explicit(&l->news, true, memory_order_relaxed);
+	lane_news(l);
 	return p;
 }
 
@@ -867,7 +913,7 @@ static int lane_forward(struct lane *l, uint32_t id, uint32_t tag, uint64_t v)
 	if (l->nfwd == LANE_FWD_CAP)
 		return -1;
 	l->fwd[l->nfwd++] = (struct fwd){ id, tag, v };
-	atomic_store_explicit(&l->news, true, memory_order_relaxed);
+	lane_news(l);
 	return 1;
 }
 
@@ -908,6 +954,8 @@ static uint64_t lane_drain_slot(struct lane *l, struct tally__slot *s, uint64_t 
 		    atomic_load_explicit(&l->want, memory_order_relaxed))
 			break;
 		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
+		if ((k & 3) == 0 && k + RING_PF < n)
+			__builtin_prefetch(&s->ring[(head + k + RING_PF) & mask], 0);
 		if (pf) {
 			if (k + PF_FAR < n)
 				lane_prefetch(l, &s->ring[(head + k + PF_FAR) & mask], false);
@@ -1105,14 +1153,54 @@ static void row_window(struct tally_engine *e, uint32_t id, struct subject_state
 	tally__window_stats_merged(wins, n, now, ws);
 }
 
-/* A step of a walk over the rows with the lanes held: every LANE_GROUP
- * rows they get their locks back for a moment, and for the drain of a
- * step whose time is up (publish_yield every mask + 1 rows). */
+/* The merge is bound by cache misses at thousands of subjects (every
+ * part of a row is cold: the lanes' working set is all their parts), so
+ * it fetches ahead as the drain does: MERGE_PF_FAR rows ahead the parts
+ * (their window headers), MERGE_PF_NEAR rows ahead (those have arrived)
+ * the block subtotals the quantile walk adds up. Not the subject state
+ * too: more fetches in flight than the core has room for stall it (merge
+ * CPU at 10,000 subjects: 9 ms a publish with 6 / 3 rows and no state,
+ * 11.5 ms with 4 / 2 rows and the state, 12 ms with no look-ahead). */
+#define MERGE_PF_FAR 6u
+#define MERGE_PF_NEAR 3u
+
+static void prefetch_lines(const void *p, size_t len)
+{
+	for (size_t o = 0; o < len; o += 64)
+		__builtin_prefetch((const char *)p + o, 0);
+}
+
+static void merge_prefetch(const struct tally_engine *e, uint32_t i, uint32_t to)
+{
+	if (i + MERGE_PF_FAR < to) {
+		uint32_t id = e->active[i + MERGE_PF_FAR];
+		for (uint32_t k = 0; k < e->nlanes; k++)
+			if (e->lanes[k].parts[id])
+				prefetch_lines(e->lanes[k].parts[id], sizeof(struct tally__window));
+	}
+	if (i + MERGE_PF_NEAR < to) {
+		uint32_t id = e->active[i + MERGE_PF_NEAR];
+		for (uint32_t k = 0; k < e->nlanes; k++) {
+			const struct part *p = e->lanes[k].parts[id];
+			if (!p)
+				continue;
+			if (p->win.cur.blocks && p->win.cur.count)
+				prefetch_lines(p->win.cur.blocks, p->win.cur.nblocks * sizeof(uint64_t));
+			if (p->win.agg.blocks && p->win.agg.count)
+				prefetch_lines(p->win.agg.blocks, p->win.agg.nblocks * sizeof(uint64_t));
+		}
+	}
+}
+
+/* A step of a walk over the rows with the lanes held: every 16 rows, once
+ * held for LANE_HOLD_NS, they get their locks back for a moment, and for
+ * the drain of a step whose time is up (publish_yield every mask + 1
+ * rows). */
 static void rows_step(struct tally_engine *e, uint32_t i, uint32_t mask, bool *held)
 {
 	bool yield = (i & mask) == mask && publish_due(e);
 
-	if (*held && (yield || i % LANE_GROUP == 0)) {
+	if (*held && (yield || ((i & 15) == 0 && tally__mono_ns() - e->held_from >= LANE_HOLD_NS))) {
 		lanes_give_all(e);
 		*held = false;
 	}
@@ -1120,21 +1208,27 @@ static void rows_step(struct tally_engine *e, uint32_t i, uint32_t mask, bool *h
 		drain_all(e, e->publish_now);
 	if (e->nlanes && !*held) {
 		lanes_take_all(e);
+		e->held_from = tally__mono_ns();
 		*held = true;
 	}
 }
 
-/* With drain threads: the merged windows of rows from .. from+LANE_GROUP-1
- * into out, every lane held for them alone (the rest of a row's work is
- * done after, without the locks). */
-static void rows_merge(struct tally_engine *e, uint32_t from, uint32_t nrows, uint64_t now,
-		       struct tally__window_stats *out)
+/* With drain threads: the merged windows of rows from .. (at most
+ * LANE_GROUP of them, for at most LANE_HOLD_NS) into out, every lane held
+ * for them alone (the rest of a row's work is done after, without the
+ * locks). Returns the row after the last one merged. */
+static uint32_t rows_merge(struct tally_engine *e, uint32_t from, uint32_t nrows, uint64_t now,
+			   struct tally__window_stats *out)
 {
-	uint32_t to = from + LANE_GROUP < nrows ? from + LANE_GROUP : nrows;
+	uint32_t to = from + LANE_GROUP < nrows ? from + LANE_GROUP : nrows, i;
 
 	publish_yield(e, now);
 	lanes_take_all(e);
-	for (uint32_t i = from; i < to; i++) {
+	uint64_t t0 = tally__mono_ns();
+	for (i = from; i < to; i++) {
+		if ((i - from) % 16 == 15 && tally__mono_ns() - t0 >= LANE_HOLD_NS)
+			break;
+		merge_prefetch(e, i, to);
 		uint32_t id = e->active[i];
 		struct subject_state *st = e->subjects[id];
 		if (st->win.cur_slice < e->cur_slice)
@@ -1142,6 +1236,7 @@ static void rows_merge(struct tally_engine *e, uint32_t from, uint32_t nrows, ui
 		row_window(e, id, st, now, &out[i - from]);
 	}
 	lanes_give_all(e);
+	return i;
 }
 
 static void rows_done(struct tally_engine *e, bool *held)
@@ -1157,6 +1252,8 @@ static int lanes_init(struct tally_engine *e)
 
 	if (!e->nlanes)
 		return 0;
+	if (!(e->wsg = calloc(LANE_GROUP, sizeof(e->wsg[0]))))
+		return -ENOMEM;
 	if (!(e->lanes = aligned_alloc(_Alignof(struct lane), e->nlanes * sizeof(e->lanes[0]))))
 		return -ENOMEM;
 	memset(e->lanes, 0, e->nlanes * sizeof(e->lanes[0]));
@@ -1165,6 +1262,7 @@ static int lanes_init(struct tally_engine *e)
 		l->e = e;
 		l->index = k;
 		pthread_mutex_init(&l->lock, NULL);
+		pthread_cond_init(&l->turn, NULL);
 		l->cur_slice = l->walked_slice = tally__mono_ns() / e->cfg.slice_ns;
 		l->parts = calloc(n, sizeof(l->parts[0]));
 		l->active = calloc(n, sizeof(l->active[0]));
@@ -1187,8 +1285,10 @@ static void lanes_free(struct tally_engine *e)
 		free(l->fresh);
 		free(l->fwd);
 		pthread_mutex_destroy(&l->lock);
+		pthread_cond_destroy(&l->turn);
 	}
 	free(e->lanes);
+	free(e->wsg);
 }
 
 /* ---- publish -------------------------------------------------------------- */
@@ -1711,6 +1811,19 @@ static void bucket_add(const struct tally_engine *e, uint64_t *row, const struct
 	row[e->nedges + 1] = tally__hist_sat_add(row[e->nedges + 1], p->exp.sum, &sat);
 }
 
+/* The export buckets of row i + MERGE_PF_FAR's parts (where they are)
+ * and of row i + MERGE_PF_NEAR's (their counts), as merge_prefetch. */
+static void bucket_prefetch(const struct tally_engine *e, uint32_t i, uint32_t nrows)
+{
+	for (uint32_t k = 0; k < e->nlanes; k++) {
+		const struct part *p;
+		if (i + MERGE_PF_FAR < nrows && (p = e->lanes[k].parts[e->active[i + MERGE_PF_FAR]]))
+			__builtin_prefetch(&p->exp, 0);
+		if (i + MERGE_PF_NEAR < nrows && (p = e->lanes[k].parts[e->active[i + MERGE_PF_NEAR]]))
+			prefetch_lines(p->exp.le, e->nedges * sizeof(uint64_t));
+	}
+}
+
 /* Rebuild the shared row map and buckets when they changed. 0 or -ENOMEM. */
 static int shared_refresh(struct tally_engine *e)
 {
@@ -1733,6 +1846,7 @@ static int shared_refresh(struct tally_engine *e)
 		bool held = false;
 		for (uint32_t i = 0; i < nrows; i++) {
 			rows_step(e, i, 63, &held);
+			bucket_prefetch(e, i, nrows);
 			uint32_t id = e->active[i];
 			const struct subject_state *st = e->subjects[id];
 			uint64_t *row = b->data + (size_t)i * row_len;
@@ -1817,15 +1931,15 @@ static void publish(struct tally_engine *e, uint64_t now)
 		return; /* keep the previous snapshot; try again next interval */
 	pending_gather(e);
 	pmap_update(e, sn->nrows, now);
-	struct tally__window_stats wsg[LANE_GROUP];
+	uint32_t merged_from = 0, merged_to = 0;
 	for (uint32_t i = 0; i < sn->nrows; i++) {
 		uint32_t id = e->active[i];
 		struct subject_state *st = e->subjects[id];
 		struct tally_subject_stats *row = &sn->rows[i];
 		if (e->nlanes) {
-			if (i % LANE_GROUP == 0)
-				rows_merge(e, i, sn->nrows, now, wsg);
-			ws = wsg[i % LANE_GROUP];
+			if (i == merged_to)
+				merged_to = rows_merge(e, merged_from = i, sn->nrows, now, e->wsg);
+			ws = e->wsg[i - merged_from];
 		} else {
 			if ((i & 15) == 15)
 				publish_yield(e, now);
@@ -1902,6 +2016,37 @@ static void lanes_stop(struct tally_engine *e)
 		lanes_collect(e, tally__mono_ns(), true);
 }
 
+static bool lanes_news(struct tally_engine *e)
+{
+	for (uint32_t k = 0; k < e->nlanes; k++)
+		if (atomic_load_explicit(&e->lanes[k].news, memory_order_relaxed))
+			return true;
+	return false;
+}
+
+/* Thread 0 with drain threads drains nothing, so it need not wake every
+ * drain interval to find nothing: after the drain interval (which bounds
+ * how often news can wake it) it sleeps on wake until a lane has news
+ * (lane_news), its next tick (slice, publish, reap) or the stop. Each
+ * wake-up of a third thread on the drain threads' cores takes one of them
+ * off its core. */
+static void agg_sleep(struct tally_engine *e, uint64_t now)
+{
+	uint64_t until = (e->cur_slice + 1) * e->cfg.slice_ns;
+
+	sleep_us(e->cfg.drain_interval_us);
+	until = e->next_publish < until ? e->next_publish : until;
+	until = e->next_reap < until ? e->next_reap : until;
+	if (until <= now)
+		return;
+	struct timespec ts = { (time_t)(until / 1000000000u), (long)(until % 1000000000u) };
+	pthread_mutex_lock(&e->wake_lock);
+	while (!atomic_load_explicit(&e->stop, memory_order_acquire) && !lanes_news(e) &&
+	       pthread_cond_timedwait(&e->wake, &e->wake_lock, &ts) != ETIMEDOUT)
+		;
+	pthread_mutex_unlock(&e->wake_lock);
+}
+
 static void *aggregator_main(void *arg)
 {
 	struct tally_engine *e = arg;
@@ -1924,7 +2069,10 @@ static void *aggregator_main(void *arg)
 		if (got == 0) {
 			stall_end(e); /* what tick took counts; the sleep does not */
 			e->stall_from = 0;
-			sleep_us(e->cfg.drain_interval_us);
+			if (e->nlanes)
+				agg_sleep(e, now);
+			else
+				sleep_us(e->cfg.drain_interval_us);
 		}
 	}
 	now = tally__mono_ns();
@@ -1969,6 +2117,8 @@ static void engine_free(struct tally_engine *e)
 	free(e->emapped);
 	free(e->rstart);
 	free(e->ridx);
+	pthread_mutex_destroy(&e->wake_lock);
+	pthread_cond_destroy(&e->wake);
 	e->magic = 0;
 	free(e);
 }
@@ -1997,6 +2147,12 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 		return -ENOMEM;
 	e->magic = TALLY__ENGINE_MAGIC;
 	e->seg = seg;
+	pthread_mutex_init(&e->wake_lock, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&e->wake, &ca);
+	pthread_condattr_destroy(&ca);
 	e->cfg = *cfg;
 	e->nlanes = cfg->drain_threads > 1 ? cfg->drain_threads : 0;
 	e->own_slots = e->nlanes ? 0 : seg->nslots;
@@ -2153,6 +2309,9 @@ TALLY_API void tally_engine_stop(struct tally_engine **ep)
 		return;
 	TALLY__ASSERT(e->magic == TALLY__ENGINE_MAGIC);
 	atomic_store_explicit(&e->stop, true, memory_order_release);
+	pthread_mutex_lock(&e->wake_lock); /* thread 0 may sleep until its next tick (agg_sleep) */
+	pthread_cond_signal(&e->wake);
+	pthread_mutex_unlock(&e->wake_lock);
 	pthread_join(e->thread, NULL);
 	release_published(e);
 	e->seg->engine_attached = false;

@@ -27,7 +27,8 @@
  * scans the buckets of the few blocks where a requested rank or edge falls.
  * All the requested quantiles are answered in the same ascending pass.  The
  * walk works over the sum of several histograms (a window's closed slices
- * plus its current slice) without materialising that sum.
+ * plus its current slice, or the windows of several drain threads) without
+ * materialising that sum, and leaves out the histograms that are empty.
  *
  * Invariants, checked with always-on aborts where cheap: blocks[b] equals
  * the true number of values in block b (exact, even when a bucket
@@ -816,31 +817,65 @@ void tally__hist_sub_packed(struct tally__hist *h, const uint8_t *buf,
 
 /* ---- read side: walks over the sum of nh histograms ---------------- */
 
+/* The walk sums only the histograms that can hold a value (walk_init):
+ * a merged window (drain_threads) brings several empty ones, and every
+ * histogram summed costs the scan a load per bucket. */
+#define WALK_MAX 64u
+
 struct walk {
-	const struct tally__hist *const *hs;
+	const struct tally__hist *const *hs; /* the ones summed */
 	size_t nh;
 	uint64_t count, min, max; /* of the sum */
-	uint64_t carry_blocks;    /* blocks where some histogram has a carry */
-	bool exact;               /* min/max exact: no BOUNDS_LOOSE */
-	bool dense;               /* every histogram has storage */
+	uint64_t carry_blocks;    /* blocks where some histogram summed has a carry */
+	bool exact;               /* min/max exact: no BOUNDS_LOOSE (of every histogram given) */
+	bool dense;               /* every histogram summed has storage */
+	const struct tally__hist *use[WALK_MAX];
 };
+
+/* Holds no value in any bucket: empty, so every block subtotal is 0
+ * (the invariant above), no carry, and no counter a failed carry left
+ * stuck (which reads UINT16_MAX whatever the count). */
+static bool hist_void(const struct tally__hist *h)
+{
+	return h->count == 0 && h->ncarry == 0 && !(h->flags & TALLY__HIST_BUCKET_SATURATED);
+}
 
 static int walk_init(struct walk *w, const struct tally__hist *const *hs,
 		     size_t nh)
 {
+	size_t nu = 0;
+
 	if (nh == 0)
 		return -EINVAL;
-	*w = (struct walk){ hs, nh, 0, UINT64_MAX, 0, 0, true, true };
+	w->hs = hs;
+	w->nh = nh;
+	w->count = 0;
+	w->min = UINT64_MAX;
+	w->max = 0;
+	w->carry_blocks = 0;
+	w->exact = w->dense = true;
 	for (size_t k = 0; k < nh; k++) {
 		TALLY__ASSERT(hs[k]->nbuckets == hs[0]->nbuckets);
 		w->count += hs[k]->count;
 		w->exact &= !(hs[k]->flags & TALLY__HIST_BOUNDS_LOOSE);
+		if (nh <= WALK_MAX && hist_void(hs[k]))
+			continue; /* adds 0 to every bucket and block: not summed */
+		if (nh <= WALK_MAX)
+			w->use[nu++] = hs[k];
 		w->dense &= hs[k]->counts != NULL;
 		w->carry_blocks |= hs[k]->carry_blocks;
 		if (hs[k]->count == 0)
 			continue;
 		w->min = hs[k]->min < w->min ? hs[k]->min : w->min;
 		w->max = hs[k]->max > w->max ? hs[k]->max : w->max;
+	}
+	if (nh <= WALK_MAX) {
+		if (nu == 0) { /* all empty: one of them for the layout, it sums to 0 */
+			w->use[nu++] = hs[0];
+			w->dense = hs[0]->counts != NULL;
+		}
+		w->hs = w->use;
+		w->nh = nu;
 	}
 	return 0;
 }
@@ -931,6 +966,14 @@ static uint32_t walk_scan(const struct walk *w, uint32_t next, uint32_t hi,
 
 		while (i < hi && (c += (uint64_t)a[i] + b[i]) < r)
 			i++;
+	} else if (plain) { /* merged windows: the counters alone, no call per bucket */
+		for (; i < hi; i++) {
+			uint64_t t = 0;
+			for (size_t k = 0; k < w->nh; k++)
+				t += w->hs[k]->counts[i];
+			if ((c += t) >= r)
+				break;
+		}
 	} else {
 		while (i < hi && (c += walk_bucket(w, i)) < r)
 			i++;

@@ -5,7 +5,8 @@
  * sparse and packed) as inverses, the 16-bit counters' carry at 65,535 /
  * 65,536, saturation only without memory, release and wake, quantile accuracy against an exact
  * sorted oracle with the same nearest-rank definition on several
- * distributions, and cumulative counts at the default exporter edges.
+ * distributions, and cumulative counts at the default exporter edges;
+ * sums of several histograms with empty ones among them (merged windows).
  */
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -624,6 +625,51 @@ Test(hist, loose_bounds_after_sub)
 	cr_assert_eq(out[1], 1000000); /* clamped to max */
 	tally__hist_destroy(&a);
 	tally__hist_destroy(&b);
+}
+
+/* A merged window (drain_threads) sums several histograms, some empty
+ * (dense, released, reset): the walk leaves those out,
+ * and what it answers must be what the sum of the others answers, with
+ * three or more summed (the loop for more than two) and with one. */
+Test(hist, quantiles_of_several_with_empty_ones)
+{
+	struct tally__hist h = mk(TALLY__HIST_DEFAULT_MAX), p = mk(TALLY__HIST_DEFAULT_MAX);
+	struct tally__hist r = mk(TALLY__HIST_DEFAULT_MAX), t = mk(TALLY__HIST_DEFAULT_MAX);
+	struct tally__hist e1 = mk(TALLY__HIST_DEFAULT_MAX), e2 = mk(TALLY__HIST_DEFAULT_MAX);
+	struct tally__hist e3 = mk(TALLY__HIST_DEFAULT_MAX);
+	const struct tally__hist *six[6] = { &e1, &p, &e2, &r, &e3, &t }, *one[3] = { &e1, &p, &e2 };
+	uint64_t edges[TALLY__HIST_DEFAULT_NEDGES], c1[TALLY__HIST_DEFAULT_NEDGES], c6[TALLY__HIST_DEFAULT_NEDGES];
+	size_t ne = tally__hist_default_edges(edges, TALLY__HIST_DEFAULT_NEDGES);
+	uint64_t est[NQS], got[NQS], s = 7;
+
+	tally__hist_release(&e2);
+	tally__hist_add(&e3, 5000);
+	tally__hist_reset(&e3); /* storage that held a value, empty again */
+	for (int i = 0; i < 100000; i++) {
+		uint64_t v = (uint64_t)(exp(10.0 + 2.0 * rnd_normal(&s)));
+		tally__hist_add(&h, v);
+		tally__hist_add(i % 3 == 0 ? &p : i % 3 == 1 ? &r : &t, v);
+	}
+	cr_assert_eq(tally__hist_quantiles(&h, QS, NQS, est), 0);
+	cr_assert_eq(tally__hist_quantiles_n(six, 6, QS, NQS, got), 0);
+	for (size_t i = 0; i < NQS; i++)
+		cr_assert_eq(got[i], est[i], "q=%g: %lu, the sum alone %lu", QS[i], got[i], est[i]);
+	cr_assert_eq(tally__hist_cumulative_le(&h, edges, ne, c1), 0);
+	cr_assert_eq(tally__hist_cumulative_le_n(six, 6, edges, ne, c6), 0);
+	cr_assert_arr_eq(c6, c1, ne * sizeof(c1[0]));
+	/* one summed, two empty: the same as it alone */
+	cr_assert_eq(tally__hist_quantiles(&p, QS, NQS, est), 0);
+	cr_assert_eq(tally__hist_quantiles_n(one, 3, QS, NQS, got), 0);
+	cr_assert_arr_eq(got, est, sizeof(est));
+	/* all empty: no data, and counts of 0 */
+	const struct tally__hist *none[3] = { &e1, &e2, &e3 };
+	cr_assert_eq(tally__hist_quantiles_n(none, 3, QS, NQS, got), -ENODATA);
+	cr_assert_eq(tally__hist_cumulative_le_n(none, 3, edges, ne, c6), 0);
+	for (size_t i = 0; i < ne; i++)
+		cr_assert_eq(c6[i], 0);
+	struct tally__hist *all[7] = { &h, &p, &r, &t, &e1, &e2, &e3 };
+	for (int i = 0; i < 7; i++)
+		tally__hist_destroy(all[i]);
 }
 
 Test(hist, nearest_rank_definition)
