@@ -23,8 +23,8 @@
  * them it says so and marks the run failed.
  *
  * Sizes, for a 2-core machine: wrk one thread, nginx one worker, the
- * gateway's check pool one thread per core, the upstream and proxy mode a
- * thread per connection; nothing is pinned. Where it may (root), the part
+ * gateway's check pool one thread per core, proxy mode one event loop per
+ * core, the upstream a thread per connection; nothing is pinned. Where it may (root), the part
  * runs itself and what it starts at nice -10, and says so: the figures
  * are then the gateway's, less those of other work on the machine.
  */
