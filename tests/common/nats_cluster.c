@@ -100,7 +100,7 @@ static int start_node(struct tally_test_cluster *c, int i, const char *routes)
 	return rc;
 }
 
-int tally_test_cluster_start(struct tally_test_cluster *c)
+static int cluster_start_once(struct tally_test_cluster *c)
 {
 	char routes[200] = "";
 	size_t off = 0;
@@ -125,6 +125,22 @@ int tally_test_cluster_start(struct tally_test_cluster *c)
 		rc = tally_test_cluster_wait_js(c, i, 30000);
 	if (rc < 0)
 		tally_test_cluster_stop(c);
+	return rc;
+}
+
+/* The ports are chosen free but not held: a node may lose one to another
+ * node (or test) that bound it first. Then the whole cluster starts again
+ * on new ports. */
+int tally_test_cluster_start(struct tally_test_cluster *c)
+{
+	int rc = -EADDRINUSE;
+
+	for (int attempt = 0; attempt < 5; attempt++) {
+		rc = cluster_start_once(c);
+		if (rc == 0 || !strstr(c->errmsg, "address already in use"))
+			break;
+		fprintf(stderr, "nats cluster: a port was taken (%s); again on new ports\n", c->errmsg);
+	}
 	return rc;
 }
 
