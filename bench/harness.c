@@ -335,7 +335,8 @@ static void usage(FILE *to)
 		    "  --reps N         repetitions per case (default 7)\n"
 		    "  --scale X        multiply operation counts by X (default 1)\n"
 		    "  --threads N      record: thread sweep 1..N (default: online CPUs)\n"
-		    "  --subjects LIST  publish, ingest: subjects (default " DEFAULT_SUBJECTS "; alias --sizes)\n"
+		    "  --subjects LIST  publish, ingest: subjects (default " DEFAULT_SUBJECTS "; alias --sizes);\n"
+		    "                   drain too when given (its default 10,1000,10000)\n"
 		    "  --consumers LIST pending: consumers (default " DEFAULT_CONSUMERS ")\n"
 		    "  --slices LIST    window: window length in 1 s slices (default " DEFAULT_SLICES ")\n"
 		    "  --drain-threads LIST  drain: drain_threads values (default " DEFAULT_DRAIN_THREADS "; the first is the baseline)\n"
@@ -371,7 +372,7 @@ int main(int argc, char **argv)
 		case 'r': reps = atoi(optarg); break;
 		case 'x': scale = atof(optarg); break;
 		case 't': bench_opts.max_threads = atoi(optarg); break;
-		case 'S': bench_opts.subjects = optarg; break;
+		case 'S': bench_opts.subjects = optarg; bench_opts.subjects_given = true; break;
 		case 'C': bench_opts.consumers = optarg; break;
 		case 'W': bench_opts.slices = optarg; break;
 		case 'D': bench_opts.drain_threads = optarg; break;

@@ -20,6 +20,7 @@ struct bench_opts {
 	double scale;          /* multiplies operation counts (default 1.0; --quick 0.25) */
 	int max_threads;       /* the thread sweep runs 1..this (default: online cores) */
 	const char *subjects;  /* subject sweep of publish and ingest (--subjects, alias --sizes) */
+	bool subjects_given;   /* --subjects was given: drain sweeps it too */
 	const char *consumers; /* consumer sweep of pending (--consumers) */
 	const char *slices;    /* window sweep, slices of 1 s per window (--slices) */
 	const char *drain_threads; /* drain: drain_threads sweep (--drain-threads, default 1,2,4) */

@@ -610,7 +610,7 @@ static double drain_once(struct tally_segment *seg, struct tally_producer **p, c
 void bench_part_drain(void)
 {
 	struct ingest_data *d = malloc(sizeof(*d));
-	const char *list = DRAIN_SUBJECTS;
+	const char *list = bench_opts.subjects_given ? bench_opts.subjects : DRAIN_SUBJECTS;
 	unsigned long nsubj;
 	char name[64];
 
