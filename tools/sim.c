@@ -18,6 +18,21 @@
 #define FETCH_BATCH 16
 #define FETCH_TIMEOUT_MS 100
 
+/* cnats before 3.9.0 (Debian 12 ships 3.4.1) writes past the message
+ * array of natsSubscription_Fetch (nats-io/nats.c#749, "heap buffer
+ * overflow in _fetch"): when the subscription already holds k user
+ * messages at the call (replies to an earlier pull that came after it
+ * gave up, as around a reconnect), 0 < k < batch, it pulls for the rest
+ * but compares its count (from k up) with batch - k, so with
+ * k >= batch / 2 the count never meets it and the array overflows. It
+ * corrupted the heap of test_e2e_overload once at a nats-server restart,
+ * and does within a few restarts of test_reconnect under ASan, with a
+ * batch of 16 and of 2. With a batch of 1, k is 0 or 1: never in range. */
+static int fetch_batch(void)
+{
+	return nats_GetVersionNumber() >= 0x030900u ? FETCH_BATCH : 1;
+}
+
 static void set_err(char *err, size_t len, const char *what, natsStatus s, jsErrCode jerr)
 {
 	snprintf(err, len, "%s: %s%s", what, natsStatus_GetText(s),
@@ -169,6 +184,8 @@ static void *worker_main(void *arg)
 		fprintf(stderr, "sim: router worker: %s\n", tally_errmsg());
 		return NULL;
 	}
+	int batch = fetch_batch();
+
 	while (!atomic_load(&r->stop)) {
 		if (!sub && js_PullSubscribe(&sub, r->js, r->cfg->filter, r->cfg->consumer, NULL, NULL,
 					     &jerr) != NATS_OK) {
@@ -177,7 +194,7 @@ static void *worker_main(void *arg)
 			continue;
 		}
 		natsMsgList list = { 0 };
-		natsStatus s = natsSubscription_Fetch(&list, sub, FETCH_BATCH, FETCH_TIMEOUT_MS, &jerr);
+		natsStatus s = natsSubscription_Fetch(&list, sub, batch, FETCH_TIMEOUT_MS, &jerr);
 		if (s == NATS_OK)
 			for (int i = 0; i < list.Count; i++)
 				handle(w, p, list.Msgs[i]);
