@@ -141,6 +141,23 @@ Test(gateway_proxy, keep_alive_and_methods, .timeout = 60)
 	cr_expect_eq(gwt_http(e.port, "/_big/1000", &head, &r), 200);
 	cr_expect_eq(r.len, 0);
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/m"), 5, "each request reached the upstream once");
+	/* one client connection's transfers share a curl handle: nothing of
+	 * a request (its method, body, HEAD) may carry over to the next */
+	static const struct { const char *method; int64_t body; const char *path, *starts; } seq[] = {
+		{ "POST", 10, "/m", "POST /m len=10 " }, { "GET", -1, "/m", "GET /m len=0 " },
+		{ "HEAD", -1, "/_big/1000", NULL },       { "GET", -1, "/_big/1000", NULL },
+		{ "DELETE", -1, "/m", "DELETE /m len=0 " }, { "GET", -1, "/m", "GET /m len=0 " },
+	};
+	for (size_t i = 0; i < sizeof(seq) / sizeof(seq[0]); i++) {
+		struct gwt_req rq = { .method = seq[i].method, .body = seq[i].body };
+		cr_expect_eq(gwt_http(e.port, seq[i].path, &rq, &r), 200, "%zu %s", i, seq[i].method);
+		cr_expect_eq(r.connects, 0, "%zu %s: on the same connection", i, seq[i].method);
+		if (seq[i].starts)
+			cr_expect(strncmp(r.body, seq[i].starts, strlen(seq[i].starts)) == 0, "%zu: %s", i, r.body);
+		else
+			cr_expect_eq(r.len, strcmp(seq[i].method, "HEAD") == 0 ? 0 : 1000, "%zu %s: %llu bytes", i,
+				     seq[i].method, (unsigned long long)r.len);
+	}
 	env_stop(&e);
 }
 
