@@ -398,6 +398,16 @@ static int config_check(const struct tally_engine_config *c)
 
 /* ---- ingest --------------------------------------------------------------- */
 
+/* Zeroed memory for a struct that begins with a window, on a 64-byte
+ * boundary: a sample then touches one line of it (window.h). free()d. */
+static void *calloc_line(size_t size)
+{
+	size_t n = (size + 63u) & ~(size_t)63u;
+	void *p = aligned_alloc(64, n);
+
+	return p ? memset(p, 0, n) : NULL;
+}
+
 /* First sample of a subject: check the id against the table, make its window. */
 static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, uint64_t now)
 {
@@ -406,7 +416,7 @@ static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, ui
 
 	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
 		return NULL;
-	struct subject_state *st = calloc(1, sizeof(*st));
+	struct subject_state *st = calloc_line(sizeof(*st));
 	if (!st || !(st->exp.le = calloc(e->nedges, sizeof(uint64_t))) ||
 	    tally_subject_name(seg, id, st->name, sizeof(st->name)) != 0 ||
 	    tally__window_init(&st->win, &e->wcfg, now) != 0) {
@@ -510,8 +520,8 @@ static void advance_one(struct tally_engine *e, struct subject_state *st, uint64
  * bucket are rarely in cache, and one miss after another is what bounds
  * the ingest. So the drain looks ahead in the ring: PF_FAR entries ahead
  * it fetches the subject's state, PF_NEAR entries ahead (the state has
- * arrived by then) the bucket counter and block subtotal the value will
- * increment; the misses overlap instead of queueing. Only hints: every
+ * arrived by then) the bucket counter the value will increment (the
+ * block subtotals are not kept on this path: hist.h, Subtotals); the misses overlap instead of queueing. Only hints: every
  * index is bounds-checked as it would be for real, and a wrong guess (a
  * rewritten entry) costs a useless fetch, nothing more. Below
  * PF_MIN_SUBJECTS active subjects everything is in cache and the look-
@@ -548,7 +558,6 @@ static inline void prefetch_bucket(const struct tally_engine *e, const struct ta
 		return;
 	uint32_t i = tally__hist_index(v < h->max_value ? v : h->max_value);
 	__builtin_prefetch(&h->counts[i], 1);
-	__builtin_prefetch(&h->blocks[i >> 6], 1);
 }
 
 /* Drain up to DRAIN_BATCH entries of s, and at most `budget` of them
@@ -843,7 +852,7 @@ static struct part *part_new(struct lane *l, uint32_t id, uint64_t now)
 
 	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
 		return NULL;
-	struct part *p = calloc(1, sizeof(*p));
+	struct part *p = calloc_line(sizeof(*p));
 	if (!p || !(p->exp.le = calloc(e->nedges, sizeof(uint64_t))) ||
 	    tally__window_init(&p->win, &e->wcfg, now) != 0) {
 		if (p)
@@ -932,7 +941,6 @@ static inline void lane_prefetch(const struct lane *l, const struct tally_ring_e
 	const struct tally__hist *h = &p->win.cur;
 	uint32_t i = tally__hist_index(v < h->max_value ? v : h->max_value);
 	__builtin_prefetch(&h->counts[i], 1);
-	__builtin_prefetch(&h->blocks[i >> 6], 1);
 }
 
 /* drain_slot for a lane, into its parts, under its lock. Ends early when

@@ -73,11 +73,14 @@ struct tally__window_config {
 					TALLY__HIST_DEFAULT_MAX })
 
 struct tally__window {
-	uint32_t magic;          /* TALLY__WINDOW_MAGIC while initialised */
-	/* first, on the line that add touches anyway: the engine compares it
-	 * with its own slice for every sample it drains (lazy advance) */
-	uint64_t cur_slice;
+	/* First: the line a sample touches (hist.h).  A window placed on a
+	 * 64-byte boundary (lib/engine.c allocates its subjects so) costs a
+	 * sample that line and the counter's line. */
 	struct tally__hist cur;  /* slice cur_slice, receiving values */
+	/* next to it: the engine compares it with its own slice for every
+	 * sample it drains while a walk closes slices (lazy advance) */
+	uint64_t cur_slice;
+	uint32_t magic;          /* TALLY__WINDOW_MAGIC while initialised */
 	struct tally__hist agg;  /* closed slices inside the window; exact min/max */
 	/* The closed slices inside the window, oldest first, as records
 	 * fifo[fhead .. ftail): varint slice, varint length, packed histogram
@@ -137,7 +140,7 @@ static inline bool tally__window_add(struct tally__window *w, uint64_t v)
 {
 	if (TALLY__UNLIKELY(w->cur.counts == NULL))
 		return tally__window_add_cold(w, v);
-	tally__hist_add(&w->cur, v);
+	tally__hist_add_lazy(&w->cur, v);
 	return true;
 }
 
