@@ -42,6 +42,8 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "arena.h"
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -85,14 +87,25 @@ static uint32_t block_end(const struct tally__hist *h, uint32_t b)
 
 /* ---- storage --------------------------------------------------------- */
 
-/* One allocation: the subtotals, then the counters (rounded to 8 bytes). */
+/* Bytes of the one allocation: the subtotals, then the counters (rounded
+ * to 8 bytes). */
+static size_t storage_bytes(const struct tally__hist *h)
+{
+	return (h->nblocks + (h->nbuckets + 3u) / 4u) * sizeof(uint64_t);
+}
+
+/* From the huge-page arena (arena.h: with thousands of subjects the
+ * counters are what every sample misses on), else from malloc. */
 static int storage_alloc(struct tally__hist *h, const char *point)
 {
 	uint64_t *mem;
 
 	if (TALLY__HIST_NOMEM(point))
 		return -ENOMEM;
-	mem = calloc(h->nblocks + (h->nbuckets + 3u) / 4u, sizeof(uint64_t));
+	mem = TALLY__HIST_NOMEM("hist.arena") ? NULL : tally__arena_alloc(storage_bytes(h));
+	h->in_arena = mem != NULL;
+	if (mem == NULL)
+		mem = calloc(1, storage_bytes(h));
 	if (mem == NULL)
 		return -ENOMEM;
 	h->blocks = mem;
@@ -116,7 +129,11 @@ int tally__hist_init(struct tally__hist *h, uint64_t max_value)
 /* Give back the counters and the carry table (the geometry stays). */
 static void storage_free(struct tally__hist *h)
 {
-	free(h->blocks);
+	if (h->in_arena)
+		tally__arena_free(h->blocks, storage_bytes(h));
+	else
+		free(h->blocks);
+	h->in_arena = 0;
 	free(h->carry);
 	h->blocks = NULL;
 	h->counts = NULL;

@@ -141,6 +141,7 @@ struct tally__hist {
 	uint64_t clamped;  /* values recorded above max_value */
 	uint32_t nblocks;  /* ceil(nbuckets / 64), <= 59 */
 	uint32_t ncarry, carry_cap;
+	uint32_t in_arena; /* blocks/counts from the huge-page arena (arena.h), not malloc */
 	uint64_t carry_blocks; /* bit b: block b has a carry entry */
 	struct tally__hist_carry *carry; /* ascending idx, ncarry of them */
 };
@@ -164,7 +165,8 @@ struct tally__hist_sparse {
 
 /*
  * Test hook: when set, each allocation point of hist.c and window.c asks
- * it first, by name ("hist.init", "hist.wake", "hist.carry", "window.fifo"),
+ * it first, by name ("hist.init", "hist.wake", "hist.carry", "window.fifo";
+ * "hist.arena" fails only the huge-page arena: malloc is used instead),
  * and fails as if malloc had returned NULL when it returns true.  NULL
  * except in a test; one load of a global on slow paths only.
  */

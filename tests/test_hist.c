@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena.h"
 #include "hist.h"
 
 /* splitmix64: small, seedable, good enough for test data. */
@@ -798,4 +799,57 @@ Test(hist, lazy_add_saturates_exactly)
 	assert_lazy_same(&l, &p);
 	tally__hist_destroy(&l);
 	tally__hist_destroy(&p);
+}
+
+static bool fail_arena(const char *point)
+{
+	return strcmp(point, "hist.arena") == 0;
+}
+
+/* Storage comes from the huge-page arena (lib/arena.h), 64-byte aligned,
+ * in 2 MiB chunks that are unmapped once every histogram in them is gone;
+ * without the arena, from malloc, and the histogram works the same. */
+Test(hist, storage_in_arena_given_back)
+{
+	enum { N = 1000 }; /* more than two chunks' worth */
+	struct tally__hist *h = calloc(N, sizeof(*h));
+	struct tally__hist m = { 0 };
+	const double q = 0.5;
+	uint64_t out;
+
+	cr_assert_eq(tally__arena_bytes(), 0);
+	for (int k = 0; k < N; k++) {
+		cr_assert_eq(tally__hist_init(&h[k], TALLY__HIST_DEFAULT_MAX), 0);
+		cr_assert(h[k].in_arena);
+		cr_assert_eq((uintptr_t)h[k].blocks % 64, 0);
+		tally__hist_add_lazy(&h[k], 1000u + (uint64_t)k);
+	}
+	cr_assert_geq(tally__arena_bytes(), 3 * TALLY__ARENA_CHUNK);
+	/* every other one asleep and awake again: reused objects come back zeroed */
+	for (int k = 0; k < N; k += 2) {
+		tally__hist_reset(&h[k]);
+		tally__hist_release(&h[k]);
+	}
+	for (int k = 0; k < N; k += 2) {
+		cr_assert_eq(tally__hist_wake(&h[k]), 0);
+		cr_assert_eq(tally__hist_nonzero(&h[k]), 0);
+		for (uint32_t i = 0; i < h[k].nbuckets; i++)
+			cr_assert_eq(h[k].counts[i], 0);
+	}
+	for (int k = 1; k < N; k += 2)
+		cr_assert_eq(tally__hist_bucket(&h[k], tally__hist_index(1000u + (uint64_t)k)), 1);
+	for (int k = 0; k < N; k++)
+		tally__hist_destroy(&h[k]);
+	cr_assert_eq(tally__arena_bytes(), 0);
+	/* no arena: malloc */
+	tally__hist_nomem_hook = fail_arena;
+	cr_assert_eq(tally__hist_init(&m, TALLY__HIST_DEFAULT_MAX), 0);
+	tally__hist_nomem_hook = NULL;
+	cr_assert(!m.in_arena);
+	cr_assert_eq(tally__arena_bytes(), 0);
+	tally__hist_add_lazy(&m, 5000);
+	cr_assert_eq(tally__hist_quantiles(&m, &q, 1, &out), 0);
+	cr_assert_eq(out, 5000);
+	tally__hist_destroy(&m);
+	free(h);
 }
