@@ -50,6 +50,10 @@
 
 bool (*tally__hist_nomem_hook)(const char *point) = NULL;
 
+#define BIT4(b) UINT64_C(1) << (b), UINT64_C(1) << ((b) + 1), UINT64_C(1) << ((b) + 2), UINT64_C(1) << ((b) + 3)
+#define BIT16(b) BIT4(b), BIT4((b) + 4), BIT4((b) + 8), BIT4((b) + 12)
+const uint64_t tally__hist_bit[64] = { BIT16(0), BIT16(16), BIT16(32), BIT16(48) };
+
 /* What merge and subtract need of either a dense or a sparse histogram. */
 struct summary {
 	uint64_t count, sum, min, max, clamped;

@@ -294,6 +294,10 @@ static inline void tally__hist_add(struct tally__hist *h, uint64_t v)
  * when they need it (Subtotals), so a sample touches one line less.  The
  * same values, bounds and exactness as tally__hist_add().
  */
+/* 1 << b for b < 64: a load, cheaper on x86 than a shift by a variable
+ * (two or three micro-ops without BMI2), on the lazy add's path. */
+extern const uint64_t tally__hist_bit[64];
+
 static inline void tally__hist_add_lazy(struct tally__hist *h, uint64_t v)
 {
 	uint32_t i = tally__hist_index(tally__hist_add_summary(h, v));
@@ -304,7 +308,7 @@ static inline void tally__hist_add_lazy(struct tally__hist *h, uint64_t v)
 		return;
 	}
 	h->counts[i]++;
-	h->stale |= UINT64_C(1) << (i >> 6);
+	h->stale |= tally__hist_bit[i >> 6];
 }
 
 /* Block b's true subtotal: blocks[b], or for a stale block its counters
