@@ -3,13 +3,15 @@
  * arena.h - private header of the huge-page arena (lib/arena.c): fixed-size
  * objects carved out of 2 MiB chunks that are mapped 2 MiB-aligned and
  * marked MADV_HUGEPAGE, so that the aggregator's histograms (hist.c's
- * storage) sit in a few huge pages instead of thousands of 4 KiB ones.
- * Not installed.
+ * storage) and the engine's per-subject states, whose first line holds
+ * the window's hot fields (lib/engine.c, calloc_line), sit in a few huge
+ * pages instead of thousands of 4 KiB ones.  Not installed.
  *
  * Why: with 10,000 subjects every drained sample lands in a different
  * subject's counters, and in 4 KiB pages nearly every one of those
  * touches also misses the TLB (BENCHMARKS.md, issue 18).  One 2 MiB page
- * holds the counters of about 200 subjects.
+ * holds the two histograms of about 200 subjects, or the states of about
+ * 1,000.
  *
  * Memory: a chunk is unmapped as soon as its last object is freed, unless
  * it is the one spare chunk kept while its size class has other chunks in
