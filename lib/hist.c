@@ -920,6 +920,7 @@ struct walk {
 	size_t nh;
 	uint64_t count, min, max; /* of the sum */
 	uint64_t carry_blocks;    /* blocks where some histogram summed has a carry */
+	uint64_t stale;           /* blocks stale in some histogram summed (hist.h, Subtotals) */
 	bool exact;               /* min/max exact: no BOUNDS_LOOSE (of every histogram given) */
 	bool dense;               /* every histogram summed has storage */
 	const struct tally__hist *use[WALK_MAX];
@@ -946,6 +947,7 @@ static int walk_init(struct walk *w, const struct tally__hist *const *hs,
 	w->min = UINT64_MAX;
 	w->max = 0;
 	w->carry_blocks = 0;
+	w->stale = 0;
 	w->exact = w->dense = true;
 	for (size_t k = 0; k < nh; k++) {
 		TALLY__ASSERT(hs[k]->nbuckets == hs[0]->nbuckets);
@@ -957,6 +959,7 @@ static int walk_init(struct walk *w, const struct tally__hist *const *hs,
 			w->use[nu++] = hs[k];
 		w->dense &= hs[k]->counts != NULL;
 		w->carry_blocks |= hs[k]->carry_blocks;
+		w->stale |= hs[k]->stale;
 		if (hs[k]->count == 0)
 			continue;
 		w->min = hs[k]->min < w->min ? hs[k]->min : w->min;
@@ -973,13 +976,27 @@ static int walk_init(struct walk *w, const struct tally__hist *const *hs,
 	return 0;
 }
 
-static uint64_t walk_block(const struct walk *w, uint32_t b)
+/* walk_block() where some histogram's subtotal of b is not kept. */
+static __attribute__((noinline)) uint64_t walk_block_stale(const struct walk *w, uint32_t b)
 {
 	uint64_t t = 0;
 
 	for (size_t k = 0; k < w->nh; k++)
 		if (w->hs[k]->blocks != NULL)
 			t += tally__hist_block(w->hs[k], b);
+	return t;
+}
+
+static inline uint64_t walk_block(const struct walk *w, uint32_t b)
+{
+	uint64_t t = 0;
+
+	if (TALLY__UNLIKELY((w->stale >> b) & 1u))
+		return walk_block_stale(w, b);
+
+	for (size_t k = 0; k < w->nh; k++)
+		if (w->hs[k]->blocks != NULL)
+			t += w->hs[k]->blocks[b];
 	return t;
 }
 
