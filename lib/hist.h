@@ -66,7 +66,9 @@
  * tally__hist_add().  Merging into or subtracting from h settles it
  * first; reset clears stale blocks with the others.
  *
- * Storage: tally__hist_release() frees the counters of an empty histogram
+ * Storage: one object (the subtotals, then the counters) from the
+ * huge-page arena (arena.h), or from malloc when the arena has none.
+ * tally__hist_release() frees the counters of an empty histogram
  * and keeps its shape (an idle subject costs no counters);
  * tally__hist_wake() gets them back.  A released histogram reads as empty
  * everywhere; adding to it, or merging a nonempty one into it, needs a
