@@ -53,6 +53,7 @@
 
 #include <tally/tally.h>
 
+#include "arena.h"
 #include "engine_priv.h"
 #include "harness.h"
 #include "pending.h"
@@ -784,12 +785,13 @@ void bench_part_publish(void)
 #define WIN_VALUES 1000u    /* per subject per slice */
 #define WIN_TABLE (1u << 16)
 
-/* Heap bytes in use by this thread's arena (the main one): windows are
- * made here, so the difference is what they hold. */
+/* Heap bytes in use by this thread's malloc arena (the main one), plus
+ * the whole chunks the histograms' huge-page arena has mapped (lib/arena.h):
+ * windows are made here, so the difference is what they hold. */
 static size_t heap_in_use(void)
 {
 #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
-	return mallinfo2().uordblks;
+	return mallinfo2().uordblks + tally__arena_bytes();
 #else
 	return 0; /* unknown: the memory row is left out */
 #endif

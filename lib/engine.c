@@ -156,6 +156,7 @@
 
 #include <tally/engine.h>
 
+#include "arena.h"
 #include "common.h"
 #include "engine_priv.h"
 #include "jsack.h"
@@ -245,12 +246,14 @@ struct subject_state {
 	uint32_t rule_no; /* the rule's rules-section entry + 1 (tally_subject_stats.rule) */
 	struct exported exp;
 	char name[TALLY_SUBJECT_MAX + 1];
+	bool in_arena; /* this struct from lib/arena.c (calloc_line) */
 };
 
 /* A subject as drain thread k >= 1 sees it (see "Drain threads"). */
 struct part {
 	struct tally__window win;
 	struct exported exp;
+	bool in_arena; /* this struct from lib/arena.c (calloc_line) */
 };
 
 /* A wait or pending entry a drain thread took, for thread 0. */
@@ -398,6 +401,30 @@ static int config_check(const struct tally_engine_config *c)
 
 /* ---- ingest --------------------------------------------------------------- */
 
+/* Zeroed memory for a struct that begins with a window, on a 64-byte
+ * boundary (a sample then touches one line of it, window.h), from the
+ * huge-page arena (lib/arena.h: with thousands of subjects this line is
+ * a TLB miss per sample in 4 KiB pages), else from malloc. Freed with
+ * free_line(p, size, in_arena), *in_arena saying which. */
+static void *calloc_line(size_t size, bool *in_arena)
+{
+	size_t n = (size + 63u) & ~(size_t)63u;
+	void *p = tally__arena_alloc(n);
+
+	*in_arena = p != NULL;
+	if (p == NULL && (p = aligned_alloc(64, n)) != NULL)
+		memset(p, 0, n);
+	return p;
+}
+
+static void free_line(void *p, size_t size, bool in_arena)
+{
+	if (in_arena)
+		tally__arena_free(p, (size + 63u) & ~(size_t)63u);
+	else
+		free(p);
+}
+
 /* First sample of a subject: check the id against the table, make its window. */
 static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, uint64_t now)
 {
@@ -406,13 +433,17 @@ static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, ui
 
 	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
 		return NULL;
-	struct subject_state *st = calloc(1, sizeof(*st));
+	bool in_arena;
+	struct subject_state *st = calloc_line(sizeof(*st), &in_arena);
+	if (st)
+		st->in_arena = in_arena;
 	if (!st || !(st->exp.le = calloc(e->nedges, sizeof(uint64_t))) ||
 	    tally_subject_name(seg, id, st->name, sizeof(st->name)) != 0 ||
 	    tally__window_init(&st->win, &e->wcfg, now) != 0) {
-		if (st)
+		if (st) {
 			free(st->exp.le);
-		free(st);
+			free_line(st, sizeof(*st), in_arena);
+		}
 		return NULL;
 	}
 	tally__verdict_init(&st->vs, now);
@@ -510,8 +541,8 @@ static void advance_one(struct tally_engine *e, struct subject_state *st, uint64
  * bucket are rarely in cache, and one miss after another is what bounds
  * the ingest. So the drain looks ahead in the ring: PF_FAR entries ahead
  * it fetches the subject's state, PF_NEAR entries ahead (the state has
- * arrived by then) the bucket counter and block subtotal the value will
- * increment; the misses overlap instead of queueing. Only hints: every
+ * arrived by then) the bucket counter the value will increment (the
+ * block subtotals are not kept on this path: hist.h, Subtotals); the misses overlap instead of queueing. Only hints: every
  * index is bounds-checked as it would be for real, and a wrong guess (a
  * rewritten entry) costs a useless fetch, nothing more. Below
  * PF_MIN_SUBJECTS active subjects everything is in cache and the look-
@@ -548,7 +579,6 @@ static inline void prefetch_bucket(const struct tally_engine *e, const struct ta
 		return;
 	uint32_t i = tally__hist_index(v < h->max_value ? v : h->max_value);
 	__builtin_prefetch(&h->counts[i], 1);
-	__builtin_prefetch(&h->blocks[i >> 6], 1);
 }
 
 /* Drain up to DRAIN_BATCH entries of s, and at most `budget` of them
@@ -843,12 +873,16 @@ static struct part *part_new(struct lane *l, uint32_t id, uint64_t now)
 
 	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
 		return NULL;
-	struct part *p = calloc(1, sizeof(*p));
+	bool in_arena;
+	struct part *p = calloc_line(sizeof(*p), &in_arena);
+	if (p)
+		p->in_arena = in_arena;
 	if (!p || !(p->exp.le = calloc(e->nedges, sizeof(uint64_t))) ||
 	    tally__window_init(&p->win, &e->wcfg, now) != 0) {
-		if (p)
+		if (p) {
 			free(p->exp.le);
-		free(p);
+			free_line(p, sizeof(*p), in_arena);
+		}
 		return NULL;
 	}
 	l->parts[id] = p;
@@ -862,7 +896,7 @@ static void part_free(struct part *p)
 {
 	tally__window_destroy(&p->win);
 	free(p->exp.le);
-	free(p);
+	free_line(p, sizeof(*p), p->in_arena);
 }
 
 static void part_advance(struct lane *l, struct part *p, uint64_t now)
@@ -932,7 +966,6 @@ static inline void lane_prefetch(const struct lane *l, const struct tally_ring_e
 	const struct tally__hist *h = &p->win.cur;
 	uint32_t i = tally__hist_index(v < h->max_value ? v : h->max_value);
 	__builtin_prefetch(&h->counts[i], 1);
-	__builtin_prefetch(&h->blocks[i >> 6], 1);
 }
 
 /* drain_slot for a lane, into its parts, under its lock. Ends early when
@@ -2094,7 +2127,8 @@ static void engine_free(struct tally_engine *e)
 			tally__window_destroy(&e->subjects[e->active[i]]->wait->win);
 		free(e->subjects[e->active[i]]->wait);
 		free(e->subjects[e->active[i]]->exp.le);
-		free(e->subjects[e->active[i]]);
+		free_line(e->subjects[e->active[i]], sizeof(struct subject_state),
+			  e->subjects[e->active[i]]->in_arena);
 	}
 	lanes_free(e);
 	tally_thresholds_free(&next);

@@ -23,7 +23,8 @@
  * Reading is what must not scale with the bucket count: a publish computes
  * five quantiles for every active subject.  Each histogram therefore keeps
  * one uint64_t subtotal per 64-bucket block (an octave above 127), updated
- * by add; a quantile or cumulative walk adds up block subtotals and only
+ * by add, or for the hot path's lazy add marked stale and summed from the
+ * block's 64 counters when read (hist.h, Subtotals); a quantile or cumulative walk adds up block subtotals and only
  * scans the buckets of the few blocks where a requested rank or edge falls.
  * All the requested quantiles are answered in the same ascending pass.  The
  * walk works over the sum of several histograms (a window's closed slices
@@ -32,7 +33,7 @@
  *
  * Invariants, checked with always-on aborts where cheap: blocks[b] equals
  * the true number of values in block b (exact, even when a bucket
- * saturates), a bucket's true count is its counter plus its carry, the blocks add up to count, and a subtraction never takes
+ * saturates) unless b is stale, and then its counters and carries do, a bucket's true count is its counter plus its carry, the blocks add up to count, and a subtraction never takes
  * more than was merged.  Breaking one is a bug in the caller, not an input
  * error, so it aborts rather than returning an errno.
  */
@@ -41,11 +42,17 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "arena.h"
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
 bool (*tally__hist_nomem_hook)(const char *point) = NULL;
+
+#define BIT4(b) UINT64_C(1) << (b), UINT64_C(1) << ((b) + 1), UINT64_C(1) << ((b) + 2), UINT64_C(1) << ((b) + 3)
+#define BIT16(b) BIT4(b), BIT4((b) + 4), BIT4((b) + 8), BIT4((b) + 12)
+const uint64_t tally__hist_bit[64] = { BIT16(0), BIT16(16), BIT16(32), BIT16(48) };
 
 /* What merge and subtract need of either a dense or a sparse histogram. */
 struct summary {
@@ -84,14 +91,25 @@ static uint32_t block_end(const struct tally__hist *h, uint32_t b)
 
 /* ---- storage --------------------------------------------------------- */
 
-/* One allocation: the subtotals, then the counters (rounded to 8 bytes). */
+/* Bytes of the one allocation: the subtotals, then the counters (rounded
+ * to 8 bytes). */
+static size_t storage_bytes(const struct tally__hist *h)
+{
+	return (h->nblocks + (h->nbuckets + 3u) / 4u) * sizeof(uint64_t);
+}
+
+/* From the huge-page arena (arena.h: with thousands of subjects the
+ * counters are what every sample misses on), else from malloc. */
 static int storage_alloc(struct tally__hist *h, const char *point)
 {
 	uint64_t *mem;
 
 	if (TALLY__HIST_NOMEM(point))
 		return -ENOMEM;
-	mem = calloc(h->nblocks + (h->nbuckets + 3u) / 4u, sizeof(uint64_t));
+	mem = TALLY__HIST_NOMEM("hist.arena") ? NULL : tally__arena_alloc(storage_bytes(h));
+	h->in_arena = mem != NULL;
+	if (mem == NULL)
+		mem = calloc(1, storage_bytes(h));
 	if (mem == NULL)
 		return -ENOMEM;
 	h->blocks = mem;
@@ -115,13 +133,18 @@ int tally__hist_init(struct tally__hist *h, uint64_t max_value)
 /* Give back the counters and the carry table (the geometry stays). */
 static void storage_free(struct tally__hist *h)
 {
-	free(h->blocks);
+	if (h->in_arena)
+		tally__arena_free(h->blocks, storage_bytes(h));
+	else
+		free(h->blocks);
+	h->in_arena = 0;
 	free(h->carry);
 	h->blocks = NULL;
 	h->counts = NULL;
 	h->carry = NULL;
 	h->ncarry = h->carry_cap = 0;
 	h->carry_blocks = 0;
+	h->stale = 0;
 }
 
 void tally__hist_destroy(struct tally__hist *h)
@@ -158,7 +181,7 @@ void tally__hist_reset(struct tally__hist *h)
 		for (uint32_t b = 0; b < h->nblocks; b++) {
 			uint32_t lo = b * TALLY__HIST_BLOCK;
 
-			if (h->blocks[b] == 0)
+			if (h->blocks[b] == 0 && !((h->stale >> b) & 1u))
 				continue;
 			memset(h->counts + lo, 0,
 			       (block_end(h, b) - lo) * sizeof(*h->counts));
@@ -167,6 +190,7 @@ void tally__hist_reset(struct tally__hist *h)
 	}
 	h->ncarry = 0; /* the table's buffer is kept */
 	h->carry_blocks = 0;
+	h->stale = 0;
 	summary_clear(h);
 }
 
@@ -270,6 +294,68 @@ static void bucket_set(struct tally__hist *h, uint32_t i, uint64_t t)
 void tally__hist_carry_one(struct tally__hist *h, uint32_t i)
 {
 	bucket_set(h, i, tally__hist_bucket(h, i) + 1u);
+}
+
+/* ---- stale subtotals (hist.h, Subtotals) ------------------------------ */
+
+/* Sum of the n counters c[]: with SSE2, the low and the high bytes of 8
+ * counters at a time through two sums of absolute differences. */
+static uint64_t counts_sum(const uint16_t *c, uint32_t n)
+{
+	uint64_t t = 0;
+	uint32_t k = 0;
+
+#if defined(__SSE2__) && defined(__x86_64__)
+	const __m128i z = _mm_setzero_si128(), low = _mm_set1_epi16(0xff);
+	__m128i lo = z, hi = z;
+
+	for (; k + 8u <= n; k += 8u) {
+		__m128i a = _mm_loadu_si128((const void *)(c + k));
+
+		lo = _mm_add_epi64(lo, _mm_sad_epu8(_mm_and_si128(a, low), z));
+		hi = _mm_add_epi64(hi, _mm_sad_epu8(_mm_srli_epi16(a, 8), z));
+	}
+	lo = _mm_add_epi64(lo, _mm_slli_epi64(hi, 8));
+	t = (uint64_t)_mm_cvtsi128_si64(lo) + (uint64_t)_mm_cvtsi128_si64(_mm_unpackhi_epi64(lo, lo));
+#endif
+	for (; k < n; k++)
+		t += c[k];
+	return t;
+}
+
+uint64_t tally__hist_block(const struct tally__hist *h, uint32_t b)
+{
+	uint32_t lo = b * TALLY__HIST_BLOCK;
+	uint64_t t;
+
+	if (!((h->stale >> b) & 1u))
+		return h->blocks[b];
+	t = counts_sum(h->counts + lo, block_end(h, b) - lo);
+	if ((h->carry_blocks >> b) & 1u)
+		for (uint32_t k = carry_pos(h, lo); k < h->ncarry && h->carry[k].idx < lo + TALLY__HIST_BLOCK; k++)
+			t += h->carry[k].high;
+	return t;
+}
+
+/* Every stale subtotal written back: blocks[] exact again. */
+static void blocks_settle(struct tally__hist *h)
+{
+	for (uint64_t m = h->stale; m != 0; m &= m - 1u) {
+		uint32_t b = (uint32_t)__builtin_ctzll(m);
+
+		h->blocks[b] = tally__hist_block(h, b);
+	}
+	h->stale = 0;
+}
+
+void tally__hist_add_settle(struct tally__hist *h, uint32_t i)
+{
+	blocks_settle(h);
+	if (h->counts[i] == UINT16_MAX)
+		tally__hist_carry_one(h, i);
+	else
+		h->counts[i]++;
+	h->blocks[i / TALLY__HIST_BLOCK]++;
 }
 
 /* A bucket that a failed carry left stuck: it no longer adds or subtracts. */
@@ -401,7 +487,7 @@ static inline uint64_t block_nonzero(const uint16_t *c, uint32_t n)
 			}                                                      \
 			continue;                                              \
 		}                                                              \
-		if ((h)->blocks[blk_] == 0)                                    \
+		if ((h)->blocks[blk_] == 0 && !(((h)->stale >> blk_) & 1u))    \
 			continue;                                              \
 		for (uint64_t m_ = block_nonzero((h)->counts + lo_, hi_ - lo_); \
 		     m_ != 0; m_ &= m_ - 1u) {                                 \
@@ -419,6 +505,7 @@ void tally__hist_merge(struct tally__hist *a, const struct tally__hist *b)
 	if (b->count == 0 && b->clamped == 0)
 		return;
 	TALLY__ASSERT(a->counts != NULL);
+	blocks_settle(a);
 	FOR_EACH_BUCKET(b, i, n, bucket_add(a, i, n));
 	summary_merge(a, &s);
 }
@@ -431,6 +518,7 @@ void tally__hist_sub(struct tally__hist *a, const struct tally__hist *b)
 	if (b->count == 0)
 		return;
 	TALLY__ASSERT(a->counts != NULL);
+	blocks_settle(a);
 	FOR_EACH_BUCKET(b, i, n, bucket_sub(a, i, n));
 	summary_sub(a, &s);
 }
@@ -513,6 +601,7 @@ void tally__hist_merge_sparse(struct tally__hist *h,
 	if (s->count == 0 && s->clamped == 0)
 		return;
 	TALLY__ASSERT(h->counts != NULL);
+	blocks_settle(h);
 	for (uint32_t k = 0; k < s->len; k++) {
 		TALLY__ASSERT(s->e[k].idx < h->nbuckets);
 		bucket_add(h, s->e[k].idx, s->e[k].n);
@@ -528,6 +617,7 @@ void tally__hist_sub_sparse(struct tally__hist *h,
 	if (s->count == 0)
 		return;
 	TALLY__ASSERT(h->counts != NULL);
+	blocks_settle(h);
 	for (uint32_t k = 0; k < s->len; k++) {
 		TALLY__ASSERT(s->e[k].idx < h->nbuckets);
 		bucket_sub(h, s->e[k].idx, s->e[k].n);
@@ -727,6 +817,8 @@ size_t tally__hist_pack_merge(const struct tally__hist *h, uint8_t *buf,
 
 	TALLY__ASSERT(into == NULL || into->nbuckets == h->nbuckets);
 	TALLY__ASSERT(into == NULL || into->counts != NULL || h->count == 0);
+	if (into != NULL && into->counts != NULL)
+		blocks_settle(into);
 	p = tally__varint_put(p, h->count);
 	p = tally__varint_put(p, h->sum);
 	p = tally__varint_put(p, h->min);
@@ -785,6 +877,7 @@ static void packed_apply(struct tally__hist *h, const uint8_t *buf,
 	if (o.count == 0 && o.clamped == 0)
 		return;
 	TALLY__ASSERT(h->counts != NULL);
+	blocks_settle(h);
 	for (;;) {
 		uint64_t n;
 
@@ -827,6 +920,7 @@ struct walk {
 	size_t nh;
 	uint64_t count, min, max; /* of the sum */
 	uint64_t carry_blocks;    /* blocks where some histogram summed has a carry */
+	uint64_t stale;           /* blocks stale in some histogram summed (hist.h, Subtotals) */
 	bool exact;               /* min/max exact: no BOUNDS_LOOSE (of every histogram given) */
 	bool dense;               /* every histogram summed has storage */
 	const struct tally__hist *use[WALK_MAX];
@@ -853,6 +947,7 @@ static int walk_init(struct walk *w, const struct tally__hist *const *hs,
 	w->min = UINT64_MAX;
 	w->max = 0;
 	w->carry_blocks = 0;
+	w->stale = 0;
 	w->exact = w->dense = true;
 	for (size_t k = 0; k < nh; k++) {
 		TALLY__ASSERT(hs[k]->nbuckets == hs[0]->nbuckets);
@@ -864,6 +959,7 @@ static int walk_init(struct walk *w, const struct tally__hist *const *hs,
 			w->use[nu++] = hs[k];
 		w->dense &= hs[k]->counts != NULL;
 		w->carry_blocks |= hs[k]->carry_blocks;
+		w->stale |= hs[k]->stale;
 		if (hs[k]->count == 0)
 			continue;
 		w->min = hs[k]->min < w->min ? hs[k]->min : w->min;
@@ -880,9 +976,23 @@ static int walk_init(struct walk *w, const struct tally__hist *const *hs,
 	return 0;
 }
 
-static uint64_t walk_block(const struct walk *w, uint32_t b)
+/* walk_block() where some histogram's subtotal of b is not kept. */
+static __attribute__((noinline)) uint64_t walk_block_stale(const struct walk *w, uint32_t b)
 {
 	uint64_t t = 0;
+
+	for (size_t k = 0; k < w->nh; k++)
+		if (w->hs[k]->blocks != NULL)
+			t += tally__hist_block(w->hs[k], b);
+	return t;
+}
+
+static inline uint64_t walk_block(const struct walk *w, uint32_t b)
+{
+	uint64_t t = 0;
+
+	if (TALLY__UNLIKELY((w->stale >> b) & 1u))
+		return walk_block_stale(w, b);
 
 	for (size_t k = 0; k < w->nh; k++)
 		if (w->hs[k]->blocks != NULL)

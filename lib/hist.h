@@ -53,7 +53,22 @@
  * bound).  Both flags are sticky until the histogram is empty again
  * (reset, or subtracted to zero).
  *
- * Storage: tally__hist_release() frees the counters of an empty histogram
+ * Subtotals: blocks[b] is the exact number of values in block b (64
+ * buckets), kept by tally__hist_add() and every merge and subtraction;
+ * readers add up blocks and scan only the few buckets where a rank or edge
+ * falls.  tally__hist_add_lazy(), the window's hot path, leaves blocks[b]
+ * alone and sets bit b of `stale` (the line it writes anyway): a stale
+ * block's subtotal is then the sum of its counters and carries, which
+ * tally__hist_block() computes when a reader asks.  A block that holds a
+ * saturated bucket is never stale (its counter is short of its values):
+ * while TALLY__HIST_BUCKET_SATURATED is set, and for the value that sets
+ * it, the lazy add settles every stale block first and adds as
+ * tally__hist_add().  Merging into or subtracting from h settles it
+ * first; reset clears stale blocks with the others.
+ *
+ * Storage: one object (the subtotals, then the counters) from the
+ * huge-page arena (arena.h), or from malloc when the arena has none.
+ * tally__hist_release() frees the counters of an empty histogram
  * and keeps its shape (an idle subject costs no counters);
  * tally__hist_wake() gets them back.  A released histogram reads as empty
  * everywhere; adding to it, or merging a nonempty one into it, needs a
@@ -110,22 +125,29 @@ struct tally__hist_carry {
 /* Dense histogram.  Fields are read by lib/window.c and the snapshot code;
  * write them only through the functions below. */
 struct tally__hist {
-	/* what add touches first, together (80 bytes) */
+	/* What add touches, in one 64-byte line: a window's current slice
+	 * is the first member of the window (window.h), so with the window
+	 * on a 64-byte boundary one sample touches this line, its counter's
+	 * line and nothing else (tally__hist_add_lazy). */
 	uint16_t *counts;  /* nbuckets counters (low part); NULL when released */
-	uint64_t *blocks;  /* nblocks subtotals: sum of buckets 64b .. 64b+63 */
-	uint32_t flags;    /* TALLY__HIST_* */
-	uint32_t nbuckets; /* tally__hist_index(max_value) + 1 */
 	uint64_t max_value; /* top of range; larger values are clamped to it */
 	uint64_t count;    /* values recorded (exact) */
 	uint64_t sum;      /* their sum, saturating */
 	uint64_t min;      /* UINT64_MAX when empty */
 	uint64_t max;      /* 0 when empty */
+	uint64_t stale;    /* bit b: blocks[b] not kept up (see Subtotals) */
+	uint32_t flags;    /* TALLY__HIST_* */
+	uint32_t nbuckets; /* tally__hist_index(max_value) + 1 */
+	/* the rest: slow paths and readers */
+	uint64_t *blocks;  /* nblocks subtotals: sum of buckets 64b .. 64b+63 */
 	uint64_t clamped;  /* values recorded above max_value */
 	uint32_t nblocks;  /* ceil(nbuckets / 64), <= 59 */
 	uint32_t ncarry, carry_cap;
+	uint32_t in_arena; /* blocks/counts from the huge-page arena (arena.h), not malloc */
 	uint64_t carry_blocks; /* bit b: block b has a carry entry */
 	struct tally__hist_carry *carry; /* ascending idx, ncarry of them */
 };
+_Static_assert(offsetof(struct tally__hist, blocks) == 64, "add's fields fill one line");
 
 /* One nonzero bucket of a sparse histogram. */
 struct tally__hist_entry {
@@ -145,7 +167,8 @@ struct tally__hist_sparse {
 
 /*
  * Test hook: when set, each allocation point of hist.c and window.c asks
- * it first, by name ("hist.init", "hist.wake", "hist.carry", "window.fifo"),
+ * it first, by name ("hist.init", "hist.wake", "hist.carry", "window.fifo";
+ * "hist.arena" fails only the huge-page arena: malloc is used instead),
  * and fails as if malloc had returned NULL when it returns true.  NULL
  * except in a test; one load of a global on slow paths only.
  */
@@ -225,26 +248,19 @@ static inline uint64_t tally__hist_sat_add(uint64_t a, uint64_t b, bool *sat)
  * one more value (carry 65,536 to the table, or saturate). */
 void tally__hist_carry_one(struct tally__hist *h, uint32_t i);
 
-/*
- * Record one value: the aggregator's hot path.  Values above max_value are
- * recorded as max_value and counted in `clamped`.  h must have storage
- * (not released).  Never fails; allocates only for a carry, once per
- * 65,536 values of one bucket.  Owner thread only.
- */
-static inline void tally__hist_add(struct tally__hist *h, uint64_t v)
-{
-	uint32_t i;
+/* The out-of-line half of tally__hist_add_lazy(): the counter is at
+ * 65,535 or some bucket is saturated; bring every stale subtotal up to date
+ * and add bucket i's value as tally__hist_add() does. */
+void tally__hist_add_settle(struct tally__hist *h, uint32_t i);
 
+/* Value v as add records it (clamped), counted in the summary; the
+ * caller increments the bucket tally__hist_index() of the result. */
+static inline uint64_t tally__hist_add_summary(struct tally__hist *h, uint64_t v)
+{
 	if (TALLY__UNLIKELY(v > h->max_value)) {
 		v = h->max_value;
 		h->clamped++;
 	}
-	i = tally__hist_index(v);
-	if (TALLY__UNLIKELY(h->counts[i] == UINT16_MAX))
-		tally__hist_carry_one(h, i);
-	else
-		h->counts[i]++;
-	h->blocks[i >> 6]++;
 	h->count++;
 	if (TALLY__UNLIKELY(__builtin_add_overflow(h->sum, v, &h->sum))) {
 		h->sum = UINT64_MAX;
@@ -252,7 +268,54 @@ static inline void tally__hist_add(struct tally__hist *h, uint64_t v)
 	}
 	h->min = v < h->min ? v : h->min;
 	h->max = v > h->max ? v : h->max;
+	return v;
 }
+
+/*
+ * Record one value.  Values above max_value are recorded as max_value and
+ * counted in `clamped`.  h must have storage (not released).  Never fails;
+ * allocates only for a carry, once per 65,536 values of one bucket.  Owner
+ * thread only.  Keeps every block subtotal exact (blocks[] may be read
+ * directly after it, for blocks not in `stale`).
+ */
+static inline void tally__hist_add(struct tally__hist *h, uint64_t v)
+{
+	uint32_t i = tally__hist_index(tally__hist_add_summary(h, v));
+
+	if (TALLY__UNLIKELY(h->counts[i] == UINT16_MAX))
+		tally__hist_carry_one(h, i);
+	else
+		h->counts[i]++;
+	h->blocks[i >> 6]++;
+}
+
+/*
+ * tally__hist_add() without the block subtotal: the aggregator's hot path
+ * (a window's current slice).  It marks the block stale instead, in the
+ * line it writes anyway, and readers sum a stale block from its counters
+ * when they need it (Subtotals), so a sample touches one line less.  The
+ * same values, bounds and exactness as tally__hist_add().
+ */
+/* 1 << b for b < 64: a load, cheaper on x86 than a shift by a variable
+ * (two or three micro-ops without BMI2), on the lazy add's path. */
+extern const uint64_t tally__hist_bit[64];
+
+static inline void tally__hist_add_lazy(struct tally__hist *h, uint64_t v)
+{
+	uint32_t i = tally__hist_index(tally__hist_add_summary(h, v));
+
+	if (TALLY__UNLIKELY(h->counts[i] == UINT16_MAX ||
+			    (h->flags & TALLY__HIST_BUCKET_SATURATED))) {
+		tally__hist_add_settle(h, i);
+		return;
+	}
+	h->counts[i]++;
+	h->stale |= tally__hist_bit[i >> 6];
+}
+
+/* Block b's true subtotal: blocks[b], or for a stale block its counters
+ * and carries summed (SSE2, 64 counters). */
+uint64_t tally__hist_block(const struct tally__hist *h, uint32_t b);
 
 /* True count of bucket i (i < nbuckets); 0 when h is released. */
 uint64_t tally__hist_bucket(const struct tally__hist *h, uint32_t i);

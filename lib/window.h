@@ -20,16 +20,16 @@
  * one buffer, packed (gamma-coded nonzero buckets, about 200 bytes for a
  * slice of 1,000 log-normal values; hist.h, Packed form), with up to 25%
  * room to grow.  Measured (bench, part window, 1,000 log-normal values
- * per subject per slice, malloc overhead included): 10.1 KB per subject
- * with 1 slice, 13.0 KB with 10, 27.0 KB with 60; 10,000 subjects with
- * default settings about 130 MB (it was 510 MB with 32-bit counters and
- * sparse slices).
+ * per subject per slice, malloc overhead and the huge-page arena's whole
+ * chunks included): 10.6 KB per subject with 1 slice, 13.5 KB with 10,
+ * 27.4 KB with 60; 10,000 subjects with default settings about 135 MB
+ * (it was 510 MB with 32-bit counters and sparse slices).
  *
  * Idle subjects: when an advance leaves the window with no value at all
  * (nothing in the closed slices inside it, nothing in the new current
  * slice: the subject has been idle for a whole window), the window frees
- * both histograms and the buffer and keeps only this struct (304
- * bytes).  Its next value wakes it: tally__window_add() allocates the two
+ * both histograms and the buffer and keeps only this struct (320
+ * bytes); the histograms' arena unmaps a chunk once it holds none.  Its next value wakes it: tally__window_add() allocates the two
  * histograms again, and if that fails the value is not recorded and is
  * counted in `lost` (and in the stats), never dropped silently.  Stats
  * and advances of a sleeping window cost nothing and allocate nothing.
@@ -73,11 +73,14 @@ struct tally__window_config {
 					TALLY__HIST_DEFAULT_MAX })
 
 struct tally__window {
-	uint32_t magic;          /* TALLY__WINDOW_MAGIC while initialised */
-	/* first, on the line that add touches anyway: the engine compares it
-	 * with its own slice for every sample it drains (lazy advance) */
-	uint64_t cur_slice;
+	/* First: the line a sample touches (hist.h).  A window placed on a
+	 * 64-byte boundary (lib/engine.c allocates its subjects so) costs a
+	 * sample that line and the counter's line. */
 	struct tally__hist cur;  /* slice cur_slice, receiving values */
+	/* next to it: the engine compares it with its own slice for every
+	 * sample it drains while a walk closes slices (lazy advance) */
+	uint64_t cur_slice;
+	uint32_t magic;          /* TALLY__WINDOW_MAGIC while initialised */
 	struct tally__hist agg;  /* closed slices inside the window; exact min/max */
 	/* The closed slices inside the window, oldest first, as records
 	 * fifo[fhead .. ftail): varint slice, varint length, packed histogram
@@ -137,7 +140,7 @@ static inline bool tally__window_add(struct tally__window *w, uint64_t v)
 {
 	if (TALLY__UNLIKELY(w->cur.counts == NULL))
 		return tally__window_add_cold(w, v);
-	tally__hist_add(&w->cur, v);
+	tally__hist_add_lazy(&w->cur, v);
 	return true;
 }
 

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena.h"
 #include "hist.h"
 
 /* splitmix64: small, seedable, good enough for test data. */
@@ -690,4 +691,165 @@ Test(hist, nearest_rank_definition)
 			      "q=%g got %lu want %lu", q[i], out[i], x);
 	}
 	tally__hist_destroy(&h);
+}
+
+/* The lazy add (the window's hot path) against the plain one, value for
+ * value: same buckets, same summary, subtotals equal through
+ * tally__hist_block(), same quantiles, cumulative counts and packed bytes;
+ * and a merge of each into a third gives the same result. */
+static void assert_lazy_same(const struct tally__hist *lazy, const struct tally__hist *plain)
+{
+	static const uint64_t edges[] = { 1024, 4096, 65536, UINT64_C(1) << 20, UINT64_C(1) << 30 };
+	uint64_t ql[NQS], qp[NQS], cl[5], cp[5];
+	size_t nl = tally__hist_packed_size(lazy), np = tally__hist_packed_size(plain);
+	uint8_t *bl = malloc(nl), *bp = malloc(np);
+
+	cr_assert_eq(lazy->count, plain->count);
+	cr_assert_eq(lazy->sum, plain->sum);
+	cr_assert_eq(lazy->min, plain->min);
+	cr_assert_eq(lazy->max, plain->max);
+	cr_assert_eq(lazy->clamped, plain->clamped);
+	cr_assert_eq(lazy->flags, plain->flags);
+	for (uint32_t i = 0; i < plain->nbuckets; i++)
+		cr_assert_eq(tally__hist_bucket(lazy, i), tally__hist_bucket(plain, i), "bucket %u", i);
+	for (uint32_t b = 0; b < plain->nblocks; b++)
+		cr_assert_eq(tally__hist_block(lazy, b), plain->blocks[b], "block %u", b);
+	cr_assert_eq(tally__hist_quantiles(lazy, QS, NQS, ql), tally__hist_quantiles(plain, QS, NQS, qp));
+	cr_assert_eq(memcmp(ql, qp, sizeof(ql)), 0);
+	cr_assert_eq(tally__hist_cumulative_le(lazy, edges, 5, cl), 0);
+	cr_assert_eq(tally__hist_cumulative_le(plain, edges, 5, cp), 0);
+	cr_assert_eq(memcmp(cl, cp, sizeof(cl)), 0);
+	cr_assert_eq(nl, np);
+	cr_assert_eq(tally__hist_pack(lazy, bl), nl);
+	cr_assert_eq(tally__hist_pack(plain, bp), np);
+	cr_assert_eq(memcmp(bl, bp, nl), 0);
+	free(bl);
+	free(bp);
+}
+
+Test(hist, lazy_add_equals_add)
+{
+	struct tally__hist l = mk(TALLY__HIST_DEFAULT_MAX), p = mk(TALLY__HIST_DEFAULT_MAX);
+	struct tally__hist m = mk(TALLY__HIST_DEFAULT_MAX), n = mk(TALLY__HIST_DEFAULT_MAX);
+	uint64_t s = 11;
+
+	for (int k = 0; k < 20000; k++) {
+		uint64_t v = rnd(&s) >> (rnd(&s) % 64);
+
+		tally__hist_add_lazy(&l, v);
+		tally__hist_add(&p, v);
+	}
+	cr_assert_neq(l.stale, 0);
+	assert_lazy_same(&l, &p);
+	/* a counter past 65,535 on the lazy path: the carry, still exact */
+	for (int k = 0; k < 150000; k++) {
+		tally__hist_add_lazy(&l, 300000 + (uint64_t)(k & 1) * 6000);
+		tally__hist_add(&p, 300000 + (uint64_t)(k & 1) * 6000);
+	}
+	cr_assert_gt(l.ncarry, 0);
+	assert_lazy_same(&l, &p);
+	/* merged into a third, and subtracted again: as the plain one */
+	tally__hist_merge(&m, &l);
+	tally__hist_merge(&n, &p);
+	assert_same(&m, &n);
+	tally__hist_add_lazy(&m, 777);
+	tally__hist_add(&n, 777);
+	tally__hist_sub(&m, &l); /* settles m's stale block first */
+	tally__hist_sub(&n, &p);
+	cr_assert_eq(m.stale, 0);
+	assert_same(&m, &n);
+	/* reset clears stale blocks too */
+	tally__hist_reset(&l);
+	cr_assert_eq(l.stale, 0);
+	cr_assert_eq(tally__hist_nonzero(&l), 0);
+	for (uint32_t i = 0; i < l.nbuckets; i++)
+		cr_assert_eq(l.counts[i], 0);
+	tally__hist_destroy(&l);
+	tally__hist_destroy(&p);
+	tally__hist_destroy(&m);
+	tally__hist_destroy(&n);
+}
+
+/* No memory for a carry on the lazy path: the bucket saturates, and its
+ * block's subtotal (never stale from then on) stays exact. */
+Test(hist, lazy_add_saturates_exactly)
+{
+	struct tally__hist l = mk(TALLY__HIST_DEFAULT_MAX), p = mk(TALLY__HIST_DEFAULT_MAX);
+	uint32_t i = tally__hist_index(5024);
+
+	for (int k = 0; k < 100; k++) {
+		tally__hist_add_lazy(&l, 5000 + (uint64_t)k);
+		tally__hist_add(&p, 5000 + (uint64_t)k);
+	}
+	tally__hist_nomem_hook = fail_carry;
+	for (int k = 0; k < 65537; k++) {
+		tally__hist_add_lazy(&l, 5024);
+		tally__hist_add(&p, 5024);
+	}
+	tally__hist_nomem_hook = NULL;
+	cr_assert(l.flags & TALLY__HIST_BUCKET_SATURATED);
+	cr_assert_eq(l.counts[i], UINT16_MAX);
+	cr_assert_eq(l.stale, 0);
+	for (int k = 0; k < 100; k++) { /* same block and others, after it */
+		tally__hist_add_lazy(&l, 5100 + (uint64_t)k * 50);
+		tally__hist_add(&p, 5100 + (uint64_t)k * 50);
+	}
+	cr_assert_eq(l.stale, 0);
+	cr_assert_eq(tally__hist_block(&l, i / 64), p.blocks[i / 64]);
+	assert_lazy_same(&l, &p);
+	tally__hist_destroy(&l);
+	tally__hist_destroy(&p);
+}
+
+static bool fail_arena(const char *point)
+{
+	return strcmp(point, "hist.arena") == 0;
+}
+
+/* Storage comes from the huge-page arena (lib/arena.h), 64-byte aligned,
+ * in 2 MiB chunks that are unmapped once every histogram in them is gone;
+ * without the arena, from malloc, and the histogram works the same. */
+Test(hist, storage_in_arena_given_back)
+{
+	enum { N = 1000 }; /* more than two chunks' worth */
+	struct tally__hist *h = calloc(N, sizeof(*h));
+	struct tally__hist m = { 0 };
+	const double q = 0.5;
+	uint64_t out;
+
+	cr_assert_eq(tally__arena_bytes(), 0);
+	for (int k = 0; k < N; k++) {
+		cr_assert_eq(tally__hist_init(&h[k], TALLY__HIST_DEFAULT_MAX), 0);
+		cr_assert(h[k].in_arena);
+		cr_assert_eq((uintptr_t)h[k].blocks % 64, 0);
+		tally__hist_add_lazy(&h[k], 1000u + (uint64_t)k);
+	}
+	cr_assert_geq(tally__arena_bytes(), 3 * TALLY__ARENA_CHUNK);
+	/* every other one asleep and awake again: reused objects come back zeroed */
+	for (int k = 0; k < N; k += 2) {
+		tally__hist_reset(&h[k]);
+		tally__hist_release(&h[k]);
+	}
+	for (int k = 0; k < N; k += 2) {
+		cr_assert_eq(tally__hist_wake(&h[k]), 0);
+		cr_assert_eq(tally__hist_nonzero(&h[k]), 0);
+		for (uint32_t i = 0; i < h[k].nbuckets; i++)
+			cr_assert_eq(h[k].counts[i], 0);
+	}
+	for (int k = 1; k < N; k += 2)
+		cr_assert_eq(tally__hist_bucket(&h[k], tally__hist_index(1000u + (uint64_t)k)), 1);
+	for (int k = 0; k < N; k++)
+		tally__hist_destroy(&h[k]);
+	cr_assert_eq(tally__arena_bytes(), 0);
+	/* no arena: malloc */
+	tally__hist_nomem_hook = fail_arena;
+	cr_assert_eq(tally__hist_init(&m, TALLY__HIST_DEFAULT_MAX), 0);
+	tally__hist_nomem_hook = NULL;
+	cr_assert(!m.in_arena);
+	cr_assert_eq(tally__arena_bytes(), 0);
+	tally__hist_add_lazy(&m, 5000);
+	cr_assert_eq(tally__hist_quantiles(&m, &q, 1, &out), 0);
+	cr_assert_eq(out, 5000);
+	tally__hist_destroy(&m);
+	free(h);
 }
