@@ -58,12 +58,33 @@ struct klass {
 };
 
 static pthread_mutex_t arena_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t arena_once = PTHREAD_ONCE_INIT;
 static struct klass classes[MAX_CLASSES];
 static uint32_t nclasses;
 static size_t mapped;
 
+/* fork: the lock is held across it, so that a child (which may start an
+ * engine of its own) never inherits it taken by a thread it does not
+ * have; the chunks are copied with the process, consistent. */
+static void atfork_prepare(void)
+{
+	pthread_mutex_lock(&arena_lock);
+}
+
+static void atfork_release(void)
+{
+	pthread_mutex_unlock(&arena_lock);
+}
+
+static void arena_init(void)
+{
+	if (pthread_atfork(atfork_prepare, atfork_release, atfork_release) != 0)
+		tally__die(__FILE__, __LINE__, "arena: pthread_atfork");
+}
+
 static void lock(void)
 {
+	pthread_once(&arena_once, arena_init);
 	if (pthread_mutex_lock(&arena_lock) != 0)
 		tally__die(__FILE__, __LINE__, "arena: mutex lock");
 }

@@ -31,7 +31,8 @@
  * to sleep or destroyed), never per sample, and with drain_threads > 1 a
  * window may be made by one thread's code and destroyed by another's
  * (engine teardown): a lock costs a few tens of ns there and keeps the
- * arena out of the engine's and the lanes' structs.
+ * arena out of the engine's and the lanes' structs.  The lock is held
+ * across fork() (pthread_atfork), so a child never inherits it taken.
  */
 #ifndef TALLY_LIB_ARENA_H
 #define TALLY_LIB_ARENA_H
