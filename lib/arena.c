@@ -148,7 +148,7 @@ static struct chunk *chunk_map(struct klass *k)
 		munmap(b, n);
 		return NULL;
 	}
-	struct chunk *c = (struct chunk *)b;
+	struct chunk *c = (struct chunk *)(void *)b;
 	*c = (struct chunk){ CHUNK_MAGIC, 0, 0, k->nobj, k, NULL, NULL, NULL };
 	POISON(b + HEAD, n - HEAD);
 	k->nchunks++;
