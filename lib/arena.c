@@ -12,6 +12,8 @@
  * list of its chunks that have room, most recently freed into first, so
  * the chunks in use stay few and full.
  */
+#include "config.h"
+
 #include "arena.h"
 
 #include <pthread.h>
@@ -23,13 +25,28 @@
 #include "common.h"
 #include "sanitize.h"
 
+/* What is handed out is addressable, the rest is not: ASan's poisoning
+ * in the ASan build; otherwise valgrind's memcheck, told through its
+ * client requests that each object is a heap block of its own (so that
+ * use after free, reads of the free list and leaks of arena objects are
+ * reported as for malloc's); nothing at all without either. */
 #if TALLY__ASAN
 #include <sanitizer/asan_interface.h>
 #define POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
 #define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#define HANDED_OUT(p, n) ((void)(p), (void)(n))
+#define GIVEN_BACK(p) ((void)(p))
+#elif defined(HAVE_VALGRIND_MEMCHECK_H)
+#include <valgrind/memcheck.h>
+#define POISON(p, n) ((void)VALGRIND_MAKE_MEM_NOACCESS((p), (n)))
+#define UNPOISON(p, n) ((void)VALGRIND_MAKE_MEM_DEFINED((p), (n)))
+#define HANDED_OUT(p, n) VALGRIND_MALLOCLIKE_BLOCK((p), (n), 0, 1)
+#define GIVEN_BACK(p) VALGRIND_FREELIKE_BLOCK((p), 0)
 #else
 #define POISON(p, n) ((void)(p), (void)(n))
 #define UNPOISON(p, n) ((void)(p), (void)(n))
+#define HANDED_OUT(p, n) ((void)(p), (void)(n))
+#define GIVEN_BACK(p) ((void)(p))
 #endif
 
 #define CHUNK_MAGIC 0x4b4e4843u /* "CHNK" */
@@ -103,7 +120,9 @@ static struct klass *class_of(size_t size)
 			return &classes[i];
 	if (nclasses == MAX_CLASSES)
 		return NULL;
-	classes[nclasses] = (struct klass){ size, (uint32_t)((TALLY__ARENA_CHUNK - HEAD) / size), 0, NULL, NULL };
+	classes[nclasses] = (struct klass){
+		size, (uint32_t)((TALLY__ARENA_CHUNK - HEAD) / size), 0, NULL, NULL
+	};
 	return &classes[nclasses++];
 }
 
@@ -133,7 +152,8 @@ static void room_remove(struct klass *k, struct chunk *c)
 static struct chunk *chunk_map(struct klass *k)
 {
 	const size_t n = TALLY__ARENA_CHUNK;
-	uint8_t *raw = mmap(NULL, 2 * n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	uint8_t *raw = mmap(NULL, 2 * n, PROT_READ | PROT_WRITE,
+			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 
 	if (raw == MAP_FAILED)
 		return NULL;
@@ -213,6 +233,7 @@ void *tally__arena_alloc(size_t size)
 	UNPOISON(p, size);
 	if (!fresh)
 		memset(p, 0, size);
+	HANDED_OUT(p, size);
 	return p;
 }
 
@@ -227,8 +248,10 @@ void tally__arena_free(void *p, size_t size)
 	c = (struct chunk *)((uintptr_t)p & ~(uintptr_t)(TALLY__ARENA_CHUNK - 1));
 	TALLY__ASSERT(c->magic == CHUNK_MAGIC && c->k->size == size);
 	k = c->k;
+	GIVEN_BACK(p);
 	lock();
 	TALLY__ASSERT(c->used > 0);
+	UNPOISON(p, sizeof(void *));
 	memcpy(p, &c->free, sizeof(void *));
 	POISON(p, size);
 	c->free = p;

@@ -542,11 +542,11 @@ static void advance_one(struct tally_engine *e, struct subject_state *st, uint64
  * the ingest. So the drain looks ahead in the ring: PF_FAR entries ahead
  * it fetches the subject's state, PF_NEAR entries ahead (the state has
  * arrived by then) the bucket counter the value will increment (the
- * block subtotals are not kept on this path: hist.h, Subtotals); the misses overlap instead of queueing. Only hints: every
- * index is bounds-checked as it would be for real, and a wrong guess (a
- * rewritten entry) costs a useless fetch, nothing more. Below
- * PF_MIN_SUBJECTS active subjects everything is in cache and the look-
- * ahead is skipped. */
+ * block subtotals are not kept on this path: hist.h, Subtotals); the
+ * misses overlap instead of queueing. Only hints: every index is
+ * bounds-checked as it would be for real, and a wrong guess (a rewritten
+ * entry) costs a useless fetch, nothing more. Below PF_MIN_SUBJECTS
+ * active subjects everything is in cache and the look-ahead is skipped. */
 #define PF_FAR 16u
 #define PF_NEAR 8u
 #define PF_MIN_SUBJECTS 256u
