@@ -47,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -55,6 +56,7 @@
 
 #include "arena.h"
 #include "engine_priv.h"
+#include "hist.h"
 #include "harness.h"
 #include "pending.h"
 #include "producer.h"
@@ -262,13 +264,114 @@ static uint64_t stream_pass(struct tally_segment *seg, uint64_t *got)
 	return ns;
 }
 
+#define R_FLOOR2 "floor: 2 lines a sample, ideal prefetch"
+
+/* The second floor, the memory system's: per sample, the least the ingest
+ * touches with one dense histogram per subject (hist.h), its subject's hot
+ * line (count, sum) and the 16-bit counter of its bucket, in huge pages
+ * (as the arena gives them), both fetched ahead as far as engine.c does
+ * (PF_FAR / PF_NEAR: 16 and 8 entries, from PF_MIN_SUBJECTS = 256
+ * subjects on, as there) and the ring 128 entries ahead, but from
+ * addresses computed without a load (the engine must read a subject's
+ * line to find its counters). What it reaches is what
+ * prefetching alone can give with this working set on this machine;
+ * the ingest as a ratio of it is what the engine's own work costs. */
+#define FLOOR_BUCKETS 2368u /* tally__hist_index(default max) + 1 = 2345, in whole lines */
+struct floor_subject {
+	uint64_t count, sum, pad[6];
+	uint16_t counts[FLOOR_BUCKETS];
+};
+_Static_assert(sizeof(struct floor_subject) % 64 == 0, "whole lines");
+
+struct floor2 {
+	struct floor_subject *fs;
+	size_t bytes;
+	uint32_t *slot_of; /* subject id -> index in fs */
+	uint32_t table_size;
+};
+
+static void floor2_init(struct floor2 *f, const struct tally_segment *seg, const struct ingest_data *d)
+{
+	uint32_t next = 0;
+
+	f->table_size = seg->table_size;
+	f->slot_of = calloc(f->table_size, sizeof(*f->slot_of));
+	if (!f->slot_of)
+		abort();
+	for (uint32_t i = 0; i < INGEST_RING; i++)
+		if (d->ids[i] < f->table_size && f->slot_of[d->ids[i]] == 0)
+			f->slot_of[d->ids[i]] = ++next; /* 0: not seen */
+	for (uint32_t id = 0; id < f->table_size; id++)
+		f->slot_of[id] = f->slot_of[id] ? f->slot_of[id] - 1 : 0;
+	f->bytes = ((size_t)(next ? next : 1) * sizeof(struct floor_subject) + TALLY__ARENA_CHUNK - 1) &
+		   ~(TALLY__ARENA_CHUNK - 1);
+	void *m = mmap(NULL, f->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (m == MAP_FAILED)
+		abort();
+	(void)madvise(m, f->bytes, MADV_HUGEPAGE); /* 4 KiB pages if refused: the row is then pessimistic */
+	memset(m, 0, f->bytes);
+	f->fs = m;
+}
+
+static void floor2_fini(struct floor2 *f)
+{
+	munmap(f->fs, f->bytes);
+	free(f->slot_of);
+}
+
+static inline struct floor_subject *floor2_of(const struct floor2 *f, const struct tally_ring_entry *r,
+					      uint32_t *idx)
+{
+	uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
+	uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
+
+	*idx = tally__hist_index(v < TALLY__HIST_DEFAULT_MAX ? v : TALLY__HIST_DEFAULT_MAX);
+	return &f->fs[f->slot_of[id < f->table_size ? id : 0]];
+}
+
+/* One pass of the second floor over every ring; ns spent. */
+static uint64_t floor2_pass(struct tally_segment *seg, const struct floor2 *f, uint32_t nsubjects,
+			    uint64_t *got)
+{
+	uint64_t t0 = bench_now_ns(), mask = seg->ring_cap - 1;
+	const bool pf = nsubjects >= 256;
+	uint32_t idx;
+
+	for (uint32_t i = 0; i < seg->nslots; i++) {
+		struct tally__slot *s = tally__seg_slot(seg, i);
+		uint64_t head, n;
+		while ((n = tally__slot_ready(seg, s, &head)) != 0) {
+			for (uint64_t k = 0; k < n; k++) {
+				if ((k & 3) == 0 && k + 128 < n)
+					__builtin_prefetch(&s->ring[(head + k + 128) & mask], 0);
+				if (pf && k + 16 < n)
+					__builtin_prefetch(floor2_of(f, &s->ring[(head + k + 16) & mask], &idx), 1);
+				if (pf && k + 8 < n) {
+					struct floor_subject *q = floor2_of(f, &s->ring[(head + k + 8) & mask], &idx);
+					__builtin_prefetch(&q->counts[idx], 1);
+				}
+				struct floor_subject *q = floor2_of(f, &s->ring[(head + k) & mask], &idx);
+				q->count++;
+				q->sum += __atomic_load_n(&s->ring[(head + k) & mask].value_ns, __ATOMIC_RELAXED);
+				q->counts[idx]++;
+			}
+			tally__slot_consume(s, head, n);
+			*got += n;
+		}
+	}
+	return bench_now_ns() - t0;
+}
+
 static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d, uint32_t nsubjects)
 {
 	char row[72];
 	struct tally_engine *g;
 	struct tally_producer *p[INGEST_SLOTS];
-	double rate[256], floor_[256], crate[256], cfloor[256];
+	double rate[256], floor_[256], crate[256], cfloor[256], cfloor2[256];
 	uint64_t fills = scaled(16, 1);
+	struct floor2 f2;
+
+	floor2_init(&f2, seg, d);
 
 	if (tally__engine_new(seg, NULL, &g) != 0) {
 		fprintf(stderr, "bench: ingest: %s\n", tally_errmsg());
@@ -300,6 +403,14 @@ static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d, 
 		}
 		floor_[r] = (double)fgot / (double)fns * 1e3;
 		cfloor[r] = (double)fgot / (double)fcpu * 1e3;
+		fgot = fcpu = 0;
+		for (uint64_t f = 0; f < fills; f++) {
+			ingest_fill(p, d);
+			uint64_t c0 = thread_cpu_ns();
+			(void)floor2_pass(seg, &f2, nsubjects, &fgot);
+			fcpu += thread_cpu_ns() - c0;
+		}
+		cfloor2[r] = (double)fgot / (double)fcpu * 1e3;
 	}
 	char frow[72];
 	snprintf(frow, sizeof(frow), R_FLOOR ", %u subj", nsubjects);
@@ -312,6 +423,13 @@ static void ingest_loop(struct tally_segment *seg, const struct ingest_data *d, 
 	snprintf(row, sizeof(row), R_INGEST ", %u subj, per CPU s", nsubjects);
 	bench_row_series("ingest", R_INGEST " (per CPU second)", row, "Msamples/s", true, crate, bench_opts.reps,
 			 frow, nsubjects);
+	snprintf(frow, sizeof(frow), R_FLOOR2 ", %u subj, per CPU s", nsubjects);
+	bench_row_series("ingest", R_FLOOR2 " (per CPU second)", frow, "Msamples/s", true, cfloor2, bench_opts.reps,
+			 NULL, nsubjects);
+	snprintf(row, sizeof(row), "ingest loop, %u subj, per CPU s, of the 2-line floor", nsubjects);
+	bench_row_series("ingest", R_INGEST " (per CPU second, of the 2-line floor)", row, "Msamples/s", true, crate,
+			 bench_opts.reps, frow, nsubjects);
+	floor2_fini(&f2);
 	for (uint32_t k = 0; k < INGEST_SLOTS; k++)
 		tally_producer_detach(&p[k]);
 	tally__engine_free(&g);
