@@ -13,7 +13,10 @@
  *            filled rings that loads every entry and hands the ring back,
  *            but buckets nothing; both also per second of the thread's
  *            CPU time (CLOCK_THREAD_CPUTIME_ID), which a loaded machine's
- *            preemptions do not inflate. Then end to end through the real engine
+ *            preemptions do not inflate; and per CPU second beside a
+ *            second floor, the memory system's: the two cache lines a
+ *            sample must touch with a dense histogram per subject, fetched
+ *            ahead from addresses computed without a load (floor2_pass). Then end to end through the real engine
  *            at 100 subjects, one producer thread recording as fast as it
  *            can, retrying when its ring is full (sharing the machine's
  *            cores with the aggregator); and delivered samples/s (what
