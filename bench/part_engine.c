@@ -56,6 +56,7 @@
 #include <unistd.h>
 
 #include <tally/tally.h>
+#include <urcu-bp.h>
 
 #include "arena.h"
 #include "engine_priv.h"
@@ -995,6 +996,60 @@ static void window_direct(uint32_t slices, const uint64_t *tab)
 	free(w);
 }
 
+/* The whole engine's heap per subject (not only the window): the
+ * subject's row, its since-start export buckets and their published
+ * copy, the snapshot rows, the windows; while every subject has samples
+ * and again after a whole window (10 x 1 s, the default) without any, the
+ * windows then asleep. A thread-less engine driven with a synthetic
+ * clock; call_rcu's callbacks are waited for (rcu_barrier) before each
+ * reading. Per subject: the heap the engine holds over the heap before
+ * it was made, divided by the subjects. */
+static void engine_memory(uint32_t n)
+{
+	struct ingest_data *d = malloc(sizeof(*d));
+	struct tally_producer *p[INGEST_SLOTS];
+	struct tally_engine *g;
+	char name[64], row[72];
+	double busy[256], idle[256];
+
+	if (!d)
+		abort();
+	for (int r = 0; r < bench_opts.reps; r++) {
+		struct tally_segment *seg = ingest_segment("engmem", n, d, name, sizeof(name));
+		rcu_barrier_bp();
+		size_t h0 = heap_in_use();
+		if (tally__engine_new(seg, NULL, &g) != 0)
+			abort();
+		for (uint32_t k = 0; k < INGEST_SLOTS; k++)
+			p[k] = attach(seg);
+		uint64_t t = bench_now_ns();
+		ingest_fill(p, d);
+		while (tally__engine_ingest(g, t) != 0)
+			;
+		tally__engine_publish(g, t);
+		tally__engine_publish(g, t + 1000000); /* the old snapshot retired */
+		rcu_barrier_bp();
+		busy[r] = (double)(heap_in_use() - h0) / n / 1024.0;
+		t += 12000000000u; /* a whole window and two slices later */
+		tally__engine_ingest(g, t);
+		tally__engine_publish(g, t);
+		tally__engine_publish(g, t + 1000000);
+		rcu_barrier_bp();
+		idle[r] = (double)(heap_in_use() - h0) / n / 1024.0;
+		for (uint32_t k = 0; k < INGEST_SLOTS; k++)
+			tally_producer_detach(&p[k]);
+		tally__engine_free(&g);
+		seg_close(&seg, name);
+	}
+	snprintf(row, sizeof(row), "engine heap per subject, busy, %u subj", n);
+	bench_row_series("window", "engine heap per subject, busy", row, "KB", false, busy, bench_opts.reps, NULL,
+			 n);
+	snprintf(row, sizeof(row), "engine heap per subject, idle a window, %u subj", n);
+	bench_row_series("window", "engine heap per subject, idle a whole window", row, "KB", false, idle,
+			 bench_opts.reps, NULL, n);
+	free(d);
+}
+
 void bench_part_window(void)
 {
 	const char *list = bench_opts.slices;
@@ -1017,6 +1072,8 @@ void bench_part_window(void)
 		window_direct((uint32_t)n, tab);
 	}
 	free(tab);
+	engine_memory(1000);
+	engine_memory(10000);
 }
 
 /* ---- read ------------------------------------------------------------------- */
