@@ -30,7 +30,9 @@
  *            on windows driven here with a synthetic clock and filled to
  *            the brim (1,000 values per subject per slice, every slice of
  *            the window closed), the slice close and the stats call of
- *            1,000 subjects and the heap held per subject.
+ *            1,000 subjects and the heap held per subject; and the whole
+ *            engine's heap per subject (rows, export buckets, snapshot),
+ *            busy and after a whole window idle, at 1,000 and 10,000.
  *   read     tally_engine_read (in-process, RCU) and tally_read_subject
  *            (a second, read-only handle; and a forked process that opens
  *            the segment itself) beside a mutex-protected copy of the
