@@ -10,8 +10,12 @@
 # Charts, each from the rows of one part, one line per "series", x = the
 # row's "param", error bars = min .. max over the repetitions:
 #   threads.png    record ns/op against threads (tally rings, mutex and
-#                  atomic histograms)
-#   subjects.png   publish ms and ingest Msamples/s against active subjects
+#                  atomic histograms); paced records with the engine
+#                  draining, and their drops, against the rate
+#   subjects.png   publish ms, and ingest Msamples per CPU-second beside its
+#                  two floors, against active subjects
+#   drain.png      the engine's drain against drain_threads (wall and per
+#                  CPU-second) at 10, 1,000 and 10,000 subjects
 #   window.png     publish, slice close and stats ms, and heap per subject,
 #                  against the window length in 1 s slices
 #   consumers.png  pending refresh ms by LIST and by INFO against consumers,
@@ -76,14 +80,15 @@ plot_threads() {
 	series record "mutex histogram" "$d.mutex" || return 0
 	series record "atomic histogram" "$d.atomic" || return 0
 	series record "tally ring, no drain" "$d.nodrain" || return 0
-	series record "tally ring, draining" "$d.drain" || return 0
-	series record "dropped while draining" "$d.dropped" || : >"$d.dropped"
-	ratio "$d.mutex" "$d.drain" >"$d.rmutex"
-	ratio "$d.atomic" "$d.drain" >"$d.ratomic"
+	series record "tally ring, flat out vs drain thread (mostly drops)" "$d.flat" || : >"$d.flat"
+	series record "tally ring, paced, engine draining, 1 thr" "$d.paced1" || : >"$d.paced1"
+	series record "tally ring, paced, engine draining, 2 thr" "$d.paced2" || : >"$d.paced2"
+	series record "dropped, paced, 1 thr" "$d.pdrop1" || : >"$d.pdrop1"
+	series record "dropped, paced, 2 thr" "$d.pdrop2" || : >"$d.pdrop2"
 	gnuplot <<EOF
 $common
 set output '$out/threads.png'
-set multiplot layout 1,2 title "record against recording threads (median, min..max)\n{/*0.8 $machine}"
+set multiplot layout 1,2 title "record: against threads, and paced with the engine draining (median, min..max)\n{/*0.8 $machine}"
 set xlabel 'threads recording at once'
 set xtics 1
 set autoscale xfix
@@ -93,18 +98,23 @@ set logscale y
 plot '$d.mutex' u 1:2:3:4 w yerrorlines lw 2 pt 7 t 'mutex-protected shared histogram', \
      '$d.atomic' u 1:2:3:4 w yerrorlines lw 2 pt 7 t 'atomic-increment shared histogram', \
      '$d.nodrain' u 1:2:3:4 w yerrorlines lw 2 pt 7 t 'tally ring per thread, no consumer', \
-     '$d.drain' u 1:2:3:4 w yerrorlines lw 2 pt 7 t 'tally ring per thread, drain thread running', \
+     '$d.flat' u 1:2:3:4 w yerrorlines lw 1 dt 3 pt 6 t 'tally ring, flat out against a drain thread (mostly drops)', \
      3 w l dt 2 lc rgb 'red' t 'target at 1 thread: 3 ns'
 unset logscale y
-set title 'tally ring with draining: times faster than (ratio of medians)'
+set title 'tally ring, paced, real engine draining: ns per record'
+set logscale x
+set xlabel 'records per second per thread (M, log)'
+set xtics auto
+set autoscale x
+set offsets graph 0.04, graph 0.04, 0, 0
 set yrange [0:*]
 set y2range [0:100]
 set y2tics 20
 set y2label 'records dropped, ring full (%)'
-plot '$d.rmutex' u 1:2 w lp lw 2 pt 7 t 'than the mutex histogram', \
-     '$d.ratomic' u 1:2 w lp lw 2 pt 7 t 'than the atomic histogram', \
-     '$d.dropped' u 1:2 axes x1y2 w lp lw 1 dt 3 pt 6 lc rgb 'gray30' t 'dropped (right axis)', \
-     5 w l dt 2 lc rgb 'red' t 'target at 2 threads: 5x'
+plot '$d.paced1' u 1:2:3:4 w yerrorlines lw 2 pt 7 t '1 thread', \
+     '$d.paced2' u 1:2:3:4 w yerrorlines lw 2 pt 7 t '2 threads', \
+     '$d.pdrop1' u 1:2 axes x1y2 w lp lw 1 dt 3 pt 6 t 'dropped, 1 thread (right axis)', \
+     '$d.pdrop2' u 1:2 axes x1y2 w lp lw 1 dt 3 pt 6 t 'dropped, 2 threads (right axis)'
 unset multiplot
 EOF
 	echo "plot.sh: $out/threads.png"
@@ -113,7 +123,10 @@ EOF
 plot_subjects() {
 	d=$tmp/subjects
 	series publish "publish (real engine, 10 s window)" "$d.publish" || return 0
-	series ingest "ingest loop as in engine.c, 1 core" "$d.ingest" || return 0
+	series ingest "ingest loop as in engine.c, 1 core (per CPU second)" "$d.ingest" ||
+		series ingest "ingest loop as in engine.c, 1 core" "$d.ingest" || return 0
+	series ingest "floor: 2 lines a sample, ideal prefetch (per CPU second)" "$d.floor2" || : >"$d.floor2"
+	series ingest "floor: streaming pass over the rings (per CPU second)" "$d.floor1" || : >"$d.floor1"
 	gnuplot <<EOF
 $common
 set output '$out/subjects.png'
@@ -125,14 +138,45 @@ set logscale y
 set arrow 1 from 1000, graph 0 to 1000, graph 1 nohead dt 3 lc rgb 'gray60'
 plot '$d.publish' u 1:2:3:4 w yerrorlines lw 2 pt 7 t 'publish, real engine', \
      2 w l dt 2 lc rgb 'red' t 'target at 1,000 subjects: 2 ms'
-unset logscale y
-set title 'aggregator ingest on one core (Msamples/s)'
-set yrange [0:*]
+set title 'aggregator ingest on one core (Msamples per CPU-second, log)'
 plot '$d.ingest' u 1:2:3:4 w yerrorlines lw 2 pt 7 t 'ingest loop as in engine.c', \
-     50 w l dt 2 lc rgb 'red' t 'target: 50 M/s'
+     '$d.floor2' u 1:2:3:4 w yerrorlines lw 2 pt 6 dt 2 t 'floor: the 2 lines a sample needs, ideal prefetch', \
+     '$d.floor1' u 1:2:3:4 w yerrorlines lw 1 pt 6 dt 3 t 'floor: streaming pass over the rings', \
+     100 w l dt 2 lc rgb 'red' t 'target at 10,000 subjects: 100 M/s'
 unset multiplot
 EOF
 	echo "plot.sh: $out/subjects.png"
+}
+
+# drain.png: the real engine's drain with N drain threads, wall and per
+# CPU-second, at 10, 1,000 and 10,000 subjects (part drain).
+plot_drain() {
+	d=$tmp/drain
+	series drain "drain threads, 10 subj" "$d.w10" || return 0
+	series drain "drain threads, 1000 subj" "$d.w1k" || : >"$d.w1k"
+	series drain "drain threads, 10000 subj" "$d.w10k" || : >"$d.w10k"
+	series drain "drain threads per CPU-s, 10 subj" "$d.c10" || : >"$d.c10"
+	series drain "drain threads per CPU-s, 1000 subj" "$d.c1k" || : >"$d.c1k"
+	series drain "drain threads per CPU-s, 10000 subj" "$d.c10k" || : >"$d.c10k"
+	gnuplot <<EOF
+$common
+set output '$out/drain.png'
+set multiplot layout 1,2 title "N drain threads: the real engine draining filled rings (median, min..max)\n{/*0.8 $machine}"
+set xlabel 'drain threads'
+set xtics 1
+set offsets 0.3, 0.3, 0, 0
+set yrange [0:*]
+set title 'Msamples/s (wall)'
+plot '$d.w10' u 1:2:3:4 w yerrorlines lw 2 pt 7 t '10 subjects', \
+     '$d.w1k' u 1:2:3:4 w yerrorlines lw 2 pt 7 t '1,000 subjects', \
+     '$d.w10k' u 1:2:3:4 w yerrorlines lw 2 pt 7 t '10,000 subjects'
+set title 'Msamples per CPU-second of the process'
+plot '$d.c10' u 1:2:3:4 w yerrorlines lw 2 pt 7 t '10 subjects', \
+     '$d.c1k' u 1:2:3:4 w yerrorlines lw 2 pt 7 t '1,000 subjects', \
+     '$d.c10k' u 1:2:3:4 w yerrorlines lw 2 pt 7 t '10,000 subjects'
+unset multiplot
+EOF
+	echo "plot.sh: $out/drain.png"
 }
 
 plot_window() {
@@ -190,5 +234,6 @@ EOF
 
 plot_threads
 plot_subjects
+plot_drain
 plot_window
 plot_consumers
