@@ -1157,7 +1157,14 @@ int tally__hist_quantiles_n(const struct tally__hist *const *hs, size_t nh,
 		}
 		cum += t;
 	}
-	TALLY__ASSERT(q == n && cum <= w.count);
+	TALLY__ASSERT(cum <= w.count);
+	/* Ranks past every bucket: only when a counter stuck at 65,535 for
+	 * want of memory for its carry (TALLY__HIST_BUCKET_SATURATED) and its
+	 * slice was merged into a sum, whose buckets then hold fewer values
+	 * than its exact count.  The values missing are in the stuck bucket,
+	 * at most the exact max: report that, a bound, rather than fail. */
+	for (; q < n; q++)
+		out[q] = w.max;
 	return 0;
 }
 

@@ -405,6 +405,49 @@ Test(window, carry_across_slices)
 	tally__window_destroy(&w);
 }
 
+/* A carry without memory (hist.h, Counters): the bucket sticks at 65,535
+ * while the count stays exact, so once that slice closes the aggregate's
+ * buckets sum short of its count. Reading the window then, and after the
+ * slice leaves it, must answer (the ranks past the buckets with the exact
+ * max, flagged bucket_saturated), never abort: before, the quantile walk
+ * asserted that it had answered every rank and killed the aggregator. */
+Test(window, carry_without_memory_then_the_slice_closes_and_leaves)
+{
+	struct tally__window w;
+	struct tally__window_stats st;
+
+	mk(&w, SEC, 3 * SEC, 0);
+	tally__hist_nomem_hook = fail_point;
+	fail_at = "hist.carry";
+	for (int n = 0; n < 70000; n++)
+		tally__window_add(&w, 1000);
+	fail_at = NULL;
+	tally__hist_nomem_hook = NULL;
+	tally__window_add(&w, 9000);
+	st = stats(&w, 0);
+	cr_assert_eq(st.count, 70001);
+	cr_assert(st.bucket_saturated);
+	cr_assert_eq(st.max, 9000);
+	for (uint64_t k = 1; k <= 5; k++) { /* closed, in the aggregate, then out */
+		st = stats(&w, k * SEC);
+		/* slices k-2 .. k: slice 0 holds 70,001, slice j >= 1 the value 2000 + j */
+		cr_assert_eq(st.count, (k <= 2 ? 70001 : 0) + (k <= 2 ? k - 1 : 2), "k=%lu", k);
+		if (k < 3) {
+			cr_assert(st.has_quantiles);
+			cr_assert(st.bucket_saturated, "k=%lu", k);
+			cr_assert_leq(st.p50, st.max);
+			cr_assert_leq(st.p999, 9000);
+			cr_assert_geq(st.p999, st.p50);
+		}
+		tally__window_add(&w, 2000 + k); /* a fresh slice each second */
+	}
+	st = stats(&w, 5 * SEC);
+	cr_assert_eq(st.count, 3, "the saturated slice left the window");
+	cr_assert_eq(st.min, 2003);
+	cr_assert_eq(st.max, 2005);
+	tally__window_destroy(&w);
+}
+
 /* ---- property test: incremental == from scratch ------------------- */
 
 struct sample {
