@@ -79,6 +79,11 @@ static pthread_once_t arena_once = PTHREAD_ONCE_INIT;
 static struct klass classes[MAX_CLASSES];
 static uint32_t nclasses;
 static size_t mapped;
+/* Set once madvise(MADV_HUGEPAGE) has said no (a kernel built without
+ * transparent huge pages answers EINVAL every time): from then on every
+ * object goes to malloc at once, without a map and unmap per object under
+ * the lock.  Chunks already mapped stay in use until they empty. */
+static bool refused;
 
 /* fork: the lock is held across it, so that a child (which may start an
  * engine of its own) never inherits it taken by a thread it does not
@@ -156,7 +161,7 @@ static struct chunk *chunk_map(struct klass *k)
 			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 
 	if (raw == MAP_FAILED)
-		return NULL;
+		return NULL; /* out of memory: tried again next time */
 	uintptr_t base = ((uintptr_t)raw + n - 1) & ~(uintptr_t)(n - 1);
 	uint8_t *b = (uint8_t *)base;
 
@@ -166,6 +171,7 @@ static struct chunk *chunk_map(struct klass *k)
 		munmap(b + n, (size_t)(raw + 2 * n - (b + n)));
 	if (madvise(b, n, MADV_HUGEPAGE) != 0) {
 		munmap(b, n);
+		refused = true;
 		return NULL;
 	}
 	struct chunk *c = (struct chunk *)(void *)b;
@@ -224,7 +230,7 @@ void *tally__arena_alloc(size_t size)
 	lock();
 	k = class_of(size);
 	if (k != NULL)
-		c = k->room != NULL ? k->room : chunk_map(k);
+		c = k->room != NULL ? k->room : refused ? NULL : chunk_map(k);
 	if (c != NULL)
 		p = chunk_take(k, c, &fresh);
 	unlock();

@@ -24,7 +24,9 @@
  *
  * Failure: tally__arena_alloc() returns NULL when no chunk can be mapped
  * (or the object is too large for one); the caller then uses malloc
- * (hist.c does) and remembers which it used.
+ * (hist.c does) and remembers which it used.  A kernel that refuses
+ * MADV_HUGEPAGE once is not asked again: every later object is NULL at
+ * once (malloc), the chunks already mapped still serve.
  *
  * Threads: one process-wide set of size classes under one mutex.  Objects
  * are taken and given back only on slow paths (a window made, woken, put
