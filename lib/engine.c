@@ -964,6 +964,8 @@ static inline void lane_prefetch(const struct lane *l, const struct tally_ring_e
 	}
 	uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
 	const struct tally__hist *h = &p->win.cur;
+	if (!h->counts) /* asleep (window.h): the add wakes it */
+		return;
 	uint32_t i = tally__hist_index(v < h->max_value ? v : h->max_value);
 	__builtin_prefetch(&h->counts[i], 1);
 }
