@@ -16,9 +16,9 @@
  *            preemptions do not inflate; and per CPU second beside a
  *            second floor, the memory system's: the two cache lines a
  *            sample must touch with a dense histogram per subject, fetched
- *            ahead from addresses computed without a load (floor2_pass). Then end to end through the real engine
- *            at 100 subjects, one producer thread recording as fast as it
- *            can, retrying when its ring is full (sharing the machine's
+ *            ahead from addresses computed without a load (floor2_pass).
+ *            Then end to end through the real engine at 100 subjects,
+ *            one producer thread recording as fast as it can, retrying when its ring is full (sharing the machine's
  *            cores with the aggregator); and delivered samples/s (what
  *            the engine drained, per second) with 1, 2 and 2 x --threads
  *            producers recording flat out without retrying, beside the
@@ -276,8 +276,8 @@ static uint64_t stream_pass(struct tally_segment *seg, uint64_t *got)
  * touches with one dense histogram per subject (hist.h), its subject's hot
  * line (count, sum) and the 16-bit counter of its bucket, in huge pages
  * (as the arena gives them), both fetched ahead as far as engine.c does
- * (PF_FAR / PF_NEAR: 16 and 8 entries, from PF_MIN_SUBJECTS = 256
- * subjects on, as there) and the ring 128 entries ahead, but from
+ * (TALLY__PF_FAR / TALLY__PF_NEAR entries, from TALLY__PF_MIN_SUBJECTS
+ * subjects on, and the ring TALLY__RING_PF ahead: engine_priv.h), but from
  * addresses computed without a load (the engine must read a subject's
  * line to find its counters). What it reaches is what
  * prefetching alone can give with this working set on this machine;
@@ -314,7 +314,8 @@ static void floor2_init(struct floor2 *f, const struct tally_segment *seg, const
 	void *m = mmap(NULL, f->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (m == MAP_FAILED)
 		abort();
-	(void)madvise(m, f->bytes, MADV_HUGEPAGE); /* 4 KiB pages if refused: the row is then pessimistic */
+	/* 4 KiB pages if refused: the floor is then pessimistic */
+	(void)madvise(m, f->bytes, MADV_HUGEPAGE);
 	memset(m, 0, f->bytes);
 	f->fs = m;
 }
@@ -325,13 +326,15 @@ static void floor2_fini(struct floor2 *f)
 	free(f->slot_of);
 }
 
+/* Entry r's subject, its (clamped) value in *v and its bucket in *idx. */
 static inline struct floor_subject *floor2_of(const struct floor2 *f, const struct tally_ring_entry *r,
-					      uint32_t *idx)
+					      uint32_t *idx, uint64_t *v)
 {
 	uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
-	uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
 
-	*idx = tally__hist_index(v < TALLY__HIST_DEFAULT_MAX ? v : TALLY__HIST_DEFAULT_MAX);
+	*v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
+	*v = *v < TALLY__HIST_DEFAULT_MAX ? *v : TALLY__HIST_DEFAULT_MAX;
+	*idx = tally__hist_index(*v);
 	return &f->fs[f->slot_of[id < f->table_size ? id : 0]];
 }
 
@@ -340,7 +343,7 @@ static uint64_t floor2_pass(struct tally_segment *seg, const struct floor2 *f, u
 			    uint64_t *got)
 {
 	uint64_t t0 = bench_now_ns(), mask = seg->ring_cap - 1;
-	const bool pf = nsubjects >= 256;
+	const bool pf = nsubjects >= TALLY__PF_MIN_SUBJECTS;
 	uint32_t idx;
 
 	for (uint32_t i = 0; i < seg->nslots; i++) {
@@ -348,17 +351,21 @@ static uint64_t floor2_pass(struct tally_segment *seg, const struct floor2 *f, u
 		uint64_t head, n;
 		while ((n = tally__slot_ready(seg, s, &head)) != 0) {
 			for (uint64_t k = 0; k < n; k++) {
-				if ((k & 3) == 0 && k + 128 < n)
-					__builtin_prefetch(&s->ring[(head + k + 128) & mask], 0);
-				if (pf && k + 16 < n)
-					__builtin_prefetch(floor2_of(f, &s->ring[(head + k + 16) & mask], &idx), 1);
-				if (pf && k + 8 < n) {
-					struct floor_subject *q = floor2_of(f, &s->ring[(head + k + 8) & mask], &idx);
+				const struct tally_ring_entry *ring = s->ring;
+				uint64_t v;
+				if ((k & 3) == 0 && k + TALLY__RING_PF < n)
+					__builtin_prefetch(&ring[(head + k + TALLY__RING_PF) & mask], 0);
+				if (pf && k + TALLY__PF_FAR < n)
+					__builtin_prefetch(floor2_of(f, &ring[(head + k + TALLY__PF_FAR) & mask],
+								     &idx, &v), 1);
+				if (pf && k + TALLY__PF_NEAR < n) {
+					struct floor_subject *q =
+						floor2_of(f, &ring[(head + k + TALLY__PF_NEAR) & mask], &idx, &v);
 					__builtin_prefetch(&q->counts[idx], 1);
 				}
-				struct floor_subject *q = floor2_of(f, &s->ring[(head + k) & mask], &idx);
+				struct floor_subject *q = floor2_of(f, &ring[(head + k) & mask], &idx, &v);
 				q->count++;
-				q->sum += __atomic_load_n(&s->ring[(head + k) & mask].value_ns, __ATOMIC_RELAXED);
+				q->sum += v;
 				q->counts[idx]++;
 			}
 			tally__slot_consume(s, head, n);
@@ -1032,7 +1039,7 @@ static void engine_memory(uint32_t n)
 		tally__engine_publish(g, t + 1000000); /* the old snapshot retired */
 		rcu_barrier_bp();
 		busy[r] = (double)(heap_in_use() - h0) / n / 1024.0;
-		t += 12000000000u; /* a whole window and two slices later */
+		t += UINT64_C(12000000000); /* a whole window and two slices later */
 		tally__engine_ingest(g, t);
 		tally__engine_publish(g, t);
 		tally__engine_publish(g, t + 1000000);

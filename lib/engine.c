@@ -537,26 +537,12 @@ static bool ingest_tagged(struct tally_engine *e, struct subject_state *st, uint
 
 static void advance_one(struct tally_engine *e, struct subject_state *st, uint64_t now);
 
-/* Prefetch (issue 18). With thousands of subjects, a sample's window and
- * bucket are rarely in cache, and one miss after another is what bounds
- * the ingest. So the drain looks ahead in the ring: PF_FAR entries ahead
- * it fetches the subject's state, PF_NEAR entries ahead (the state has
- * arrived by then) the bucket counter the value will increment (the
- * block subtotals are not kept on this path: hist.h, Subtotals); the
- * misses overlap instead of queueing. Only hints: every index is
- * bounds-checked as it would be for real, and a wrong guess (a rewritten
- * entry) costs a useless fetch, nothing more. Below PF_MIN_SUBJECTS
- * active subjects everything is in cache and the look-ahead is skipped. */
-#define PF_FAR 16u
-#define PF_NEAR 8u
-#define PF_MIN_SUBJECTS 256u
-/* The ring itself: the hardware prefetcher follows a stream only inside
- * a 4 KiB page (256 entries), so every page the drain enters was a stall
- * on memory; RING_PF entries ahead (2 KiB), one line in four entries, and
- * only entries already published (a line the producer is still writing
- * would be taken from it). At 10 subjects, where nothing else misses,
- * this was +35-70% samples per CPU-second, one drain thread or two. */
-#define RING_PF 128u
+/* Prefetch (issue 18): the drain's look-ahead, TALLY__PF_* in
+ * engine_priv.h (there so that the benchmark's memory floor uses the same
+ * distances). prefetch_bucket and lane_prefetch repeat the same few lines
+ * on purpose: with one inline helper for both, gcc 12 laid out
+ * drain_slot's loop so that 10,000 subjects lost 30% per CPU-second (A/B,
+ * 2 rounds: 55-58 against 81-84 M/s). */
 
 static inline void prefetch_state(const struct tally_engine *e, const struct tally_ring_entry *r)
 {
@@ -599,18 +585,18 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 		return 0;
 	if (n > DRAIN_BATCH)
 		n = DRAIN_BATCH;
-	bool pf = e->nactive >= PF_MIN_SUBJECTS;
+	bool pf = e->nactive >= TALLY__PF_MIN_SUBJECTS;
 	/* a walk to close slices is under way (advance_all): some subjects are behind */
 	bool walking = e->walked_slice != e->cur_slice;
 	for (uint64_t k = 0; k < n; k++) {
 		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
-		if ((k & 3) == 0 && k + RING_PF < n)
-			__builtin_prefetch(&s->ring[(head + k + RING_PF) & mask], 0);
+		if ((k & 3) == 0 && k + TALLY__RING_PF < n)
+			__builtin_prefetch(&s->ring[(head + k + TALLY__RING_PF) & mask], 0);
 		if (pf) {
-			if (k + PF_FAR < n)
-				prefetch_state(e, &s->ring[(head + k + PF_FAR) & mask]);
-			if (k + PF_NEAR < n)
-				prefetch_bucket(e, &s->ring[(head + k + PF_NEAR) & mask]);
+			if (k + TALLY__PF_FAR < n)
+				prefetch_state(e, &s->ring[(head + k + TALLY__PF_FAR) & mask]);
+			if (k + TALLY__PF_NEAR < n)
+				prefetch_bucket(e, &s->ring[(head + k + TALLY__PF_NEAR) & mask]);
 		}
 		/* One load each (a plain mov on x86): id is checked and then used
 		 * as an index, and the producer may rewrite the entry meanwhile. */
@@ -982,20 +968,20 @@ static uint64_t lane_drain_slot(struct lane *l, struct tally__slot *s, uint64_t 
 
 	n = n < budget ? n : budget;
 	n = n < DRAIN_BATCH ? n : DRAIN_BATCH;
-	bool pf = l->nactive >= PF_MIN_SUBJECTS;
+	bool pf = l->nactive >= TALLY__PF_MIN_SUBJECTS;
 	bool walking = l->walked_slice != l->cur_slice;
 	for (k = 0; k < n; k++) {
 		if ((k & (LANE_WANT_EVERY - 1)) == LANE_WANT_EVERY - 1 &&
 		    atomic_load_explicit(&l->want, memory_order_relaxed))
 			break;
 		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
-		if ((k & 3) == 0 && k + RING_PF < n)
-			__builtin_prefetch(&s->ring[(head + k + RING_PF) & mask], 0);
+		if ((k & 3) == 0 && k + TALLY__RING_PF < n)
+			__builtin_prefetch(&s->ring[(head + k + TALLY__RING_PF) & mask], 0);
 		if (pf) {
-			if (k + PF_FAR < n)
-				lane_prefetch(l, &s->ring[(head + k + PF_FAR) & mask], false);
-			if (k + PF_NEAR < n)
-				lane_prefetch(l, &s->ring[(head + k + PF_NEAR) & mask], true);
+			if (k + TALLY__PF_FAR < n)
+				lane_prefetch(l, &s->ring[(head + k + TALLY__PF_FAR) & mask], false);
+			if (k + TALLY__PF_NEAR < n)
+				lane_prefetch(l, &s->ring[(head + k + TALLY__PF_NEAR) & mask], true);
 		}
 		uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
 		uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);

@@ -13,6 +13,32 @@
 
 #include <tally/engine.h>
 
+/* The drain's look-ahead (engine.c, drain_slot and lane_drain_slot;
+ * issue 18), here so that the benchmark's memory floor uses the same
+ * distances.  With thousands of subjects, a sample's window and bucket
+ * are rarely in cache, and one miss after another is what bounds the
+ * ingest.  So the drain looks ahead in the ring: TALLY__PF_FAR entries
+ * ahead it fetches the subject's state, TALLY__PF_NEAR entries ahead (the
+ * state has arrived by then) the bucket counter the value will increment
+ * (the block subtotals are not kept on this path: hist.h, Subtotals); the
+ * misses overlap instead of queueing.  Only hints: every index is
+ * bounds-checked as it would be for real, and a wrong guess (a rewritten
+ * entry) costs a useless fetch, nothing more.  Below
+ * TALLY__PF_MIN_SUBJECTS active subjects everything is in cache and the
+ * look-ahead is skipped.  Retuned after the lazy add (BENCHMARKS.md,
+ * issue 18): 11 pairs from 8/4 to 64/24, none better than 16/8. */
+#define TALLY__PF_FAR 16u
+#define TALLY__PF_NEAR 8u
+#define TALLY__PF_MIN_SUBJECTS 256u
+/* The ring itself: the hardware prefetcher follows a stream only inside a
+ * 4 KiB page (256 entries), so every page the drain enters was a stall on
+ * memory; TALLY__RING_PF entries ahead (2 KiB), one line in four entries,
+ * and only entries already published (a line the producer is still
+ * writing would be taken from it).  At 10 subjects, where nothing else
+ * misses, this was +35-70% samples per CPU-second, one drain thread or
+ * two. */
+#define TALLY__RING_PF 128u
+
 /* An engine on seg with no aggregator thread. Same errors as
  * tally_engine_start(). Free with tally__engine_free(). */
 int tally__engine_new(struct tally_segment *seg, const struct tally_engine_config *cfg,
