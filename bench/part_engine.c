@@ -62,6 +62,7 @@
 
 #include "arena.h"
 #include "engine_priv.h"
+#include "export.h"
 #include "hist.h"
 #include "harness.h"
 #include "pending.h"
@@ -1012,14 +1013,17 @@ static void window_direct(uint32_t slices, const uint64_t *tab)
  * windows then asleep. A thread-less engine driven with a synthetic
  * clock; call_rcu's callbacks are waited for (rcu_barrier) before each
  * reading. Per subject: the heap the engine holds over the heap before
- * it was made, divided by the subjects. */
+ * it was made, divided by the subjects; and over the heap of the same
+ * engine before its first sample (what does not grow with subjects:
+ * arrays sized by the segment's subject table and its pending table),
+ * which is also shown alone. */
 static void engine_memory(uint32_t n)
 {
 	struct ingest_data *d = malloc(sizeof(*d));
 	struct tally_producer *p[INGEST_SLOTS];
 	struct tally_engine *g;
-	char name[64], row[72];
-	double busy[256], idle[256];
+	char name[64], row[80];
+	double busy[256], idle[256], over[256], empty[256];
 
 	if (!d)
 		abort();
@@ -1032,6 +1036,11 @@ static void engine_memory(uint32_t n)
 		for (uint32_t k = 0; k < INGEST_SLOTS; k++)
 			p[k] = attach(seg);
 		uint64_t t = bench_now_ns();
+		tally__engine_publish(g, t - 2000000);
+		tally__engine_publish(g, t - 1000000);
+		rcu_barrier_bp();
+		size_t he = heap_in_use();
+		empty[r] = (double)(he - h0) / 1048576.0;
 		ingest_fill(p, d);
 		while (tally__engine_ingest(g, t) != 0)
 			;
@@ -1045,6 +1054,7 @@ static void engine_memory(uint32_t n)
 		tally__engine_publish(g, t + 1000000);
 		rcu_barrier_bp();
 		idle[r] = (double)(heap_in_use() - h0) / n / 1024.0;
+		over[r] = (double)(heap_in_use() - he) / n / 1024.0;
 		for (uint32_t k = 0; k < INGEST_SLOTS; k++)
 			tally_producer_detach(&p[k]);
 		tally__engine_free(&g);
@@ -1056,7 +1066,42 @@ static void engine_memory(uint32_t n)
 	snprintf(row, sizeof(row), "engine heap per subject, idle a window, %u subj", n);
 	bench_row_series("window", "engine heap per subject, idle a whole window", row, "KB", false, idle,
 			 bench_opts.reps, NULL, n);
+	snprintf(row, sizeof(row), "engine heap before any sample, %u-subj segment", n);
+	bench_row_series("window", "engine heap before any sample", row, "MB", false, empty, bench_opts.reps, NULL,
+			 n);
+	snprintf(row, sizeof(row), "engine heap per subject over that, idle a window, %u subj", n);
+	bench_row_series("window", "engine heap per subject over an empty engine's, idle a whole window", row, "KB",
+			 false, over, bench_opts.reps, NULL, n);
 	free(d);
+}
+
+/* An idle subject's export buckets (export.h): packed bytes for a subject
+ * that has seen one slice, and ten, of WIN_VALUES log-normal values each,
+ * against their dense 92 x 8 bytes. */
+static void export_packed(const uint64_t *tab)
+{
+	uint64_t edges[TALLY__HIST_DEFAULT_NEDGES], le[TALLY__HIST_DEFAULT_NEDGES];
+	uint32_t ne = (uint32_t)tally__hist_default_edges(edges, TALLY__HIST_DEFAULT_NEDGES);
+	struct tally__hist h;
+	char row[80];
+
+	if (tally__hist_init(&h, TALLY__HIST_DEFAULT_MAX) != 0)
+		abort();
+	for (uint32_t slices = 1, i = 0; slices <= 10; slices++) {
+		for (; i < slices * WIN_VALUES; i++)
+			tally__hist_add(&h, tab[(i * 7919u) & (WIN_TABLE - 1)]);
+		if (slices != 1 && slices != 10)
+			continue;
+		if (tally__hist_cumulative_le(&h, edges, ne, le) != 0)
+			abort();
+		double b = (double)(offsetof(struct tally__export_pack, bytes) +
+				    tally__export_packed_len(le, ne, h.count, h.sum));
+		snprintf(row, sizeof(row), "export buckets packed, %u log-normal values (dense 752)",
+			 slices * WIN_VALUES);
+		bench_row_series("window", "an idle subject's export buckets, packed", row, "B", false, &b, 1,
+				 NULL, slices);
+	}
+	tally__hist_destroy(&h);
 }
 
 void bench_part_window(void)
@@ -1080,6 +1125,7 @@ void bench_part_window(void)
 				 bench_opts.reps, NULL, (double)n);
 		window_direct((uint32_t)n, tab);
 	}
+	export_packed(tab);
 	free(tab);
 	engine_memory(1000);
 	engine_memory(10000);

@@ -129,6 +129,11 @@
  * publish, which collects it (l->folded).
  * Memory: thread 0 keeps a window of every subject (its row; empty with
  * N > 1), and each lane one of every subject it has drained a sample of.
+ * A subject idle for a whole window keeps its row (512 bytes, in the
+ * arena), its name (malloc'd to its length), its export buckets packed
+ * (export.h: tens of bytes instead of 736; a lane's part packs its own)
+ * and its snapshot row; the published bucket block points at its pack
+ * instead of holding a copy (shared_refresh).
  */
 #include "config.h"
 
@@ -159,6 +164,7 @@
 #include "arena.h"
 #include "common.h"
 #include "engine_priv.h"
+#include "export.h"
 #include "jsack.h"
 #include "pending.h"
 #include "proc.h"
@@ -194,11 +200,18 @@
 /* Immutable data that changes more slowly than snapshots (the row of
  * each subject id; the export buckets, which change when a slice closes):
  * built when it changes, shared by the snapshots published meanwhile,
- * retired with call_rcu when replaced, like a snapshot. */
+ * retired with call_rcu when replaced, like a snapshot.
+ * The bucket block: data holds n pointers, row i's packed export buckets
+ * (export.h), then the packs of the rows that were dense when it was
+ * built; a sleeping subject's row points at the subject's own pack
+ * instead (shown). free_with: packs the engine gave up while this block
+ * (the newest then) or an older one may still point at them, freed with
+ * it (export.h, Lifetime). */
 struct shared {
 	struct rcu_head rcu;
 	uint32_t n;      /* entries */
-	uint64_t data[]; /* row_of: n uint32 packed in pairs; buckets: n uint64 */
+	struct tally__export_pack *free_with;
+	uint64_t data[]; /* row_of: n uint32 packed in pairs; buckets: see above */
 };
 
 /* An immutable snapshot: one stats row per active subject (dense), and the
@@ -210,7 +223,7 @@ struct snap {
 	uint32_t nrows;
 	uint32_t nedges;
 	const uint32_t *row_of;         /* [n]: row + 1, 0 none (in a shared block) */
-	const uint64_t *buckets;        /* [rows][nedges + 2] (in a shared block), rows <= nrows */
+	const struct tally__export_pack *const *buckets; /* [nbucket_rows] (a shared block), <= nrows */
 	uint32_t nbucket_rows;
 	struct tally_subject_stats rows[]; /* [nrows] */
 };
@@ -231,10 +244,17 @@ struct wait_series {
 };
 
 /* Since start, over closed slices: counts below each export edge, and
- * the count and sum they total (the histogram Prometheus scrapes). */
+ * the count and sum they total (the histogram Prometheus scrapes). Dense
+ * while the window is awake (a closing slice is folded in); packed while
+ * it sleeps, le NULL (export.h): exported_sleep, exported_wake. */
 struct exported {
-	uint64_t *le;
-	uint64_t count, sum;
+	uint64_t *le; /* [nedges]; NULL: packed */
+	union {
+		struct {
+			uint64_t count, sum;  /* dense */
+		};
+		struct tally__export_pack *pk; /* packed: count and sum inside */
+	};
 };
 
 struct subject_state {
@@ -244,9 +264,11 @@ struct subject_state {
 	const struct tally_threshold_rule *rule; /* cached match, valid while rule_gen is current */
 	uint64_t rule_gen;
 	uint32_t rule_no; /* the rule's rules-section entry + 1 (tally_subject_stats.rule) */
-	struct exported exp;
-	char name[TALLY_SUBJECT_MAX + 1];
 	bool in_arena; /* this struct from lib/arena.c (calloc_line) */
+	struct exported exp;
+	/* malloc'd to its length: in the row, TALLY_SUBJECT_MAX + 1 bytes
+	 * were a third of an idle subject's memory (issue 18) */
+	char *name;
 };
 
 /* A subject as drain thread k >= 1 sees it (see "Drain threads"). */
@@ -319,6 +341,8 @@ struct tally_engine {
 	struct shared *row_block;        /* published copy of row_of, shared */
 	struct shared *bucket_block;     /* published export buckets, shared */
 	struct shared *retiring[2];      /* replaced blocks, retired after the next publish */
+	struct shared *building;         /* the bucket block shared_refresh is filling, or NULL */
+	size_t bucket_room;              /* bytes of packs the last bucket block held */
 	bool rows_changed, buckets_changed;
 	struct snap *current;            /* RCU-protected */
 	struct tally_thresholds *thresholds;           /* aggregator's own */
@@ -425,23 +449,108 @@ static void free_line(void *p, size_t size, bool in_arena)
 		free(p);
 }
 
+/*
+ * Export buckets while a window sleeps (struct exported, export.h).
+ * exported_sleep packs them once the window is asleep (no memory: they
+ * stay dense, nothing lost); exported_wake makes them dense again before
+ * a closing slice is folded in. A pack a bucket block may point at
+ * (shown: only thread 0's subjects' packs, never a drain thread's part's)
+ * is freed with the newest block, the one being built if any: that block
+ * is retired last, after every older one that could show it.
+ */
+static void exported_sleep(const struct tally_engine *e, struct exported *x)
+{
+	if (!x->le)
+		return;
+	struct tally__export_pack *pk = tally__export_pack_new(x->le, e->nedges, x->count, x->sum);
+	if (!pk)
+		return;
+	free(x->le);
+	x->le = NULL;
+	x->pk = pk;
+}
+
+/* A pack the engine no longer owns. A drain thread's parts' packs are
+ * never shown: they are freed here without a look at thread 0's blocks. */
+static void pack_release(struct tally_engine *e, struct tally__export_pack *pk)
+{
+	if (!pk->shown) {
+		free(pk);
+		return;
+	}
+	struct shared *b = e->building ? e->building : e->bucket_block;
+	if (!b) {
+		free(pk); /* shown only in a block whose build failed */
+		return;
+	}
+	pk->retire_next = b->free_with;
+	b->free_with = pk;
+}
+
+/* Dense again. 0, or -ENOMEM with nothing changed. */
+static int exported_wake(struct tally_engine *e, struct exported *x)
+{
+	if (x->le)
+		return 0;
+	uint64_t *le = TALLY__HIST_NOMEM("export.unpack") ? NULL : calloc(e->nedges, sizeof(uint64_t));
+	if (!le)
+		return -ENOMEM;
+	struct tally__export_pack *pk = x->pk;
+	uint64_t count = 0, sum = 0;
+	tally__export_add(pk->bytes, pk->len, le, e->nedges, &count, &sum);
+	x->le = le;
+	x->count = count;
+	x->sum = sum;
+	pack_release(e, pk);
+	return 0;
+}
+
+/* x's counts added into row, *count and *sum, dense or packed. */
+static void exported_add(const struct tally_engine *e, uint64_t *row, const struct exported *x, uint64_t *count,
+			 uint64_t *sum)
+{
+	bool sat = false;
+
+	if (!x->le) {
+		tally__export_add(x->pk->bytes, x->pk->len, row, e->nedges, count, sum);
+		return;
+	}
+	for (uint32_t k = 0; k < e->nedges; k++)
+		row[k] += x->le[k];
+	*count += x->count;
+	*sum = tally__hist_sat_add(*sum, x->sum, &sat);
+}
+
+/* At teardown, once no block is left (release_published) or none was made. */
+static void exported_free(struct exported *x)
+{
+	if (x->le)
+		free(x->le);
+	else
+		free(x->pk);
+	x->le = NULL;
+	x->pk = NULL;
+}
+
 /* First sample of a subject: check the id against the table, make its window. */
 static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, uint64_t now)
 {
 	struct tally_segment *seg = e->seg;
 	struct tally__shm_subject *ent = tally__seg_subject(seg, id);
+	char name[TALLY_SUBJECT_MAX + 1];
 
-	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY)
+	if (atomic_load_explicit(&ent->state, memory_order_acquire) != TALLY__SUBJ_READY ||
+	    tally_subject_name(seg, id, name, sizeof(name)) != 0)
 		return NULL;
 	bool in_arena;
 	struct subject_state *st = calloc_line(sizeof(*st), &in_arena);
 	if (st)
 		st->in_arena = in_arena;
-	if (!st || !(st->exp.le = calloc(e->nedges, sizeof(uint64_t))) ||
-	    tally_subject_name(seg, id, st->name, sizeof(st->name)) != 0 ||
+	if (!st || !(st->exp.le = calloc(e->nedges, sizeof(uint64_t))) || !(st->name = strdup(name)) ||
 	    tally__window_init(&st->win, &e->wcfg, now) != 0) {
 		if (st) {
 			free(st->exp.le);
+			free(st->name);
 			free_line(st, sizeof(*st), in_arena);
 		}
 		return NULL;
@@ -719,9 +828,9 @@ static void drain_to_stop(struct tally_engine *e, uint64_t now)
 
 /* A window into now's slice: the slice that closes (its counts below
  * each export edge, one pass over its nonempty blocks) is folded into the
- * since-start export buckets x once the close succeeded. true: folded. */
-static bool advance_fold(const struct tally_engine *e, struct tally__window *w, struct exported *x,
-			 uint64_t now)
+ * since-start export buckets x once the close succeeded. true: folded.
+ * A window left asleep gets its export buckets packed. */
+static bool advance_fold(struct tally_engine *e, struct tally__window *w, struct exported *x, uint64_t now)
 {
 	uint64_t below[TALLY__HIST_DEFAULT_NEDGES], prev = w->cur_slice;
 	uint64_t count = w->cur.count, sum = w->cur.sum;
@@ -729,16 +838,25 @@ static bool advance_fold(const struct tally_engine *e, struct tally__window *w, 
 		    tally__hist_cumulative_le(&w->cur, e->edges, e->nedges, below) == 0;
 	bool sat = false;
 
+	/* no memory to unpack the buckets: the slice stays open and the
+	 * advance is tried again later, as a failed advance is */
+	if (fold && exported_wake(e, x) != 0)
+		return false;
 	tally__window_advance(w, now);
 	/* folded only when the slice did close: a failed advance (no memory)
 	 * is tried again later, and the slice must not count twice */
-	if (!fold || w->cur_slice == prev)
-		return false;
-	for (uint32_t k = 0; k < e->nedges; k++)
-		x->le[k] += below[k];
-	x->count += count;
-	x->sum = tally__hist_sat_add(x->sum, sum, &sat);
-	return true;
+	fold = fold && w->cur_slice != prev;
+	if (fold) {
+		for (uint32_t k = 0; k < e->nedges; k++)
+			x->le[k] += below[k];
+		x->count += count;
+		x->sum = tally__hist_sat_add(x->sum, sum, &sat);
+	}
+	/* after the fold: a gap of a whole window closes a slice and leaves
+	 * the window asleep at once */
+	if (tally__window_asleep(w))
+		exported_sleep(e, x);
+	return fold;
 }
 
 /* One subject's windows into the engine's slice (now's): close the
@@ -866,7 +984,7 @@ static struct part *part_new(struct lane *l, uint32_t id, uint64_t now)
 	if (!p || !(p->exp.le = calloc(e->nedges, sizeof(uint64_t))) ||
 	    tally__window_init(&p->win, &e->wcfg, now) != 0) {
 		if (p) {
-			free(p->exp.le);
+			free(p->exp.le); /* dense: never packed yet */
 			free_line(p, sizeof(*p), in_arena);
 		}
 		return NULL;
@@ -881,7 +999,7 @@ static struct part *part_new(struct lane *l, uint32_t id, uint64_t now)
 static void part_free(struct part *p)
 {
 	tally__window_destroy(&p->win);
-	free(p->exp.le);
+	exported_free(&p->exp);
 	free_line(p, sizeof(*p), p->in_arena);
 }
 
@@ -1784,18 +1902,44 @@ static void free_rcu_snap(struct rcu_head *head)
 	free(block_of(head, offsetof(struct snap, rcu)));
 }
 
-static void free_rcu_shared(struct rcu_head *head)
+/* A block and the packs freed with it. */
+static void shared_free(struct shared *b)
 {
-	free(block_of(head, offsetof(struct shared, rcu)));
+	if (!b)
+		return;
+	for (struct tally__export_pack *pk = b->free_with, *next; pk; pk = next) {
+		next = pk->retire_next;
+		free(pk);
+	}
+	free(b);
 }
 
-static struct shared *shared_new(uint32_t n)
+static void free_rcu_shared(struct rcu_head *head)
 {
-	struct shared *b = malloc(sizeof(*b) + (size_t)n * sizeof(uint64_t));
+	shared_free(block_of(head, offsetof(struct shared, rcu)));
+}
 
-	if (b)
+/* A block of n uint64 entries and extra bytes after them. */
+static struct shared *shared_new(uint32_t n, size_t extra)
+{
+	struct shared *b = malloc(sizeof(*b) + (size_t)n * sizeof(uint64_t) + extra);
+
+	if (b) {
 		b->n = n;
+		b->free_with = NULL;
+	}
 	return b;
+}
+
+/* The packs a block gave up handed to a newer one (from's are freed with to). */
+static void shared_pass_packs(struct shared *from, struct shared *to)
+{
+	while (from->free_with) {
+		struct tally__export_pack *pk = from->free_with;
+		from->free_with = pk->retire_next;
+		pk->retire_next = to->free_with;
+		to->free_with = pk;
+	}
 }
 
 /* Install b as *slot. The block it replaces is still reachable through
@@ -1803,9 +1947,12 @@ static struct shared *shared_new(uint32_t n)
  * snapshot is published (retire_shared). */
 static void shared_swap(struct tally_engine *e, int which, struct shared **slot, struct shared *b)
 {
-	if (e->retiring[which])
-		free(*slot); /* a publish failed after the last swap: never published */
-	else
+	if (e->retiring[which]) {
+		/* a publish failed after the last swap: never published, but an
+		 * older block may show the packs it was to free */
+		shared_pass_packs(*slot, b);
+		free(*slot);
+	} else
 		e->retiring[which] = *slot;
 	*slot = b;
 }
@@ -1819,17 +1966,52 @@ static void retire_shared(struct tally_engine *e)
 		}
 }
 
-/* A lane's export buckets of the subject added into its row. */
-static void bucket_add(const struct tally_engine *e, uint64_t *row, const struct part *p)
+/* Subject id's export buckets in row, *count, *sum: thread 0's and its
+ * drain threads' parts' merged, or NULL when there is nothing to merge
+ * and they are packed (the row is then st's pack itself). */
+static const uint64_t *bucket_merged(const struct tally_engine *e, uint32_t id, const struct subject_state *st,
+				     uint64_t *row, uint64_t *count, uint64_t *sum)
 {
-	bool sat = false;
+	bool parts = false;
 
-	if (!p)
-		return;
-	for (uint32_t k = 0; k < e->nedges; k++)
-		row[k] += p->exp.le[k];
-	row[e->nedges] += p->exp.count;
-	row[e->nedges + 1] = tally__hist_sat_add(row[e->nedges + 1], p->exp.sum, &sat);
+	for (uint32_t k = 0; k < e->nlanes; k++)
+		parts |= e->lanes[k].parts[id] != NULL;
+	if (!parts) {
+		if (!st->exp.le)
+			return NULL;
+		*count = st->exp.count;
+		*sum = st->exp.sum;
+		return st->exp.le;
+	}
+	memset(row, 0, e->nedges * sizeof(uint64_t));
+	*count = *sum = 0;
+	exported_add(e, row, &st->exp, count, sum);
+	for (uint32_t k = 0; k < e->nlanes; k++) {
+		const struct part *p = e->lanes[k].parts[id];
+		if (p)
+			exported_add(e, row, &p->exp, count, sum);
+	}
+	return row;
+}
+
+/* A bucket block's room for one pack of len bytes (8-aligned, for the next). */
+static size_t pack_room(size_t len)
+{
+	return (offsetof(struct tally__export_pack, bytes) + len + 7u) & ~(size_t)7u;
+}
+
+/* Grow the bucket block under construction to hold need more bytes of
+ * packs after used; 0 or -ENOMEM (*bp unchanged). */
+static int bucket_grow(struct tally_engine *e, struct shared **bp, size_t used, size_t need)
+{
+	size_t room = e->bucket_room * 2 > used + need ? e->bucket_room * 2 : used + need;
+	struct shared *b = realloc(*bp, sizeof(**bp) + (size_t)(*bp)->n * sizeof(uint64_t) + room);
+
+	if (!b)
+		return -ENOMEM;
+	e->bucket_room = room;
+	*bp = e->building = b;
+	return 0;
 }
 
 /* The export buckets of row i + MERGE_PF_FAR's parts (where they are)
@@ -1840,7 +2022,8 @@ static void bucket_prefetch(const struct tally_engine *e, uint32_t i, uint32_t n
 		const struct part *p;
 		if (i + MERGE_PF_FAR < nrows && (p = e->lanes[k].parts[e->active[i + MERGE_PF_FAR]]))
 			__builtin_prefetch(&p->exp, 0);
-		if (i + MERGE_PF_NEAR < nrows && (p = e->lanes[k].parts[e->active[i + MERGE_PF_NEAR]]))
+		if (i + MERGE_PF_NEAR < nrows && (p = e->lanes[k].parts[e->active[i + MERGE_PF_NEAR]]) &&
+		    p->exp.le)
 			prefetch_lines(p->exp.le, e->nedges * sizeof(uint64_t));
 	}
 }
@@ -1848,10 +2031,8 @@ static void bucket_prefetch(const struct tally_engine *e, uint32_t i, uint32_t n
 /* Rebuild the shared row map and buckets when they changed. 0 or -ENOMEM. */
 static int shared_refresh(struct tally_engine *e)
 {
-	uint32_t row_len = e->nedges + 2;
-
 	if (e->rows_changed || !e->row_block) {
-		struct shared *b = shared_new((e->seg->table_size + 1) / 2);
+		struct shared *b = shared_new((e->seg->table_size + 1) / 2, 0);
 		if (!b)
 			return -ENOMEM;
 		memcpy(b->data, e->row_of, (size_t)e->seg->table_size * sizeof(uint32_t));
@@ -1859,25 +2040,66 @@ static int shared_refresh(struct tally_engine *e)
 		e->rows_changed = false;
 	}
 	if (e->buckets_changed || !e->bucket_block) {
+		/* Row i: a pointer to its pack (slot), packed in place after the
+		 * slots (tagged 2 * offset + 1 until the block stops moving), or
+		 * a sleeping subject's own pack (shown). The drains inside the
+		 * loop may wake a subject whose pack an earlier slot shows: it is
+		 * then freed with this block (pack_release, e->building). */
 		uint32_t nrows = e->nactive; /* a drain below may add subjects: not in this block */
-		struct shared *b = shared_new(nrows * row_len);
+		size_t used = 0;
+		if (!e->bucket_room)
+			e->bucket_room = 4096;
+		struct shared *b = shared_new(nrows, e->bucket_room);
 		if (!b)
 			return -ENOMEM;
 		e->buckets_changed = false; /* before the drains below: a subject they add sets it again */
+		e->building = b;
 		bool held = false;
+		int rc = 0;
+		uint64_t row[TALLY__HIST_DEFAULT_NEDGES];
 		for (uint32_t i = 0; i < nrows; i++) {
 			rows_step(e, i, 63, &held);
 			bucket_prefetch(e, i, nrows);
 			uint32_t id = e->active[i];
-			const struct subject_state *st = e->subjects[id];
-			uint64_t *row = b->data + (size_t)i * row_len;
-			memcpy(row, st->exp.le, e->nedges * sizeof(uint64_t));
-			row[e->nedges] = st->exp.count;
-			row[e->nedges + 1] = st->exp.sum;
-			for (uint32_t k = 0; k < e->nlanes; k++)
-				bucket_add(e, row, e->lanes[k].parts[id]);
+			struct subject_state *st = e->subjects[id];
+			uint64_t count, sum;
+			const uint64_t *le = bucket_merged(e, id, st, row, &count, &sum);
+			if (!le) {
+				st->exp.pk->shown = true;
+				b->data[i] = (uint64_t)(uintptr_t)st->exp.pk;
+				continue;
+			}
+			size_t len = tally__export_packed_len(le, e->nedges, count, sum);
+			if (used + pack_room(len) > e->bucket_room &&
+			    (rc = bucket_grow(e, &b, used, pack_room(len))) != 0)
+				break;
+			struct tally__export_pack *pk = (void *)((uint8_t *)&b->data[nrows] + used);
+			pk->retire_next = NULL;
+			pk->shown = false;
+			pk->len = (uint32_t)len;
+			tally__export_put(pk->bytes, le, e->nedges, count, sum);
+			b->data[i] = 2 * (uint64_t)used + 1;
+			used += pack_room(len);
 		}
 		rows_done(e, &held);
+		e->building = NULL;
+		if (rc != 0) {
+			/* what it was to free goes with the block before it */
+			if (e->bucket_block)
+				shared_pass_packs(b, e->bucket_block);
+			shared_free(b);
+			e->buckets_changed = true;
+			return rc;
+		}
+		struct shared *fit = realloc(b, sizeof(*b) + (size_t)nrows * sizeof(uint64_t) + used);
+		if (fit)
+			b = fit; /* else the larger block serves */
+		uint8_t *packs = (uint8_t *)&b->data[nrows];
+		for (uint32_t i = 0; i < nrows; i++)
+			if (b->data[i] & 1)
+				b->data[i] = (uint64_t)(uintptr_t)(packs + (b->data[i] >> 1));
+		/* room for the next block: what this one used, and some */
+		e->bucket_room = used + used / 8 + 4096;
 		shared_swap(e, 1, &e->bucket_block, b);
 	}
 	return 0;
@@ -1899,8 +2121,8 @@ static struct snap *snap_alloc(struct tally_engine *e, uint64_t now)
 	sn->nrows = nrows;
 	sn->nedges = e->nedges;
 	sn->row_of = (const uint32_t *)e->row_block->data;
-	sn->buckets = e->bucket_block->data;
-	sn->nbucket_rows = e->bucket_block->n / (e->nedges + 2);
+	sn->buckets = (const struct tally__export_pack *const *)e->bucket_block->data;
+	sn->nbucket_rows = e->bucket_block->n;
 	return sn;
 }
 
@@ -2114,7 +2336,8 @@ static void engine_free(struct tally_engine *e)
 		if (e->subjects[e->active[i]]->wait)
 			tally__window_destroy(&e->subjects[e->active[i]]->wait->win);
 		free(e->subjects[e->active[i]]->wait);
-		free(e->subjects[e->active[i]]->exp.le);
+		exported_free(&e->subjects[e->active[i]]->exp);
+		free(e->subjects[e->active[i]]->name);
 		free_line(e->subjects[e->active[i]], sizeof(struct subject_state),
 			  e->subjects[e->active[i]]->in_arena);
 	}
@@ -2273,10 +2496,10 @@ static void release_published(struct tally_engine *e)
 	snap_assign(e->current, NULL);
 	synchronize_rcu();
 	free(last);
-	free(e->row_block);
-	free(e->bucket_block);
-	free(e->retiring[0]);
-	free(e->retiring[1]);
+	shared_free(e->row_block);
+	shared_free(e->bucket_block);
+	shared_free(e->retiring[0]);
+	shared_free(e->retiring[1]);
 	e->row_block = e->bucket_block = e->retiring[0] = e->retiring[1] = NULL;
 	rcu_barrier();
 }
@@ -2394,14 +2617,16 @@ TALLY_API int tally_engine_read_buckets(struct tally_engine *e, tally_subject_t 
 	struct snap *sn = snap_deref(e->current);
 	uint32_t row = sn && id < sn->n ? sn->row_of[id] : 0;
 	if (row && row <= sn->nbucket_rows) {
-		const uint64_t *r = sn->buckets + (size_t)(row - 1) * (sn->nedges + 2);
+		const struct tally__export_pack *pk = sn->buckets[row - 1];
+		uint64_t le[TALLY__HIST_DEFAULT_NEDGES] = {0}, count = 0, sum = 0;
+		tally__export_add(pk->bytes, pk->len, le, sn->nedges, &count, &sum);
 		out->n = sn->nedges < TALLY_BUCKETS_MAX ? sn->nedges : TALLY_BUCKETS_MAX;
 		for (uint32_t k = 0; k < out->n; k++) {
 			out->le_ns[k] = e->edges[k] - 1; /* counts are of values < edge */
-			out->cumulative[k] = r[k];
+			out->cumulative[k] = le[k];
 		}
-		out->count = r[sn->nedges];
-		out->sum_ns = r[sn->nedges + 1];
+		out->count = count;
+		out->sum_ns = sum;
 		rc = 0;
 	}
 	rcu_read_unlock();

@@ -9,7 +9,10 @@
  * handles) following an owner that is stopped and created again while
  * they record (the library's watcher thread against the recorders); and
  * drain_threads 2 and 4 with six producers: exact per-subject counts,
- * min and max in the merged rows, exact totals.
+ * min and max in the merged rows, exact totals; and subjects that sleep
+ * and wake (their export buckets packed, shown by the published block,
+ * given up at a wake) while readers read the buckets: counters that
+ * never go back, with one and with two drain threads.
  * Runs in every `make check` too.
  */
 #include "config.h"
@@ -21,6 +24,7 @@
 
 #include "common/helpers.h"
 #include "common/tap.h"
+#include "hist.h"
 
 static struct tally_segment *make(const char *tag, char *name_out)
 {
@@ -225,6 +229,127 @@ static void publishing(void)
 	tally_segment_close(&rd);
 	tally_engine_stop(&e);
 	tap_ok(e == NULL, "engine stopped");
+	tally_segment_close(&seg);
+}
+
+/* ---- 3b: sleeping and waking while readers read the export buckets ------------- */
+
+static atomic_uint packs_made;
+static bool count_packs(const char *point)
+{
+	if (strcmp(point, "export.pack") == 0)
+		atomic_fetch_add(&packs_made, 1);
+	return false;
+}
+
+struct burst_arg {
+	struct tally_segment *seg;
+	tally_subject_t ids[4];
+	atomic_bool *stop;
+};
+
+/* Bursts of 15 ms, then longer than a window of nothing: the subjects
+ * sleep, and wake at the next burst. */
+static void *burster(void *p)
+{
+	struct burst_arg *a = p;
+	struct tally_producer *prod;
+	uint64_t x = 7;
+
+	if (tally_producer_attach(a->seg, &prod))
+		return NULL;
+	while (!atomic_load(a->stop)) {
+		for (int i = 0; i < 15 && !atomic_load(a->stop); i++) {
+			for (int k = 0; k < 200; k++) {
+				x = x * 6364136223846793005ull + 1;
+				tally_record(prod, a->ids[k & 3], 1000 + (x >> 40));
+			}
+			tt_sleep_ms(1);
+		}
+		tt_sleep_ms(45); /* the window is 30 ms */
+	}
+	tally_producer_detach(&prod);
+	return NULL;
+}
+
+struct mono_arg {
+	struct tally_engine *e;
+	tally_subject_t ids[4];
+	atomic_bool *stop;
+	uint64_t reads, back;
+};
+
+/* Since-start export counters never decrease, bucket by bucket. */
+static void *mono_reader(void *p)
+{
+	struct mono_arg *a = p;
+	static _Thread_local struct tally_subject_buckets last[4], b;
+
+	memset(last, 0, sizeof(last));
+	while (!atomic_load(a->stop)) {
+		for (int s = 0; s < 4; s++) {
+			if (tally_engine_read_buckets(a->e, a->ids[s], &b) != 0)
+				continue;
+			a->reads++;
+			bool back = b.count < last[s].count || (b.n && b.cumulative[b.n - 1] > b.count);
+			for (uint32_t k = 0; k < b.n && k < last[s].n; k++)
+				back |= b.cumulative[k] < last[s].cumulative[k];
+			a->back += back;
+			last[s] = b;
+		}
+	}
+	return NULL;
+}
+
+static void sleeping(uint32_t nthreads)
+{
+	struct tally_segment *seg = make("sz", NULL);
+	struct tally_engine_config cfg;
+	struct tally_engine *e;
+	atomic_bool stop = false;
+	pthread_t tb, tr[2];
+
+	tally_engine_config_init(&cfg);
+	cfg.publish_interval_ms = 1;
+	cfg.slice_ns = 5000000;
+	cfg.window_ns = 30000000;
+	cfg.drain_threads = nthreads;
+	atomic_store(&packs_made, 0);
+	tally__hist_nomem_hook = count_packs;
+	struct burst_arg b = { .seg = seg, .stop = &stop };
+	struct mono_arg m[2] = { { .stop = &stop }, { .stop = &stop } };
+	if (!seg || tally_engine_start(seg, &cfg, &e)) {
+		tap_ok(0, "drain_threads %u: engine start: %s", nthreads, tally_errmsg());
+		tally__hist_nomem_hook = NULL;
+		return;
+	}
+	for (int s = 0; s < 4; s++) {
+		char name[32];
+		snprintf(name, sizeof(name), "sleepy.%d", s);
+		if (tally_subject_intern(seg, name, &b.ids[s]))
+			b.ids[s] = 0;
+		m[0].ids[s] = m[1].ids[s] = b.ids[s];
+	}
+	m[0].e = m[1].e = e;
+	pthread_create(&tb, NULL, burster, &b);
+	for (int i = 0; i < 2; i++)
+		pthread_create(&tr[i], NULL, mono_reader, &m[i]);
+	/* at least 600 ms and 8 packs made (bounded: 20 s; TSan is slow) */
+	for (int i = 0; i < 2000; i++) {
+		tt_sleep_ms(10);
+		if (i >= 60 && atomic_load(&packs_made) >= 8)
+			break;
+	}
+	atomic_store(&stop, true);
+	pthread_join(tb, NULL);
+	for (int i = 0; i < 2; i++)
+		pthread_join(tr[i], NULL);
+	tally_engine_stop(&e);
+	tally__hist_nomem_hook = NULL;
+	tap_ok(m[0].reads + m[1].reads > 0 && m[0].back + m[1].back == 0 && atomic_load(&packs_made) >= 8,
+	       "drain_threads %u: subjects slept (%u packs made), reads of their export buckets %llu, "
+	       "counters that went back %llu", nthreads, atomic_load(&packs_made),
+	       (unsigned long long)(m[0].reads + m[1].reads), (unsigned long long)(m[0].back + m[1].back));
 	tally_segment_close(&seg);
 }
 
@@ -479,10 +604,12 @@ static void draining_threads(uint32_t nthreads)
 
 int main(void)
 {
-	tap_plan(17);
+	tap_plan(19);
 	interning();
 	recording();
 	publishing();
+	sleeping(1);
+	sleeping(2);
 	following();
 	draining_threads(2);
 	draining_threads(4);
