@@ -456,7 +456,9 @@ static void free_line(void *p, size_t size, bool in_arena)
  * a closing slice is folded in. A pack a bucket block may point at
  * (shown: only thread 0's subjects' packs, never a drain thread's part's)
  * is freed with the newest block, the one being built if any: that block
- * is retired last, after every older one that could show it.
+ * is retired last, after every older one that could show it. (No drain
+ * inside a build closes a slice today, the loop's drains do not walk, so
+ * the block being built is there for the day one does.)
  */
 static void exported_sleep(const struct tally_engine *e, struct exported *x)
 {
@@ -1267,6 +1269,19 @@ static void lanes_collect(struct tally_engine *e, uint64_t now, bool all)
 	}
 }
 
+/* The time a window's stats are read at: now, or, for a window whose
+ * slice close failed (advance_fold: no memory to store the slice or to
+ * unpack the export buckets; it stays behind and is tried again), the
+ * last instant of the slice it is still in. The stats' own advance must
+ * not close that slice: it would never be folded into the export
+ * buckets. */
+static uint64_t stats_time(const struct tally_engine *e, const struct tally__window *w, uint64_t now)
+{
+	uint64_t slice = e->cfg.slice_ns;
+
+	return w->cur_slice < now / slice ? w->cur_slice * slice + slice - 1 : now;
+}
+
 /* Thread 0 merges a row's window with the lanes' parts of it (every lane
  * held). One drain thread: the window alone, as it always was. */
 static void row_window(struct tally_engine *e, uint32_t id, struct subject_state *st, uint64_t now,
@@ -1278,18 +1293,21 @@ static void row_window(struct tally_engine *e, uint32_t id, struct subject_state
 	_Static_assert(TALLY_DRAIN_THREADS_MAX + 1 <= TALLY__WINDOW_MERGE_MAX, "a row merges up to this many");
 
 	if (!e->nlanes) {
-		tally__window_stats(&st->win, now, ws);
+		tally__window_stats(&st->win, stats_time(e, &st->win, now), ws);
 		return;
 	}
+	uint64_t at = stats_time(e, &st->win, now);
 	wins[n++] = &st->win;
 	for (uint32_t k = 0; k < e->nlanes; k++) {
 		struct part *p = e->lanes[k].parts[id];
 		if (!p)
 			continue;
 		part_advance(&e->lanes[k], p, now);
+		uint64_t t = stats_time(e, &p->win, now);
+		at = t < at ? t : at;
 		wins[n++] = &p->win;
 	}
-	tally__window_stats_merged(wins, n, now, ws);
+	tally__window_stats_merged(wins, n, at, ws);
 }
 
 /* The merge is bound by cache misses at thousands of subjects (every
@@ -2188,7 +2206,7 @@ static void publish(struct tally_engine *e, uint64_t now)
 				publish_yield(e, now);
 			if (st->win.cur_slice < e->cur_slice)
 				advance_one(e, st, now);
-			tally__window_stats(&st->win, now, &ws);
+			tally__window_stats(&st->win, stats_time(e, &st->win, now), &ws);
 		}
 		fill_stats(row, id, &ws, now, e->cfg.window_ns);
 		wait_fill(e, st, now, row);

@@ -245,11 +245,16 @@ static bool count_packs(const char *point)
 struct burst_arg {
 	struct tally_segment *seg;
 	tally_subject_t ids[4];
+	tally_subject_t busy;
 	atomic_bool *stop;
 };
 
 /* Bursts of 15 ms, then longer than a window of nothing: the subjects
- * sleep, and wake at the next burst. */
+ * sleep, and wake at the next burst. Meanwhile one more subject has a
+ * sample every millisecond: its slices close while the others sleep, so
+ * the blocks published then point at the sleepers' own packs, which the
+ * readers read and the next burst's wake gives up (with one drain
+ * thread; with two, packs are never shown: the merged rows are copied). */
 static void *burster(void *p)
 {
 	struct burst_arg *a = p;
@@ -266,7 +271,10 @@ static void *burster(void *p)
 			}
 			tt_sleep_ms(1);
 		}
-		tt_sleep_ms(45); /* the window is 30 ms */
+		for (int i = 0; i < 45 && !atomic_load(a->stop); i++) { /* the window is 30 ms */
+			tally_record(prod, a->busy, 5000);
+			tt_sleep_ms(1);
+		}
 	}
 	tally_producer_detach(&prod);
 	return NULL;
@@ -330,6 +338,8 @@ static void sleeping(uint32_t nthreads)
 			b.ids[s] = 0;
 		m[0].ids[s] = m[1].ids[s] = b.ids[s];
 	}
+	if (tally_subject_intern(seg, "sleepy.busy", &b.busy))
+		b.busy = b.ids[0];
 	m[0].e = m[1].e = e;
 	pthread_create(&tb, NULL, burster, &b);
 	for (int i = 0; i < 2; i++)
