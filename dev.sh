@@ -16,7 +16,7 @@ PACKAGES="build-essential autoconf automake libtool pkg-config
 liburcu-dev libck-dev libnats-dev libcriterion-dev nats-server
 libinih-dev libmicrohttpd-dev libncurses-dev libjansson-dev
 prometheus valgrind clang libclang-rt-14-dev gnuplot-nox wrk procps tmux
-gdb nginx libcurl4-openssl-dev curl openssl
+gdb nginx nginx-dev libcurl4-openssl-dev curl openssl
 zlib1g-dev libcrypt-dev libsystemd-dev systemd
 erlang-nox erlang-dev erlang-eunit erlang-common-test rebar3"
 

@@ -161,35 +161,6 @@ Test(gateway_nginx, checks_reuse_the_connection, .timeout = 120)
 	env_stop(&e);
 }
 
-/* wrk for 2 s on url: requests done and non-2xx answers, -1 on failure. */
-static int wrk(const char *dir, const char *url, uint64_t *total, uint64_t *non2xx)
-{
-	char log[128];
-
-	snprintf(log, sizeof(log), "%s/wrk.out", dir);
-	unlink(log);
-	const char *argv[] = { TALLY_WRK, "-t1", "-c4", "-d2s", (char *)url, NULL };
-	int st;
-	waitpid(gwt_spawn(log, argv), &st, 0);
-	char *out = gwt_read_file(log);
-	const char *p = strstr(out, " requests in ");
-	*non2xx = 0;
-	*total = 0;
-	if (p) {
-		while (p > out && p[-1] >= '0' && p[-1] <= '9')
-			p--;
-		*total = strtoull(p, NULL, 10);
-	}
-	const char *q = strstr(out, "Non-2xx or 3xx responses:");
-	if (q)
-		*non2xx = strtoull(q + 25, NULL, 10);
-	int ok = WIFEXITED(st) && WEXITSTATUS(st) == 0 && p;
-	if (!ok)
-		fprintf(stderr, "wrk failed: %s\n", out);
-	free(out);
-	return ok ? 0 : -1;
-}
-
 Test(gateway_nginx, under_wrk_load, .timeout = 120)
 {
 	struct env e;
@@ -198,13 +169,13 @@ Test(gateway_nginx, under_wrk_load, .timeout = 120)
 
 	env_start(&e);
 	snprintf(url, sizeof(url), "http://127.0.0.1:%d/over/load", e.port);
-	cr_assert_eq(wrk(e.dir, url, &total, &non2xx), 0);
+	cr_assert_eq(gwt_wrk(e.dir, url, &total, &non2xx), 0);
 	cr_expect_gt(total, 100, "wrk got answers: %" PRIu64, total);
 	cr_expect_eq(non2xx, total, "every request to the overloaded subject was shed");
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/over/load"), 0, "and none reached the upstream");
 
 	snprintf(url, sizeof(url), "http://127.0.0.1:%d/ok/load", e.port);
-	cr_assert_eq(wrk(e.dir, url, &total, &non2xx), 0);
+	cr_assert_eq(gwt_wrk(e.dir, url, &total, &non2xx), 0);
 	cr_expect_eq(non2xx, 0, "a healthy subject: all admitted");
 	uint64_t seen = gwt_upstream_count(e.up_port, "/ok/load");
 	cr_expect(seen >= total && seen <= total + 4, "the upstream saw each one (%" PRIu64 " of %" PRIu64 ")",

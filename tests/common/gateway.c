@@ -199,6 +199,34 @@ pid_t gwt_gateway_start(const char *ini, const char *segment, const char *log, i
 	return -1;
 }
 
+int gwt_wrk(const char *dir, const char *url, uint64_t *total, uint64_t *non2xx)
+{
+	char log[128];
+
+	snprintf(log, sizeof(log), "%s/wrk.out", dir);
+	unlink(log);
+	const char *argv[] = { TALLY_WRK, "-t1", "-c4", "-d2s", (char *)url, NULL };
+	int st;
+	waitpid(gwt_spawn(log, argv), &st, 0);
+	char *out = gwt_read_file(log);
+	const char *p = strstr(out, " requests in ");
+	*non2xx = 0;
+	*total = 0;
+	if (p) {
+		while (p > out && p[-1] >= '0' && p[-1] <= '9')
+			p--;
+		*total = strtoull(p, NULL, 10);
+	}
+	const char *q = strstr(out, "Non-2xx or 3xx responses:");
+	if (q)
+		*non2xx = strtoull(q + 25, NULL, 10);
+	int ok = WIFEXITED(st) && WEXITSTATUS(st) == 0 && p;
+	if (!ok)
+		fprintf(stderr, "wrk failed: %s\n", out);
+	free(out);
+	return ok ? 0 : -1;
+}
+
 /* ---- files ---- */
 
 int gwt_tempdir(char dir[64])

@@ -40,6 +40,10 @@ pid_t gwt_upstream_start(int *port);
 pid_t gwt_gateway_start(const char *ini, const char *segment, const char *log, int *port,
 			const char *extra1, const char *extra2);
 
+/* wrk -t1 -c4 for 2 s on url (log in dir/wrk.out): the requests done and
+ * the non-2xx answers; 0, or -1 (said on stderr). */
+int gwt_wrk(const char *dir, const char *url, uint64_t *total, uint64_t *non2xx);
+
 /* A temp directory /tmp/tt-gw-XXXXXX and a file in it with text. */
 int gwt_tempdir(char dir[64]);
 int gwt_write(const char *path, const char *text);

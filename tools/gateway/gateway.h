@@ -226,12 +226,17 @@ struct gw_outcome {
 	unsigned retry_after_s;
 };
 
-/* Route, read and decide for method and raw uri; counts it. */
+/* Route, read and decide for method and raw uri; counts it (evaluate.c). */
 void gw_evaluate(struct gw *g, const char *method, const char *uri,
 		 const char *(*header)(void *ctx, const char *name), void *ctx,
 		 struct gw_outcome *o);
 
-/* The X-Tally-* headers (and Retry-After on a shed) of an outcome. */
+/* The X-Tally-* headers (and Retry-After on a shed) of an outcome, each
+ * through add(ctx, name, value), in a fixed order (evaluate.c). */
+void gw_decision_headers(const struct gw_outcome *o, void (*add)(void *ctx, const char *name, const char *value),
+			 void *ctx);
+
+/* The same on a libmicrohttpd response (server.c). */
 void gw_add_decision_headers(struct MHD_Response *resp, const struct gw_outcome *o);
 
 /* libmicrohttpd's messages into the gateway's log, one line each. */

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * server.c: libmicrohttpd for both modes, the check endpoint, the admin
- * endpoints (ADMIN_PREFIX/metrics, ADMIN_PREFIX/health) and the one place
- * a request is routed, read and decided (gw_evaluate).
+ * endpoints (ADMIN_PREFIX/metrics, ADMIN_PREFIX/health); a request is
+ * routed, read and decided by gw_evaluate (evaluate.c).
  *
  * libmicrohttpd calls the access handler once with the headers, then
  * once per piece of the body, then once more with none. The reply is
@@ -61,69 +61,14 @@ static const char *get_header(void *ctx, const char *name)
 	return MHD_lookup_connection_value(((struct hctx *)ctx)->c, MHD_HEADER_KIND, name);
 }
 
-void gw_evaluate(struct gw *g, const char *method, const char *uri,
-		 const char *(*header)(void *ctx, const char *name), void *ctx, struct gw_outcome *o)
+static void mhd_add(void *ctx, const char *name, const char *value)
 {
-	const struct gw_config *cfg = g->cfg;
-	const char *ph = *cfg->priority_header ? header(ctx, cfg->priority_header) : NULL;
-
-	memset(o, 0, sizeof(*o));
-	o->route = gw_route_find(cfg->routes, cfg->nroutes, method, uri, header, ctx);
-	o->priority = o->route ? o->route->priority : GW_PRIO_DEFAULT;
-	if (ph)
-		gw_priority_parse(ph, &o->priority); /* an unknown value keeps the route's */
-	if (!o->route) {
-		o->d.admit = true;
-		o->d.status = 200;
-		atomic_fetch_add_explicit(&g->n.unmapped, 1, memory_order_relaxed);
-		return;
-	}
-	o->subject = o->route->subject;
-	gw_read(&g->reader, o->subject, &o->rd);
-	gw_decide(&cfg->shed, o->rd.level, o->rd.shed_probability, o->priority, gw_uniform(), &o->d);
-	if (!o->d.admit)
-		o->retry_after_s = gw_retry_after_s(&cfg->shed, o->rd.retry_after_ms, gw_uniform(), gw_uniform());
-	_Atomic uint64_t *n = o->d.admit ? (o->rd.why ? &g->n.fail_open : &g->n.admitted)
-			      : o->rd.level == GW_LEVEL_CLOSED ? &g->n.fail_closed
-			      : o->d.status == 429 ? &g->n.shed_429 : &g->n.shed_503;
-	atomic_fetch_add_explicit(n, 1, memory_order_relaxed);
-	atomic_fetch_add_explicit(o->d.admit ? &o->route->admitted : &o->route->shed, 1,
-				  memory_order_relaxed);
+	MHD_add_response_header(ctx, name, value);
 }
 
 void gw_add_decision_headers(struct MHD_Response *r, const struct gw_outcome *o)
 {
-	char buf[32];
-
-	MHD_add_response_header(r, "X-Tally-Decision", o->d.admit ? "admit" : "shed");
-	snprintf(buf, sizeof(buf), "%u", o->d.status);
-	MHD_add_response_header(r, "X-Tally-Status", buf);
-	MHD_add_response_header(r, "X-Tally-Route", o->route ? o->route->name : "unmapped");
-	MHD_add_response_header(r, "X-Tally-Priority", gw_priority_name(o->priority));
-	if (!o->route)
-		return;
-	MHD_add_response_header(r, "X-Tally-Subject", o->subject);
-	MHD_add_response_header(r, "X-Tally-Verdict", tally_verdict_name(o->rd.verdict));
-	if (o->rd.host[0])
-		MHD_add_response_header(r, "X-Tally-Host", o->rd.host);
-	if (o->rd.reasons) {
-		char reasons[96];
-		MHD_add_response_header(r, "X-Tally-Reasons",
-					tally_reasons_format(o->rd.reasons, reasons, sizeof(reasons)));
-	}
-	if (o->rd.why)
-		MHD_add_response_header(r, o->rd.level == GW_LEVEL_CLOSED ? "X-Tally-Fail-Closed"
-									 : "X-Tally-Fail-Open", o->rd.why);
-	if (o->d.p > 0) {
-		snprintf(buf, sizeof(buf), "%.3f", o->d.p);
-		MHD_add_response_header(r, "X-Tally-Shed-Probability", buf);
-	}
-	if (!o->d.admit) {
-		snprintf(buf, sizeof(buf), "%u", o->retry_after_s);
-		MHD_add_response_header(r, "Retry-After", buf);
-		/* the load is shared: another instance is no better off */
-		MHD_add_response_header(r, "X-Tally-No-Retry", "1");
-	}
+	gw_decision_headers(o, mhd_add, r);
 }
 
 static enum MHD_Result queue_text(struct MHD_Connection *c, unsigned status, const char *text,

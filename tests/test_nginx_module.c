@@ -1,0 +1,311 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * test_nginx_module.c: the nginx module (tools/nginx/) loaded into a real
+ * nginx (Debian's, with its own prefix and configuration in a temp dir, on
+ * a random port, stopped by pid) in front of a real upstream, deciding
+ * from a real segment with the gateway's INI file and no gateway process:
+ * overloaded subjects are answered 503 and those under pressure 429, with
+ * Retry-After and the X-Tally-* headers, and the upstream, which counts
+ * what it gets, sees none of them; request bodies, methods, priorities,
+ * unmapped routes, the variables in an error_page location, fail-open
+ * when the owner dies, fail-closed when the INI says so, `nginx -t` naming
+ * FILE:LINE of a bad INI, and a short wrk load.
+ */
+#include "config.h"
+
+#include <criterion/criterion.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common/gateway.h"
+#include "common/helpers.h"
+#include "common/http.h"
+
+#define MODULE TALLY_TEST_BUILDDIR "/tools/.libs/ngx_http_tally_module.so"
+
+struct env {
+	char dir[64], seg[TALLY_NAME_MAX + 1], path[256];
+	pid_t owner, up, nginx;
+	int port, up_port;
+};
+
+static const char routes_ini[] =
+	"[shedding]\nengine_probability = false\nwarn_shed_fraction = 1\noverload_trickle = 0\n"
+	"[route * /over/**]\nsubject = gw.over\n[route * /warn/**]\nsubject = gw.warn\n"
+	"[route * /ok/**]\nsubject = gw.ok\n[route * /page/**]\nsubject = gw.over\n";
+
+static void nginx_conf(struct env *e, const char *http_extra)
+{
+	char conf[4096];
+
+	snprintf(conf, sizeof(conf),
+		 "%s\nload_module %s;\nworker_processes 1;\npid %s/nginx.pid;\nerror_log %s/error.log warn;\n"
+		 "events { worker_connections 256; }\n"
+		 "http {\n  access_log off;\n"
+		 "  client_body_temp_path %s/body;\n  proxy_temp_path %s/proxy;\n"
+		 "  fastcgi_temp_path %s/fcgi;\n  uwsgi_temp_path %s/uwsgi;\n  scgi_temp_path %s/scgi;\n"
+		 "  client_max_body_size 0;\n%s\n"
+		 "  upstream app { server 127.0.0.1:%d; keepalive 16; }\n"
+		 "  server {\n    listen 127.0.0.1:%d;\n"
+		 "    location / {\n      tally_check on;\n"
+		 "      proxy_pass http://app;\n      proxy_http_version 1.1;\n"
+		 "      proxy_set_header Connection \"\";\n    }\n"
+		 "    location /page/ {\n      tally_check on;\n      error_page 429 503 = @shed;\n"
+		 "      proxy_pass http://app;\n    }\n"
+		 "    location @shed {\n      return 503 \"shed $tally_decision $tally_status $tally_subject "
+		 "$tally_verdict $tally_retry_after $tally_route\\n\";\n    }\n"
+		 "    location = /nocheck { proxy_pass http://app; }\n"
+		 "  }\n}\n",
+		 geteuid() == 0 ? "user root;" : "", MODULE, e->dir, e->dir, e->dir, e->dir, e->dir, e->dir, e->dir,
+		 http_extra, e->up_port, e->port);
+	snprintf(e->path, sizeof(e->path), "%s/nginx.conf", e->dir);
+	cr_assert_eq(gwt_write(e->path, conf), 0);
+}
+
+/* nginx loads libtally from the build tree, and in a sanitizer build the
+ * runtime the module needs, first (nginx itself is not instrumented). */
+static pid_t nginx_spawn(const char *log, const char *const argv[])
+{
+	setenv("LD_LIBRARY_PATH", TALLY_TEST_BUILDDIR "/lib/.libs", 1);
+	if (*TALLY_SAN_PRELOAD)
+		setenv("LD_PRELOAD", TALLY_SAN_PRELOAD, 1);
+	/* the leak report would be of nginx's own allocations at its exit
+	 * (it frees its configuration's pools only on a reload) */
+	setenv("ASAN_OPTIONS", "detect_leaks=0", 1);
+	pid_t pid = gwt_spawn(log, argv);
+	unsetenv("LD_PRELOAD"); /* nothing else runs with it: wrk, the upstream */
+	unsetenv("ASAN_OPTIONS");
+	return pid;
+}
+
+/* The gateway INI gateway.ini in dir: [gateway] segment and fail_closed,
+ * then the routes and shedding above. */
+static void write_ini(struct env *e, bool fail_closed)
+{
+	char ini[160], text[1024];
+
+	snprintf(ini, sizeof(ini), "%s/gateway.ini", e->dir);
+	snprintf(text, sizeof(text), "[gateway]\nsegment = %s\nfail_closed = %s\n%s", e->seg,
+		 fail_closed ? "true" : "false", routes_ini);
+	cr_assert_eq(gwt_write(ini, text), 0);
+}
+
+static void env_start(struct env *e, bool fail_closed, bool with_owner)
+{
+	char log[160], extra[256];
+
+	cr_assert_eq(*TALLY_NGINX_MODULE_MISSING, '\0', "the nginx module was not built: %s",
+		     TALLY_NGINX_MODULE_MISSING);
+	memset(e, 0, sizeof(*e));
+	cr_assert_eq(gwt_tempdir(e->dir), 0);
+	snprintf(e->seg, sizeof(e->seg), "%s", tt_segname("ngm"));
+	if (with_owner)
+		cr_assert_gt(e->owner = gwt_owner_start(e->seg, false), 0);
+	cr_assert_gt(e->up = gwt_upstream_start(&e->up_port), 0);
+	write_ini(e, fail_closed);
+	snprintf(extra, sizeof(extra), "  tally_config %s/gateway.ini;", e->dir);
+	for (int attempt = 0; attempt < 5 && !e->nginx; attempt++) {
+		e->port = tt_free_port();
+		nginx_conf(e, extra);
+		const char *argv[] = { TALLY_NGINX, "-p", e->dir, "-c", e->path, "-e", "stderr",
+				 "-g", "daemon off;", NULL };
+		snprintf(log, sizeof(log), "%s/nginx.out", e->dir);
+		e->nginx = nginx_spawn(log, argv);
+		if (gwt_wait_port(e->port, 10000) != 0) {
+			char *text = gwt_read_file(log);
+			fprintf(stderr, "nginx did not start: %s\n", text);
+			free(text);
+			gwt_stop(e->nginx);
+			e->nginx = 0;
+		}
+	}
+	cr_assert_gt(e->nginx, 0, "nginx runs with the module (Debian package nginx, %s)", TALLY_NGINX);
+}
+
+static void env_stop(struct env *e)
+{
+	gwt_stop(e->nginx);
+	gwt_stop(e->up);
+	if (e->owner > 0) {
+		kill(e->owner, SIGKILL);
+		waitpid(e->owner, NULL, 0);
+	}
+	tally_segment_unlink(e->seg);
+	gwt_rmtree(e->dir);
+}
+
+Test(nginx_module, sheds_inside_nginx_before_the_upstream, .timeout = 120)
+{
+	struct env e;
+	struct gwt_resp r;
+	char v[128];
+
+	env_start(&e, false, true);
+	cr_expect_eq(gwt_get(e.port, "/ok/1", &r), 200, "%s", r.body);
+	cr_expect(strncmp(r.body, "GET /ok/1 ", 10) == 0, "from the upstream: %s", r.body);
+	cr_expect_neq(gwt_header(&r, "X-Tally-Fail-Open", v, sizeof(v)), 0, "a verdict was read: %s", r.headers);
+
+	cr_expect_eq(gwt_get(e.port, "/over/1", &r), 503, "%s", r.body);
+	cr_expect_eq(gwt_header(&r, "Retry-After", v, sizeof(v)), 0, "Retry-After: %s", r.headers);
+	cr_expect(atoi(v) >= 2 && atoi(v) <= 3, "the rule's 2 s, jittered up to 3: %s", v);
+	cr_expect_eq(gwt_header(&r, "X-Tally-No-Retry", v, sizeof(v)), 0);
+	cr_expect_eq(gwt_header(&r, "X-Tally-Subject", v, sizeof(v)), 0);
+	cr_expect_str_eq(v, "gw.over");
+	cr_expect_eq(gwt_header(&r, "X-Tally-Verdict", v, sizeof(v)), 0);
+	cr_expect_str_eq(v, "overload");
+	cr_expect_eq(gwt_header(&r, "X-Tally-Route", v, sizeof(v)), 0);
+	cr_expect_str_eq(v, "* /over/**");
+
+	cr_expect_eq(gwt_get(e.port, "/warn/1", &r), 429, "under pressure: %s", r.body);
+	cr_expect_eq(gwt_header(&r, "Retry-After", v, sizeof(v)), 0);
+	const char *critical[] = { "X-Tally-Priority: critical", NULL };
+	struct gwt_req crit = { .headers = critical, .body = -1 };
+	cr_expect_eq(gwt_http(e.port, "/warn/2", &crit, &r), 200, "critical is shed only at overload: %s", r.body);
+	cr_expect_eq(gwt_http(e.port, "/over/4", &crit, &r), 503, "and is at overload");
+
+	struct gwt_req post = { .method = "POST", .body = 1 << 20 };
+	cr_expect_eq(gwt_http(e.port, "/over/2", &post, &r), 503, "a shed POST with a body");
+	cr_expect_eq(gwt_http(e.port, "/ok/2", &post, &r), 200, "an admitted one, on the same connection: %s",
+		     r.body);
+	cr_expect(strstr(r.body, "len=1048576"), "%s", r.body);
+	struct gwt_req chunked = { .method = "PUT", .body = 300000, .chunked = true };
+	cr_expect_eq(gwt_http(e.port, "/over/5", &chunked, &r), 503, "a shed chunked PUT");
+	cr_expect_eq(gwt_http(e.port, "/ok/5", &chunked, &r), 200, "%s", r.body);
+	cr_expect(strstr(r.body, "len=300000"), "%s", r.body);
+	struct gwt_req del = { .method = "DELETE", .body = -1 };
+	cr_expect_eq(gwt_http(e.port, "/over/3", &del, &r), 503);
+	cr_expect_eq(gwt_get(e.port, "/unmapped", &r), 200, "unmapped: admitted");
+	cr_expect_eq(gwt_get(e.port, "/nocheck", &r), 200);
+
+	static const char *const shed[] = { "/over/1", "/over/2", "/over/3", "/over/4", "/over/5", "/warn/1" };
+	for (size_t i = 0; i < sizeof(shed) / sizeof(shed[0]); i++)
+		cr_expect_eq(gwt_upstream_count(e.up_port, shed[i]), 0, "the upstream saw no shed request: %s",
+			     shed[i]);
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/warn/2"), 1, "the critical one went on");
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/ok/1"), 1);
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/unmapped"), 1);
+	env_stop(&e);
+}
+
+/* error_page to a named location: an internal redirect, which clears the
+ * modules' contexts. The variables there still say what was decided, the
+ * decision is not taken again, and the headers of the shed stay. */
+Test(nginx_module, variables_in_an_error_page, .timeout = 120)
+{
+	struct env e;
+	struct gwt_resp r;
+	char v[128];
+
+	env_start(&e, false, true);
+	cr_expect_eq(gwt_get(e.port, "/page/1", &r), 503, "%s", r.body);
+	cr_expect_eq(gwt_header(&r, "Retry-After", v, sizeof(v)), 0, "%s", r.headers);
+	char want[300];
+	snprintf(want, sizeof(want), "shed shed 503 gw.over overload %s * /page/**\n", v);
+	cr_expect_str_eq(r.body, want, "the variables, Retry-After the header's");
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/page/1"), 0);
+	env_stop(&e);
+}
+
+/* The owner dies: the module admits (fail-open) and says why; with
+ * fail_closed = true and no segment at all, it sheds with 503. */
+Test(nginx_module, fail_open_and_fail_closed, .timeout = 120)
+{
+	struct env e;
+	struct gwt_resp r;
+	char v[256];
+
+	env_start(&e, false, true);
+	cr_expect_eq(gwt_get(e.port, "/over/1", &r), 503);
+	kill(e.owner, SIGKILL);
+	waitpid(e.owner, NULL, 0);
+	e.owner = 0;
+	long st = 0;
+	for (int i = 0; i < 100 && (st = gwt_get(e.port, "/over/2", &r)) != 200; i++)
+		tt_sleep_ms(50);
+	cr_expect_eq(st, 200, "the owner is dead: admitted (fail-open)");
+	cr_expect_eq(gwt_header(&r, "X-Tally-Fail-Open", v, sizeof(v)), 0, "and said: %s", r.headers);
+	cr_expect(strstr(v, "owner") || strstr(v, "segment"), "why: %s", v);
+	cr_expect(strncmp(r.body, "GET /over/2 ", 12) == 0, "from the upstream: %s", r.body);
+	env_stop(&e);
+
+	env_start(&e, true, false);
+	cr_expect_eq(gwt_get(e.port, "/over/1", &r), 503, "no segment, fail_closed: shed");
+	cr_expect_eq(gwt_header(&r, "X-Tally-Fail-Closed", v, sizeof(v)), 0, "%s", r.headers);
+	cr_expect(strstr(v, e.seg), "names the segment: %s", v);
+	cr_expect_eq(gwt_get(e.port, "/unmapped", &r), 200, "an unmapped route is still admitted");
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/over/1"), 0);
+	env_stop(&e);
+}
+
+/* nginx -t: out, the exit status. */
+static int nginx_test(struct env *e, char **out)
+{
+	char log[160];
+	int st;
+
+	snprintf(log, sizeof(log), "%s/nginx-t.out", e->dir);
+	unlink(log);
+	const char *argv[] = { TALLY_NGINX, "-t", "-p", e->dir, "-c", e->path, "-e", "stderr", NULL };
+	waitpid(nginx_spawn(log, argv), &st, 0);
+	*out = gwt_read_file(log);
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+Test(nginx_module, nginx_t_names_the_bad_line, .timeout = 60)
+{
+	struct env e;
+	char ini[160], extra[256], *out;
+
+	cr_assert_eq(*TALLY_NGINX_MODULE_MISSING, '\0', "%s", TALLY_NGINX_MODULE_MISSING);
+	memset(&e, 0, sizeof(e));
+	cr_assert_eq(gwt_tempdir(e.dir), 0);
+	e.up_port = 9;
+	e.port = tt_free_port();
+	snprintf(ini, sizeof(ini), "%s/gateway.ini", e.dir);
+	gwt_write(ini, "[gateway]\nsegment = x\n[route GET /a/**]\nsubject = a\n[shedding]\nwarn_shed_fraction = 2\n");
+	snprintf(extra, sizeof(extra), "  tally_config %s;", ini);
+	nginx_conf(&e, extra);
+	cr_expect_neq(nginx_test(&e, &out), 0);
+	char want[200];
+	snprintf(want, sizeof(want), "%s:6", ini);
+	cr_expect(strstr(out, want) && strstr(out, "warn_shed_fraction"), "FILE:LINE and the key: %s", out);
+	free(out);
+
+	nginx_conf(&e, ""); /* tally_check on, no tally_config */
+	cr_expect_neq(nginx_test(&e, &out), 0);
+	cr_expect(strstr(out, "tally_check on needs \"tally_config FILE;\""), "%s", out);
+	free(out);
+
+	gwt_write(ini, "[gateway]\nsegment = x\n");
+	nginx_conf(&e, extra);
+	cr_expect_eq(nginx_test(&e, &out), 0, "a good file: %s", out);
+	free(out);
+	gwt_rmtree(e.dir);
+}
+
+Test(nginx_module, under_wrk_load, .timeout = 120)
+{
+	struct env e;
+	char url[128];
+	uint64_t total, non2xx;
+
+	env_start(&e, false, true);
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/over/load", e.port);
+	cr_assert_eq(gwt_wrk(e.dir, url, &total, &non2xx), 0);
+	cr_expect_gt(total, 100, "wrk got answers: %" PRIu64, total);
+	cr_expect_eq(non2xx, total, "every request to the overloaded subject was shed");
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/over/load"), 0, "and none reached the upstream");
+
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/ok/load", e.port);
+	cr_assert_eq(gwt_wrk(e.dir, url, &total, &non2xx), 0);
+	cr_expect_eq(non2xx, 0, "a healthy subject: all admitted");
+	uint64_t seen = gwt_upstream_count(e.up_port, "/ok/load");
+	cr_expect(seen >= total && seen <= total + 4, "the upstream saw each one (%" PRIu64 " of %" PRIu64 ")",
+		  seen, total);
+	env_stop(&e);
+}

@@ -1,0 +1,386 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * ngx_http_tally_module.c: tally's shedding inside nginx, without a
+ * subrequest. A dynamic module (load_module) that reads the same INI file
+ * as tally-gateway (its [gateway] segment and fail_closed, [shedding],
+ * the priority header and every [route ...]) and decides each request in
+ * nginx's own worker with the gateway's code (tools/gateway/evaluate.c:
+ * route, one seqlock read of the segment's snapshot, the graded
+ * decision), so that a check costs a lookup instead of a round trip to
+ * another process. A shed request is answered 429 (the subject is under
+ * pressure) or 503 (overloaded, or fail-closed) with the gateway's
+ * headers: a jittered Retry-After, X-Tally-No-Retry, X-Tally-Status and
+ * the rest; the upstream never sees it. An admitted request goes on, with
+ * X-Tally-Fail-Open on its response when no usable verdict was read.
+ *
+ *   load_module modules/ngx_http_tally_module.so;
+ *   http {
+ *       tally_config /etc/tally/gateway.ini;
+ *       server { location / { tally_check on; proxy_pass http://app; } }
+ *   }
+ *
+ * Directives: tally_config FILE (http; read when nginx reads its
+ * configuration, so `nginx -t` reports FILE:LINE and the reason) and
+ * tally_check on|off (http, server, location; off by default). Variables,
+ * for log_format, proxy_set_header or an error_page location:
+ * $tally_decision (admit, shed), $tally_status (200, 429, 503),
+ * $tally_subject, $tally_verdict, $tally_retry_after, $tally_route.
+ *
+ * Where: the preaccess phase, as limit_req, once per request: the
+ * decision is kept in a pool cleanup of the request, so that an internal
+ * redirect (error_page, try_files, a named location), which clears the
+ * modules' contexts, finds it again instead of deciding twice. Each
+ * worker attaches the segment read-only on its first request (judge.c:
+ * re-attaches when the owner is replaced, fails open or closed as the
+ * INI says while there is none); nothing here blocks.
+ */
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include <stdbool.h>
+#include <stdlib.h>
+
+#include "../gateway/gateway.h"
+
+typedef struct {
+	struct gw_config cfg;
+	struct gw *g;        /* in a worker, from its start */
+	ngx_flag_t loaded;   /* tally_config read */
+	ngx_str_t file;
+} ngx_http_tally_main_conf_t;
+
+typedef struct {
+	ngx_flag_t check;
+} ngx_http_tally_loc_conf_t;
+
+/* What was decided for a request, in its pool (see the header). */
+typedef struct {
+	struct gw_outcome o;
+	ngx_http_request_t *r;
+} ngx_http_tally_ctx_t;
+
+enum tally_var { TV_DECISION, TV_STATUS, TV_SUBJECT, TV_VERDICT, TV_RETRY_AFTER, TV_ROUTE };
+
+static char *ngx_http_tally_config(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_tally_preconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_http_tally_init(ngx_conf_t *cf);
+static void *ngx_http_tally_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_tally_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_tally_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child);
+static ngx_int_t ngx_http_tally_init_process(ngx_cycle_t *cycle);
+static void ngx_http_tally_exit_process(ngx_cycle_t *cycle);
+
+static ngx_command_t ngx_http_tally_commands[] = {
+	{ ngx_string("tally_config"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, ngx_http_tally_config,
+	  NGX_HTTP_MAIN_CONF_OFFSET, 0, NULL },
+	{ ngx_string("tally_check"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_FLAG,
+	  ngx_conf_set_flag_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(ngx_http_tally_loc_conf_t, check), NULL },
+	ngx_null_command
+};
+
+static ngx_http_module_t ngx_http_tally_module_ctx = {
+	ngx_http_tally_preconfiguration, /* preconfiguration: the variables */
+	ngx_http_tally_init,             /* postconfiguration: the phase handler */
+	ngx_http_tally_create_main_conf, NULL, NULL, NULL,
+	ngx_http_tally_create_loc_conf, ngx_http_tally_merge_loc_conf
+};
+
+ngx_module_t ngx_http_tally_module = {
+	NGX_MODULE_V1,
+	&ngx_http_tally_module_ctx, ngx_http_tally_commands, NGX_HTTP_MODULE,
+	NULL, NULL,                        /* init master, init module */
+	ngx_http_tally_init_process, NULL, /* init process, init thread */
+	NULL, ngx_http_tally_exit_process, /* exit thread, exit process */
+	NULL,                              /* exit master */
+	NGX_MODULE_V1_PADDING
+};
+
+/* ---- configuration ---- */
+
+static void ngx_http_tally_free_config(void *data)
+{
+	ngx_http_tally_main_conf_t *m = data;
+
+	gw_config_free(&m->cfg);
+}
+
+static char *ngx_http_tally_config(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+	ngx_http_tally_main_conf_t *m = conf;
+	ngx_str_t *value = cf->args->elts;
+	struct gw_overrides ov = { .mode = "check" };
+	char err[512];
+
+	if (m->loaded)
+		return (char *)"is duplicate";
+	m->file = value[1];
+	if (ngx_conf_full_name(cf->cycle, &m->file, 1) != NGX_OK)
+		return NGX_CONF_ERROR;
+	char *path = ngx_pnalloc(cf->pool, m->file.len + 1);
+	if (!path)
+		return NGX_CONF_ERROR;
+	ngx_memcpy(path, m->file.data, m->file.len);
+	path[m->file.len] = '\0';
+	/* the mode is the module's own: a proxy-mode file's routes and
+	 * shedding apply as they are, its upstream is not used */
+	if (gw_config_load(&m->cfg, path, &ov, err, sizeof(err)) != 0) {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "tally_config: %s", err);
+		return NGX_CONF_ERROR;
+	}
+	ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(cf->pool, 0);
+	if (!cln) {
+		gw_config_free(&m->cfg);
+		return NGX_CONF_ERROR;
+	}
+	cln->handler = ngx_http_tally_free_config;
+	cln->data = m;
+	m->loaded = 1;
+	return NGX_CONF_OK;
+}
+
+static void *ngx_http_tally_create_main_conf(ngx_conf_t *cf)
+{
+	return ngx_pcalloc(cf->pool, sizeof(ngx_http_tally_main_conf_t));
+}
+
+static void *ngx_http_tally_create_loc_conf(ngx_conf_t *cf)
+{
+	ngx_http_tally_loc_conf_t *c = ngx_pcalloc(cf->pool, sizeof(*c));
+
+	if (c)
+		c->check = NGX_CONF_UNSET;
+	return c;
+}
+
+static char *ngx_http_tally_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+	ngx_http_tally_loc_conf_t *prev = parent, *c = child;
+	ngx_http_tally_main_conf_t *m = ngx_http_conf_get_module_main_conf(cf, ngx_http_tally_module);
+
+	ngx_conf_merge_value(c->check, prev->check, 0);
+	if (c->check && !m->loaded) {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+				   "tally_check on needs \"tally_config FILE;\" in http {} (the gateway's INI: "
+				   "segment, routes, shedding)");
+		return NGX_CONF_ERROR;
+	}
+	return NGX_CONF_OK;
+}
+
+/* ---- a worker's reader ---- */
+
+static ngx_int_t ngx_http_tally_init_process(ngx_cycle_t *cycle)
+{
+	ngx_http_tally_main_conf_t *m = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_tally_module);
+
+	if (!m || !m->loaded)
+		return NGX_OK;
+	m->g = calloc(1, sizeof(*m->g));
+	if (!m->g) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "tally: out of memory for the segment reader");
+		return NGX_ERROR;
+	}
+	m->g->cfg = &m->cfg;
+	gw_reader_init(&m->g->reader, m->cfg.segment, m->cfg.fail_closed);
+	return NGX_OK;
+}
+
+static void ngx_http_tally_exit_process(ngx_cycle_t *cycle)
+{
+	ngx_http_tally_main_conf_t *m = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_tally_module);
+
+	if (!m || !m->g)
+		return;
+	gw_reader_close(&m->g->reader);
+	free(m->g);
+	m->g = NULL;
+}
+
+/* ---- a request ---- */
+
+static void ngx_http_tally_ctx_done(void *data)
+{
+	(void)data; /* the pool frees the context; the handler marks it ours */
+}
+
+/* This request's decision: the module's context, or after an internal
+ * redirect the one its pool still holds. NULL: not decided yet. */
+static ngx_http_tally_ctx_t *ngx_http_tally_ctx(ngx_http_request_t *r)
+{
+	ngx_http_tally_ctx_t *ctx = ngx_http_get_module_ctx(r, ngx_http_tally_module);
+
+	if (ctx)
+		return ctx;
+	for (ngx_pool_cleanup_t *c = r->pool->cleanup; c; c = c->next)
+		if (c->handler == ngx_http_tally_ctx_done && ((ngx_http_tally_ctx_t *)c->data)->r == r) {
+			ctx = c->data;
+			ngx_http_set_ctx(r, ctx, ngx_http_tally_module);
+			return ctx;
+		}
+	return NULL;
+}
+
+/* A request header's value (NUL-terminated, as nginx keeps it), the
+ * first of that name; NULL if none. For the routes' header conditions
+ * and the priority header. */
+static const char *ngx_http_tally_header(void *ctx, const char *name)
+{
+	ngx_http_request_t *r = ctx;
+	size_t len = ngx_strlen(name);
+
+	for (ngx_list_part_t *part = &r->headers_in.headers.part; part; part = part->next) {
+		ngx_table_elt_t *h = part->elts;
+		for (ngx_uint_t i = 0; i < part->nelts; i++)
+			if (h[i].key.len == len && ngx_strncasecmp(h[i].key.data, (u_char *)name, len) == 0)
+				return (const char *)h[i].value.data;
+	}
+	return NULL;
+}
+
+static ngx_int_t ngx_http_tally_push(ngx_http_request_t *r, const char *name, const char *value)
+{
+	ngx_table_elt_t *h = ngx_list_push(&r->headers_out.headers);
+	size_t vl = ngx_strlen(value);
+
+	if (!h)
+		return NGX_ERROR;
+	h->hash = 1;
+	h->key.len = ngx_strlen(name);
+	h->key.data = (u_char *)name; /* a literal of evaluate.c */
+	h->value.data = ngx_pnalloc(r->pool, vl);
+	if (!h->value.data) {
+		h->hash = 0;
+		return NGX_ERROR;
+	}
+	ngx_memcpy(h->value.data, value, vl);
+	h->value.len = vl;
+	h->lowcase_key = NULL;
+#if nginx_version >= 1023000
+	h->next = NULL;
+#endif
+	return NGX_OK;
+}
+
+static void ngx_http_tally_add(void *ctx, const char *name, const char *value)
+{
+	(void)ngx_http_tally_push(ctx, name, value); /* a header nginx has no memory for is left out */
+}
+
+static ngx_int_t ngx_http_tally_handler(ngx_http_request_t *r)
+{
+	ngx_http_tally_loc_conf_t *lc = ngx_http_get_module_loc_conf(r, ngx_http_tally_module);
+	ngx_http_tally_main_conf_t *m = ngx_http_get_module_main_conf(r, ngx_http_tally_module);
+
+	if (!lc->check || !m->g || r != r->main || ngx_http_tally_ctx(r))
+		return NGX_DECLINED;
+	ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_tally_ctx_t));
+	if (!cln)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
+	ngx_http_tally_ctx_t *ctx = cln->data;
+	ctx->r = r;
+	cln->handler = ngx_http_tally_ctx_done;
+	ngx_http_set_ctx(r, ctx, ngx_http_tally_module);
+
+	char *method = ngx_pnalloc(r->pool, r->method_name.len + 1 + r->unparsed_uri.len + 1);
+	if (!method)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
+	ngx_memcpy(method, r->method_name.data, r->method_name.len);
+	method[r->method_name.len] = '\0';
+	char *uri = method + r->method_name.len + 1; /* raw, as sent: the routes stop at '?' */
+	ngx_memcpy(uri, r->unparsed_uri.data, r->unparsed_uri.len);
+	uri[r->unparsed_uri.len] = '\0';
+
+	gw_evaluate(m->g, method, uri, ngx_http_tally_header, r, &ctx->o);
+	if (ctx->o.d.admit) {
+		if (ctx->o.rd.why)
+			(void)ngx_http_tally_push(r, "X-Tally-Fail-Open", ctx->o.rd.why);
+		return NGX_DECLINED;
+	}
+	gw_decision_headers(&ctx->o, ngx_http_tally_add, r);
+	return (ngx_int_t)ctx->o.d.status; /* 429 or 503: the body is nginx's, or error_page's */
+}
+
+/* ---- variables ---- */
+
+static ngx_int_t ngx_http_tally_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data)
+{
+	ngx_http_tally_ctx_t *ctx = ngx_http_tally_ctx(r->main);
+	const char *s = NULL;
+	char num[16];
+
+	if (!ctx) {
+		v->not_found = 1;
+		return NGX_OK;
+	}
+	const struct gw_outcome *o = &ctx->o;
+	switch ((enum tally_var)data) {
+	case TV_DECISION:
+		s = o->d.admit ? "admit" : "shed";
+		break;
+	case TV_STATUS:
+		ngx_snprintf((u_char *)num, sizeof(num), "%ui%Z", (ngx_uint_t)o->d.status);
+		s = num;
+		break;
+	case TV_SUBJECT:
+		s = o->subject;
+		break;
+	case TV_VERDICT:
+		s = o->route ? tally_verdict_name(o->rd.verdict) : NULL;
+		break;
+	case TV_RETRY_AFTER:
+		if (!o->d.admit) {
+			ngx_snprintf((u_char *)num, sizeof(num), "%ui%Z", (ngx_uint_t)o->retry_after_s);
+			s = num;
+		}
+		break;
+	case TV_ROUTE:
+		s = o->route ? o->route->name : "unmapped";
+		break;
+	}
+	if (!s) {
+		v->not_found = 1;
+		return NGX_OK;
+	}
+	size_t len = ngx_strlen(s);
+	v->data = ngx_pnalloc(r->pool, len);
+	if (!v->data)
+		return NGX_ERROR;
+	ngx_memcpy(v->data, s, len);
+	v->len = len;
+	v->valid = 1;
+	v->no_cacheable = 0;
+	v->not_found = 0;
+	return NGX_OK;
+}
+
+static ngx_int_t ngx_http_tally_preconfiguration(ngx_conf_t *cf)
+{
+	static const struct {
+		const char *name;
+		enum tally_var which;
+	} vars[] = { { "tally_decision", TV_DECISION }, { "tally_status", TV_STATUS },
+		     { "tally_subject", TV_SUBJECT },   { "tally_verdict", TV_VERDICT },
+		     { "tally_retry_after", TV_RETRY_AFTER }, { "tally_route", TV_ROUTE } };
+
+	for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+		ngx_str_t name = { ngx_strlen(vars[i].name), (u_char *)vars[i].name };
+		ngx_http_variable_t *var = ngx_http_add_variable(cf, &name, NGX_HTTP_VAR_NOCACHEABLE);
+		if (!var)
+			return NGX_ERROR;
+		var->get_handler = ngx_http_tally_variable;
+		var->data = (uintptr_t)vars[i].which;
+	}
+	return NGX_OK;
+}
+
+static ngx_int_t ngx_http_tally_init(ngx_conf_t *cf)
+{
+	ngx_http_core_main_conf_t *cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+	ngx_http_handler_pt *h = ngx_array_push(&cmcf->phases[NGX_HTTP_PREACCESS_PHASE].handlers);
+
+	if (!h)
+		return NGX_ERROR;
+	*h = ngx_http_tally_handler;
+	return NGX_OK;
+}
