@@ -7,15 +7,24 @@
  *   direct          wrk -> upstream                      the baseline
  *   nginx           wrk -> nginx -> upstream             nginx's own cost
  *   nginx+check     wrk -> nginx (auth_request -> gateway check) -> upstream
+ *   nginx+module    wrk -> nginx (the tally module decides in the worker) -> upstream
  *   check           wrk -> gateway check mode (the subrequest alone)
  *   proxy           wrk -> gateway proxy mode -> upstream
  *
  * Latency (p50, p99) with one connection, so that it is the time of one
- * request and not a queue; throughput with 16 connections. The added
+ * request and not a queue; throughput with 16 connections. The cost of
+ * a check to nginx is measured twice: as the difference of two wrk runs
+ * back to back, and paired (paired_latency): one client alternating
+ * requests to nginx alone, nginx with the check and nginx with the
+ * module, so that the three see the same moments of the machine (on a
+ * shared 2-core VM two wrk runs 2 s apart differ in p99 by more than the
+ * check costs). The added
  * latency rows are per-repetition differences of back-to-back runs:
- * nginx+check - nginx is what the check costs nginx per request, proxy -
- * direct what proxy mode adds. Each repetition runs the five latency
- * cases back to back, then the five throughput cases, in an order that
+ * nginx+check - nginx is what the check costs nginx per request,
+ * nginx+module - nginx what the module's decision costs it (the same
+ * nginx, which has the module loaded for every case), proxy - direct what
+ * proxy mode adds. Each repetition runs the six latency
+ * cases back to back, then the six throughput cases, in an order that
  * turns round every repetition, so that drift in the machine's load
  * falls on both sides of a difference alike. The subject is a live one
  * (verdict ok) of an owner this part forks: every request is routed, read
@@ -43,6 +52,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <curl/curl.h>
 #include <tally/tally.h>
 
 #include "harness.h"
@@ -178,8 +188,74 @@ static int run_wrk(const char *dir, const char *url, int conns, int secs, const 
 	return 0;
 }
 
-enum { C_DIRECT, C_NGINX, C_NGINX_CHECK, C_CHECK, C_PROXY, C__N };
-static const char *const case_names[C__N] = { "direct", "nginx", "nginx+check", "check", "proxy" };
+/* ---- paired latency ---- */
+
+static size_t discard(char *p, size_t size, size_t n, void *u)
+{
+	(void)p;
+	(void)u;
+	return size * n;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+static double quantile(double *v, int n, double q)
+{
+	qsort(v, (size_t)n, sizeof(*v), cmp_double);
+	return v[(int)(q * (n - 1) + 0.5)];
+}
+
+#define PAIRED_MAX 3
+
+/* One client, one kept-alive connection per URL (a curl handle each),
+ * requests to the n URLs in turn, the order rotated every round: every
+ * case meets the same moments of the machine, so that the difference of
+ * two p99s is the cost of what differs and not of when each ran. Fills
+ * p50 and p99 (us) per URL; -1 on a failed or non-2xx request. */
+static int paired_latency(const char *const urls[], int n, int rounds, double p50[], double p99[])
+{
+	CURL *h[PAIRED_MAX];
+	double *lat[PAIRED_MAX];
+	int rc = 0;
+
+	for (int i = 0; i < n; i++) {
+		h[i] = curl_easy_init();
+		lat[i] = malloc(sizeof(double) * (size_t)rounds);
+		curl_easy_setopt(h[i], CURLOPT_URL, urls[i]);
+		curl_easy_setopt(h[i], CURLOPT_WRITEFUNCTION, discard);
+		curl_easy_setopt(h[i], CURLOPT_TCP_NODELAY, 1L);
+	}
+	for (int r = 0; r < rounds && rc == 0; r++)
+		for (int k = 0; k < n; k++) {
+			int i = (r + k) % n;
+			long status = 0;
+			uint64_t t0 = bench_now_ns();
+			CURLcode c = curl_easy_perform(h[i]);
+			lat[i][r] = (double)(bench_now_ns() - t0) / 1e3;
+			curl_easy_getinfo(h[i], CURLINFO_RESPONSE_CODE, &status);
+			if (c != CURLE_OK || status / 100 != 2) {
+				fprintf(stderr, "bench gateway: %s: %s, status %ld\n", urls[i], curl_easy_strerror(c), status);
+				rc = -1;
+				break;
+			}
+		}
+	for (int i = 0; i < n; i++) {
+		if (rc == 0) {
+			p50[i] = quantile(lat[i], rounds, 0.50);
+			p99[i] = quantile(lat[i], rounds, 0.99);
+		}
+		free(lat[i]);
+		curl_easy_cleanup(h[i]);
+	}
+	return rc;
+}
+
+enum { C_DIRECT, C_NGINX, C_NGINX_CHECK, C_NGINX_MODULE, C_CHECK, C_PROXY, C__N };
+static const char *const case_names[C__N] = { "direct", "nginx", "nginx+check", "nginx+module", "check", "proxy" };
 
 void bench_part_gateway(void)
 {
@@ -195,11 +271,17 @@ void bench_part_gateway(void)
 		bench_failed = true;
 		return;
 	}
+	if (*TALLY_NGINX_MODULE_MISSING) {
+		fprintf(stderr, "bench gateway: the nginx module was not built: %s\n", TALLY_NGINX_MODULE_MISSING);
+		bench_failed = true;
+		return;
+	}
 	if (!mkdtemp(dir))
 		return;
 	snprintf(seg, sizeof(seg), "bench-gw-%d", (int)getpid());
 	if (setpriority(PRIO_PROCESS, 0, -10) == 0)
 		fprintf(stderr, "bench gateway: wrk, nginx, the gateway and the upstream run at nice -10\n");
+	bool started = true; /* else the logs are kept */
 	pid_t owner = owner_start(seg);
 	char ups[16], chl[32], prl[32], upurl[64], ini[160];
 	snprintf(ups, sizeof(ups), "%d", up);
@@ -208,24 +290,28 @@ void bench_part_gateway(void)
 	snprintf(upurl, sizeof(upurl), "http://127.0.0.1:%d", up);
 	snprintf(ini, sizeof(ini), "%s/gateway.ini", dir);
 	FILE *f = fopen(ini, "w");
-	fputs("[route * /_hello]\nsubject = bench.ok\n", f);
+	fprintf(f, "[gateway]\nsegment = %s\n[route * /_hello]\nsubject = bench.ok\n"
+		"[route * /module]\nsubject = bench.ok\n", seg);
 	fclose(f);
 	const char *up_argv[] = { TALLY_BENCH_BUILDDIR "/bench/gw-upstream", ups, NULL };
 	const char *chk_argv[] = { TALLY_BENCH_BUILDDIR "/tools/tally-gateway", "-c", ini, "-s", seg, "--listen", chl, NULL };
 	const char *prx_argv[] = { TALLY_BENCH_BUILDDIR "/tools/tally-gateway", "-c", ini, "-s", seg, "--listen", prl,
 				   "--mode", "proxy", "--upstream", upurl, NULL };
 	snprintf(conf, sizeof(conf),
-		 "%s\nworker_processes 1;\npid %s/nginx.pid;\nerror_log %s/error.log warn;\nevents {}\nhttp {\n"
+		 "%s\nload_module %s;\nworker_processes 1;\npid %s/nginx.pid;\nerror_log %s/error.log warn;\nevents {}\nhttp {\n"
 		 "  access_log off;\n  client_body_temp_path %s/b;\n  proxy_temp_path %s/p;\n  fastcgi_temp_path %s/f;\n"
-		 "  uwsgi_temp_path %s/u;\n  scgi_temp_path %s/s;\n"
+		 "  uwsgi_temp_path %s/u;\n  scgi_temp_path %s/s;\n  tally_config %s;\n"
 		 "  upstream tally_gateway { server 127.0.0.1:%d; keepalive 32; }\n"
 		 "  upstream app { server 127.0.0.1:%d; keepalive 32; }\n"
 		 "  server {\n    listen 127.0.0.1:%d;\n    include %s/etc/nginx/tally-locations.conf;\n"
 		 "    location = /_hello { include %s/etc/nginx/tally-check.conf; proxy_pass http://app;\n"
 		 "      proxy_http_version 1.1; proxy_set_header Connection \"\"; }\n"
+		 "    location = /module { tally_check on; proxy_pass http://app/_hello; proxy_http_version 1.1;\n"
+		 "      proxy_set_header Connection \"\"; }\n"
 		 "    location = /nocheck { proxy_pass http://app/_hello; proxy_http_version 1.1;\n"
 		 "      proxy_set_header Connection \"\"; }\n  }\n}\n",
-		 geteuid() == 0 ? "user root;" : "", dir, dir, dir, dir, dir, dir, dir, chk, up, ngx,
+		 geteuid() == 0 ? "user root;" : "", TALLY_BENCH_BUILDDIR "/tools/.libs/ngx_http_tally_module.so", dir,
+		 dir, dir, dir, dir, dir, dir, ini, chk, up, ngx,
 		 TALLY_BENCH_SRCDIR, TALLY_BENCH_SRCDIR);
 	snprintf(path, sizeof(path), "%s/nginx.conf", dir);
 	f = fopen(path, "w");
@@ -237,19 +323,26 @@ void bench_part_gateway(void)
 	snprintf(o2, sizeof(o2), "%s/check.out", dir);
 	snprintf(o3, sizeof(o3), "%s/proxy.out", dir);
 	snprintf(o4, sizeof(o4), "%s/nginx.out", dir);
-	pid_t pu = spawn(o1, up_argv), pc = spawn(o2, chk_argv), pp = spawn(o3, prx_argv), pn = spawn(o4, ngx_argv);
+	pid_t pu = spawn(o1, up_argv), pc = spawn(o2, chk_argv), pp = spawn(o3, prx_argv);
+	setenv("LD_LIBRARY_PATH", TALLY_BENCH_BUILDDIR "/lib/.libs", 1); /* the module's libtally */
+	pid_t pn = spawn(o4, ngx_argv);
 	if (owner < 0 || wait_port(up) || wait_port(chk) || wait_port(prx) || wait_port(ngx)) {
-		fprintf(stderr, "bench gateway: a server did not start (logs in %s)\n", dir);
+		fprintf(stderr, "bench gateway: a server did not start (logs in %s, kept)\n", dir);
 		bench_failed = true;
+		started = false;
 		goto out;
 	}
 	snprintf(url[C_DIRECT], sizeof(url[0]), "http://127.0.0.1:%d/_hello", up);
 	snprintf(url[C_NGINX], sizeof(url[0]), "http://127.0.0.1:%d/nocheck", ngx);
 	snprintf(url[C_NGINX_CHECK], sizeof(url[0]), "http://127.0.0.1:%d/_hello", ngx);
+	snprintf(url[C_NGINX_MODULE], sizeof(url[0]), "http://127.0.0.1:%d/module", ngx);
 	snprintf(url[C_CHECK], sizeof(url[0]), "http://127.0.0.1:%d/check", chk);
 	snprintf(url[C_PROXY], sizeof(url[0]), "http://127.0.0.1:%d/_hello", prx);
 	double rps[C__N][MAX_REPS], p50[C__N][MAX_REPS], p99[C__N][MAX_REPS];
-	double add50[2][MAX_REPS], add99[2][MAX_REPS];
+	double add50[3][MAX_REPS], add99[3][MAX_REPS];
+	double pp50[3][MAX_REPS], pp99[3][MAX_REPS], padd50[2][MAX_REPS], padd99[2][MAX_REPS];
+	const char *const paired_urls[3] = { url[C_NGINX], url[C_NGINX_CHECK], url[C_NGINX_MODULE] };
+	int rounds = (int)(10000 * bench_opts.scale) < 1000 ? 1000 : (int)(10000 * bench_opts.scale);
 	for (int r = 0; r < reps; r++) {
 		for (int phase = 0; phase < 2; phase++)
 			for (int i = 0; i < C__N; i++) {
@@ -271,13 +364,30 @@ void bench_part_gateway(void)
 		add99[0][r] = p99[C_NGINX_CHECK][r] - p99[C_NGINX][r];
 		add50[1][r] = p50[C_PROXY][r] - p50[C_DIRECT][r];
 		add99[1][r] = p99[C_PROXY][r] - p99[C_DIRECT][r];
+		add50[2][r] = p50[C_NGINX_MODULE][r] - p50[C_NGINX][r];
+		add99[2][r] = p99[C_NGINX_MODULE][r] - p99[C_NGINX][r];
+		double q50[3], q99[3];
+		if (paired_latency(paired_urls, 3, rounds, q50, q99)) {
+			bench_failed = true;
+			goto out;
+		}
+		for (int i = 0; i < 3; i++) {
+			pp50[i][r] = q50[i];
+			pp99[i][r] = q99[i];
+		}
+		for (int i = 0; i < 2; i++) {
+			padd50[i][r] = q50[i + 1] - q50[0];
+			padd99[i][r] = q99[i + 1] - q99[0];
+		}
 	}
 	for (int c = 0; c < C__N; c++) {
 		char name[64];
 		snprintf(name, sizeof(name), "%s req/s (16 conns)", case_names[c]);
 		bench_row("gateway", name, "req/s", true, rps[c], reps,
-			  c == C_DIRECT ? NULL : c == C_NGINX_CHECK ? "direct req/s (16 conns)|nginx req/s (16 conns)"
-									: "direct req/s (16 conns)", 0);
+			  c == C_DIRECT                               ? NULL
+			  : c == C_NGINX_CHECK || c == C_NGINX_MODULE ? "direct req/s (16 conns)|nginx req/s (16 conns)"
+								      : "direct req/s (16 conns)",
+			  0);
 	}
 	for (int c = 0; c < C__N; c++) {
 		char n50[64], n99[64];
@@ -288,13 +398,29 @@ void bench_part_gateway(void)
 	}
 	bench_row("gateway", "check added to nginx, p50", "us", false, add50[0], reps, NULL, 0);
 	bench_row("gateway", "check added to nginx, p99", "us", false, add99[0], reps, NULL, 0);
+	bench_row("gateway", "module added to nginx, p50", "us", false, add50[2], reps, NULL, 0);
+	bench_row("gateway", "module added to nginx, p99", "us", false, add99[2], reps, NULL, 0);
+	static const char *const pnames[3] = { "nginx", "nginx+check", "nginx+module" };
+	for (int i = 0; i < 3; i++) {
+		char n50[80], n99[80];
+		snprintf(n50, sizeof(n50), "paired: %s p50 (1 client)", pnames[i]);
+		snprintf(n99, sizeof(n99), "paired: %s p99 (1 client)", pnames[i]);
+		bench_row("gateway", n50, "us", false, pp50[i], reps, i ? "paired: nginx p50 (1 client)" : NULL, 0);
+		bench_row("gateway", n99, "us", false, pp99[i], reps, i ? "paired: nginx p99 (1 client)" : NULL, 0);
+	}
+	bench_row("gateway", "check added to nginx, p50, paired", "us", false, padd50[0], reps, NULL, 0);
+	bench_row("gateway", "check added to nginx, p99, paired", "us", false, padd99[0], reps, NULL, 0);
+	bench_row("gateway", "module added to nginx, p50, paired", "us", false, padd50[1], reps, NULL, 0);
+	bench_row("gateway", "module added to nginx, p99, paired", "us", false, padd99[1], reps, NULL, 0);
 	bench_row("gateway", "proxy added to direct, p50", "us", false, add50[1], reps, NULL, 0);
 	bench_row("gateway", "proxy added to direct, p99", "us", false, add99[1], reps, NULL, 0);
 	double share = bench_median(rps[C_PROXY], reps) / bench_median(rps[C_DIRECT], reps);
 	fprintf(stderr, "bench gateway: proxy keeps %.0f%% of direct throughput (target >= 50%%; nginx as a "
-			"proxy keeps %.0f%%); the check adds %.0f us p50, %.0f us p99 to nginx (target <= 50 us p99)\n",
+			"proxy keeps %.0f%%); paired, the check adds %.0f us p50, %.0f us p99 to nginx (target <= 50 us "
+			"p99), the module %.0f us p50, %.0f us p99\n",
 		share * 100, 100 * bench_median(rps[C_NGINX], reps) / bench_median(rps[C_DIRECT], reps),
-		bench_median(add50[0], reps), bench_median(add99[0], reps));
+		bench_median(padd50[0], reps), bench_median(padd99[0], reps), bench_median(padd50[1], reps),
+		bench_median(padd99[1], reps));
 out:
 	stop(pn);
 	stop(pp);
@@ -309,6 +435,6 @@ out:
 		fprintf(stderr, "bench gateway: could not return to nice %d\n", nice0);
 	char rm[128];
 	snprintf(rm, sizeof(rm), "rm -rf %s", dir);
-	if (system(rm) != 0)
+	if (started && system(rm) != 0)
 		fprintf(stderr, "bench gateway: could not remove %s\n", dir);
 }

@@ -57,8 +57,8 @@ static void nginx_conf(struct env *e, const char *http_extra)
 		 "      proxy_set_header Connection \"\";\n    }\n"
 		 "    location /page/ {\n      tally_check on;\n      error_page 429 503 = @shed;\n"
 		 "      proxy_pass http://app;\n    }\n"
-		 "    location @shed {\n      return 503 \"shed $tally_decision $tally_status $tally_subject "
-		 "$tally_verdict $tally_retry_after $tally_route\\n\";\n    }\n"
+		 "    location @shed {\n      return 503 \"shed $tally_check_decision $tally_check_status $tally_check_subject "
+		 "$tally_check_verdict $tally_check_retry_after $tally_check_route\\n\";\n    }\n"
 		 "    location = /nocheck { proxy_pass http://app; }\n"
 		 "  }\n}\n",
 		 geteuid() == 0 ? "user root;" : "", MODULE, e->dir, e->dir, e->dir, e->dir, e->dir, e->dir, e->dir,

@@ -23,8 +23,10 @@
  * configuration, so `nginx -t` reports FILE:LINE and the reason) and
  * tally_check on|off (http, server, location; off by default). Variables,
  * for log_format, proxy_set_header or an error_page location:
- * $tally_decision (admit, shed), $tally_status (200, 429, 503),
- * $tally_subject, $tally_verdict, $tally_retry_after, $tally_route.
+ * $tally_check_decision (admit, shed), $tally_check_status (200, 429,
+ * 503), $tally_check_subject, $tally_check_verdict,
+ * $tally_check_retry_after, $tally_check_route (named apart from the
+ * $tally_* of etc/nginx/tally-check.conf: both can be in one nginx).
  *
  * Where: the preaccess phase, as limit_req, once per request: the
  * decision is kept in a pool cleanup of the request, so that an internal
@@ -359,9 +361,9 @@ static ngx_int_t ngx_http_tally_preconfiguration(ngx_conf_t *cf)
 	static const struct {
 		const char *name;
 		enum tally_var which;
-	} vars[] = { { "tally_decision", TV_DECISION }, { "tally_status", TV_STATUS },
-		     { "tally_subject", TV_SUBJECT },   { "tally_verdict", TV_VERDICT },
-		     { "tally_retry_after", TV_RETRY_AFTER }, { "tally_route", TV_ROUTE } };
+	} vars[] = { { "tally_check_decision", TV_DECISION }, { "tally_check_status", TV_STATUS },
+		     { "tally_check_subject", TV_SUBJECT },   { "tally_check_verdict", TV_VERDICT },
+		     { "tally_check_retry_after", TV_RETRY_AFTER }, { "tally_check_route", TV_ROUTE } };
 
 	for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
 		ngx_str_t name = { ngx_strlen(vars[i].name), (u_char *)vars[i].name };
