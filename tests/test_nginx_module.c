@@ -231,6 +231,17 @@ Test(nginx_module, fail_open_and_fail_closed, .timeout = 120)
 	cr_expect_eq(gwt_header(&r, "X-Tally-Fail-Open", v, sizeof(v)), 0, "and said: %s", r.headers);
 	cr_expect(strstr(v, "owner") || strstr(v, "segment"), "why: %s", v);
 	cr_expect(strncmp(r.body, "GET /over/2 ", 12) == 0, "from the upstream: %s", r.body);
+
+	/* tallyd comes back (a new owner, a new segment of the same name):
+	 * the worker attaches it again and sheds again */
+	tally_segment_unlink(e.seg);
+	cr_assert_gt(e.owner = gwt_owner_start(e.seg, false), 0);
+	for (int i = 0; i < 100 && (st = gwt_get(e.port, "/over/3", &r)) != 503; i++)
+		tt_sleep_ms(50);
+	cr_expect_eq(st, 503, "the new owner's overload is read: %s", r.headers);
+	cr_expect_neq(gwt_header(&r, "X-Tally-Fail-Open", v, sizeof(v)), 0);
+	cr_expect_eq(gwt_get(e.port, "/over/4", &r), 503);
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/over/4"), 0, "shed before the upstream again");
 	env_stop(&e);
 
 	env_start(&e, true, false);
@@ -286,6 +297,38 @@ Test(nginx_module, nginx_t_names_the_bad_line, .timeout = 60)
 	cr_expect_eq(nginx_test(&e, &out), 0, "a good file: %s", out);
 	free(out);
 	gwt_rmtree(e.dir);
+}
+
+/* The INI changes and nginx reloads (SIGHUP): the new routes apply, in
+ * new workers; a bad file keeps the old configuration running. */
+Test(nginx_module, reload_reads_the_ini_again, .timeout = 120)
+{
+	struct env e;
+	struct gwt_resp r;
+	char ini[160], text[1024];
+	long st = 0;
+
+	env_start(&e, false, true);
+	cr_expect_eq(gwt_get(e.port, "/ok/1", &r), 200);
+	snprintf(ini, sizeof(ini), "%s/gateway.ini", e.dir);
+	snprintf(text, sizeof(text), "[gateway]\nsegment = %s\n[route * /ok/**]\nsubject = gw.over\n", e.seg);
+	cr_assert_eq(gwt_write(ini, text), 0);
+	kill(e.nginx, SIGHUP);
+	for (int i = 0; i < 100 && (st = gwt_get(e.port, "/ok/2", &r)) != 503; i++)
+		tt_sleep_ms(50);
+	cr_expect_eq(st, 503, "after the reload /ok/ is gw.over's");
+
+	cr_assert_eq(gwt_write(ini, "[route * /ok/**]\nsubjct = gw.ok\n"), 0);
+	kill(e.nginx, SIGHUP);
+	tt_sleep_ms(500);
+	cr_expect_eq(gwt_get(e.port, "/ok/3", &r), 503, "a bad file: the last good configuration runs on");
+	char elog[160];
+	snprintf(elog, sizeof(elog), "%s/error.log", e.dir);
+	char *log = gwt_read_file(elog);
+	cr_expect(strstr(log, "gateway.ini:2"), "the error log names FILE:LINE: %s", log);
+	free(log);
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/ok/3"), 0, "shed before the upstream");
+	env_stop(&e);
 }
 
 Test(nginx_module, under_wrk_load, .timeout = 120)
