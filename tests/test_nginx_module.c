@@ -51,15 +51,15 @@ static void nginx_conf(struct env *e, const char *http_extra)
 		 "  fastcgi_temp_path %s/fcgi;\n  uwsgi_temp_path %s/uwsgi;\n  scgi_temp_path %s/scgi;\n"
 		 "  client_max_body_size 0;\n%s\n"
 		 "  upstream app { server 127.0.0.1:%d; keepalive 16; }\n"
-		 "  server {\n    listen 127.0.0.1:%d;\n"
-		 "    location / {\n      tally_check on;\n"
+		 "  server {\n    listen 127.0.0.1:%d;\n    tally_check on;\n"
+		 "    location / {\n"
 		 "      proxy_pass http://app;\n      proxy_http_version 1.1;\n"
 		 "      proxy_set_header Connection \"\";\n    }\n"
-		 "    location /page/ {\n      tally_check on;\n      error_page 429 503 = @shed;\n"
+		 "    location /page/ {\n      error_page 429 503 = @shed;\n"
 		 "      proxy_pass http://app;\n    }\n"
 		 "    location @shed {\n      return 503 \"shed $tally_check_decision $tally_check_status $tally_check_subject "
 		 "$tally_check_verdict $tally_check_retry_after $tally_check_route\\n\";\n    }\n"
-		 "    location = /nocheck { proxy_pass http://app; }\n"
+		 "    location = /nocheck { tally_check off; proxy_pass http://app; }\n"
 		 "  }\n}\n",
 		 geteuid() == 0 ? "user root;" : "", MODULE, e->dir, e->dir, e->dir, e->dir, e->dir, e->dir, e->dir,
 		 http_extra, e->up_port, e->port);
@@ -127,8 +127,26 @@ static void env_start(struct env *e, bool fail_closed, bool with_owner)
 	cr_assert_gt(e->nginx, 0, "nginx runs with the module (Debian package nginx, %s)", TALLY_NGINX);
 }
 
+/* How many times a header line "name:" is in the response's headers. */
+static int header_count(const struct gwt_resp *r, const char *name)
+{
+	int n = 0;
+	size_t len = strlen(name);
+
+	for (const char *p = r->headers; (p = strcasestr(p, name)) != NULL; p += len)
+		if ((p == r->headers || p[-1] == '\n') && p[len] == ':')
+			n++;
+	return n;
+}
+
 static void env_stop(struct env *e)
 {
+	char elog[160];
+
+	snprintf(elog, sizeof(elog), "%s/error.log", e->dir);
+	char *log = gwt_read_file(elog);
+	cr_expect(!strstr(log, "exited on signal") && !strstr(log, "[alert]"), "no worker died: %s", log);
+	free(log);
 	gwt_stop(e->nginx);
 	gwt_stop(e->up);
 	if (e->owner > 0) {
@@ -181,6 +199,11 @@ Test(nginx_module, sheds_inside_nginx_before_the_upstream, .timeout = 120)
 	cr_expect_eq(gwt_http(e.port, "/over/3", &del, &r), 503);
 	cr_expect_eq(gwt_get(e.port, "/unmapped", &r), 200, "unmapped: admitted");
 	cr_expect_eq(gwt_get(e.port, "/nocheck", &r), 200);
+	cr_expect_eq(header_count(&r, "X-Tally-Fail-Open") + header_count(&r, "X-Tally-Status"), 0,
+		     "tally_check off: not judged: %s", r.headers);
+	/* the path as nginx routes it: encoded or doubled, it is still /over/ */
+	cr_expect_eq(gwt_get(e.port, "/%6Fver/6", &r), 503, "an encoded path: %s", r.body);
+	cr_expect_eq(gwt_get(e.port, "//over/7", &r), 503, "a doubled slash: %s", r.body);
 
 	static const char *const shed[] = { "/over/1", "/over/2", "/over/3", "/over/4", "/over/5", "/warn/1" };
 	for (size_t i = 0; i < sizeof(shed) / sizeof(shed[0]); i++)
@@ -194,7 +217,9 @@ Test(nginx_module, sheds_inside_nginx_before_the_upstream, .timeout = 120)
 
 /* error_page to a named location: an internal redirect, which clears the
  * modules' contexts. The variables there still say what was decided, the
- * decision is not taken again, and the headers of the shed stay. */
+ * decision is not taken again (tally_check is on for the named location
+ * too, from the server: a second decision would add its headers again),
+ * and the headers of the shed stay, once each. */
 Test(nginx_module, variables_in_an_error_page, .timeout = 120)
 {
 	struct env e;
@@ -207,6 +232,9 @@ Test(nginx_module, variables_in_an_error_page, .timeout = 120)
 	char want[300];
 	snprintf(want, sizeof(want), "shed shed 503 gw.over overload %s * /page/**\n", v);
 	cr_expect_str_eq(r.body, want, "the variables, Retry-After the header's");
+	static const char *const once[] = { "Retry-After", "X-Tally-Status", "X-Tally-Subject", "X-Tally-No-Retry" };
+	for (size_t i = 0; i < sizeof(once) / sizeof(once[0]); i++)
+		cr_expect_eq(header_count(&r, once[i]), 1, "%s once: %s", once[i], r.headers);
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/page/1"), 0);
 	env_stop(&e);
 }
@@ -320,13 +348,17 @@ Test(nginx_module, reload_reads_the_ini_again, .timeout = 120)
 
 	cr_assert_eq(gwt_write(ini, "[route * /ok/**]\nsubjct = gw.ok\n"), 0);
 	kill(e.nginx, SIGHUP);
-	tt_sleep_ms(500);
-	cr_expect_eq(gwt_get(e.port, "/ok/3", &r), 503, "a bad file: the last good configuration runs on");
-	char elog[160];
+	char elog[160], *log = NULL;
 	snprintf(elog, sizeof(elog), "%s/error.log", e.dir);
-	char *log = gwt_read_file(elog);
+	for (int i = 0; i < 100; i++, tt_sleep_ms(50)) {
+		free(log);
+		log = gwt_read_file(elog);
+		if (strstr(log, "gateway.ini:2"))
+			break;
+	}
 	cr_expect(strstr(log, "gateway.ini:2"), "the error log names FILE:LINE: %s", log);
 	free(log);
+	cr_expect_eq(gwt_get(e.port, "/ok/3", &r), 503, "a bad file: the last good configuration runs on");
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/ok/3"), 0, "shed before the upstream");
 	env_stop(&e);
 }
@@ -343,6 +375,8 @@ Test(nginx_module, under_wrk_load, .timeout = 120)
 	cr_expect_gt(total, 100, "wrk got answers: %" PRIu64, total);
 	cr_expect_eq(non2xx, total, "every request to the overloaded subject was shed");
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/over/load"), 0, "and none reached the upstream");
+	struct gwt_resp r;
+	cr_expect_eq(gwt_get(e.port, "/over/load", &r), 503, "shed with 503, not failed: %s", r.body);
 
 	snprintf(url, sizeof(url), "http://127.0.0.1:%d/ok/load", e.port);
 	cr_assert_eq(gwt_wrk(e.dir, url, &total, &non2xx), 0);

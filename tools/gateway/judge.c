@@ -111,8 +111,10 @@ static int read_local_locked(struct gw_reader *r, const char *subject, struct gw
 		return 1;
 	}
 	int alive = owner_alive(r);
-	if (alive == TALLY_EREPLACED)
+	if (alive == TALLY_EREPLACED) {
+		out->why = "the segment's owner was replaced: attaching the new one";
 		return 1;
+	}
 	if ((rc = tally_subject_lookup(r->seg, subject, &id)) != 0 ||
 	    (rc = tally_read_subject(r->seg, id, &s)) == -ENOENT) {
 		out->why = "no data for this subject yet";
@@ -213,7 +215,10 @@ void gw_read(struct gw_reader *r, const char *subject, struct gw_reading *out)
 	if (out->no_data)
 		out->level = r->fail_closed ? GW_LEVEL_CLOSED : GW_LEVEL_OPEN;
 	/* the episode is logged once, when it starts and when it ends */
-	bool nodata = out->no_data && strstr(out->why, "segment");
+	/* why is set on every no-data path; the test is for a path that
+	 * forgets (a second replacement between the attach and the read
+	 * once returned here with none, and strstr(NULL) crashed) */
+	bool nodata = out->no_data && out->why && strstr(out->why, "segment");
 	if (atomic_load(&r->failing) != nodata && atomic_exchange(&r->failing, nodata) != nodata) {
 		if (nodata)
 			gw_log("failing %s: %s", r->fail_closed ? "closed" : "open", out->why);

@@ -127,6 +127,7 @@ static char *ngx_http_tally_config(ngx_conf_t *cf, ngx_command_t *cmd, void *con
 	/* the mode is the module's own: a proxy-mode file's routes and
 	 * shedding apply as they are, its upstream is not used */
 	if (gw_config_load(&m->cfg, path, &ov, err, sizeof(err)) != 0) {
+		gw_config_free(&m->cfg); /* what it had read: a failed reload must not leak in the master */
 		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "tally_config: %s", err);
 		return NGX_CONF_ERROR;
 	}
@@ -274,26 +275,32 @@ static ngx_int_t ngx_http_tally_handler(ngx_http_request_t *r)
 	ngx_http_tally_loc_conf_t *lc = ngx_http_get_module_loc_conf(r, ngx_http_tally_module);
 	ngx_http_tally_main_conf_t *m = ngx_http_get_module_main_conf(r, ngx_http_tally_module);
 
-	if (!lc->check || !m->g || r != r->main || ngx_http_tally_ctx(r))
+	if (!lc->check || r != r->main || ngx_http_tally_ctx(r))
+		return NGX_DECLINED;
+	if (!m->g && ngx_http_tally_init_process((ngx_cycle_t *)ngx_cycle) != NGX_OK)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR; /* nginx without workers (master_process off) */
+	if (!m->g)
 		return NGX_DECLINED;
 	ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_tally_ctx_t));
-	if (!cln)
+	char *method = ngx_pnalloc(r->pool, r->method_name.len + 1 + r->uri.len + 1);
+	if (!cln || !method)
 		return NGX_HTTP_INTERNAL_SERVER_ERROR;
 	ngx_http_tally_ctx_t *ctx = cln->data;
+	ngx_memzero(ctx, sizeof(*ctx));
+	ngx_memcpy(method, r->method_name.data, r->method_name.len);
+	method[r->method_name.len] = '\0';
+	/* the path as nginx routes it (decoded, dot segments and double
+	 * slashes merged): "/%6Fver/1" and "//over/1" are /over/1, as for the
+	 * locations, and cannot slip past a route */
+	char *uri = method + r->method_name.len + 1;
+	ngx_memcpy(uri, r->uri.data, r->uri.len);
+	uri[r->uri.len] = '\0';
+
+	gw_evaluate(m->g, method, uri, ngx_http_tally_header, r, &ctx->o);
+	/* seen only once filled: a failed allocation above leaves none */
 	ctx->r = r;
 	cln->handler = ngx_http_tally_ctx_done;
 	ngx_http_set_ctx(r, ctx, ngx_http_tally_module);
-
-	char *method = ngx_pnalloc(r->pool, r->method_name.len + 1 + r->unparsed_uri.len + 1);
-	if (!method)
-		return NGX_HTTP_INTERNAL_SERVER_ERROR;
-	ngx_memcpy(method, r->method_name.data, r->method_name.len);
-	method[r->method_name.len] = '\0';
-	char *uri = method + r->method_name.len + 1; /* raw, as sent: the routes stop at '?' */
-	ngx_memcpy(uri, r->unparsed_uri.data, r->unparsed_uri.len);
-	uri[r->unparsed_uri.len] = '\0';
-
-	gw_evaluate(m->g, method, uri, ngx_http_tally_header, r, &ctx->o);
 	if (ctx->o.d.admit) {
 		if (ctx->o.rd.why)
 			(void)ngx_http_tally_push(r, "X-Tally-Fail-Open", ctx->o.rd.why);
@@ -351,7 +358,7 @@ static ngx_int_t ngx_http_tally_variable(ngx_http_request_t *r, ngx_http_variabl
 	ngx_memcpy(v->data, s, len);
 	v->len = len;
 	v->valid = 1;
-	v->no_cacheable = 0;
+	v->no_cacheable = 1; /* as added: NGX_HTTP_VAR_NOCACHEABLE */
 	v->not_found = 0;
 	return NGX_OK;
 }
