@@ -66,7 +66,9 @@
 #include "hist.h"
 #include "harness.h"
 #include "pending.h"
+#include "proc.h"
 #include "producer.h"
+#include "remote.h"
 #include "segment.h"
 #include "window.h"
 
@@ -1250,6 +1252,63 @@ static bool read_other_process(const char *name, tally_subject_t id, uint64_t n,
 	return true;
 }
 
+/* Other hosts' verdicts, as a gateway reads them for every request: a
+ * segment with tallyd's default remote section (4,096 entries), 2 hosts x
+ * 50 subjects mirrored into it (written as the share thread writes them),
+ * one subject asked for: the full scan (tally_read_remote_worst) against
+ * the index by subject (tally_remote_index). */
+#define REMOTE_CAP 4096u
+static void read_remote(void)
+{
+	struct tally_segment_config cfg;
+	struct tally_remote_index *ix;
+	struct tally_remote_stats rs;
+	double full[256], indexed[256], refresh[256];
+	uint64_t n = scaled(2e4, 100);
+	char name[64];
+	int reps = bench_opts.reps;
+
+	tally_segment_config_init(&cfg);
+	cfg.remote_capacity = REMOTE_CAP;
+	struct tally_segment *seg = seg_create("read", &cfg, name, sizeof(name));
+	void *sec = tally__seg_section(seg, &seg->remote);
+	struct tally__remote_status_view stv = { .state = 2, .connected = 1, .stale_after_ms = 600000,
+						 .max_age_ms = 1200000, .refresh_ms = 1000 };
+	tally__remote_write_status(tally__remote_status_at(sec), &stv);
+	for (uint32_t i = 0; i < 100; i++) {
+		struct tally__remote_view v = { .verdict = TALLY_VERDICT_OK, .combine = TALLY__COMBINE_MAX,
+						.origin_ns = tally__mono_ns(), .received_ns = tally__mono_ns() };
+		snprintf(v.host, sizeof(v.host), "%s", i % 2 ? "b" : "a");
+		snprintf(v.subject, sizeof(v.subject), "orders.s%u", i / 2);
+		tally__remote_write_entry(tally__remote_entry_at(sec, i), &v);
+	}
+	if (tally_remote_index_new(seg, &ix) != 0 || tally_remote_index_refresh(ix) != 0)
+		die("tally_remote_index", -1);
+	for (int r = 0; r < reps; r++) {
+		uint64_t t0 = bench_now_ns();
+		for (uint64_t i = 0; i < n; i++)
+			if (tally_read_remote_worst(seg, "orders.s7", &rs) != 0)
+				die("tally_read_remote_worst", -1);
+		full[r] = (double)(bench_now_ns() - t0) / (double)n;
+		t0 = bench_now_ns();
+		for (uint64_t i = 0; i < n * 100; i++)
+			if (tally_read_remote_worst_indexed(ix, "orders.s7", &rs) != 0)
+				die("tally_read_remote_worst_indexed", -1);
+		indexed[r] = (double)(bench_now_ns() - t0) / (double)(n * 100);
+		t0 = bench_now_ns();
+		for (uint64_t i = 0; i < n; i++)
+			tally_remote_index_refresh(ix);
+		refresh[r] = (double)(bench_now_ns() - t0) / (double)n;
+	}
+	bench_row("read", "other hosts' worst, full scan (4,096 entries, 100 used)", "ns/op", false, full, reps,
+		  NULL, 0);
+	bench_row("read", "other hosts' worst, through the index (2 entries)", "ns/op", false, indexed, reps,
+		  "other hosts' worst, full scan (4,096 entries, 100 used)", 0);
+	bench_row("read", "the index's refresh (4,096 entries, 100 used)", "ns/op", false, refresh, reps, NULL, 0);
+	tally_remote_index_free(&ix);
+	seg_close(&seg, name);
+}
+
 void bench_part_read(void)
 {
 	struct tally_segment_config cfg;
@@ -1297,6 +1356,7 @@ void bench_part_read(void)
 	tally_engine_stop(&e);
 	seg_close(&seg, name);
 	pthread_mutex_destroy(&m);
+	read_remote();
 }
 
 /* ---- visible ---------------------------------------------------------------- */

@@ -3,12 +3,15 @@
  * lib/remote_api.c: the public reads of the remote section (tally/share.h):
  * other hosts' mirrored verdicts and the share thread's status, from any
  * process that maps the segment. Validation is remote.c's; this file turns
- * views into the public structs, with ages and the stale/combined flags.
+ * views into the public structs, with ages and the stale/combined flags,
+ * and keeps a reader's index of the section by subject (a hash of chains
+ * of entry numbers, rebuilt by a refresh; every read checks the entry).
  */
 #include "config.h"
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <tally/share.h>
@@ -122,6 +125,144 @@ TALLY_API int tally_read_remote_worst(const struct tally_segment *seg, const cha
 			found = true;
 		}
 	}
+	return found ? 0 : -ENOENT;
+}
+
+/* ---- the index by subject (tally/share.h) ---- */
+
+#define NO_ENTRY UINT32_MAX
+
+struct tally_remote_index {
+	const struct tally_segment *seg;
+	uint32_t cap, mask;   /* cap: the section's entries; mask + 1 chains */
+	uint32_t *heads;      /* [mask + 2]: a chain per subject hash; the last, entries a refresh found busy */
+	uint32_t *next;       /* [cap] */
+};
+
+static uint32_t subject_hash(const char *s)
+{
+	uint32_t h = 2166136261u; /* FNV-1a */
+
+	for (; *s; s++)
+		h = (h ^ (uint8_t)*s) * 16777619u;
+	return h;
+}
+
+TALLY_API int tally_remote_index_new(const struct tally_segment *seg, struct tally_remote_index **out)
+{
+	struct tally_remote_index *ix = calloc(1, sizeof(*ix));
+	uint32_t chains = 1;
+
+	*out = NULL;
+	if (!ix)
+		return tally__fail(-ENOMEM, "out of memory for a remote index");
+	ix->seg = seg;
+	ix->cap = seg->remote_cap;
+	while (chains < ix->cap)
+		chains <<= 1;
+	ix->mask = chains - 1;
+	ix->heads = malloc(sizeof(uint32_t) * ((size_t)chains + 1));
+	ix->next = malloc(sizeof(uint32_t) * (ix->cap ? ix->cap : 1));
+	if (!ix->heads || !ix->next) {
+		tally_remote_index_free(&ix);
+		return tally__fail(-ENOMEM, "out of memory for a remote index of %u entries", seg->remote_cap);
+	}
+	memset(ix->heads, 0xff, sizeof(uint32_t) * ((size_t)chains + 1));
+	*out = ix;
+	return 0;
+}
+
+TALLY_API void tally_remote_index_free(struct tally_remote_index **ix)
+{
+	if (!*ix)
+		return;
+	free((*ix)->heads);
+	free((*ix)->next);
+	free(*ix);
+	*ix = NULL;
+}
+
+TALLY_API int tally_remote_index_refresh(struct tally_remote_index *ix)
+{
+	const void *sec = NULL;
+	uint32_t stale = 0, chains = ix->mask + 1;
+	int rc = section_of(ix->seg, &sec, &stale);
+
+	if (rc != 0)
+		return rc > 0 ? 0 : rc;
+	/* built aside, then copied: a failed refresh leaves the index as it was */
+	uint32_t *heads = malloc(sizeof(uint32_t) * ((size_t)chains + 1));
+	uint32_t *next = malloc(sizeof(uint32_t) * ix->cap);
+	if (!heads || !next) {
+		free(heads);
+		free(next);
+		return tally__fail(-ENOMEM, "out of memory to refresh a remote index");
+	}
+	memset(heads, 0xff, sizeof(uint32_t) * ((size_t)chains + 1));
+	for (uint32_t i = 0; i < ix->cap; i++) {
+		struct tally__remote_view v;
+		uint32_t h;
+
+		rc = tally__remote_read_entry(sec, ix->seg->remote.size, i, &v);
+		if (rc == -ENOENT)
+			continue;
+		if (rc == -EAGAIN)
+			h = chains; /* mid-write for every try: looked at on every read */
+		else if (rc < 0) {
+			free(heads);
+			free(next);
+			return remote_error(rc, ix->seg);
+		} else
+			h = subject_hash(v.subject) & ix->mask;
+		next[i] = heads[h];
+		heads[h] = i;
+	}
+	memcpy(ix->heads, heads, sizeof(uint32_t) * ((size_t)chains + 1));
+	memcpy(ix->next, next, sizeof(uint32_t) * ix->cap);
+	free(heads);
+	free(next);
+	return 0;
+}
+
+/* The worst combined entry for subject along one chain, into *out. */
+static int worst_along(const struct tally_remote_index *ix, const void *sec, uint32_t stale, uint64_t now,
+		       uint32_t first, const char *subject, struct tally_remote_stats *out, bool *found)
+{
+	for (uint32_t i = first, n = 0; i != NO_ENTRY && n < ix->cap; i = ix->next[i], n++) {
+		struct tally__remote_view v;
+		struct tally_remote_stats st;
+		int rc = tally__remote_read_entry(sec, ix->seg->remote.size, i, &v);
+
+		if (rc == -ENOENT)
+			continue;
+		if (rc < 0)
+			return remote_error(rc, ix->seg);
+		if (strcmp(v.subject, subject) != 0)
+			continue; /* the entry holds another subject now */
+		to_stats(&v, now, stale, &st);
+		if (st.combined && (!*found || worse(&st, out))) {
+			*out = st;
+			*found = true;
+		}
+	}
+	return 0;
+}
+
+TALLY_API int tally_read_remote_worst_indexed(const struct tally_remote_index *ix, const char *subject,
+					      struct tally_remote_stats *out)
+{
+	const void *sec = NULL;
+	uint32_t stale = 0;
+	uint64_t now = tally__mono_ns();
+	bool found = false;
+	int rc = section_of(ix->seg, &sec, &stale);
+
+	if (rc != 0)
+		return rc > 0 ? -ENOENT : rc;
+	if ((rc = worst_along(ix, sec, stale, now, ix->heads[subject_hash(subject) & ix->mask], subject, out,
+			      &found)) != 0 ||
+	    (rc = worst_along(ix, sec, stale, now, ix->heads[ix->mask + 1], subject, out, &found)) != 0)
+		return rc;
 	return found ? 0 : -ENOENT;
 }
 

@@ -145,10 +145,39 @@ TALLY_API int tally_read_remote(const struct tally_segment *seg, struct tally_re
  * verdict, then highest pressure. 0 with *out filled; -ENOENT when no
  * entry may be combined (none, stale, or a `local` subject, or no remote
  * section); TALLY_ECORRUPT. One pass over the section: microseconds at
- * thousands of entries, no locks, no writes. Thread-safe.
+ * thousands of entries, no locks, no writes. Thread-safe. For one subject
+ * at a time, often, see tally_remote_index below.
  */
 TALLY_API int tally_read_remote_worst(const struct tally_segment *seg, const char *subject,
 				      struct tally_remote_stats *out);
+
+/*
+ * A reader's index of the remote section by subject, for a caller that
+ * asks about one subject at a time, often: a gateway, on every request.
+ * tally_read_remote_worst reads every entry of the section on each call
+ * (4,096 with tallyd's default remote_capacity: tens of microseconds);
+ * through an index a call reads only the entries that held the subject
+ * when the index was last refreshed. What that costs in freshness: an
+ * entry added since the refresh is seen after the next one (the caller
+ * refreshes as often as a new host's verdict must show: the gateway every
+ * 100 ms, against the seconds a verdict takes to cross hosts); an entry
+ * that went away, changed subject or changed verdict is read as it is
+ * now, on every call. Refreshing is one pass over the section, as one
+ * tally_read_remote_worst.
+ *
+ * new: 0, or -ENOMEM; an index of a segment without a remote section is
+ * valid and finds nothing. refresh: 0, TALLY_ECORRUPT or
+ * TALLY_EBUSY_RETRY (the index is then as before). read: as
+ * tally_read_remote_worst. The index belongs to seg and must be freed
+ * before it is closed. Reads of one index may run together; a refresh
+ * must not run with them (the caller's lock).
+ */
+struct tally_remote_index;
+TALLY_API int tally_remote_index_new(const struct tally_segment *seg, struct tally_remote_index **out);
+TALLY_API int tally_remote_index_refresh(struct tally_remote_index *ix);
+TALLY_API int tally_read_remote_worst_indexed(const struct tally_remote_index *ix, const char *subject,
+					      struct tally_remote_stats *out);
+TALLY_API void tally_remote_index_free(struct tally_remote_index **ix);
 
 /* The share thread's state as it last wrote it. */
 struct tally_share_status {

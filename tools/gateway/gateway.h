@@ -165,6 +165,8 @@ struct gw_reader {
 	bool fail_closed;
 	pthread_rwlock_t lock;     /* seg: read to use, write to (re)attach */
 	struct tally_segment *seg;
+	struct tally_remote_index *ix; /* seg's remote section by subject; NULL: read by the full scan */
+	_Atomic uint64_t index_due_ns; /* its next refresh */
 	_Atomic uint64_t next_open_ns;  /* no attach attempt before (CLOCK_MONOTONIC) */
 	_Atomic uint64_t alive_checked_ns;
 	atomic_int alive;          /* tally_segment_owner_alive(), cached for a while */

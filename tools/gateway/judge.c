@@ -16,7 +16,11 @@
  * attach that fails is retried at most every ATTACH_RETRY_NS, and the
  * owner's liveness (a kill(0) and a /proc read) is checked at most every
  * ALIVE_CHECK_NS, so that the per-request cost stays one lookup and one
- * seqlock read of the snapshot.
+ * seqlock read of the snapshot. Other hosts' verdicts (the remote
+ * section, 4,096 entries with tallyd's defaults) are read through an
+ * index by subject (tally_remote_index), refreshed every INDEX_REFRESH_NS
+ * by one caller under the exclusive lock: a check reads the entries of
+ * its subject, not the whole section.
  */
 #include "config.h"
 
@@ -28,6 +32,7 @@
 
 #define ATTACH_RETRY_NS 200000000ull /* 200 ms */
 #define ALIVE_CHECK_NS 100000000ull  /* 100 ms */
+#define INDEX_REFRESH_NS 100000000ull /* 100 ms: a new host's entry for a subject shows within it */
 
 void gw_reader_init(struct gw_reader *r, const char *segment, bool fail_closed)
 {
@@ -40,6 +45,7 @@ void gw_reader_init(struct gw_reader *r, const char *segment, bool fail_closed)
 void gw_reader_close(struct gw_reader *r)
 {
 	pthread_rwlock_wrlock(&r->lock);
+	tally_remote_index_free(&r->ix);
 	tally_segment_close(&r->seg);
 	pthread_rwlock_unlock(&r->lock);
 	pthread_rwlock_destroy(&r->lock);
@@ -53,8 +59,10 @@ static void attach(struct gw_reader *r, bool replaced, struct gw_reading *out)
 
 	if (r->seg && !replaced)
 		return;
-	if (replaced)
+	if (replaced) {
+		tally_remote_index_free(&r->ix);
 		tally_segment_close(&r->seg);
+	}
 	if (now < atomic_load(&r->next_open_ns)) {
 		out->why = "no segment";
 		return;
@@ -63,6 +71,10 @@ static void attach(struct gw_reader *r, bool replaced, struct gw_reading *out)
 	atomic_store(&r->open_error, rc);
 	if (rc == 0) {
 		atomic_store(&r->alive_checked_ns, 0);
+		/* without an index (no memory), other hosts are read by the full scan */
+		if (tally_remote_index_new(r->seg, &r->ix) == 0 && tally_remote_index_refresh(r->ix) != 0)
+			tally_remote_index_free(&r->ix);
+		atomic_store(&r->index_due_ns, now + INDEX_REFRESH_NS);
 		return;
 	}
 	atomic_store(&r->next_open_ns, now + ATTACH_RETRY_NS);
@@ -162,7 +174,9 @@ static void combine_remote(struct gw_reader *r, const char *subject, struct gw_r
 	struct tally_remote_stats rs;
 	bool local_usable = !out->no_data && out->verdict != TALLY_VERDICT_UNKNOWN;
 
-	if (tally_read_remote_worst(r->seg, subject, &rs) != 0 || rs.verdict == TALLY_VERDICT_UNKNOWN)
+	int rc = r->ix ? tally_read_remote_worst_indexed(r->ix, subject, &rs)
+		       : tally_read_remote_worst(r->seg, subject, &rs);
+	if (rc != 0 || rs.verdict == TALLY_VERDICT_UNKNOWN)
 		return;
 	if (local_usable && rs.verdict <= out->verdict) {
 		if (rs.verdict == out->verdict && rs.shed_probability > out->shed_probability)
@@ -178,6 +192,21 @@ static void combine_remote(struct gw_reader *r, const char *subject, struct gw_r
 	out->level = rs.verdict == TALLY_VERDICT_OVERLOAD ? GW_LEVEL_OVERLOAD
 		     : rs.verdict == TALLY_VERDICT_WARN  ? GW_LEVEL_WARN : GW_LEVEL_OK;
 	snprintf(out->host, sizeof(out->host), "%s", rs.host);
+}
+
+/* Every INDEX_REFRESH_NS one caller refreshes the index of other hosts'
+ * entries (one pass over the remote section), the lock held exclusively;
+ * a refresh that fails keeps the index it had. */
+static void refresh_index(struct gw_reader *r)
+{
+	uint64_t now = gw_now_ns(), due = atomic_load(&r->index_due_ns);
+
+	if (now < due || !atomic_compare_exchange_strong(&r->index_due_ns, &due, now + INDEX_REFRESH_NS))
+		return;
+	pthread_rwlock_wrlock(&r->lock);
+	if (r->ix)
+		(void)tally_remote_index_refresh(r->ix);
+	pthread_rwlock_unlock(&r->lock);
 }
 
 static int read_locked(struct gw_reader *r, const char *subject, struct gw_reading *out)
@@ -196,6 +225,7 @@ void gw_read(struct gw_reader *r, const char *subject, struct gw_reading *out)
 	memset(out, 0, sizeof(*out));
 	out->shed_probability = -1;
 	out->verdict = TALLY_VERDICT_UNKNOWN;
+	refresh_index(r);
 	pthread_rwlock_rdlock(&r->lock);
 	again = read_locked(r, subject, out);
 	pthread_rwlock_unlock(&r->lock);
