@@ -111,7 +111,8 @@ static void stop(pid_t pid)
 	}
 }
 
-/* The owner: one subject, ok, kept live until killed. */
+/* The owner: one subject, ok, kept live until killed; its segment has a
+ * remote section of tallyd's default size, empty (one host). */
 static pid_t owner_start(const char *name)
 {
 	int fd[2];
@@ -128,6 +129,7 @@ static pid_t owner_start(const char *name)
 		struct tally_producer *p;
 		tally_subject_t id;
 		tally_segment_config_init(&cfg);
+		cfg.remote_capacity = 4096; /* as tallyd makes it: every check reads other hosts too */
 		tally_engine_config_init(&ec);
 		if (tally_segment_create(name, &cfg, TALLY_CREATE_REPLACE_DEAD, &seg) || tally_engine_start(seg, &ec, &e) ||
 		    tally_subject_intern(seg, "bench.ok", &id) || tally_producer_attach(seg, &p))
