@@ -18,7 +18,9 @@
  * requests to nginx alone, nginx with the check and nginx with the
  * module, so that the three see the same moments of the machine (on a
  * shared 2-core VM two wrk runs 2 s apart differ in p99 by more than the
- * check costs). The added
+ * check costs). Beside them, the floor of any check made in another
+ * process: a round trip of 40 bytes to a forked echo process, over
+ * loopback TCP (as nginx reaches the gateway) and over a unix socket. The added
  * latency rows are per-repetition differences of back-to-back runs:
  * nginx+check - nginx is what the check costs nginx per request,
  * nginx+module - nginx what the module's decision costs it (the same
@@ -43,12 +45,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -256,6 +260,81 @@ static int paired_latency(const char *const urls[], int n, int rounds, double p5
 	return rc;
 }
 
+/* ---- the floor: one round trip between two processes ---- */
+
+/* A forked echo process on a connected socket pair of family fam
+ * (AF_INET: loopback TCP with TCP_NODELAY, as nginx talks to the
+ * gateway; AF_UNIX), and n round trips of 40 bytes from here: p50 and p99
+ * in us. What any check in another process costs at least, on this
+ * machine: a wake-up there and one back here. -1 on failure. */
+static int round_trips(int fam, int n, double *p50, double *p99)
+{
+	int lfd = socket(fam, SOCK_STREAM, 0), cfd = -1, one = 1, rc = -1;
+	struct sockaddr_storage ss;
+	socklen_t len = sizeof(ss);
+	char path[64] = "";
+	double *lat = malloc(sizeof(double) * (size_t)n);
+	pid_t pid = -1;
+
+	memset(&ss, 0, sizeof(ss));
+	if (fam == AF_UNIX) {
+		struct sockaddr_un *u = (struct sockaddr_un *)&ss;
+		snprintf(path, sizeof(path), "/tmp/tally-bench-rt-%d.sock", (int)getpid());
+		unlink(path);
+		u->sun_family = AF_UNIX;
+		snprintf(u->sun_path, sizeof(u->sun_path), "%s", path);
+		len = sizeof(*u);
+	} else {
+		struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+		in->sin_family = AF_INET;
+		in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		len = sizeof(*in);
+	}
+	if (lfd < 0 || !lat || bind(lfd, (struct sockaddr *)&ss, len) != 0 || listen(lfd, 1) != 0 ||
+	    getsockname(lfd, (struct sockaddr *)&ss, &len) != 0)
+		goto out;
+	if ((pid = fork()) == 0) {
+		char buf[64];
+		int a = accept(lfd, NULL, NULL);
+		setsockopt(a, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		for (ssize_t k; (k = read(a, buf, sizeof(buf))) > 0;)
+			if (write(a, buf, (size_t)k) != k)
+				break;
+		_exit(0);
+	}
+	if (pid < 0 || (cfd = socket(fam, SOCK_STREAM, 0)) < 0 || connect(cfd, (struct sockaddr *)&ss, len) != 0)
+		goto out;
+	if (fam == AF_INET)
+		setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	char msg[40] = "GET /check HTTP/1.1 round trip payload.", back[64];
+	for (int i = 0; i < n; i++) {
+		uint64_t t0 = bench_now_ns();
+		if (write(cfd, msg, sizeof(msg)) != (ssize_t)sizeof(msg))
+			goto out;
+		for (size_t got = 0; got < sizeof(msg);) {
+			ssize_t k = read(cfd, back, sizeof(back));
+			if (k <= 0)
+				goto out;
+			got += (size_t)k;
+		}
+		lat[i] = (double)(bench_now_ns() - t0) / 1e3;
+	}
+	*p50 = quantile(lat, n, 0.50);
+	*p99 = quantile(lat, n, 0.99);
+	rc = 0;
+out:
+	if (cfd >= 0)
+		close(cfd);
+	if (pid > 0)
+		waitpid(pid, NULL, 0);
+	if (lfd >= 0)
+		close(lfd);
+	if (*path)
+		unlink(path);
+	free(lat);
+	return rc;
+}
+
 enum { C_DIRECT, C_NGINX, C_NGINX_CHECK, C_NGINX_MODULE, C_CHECK, C_PROXY, C__N };
 static const char *const case_names[C__N] = { "direct", "nginx", "nginx+check", "nginx+module", "check", "proxy" };
 
@@ -343,6 +422,7 @@ void bench_part_gateway(void)
 	double rps[C__N][MAX_REPS], p50[C__N][MAX_REPS], p99[C__N][MAX_REPS];
 	double add50[3][MAX_REPS], add99[3][MAX_REPS];
 	double pp50[3][MAX_REPS], pp99[3][MAX_REPS], padd50[2][MAX_REPS], padd99[2][MAX_REPS];
+	double rt50[2][MAX_REPS], rt99[2][MAX_REPS];
 	const char *const paired_urls[3] = { url[C_NGINX], url[C_NGINX_CHECK], url[C_NGINX_MODULE] };
 	int rounds = (int)(10000 * bench_opts.scale) < 1000 ? 1000 : (int)(10000 * bench_opts.scale);
 	for (int r = 0; r < reps; r++) {
@@ -381,6 +461,12 @@ void bench_part_gateway(void)
 			padd50[i][r] = q50[i + 1] - q50[0];
 			padd99[i][r] = q99[i + 1] - q99[0];
 		}
+		if (round_trips(AF_INET, rounds, &rt50[0][r], &rt99[0][r]) ||
+		    round_trips(AF_UNIX, rounds, &rt50[1][r], &rt99[1][r])) {
+			fprintf(stderr, "bench gateway: the round-trip floor failed: %s\n", strerror(errno));
+			bench_failed = true;
+			goto out;
+		}
 	}
 	for (int c = 0; c < C__N; c++) {
 		char name[64];
@@ -412,6 +498,16 @@ void bench_part_gateway(void)
 	}
 	bench_row("gateway", "check added to nginx, p50, paired", "us", false, padd50[0], reps, NULL, 0);
 	bench_row("gateway", "check added to nginx, p99, paired", "us", false, padd99[0], reps, NULL, 0);
+	bench_row("gateway", "floor: round trip to another process, TCP loopback, p50", "us", false, rt50[0], reps,
+		  NULL, 0);
+	bench_row("gateway", "floor: round trip to another process, TCP loopback, p99", "us", false, rt99[0], reps,
+		  NULL, 0);
+	bench_row("gateway", "floor: round trip to another process, unix socket, p50", "us", false, rt50[1], reps,
+		  NULL, 0);
+	bench_row("gateway", "floor: round trip to another process, unix socket, p99", "us", false, rt99[1], reps,
+		  NULL, 0);
+	bench_row("gateway", "check added to nginx, p50, paired, of the floor", "us", false, padd50[0], reps,
+		  "floor: round trip to another process, TCP loopback, p50", 0);
 	bench_row("gateway", "module added to nginx, p50, paired", "us", false, padd50[1], reps, NULL, 0);
 	bench_row("gateway", "module added to nginx, p99, paired", "us", false, padd99[1], reps, NULL, 0);
 	bench_row("gateway", "proxy added to direct, p50", "us", false, add50[1], reps, NULL, 0);
