@@ -29,6 +29,16 @@ struct env {
 	int port, up_port, gw_port;
 };
 
+/* The nginx of the running test, for the suite's fini. */
+static pid_t g_nginx;
+
+static void kill_nginx(void)
+{
+	gwt_kill_group(g_nginx);
+}
+
+TestSuite(gateway_nginx, .fini = kill_nginx);
+
 static const char gateway_ini[] =
 	"[gateway]\nmode = check\n[shedding]\nengine_probability = false\nwarn_shed_fraction = 1\noverload_trickle = 0\n"
 	"[route * /over/**]\nsubject = gw.over\n[route * /warn/**]\nsubject = gw.warn\n"
@@ -88,12 +98,14 @@ static void env_start(struct env *e)
 			e->nginx = 0;
 		}
 	}
+	g_nginx = e->nginx;
 	cr_assert_gt(e->nginx, 0, "nginx runs (Debian package nginx, %s)", TALLY_NGINX);
 }
 
 static void env_stop(struct env *e)
 {
 	gwt_stop(e->nginx);
+	g_nginx = 0;
 	gwt_stop(e->gw);
 	gwt_stop(e->up);
 	kill(e->owner, SIGKILL);

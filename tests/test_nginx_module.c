@@ -34,6 +34,16 @@ struct env {
 	int port, up_port;
 };
 
+/* The nginx of the running test, for the suite's fini. */
+static pid_t g_nginx;
+
+static void kill_nginx(void)
+{
+	gwt_kill_group(g_nginx);
+}
+
+TestSuite(nginx_module, .fini = kill_nginx);
+
 static const char routes_ini[] =
 	"[shedding]\nengine_probability = false\nwarn_shed_fraction = 1\noverload_trickle = 0\n"
 	"[route * /over/**]\nsubject = gw.over\n[route * /warn/**]\nsubject = gw.warn\n"
@@ -124,6 +134,7 @@ static void env_start(struct env *e, bool fail_closed, bool with_owner)
 			e->nginx = 0;
 		}
 	}
+	g_nginx = e->nginx;
 	cr_assert_gt(e->nginx, 0, "nginx runs with the module (Debian package nginx, %s)", TALLY_NGINX);
 }
 
@@ -148,6 +159,7 @@ static void env_stop(struct env *e)
 	cr_expect(!strstr(log, "exited on signal") && !strstr(log, "[alert]"), "no worker died: %s", log);
 	free(log);
 	gwt_stop(e->nginx);
+	g_nginx = 0;
 	gwt_stop(e->up);
 	if (e->owner > 0) {
 		kill(e->owner, SIGKILL);

@@ -109,6 +109,7 @@ pid_t gwt_spawn(const char *log, const char *const argv[])
 
 	if (pid == 0) {
 		prctl(PR_SET_PDEATHSIG, SIGKILL); /* dies with a test that failed an assertion */
+		setpgid(0, 0); /* and what it forks (nginx's workers) with gwt_kill_group */
 		if (log) {
 			int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
 			if (fd >= 0) {
@@ -122,6 +123,12 @@ pid_t gwt_spawn(const char *log, const char *const argv[])
 		_exit(127);
 	}
 	return pid;
+}
+
+void gwt_kill_group(pid_t pid)
+{
+	if (pid > 0)
+		kill(-pid, SIGKILL);
 }
 
 int gwt_wait_port(int port, int ms)

@@ -28,6 +28,12 @@ pid_t gwt_owner_start(const char *name, bool group_readable);
 
 /* fork + exec argv with stdout and stderr to log (NULL: inherited). */
 pid_t gwt_spawn(const char *log, const char *const argv[]);
+/* SIGKILL to the process group of a gwt_spawn child (it leads its own):
+ * what it forked goes too. nginx's workers outlive a master killed by
+ * PR_SET_PDEATHSIG, holding the test's output open, so the nginx tests
+ * call this from their suite's fini, which Criterion runs after a failed
+ * assertion as well. */
+void gwt_kill_group(pid_t pid);
 /* Until 127.0.0.1:port accepts, at most ms: 0 or -1. */
 int gwt_wait_port(int port, int ms);
 /* SIGTERM, then SIGKILL after 10 s; the exit status as waitpid gives it. */
