@@ -29,23 +29,17 @@ struct env {
 	int port, up_port, gw_port;
 };
 
-/* The nginx of the running test, for the suite's fini. */
-static pid_t g_nginx;
-
-static void kill_nginx(void)
-{
-	gwt_kill_group(g_nginx);
-}
-
-TestSuite(gateway_nginx, .fini = kill_nginx);
+TestSuite(gateway_nginx, .fini = gwt_nginx_fini);
 
 static const char gateway_ini[] =
 	"[gateway]\nmode = check\n[shedding]\nengine_probability = false\nwarn_shed_fraction = 1\noverload_trickle = 0\n"
 	"[route * /over/**]\nsubject = gw.over\n[route * /warn/**]\nsubject = gw.warn\n"
 	"[route * /ok/**]\nsubject = gw.ok\n";
 
-static void nginx_conf(struct env *e)
+static void nginx_conf(void *ctx, int port)
 {
+	struct env *e = ctx;
+
 	char conf[4096];
 
 	snprintf(conf, sizeof(conf),
@@ -65,7 +59,7 @@ static void nginx_conf(struct env *e)
 		 "    location = /nocheck { proxy_pass http://app; }\n"
 		 "  }\n}\n",
 		 geteuid() == 0 ? "user root;" : "", e->dir, e->dir, e->dir, e->dir, e->dir, e->dir, e->dir,
-		 e->gw_port, e->up_port, e->port, TALLY_TEST_SRCDIR, TALLY_TEST_SRCDIR);
+		 e->gw_port, e->up_port, port, TALLY_TEST_SRCDIR, TALLY_TEST_SRCDIR);
 	snprintf(e->path, sizeof(e->path), "%s/nginx.conf", e->dir);
 	cr_assert_eq(gwt_write(e->path, conf), 0);
 }
@@ -83,29 +77,14 @@ static void env_start(struct env *e)
 	snprintf(log, sizeof(log), "%s/gateway.log", e->dir);
 	gwt_write(ini, gateway_ini);
 	cr_assert_gt(e->gw = gwt_gateway_start(ini, e->seg, log, &e->gw_port, NULL, NULL), 0);
-	for (int attempt = 0; attempt < 5 && !e->nginx; attempt++) {
-		e->port = tt_free_port();
-		nginx_conf(e);
-		const char *argv[] = { TALLY_NGINX, "-p", e->dir, "-c", e->path, "-e", "stderr",
-				 "-g", "daemon off;", NULL };
-		snprintf(log, sizeof(log), "%s/nginx.out", e->dir);
-		e->nginx = gwt_spawn(log, argv);
-		if (gwt_wait_port(e->port, 10000) != 0) {
-			char *text = gwt_read_file(log);
-			fprintf(stderr, "nginx did not start: %s\n", text);
-			free(text);
-			gwt_stop(e->nginx);
-			e->nginx = 0;
-		}
-	}
-	g_nginx = e->nginx;
+	snprintf(e->path, sizeof(e->path), "%s/nginx.conf", e->dir);
+	e->nginx = gwt_nginx_start(e->dir, e->path, &e->port, nginx_conf, e);
 	cr_assert_gt(e->nginx, 0, "nginx runs (Debian package nginx, %s)", TALLY_NGINX);
 }
 
 static void env_stop(struct env *e)
 {
-	gwt_stop(e->nginx);
-	g_nginx = 0;
+	gwt_nginx_stop(e->nginx);
 	gwt_stop(e->gw);
 	gwt_stop(e->up);
 	kill(e->owner, SIGKILL);

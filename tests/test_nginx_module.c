@@ -29,20 +29,12 @@
 #define MODULE TALLY_TEST_BUILDDIR "/tools/.libs/ngx_http_tally_module.so"
 
 struct env {
-	char dir[64], seg[TALLY_NAME_MAX + 1], path[256];
+	char dir[64], seg[TALLY_NAME_MAX + 1], path[256], extra[256];
 	pid_t owner, up, nginx;
 	int port, up_port;
 };
 
-/* The nginx of the running test, for the suite's fini. */
-static pid_t g_nginx;
-
-static void kill_nginx(void)
-{
-	gwt_kill_group(g_nginx);
-}
-
-TestSuite(nginx_module, .fini = kill_nginx);
+TestSuite(nginx_module, .fini = gwt_nginx_fini);
 
 static const char routes_ini[] =
 	"[shedding]\nengine_probability = false\nwarn_shed_fraction = 1\noverload_trickle = 0\n"
@@ -78,19 +70,29 @@ static void nginx_conf(struct env *e, const char *http_extra)
 }
 
 /* nginx loads libtally from the build tree, and in a sanitizer build the
- * runtime the module needs, first (nginx itself is not instrumented). */
-static pid_t nginx_spawn(const char *log, const char *const argv[])
+ * runtime the module needs, first (nginx itself is not instrumented).
+ * Set around each start of nginx only: wrk and the upstream run without. */
+static void module_env(bool on)
 {
+	if (!on) {
+		unsetenv("LD_PRELOAD");
+		unsetenv("ASAN_OPTIONS");
+		return;
+	}
 	setenv("LD_LIBRARY_PATH", TALLY_TEST_BUILDDIR "/lib/.libs", 1);
 	if (*TALLY_SAN_PRELOAD)
 		setenv("LD_PRELOAD", TALLY_SAN_PRELOAD, 1);
 	/* the leak report would be of nginx's own allocations at its exit
 	 * (it frees its configuration's pools only on a reload) */
 	setenv("ASAN_OPTIONS", "detect_leaks=0", 1);
-	pid_t pid = gwt_spawn(log, argv);
-	unsetenv("LD_PRELOAD"); /* nothing else runs with it: wrk, the upstream */
-	unsetenv("ASAN_OPTIONS");
-	return pid;
+}
+
+static void conf_on_port(void *ctx, int port)
+{
+	struct env *e = ctx;
+
+	e->port = port;
+	nginx_conf(e, e->extra);
 }
 
 /* The gateway INI gateway.ini in dir: [gateway] segment and fail_closed,
@@ -107,8 +109,6 @@ static void write_ini(struct env *e, bool fail_closed)
 
 static void env_start(struct env *e, bool fail_closed, bool with_owner)
 {
-	char log[160], extra[256];
-
 	cr_assert_eq(*TALLY_NGINX_MODULE_MISSING, '\0', "the nginx module was not built: %s",
 		     TALLY_NGINX_MODULE_MISSING);
 	memset(e, 0, sizeof(*e));
@@ -118,23 +118,11 @@ static void env_start(struct env *e, bool fail_closed, bool with_owner)
 		cr_assert_gt(e->owner = gwt_owner_start(e->seg, false), 0);
 	cr_assert_gt(e->up = gwt_upstream_start(&e->up_port), 0);
 	write_ini(e, fail_closed);
-	snprintf(extra, sizeof(extra), "  tally_config %s/gateway.ini;", e->dir);
-	for (int attempt = 0; attempt < 5 && !e->nginx; attempt++) {
-		e->port = tt_free_port();
-		nginx_conf(e, extra);
-		const char *argv[] = { TALLY_NGINX, "-p", e->dir, "-c", e->path, "-e", "stderr",
-				 "-g", "daemon off;", NULL };
-		snprintf(log, sizeof(log), "%s/nginx.out", e->dir);
-		e->nginx = nginx_spawn(log, argv);
-		if (gwt_wait_port(e->port, 10000) != 0) {
-			char *text = gwt_read_file(log);
-			fprintf(stderr, "nginx did not start: %s\n", text);
-			free(text);
-			gwt_stop(e->nginx);
-			e->nginx = 0;
-		}
-	}
-	g_nginx = e->nginx;
+	snprintf(e->extra, sizeof(e->extra), "  tally_config %s/gateway.ini;", e->dir);
+	snprintf(e->path, sizeof(e->path), "%s/nginx.conf", e->dir);
+	module_env(true);
+	e->nginx = gwt_nginx_start(e->dir, e->path, &e->port, conf_on_port, e);
+	module_env(false);
 	cr_assert_gt(e->nginx, 0, "nginx runs with the module (Debian package nginx, %s)", TALLY_NGINX);
 }
 
@@ -158,8 +146,7 @@ static void env_stop(struct env *e)
 	char *log = gwt_read_file(elog);
 	cr_expect(!strstr(log, "exited on signal") && !strstr(log, "[alert]"), "no worker died: %s", log);
 	free(log);
-	gwt_stop(e->nginx);
-	g_nginx = 0;
+	gwt_nginx_stop(e->nginx);
 	gwt_stop(e->up);
 	if (e->owner > 0) {
 		kill(e->owner, SIGKILL);
@@ -302,7 +289,10 @@ static int nginx_test(struct env *e, char **out)
 	snprintf(log, sizeof(log), "%s/nginx-t.out", e->dir);
 	unlink(log);
 	const char *argv[] = { TALLY_NGINX, "-t", "-p", e->dir, "-c", e->path, "-e", "stderr", NULL };
-	waitpid(nginx_spawn(log, argv), &st, 0);
+	module_env(true);
+	pid_t pid = gwt_spawn(log, argv);
+	module_env(false);
+	waitpid(pid, &st, 0);
 	*out = gwt_read_file(log);
 	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }

@@ -131,6 +131,46 @@ void gwt_kill_group(pid_t pid)
 		kill(-pid, SIGKILL);
 }
 
+static pid_t nginx_running;
+
+pid_t gwt_nginx_start(const char *dir, const char *conf_path, int *port, void (*conf)(void *ctx, int port),
+		      void *ctx)
+{
+	char log[160];
+
+	snprintf(log, sizeof(log), "%s/nginx.out", dir);
+	for (int attempt = 0; attempt < 5; attempt++) {
+		*port = tt_free_port();
+		conf(ctx, *port);
+		const char *argv[] = { TALLY_NGINX, "-p", dir, "-c", conf_path, "-e", "stderr", "-g", "daemon off;",
+				       NULL };
+		pid_t pid = gwt_spawn(log, argv);
+		if (gwt_wait_port(*port, 10000) == 0)
+			return nginx_running = pid;
+		char *text = gwt_read_file(log);
+		fprintf(stderr, "nginx did not start: %s\n", text);
+		free(text);
+		gwt_stop(pid);
+		gwt_kill_group(pid);
+	}
+	return -1;
+}
+
+int gwt_nginx_stop(pid_t pid)
+{
+	int st = gwt_stop(pid);
+
+	if (pid == nginx_running)
+		nginx_running = 0;
+	return st;
+}
+
+void gwt_nginx_fini(void)
+{
+	gwt_kill_group(nginx_running);
+	nginx_running = 0;
+}
+
 int gwt_wait_port(int port, int ms)
 {
 	for (int waited = 0; waited <= ms; waited += 20) {

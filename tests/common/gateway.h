@@ -29,11 +29,22 @@ pid_t gwt_owner_start(const char *name, bool group_readable);
 /* fork + exec argv with stdout and stderr to log (NULL: inherited). */
 pid_t gwt_spawn(const char *log, const char *const argv[]);
 /* SIGKILL to the process group of a gwt_spawn child (it leads its own):
- * what it forked goes too. nginx's workers outlive a master killed by
- * PR_SET_PDEATHSIG, holding the test's output open, so the nginx tests
- * call this from their suite's fini, which Criterion runs after a failed
- * assertion as well. */
+ * what it forked goes too. */
 void gwt_kill_group(pid_t pid);
+
+/* nginx -p dir -c conf_path (the Debian package's, daemon off), its
+ * configuration written by conf(ctx, port) for each free port tried, up
+ * to 5; stdout and stderr to dir/nginx.out. The master's pid once the
+ * port accepts, or -1 after nginx's output on stderr. The environment is
+ * the caller's (setenv before, for LD_LIBRARY_PATH or LD_PRELOAD). */
+pid_t gwt_nginx_start(const char *dir, const char *conf_path, int *port, void (*conf)(void *ctx, int port),
+		      void *ctx);
+/* gwt_stop for that nginx. */
+int gwt_nginx_stop(pid_t pid);
+/* For a suite's .fini (Criterion runs it after a failed assertion too):
+ * kills the nginx still running and its workers, which outlive a master
+ * killed by PR_SET_PDEATHSIG and would hold the test's output open. */
+void gwt_nginx_fini(void);
 /* Until 127.0.0.1:port accepts, at most ms: 0 or -1. */
 int gwt_wait_port(int port, int ms);
 /* SIGTERM, then SIGKILL after 10 s; the exit status as waitpid gives it. */
