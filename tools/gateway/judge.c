@@ -71,10 +71,11 @@ static void attach(struct gw_reader *r, bool replaced, struct gw_reading *out)
 	atomic_store(&r->open_error, rc);
 	if (rc == 0) {
 		atomic_store(&r->alive_checked_ns, 0);
-		/* without an index (no memory), other hosts are read by the full scan */
-		if (tally_remote_index_new(r->seg, &r->ix) == 0 && tally_remote_index_refresh(r->ix) != 0)
-			tally_remote_index_free(&r->ix);
-		atomic_store(&r->index_due_ns, now + INDEX_REFRESH_NS);
+		/* without an index (no memory), other hosts are read by the full
+		 * scan; an index whose first refresh failed (the section busy)
+		 * is refreshed again at the next request */
+		bool built = tally_remote_index_new(r->seg, &r->ix) == 0 && tally_remote_index_refresh(r->ix) == 0;
+		atomic_store(&r->index_due_ns, built ? now + INDEX_REFRESH_NS : now);
 		return;
 	}
 	atomic_store(&r->next_open_ns, now + ATTACH_RETRY_NS);
