@@ -275,6 +275,12 @@ static void load_entry(const struct tally__remote_entry *e, struct tally__remote
 
 int tally__remote_read_entry(const void *section, size_t len, uint32_t idx, struct tally__remote_view *out)
 {
+	return tally__remote_read_entry_tries(section, len, idx, out, TALLY__REMOTE_READ_TRIES);
+}
+
+int tally__remote_read_entry_tries(const void *section, size_t len, uint32_t idx, struct tally__remote_view *out,
+				   int tries)
+{
 	const struct tally__remote_entry *e;
 	int cap = tally__remote_check(section, len);
 
@@ -285,7 +291,7 @@ int tally__remote_read_entry(const void *section, size_t len, uint32_t idx, stru
 	e = (const struct tally__remote_entry *)(const void *)((const char *)section + ENTRIES_OFF) + idx;
 	ck_backoff_t backoff = 16;
 
-	for (int i = 0; i < TALLY__REMOTE_READ_TRIES; i++) {
+	for (int i = 0; i < tries; i++) {
 		uint32_t s1, used;
 
 		pause_try(i, &backoff);

@@ -160,6 +160,10 @@ int tally__remote_check(const void *section, size_t len);
  * Any thread, any process; never blocks.
  */
 int tally__remote_read_entry(const void *section, size_t len, uint32_t idx, struct tally__remote_view *out);
+/* The same with at most tries tries (1: no backoff, -EAGAIN at once for an
+ * entry mid-write: the index's refresh, which must not wait on a writer). */
+int tally__remote_read_entry_tries(const void *section, size_t len, uint32_t idx, struct tally__remote_view *out,
+				   int tries);
 
 /* Consistent copy of the status block: 0, -EBADMSG, -EAGAIN. */
 int tally__remote_read_status(const void *section, size_t len, struct tally__remote_status_view *out);

@@ -203,17 +203,13 @@ TALLY_API int tally_remote_index_refresh(struct tally_remote_index *ix)
 		struct tally__remote_view v;
 		uint32_t h;
 
-		rc = tally__remote_read_entry(sec, ix->seg->remote.size, i, &v);
+		/* one try: an entry mid-write, or one that does not validate, goes
+		 * on the chain every read follows, which reports it as the full
+		 * scan would; a refresh never waits on a writer */
+		rc = tally__remote_read_entry_tries(sec, ix->seg->remote.size, i, &v, 1);
 		if (rc == -ENOENT)
 			continue;
-		if (rc == -EAGAIN)
-			h = chains; /* mid-write for every try: looked at on every read */
-		else if (rc < 0) {
-			free(heads);
-			free(next);
-			return remote_error(rc, ix->seg);
-		} else
-			h = subject_hash(v.subject) & ix->mask;
+		h = rc == 0 ? subject_hash(v.subject) & ix->mask : chains;
 		next[i] = heads[h];
 		heads[h] = i;
 	}
@@ -224,9 +220,12 @@ TALLY_API int tally_remote_index_refresh(struct tally_remote_index *ix)
 	return 0;
 }
 
-/* The worst combined entry for subject along one chain, into *out. */
+/* The worst combined entry for subject along one chain, into *out, at
+ * entry *at. Of two alike (worse() neither way), the lower entry number,
+ * as the full scan, which keeps the first it meets. */
 static int worst_along(const struct tally_remote_index *ix, const void *sec, uint32_t stale, uint64_t now,
-		       uint32_t first, const char *subject, struct tally_remote_stats *out, bool *found)
+		       uint32_t first, const char *subject, struct tally_remote_stats *out, bool *found,
+		       uint32_t *at)
 {
 	for (uint32_t i = first, n = 0; i != NO_ENTRY && n < ix->cap; i = ix->next[i], n++) {
 		struct tally__remote_view v;
@@ -240,9 +239,10 @@ static int worst_along(const struct tally_remote_index *ix, const void *sec, uin
 		if (strcmp(v.subject, subject) != 0)
 			continue; /* the entry holds another subject now */
 		to_stats(&v, now, stale, &st);
-		if (st.combined && (!*found || worse(&st, out))) {
+		if (st.combined && (!*found || worse(&st, out) || (!worse(out, &st) && i < *at))) {
 			*out = st;
 			*found = true;
+			*at = i;
 		}
 	}
 	return 0;
@@ -255,13 +255,14 @@ TALLY_API int tally_read_remote_worst_indexed(const struct tally_remote_index *i
 	uint32_t stale = 0;
 	uint64_t now = tally__mono_ns();
 	bool found = false;
+	uint32_t at = NO_ENTRY;
 	int rc = section_of(ix->seg, &sec, &stale);
 
 	if (rc != 0)
 		return rc > 0 ? -ENOENT : rc;
 	if ((rc = worst_along(ix, sec, stale, now, ix->heads[subject_hash(subject) & ix->mask], subject, out,
-			      &found)) != 0 ||
-	    (rc = worst_along(ix, sec, stale, now, ix->heads[ix->mask + 1], subject, out, &found)) != 0)
+			      &found, &at)) != 0 ||
+	    (rc = worst_along(ix, sec, stale, now, ix->heads[ix->mask + 1], subject, out, &found, &at)) != 0)
 		return rc;
 	return found ? 0 : -ENOENT;
 }

@@ -5,11 +5,12 @@
  * (tally_read_remote_worst) on a real segment whose remote section this
  * test writes as the share thread would (lib/remote.c's writer): after a
  * refresh the two agree for every subject, over random entries, hosts
- * and verdicts; between refreshes the index never answers with an entry
- * that does not hold the subject now, sees changed verdicts and removed
- * entries at once, and sees an added entry after the next refresh; a
- * segment without a remote section; a corrupt entry is reported as the
- * full scan reports it, and the failed refresh keeps the old index.
+ * and verdicts, ties included; between refreshes the index never answers
+ * with an entry that does not hold the subject now, sees changed verdicts
+ * and removed entries at once, and sees an added entry after the next
+ * refresh; a segment without a remote section; a corrupt entry and one
+ * left mid-write are reported as the full scan reports them, and do not
+ * stop or hold up a refresh.
  */
 #include "config.h"
 
@@ -105,6 +106,7 @@ static void expect_same(struct tally_remote_index *ix, struct fixture *f, int i)
 		cr_assert_str_eq(b.host, a.host, "%s", subj(i));
 		cr_assert_eq(b.verdict, a.verdict);
 		cr_assert_eq(b.pressure, a.pressure);
+		cr_assert_eq(b.revision, a.revision, "%s: the same entry (ties too)", subj(i));
 		cr_assert_str_eq(b.subject, subj(i));
 	}
 }
@@ -199,10 +201,34 @@ Test(remote_index, no_remote_section)
 	close_fixture(&f);
 }
 
-/* An entry whose bytes are not a valid view: the refresh fails as the
- * full scan does and keeps the index it had; a read that meets it in a
- * chain says corrupt too. */
-Test(remote_index, corrupt_entry)
+/* Of two entries alike (same verdict and pressure), both reads answer
+ * with the lower-numbered one, so that X-Tally-Host, Retry-After and
+ * shed_probability come from the same host either way. */
+Test(remote_index, ties_go_to_the_lowest_entry)
+{
+	struct fixture f;
+	struct tally_remote_index *ix;
+	struct tally_remote_stats a, b;
+
+	open_fixture(&f, CAP);
+	put(&f, 10, "b", 1, TALLY_VERDICT_WARN, 0.5);
+	put(&f, 3, "a", 1, TALLY_VERDICT_WARN, 0.5);
+	put(&f, 200, "c", 1, TALLY_VERDICT_WARN, 0.5);
+	cr_assert_eq(tally_remote_index_new(f.seg, &ix), 0);
+	cr_assert_eq(tally_remote_index_refresh(ix), 0);
+	cr_assert_eq(tally_read_remote_worst(f.seg, subj(1), &a), 0);
+	cr_assert_eq(tally_read_remote_worst_indexed(ix, subj(1), &b), 0);
+	cr_expect_str_eq(a.host, "a");
+	cr_expect_str_eq(b.host, "a");
+	tally_remote_index_free(&ix);
+	close_fixture(&f);
+}
+
+/* An entry whose bytes are not a valid view, or one a writer left mid-write:
+ * the refresh goes on (one try, no wait) and puts it where every read
+ * looks, so that reads report it as the full scan does; once it is whole
+ * again it is read as any other. */
+Test(remote_index, corrupt_or_busy_entries)
 {
 	struct fixture f;
 	struct tally_remote_index *ix;
@@ -210,17 +236,31 @@ Test(remote_index, corrupt_entry)
 
 	open_fixture(&f, CAP);
 	put(&f, 5, "a", 1, TALLY_VERDICT_WARN, 0.5);
+	put(&f, 6, "a", 2, TALLY_VERDICT_OK, 0.1);
 	cr_assert_eq(tally_remote_index_new(f.seg, &ix), 0);
 	cr_assert_eq(tally_remote_index_refresh(ix), 0);
 	struct tally__remote_entry *e = tally__remote_entry_at(f.sec, 5);
 	atomic_store(&e->verdict, 77u);
 	cr_expect_eq(tally_read_remote_worst(f.seg, subj(1), &st), TALLY_ECORRUPT);
 	cr_expect_eq(tally_read_remote_worst_indexed(ix, subj(1), &st), TALLY_ECORRUPT);
-	cr_expect_eq(tally_remote_index_refresh(ix), TALLY_ECORRUPT);
+	cr_expect_eq(tally_remote_index_refresh(ix), 0, "a bad entry does not stop the refresh: %s", tally_errmsg());
+	cr_expect_eq(tally_read_remote_worst(f.seg, subj(2), &st), TALLY_ECORRUPT, "the full scan meets it");
+	cr_expect_eq(tally_read_remote_worst_indexed(ix, subj(2), &st), TALLY_ECORRUPT, "and so does every read");
 	cr_expect(strstr(tally_errmsg(), "corrupt"), "%s", tally_errmsg());
 	put(&f, 5, "a", 1, TALLY_VERDICT_OK, 0.5);
-	cr_assert_eq(tally_read_remote_worst_indexed(ix, subj(1), &st), 0, "the old index still finds it");
+	cr_assert_eq(tally_read_remote_worst_indexed(ix, subj(1), &st), 0, "whole again: read");
 	cr_expect_eq(st.verdict, TALLY_VERDICT_OK);
+	cr_assert_eq(tally_read_remote_worst_indexed(ix, subj(2), &st), 0);
+
+	/* a writer stopped mid-write (its sequence odd) */
+	uint32_t seq = atomic_load(&e->seq);
+	atomic_store(&e->seq, seq | 1u);
+	cr_expect_eq(tally_remote_index_refresh(ix), 0, "the refresh does not wait on it");
+	cr_expect_eq(tally_read_remote_worst(f.seg, subj(2), &st), TALLY_EBUSY_RETRY);
+	cr_expect_eq(tally_read_remote_worst_indexed(ix, subj(2), &st), TALLY_EBUSY_RETRY);
+	atomic_store(&e->seq, (seq | 1u) + 1u);
+	cr_assert_eq(tally_read_remote_worst_indexed(ix, subj(1), &st), 0, "the write ended: read");
+	cr_expect_str_eq(st.host, "a");
 	tally_remote_index_free(&ix);
 	close_fixture(&f);
 }

@@ -166,11 +166,15 @@ TALLY_API int tally_read_remote_worst(const struct tally_segment *seg, const cha
  * tally_read_remote_worst.
  *
  * new: 0, or -ENOMEM; an index of a segment without a remote section is
- * valid and finds nothing. refresh: 0, TALLY_ECORRUPT or
- * TALLY_EBUSY_RETRY (the index is then as before). read: as
- * tally_read_remote_worst. The index belongs to seg and must be freed
- * before it is closed. Reads of one index may run together; a refresh
- * must not run with them (the caller's lock).
+ * valid and finds nothing. refresh: 0; TALLY_ECORRUPT or TALLY_EBUSY_RETRY
+ * only for the section's header or status block (the index is then as
+ * before); it never waits on a writer: an entry mid-write or one that does
+ * not validate is put on a chain that every read follows. read: as
+ * tally_read_remote_worst over the entries it follows (the same entry on
+ * ties: the lowest-numbered), so TALLY_ECORRUPT or TALLY_EBUSY_RETRY for
+ * such an entry as well, -ENOENT. The index belongs to seg and must be
+ * freed before it is closed. Reads of one index may run together; a
+ * refresh must not run with them (the caller's lock).
  */
 struct tally_remote_index;
 TALLY_API int tally_remote_index_new(const struct tally_segment *seg, struct tally_remote_index **out);
