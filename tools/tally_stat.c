@@ -23,6 +23,7 @@
 #include <string.h>
 #include <time.h>
 
+#include <curl/curl.h>
 #include <jansson.h>
 
 #include "cli.h"
@@ -225,7 +226,7 @@ enum tally_verdict cli_effective_verdict(const struct cli_view *v, const struct 
 /* ---- stat: tables -------------------------------------------------------------- */
 
 static const char stat_help[] =
-	"usage: tally stat [-s SEGMENT] [--json] [--watch [SECONDS]] [--count N]\n"
+	"usage: tally stat [-s SEGMENT] [--json] [--watch [SECONDS]] [--count N] [--gateway URL]\n"
 	"\n"
 	"Print, once, what the segment's owner publishes: per subject the window's\n"
 	"count, rate, P50/P95/P99/max, pending (backlog of the JetStream consumers\n"
@@ -243,6 +244,10 @@ static const char stat_help[] =
 	"                       with --json each document is one line; a missing\n"
 	"                       segment is reported and watched for\n"
 	"  -n, --count N        with --watch: stop after N prints\n"
+	"  -g, --gateway URL    also the routes of the tally-gateway at URL\n"
+	"                       (http://HOST:PORT, its admin prefix as the path if\n"
+	"                       not /_tally): requests per route, and the recent\n"
+	"                       requests no route maps (admitted, unjudged)\n"
 	"  -h, --help           this help\n"
 	"\n"
 	"exit status: 0 (also when the data is stale: see the output; --watch: when\n"
@@ -699,7 +704,118 @@ static json_t *json_share(const struct cli_view *v)
 			 "max_age_ms", (int)s->max_age_ms, "remote_capacity", (int)s->remote_capacity);
 }
 
-static int print_json(const struct cli_view *v, bool compact)
+/* ---- a gateway's routes (--gateway URL) ---------------------------------------- */
+
+static size_t gather(char *p, size_t size, size_t n, void *u)
+{
+	struct { char *buf; size_t len; } *b = u;
+	size_t k = size * n;
+
+	if (b->len + k > 1u << 20)
+		return 0; /* more than a routes document can be: stop */
+	char *nb = realloc(b->buf, b->len + k + 1);
+	if (!nb)
+		return 0;
+	memcpy(nb + b->len, p, k);
+	b->buf = nb;
+	b->len += k;
+	b->buf[b->len] = '\0';
+	return k;
+}
+
+/* GET the gateway's ADMIN_PREFIX/routes (tally-gateway, docs/gateway.md):
+ * url is the gateway's address, http://HOST:PORT, with its admin prefix as
+ * the path when it is not /_tally. The parsed document with "url" added,
+ * or NULL after a line on stderr that names the URL and the fix. */
+static json_t *gateway_routes(const char *url)
+{
+	struct { char *buf; size_t len; } b = { NULL, 0 };
+	char full[512], err[CURL_ERROR_SIZE] = "";
+	const char *rest = strstr(url, "://");
+	const char *path = rest ? strchr(rest + 3, '/') : NULL;
+	size_t ul = strlen(url);
+	long status = 0;
+
+	while (ul && url[ul - 1] == '/')
+		ul--;
+	snprintf(full, sizeof(full), "%.*s%s/routes", (int)ul, url, path && path[1] ? "" : "/_tally");
+	CURL *h = curl_easy_init();
+	if (!h)
+		return NULL;
+	curl_easy_setopt(h, CURLOPT_URL, full);
+	curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, gather);
+	curl_easy_setopt(h, CURLOPT_WRITEDATA, &b);
+	curl_easy_setopt(h, CURLOPT_ERRORBUFFER, err);
+	curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 5000L);
+	curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+	CURLcode c = curl_easy_perform(h);
+	curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+	curl_easy_cleanup(h);
+	json_t *doc = NULL;
+	json_error_t je;
+	if (c != CURLE_OK)
+		fprintf(stderr, "tally stat: gateway %s: %s (is tally-gateway listening there? --gateway takes "
+				"its address, http://HOST:PORT)\n", full, *err ? err : curl_easy_strerror(c));
+	else if (status != 200)
+		fprintf(stderr, "tally stat: gateway %s answered %ld (a tally-gateway of this version answers "
+				"200; give its admin prefix as the URL's path if it is not /_tally)\n", full, status);
+	else if (!b.buf || !(doc = json_loads(b.buf, 0, &je)) || !json_is_object(doc)) {
+		fprintf(stderr, "tally stat: gateway %s: not a routes document (%s)\n", full,
+			b.buf ? je.text : "empty");
+		json_decref(doc);
+		doc = NULL;
+	} else
+		json_object_set_new(doc, "url", json_string(full));
+	free(b.buf);
+	return doc;
+}
+
+static const char *jstr(const json_t *o, const char *key)
+{
+	const char *s = json_string_value(json_object_get(o, key));
+	return s ? s : "?";
+}
+
+static uint64_t jnum(const json_t *o, const char *key)
+{
+	json_int_t v = json_integer_value(json_object_get(o, key));
+	return v > 0 ? (uint64_t)v : 0;
+}
+
+/* The gateway's section of `tally stat`: its unmapped requests (the
+ * recent distinct ones, oldest first), then its routes. The strings come
+ * from the network: printed through the same cleaning as names. */
+/* s cleaned into buf (text.h): its bytes came from the network. */
+static const char *clean(const char *s, char *buf, size_t len)
+{
+	text_utf8_clean(s, buf, len);
+	return buf;
+}
+
+static void print_gateway(const json_t *gw)
+{
+	const json_t *recent = json_object_get(gw, "recent_unmapped"), *routes = json_object_get(gw, "routes");
+	char a[512], b[192], c[192];
+	size_t i;
+	json_t *e;
+
+	printf("\nGATEWAY %s (%s mode, segment %s): %" PRIu64 " unmapped request%s, admitted\n",
+	       clean(jstr(gw, "url"), a, sizeof(a)), clean(jstr(gw, "mode"), b, sizeof(b)),
+	       clean(jstr(gw, "segment"), c, sizeof(c)), jnum(gw, "unmapped"), jnum(gw, "unmapped") == 1 ? "" : "s");
+	if (json_array_size(recent)) {
+		printf("  %-60s %10s\n", "UNMAPPED (the last distinct ones, no route matches them)", "COUNT");
+		json_array_foreach(recent, i, e)
+			printf("  %-60s %10" PRIu64 "\n", clean(jstr(e, "request"), a, sizeof(a)), jnum(e, "count"));
+	}
+	if (json_array_size(routes)) {
+		printf("  %-36s %-23s %10s %10s\n", "ROUTE", "SUBJECT", "ADMITTED", "SHED");
+		json_array_foreach(routes, i, e)
+			printf("  %-36s %-23s %10" PRIu64 " %10" PRIu64 "\n", clean(jstr(e, "route"), a, sizeof(a)),
+			       clean(jstr(e, "subject"), b, sizeof(b)), jnum(e, "admitted"), jnum(e, "shed"));
+	}
+}
+
+static int print_json(const struct cli_view *v, bool compact, json_t *gateway)
 {
 	json_t *subjects = json_array(), *producers = json_array(), *consumers = json_array();
 	json_t *remote = json_array();
@@ -718,6 +834,8 @@ static int print_json(const struct cli_view *v, bool compact)
 				"consumers", consumers, "producers", producers,
 				"poller", json_poller(v), "totals", json_totals(v),
 				"remote", remote, "share", json_share(v));
+	if (doc && gateway)
+		json_object_set(doc, "gateway", gateway);
 	if (!doc) {
 		fprintf(stderr, "tally stat: could not build the JSON document (out of memory?)\n");
 		return CLI_EXIT_ERROR;
@@ -747,16 +865,22 @@ static int view_of(const char *segment, struct cli_view *v)
 	return rc ? cli_fail(segment, rc) : 0;
 }
 
-/* One read of the segment, printed. compact: JSON on one line (--watch). */
-static int stat_once(const char *segment, bool json, bool compact)
+/* One read of the segment, printed, and of the gateway at gateway_url
+ * when given. compact: JSON on one line (--watch). A gateway that cannot
+ * be read is said on stderr and makes the exit status 4; the segment's
+ * part is printed all the same. */
+static int stat_once(const char *segment, bool json, bool compact, const char *gateway_url)
 {
 	struct cli_view v;
+	json_t *gw = NULL;
 	int rc;
 
 	if ((rc = view_of(segment, &v)))
 		return rc;
+	if (gateway_url)
+		gw = gateway_routes(gateway_url);
 	if (json) {
-		rc = print_json(&v, compact);
+		rc = print_json(&v, compact, gw);
 	} else {
 		print_header(&v);
 		print_subjects(&v);
@@ -764,10 +888,13 @@ static int stat_once(const char *segment, bool json, bool compact)
 		print_consumers(&v);
 		print_remote(&v);
 		print_poller(&v);
+		if (gw)
+			print_gateway(gw);
 		rc = CLI_EXIT_OK;
 	}
 	cli_view_free(&v);
-	return rc;
+	json_decref(gw);
+	return rc == CLI_EXIT_OK && gateway_url && !gw ? CLI_EXIT_ERROR : rc;
 }
 
 static volatile sig_atomic_t watch_stop;
@@ -784,7 +911,7 @@ static void on_watch_signal(int sig)
  * A missing segment or a dead owner is reported and watched on: the
  * segment is opened again at every interval, so a restarted tallyd is
  * followed. Exit 0 when stopped by a signal or after count prints. */
-static int stat_watch(const char *segment, bool json, double seconds, uint64_t count)
+static int stat_watch(const char *segment, bool json, double seconds, uint64_t count, const char *gateway_url)
 {
 	struct sigaction sa = { .sa_handler = on_watch_signal };
 
@@ -811,7 +938,7 @@ static int stat_watch(const char *segment, bool json, double seconds, uint64_t c
 			       when, seconds);
 		}
 		fflush(stdout);
-		(void)stat_once(segment, json, true); /* errors are on stderr; go on watching */
+		(void)stat_once(segment, json, true, gateway_url); /* errors are on stderr; go on watching */
 		fflush(stdout);
 	}
 	return CLI_EXIT_OK;
@@ -824,9 +951,11 @@ int tally_cmd_stat(const char *segment, int argc, char **argv)
 		{ "json", no_argument, NULL, 'j' },
 		{ "watch", optional_argument, NULL, 'w' },
 		{ "count", required_argument, NULL, 'n' },
+		{ "gateway", required_argument, NULL, 'g' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
+	const char *gateway_url = NULL;
 	bool json = false, watch = false;
 	double seconds = 2.0;
 	uint64_t count = 0;
@@ -834,9 +963,17 @@ int tally_cmd_stat(const char *segment, int argc, char **argv)
 	int c;
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "+s:jw::n:h", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "+s:jw::n:g:h", opts, NULL)) != -1) {
 		switch (c) {
 		case 's': segment = optarg; break;
+		case 'g':
+			if (strncmp(optarg, "http://", 7) != 0 && strncmp(optarg, "https://", 8) != 0) {
+				fprintf(stderr, "tally stat: --gateway \"%s\": give the gateway's address, "
+						"e.g. http://127.0.0.1:8090\n", optarg);
+				return CLI_EXIT_USAGE;
+			}
+			gateway_url = optarg;
+			break;
 		case 'j': json = true; break;
 		case 'w':
 			watch = true;
@@ -875,7 +1012,8 @@ int tally_cmd_stat(const char *segment, int argc, char **argv)
 		fprintf(stderr, "tally stat: --count goes with --watch\n");
 		return CLI_EXIT_USAGE;
 	}
-	return watch ? stat_watch(segment, json, seconds, count) : stat_once(segment, json, false);
+	return watch ? stat_watch(segment, json, seconds, count, gateway_url)
+		     : stat_once(segment, json, false, gateway_url);
 }
 
 /* ---- status ------------------------------------------------------------------- */

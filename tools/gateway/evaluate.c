@@ -2,7 +2,8 @@
 /*
  * evaluate.c: the one place a request is routed, read and decided
  * (gw_evaluate), and the X-Tally-* headers that say what was decided
- * (gw_decision_headers), written for any HTTP server: tally-gateway's
+ * (gw_decision_headers), and the recent unmapped requests
+ * (gw_unmapped_note), written for any HTTP server: tally-gateway's
  * check and proxy modes (server.c, proxy.c, through libmicrohttpd) and
  * the nginx module (tools/nginx/), which decides inside nginx's worker
  * without a subrequest. Nothing here knows a server library: headers
@@ -10,10 +11,31 @@
  */
 #include "config.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "gateway.h"
+
+void gw_unmapped_note(struct gw_unmapped *u, const char *method, const char *uri)
+{
+	char what[sizeof(u->e[0].what)];
+	int pl = (int)strcspn(uri, "?");
+
+	snprintf(what, sizeof(what), "%s %.*s", method, pl, uri);
+	pthread_mutex_lock(&u->lock);
+	unsigned i = 0;
+	while (i < GW_UNMAPPED_RECENT && strcmp(u->e[i].what, what) != 0)
+		i++;
+	if (i == GW_UNMAPPED_RECENT) { /* new: replaces the oldest new one */
+		i = u->next;
+		u->next = (u->next + 1) % GW_UNMAPPED_RECENT;
+		memcpy(u->e[i].what, what, sizeof(what));
+		u->e[i].n = 0;
+	}
+	u->e[i].n++;
+	pthread_mutex_unlock(&u->lock);
+}
 
 void gw_evaluate(struct gw *g, const char *method, const char *uri,
 		 const char *(*header)(void *ctx, const char *name), void *ctx, struct gw_outcome *o)
@@ -30,6 +52,7 @@ void gw_evaluate(struct gw *g, const char *method, const char *uri,
 		o->d.admit = true;
 		o->d.status = 200;
 		atomic_fetch_add_explicit(&g->n.unmapped, 1, memory_order_relaxed);
+		gw_unmapped_note(&g->unmapped, method, uri);
 		return;
 	}
 	o->subject = o->route->subject;

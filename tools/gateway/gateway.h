@@ -211,12 +211,29 @@ struct gw_counters {
 #undef GW_FIELD
 };
 
+/* The unmapped requests seen last, distinct by "METHOD path" (the query
+ * left out), with how many times each came: what `tally stat --gateway`
+ * shows so that an operator sees which requests no route covers. */
+#define GW_UNMAPPED_RECENT 16
+struct gw_unmapped {
+	pthread_mutex_t lock;        /* taken by unmapped requests only */
+	struct {
+		char what[160];      /* "" : empty slot */
+		uint64_t n;
+	} e[GW_UNMAPPED_RECENT];
+	unsigned next;               /* the slot the next new one replaces */
+};
+
 struct gw {
 	struct gw_config *cfg;
 	struct gw_reader reader;
 	struct gw_counters n;
+	struct gw_unmapped unmapped;
 	size_t admin_len;
 };
+
+/* Count an unmapped request (evaluate.c). */
+void gw_unmapped_note(struct gw_unmapped *u, const char *method, const char *uri);
 
 /* Per request: what route, read and decide said. */
 struct gw_outcome {

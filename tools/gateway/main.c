@@ -89,6 +89,7 @@ int main(int argc, char **argv)
 	}
 	g.cfg = &cfg;
 	gw_reader_init(&g.reader, cfg.segment, cfg.fail_closed);
+	pthread_mutex_init(&g.unmapped.lock, NULL);
 	int rc = gw_serve(&g);
 	gw_reader_close(&g.reader);
 	gw_config_free(&cfg);

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * server.c: libmicrohttpd for both modes, the check endpoint, the admin
- * endpoints (ADMIN_PREFIX/metrics, ADMIN_PREFIX/health); a request is
+ * endpoints (ADMIN_PREFIX/metrics, /routes, /health); a request is
  * routed, read and decided by gw_evaluate (evaluate.c).
  *
  * libmicrohttpd calls the access handler once with the headers, then
@@ -22,6 +22,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <microhttpd.h>
 #include <signal.h>
 #include <stdio.h>
@@ -147,7 +148,39 @@ static char *metrics_text(struct gw *g)
 	return buf;
 }
 
-/* ADMIN_PREFIX/metrics and /health; 0: not an admin path. */
+/* ADMIN_PREFIX/routes: the routes with their counts, and the recent
+ * unmapped requests, as JSON (docs/gateway.md "Metrics"): what `tally stat
+ * --gateway URL` shows. */
+static char *routes_json(struct gw *g)
+{
+	json_t *doc = json_object(), *routes = json_array(), *recent = json_array();
+
+	json_object_set_new(doc, "mode", json_string(g->cfg->mode == GW_MODE_CHECK ? "check" : "proxy"));
+	json_object_set_new(doc, "segment", json_string(g->cfg->segment));
+	json_object_set_new(doc, "unmapped", json_integer((json_int_t)atomic_load(&g->n.unmapped)));
+	for (size_t i = 0; i < g->cfg->nroutes; i++) {
+		struct gw_route *r = &g->cfg->routes[i];
+		json_array_append_new(routes, json_pack("{s:s, s:s, s:I, s:I}", "route", r->name, "subject",
+							r->subject, "admitted", (json_int_t)atomic_load(&r->admitted),
+							"shed", (json_int_t)atomic_load(&r->shed)));
+	}
+	pthread_mutex_lock(&g->unmapped.lock);
+	for (unsigned k = 0; k < GW_UNMAPPED_RECENT; k++) {
+		/* oldest first: the slot the next new one replaces, then on */
+		unsigned i = (g->unmapped.next + k) % GW_UNMAPPED_RECENT;
+		if (g->unmapped.e[i].what[0])
+			json_array_append_new(recent, json_pack("{s:s, s:I}", "request", g->unmapped.e[i].what,
+								"count", (json_int_t)g->unmapped.e[i].n));
+	}
+	pthread_mutex_unlock(&g->unmapped.lock);
+	json_object_set_new(doc, "routes", routes);
+	json_object_set_new(doc, "recent_unmapped", recent);
+	char *text = json_dumps(doc, JSON_INDENT(2) | JSON_ENSURE_ASCII);
+	json_decref(doc);
+	return text;
+}
+
+/* ADMIN_PREFIX/metrics, /routes and /health; 0: not an admin path. */
 static int admin(struct gw *g, struct MHD_Connection *c, const char *uri, enum MHD_Result *ret)
 {
 	const char *pre = g->cfg->admin_prefix;
@@ -159,9 +192,10 @@ static int admin(struct gw *g, struct MHD_Connection *c, const char *uri, enum M
 		*ret = queue_text(c, 200, "ok\n", NULL);
 		return 1;
 	}
-	if (ul != pl + 8 || strncmp(uri + pl, "/metrics", 8) != 0)
+	bool routes = ul == pl + 7 && strncmp(uri + pl, "/routes", 7) == 0;
+	if (!routes && (ul != pl + 8 || strncmp(uri + pl, "/metrics", 8) != 0))
 		return 0;
-	char *text = metrics_text(g);
+	char *text = routes ? routes_json(g) : metrics_text(g);
 	struct MHD_Response *r = text ? MHD_create_response_from_buffer(strlen(text), text,
 									 MHD_RESPMEM_MUST_FREE) : NULL;
 	if (!r) {
@@ -169,7 +203,8 @@ static int admin(struct gw *g, struct MHD_Connection *c, const char *uri, enum M
 		*ret = MHD_NO;
 		return 1;
 	}
-	MHD_add_response_header(r, "Content-Type", "text/plain; version=0.0.4; charset=utf-8");
+	MHD_add_response_header(r, "Content-Type", routes ? "application/json"
+							  : "text/plain; version=0.0.4; charset=utf-8");
 	*ret = MHD_queue_response(c, 200, r);
 	MHD_destroy_response(r);
 	return 1;

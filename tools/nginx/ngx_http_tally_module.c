@@ -186,6 +186,7 @@ static ngx_int_t ngx_http_tally_init_process(ngx_cycle_t *cycle)
 	}
 	m->g->cfg = &m->cfg;
 	gw_reader_init(&m->g->reader, m->cfg.segment, m->cfg.fail_closed);
+	pthread_mutex_init(&m->g->unmapped.lock, NULL);
 	return NGX_OK;
 }
 
