@@ -9,7 +9,8 @@
  * what it gets, sees none of them; request bodies, methods, priorities,
  * unmapped routes, the variables in an error_page location, fail-open
  * when the owner dies, fail-closed when the INI says so, `nginx -t` naming
- * FILE:LINE of a bad INI, and a short wrk load.
+ * FILE:LINE of a bad INI, and a short wrk load; two workers, each with
+ * its own reader of the segment.
  */
 #include "config.h"
 
@@ -46,7 +47,7 @@ static void nginx_conf(struct env *e, const char *http_extra)
 	char conf[4096];
 
 	snprintf(conf, sizeof(conf),
-		 "%s\nload_module %s;\nworker_processes 1;\npid %s/nginx.pid;\nerror_log %s/error.log warn;\n"
+		 "%s\nload_module %s;\nworker_processes 2;\npid %s/nginx.pid;\nerror_log %s/error.log warn;\n"
 		 "events { worker_connections 256; }\n"
 		 "http {\n  access_log off;\n"
 		 "  client_body_temp_path %s/body;\n  proxy_temp_path %s/proxy;\n"
@@ -61,7 +62,8 @@ static void nginx_conf(struct env *e, const char *http_extra)
 		 "      proxy_pass http://app;\n    }\n"
 		 "    location @shed {\n      return 503 \"shed $tally_check_decision $tally_check_status $tally_check_subject "
 		 "$tally_check_verdict $tally_check_retry_after $tally_check_route\\n\";\n    }\n"
-		 "    location = /nocheck { tally_check off; proxy_pass http://app; }\n"
+		 "    location = /nocheck { tally_check off; proxy_pass http://app;\n"
+		 "      add_header X-Decision \"[$tally_check_decision]\"; }\n"
 		 "  }\n}\n",
 		 geteuid() == 0 ? "user root;" : "", MODULE, e->dir, e->dir, e->dir, e->dir, e->dir, e->dir, e->dir,
 		 http_extra, e->up_port, e->port);
@@ -200,6 +202,8 @@ Test(nginx_module, sheds_inside_nginx_before_the_upstream, .timeout = 120)
 	cr_expect_eq(gwt_get(e.port, "/nocheck", &r), 200);
 	cr_expect_eq(header_count(&r, "X-Tally-Fail-Open") + header_count(&r, "X-Tally-Status"), 0,
 		     "tally_check off: not judged: %s", r.headers);
+	cr_expect_eq(gwt_header(&r, "X-Decision", v, sizeof(v)), 0, "%s", r.headers);
+	cr_expect_str_eq(v, "[]", "the variables are empty where nothing was decided");
 	/* the path as nginx routes it: encoded or doubled, it is still /over/ */
 	cr_expect_eq(gwt_get(e.port, "/%6Fver/6", &r), 503, "an encoded path: %s", r.body);
 	cr_expect_eq(gwt_get(e.port, "//over/7", &r), 503, "a doubled slash: %s", r.body);
