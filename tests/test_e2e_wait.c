@@ -145,8 +145,14 @@ Test(e2e_wait, wait_rises_first_pressure_grades_codel_ignores_bursts, .timeout =
 			  (double)w.s.wait_min_ns / 1e6);
 	}
 	cr_assert(w.have_id && w.s.has_wait && w.s.codel_valid, "waits were recorded from the metadata");
-	cr_expect_eq(w.s.verdict, TALLY_VERDICT_OK);
-	cr_expect_lt(w.s.pressure, 0.5);
+	/* the burst's own wait is its length in work: 15 x 2 ms here, but
+	 * under ASan on a loaded 2-core VM the same messages took 6.7 ms each
+	 * (p95), and the burst's last one waited 103 ms, just over the 100 ms
+	 * warn level (pressure 0.502, seen once in CI). What must hold on any
+	 * machine is that CoDel stays quiet (above) and the burst never reads
+	 * as an overload */
+	cr_expect_neq(w.s.verdict, TALLY_VERDICT_OVERLOAD);
+	cr_expect_lt(w.s.pressure, 0.75, "a short burst grazes warn at most: %.3f", w.s.pressure);
 	cr_expect_eq(w.s.wait_skewed, 0, "one host, one clock");
 	log_line(&w, "trickle done");
 
