@@ -41,7 +41,7 @@ static const struct {
 } parts[] = {
 	{ "record", bench_part_record, "record ns/op: tally rings vs mutex and atomic histograms, threads 1..--threads" },
 	{ "ingest", bench_part_ingest, "aggregator ingest Msamples/s: the engine.c loop on one core over --subjects, and end to end" },
-	{ "drain", bench_part_drain, "ingest Msamples/s with --drain-threads drain threads (default 1,2,4), rings filled beforehand, at 10, 1,000 and 10,000 subjects" },
+	{ "drain", bench_part_drain, "ingest Msamples/s with --drain-threads drain threads (default 1,2,4), rings filled beforehand, at 10, 1,000 and 10,000 subjects; beside it the ceiling: plain threads doing the memory floor's work split the same way" },
 	{ "publish", bench_part_publish, "one publish in ms for --subjects active subjects (default 10,30,100,300,1000,3000,10000)" },
 	{ "window", bench_part_window, "window length sweep (--slices of 1 s): publish ms, slice close, memory per subject" },
 	{ "read", bench_part_read, "read one subject's stats ns/op: in-process, read-only handle, other process" },
@@ -52,7 +52,7 @@ static const struct {
 	{ "error", bench_part_error, "quantile relative error against exact quantiles, six distributions" },
 	{ "hosts", bench_part_hosts, "many hosts: KV propagation B -> A (p50, p99), KV writes/s at 1,000 subjects, aggregator cost; 3-node cluster" },
 	{ "metrics", bench_part_metrics, "tallyd /metrics at 1,000 subjects: scrape size (full, 8 buckets, quantiles only; plain and gzip), HTTP thread CPU per scrape, zlib level 1 vs 6" },
-	{ "gateway", bench_part_gateway, "tally-gateway with wrk: check mode behind nginx auth_request, proxy mode, against direct" },
+	{ "gateway", bench_part_gateway, "tally-gateway with wrk: check mode behind nginx auth_request, the nginx module, proxy mode, against direct; each hop's CPU per request" },
 };
 
 #define NPARTS (sizeof(parts) / sizeof(parts[0]))

@@ -25,7 +25,11 @@
  * nginx+check - nginx is what the check costs nginx per request,
  * nginx+module - nginx what the module's decision costs it (the same
  * nginx, which has the module loaded for every case), proxy - direct what
- * proxy mode adds. Each repetition runs the six latency
+ * proxy mode adds. During each throughput run the CPU time (user +
+ * system, /proc) of the processes of the hop is read, and divided by the
+ * requests: what the hop costs per request, which decides the share of
+ * direct's throughput it keeps where wrk, the hop and the upstream share
+ * the machine's cores. Each repetition runs the six latency
  * cases back to back, then the six throughput cases, in an order that
  * turns round every repetition, so that drift in the machine's load
  * falls on both sides of a difference alike. The subject is a live one
@@ -55,6 +59,8 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <dirent.h>
 
 #include <curl/curl.h>
 #include <tally/tally.h>
@@ -155,6 +161,50 @@ static pid_t owner_start(const char *name)
 struct wrk_out {
 	double rps, p50_us, p99_us;
 };
+
+/*
+ * CPU time (user + system, clock ticks) of a process and, with children,
+ * of its direct children too (nginx's master and its worker). The kernel
+ * sums a process's threads in /proc/PID/stat; fields 14 and 15 follow
+ * the command name, which may hold spaces, so the parse starts after its ')'.
+ */
+static long pid_ticks(pid_t pid, pid_t *ppid)
+{
+	char path[64], buf[1024];
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return 0;
+	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	const char *p = strrchr(buf, ')');
+	int pp = 0;
+	unsigned long ut = 0, st = 0;
+	if (!p || sscanf(p + 2, "%*c %d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &pp, &ut, &st) != 3)
+		return 0;
+	if (ppid)
+		*ppid = pp;
+	return (long)(ut + st);
+}
+
+static long tree_ticks(pid_t pid, bool children)
+{
+	long t = pid_ticks(pid, NULL);
+	DIR *d = children ? opendir("/proc") : NULL;
+	struct dirent *e;
+	while (d && (e = readdir(d))) {
+		pid_t c = (pid_t)atoi(e->d_name), pp = 0;
+		if (c <= 0)
+			continue;
+		long ct = pid_ticks(c, &pp);
+		if (pp == pid)
+			t += ct;
+	}
+	if (d)
+		closedir(d);
+	return t;
+}
 
 static double to_us(const char *s)
 {
@@ -338,12 +388,42 @@ out:
 enum { C_DIRECT, C_NGINX, C_NGINX_CHECK, C_NGINX_MODULE, C_CHECK, C_PROXY, C__N };
 static const char *const case_names[C__N] = { "direct", "nginx", "nginx+check", "nginx+module", "check", "proxy" };
 
+/*
+ * The CPU a case's hop spends per request during its throughput run (16
+ * connections, 1 s): the processes between wrk and the upstream, or the
+ * upstream itself for direct. It tells why a hop keeps the share of
+ * direct's throughput that it does when all of them share two cores.
+ */
+static const char *const cpu_names[C__N] = {
+	"direct: the upstream's CPU per request", "nginx: nginx's CPU per request",
+	"nginx+check: nginx's and the gateway's CPU per request", "nginx+module: nginx's CPU per request",
+	"check: the gateway's CPU per request", "proxy: the gateway's CPU per request",
+};
+
+static long hop_ticks(int c, pid_t up, pid_t ngx, pid_t chk, pid_t prx)
+{
+	switch (c) {
+	case C_DIRECT:
+		return tree_ticks(up, false);
+	case C_NGINX:
+	case C_NGINX_MODULE:
+		return tree_ticks(ngx, true);
+	case C_NGINX_CHECK:
+		return tree_ticks(ngx, true) + tree_ticks(chk, false);
+	case C_CHECK:
+		return tree_ticks(chk, false);
+	default:
+		return tree_ticks(prx, false);
+	}
+}
+
 void bench_part_gateway(void)
 {
 	char dir[] = "/tmp/tally-bench-gw-XXXXXX", seg[64], path[160], conf[4096], url[C__N][128];
 	int up = free_port(), chk = free_port(), prx = free_port(), ngx = free_port();
 	int reps = bench_opts.reps < MAX_REPS ? bench_opts.reps : MAX_REPS;
 	int lat_s = bench_opts.scale >= 1 ? 2 : 1; /* 1 conn: some 20,000 requests a run, 200 above the p99 */
+	const int tput_s = 1; /* 16 conns: the throughput runs, and the CPU each hop spends in them */
 	int nice0 = getpriority(PRIO_PROCESS, 0);
 
 	if (access(TALLY_NGINX, X_OK) != 0 || access(TALLY_WRK, X_OK) != 0) {
@@ -419,7 +499,7 @@ void bench_part_gateway(void)
 	snprintf(url[C_NGINX_MODULE], sizeof(url[0]), "http://127.0.0.1:%d/module", ngx);
 	snprintf(url[C_CHECK], sizeof(url[0]), "http://127.0.0.1:%d/check", chk);
 	snprintf(url[C_PROXY], sizeof(url[0]), "http://127.0.0.1:%d/_hello", prx);
-	double rps[C__N][MAX_REPS], p50[C__N][MAX_REPS], p99[C__N][MAX_REPS];
+	double rps[C__N][MAX_REPS], p50[C__N][MAX_REPS], p99[C__N][MAX_REPS], cpu[C__N][MAX_REPS];
 	double add50[3][MAX_REPS], add99[3][MAX_REPS];
 	double pp50[3][MAX_REPS], pp99[3][MAX_REPS], padd50[2][MAX_REPS], padd99[2][MAX_REPS];
 	double rt50[2][MAX_REPS], rt99[2][MAX_REPS];
@@ -431,13 +511,16 @@ void bench_part_gateway(void)
 				int c = r % 2 ? C__N - 1 - i : i;
 				struct wrk_out w;
 				const char *h = c == C_CHECK ? "X-Original-URI: /_hello" : NULL;
-				if (run_wrk(dir, url[c], phase ? 16 : 1, phase ? 1 : lat_s, h, &w)) {
+				long t0 = hop_ticks(c, pu, pn, pc, pp);
+				if (run_wrk(dir, url[c], phase ? 16 : 1, phase ? tput_s : lat_s, h, &w)) {
 					bench_failed = true;
 					goto out;
 				}
-				if (phase)
+				if (phase) {
 					rps[c][r] = w.rps;
-				else {
+					cpu[c][r] = (double)(hop_ticks(c, pu, pn, pc, pp) - t0) * 1e6 /
+						    (double)sysconf(_SC_CLK_TCK) / (w.rps * tput_s);
+				} else {
 					p50[c][r] = w.p50_us;
 					p99[c][r] = w.p99_us;
 				}
@@ -477,6 +560,9 @@ void bench_part_gateway(void)
 								      : "direct req/s (16 conns)",
 			  0);
 	}
+	for (int c = 0; c < C__N; c++)
+		bench_row("gateway", cpu_names[c], "us", false, cpu[c], reps,
+			  c == C_NGINX_CHECK || c == C_NGINX_MODULE || c == C_PROXY ? cpu_names[C_NGINX] : NULL, 0);
 	for (int c = 0; c < C__N; c++) {
 		char n50[64], n99[64];
 		snprintf(n50, sizeof(n50), "%s p50 (1 conn)", case_names[c]);
