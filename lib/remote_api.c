@@ -97,40 +97,53 @@ static bool worse(const struct tally_remote_stats *a, const struct tally_remote_
 	return a->verdict > b->verdict || (a->verdict == b->verdict && a->pressure > b->pressure);
 }
 
+#define NO_ENTRY UINT32_MAX
+
+/* One step of a search for subject's worst combined entry, the full scan's
+ * and an index chain's: entry i, if it holds subject and is combined, into
+ * *out when it is worse than what *out holds or alike and of a lower entry
+ * number (*at), so that both searches answer the same entry whatever the
+ * order they visit. 0, or remote_error's negative errno. */
+static int worst_step(const struct tally_segment *seg, const void *sec, uint32_t stale, uint64_t now, uint32_t i,
+		      const char *subject, struct tally_remote_stats *out, bool *found, uint32_t *at)
+{
+	struct tally__remote_view v;
+	struct tally_remote_stats st;
+	int rc = tally__remote_read_entry(sec, seg->remote.size, i, &v);
+
+	if (rc == -ENOENT)
+		return 0;
+	if (rc < 0)
+		return remote_error(rc, seg);
+	if (strcmp(v.subject, subject) != 0)
+		return 0; /* another subject (or, on a chain, it holds another now) */
+	to_stats(&v, now, stale, &st);
+	if (st.combined && (!*found || worse(&st, out) || (!worse(out, &st) && i < *at))) {
+		*out = st;
+		*found = true;
+		*at = i;
+	}
+	return 0;
+}
+
 TALLY_API int tally_read_remote_worst(const struct tally_segment *seg, const char *subject,
 				      struct tally_remote_stats *out)
 {
 	const void *sec = NULL;
-	uint32_t stale = 0;
+	uint32_t stale = 0, at = NO_ENTRY;
 	uint64_t now = tally__mono_ns();
 	bool found = false;
 	int rc = section_of(seg, &sec, &stale);
 
 	if (rc != 0)
 		return rc > 0 ? -ENOENT : rc;
-	for (uint32_t i = 0; i < seg->remote_cap; i++) {
-		struct tally__remote_view v;
-		struct tally_remote_stats st;
-
-		rc = tally__remote_read_entry(sec, seg->remote.size, i, &v);
-		if (rc == -ENOENT)
-			continue;
-		if (rc < 0)
-			return remote_error(rc, seg);
-		if (strcmp(v.subject, subject) != 0)
-			continue;
-		to_stats(&v, now, stale, &st);
-		if (st.combined && (!found || worse(&st, out))) {
-			*out = st;
-			found = true;
-		}
-	}
+	for (uint32_t i = 0; i < seg->remote_cap; i++)
+		if ((rc = worst_step(seg, sec, stale, now, i, subject, out, &found, &at)) != 0)
+			return rc;
 	return found ? 0 : -ENOENT;
 }
 
 /* ---- the index by subject (tally/share.h) ---- */
-
-#define NO_ENTRY UINT32_MAX
 
 struct tally_remote_index {
 	const struct tally_segment *seg;
@@ -220,31 +233,16 @@ TALLY_API int tally_remote_index_refresh(struct tally_remote_index *ix)
 	return 0;
 }
 
-/* The worst combined entry for subject along one chain, into *out, at
- * entry *at. Of two alike (worse() neither way), the lower entry number,
- * as the full scan, which keeps the first it meets. */
+/* The worst combined entry for subject along one chain (worst_step). */
 static int worst_along(const struct tally_remote_index *ix, const void *sec, uint32_t stale, uint64_t now,
 		       uint32_t first, const char *subject, struct tally_remote_stats *out, bool *found,
 		       uint32_t *at)
 {
-	for (uint32_t i = first, n = 0; i != NO_ENTRY && n < ix->cap; i = ix->next[i], n++) {
-		struct tally__remote_view v;
-		struct tally_remote_stats st;
-		int rc = tally__remote_read_entry(sec, ix->seg->remote.size, i, &v);
+	int rc;
 
-		if (rc == -ENOENT)
-			continue;
-		if (rc < 0)
-			return remote_error(rc, ix->seg);
-		if (strcmp(v.subject, subject) != 0)
-			continue; /* the entry holds another subject now */
-		to_stats(&v, now, stale, &st);
-		if (st.combined && (!*found || worse(&st, out) || (!worse(out, &st) && i < *at))) {
-			*out = st;
-			*found = true;
-			*at = i;
-		}
-	}
+	for (uint32_t i = first, n = 0; i != NO_ENTRY && n < ix->cap; i = ix->next[i], n++)
+		if ((rc = worst_step(ix->seg, sec, stale, now, i, subject, out, found, at)) != 0)
+			return rc;
 	return 0;
 }
 
