@@ -145,19 +145,6 @@ Test(gateway_check, decisions_and_their_headers, .timeout = 60)
 
 /* `tally stat --gateway URL` as the operator runs it: out and the exit
  * status. */
-static int tally_stat(const char *seg, const char *url, const char *extra, char *out, size_t len)
-{
-	char cmd[512];
-
-	snprintf(cmd, sizeof(cmd), "%s/tools/tally stat -s %s --gateway %s %s 2>&1", TALLY_TEST_BUILDDIR, seg, url,
-		 extra ? extra : "");
-	FILE *p = popen(cmd, "r");
-	size_t n = p ? fread(out, 1, len - 1, p) : 0;
-	out[n] = '\0';
-	int st = p ? pclose(p) : -1;
-	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
 /* An unmapped request is admitted, and `tally stat --gateway` shows it:
  * which requests no route maps (the recent distinct ones, the query left
  * out, with their counts), and each route's admitted and shed. */
@@ -173,7 +160,7 @@ Test(gateway_check, tally_stat_shows_the_unmapped_requests, .timeout = 60)
 	cr_expect_eq(gwt_get(e.port, "/nowhere/1?x=3", &r), 200);
 	cr_expect_eq(gwt_get(e.port, "/over/1", &r), 403);
 	snprintf(url, sizeof(url), "http://127.0.0.1:%d", e.port);
-	cr_expect_eq(tally_stat(e.seg, url, NULL, out, sizeof(out)), 0, "%s", out);
+	cr_expect_eq(gwt_tally_stat(e.seg, url, NULL, out, sizeof(out)), 0, "%s", out);
 	cr_expect(strstr(out, "GATEWAY http://127.0.0.1:"), "%s", out);
 	cr_expect(strstr(out, "3 unmapped requests, admitted"), "%s", out);
 	cr_expect(strstr(out, "POST /orders/7/items ") && strstr(out, "GET /nowhere/1 "), "%s", out);
@@ -182,16 +169,16 @@ Test(gateway_check, tally_stat_shows_the_unmapped_requests, .timeout = 60)
 	cr_expect(line && strtoul(line + 60, NULL, 10) == 2, "counted twice: %s", line ? line : out);
 	cr_expect(strstr(out, "* /over/**") && strstr(out, "gw.over"), "the routes: %s", out);
 
-	cr_expect_eq(tally_stat(e.seg, url, "--json", out, sizeof(out)), 0, "%s", out);
+	cr_expect_eq(gwt_tally_stat(e.seg, url, "--json", out, sizeof(out)), 0, "%s", out);
 	cr_expect(strstr(out, "\"gateway\": {") && strstr(out, "\"recent_unmapped\"") &&
 			  strstr(out, "\"unmapped\": 3"), "%s", out);
 
 	/* a gateway that is not there: said, exit 4, the segment still shown */
 	char gone[64];
 	snprintf(gone, sizeof(gone), "http://127.0.0.1:%d", tt_free_port());
-	cr_expect_eq(tally_stat(e.seg, gone, NULL, out, sizeof(out)), 4, "%s", out);
+	cr_expect_eq(gwt_tally_stat(e.seg, gone, NULL, out, sizeof(out)), 4, "%s", out);
 	cr_expect(strstr(out, "is tally-gateway listening there?") && strstr(out, "gw.over"), "%s", out);
-	cr_expect_eq(tally_stat(e.seg, "127.0.0.1:1", NULL, out, sizeof(out)), 2, "not a URL: %s", out);
+	cr_expect_eq(gwt_tally_stat(e.seg, "127.0.0.1:1", NULL, out, sizeof(out)), 2, "not a URL: %s", out);
 	env_stop(&e);
 }
 

@@ -40,7 +40,8 @@ TestSuite(nginx_module, .fini = gwt_nginx_fini);
 static const char routes_ini[] =
 	"[shedding]\nengine_probability = false\nwarn_shed_fraction = 1\noverload_trickle = 0\n"
 	"[route * /over/**]\nsubject = gw.over\n[route * /warn/**]\nsubject = gw.warn\n"
-	"[route * /ok/**]\nsubject = gw.ok\n[route * /page/**]\nsubject = gw.over\n";
+	"[route * /ok/**]\nsubject = gw.ok\n[route * /page/**]\nsubject = gw.over\n"
+	"[route * /pagew/**]\nsubject = gw.warn\n[route * /items/*/x]\nsubject = gw.over\n";
 
 static void nginx_conf(struct env *e, const char *http_extra)
 {
@@ -54,12 +55,15 @@ static void nginx_conf(struct env *e, const char *http_extra)
 		 "  fastcgi_temp_path %s/fcgi;\n  uwsgi_temp_path %s/uwsgi;\n  scgi_temp_path %s/scgi;\n"
 		 "  client_max_body_size 0;\n%s\n"
 		 "  upstream app { server 127.0.0.1:%d; keepalive 16; }\n"
-		 "  server {\n    listen 127.0.0.1:%d;\n    tally_check on;\n"
+		 "  server {\n    listen 127.0.0.1:%d reuseport;\n    tally_check on;\n"
 		 "    location / {\n"
 		 "      proxy_pass http://app;\n      proxy_http_version 1.1;\n"
 		 "      proxy_set_header Connection \"\";\n    }\n"
-		 "    location /page/ {\n      error_page 429 503 = @shed;\n"
+		 "    location /page/ {\n      error_page 429 503 @shed;\n"
 		 "      proxy_pass http://app;\n    }\n"
+		 "    location /pagew/ {\n      error_page 429 503 @shed;\n"
+		 "      proxy_pass http://app;\n    }\n"
+		 "    location /_tally/ {\n      tally_status;\n    }\n"
 		 "    location @shed {\n      return 503 \"shed $tally_check_decision $tally_check_status $tally_check_subject "
 		 "$tally_check_verdict $tally_check_retry_after $tally_check_route\\n\";\n    }\n"
 		 "    location = /nocheck { tally_check off; proxy_pass http://app;\n"
@@ -109,7 +113,7 @@ static void write_ini(struct env *e, bool fail_closed)
 	cr_assert_eq(gwt_write(ini, text), 0);
 }
 
-static void env_start(struct env *e, bool fail_closed, bool with_owner)
+static void env_start_with(struct env *e, bool fail_closed, bool with_owner, const char *http_extra)
 {
 	cr_assert_eq(*TALLY_NGINX_MODULE_MISSING, '\0', "the nginx module was not built: %s",
 		     TALLY_NGINX_MODULE_MISSING);
@@ -120,12 +124,23 @@ static void env_start(struct env *e, bool fail_closed, bool with_owner)
 		cr_assert_gt(e->owner = gwt_owner_start(e->seg, false), 0);
 	cr_assert_gt(e->up = gwt_upstream_start(&e->up_port), 0);
 	write_ini(e, fail_closed);
-	snprintf(e->extra, sizeof(e->extra), "  tally_config %s/gateway.ini;", e->dir);
+	snprintf(e->extra, sizeof(e->extra), "  tally_config %s/gateway.ini;\n%s", e->dir, http_extra);
 	snprintf(e->path, sizeof(e->path), "%s/nginx.conf", e->dir);
 	module_env(true);
 	e->nginx = gwt_nginx_start(e->dir, e->path, &e->port, conf_on_port, e);
 	module_env(false);
 	cr_assert_gt(e->nginx, 0, "nginx runs with the module (Debian package nginx, %s)", TALLY_NGINX);
+}
+
+static void env_start(struct env *e, bool fail_closed, bool with_owner)
+{
+	env_start_with(e, fail_closed, with_owner, "");
+}
+
+/* A live owner, fail-open, and more in nginx's http {}. */
+static void env_start_extra(struct env *e, const char *http_extra)
+{
+	env_start_with(e, false, true, http_extra);
 }
 
 /* How many times a header line "name:" is in the response's headers. */
@@ -207,6 +222,11 @@ Test(nginx_module, sheds_inside_nginx_before_the_upstream, .timeout = 120)
 	/* the path as nginx routes it: encoded or doubled, it is still /over/ */
 	cr_expect_eq(gwt_get(e.port, "/%6Fver/6", &r), 503, "an encoded path: %s", r.body);
 	cr_expect_eq(gwt_get(e.port, "//over/7", &r), 503, "a doubled slash: %s", r.body);
+	/* nginx decodes %3F to '?' in $uri: it is a segment's byte, not the
+	 * query, and the route of /items/ANY/x still matches */
+	cr_expect_eq(gwt_get(e.port, "/items/5%3F/x", &r), 503, "an encoded '?' in a segment: %s", r.body);
+	cr_expect_eq(gwt_get(e.port, "/items/5%23/x", &r), 503, "an encoded '#': %s", r.body);
+	cr_expect_eq(gwt_get(e.port, "/items/5/x?y=1", &r), 503, "the query is not the path: %s", r.body);
 
 	static const char *const shed[] = { "/over/1", "/over/2", "/over/3", "/over/4", "/over/5", "/warn/1" };
 	for (size_t i = 0; i < sizeof(shed) / sizeof(shed[0]); i++)
@@ -239,6 +259,113 @@ Test(nginx_module, variables_in_an_error_page, .timeout = 120)
 	for (size_t i = 0; i < sizeof(once) / sizeof(once[0]); i++)
 		cr_expect_eq(header_count(&r, once[i]), 1, "%s once: %s", once[i], r.headers);
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/page/1"), 0);
+
+	/* error_page without "=": the shed's own status stays, 429 here, with
+	 * the named location's body (with "=" it would be that location's 503) */
+	cr_expect_eq(gwt_get(e.port, "/pagew/1", &r), 429, "%s", r.body);
+	cr_expect_eq(gwt_header(&r, "Retry-After", v, sizeof(v)), 0, "%s", r.headers);
+	snprintf(want, sizeof(want), "shed shed 429 gw.warn warn %s * /pagew/**\n", v);
+	cr_expect_str_eq(r.body, want);
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/pagew/1"), 0);
+	env_stop(&e);
+}
+
+/* ".../routes" of a tally_status location: the value of "key" (an
+ * integer) in its JSON, the first after "after" when not NULL. */
+static long status_value(struct env *e, const char *after, const char *key)
+{
+	struct gwt_resp r;
+	char k[64];
+
+	if (gwt_get(e->port, "/_tally/routes", &r) != 200)
+		return -1;
+	const char *p = after ? strstr(r.body, after) : r.body;
+	snprintf(k, sizeof(k), "\"%s\": ", key);
+	p = p ? strstr(p, k) : NULL;
+	return p ? strtol(p + strlen(k), NULL, 10) : -1;
+}
+
+/* nginx's pid of the worker that answered (X-Worker, added for the test). */
+static long worker_of(const struct gwt_resp *r)
+{
+	char v[32];
+
+	return gwt_header(r, "X-Worker", v, sizeof(v)) == 0 ? atol(v) : -1;
+}
+
+/* tally_status counts the whole nginx: every worker adds to one block in
+ * a shared zone, so that whichever worker answers .../routes, the counts
+ * are all of them (requests on new connections, spread over the two
+ * workers by reuseport); `tally stat --gateway` reads it as it reads
+ * tally-gateway; a reload with the same routes keeps the counts, one
+ * that changes them starts anew. */
+Test(nginx_module, status_counts_every_worker, .timeout = 120)
+{
+	struct env e;
+	struct gwt_resp r;
+	static const char *const close_it[] = { "Connection: close", NULL };
+	const struct gwt_req fresh = { .headers = close_it, .body = -1 };
+	long workers[2] = { -1, -1 };
+	char path[64], url[64], out[16384];
+
+	env_start_extra(&e, "  add_header X-Worker $pid always;");
+	for (int i = 0; i < 40; i++) {
+		snprintf(path, sizeof(path), "/nowhere/%d", i % 3);
+		cr_assert_eq(gwt_http(e.port, path, &fresh, &r), 200, "unmapped: admitted");
+		long w = worker_of(&r);
+		if (workers[0] < 0 || workers[0] == w)
+			workers[0] = w;
+		else
+			workers[1] = w;
+	}
+	cr_expect(workers[0] > 0 && workers[1] > 0, "both workers took some (reuseport): %ld, %ld", workers[0],
+		  workers[1]);
+	for (int i = 0; i < 5; i++)
+		cr_expect_eq(gwt_http(e.port, "/ok/1", &fresh, &r), 200);
+	for (int i = 0; i < 3; i++)
+		cr_expect_eq(gwt_http(e.port, "/over/1", &fresh, &r), 503);
+	for (int i = 0; i < 8; i++) { /* answered by either worker: the same counts */
+		cr_expect_eq(status_value(&e, NULL, "unmapped"), 40, "every worker's unmapped requests");
+		cr_expect_eq(status_value(&e, "\"* /ok/**\"", "admitted"), 5);
+		cr_expect_eq(status_value(&e, "\"* /over/**\"", "shed"), 3);
+	}
+	cr_expect_eq(gwt_get(e.port, "/_tally/metrics", &r), 200);
+	cr_expect(strstr(r.body, "tally_gateway_unmapped_total 40\n") &&
+			  strstr(r.body, "tally_gateway_shed_503_total 3\n"), "%s", r.body);
+	cr_expect_eq(gwt_get(e.port, "/_tally/health", &r), 200);
+	cr_expect_str_eq(r.body, "ok\n");
+	cr_expect_eq(gwt_get(e.port, "/_tally/other", &r), 404);
+	struct gwt_req post = { .method = "POST", .body = 10 };
+	cr_expect_eq(gwt_http(e.port, "/_tally/routes", &post, &r), 405);
+	cr_expect_eq(status_value(&e, NULL, "unmapped"), 40, "the status location itself is not counted");
+
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d", e.port);
+	cr_expect_eq(gwt_tally_stat(e.seg, url, NULL, out, sizeof(out)), 0, "%s", out);
+	cr_expect(strstr(out, "40 unmapped requests, admitted") && strstr(out, "GET /nowhere/1 "), "%s", out);
+	cr_expect(strstr(out, "* /over/**") && strstr(out, "gw.over"), "the routes: %s", out);
+
+	/* a reload, the routes unchanged: new workers, the same counts */
+	kill(e.nginx, SIGHUP);
+	bool renewed = false;
+	for (int i = 0; i < 100 && !renewed; i++, tt_sleep_ms(50)) {
+		cr_assert_eq(gwt_http(e.port, "/_tally/health", &fresh, &r), 200);
+		renewed = worker_of(&r) != workers[0] && worker_of(&r) != workers[1];
+	}
+	cr_expect(renewed, "new workers answer after the reload");
+	cr_expect_eq(status_value(&e, NULL, "unmapped"), 40, "kept across a reload with the same routes");
+
+	/* a reload with other routes: counts for those, from zero */
+	char ini[160], text[1024];
+	snprintf(ini, sizeof(ini), "%s/gateway.ini", e.dir);
+	snprintf(text, sizeof(text), "[gateway]\nsegment = %s\n[route * /ok/**]\nsubject = gw.ok\n", e.seg);
+	cr_assert_eq(gwt_write(ini, text), 0);
+	kill(e.nginx, SIGHUP);
+	long n = -1;
+	for (int i = 0; i < 100 && (n = status_value(&e, NULL, "unmapped")) != 0; i++)
+		tt_sleep_ms(50);
+	cr_expect_eq(n, 0, "new routes, new counts");
+	cr_expect_eq(gwt_http(e.port, "/over/1", &fresh, &r), 200, "/over/ is unmapped now");
+	cr_expect_eq(status_value(&e, NULL, "unmapped"), 1);
 	env_stop(&e);
 }
 

@@ -488,3 +488,16 @@ uint64_t gwt_pattern_fnv(uint64_t n)
 	}
 	return h;
 }
+
+int gwt_tally_stat(const char *seg, const char *url, const char *extra, char *out, size_t len)
+{
+	char cmd[512];
+
+	snprintf(cmd, sizeof(cmd), "%s/tools/tally stat -s %s --gateway %s %s 2>&1", TALLY_TEST_BUILDDIR, seg, url,
+		 extra ? extra : "");
+	FILE *p = popen(cmd, "r");
+	size_t n = p ? fread(out, 1, len - 1, p) : 0;
+	out[n] = '\0';
+	int st = p ? pclose(p) : -1;
+	return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}

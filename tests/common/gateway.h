@@ -96,4 +96,9 @@ uint64_t gwt_upstream_count(int up_port, const char *path);
 /* FNV-1a of n bytes of the pattern from 0. */
 uint64_t gwt_pattern_fnv(uint64_t n);
 
+/* `tally stat -s seg --gateway url [extra]` of the build tree, its
+ * output (stdout and stderr) into out: its exit status, -1 if it did not
+ * run. */
+int gwt_tally_stat(const char *seg, const char *url, const char *extra, char *out, size_t len);
+
 #endif

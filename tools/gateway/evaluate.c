@@ -1,9 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * evaluate.c: the one place a request is routed, read and decided
- * (gw_evaluate), and the X-Tally-* headers that say what was decided
- * (gw_decision_headers), and the recent unmapped requests
- * (gw_unmapped_note), written for any HTTP server: tally-gateway's
+ * evaluate.c: the one place a request is routed, read, decided and
+ * counted (gw_evaluate), and the X-Tally-* headers that say what was
+ * decided (gw_decision_headers), written for any HTTP server: tally-gateway's
  * check and proxy modes (server.c, proxy.c, through libmicrohttpd) and
  * the nginx module (tools/nginx/), which decides inside nginx's worker
  * without a subrequest. Nothing here knows a server library: headers
@@ -16,26 +15,6 @@
 #include <string.h>
 
 #include "gateway.h"
-
-void gw_unmapped_note(struct gw_unmapped *u, const char *method, const char *uri)
-{
-	char what[sizeof(u->e[0].what)];
-	int pl = (int)strcspn(uri, "?");
-
-	snprintf(what, sizeof(what), "%s %.*s", method, pl, uri);
-	pthread_mutex_lock(&u->lock);
-	unsigned i = 0;
-	while (i < GW_UNMAPPED_RECENT && strcmp(u->e[i].what, what) != 0)
-		i++;
-	if (i == GW_UNMAPPED_RECENT) { /* new: replaces the oldest new one */
-		i = u->next;
-		u->next = (u->next + 1) % GW_UNMAPPED_RECENT;
-		memcpy(u->e[i].what, what, sizeof(what));
-		u->e[i].n = 0;
-	}
-	u->e[i].n++;
-	pthread_mutex_unlock(&u->lock);
-}
 
 void gw_evaluate(struct gw *g, const char *method, const char *uri,
 		 const char *(*header)(void *ctx, const char *name), void *ctx, struct gw_outcome *o)
@@ -51,8 +30,8 @@ void gw_evaluate(struct gw *g, const char *method, const char *uri,
 	if (!o->route) {
 		o->d.admit = true;
 		o->d.status = 200;
-		atomic_fetch_add_explicit(&g->n.unmapped, 1, memory_order_relaxed);
-		gw_unmapped_note(&g->unmapped, method, uri);
+		atomic_fetch_add_explicit(&g->st->n.unmapped, 1, memory_order_relaxed);
+		gw_unmapped_note(&g->st->unmapped, method, uri);
 		return;
 	}
 	o->subject = o->route->subject;
@@ -60,12 +39,13 @@ void gw_evaluate(struct gw *g, const char *method, const char *uri,
 	gw_decide(&cfg->shed, o->rd.level, o->rd.shed_probability, o->priority, gw_uniform(), &o->d);
 	if (!o->d.admit)
 		o->retry_after_s = gw_retry_after_s(&cfg->shed, o->rd.retry_after_ms, gw_uniform(), gw_uniform());
-	_Atomic uint64_t *n = o->d.admit ? (o->rd.why ? &g->n.fail_open : &g->n.admitted)
-			      : o->rd.level == GW_LEVEL_CLOSED ? &g->n.fail_closed
-			      : o->d.status == 429 ? &g->n.shed_429 : &g->n.shed_503;
+	struct gw_counters *c = &g->st->n;
+	_Atomic uint64_t *n = o->d.admit ? (o->rd.why ? &c->fail_open : &c->admitted)
+			      : o->rd.level == GW_LEVEL_CLOSED ? &c->fail_closed
+			      : o->d.status == 429 ? &c->shed_429 : &c->shed_503;
+	struct gw_route_count *rc = &g->st->route[o->route - cfg->routes];
 	atomic_fetch_add_explicit(n, 1, memory_order_relaxed);
-	atomic_fetch_add_explicit(o->d.admit ? &o->route->admitted : &o->route->shed, 1,
-				  memory_order_relaxed);
+	atomic_fetch_add_explicit(o->d.admit ? &rc->admitted : &rc->shed, 1, memory_order_relaxed);
 }
 
 void gw_decision_headers(const struct gw_outcome *o, void (*add)(void *ctx, const char *name, const char *value),

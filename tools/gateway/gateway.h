@@ -99,7 +99,6 @@ struct gw_route {
 	char *header_value;  /* NULL: the header's presence is enough */
 	char *subject;
 	enum gw_priority priority;
-	_Atomic uint64_t admitted, shed;
 };
 
 /* 0 if pattern is a valid path pattern, else -1 with *why set. */
@@ -216,7 +215,7 @@ struct gw_counters {
  * shows so that an operator sees which requests no route covers. */
 #define GW_UNMAPPED_RECENT 16
 struct gw_unmapped {
-	pthread_mutex_t lock;        /* taken by unmapped requests only */
+	pthread_mutex_t lock;        /* taken by unmapped requests only (gw_stats_init) */
 	struct {
 		char what[160];      /* "" : empty slot */
 		uint64_t n;
@@ -224,16 +223,48 @@ struct gw_unmapped {
 	unsigned next;               /* the slot the next new one replaces */
 };
 
+/* What a gateway counts: the totals, each route's, the recent unmapped
+ * requests. tally-gateway keeps it in its own memory; the nginx module in
+ * a shared zone that every worker writes, so that its ADMIN_PREFIX/routes
+ * and /metrics (tally_status) count the whole nginx, not the worker that
+ * answers. Hence one block, sized by the routes (gw_stats_size), with a
+ * lock that works between processes and outlives one that died holding it
+ * (report.c). */
+struct gw_route_count {
+	_Atomic uint64_t admitted, shed;
+};
+
+struct gw_stats {
+	struct gw_counters n;
+	struct gw_unmapped unmapped;
+	uint32_t nroutes;
+	struct gw_route_count route[]; /* [nroutes]: cfg->routes[i]'s */
+};
+
 struct gw {
 	struct gw_config *cfg;
 	struct gw_reader reader;
-	struct gw_counters n;
-	struct gw_unmapped unmapped;
+	struct gw_stats *st;
 	size_t admin_len;
 };
 
-/* Count an unmapped request (evaluate.c). */
+/* ---- the counts and their reports (report.c) ------------------------------- */
+
+size_t gw_stats_size(size_t nroutes);
+
+/* Zero st for nroutes routes and make its lock: between processes when
+ * pshared (the module's zone), with one that died holding it recovered.
+ * 0 or an errno. */
+int gw_stats_init(struct gw_stats *st, size_t nroutes, bool pshared);
+
+/* Count an unmapped request. */
 void gw_unmapped_note(struct gw_unmapped *u, const char *method, const char *uri);
+
+/* ADMIN_PREFIX/metrics as Prometheus text, and ADMIN_PREFIX/routes as
+ * JSON (docs/json-schema.md "gateway"; mode: "check", "proxy" or
+ * "module"); malloc'd, NULL when out of memory. */
+char *gw_metrics_text(const struct gw *g);
+char *gw_routes_json(const struct gw *g, const char *mode);
 
 /* Per request: what route, read and decide said. */
 struct gw_outcome {

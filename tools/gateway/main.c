@@ -88,10 +88,17 @@ int main(int argc, char **argv)
 		return 0;
 	}
 	g.cfg = &cfg;
+	if (!(g.st = malloc(gw_stats_size(cfg.nroutes))) || gw_stats_init(g.st, cfg.nroutes, false) != 0) {
+		fprintf(stderr, "tally-gateway: out of memory for the counters of %zu route(s)\n", cfg.nroutes);
+		free(g.st);
+		gw_config_free(&cfg);
+		return 1;
+	}
 	gw_reader_init(&g.reader, cfg.segment, cfg.fail_closed);
-	pthread_mutex_init(&g.unmapped.lock, NULL);
 	int rc = gw_serve(&g);
 	gw_reader_close(&g.reader);
+	pthread_mutex_destroy(&g.st->unmapped.lock);
+	free(g.st);
 	gw_config_free(&cfg);
 	return rc;
 }

@@ -495,7 +495,8 @@ static enum MHD_Result fail(struct gw_proxy_req *pr, struct MHD_Connection *c, c
 	char body[512];
 	unsigned status = timeout ? 504 : 502;
 
-	atomic_fetch_add_explicit(timeout ? &g->n.upstream_504 : &g->n.upstream_502, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(timeout ? &g->st->n.upstream_504 : &g->st->n.upstream_502, 1,
+				  memory_order_relaxed);
 	if (timeout)
 		snprintf(body, sizeof(body), "upstream %s did not answer within upstream_timeout_ms = %u\n",
 			 g->cfg->upstream, g->cfg->upstream_timeout_ms);

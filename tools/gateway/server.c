@@ -22,7 +22,6 @@
 #include "config.h"
 
 #include <errno.h>
-#include <jansson.h>
 #include <microhttpd.h>
 #include <signal.h>
 #include <stdio.h>
@@ -108,78 +107,6 @@ static enum MHD_Result answer(struct gw *g, struct MHD_Connection *c, const stru
 
 /* ---- admin ---- */
 
-static void label_escape(const char *in, char *out, size_t len)
-{
-	size_t j = 0;
-
-	for (; *in && j + 3 < len; in++) {
-		if (*in == '\\' || *in == '"' || *in == '\n')
-			out[j++] = '\\';
-		out[j++] = *in == '\n' ? 'n' : *in;
-	}
-	out[j] = '\0';
-}
-
-static char *metrics_text(struct gw *g)
-{
-	char *buf = NULL, label[512];
-	size_t len = 0;
-	FILE *f = open_memstream(&buf, &len);
-
-	if (!f)
-		return NULL;
-#define GW_PRINT(name, help)                                                                       \
-	fprintf(f, "# HELP tally_gateway_" #name "_total " help "\n# TYPE tally_gateway_" #name     \
-		   "_total counter\ntally_gateway_" #name "_total %llu\n",                            \
-		(unsigned long long)atomic_load_explicit(&g->n.name, memory_order_relaxed));
-	GW_METRICS(GW_PRINT)
-#undef GW_PRINT
-	fprintf(f, "# HELP tally_gateway_route_requests_total requests per route and decision\n"
-		   "# TYPE tally_gateway_route_requests_total counter\n");
-	for (size_t i = 0; i < g->cfg->nroutes; i++) {
-		struct gw_route *r = &g->cfg->routes[i];
-		label_escape(r->name, label, sizeof(label));
-		fprintf(f, "tally_gateway_route_requests_total{route=\"%s\",subject=\"%s\",decision=\"admit\"} %llu\n"
-			   "tally_gateway_route_requests_total{route=\"%s\",subject=\"%s\",decision=\"shed\"} %llu\n",
-			label, r->subject, (unsigned long long)atomic_load(&r->admitted), label, r->subject,
-			(unsigned long long)atomic_load(&r->shed));
-	}
-	fclose(f);
-	return buf;
-}
-
-/* ADMIN_PREFIX/routes: the routes with their counts, and the recent
- * unmapped requests, as JSON (docs/gateway.md "Metrics"): what `tally stat
- * --gateway URL` shows. */
-static char *routes_json(struct gw *g)
-{
-	json_t *doc = json_object(), *routes = json_array(), *recent = json_array();
-
-	json_object_set_new(doc, "mode", json_string(g->cfg->mode == GW_MODE_CHECK ? "check" : "proxy"));
-	json_object_set_new(doc, "segment", json_string(g->cfg->segment));
-	json_object_set_new(doc, "unmapped", json_integer((json_int_t)atomic_load(&g->n.unmapped)));
-	for (size_t i = 0; i < g->cfg->nroutes; i++) {
-		struct gw_route *r = &g->cfg->routes[i];
-		json_array_append_new(routes, json_pack("{s:s, s:s, s:I, s:I}", "route", r->name, "subject",
-							r->subject, "admitted", (json_int_t)atomic_load(&r->admitted),
-							"shed", (json_int_t)atomic_load(&r->shed)));
-	}
-	pthread_mutex_lock(&g->unmapped.lock);
-	for (unsigned k = 0; k < GW_UNMAPPED_RECENT; k++) {
-		/* oldest first: the slot the next new one replaces, then on */
-		unsigned i = (g->unmapped.next + k) % GW_UNMAPPED_RECENT;
-		if (g->unmapped.e[i].what[0])
-			json_array_append_new(recent, json_pack("{s:s, s:I}", "request", g->unmapped.e[i].what,
-								"count", (json_int_t)g->unmapped.e[i].n));
-	}
-	pthread_mutex_unlock(&g->unmapped.lock);
-	json_object_set_new(doc, "routes", routes);
-	json_object_set_new(doc, "recent_unmapped", recent);
-	char *text = json_dumps(doc, JSON_INDENT(2) | JSON_ENSURE_ASCII);
-	json_decref(doc);
-	return text;
-}
-
 /* ADMIN_PREFIX/metrics, /routes and /health; 0: not an admin path. */
 static int admin(struct gw *g, struct MHD_Connection *c, const char *uri, enum MHD_Result *ret)
 {
@@ -195,7 +122,8 @@ static int admin(struct gw *g, struct MHD_Connection *c, const char *uri, enum M
 	bool routes = ul == pl + 7 && strncmp(uri + pl, "/routes", 7) == 0;
 	if (!routes && (ul != pl + 8 || strncmp(uri + pl, "/metrics", 8) != 0))
 		return 0;
-	char *text = routes ? routes_json(g) : metrics_text(g);
+	char *text = routes ? gw_routes_json(g, g->cfg->mode == GW_MODE_CHECK ? "check" : "proxy")
+			    : gw_metrics_text(g);
 	struct MHD_Response *r = text ? MHD_create_response_from_buffer(strlen(text), text,
 									 MHD_RESPMEM_MUST_FREE) : NULL;
 	if (!r) {
@@ -322,7 +250,7 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **sock_ctx,
 	(void)c;
 	(void)sock_ctx;
 	if (toe == MHD_CONNECTION_NOTIFY_STARTED)
-		atomic_fetch_add_explicit(&g->n.connections, 1, memory_order_relaxed);
+		atomic_fetch_add_explicit(&g->st->n.connections, 1, memory_order_relaxed);
 }
 
 /* Proxy mode: cls is the connection's loop; its curl handle comes and goes
@@ -426,9 +354,9 @@ int gw_serve(struct gw *g)
 		gw_loops_stop(loops, threads);
 	free(loops);
 	gw_log("stopping on signal %d: %llu admitted, %llu shed 429, %llu shed 503, %llu failed open, "
-	       "%llu shed fail-closed, %llu unmapped", sig, (unsigned long long)g->n.admitted,
-	       (unsigned long long)g->n.shed_429, (unsigned long long)g->n.shed_503,
-	       (unsigned long long)g->n.fail_open, (unsigned long long)g->n.fail_closed,
-	       (unsigned long long)g->n.unmapped);
+	       "%llu shed fail-closed, %llu unmapped", sig, (unsigned long long)g->st->n.admitted,
+	       (unsigned long long)g->st->n.shed_429, (unsigned long long)g->st->n.shed_503,
+	       (unsigned long long)g->st->n.fail_open, (unsigned long long)g->st->n.fail_closed,
+	       (unsigned long long)g->st->n.unmapped);
 	return 0;
 }

@@ -27,6 +27,13 @@
  * 503), $tally_check_subject, $tally_check_verdict,
  * $tally_check_retry_after, $tally_check_route (named apart from the
  * $tally_* of etc/nginx/tally-check.conf: both can be in one nginx).
+ * tally_status (location) answers there what tally-gateway answers under
+ * its admin prefix: .../routes (JSON, what `tally stat --gateway URL`
+ * reads), .../metrics (Prometheus) and .../health. Every worker counts
+ * into one block in a shared zone (report.c), so that whichever worker
+ * answers, the counts are the whole nginx's. The zone is named by the
+ * routes: a reload that keeps them keeps the counts; one that changes them
+ * starts at zero.
  *
  * Where: the preaccess phase, as limit_req, once per request: the
  * decision is kept in a pool cleanup of the request, so that an internal
@@ -42,6 +49,7 @@
 
 #include <stdbool.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../gateway/gateway.h"
 
@@ -50,10 +58,12 @@ typedef struct {
 	struct gw *g;        /* in a worker, from its start */
 	ngx_flag_t loaded;   /* tally_config read */
 	ngx_str_t file;
+	ngx_shm_zone_t *zone; /* the counts (struct gw_stats), every worker's */
 } ngx_http_tally_main_conf_t;
 
 typedef struct {
 	ngx_flag_t check;
+	ngx_flag_t status;   /* tally_status here */
 } ngx_http_tally_loc_conf_t;
 
 /* What was decided for a request, in its pool (see the header). */
@@ -72,12 +82,15 @@ static void *ngx_http_tally_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_tally_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child);
 static ngx_int_t ngx_http_tally_init_process(ngx_cycle_t *cycle);
 static void ngx_http_tally_exit_process(ngx_cycle_t *cycle);
+static char *ngx_http_tally_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 
 static ngx_command_t ngx_http_tally_commands[] = {
 	{ ngx_string("tally_config"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, ngx_http_tally_config,
 	  NGX_HTTP_MAIN_CONF_OFFSET, 0, NULL },
 	{ ngx_string("tally_check"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_FLAG,
 	  ngx_conf_set_flag_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(ngx_http_tally_loc_conf_t, check), NULL },
+	{ ngx_string("tally_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, ngx_http_tally_status,
+	  NGX_HTTP_LOC_CONF_OFFSET, 0, NULL },
 	ngx_null_command
 };
 
@@ -100,11 +113,78 @@ ngx_module_t ngx_http_tally_module = {
 
 /* ---- configuration ---- */
 
+static void ngx_http_tally_close(ngx_http_tally_main_conf_t *m);
+
+/* The cycle's pool goes: in the master after a reload, and in nginx
+ * without workers (master_process off), whose reload ends the old cycle
+ * without exit_process: there the reader is closed here. */
 static void ngx_http_tally_free_config(void *data)
 {
 	ngx_http_tally_main_conf_t *m = data;
 
+	ngx_http_tally_close(m);
 	gw_config_free(&m->cfg);
+}
+
+/* The zone's counts: made (data NULL) in nginx's slab pool at its start,
+ * or, on a reload with the same routes, kept (data: the old cycle's, in
+ * the same memory). zone->data is then the counts. */
+static ngx_int_t ngx_http_tally_init_zone(ngx_shm_zone_t *zone, void *data)
+{
+	ngx_http_tally_main_conf_t *m = zone->data;
+	ngx_slab_pool_t *sp = (ngx_slab_pool_t *)zone->shm.addr;
+	struct gw_stats *st;
+	int rc;
+
+	if (data) {
+		zone->data = data;
+		return NGX_OK;
+	}
+	if (!(st = ngx_slab_alloc(sp, gw_stats_size(m->cfg.nroutes)))) {
+		ngx_log_error(NGX_LOG_EMERG, zone->shm.log, 0, "tally: no room for the counts in zone \"%V\"",
+			      &zone->shm.name);
+		return NGX_ERROR;
+	}
+	if ((rc = gw_stats_init(st, m->cfg.nroutes, true)) != 0) {
+		ngx_log_error(NGX_LOG_EMERG, zone->shm.log, rc, "tally: the counts' lock in zone \"%V\"",
+			      &zone->shm.name);
+		return NGX_ERROR;
+	}
+	zone->data = st;
+	return NGX_OK;
+}
+
+/* FNV-1a over s and its NUL, on from h. */
+static uint32_t fnv1a(uint32_t h, const char *s)
+{
+	for (;; s++) {
+		h = (h ^ (uint8_t)*s) * 16777619u;
+		if (!*s)
+			return h;
+	}
+}
+
+/* The shared zone of the counts, named by the routes (see the header). */
+static ngx_int_t ngx_http_tally_zone(ngx_conf_t *cf, ngx_http_tally_main_conf_t *m)
+{
+	uint32_t h = 2166136261u;
+	ngx_str_t name;
+
+	for (size_t i = 0; i < m->cfg.nroutes; i++)
+		h = fnv1a(fnv1a(h, m->cfg.routes[i].name), m->cfg.routes[i].subject);
+	name.data = ngx_pnalloc(cf->pool, 32);
+	if (!name.data)
+		return NGX_ERROR;
+	name.len = (size_t)(ngx_sprintf(name.data, "tally_counts_%uz_%08xD", m->cfg.nroutes, h) - name.data);
+	/* nginx makes every zone a slab pool, of at least 8 pages */
+	size_t size = (8 * ngx_pagesize + 2 * gw_stats_size(m->cfg.nroutes) + ngx_pagesize - 1) &
+		      ~(size_t)(ngx_pagesize - 1);
+	m->zone = ngx_shared_memory_add(cf, &name, size, &ngx_http_tally_module);
+	if (!m->zone)
+		return NGX_ERROR;
+	m->zone->init = ngx_http_tally_init_zone;
+	m->zone->data = m;
+	return NGX_OK;
 }
 
 static char *ngx_http_tally_config(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
@@ -112,7 +192,7 @@ static char *ngx_http_tally_config(ngx_conf_t *cf, ngx_command_t *cmd, void *con
 	ngx_http_tally_main_conf_t *m = conf;
 	ngx_str_t *value = cf->args->elts;
 	struct gw_overrides ov = { .mode = "check" };
-	char err[512];
+	char err[NGX_MAX_CONF_ERRSTR];
 
 	if (m->loaded)
 		return (char *)"is duplicate";
@@ -128,7 +208,19 @@ static char *ngx_http_tally_config(ngx_conf_t *cf, ngx_command_t *cmd, void *con
 	 * shedding apply as they are, its upstream is not used */
 	if (gw_config_load(&m->cfg, path, &ov, err, sizeof(err)) != 0) {
 		gw_config_free(&m->cfg); /* what it had read: a failed reload must not leak in the master */
-		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "tally_config: %s", err);
+		/* one line per error from gw_config_load; nginx's log takes one
+		 * line, and adds " in nginx.conf:N" after it */
+		char line[NGX_MAX_CONF_ERRSTR];
+		size_t j = 0;
+		for (const char *c = err; *c && j + 3 < sizeof(line); c++)
+			if (*c != '\n')
+				line[j++] = *c;
+			else if (c[1]) {
+				line[j++] = ';';
+				line[j++] = ' ';
+			}
+		line[j] = '\0';
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "tally_config: %s", line);
 		return NGX_CONF_ERROR;
 	}
 	ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(cf->pool, 0);
@@ -139,7 +231,7 @@ static char *ngx_http_tally_config(ngx_conf_t *cf, ngx_command_t *cmd, void *con
 	cln->handler = ngx_http_tally_free_config;
 	cln->data = m;
 	m->loaded = 1;
-	return NGX_CONF_OK;
+	return ngx_http_tally_zone(cf, m) == NGX_OK ? NGX_CONF_OK : NGX_CONF_ERROR;
 }
 
 static void *ngx_http_tally_create_main_conf(ngx_conf_t *cf)
@@ -152,7 +244,7 @@ static void *ngx_http_tally_create_loc_conf(ngx_conf_t *cf)
 	ngx_http_tally_loc_conf_t *c = ngx_pcalloc(cf->pool, sizeof(*c));
 
 	if (c)
-		c->check = NGX_CONF_UNSET;
+		c->check = c->status = NGX_CONF_UNSET;
 	return c;
 }
 
@@ -162,10 +254,12 @@ static char *ngx_http_tally_merge_loc_conf(ngx_conf_t *cf, void *parent, void *c
 	ngx_http_tally_main_conf_t *m = ngx_http_conf_get_module_main_conf(cf, ngx_http_tally_module);
 
 	ngx_conf_merge_value(c->check, prev->check, 0);
-	if (c->check && !m->loaded) {
+	if (c->status == NGX_CONF_UNSET)
+		c->status = 0; /* not inherited: a location's handler is its own */
+	if ((c->check || c->status) && !m->loaded) {
 		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-				   "tally_check on needs \"tally_config FILE;\" in http {} (the gateway's INI: "
-				   "segment, routes, shedding)");
+				   "%s needs \"tally_config FILE;\" in http {} (the gateway's INI: "
+				   "segment, routes, shedding)", c->check ? "tally_check on" : "tally_status");
 		return NGX_CONF_ERROR;
 	}
 	return NGX_CONF_OK;
@@ -185,20 +279,26 @@ static ngx_int_t ngx_http_tally_init_process(ngx_cycle_t *cycle)
 		return NGX_ERROR;
 	}
 	m->g->cfg = &m->cfg;
+	m->g->st = m->zone->data; /* ngx_http_tally_init_zone */
 	gw_reader_init(&m->g->reader, m->cfg.segment, m->cfg.fail_closed);
-	pthread_mutex_init(&m->g->unmapped.lock, NULL);
 	return NGX_OK;
+}
+
+static void ngx_http_tally_close(ngx_http_tally_main_conf_t *m)
+{
+	if (!m->g)
+		return;
+	gw_reader_close(&m->g->reader);
+	free(m->g);
+	m->g = NULL;
 }
 
 static void ngx_http_tally_exit_process(ngx_cycle_t *cycle)
 {
 	ngx_http_tally_main_conf_t *m = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_tally_module);
 
-	if (!m || !m->g)
-		return;
-	gw_reader_close(&m->g->reader);
-	free(m->g);
-	m->g = NULL;
+	if (m)
+		ngx_http_tally_close(m);
 }
 
 /* ---- a request ---- */
@@ -276,14 +376,16 @@ static ngx_int_t ngx_http_tally_handler(ngx_http_request_t *r)
 	ngx_http_tally_loc_conf_t *lc = ngx_http_get_module_loc_conf(r, ngx_http_tally_module);
 	ngx_http_tally_main_conf_t *m = ngx_http_get_module_main_conf(r, ngx_http_tally_module);
 
-	if (!lc->check || r != r->main || ngx_http_tally_ctx(r))
+	/* a tally_status location is not judged, or counted: as tally-gateway's
+	 * admin endpoints */
+	if (!lc->check || lc->status || r != r->main || ngx_http_tally_ctx(r))
 		return NGX_DECLINED;
 	if (!m->g && ngx_http_tally_init_process((ngx_cycle_t *)ngx_cycle) != NGX_OK)
-		return NGX_HTTP_INTERNAL_SERVER_ERROR; /* nginx without workers (master_process off) */
+		return NGX_HTTP_INTERNAL_SERVER_ERROR; /* master_process off, after a reload: no init_process */
 	if (!m->g)
 		return NGX_DECLINED;
 	ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_tally_ctx_t));
-	char *method = ngx_pnalloc(r->pool, r->method_name.len + 1 + r->uri.len + 1);
+	char *method = ngx_pnalloc(r->pool, r->method_name.len + 1 + 3 * r->uri.len + 1);
 	if (!cln || !method)
 		return NGX_HTTP_INTERNAL_SERVER_ERROR;
 	ngx_http_tally_ctx_t *ctx = cln->data;
@@ -292,10 +394,20 @@ static ngx_int_t ngx_http_tally_handler(ngx_http_request_t *r)
 	method[r->method_name.len] = '\0';
 	/* the path as nginx routes it (decoded, dot segments and double
 	 * slashes merged): "/%6Fver/1" and "//over/1" are /over/1, as for the
-	 * locations, and cannot slip past a route */
-	char *uri = method + r->method_name.len + 1;
-	ngx_memcpy(uri, r->uri.data, r->uri.len);
-	uri[r->uri.len] = '\0';
+	 * locations, and cannot slip past a route. A decoded '?' or '#' (from
+	 * %3F, %23) goes back to its escape: the routes' matcher ends a path
+	 * there, and "/orders/5%3F/items" would otherwise be unmapped. */
+	char *uri = method + r->method_name.len + 1, *w = uri;
+	for (size_t i = 0; i < r->uri.len; i++) {
+		u_char c = r->uri.data[i];
+		if (c == '?' || c == '#') {
+			*w++ = '%';
+			*w++ = '2' + (c == '?');
+			*w++ = c == '?' ? 'F' : '3';
+		} else
+			*w++ = (char)c;
+	}
+	*w = '\0';
 
 	gw_evaluate(m->g, method, uri, ngx_http_tally_header, r, &ctx->o);
 	/* seen only once filled: a failed allocation above leaves none */
@@ -309,6 +421,71 @@ static ngx_int_t ngx_http_tally_handler(ngx_http_request_t *r)
 	}
 	gw_decision_headers(&ctx->o, ngx_http_tally_add, r);
 	return (ngx_int_t)ctx->o.d.status; /* 429 or 503: the body is nginx's, or error_page's */
+}
+
+/* ---- tally_status ---- */
+
+/* What the location answers, by the last part of its path, as
+ * tally-gateway's ADMIN_PREFIX/routes, /metrics and /health. */
+static ngx_int_t ngx_http_tally_status_handler(ngx_http_request_t *r)
+{
+	ngx_http_tally_main_conf_t *m = ngx_http_get_module_main_conf(r, ngx_http_tally_module);
+	static const struct {
+		const char *tail, *type;
+	} kinds[] = { { "/routes", "application/json" },
+		      { "/metrics", "text/plain; version=0.0.4; charset=utf-8" },
+		      { "/health", "text/plain" } };
+	size_t k = 0, tl;
+	ngx_int_t rc;
+
+	if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD)))
+		return NGX_HTTP_NOT_ALLOWED;
+	if ((rc = ngx_http_discard_request_body(r)) != NGX_OK)
+		return rc;
+	for (; k < sizeof(kinds) / sizeof(kinds[0]); k++)
+		if (r->uri.len >= (tl = ngx_strlen(kinds[k].tail)) &&
+		    ngx_strncmp(r->uri.data + r->uri.len - tl, kinds[k].tail, tl) == 0)
+			break;
+	if (k == sizeof(kinds) / sizeof(kinds[0]))
+		return NGX_HTTP_NOT_FOUND;
+	if (!m->g && ngx_http_tally_init_process((ngx_cycle_t *)ngx_cycle) != NGX_OK)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
+	char *text = k == 0 ? gw_routes_json(m->g, "module") : k == 1 ? gw_metrics_text(m->g) : strdup("ok\n");
+	if (!text)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
+	size_t len = ngx_strlen(text);
+	ngx_buf_t *b = ngx_create_temp_buf(r->pool, len ? len : 1);
+	if (!b) {
+		free(text);
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
+	}
+	b->last = ngx_cpymem(b->pos, text, len);
+	free(text);
+	b->last_buf = r == r->main;
+	b->last_in_chain = 1;
+	r->headers_out.status = NGX_HTTP_OK;
+	r->headers_out.content_length_n = (off_t)len;
+	r->headers_out.content_type.len = ngx_strlen(kinds[k].type);
+	r->headers_out.content_type.data = (u_char *)kinds[k].type;
+	r->headers_out.content_type_len = r->headers_out.content_type.len;
+	rc = ngx_http_send_header(r);
+	if (rc == NGX_ERROR || rc > NGX_OK || r->header_only)
+		return rc;
+	ngx_chain_t out = { b, NULL };
+	return ngx_http_output_filter(r, &out);
+}
+
+static char *ngx_http_tally_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+	ngx_http_tally_loc_conf_t *c = conf;
+	ngx_http_core_loc_conf_t *clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+	(void)cmd;
+	if (c->status != NGX_CONF_UNSET)
+		return (char *)"is duplicate";
+	c->status = 1;
+	clcf->handler = ngx_http_tally_status_handler;
+	return NGX_CONF_OK;
 }
 
 /* ---- variables ---- */
