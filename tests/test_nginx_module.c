@@ -400,6 +400,12 @@ Test(nginx_module, fail_open_and_fail_closed, .timeout = 120)
 	cr_expect_neq(gwt_header(&r, "X-Tally-Fail-Open", v, sizeof(v)), 0);
 	cr_expect_eq(gwt_get(e.port, "/over/4", &r), 503);
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/over/4"), 0, "shed before the upstream again");
+	char elog[160];
+	snprintf(elog, sizeof(elog), "%s/error.log", e.dir);
+	char *log = gwt_read_file(elog);
+	cr_expect(strstr(log, "[warn]") && strstr(log, "tally: failing open") && strstr(log, "is live again"),
+		  "the reader's lines are in nginx's error_log: %s", log);
+	free(log);
 	env_stop(&e);
 
 	env_start(&e, true, false);

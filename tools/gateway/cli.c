@@ -17,6 +17,8 @@
 
 #include "gateway.h"
 
+void (*gw_log_sink)(const char *line);
+
 void gw_log(const char *fmt, ...)
 {
 	char ts[32], line[1024];
@@ -24,10 +26,14 @@ void gw_log(const char *fmt, ...)
 	struct tm tm;
 	va_list ap;
 
-	strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&t, &tm));
 	va_start(ap, fmt);
 	vsnprintf(line, sizeof(line), fmt, ap);
 	va_end(ap);
+	if (gw_log_sink) {
+		gw_log_sink(line);
+		return;
+	}
+	strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&t, &tm));
 	fprintf(stderr, "%s tally-gateway: %s\n", ts, line); /* one write: lines do not mix */
 }
 

@@ -362,7 +362,10 @@ void gw_proxy_teardown(struct gw_loop *l);
 
 /* ---- shared CLI helpers (cli.c) --------------------------------------------- */
 
+/* A line to stderr, "TIME tally-gateway: ...", or to gw_log_sink when set
+ * (the nginx module: nginx's error_log). */
 __attribute__((format(printf, 1, 2))) void gw_log(const char *fmt, ...);
+extern void (*gw_log_sink)(const char *line);
 struct sockaddr_storage;
 /* IPV4:PORT or [IPV6]:PORT into ss: 0, or -1 with why. */
 int gw_parse_listen(const char *s, struct sockaddr_storage *ss, char *why, size_t whylen);

@@ -267,6 +267,12 @@ static char *ngx_http_tally_merge_loc_conf(ngx_conf_t *cf, void *parent, void *c
 
 /* ---- a worker's reader ---- */
 
+/* The reader's lines (failing open or closed, live again): nginx's log. */
+static void ngx_http_tally_log(const char *line)
+{
+	ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0, "tally: %s", line);
+}
+
 static ngx_int_t ngx_http_tally_init_process(ngx_cycle_t *cycle)
 {
 	ngx_http_tally_main_conf_t *m = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_tally_module);
@@ -280,6 +286,7 @@ static ngx_int_t ngx_http_tally_init_process(ngx_cycle_t *cycle)
 	}
 	m->g->cfg = &m->cfg;
 	m->g->st = m->zone->data; /* ngx_http_tally_init_zone */
+	gw_log_sink = ngx_http_tally_log;
 	gw_reader_init(&m->g->reader, m->cfg.segment, m->cfg.fail_closed);
 	return NGX_OK;
 }
