@@ -375,6 +375,7 @@ Test(gateway_check, permission_denied_says_so, .timeout = 60)
 	cr_assert_eq(gwt_wait_port(e.port, 10000), 0);
 	cr_expect_eq(gwt_get(e.port, "/over/1", &r), 200, "fail-open");
 	cr_expect(strstr(hdr(&r, "X-Tally-Fail-Open"), "permission denied"), "the header says why: %s", hv);
+	cr_expect(strstr(hv, "user nobody needs read access"), "and whose access is missing: %s", hv);
 	gwt_stop(pid);
 	char *text = gwt_read_file(log);
 	cr_expect(strstr(text, "permission denied"), "and the log: %s", text);

@@ -162,6 +162,7 @@ void gw_config_free(struct gw_config *cfg);
 struct gw_reader {
 	const char *segment;
 	bool fail_closed;
+	char user[40];             /* this process's user, for "permission denied" */
 	pthread_rwlock_t lock;     /* seg: read to use, write to (re)attach */
 	struct tally_segment *seg;
 	struct tally_remote_index *ix; /* seg's remote section by subject; NULL: read by the full scan */
@@ -181,7 +182,7 @@ struct gw_reading {
 	double shed_probability;   /* < 0: the engine gives none */
 	bool no_data;              /* no verdict read at all: fail_closed decides */
 	const char *why;           /* no usable verdict: why */
-	char whybuf[160];          /* why, when it names the segment */
+	char whybuf[256];          /* why, when it names the segment (and the user) */
 	char host[64];             /* "": the local verdict decided; else the other host whose did */
 };
 

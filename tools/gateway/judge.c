@@ -25,8 +25,10 @@
 #include "config.h"
 
 #include <errno.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "gateway.h"
 
@@ -36,9 +38,17 @@
 
 void gw_reader_init(struct gw_reader *r, const char *segment, bool fail_closed)
 {
+	struct passwd pw, *found = NULL;
+	char buf[1024];
+
 	memset(r, 0, sizeof(*r));
 	r->segment = segment;
 	r->fail_closed = fail_closed;
+	/* named in "permission denied": the gateway's user, or nginx's workers' */
+	if (getpwuid_r(geteuid(), &pw, buf, sizeof(buf), &found) == 0 && found)
+		snprintf(r->user, sizeof(r->user), "%s", found->pw_name);
+	else
+		snprintf(r->user, sizeof(r->user), "uid %u", (unsigned)geteuid());
 	pthread_rwlock_init(&r->lock, NULL);
 }
 
@@ -100,8 +110,8 @@ static void no_segment_why(struct gw_reader *r, struct gw_reading *out)
 	int rc = atomic_load(&r->open_error);
 
 	if (rc == -EACCES || rc == -EPERM)
-		snprintf(out->whybuf, sizeof(out->whybuf), "permission denied on segment %s (give the "
-			 "gateway's user read access: group_readable = 1 in tallyd.ini)", r->segment);
+		snprintf(out->whybuf, sizeof(out->whybuf), "permission denied on segment %s (user %s needs "
+			 "read access: group_readable = 1 and its group in tallyd.ini)", r->segment, r->user);
 	else if (rc == -ENOENT)
 		snprintf(out->whybuf, sizeof(out->whybuf), "no segment %s (is its owner, tallyd, running?)",
 			 r->segment);
