@@ -600,9 +600,13 @@ void bench_part_gateway(void)
 	bench_row("gateway", "proxy added to direct, p99", "us", false, add99[1], reps, NULL, 0);
 	double share = bench_median(rps[C_PROXY], reps) / bench_median(rps[C_DIRECT], reps);
 	fprintf(stderr, "bench gateway: proxy keeps %.0f%% of direct throughput (target >= 50%%; nginx as a "
-			"proxy keeps %.0f%%); paired, the check adds %.0f us p50, %.0f us p99 to nginx (target <= 50 us "
-			"p99), the module %.0f us p50, %.0f us p99\n",
+			"proxy keeps %.0f%%, nginx with the module %.0f%%); CPU a request: proxy %.1f us, nginx %.1f, "
+			"nginx with the module %.1f, the upstream %.1f; paired, the check adds %.0f us p50, %.0f us p99 "
+			"to nginx (target <= 50 us p99), the module %.0f us p50, %.0f us p99\n",
 		share * 100, 100 * bench_median(rps[C_NGINX], reps) / bench_median(rps[C_DIRECT], reps),
+		100 * bench_median(rps[C_NGINX_MODULE], reps) / bench_median(rps[C_DIRECT], reps),
+		bench_median(cpu[C_PROXY], reps), bench_median(cpu[C_NGINX], reps),
+		bench_median(cpu[C_NGINX_MODULE], reps), bench_median(cpu[C_DIRECT], reps),
 		bench_median(padd50[0], reps), bench_median(padd99[0], reps), bench_median(padd50[1], reps),
 		bench_median(padd99[1], reps));
 out:
