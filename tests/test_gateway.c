@@ -414,26 +414,28 @@ Test(gateway_check, config_errors_name_file_line_and_reason, .timeout = 30)
 	cr_expect_eq(check_config("[gateway]\n"
 				  "mode = sideways\n"                 /* 2 */
 				  "listen = localhost\n"              /* 3 */
+				  "decision_headers = some\n"         /* 4 */
 				  "[shedding]\n"
-				  "warn_shed_fraction = 1.5\n"        /* 5 */
-				  "[route GET orders]\n"              /* 6 */
+				  "warn_shed_fraction = 1.5\n"        /* 6 */
+				  "[route GET orders]\n"              /* 7 */
 				  "subject = x\n"
-				  "[route POST /a/*b]\n"              /* 8 */
-				  "[route POST /orders/*]\n"          /* 9 */
-				  "subject = orders.*\n"              /* 10 */
-				  "priority = urgent\n"               /* 11 */
-				  "colour = blue\n"                   /* 12 */
-				  "[route GET /x]\n",                 /* 13 */
+				  "[route POST /a/*b]\n"              /* 9 */
+				  "[route POST /orders/*]\n"          /* 10 */
+				  "subject = orders.*\n"              /* 11 */
+				  "priority = urgent\n"               /* 12 */
+				  "colour = blue\n"                   /* 13 */
+				  "[route GET /x]\n",                 /* 14 */
 				  &err), 2);
 	const char *want[] = { "gateway.ini:2: mode = \"sideways\": expected check or proxy",
 			       "gateway.ini:3: listen = \"localhost\": expected ADDR:PORT",
-			       "gateway.ini:5: warn_shed_fraction = \"1.5\": expected a fraction from 0 to 1",
-			       "gateway.ini:6: [route GET orders]: a path pattern starts with '/'",
-			       "gateway.ini:8: [route POST /a/*b]: '*' stands alone in its segment",
-			       "gateway.ini:10: subject = \"orders.*\"",
-			       "gateway.ini:11: priority = \"urgent\": expected critical, default or sheddable",
-			       "gateway.ini:12: unknown key \"colour\" in [route]; valid keys: subject, priority, header",
-			       "gateway.ini:13: [route GET /x] has no subject", NULL };
+			       "gateway.ini:4: decision_headers = \"some\": expected full",
+			       "gateway.ini:6: warn_shed_fraction = \"1.5\": expected a fraction from 0 to 1",
+			       "gateway.ini:7: [route GET orders]: a path pattern starts with '/'",
+			       "gateway.ini:9: [route POST /a/*b]: '*' stands alone in its segment",
+			       "gateway.ini:11: subject = \"orders.*\"",
+			       "gateway.ini:12: priority = \"urgent\": expected critical, default or sheddable",
+			       "gateway.ini:13: unknown key \"colour\" in [route]; valid keys: subject, priority, header",
+			       "gateway.ini:14: [route GET /x] has no subject", NULL };
 	for (int i = 0; want[i]; i++)
 		cr_expect(strstr(err, want[i]), "missing \"%s\" in:\n%s", want[i], err);
 	free(err);

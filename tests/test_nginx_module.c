@@ -103,13 +103,15 @@ static void conf_on_port(void *ctx, int port)
 
 /* The gateway INI gateway.ini in dir: [gateway] segment and fail_closed,
  * then the routes and shedding above. */
+static const char *gateway_keys = ""; /* more of [gateway], for one test */
+
 static void write_ini(struct env *e, bool fail_closed)
 {
 	char ini[160], text[1024];
 
 	snprintf(ini, sizeof(ini), "%s/gateway.ini", e->dir);
-	snprintf(text, sizeof(text), "[gateway]\nsegment = %s\nfail_closed = %s\n%s", e->seg,
-		 fail_closed ? "true" : "false", routes_ini);
+	snprintf(text, sizeof(text), "[gateway]\nsegment = %s\nfail_closed = %s\n%s%s", e->seg,
+		 fail_closed ? "true" : "false", gateway_keys, routes_ini);
 	cr_assert_eq(gwt_write(ini, text), 0);
 }
 
@@ -267,6 +269,44 @@ Test(nginx_module, variables_in_an_error_page, .timeout = 120)
 	snprintf(want, sizeof(want), "shed shed 429 gw.warn warn %s * /pagew/**\n", v);
 	cr_expect_str_eq(r.body, want);
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/pagew/1"), 0);
+	env_stop(&e);
+}
+
+/* decision_headers = minimal: a client learns what to do (the status,
+ * when to retry, not elsewhere, that the answer failed open) and nothing
+ * of the routes, subjects or the reason. */
+Test(nginx_module, minimal_headers_tell_no_internals, .timeout = 120)
+{
+	struct env e;
+	struct gwt_resp r;
+	char v[128];
+	static const char *const internal[] = { "X-Tally-Subject", "X-Tally-Route", "X-Tally-Verdict",
+						"X-Tally-Decision", "X-Tally-Priority", "X-Tally-Reasons" };
+
+	gateway_keys = "decision_headers = minimal\n";
+	env_start(&e, false, true);
+	gateway_keys = "";
+	cr_expect_eq(gwt_get(e.port, "/over/1", &r), 503, "%s", r.body);
+	cr_expect_eq(gwt_header(&r, "Retry-After", v, sizeof(v)), 0, "%s", r.headers);
+	cr_expect_eq(gwt_header(&r, "X-Tally-No-Retry", v, sizeof(v)), 0);
+	cr_expect_eq(gwt_header(&r, "X-Tally-Status", v, sizeof(v)), 0);
+	cr_expect_str_eq(v, "503");
+	cr_expect_eq(gwt_get(e.port, "/warn/1", &r), 429);
+	cr_expect_eq(gwt_header(&r, "X-Tally-Status", v, sizeof(v)), 0);
+	cr_expect_str_eq(v, "429");
+	for (size_t i = 0; i < sizeof(internal) / sizeof(internal[0]); i++)
+		cr_expect_eq(header_count(&r, internal[i]), 0, "no %s: %s", internal[i], r.headers);
+	cr_expect_eq(gwt_get(e.port, "/ok/1", &r), 200);
+	cr_expect_null(strcasestr(r.headers, "X-Tally-"), "an admitted request: nothing: %s", r.headers);
+	kill(e.owner, SIGKILL);
+	waitpid(e.owner, NULL, 0);
+	e.owner = 0;
+	long st = 0;
+	for (int i = 0; i < 100 && (st = gwt_get(e.port, "/over/2", &r)) != 200; i++)
+		tt_sleep_ms(50);
+	cr_expect_eq(st, 200, "fail-open");
+	cr_expect_eq(gwt_header(&r, "X-Tally-Fail-Open", v, sizeof(v)), 0, "%s", r.headers);
+	cr_expect_str_eq(v, "1", "said, without the segment's name or the reason");
 	env_stop(&e);
 }
 

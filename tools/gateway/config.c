@@ -32,7 +32,7 @@
 #define MAX_KEYS 16
 
 enum kind { K_STR, K_SEGNAME, K_LISTEN, K_BOOL, K_U32, K_FRAC, K_FACTOR, K_MODE, K_SHED_STATUS,
-	    K_PRIO, K_SUBJECT, K_URL, K_HNAME, K_HCOND, K_PREFIX };
+	    K_PRIO, K_SUBJECT, K_URL, K_HNAME, K_HCOND, K_PREFIX, K_HEADERS };
 
 struct key {
 	const char *name;
@@ -56,6 +56,7 @@ static const struct key gateway_keys[] = {
 	{ "connection_limit", K_U32, CF(connection_limit), 1, 1000000 },
 	{ "idle_timeout_s", K_U32, CF(idle_timeout_s), 1, 86400 },
 	{ "priority_header", K_HNAME, CF(priority_header), 0, 0 },
+	{ "decision_headers", K_HEADERS, CF(minimal_headers), 0, 0 },
 	{ NULL, 0, 0, 0, 0 },
 };
 
@@ -279,6 +280,13 @@ static void set_value(struct parser *p, const struct key *k, void *base, const c
 		if (strcmp(v, "check") && strcmp(v, "proxy"))
 			return perr(p, p->lineno, "mode = \"%s\": expected check or proxy", v);
 		*(enum gw_mode *)dst = strcmp(v, "check") == 0 ? GW_MODE_CHECK : GW_MODE_PROXY;
+		return;
+	case K_HEADERS:
+		if (strcmp(v, "full") && strcmp(v, "minimal"))
+			return perr(p, p->lineno, "decision_headers = \"%s\": expected full (every X-Tally-* "
+				    "header) or minimal (the status, Retry-After, X-Tally-No-Retry, fail-open or "
+				    "-closed as 1)", v);
+		*(bool *)dst = strcmp(v, "minimal") == 0;
 		return;
 	case K_SHED_STATUS: {
 		char *end;

@@ -23,6 +23,7 @@ void gw_evaluate(struct gw *g, const char *method, const char *uri,
 	const char *ph = *cfg->priority_header ? header(ctx, cfg->priority_header) : NULL;
 
 	memset(o, 0, sizeof(*o));
+	o->minimal = cfg->minimal_headers;
 	o->route = gw_route_find(cfg->routes, cfg->nroutes, method, uri, header, ctx);
 	o->priority = o->route ? o->route->priority : GW_PRIO_DEFAULT;
 	if (ph)
@@ -53,6 +54,18 @@ void gw_decision_headers(const struct gw_outcome *o, void (*add)(void *ctx, cons
 {
 	char buf[32];
 
+	if (o->minimal) { /* what a client acts on, and no more: no route, subject or reason */
+		if (o->rd.why)
+			add(ctx, o->rd.level == GW_LEVEL_CLOSED ? "X-Tally-Fail-Closed" : "X-Tally-Fail-Open", "1");
+		if (o->d.admit)
+			return;
+		snprintf(buf, sizeof(buf), "%u", o->d.status);
+		add(ctx, "X-Tally-Status", buf);
+		snprintf(buf, sizeof(buf), "%u", o->retry_after_s);
+		add(ctx, "Retry-After", buf);
+		add(ctx, "X-Tally-No-Retry", "1");
+		return;
+	}
 	add(ctx, "X-Tally-Decision", o->d.admit ? "admit" : "shed");
 	snprintf(buf, sizeof(buf), "%u", o->d.status);
 	add(ctx, "X-Tally-Status", buf);

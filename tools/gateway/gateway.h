@@ -128,6 +128,7 @@ struct gw_config {
 	uint32_t connection_limit;
 	uint32_t idle_timeout_s;
 	char *priority_header;   /* X-Tally-Priority; "" : none */
+	bool minimal_headers;    /* decision_headers = minimal: no route, subject or reason told */
 	struct gw_shed_config shed;
 	/* [check] */
 	unsigned shed_status;    /* 403, or 0: native (429/503) */
@@ -275,6 +276,7 @@ struct gw_outcome {
 	struct gw_reading rd;
 	struct gw_decision d;
 	unsigned retry_after_s;
+	bool minimal;                /* the headers: decision_headers = minimal */
 };
 
 /* Route, read and decide for method and raw uri; counts it (evaluate.c). */
@@ -283,7 +285,9 @@ void gw_evaluate(struct gw *g, const char *method, const char *uri,
 		 struct gw_outcome *o);
 
 /* The X-Tally-* headers (and Retry-After on a shed) of an outcome, each
- * through add(ctx, name, value), in a fixed order (evaluate.c). */
+ * through add(ctx, name, value), in a fixed order; with decision_headers
+ * = minimal, only a shed's status, Retry-After and X-Tally-No-Retry, and
+ * fail-open or -closed as "1" (evaluate.c). */
 void gw_decision_headers(const struct gw_outcome *o, void (*add)(void *ctx, const char *name, const char *value),
 			 void *ctx);
 

@@ -423,7 +423,7 @@ static ngx_int_t ngx_http_tally_handler(ngx_http_request_t *r)
 	ngx_http_set_ctx(r, ctx, ngx_http_tally_module);
 	if (ctx->o.d.admit) {
 		if (ctx->o.rd.why)
-			(void)ngx_http_tally_push(r, "X-Tally-Fail-Open", ctx->o.rd.why);
+			(void)ngx_http_tally_push(r, "X-Tally-Fail-Open", ctx->o.minimal ? "1" : ctx->o.rd.why);
 		return NGX_DECLINED;
 	}
 	gw_decision_headers(&ctx->o, ngx_http_tally_add, r);
