@@ -61,8 +61,10 @@ static void env_stop(struct env *e)
 	int st = gwt_stop(e->gw);
 	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the gateway stops cleanly");
 	gwt_stop(e->up);
-	kill(e->owner, SIGKILL);
-	waitpid(e->owner, NULL, 0);
+	if (e->owner > 0) { /* 0: the test killed it (never kill(0 or -1)) */
+		kill(e->owner, SIGKILL);
+		waitpid(e->owner, NULL, 0);
+	}
 	tally_segment_unlink(e->seg);
 	gwt_rmtree(e->dir);
 }
@@ -269,6 +271,49 @@ Test(gateway_proxy, shed_requests_never_reach_the_upstream, .timeout = 60)
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/over/1"), 0, "the upstream saw no shed request");
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/warn/1"), 0);
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/ok"), 1);
+	env_stop(&e);
+}
+
+/* The owner dies: proxy mode admits (fail-open) and says so on the
+ * upstream's answer; with decision_headers = minimal it says only that,
+ * and a fail-closed shed's body names no segment. */
+Test(gateway_proxy, fail_open_is_said_on_the_answer, .timeout = 60)
+{
+	struct env e;
+	struct gwt_resp r;
+	char v[256];
+	long st = 0;
+
+	for (int minimal = 0; minimal < 2; minimal++) {
+		env_start(&e, minimal ? "decision_headers = minimal\n" : "", "", false);
+		cr_expect_eq(gwt_get(e.port, "/over/1", &r), 503);
+		cr_assert_gt(e.owner, 0);
+		kill(e.owner, SIGKILL);
+		waitpid(e.owner, NULL, 0);
+		for (int i = 0; i < 100 && (st = gwt_get(e.port, "/over/2", &r)) != 200; i++)
+			tt_sleep_ms(50);
+		cr_expect_eq(st, 200, "the owner is dead: admitted");
+		cr_expect(strncmp(r.body, "GET /over/2 ", 12) == 0, "the upstream's answer: %s", r.body);
+		cr_expect_eq(gwt_header(&r, "X-Tally-Fail-Open", v, sizeof(v)), 0, "and said: %s", r.headers);
+		if (minimal)
+			cr_expect_str_eq(v, "1", "without the reason");
+		else
+			cr_expect(strstr(v, "owner") || strstr(v, "segment"), "why: %s", v);
+		e.owner = 0;
+		env_stop(&e);
+	}
+	env_start(&e, "decision_headers = minimal\nfail_closed = true\n", "", false);
+	cr_assert_gt(e.owner, 0);
+	kill(e.owner, SIGKILL);
+	waitpid(e.owner, NULL, 0);
+	tally_segment_unlink(e.seg);
+	for (int i = 0; i < 100 && (st = gwt_get(e.port, "/ok/1", &r)) != 503; i++)
+		tt_sleep_ms(50);
+	cr_expect_eq(st, 503, "no segment, fail-closed: shed");
+	cr_expect_null(strstr(r.body, e.seg), "the body names no segment: %s", r.body);
+	cr_expect_eq(gwt_header(&r, "X-Tally-Fail-Closed", v, sizeof(v)), 0);
+	cr_expect_str_eq(v, "1");
+	e.owner = 0;
 	env_stop(&e);
 }
 

@@ -138,6 +138,30 @@ Test(gateway_stats, a_holder_killed_mid_write_blocks_nobody, .timeout = 30)
 	munmap(g->st, gw_stats_size(2));
 }
 
+/* The module notes nginx's decoded path: any byte. The entry keeps
+ * printable ASCII and writes the rest as %XX, so that it is valid UTF-8
+ * for the JSON (jansson refuses a string that is not, and the entry
+ * would be lost), cut at a whole escape. */
+Test(gateway_stats, an_unmapped_path_of_any_bytes_is_kept)
+{
+	struct gw_config cfg;
+	struct gw *g = shared_gw(&cfg);
+	char longp[400] = "/";
+
+	gw_unmapped_note(&g->st->unmapped, "GET", "/a\xff b/\xc3\xa9\x01?q=\xff");
+	memset(longp + 1, '\xfe', sizeof(longp) - 2);
+	gw_unmapped_note(&g->st->unmapped, "GET", longp);
+	json_t *doc = routes_doc(g);
+	cr_expect_eq(recent_count(doc, "GET /a%FF%20b/%C3%A9%01"), 1, "escaped, the query left out");
+	json_t *e1 = json_array_get(json_object_get(doc, "recent_unmapped"), 1);
+	const char *w = json_string_value(json_object_get(e1, "request"));
+	cr_assert_not_null(w, "the long one is there too");
+	cr_expect_lt(strlen(w), sizeof(g->st->unmapped.e[0].what));
+	cr_expect_eq((strlen(w) - strlen("GET /")) % 3, 0, "cut at a whole escape: %s", w);
+	json_decref(doc);
+	munmap(g->st, gw_stats_size(2));
+}
+
 Test(gateway_stats, the_reports_say_what_was_counted)
 {
 	struct gw_config cfg;

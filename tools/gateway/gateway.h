@@ -183,7 +183,7 @@ struct gw_reading {
 	double shed_probability;   /* < 0: the engine gives none */
 	bool no_data;              /* no verdict read at all: fail_closed decides */
 	const char *why;           /* no usable verdict: why */
-	char whybuf[256];          /* why, when it names the segment (and the user) */
+	char whybuf[TALLY_NAME_MAX + 200]; /* why, when it names the segment (and the user) */
 	char host[64];             /* "": the local verdict decided; else the other host whose did */
 };
 

@@ -561,6 +561,8 @@ static enum MHD_Result respond(struct gw_proxy_req *pr, struct MHD_Connection *c
 		MHD_add_response_header(r, pr->rh[i], v);
 		*colon = ':';
 	}
+	if (o->rd.why) /* admitted without all its data: said, as the nginx module says it */
+		MHD_add_response_header(r, "X-Tally-Fail-Open", o->minimal ? "1" : o->rd.why);
 	enum MHD_Result ret = MHD_queue_response(c, (unsigned)pr->status, r);
 	MHD_destroy_response(r);
 	return ret;

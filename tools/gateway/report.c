@@ -20,6 +20,9 @@
 
 #include "gateway.h"
 
+/* Counted by processes that share the block: atomics must not be locks. */
+_Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "64-bit atomics without a lock");
+
 size_t gw_stats_size(size_t nroutes)
 {
 	return sizeof(struct gw_stats) + nroutes * sizeof(struct gw_route_count);
@@ -57,12 +60,33 @@ static void unmapped_lock(struct gw_unmapped *u)
 	}
 }
 
+/* "METHOD path" into what: the query left out, and a byte outside
+ * printable ASCII as %XX (the module's path is nginx's decoded $uri, and
+ * the entry goes out as a JSON string, which must be UTF-8), cut at a
+ * whole character. */
+static void unmapped_what(char *what, size_t len, const char *method, const char *uri)
+{
+	size_t j = (size_t)snprintf(what, len, "%s ", method);
+
+	if (j >= len)
+		j = len - 1;
+	for (const unsigned char *c = (const unsigned char *)uri; *c && *c != '?'; c++) {
+		bool plain = *c > 0x20 && *c < 0x7f;
+		if (j + (plain ? 1 : 3) >= len)
+			break;
+		if (plain)
+			what[j++] = (char)*c;
+		else
+			j += (size_t)snprintf(what + j, len - j, "%%%02X", *c);
+	}
+	what[j] = '\0';
+}
+
 void gw_unmapped_note(struct gw_unmapped *u, const char *method, const char *uri)
 {
 	char what[sizeof(u->e[0].what)];
-	int pl = (int)strcspn(uri, "?");
 
-	snprintf(what, sizeof(what), "%s %.*s", method, pl, uri);
+	unmapped_what(what, sizeof(what), method, uri);
 	unmapped_lock(u);
 	unsigned i = 0;
 	while (i < GW_UNMAPPED_RECENT && strcmp(u->e[i].what, what) != 0)

@@ -93,13 +93,14 @@ static enum MHD_Result answer(struct gw *g, struct MHD_Connection *c, const stru
 	unsigned status = o->d.status;
 
 	bool closed = o->rd.level == GW_LEVEL_CLOSED;
+	const char *why = o->minimal ? "see the gateway's log" : o->rd.why; /* minimal: no internals */
 
 	if (o->d.admit)
 		snprintf(body, sizeof(body), "admit%s%s%s\n", o->rd.why ? " (fail-open: " : "",
-			 o->rd.why ? o->rd.why : "", o->rd.why ? ")" : "");
+			 o->rd.why ? why : "", o->rd.why ? ")" : "");
 	else
 		snprintf(body, sizeof(body), "shed%s%s%s: retry after %u s\n", closed ? " (fail-closed: " : "",
-			 closed ? o->rd.why : "", closed ? ")" : "", o->retry_after_s);
+			 closed ? why : "", closed ? ")" : "", o->retry_after_s);
 	if (!o->d.admit && g->cfg->mode == GW_MODE_CHECK && g->cfg->shed_status)
 		status = g->cfg->shed_status;
 	return queue_text(c, status, body, o);

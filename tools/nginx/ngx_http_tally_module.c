@@ -59,6 +59,7 @@ typedef struct {
 	ngx_flag_t loaded;   /* tally_config read */
 	ngx_str_t file;
 	ngx_shm_zone_t *zone; /* the counts (struct gw_stats), every worker's */
+	struct gw_stats *own; /* nginx without workers: its counts, on the heap */
 } ngx_http_tally_main_conf_t;
 
 typedef struct {
@@ -172,10 +173,10 @@ static ngx_int_t ngx_http_tally_zone(ngx_conf_t *cf, ngx_http_tally_main_conf_t 
 
 	for (size_t i = 0; i < m->cfg.nroutes; i++)
 		h = fnv1a(fnv1a(h, m->cfg.routes[i].name), m->cfg.routes[i].subject);
-	name.data = ngx_pnalloc(cf->pool, 32);
+	name.data = ngx_pnalloc(cf->pool, 48);
 	if (!name.data)
 		return NGX_ERROR;
-	name.len = (size_t)(ngx_sprintf(name.data, "tally_counts_%uz_%08xD", m->cfg.nroutes, h) - name.data);
+	name.len = (size_t)(ngx_snprintf(name.data, 48, "tally_counts_%uz_%08xD", m->cfg.nroutes, h) - name.data);
 	/* nginx makes every zone a slab pool, of at least 8 pages */
 	size_t size = (8 * ngx_pagesize + 2 * gw_stats_size(m->cfg.nroutes) + ngx_pagesize - 1) &
 		      ~(size_t)(ngx_pagesize - 1);
@@ -273,22 +274,39 @@ static void ngx_http_tally_log(const char *line)
 	ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0, "tally: %s", line);
 }
 
+/* m's reader and counts in this process: at a worker's start, or on the
+ * first request of a cycle that had no init_process (nginx without
+ * workers, after a reload). Without workers the counts are the process's
+ * own, on the heap: there a reload that changes the routes unmaps the old
+ * zone while the old cycle's connections still run. */
+static ngx_int_t ngx_http_tally_start(ngx_http_tally_main_conf_t *m, ngx_log_t *log)
+{
+	if (m->g)
+		return NGX_OK;
+	m->g = calloc(1, sizeof(*m->g));
+	if (m->g && ngx_process == NGX_PROCESS_SINGLE &&
+	    (!(m->own = malloc(gw_stats_size(m->cfg.nroutes))) || gw_stats_init(m->own, m->cfg.nroutes, false))) {
+		free(m->own);
+		m->own = NULL;
+		free(m->g);
+		m->g = NULL;
+	}
+	if (!m->g) {
+		ngx_log_error(NGX_LOG_EMERG, log, 0, "tally: out of memory for the segment reader");
+		return NGX_ERROR;
+	}
+	m->g->cfg = &m->cfg;
+	m->g->st = m->own ? m->own : m->zone->data; /* ngx_http_tally_init_zone */
+	gw_log_sink = ngx_http_tally_log;
+	gw_reader_init(&m->g->reader, m->cfg.segment, m->cfg.fail_closed);
+	return NGX_OK;
+}
+
 static ngx_int_t ngx_http_tally_init_process(ngx_cycle_t *cycle)
 {
 	ngx_http_tally_main_conf_t *m = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_tally_module);
 
-	if (!m || !m->loaded)
-		return NGX_OK;
-	m->g = calloc(1, sizeof(*m->g));
-	if (!m->g) {
-		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "tally: out of memory for the segment reader");
-		return NGX_ERROR;
-	}
-	m->g->cfg = &m->cfg;
-	m->g->st = m->zone->data; /* ngx_http_tally_init_zone */
-	gw_log_sink = ngx_http_tally_log;
-	gw_reader_init(&m->g->reader, m->cfg.segment, m->cfg.fail_closed);
-	return NGX_OK;
+	return m && m->loaded ? ngx_http_tally_start(m, cycle->log) : NGX_OK;
 }
 
 static void ngx_http_tally_close(ngx_http_tally_main_conf_t *m)
@@ -298,6 +316,11 @@ static void ngx_http_tally_close(ngx_http_tally_main_conf_t *m)
 	gw_reader_close(&m->g->reader);
 	free(m->g);
 	m->g = NULL;
+	if (m->own) {
+		pthread_mutex_destroy(&m->own->unmapped.lock);
+		free(m->own);
+		m->own = NULL;
+	}
 }
 
 static void ngx_http_tally_exit_process(ngx_cycle_t *cycle)
@@ -387,10 +410,8 @@ static ngx_int_t ngx_http_tally_handler(ngx_http_request_t *r)
 	 * admin endpoints */
 	if (!lc->check || lc->status || r != r->main || ngx_http_tally_ctx(r))
 		return NGX_DECLINED;
-	if (!m->g && ngx_http_tally_init_process((ngx_cycle_t *)ngx_cycle) != NGX_OK)
-		return NGX_HTTP_INTERNAL_SERVER_ERROR; /* master_process off, after a reload: no init_process */
-	if (!m->g)
-		return NGX_DECLINED;
+	if (ngx_http_tally_start(m, r->connection->log) != NGX_OK)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
 	ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_tally_ctx_t));
 	char *method = ngx_pnalloc(r->pool, r->method_name.len + 1 + 3 * r->uri.len + 1);
 	if (!cln || !method)
@@ -455,7 +476,9 @@ static ngx_int_t ngx_http_tally_status_handler(ngx_http_request_t *r)
 			break;
 	if (k == sizeof(kinds) / sizeof(kinds[0]))
 		return NGX_HTTP_NOT_FOUND;
-	if (!m->g && ngx_http_tally_init_process((ngx_cycle_t *)ngx_cycle) != NGX_OK)
+	if (!m->loaded) /* tally_status needs tally_config (checked at merge): not reached */
+		return NGX_HTTP_NOT_FOUND;
+	if (ngx_http_tally_start(m, r->connection->log) != NGX_OK)
 		return NGX_HTTP_INTERNAL_SERVER_ERROR;
 	char *text = k == 0 ? gw_routes_json(m->g, "module") : k == 1 ? gw_metrics_text(m->g) : strdup("ok\n");
 	if (!text)
