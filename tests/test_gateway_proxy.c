@@ -285,7 +285,7 @@ Test(gateway_proxy, fail_open_is_said_on_the_answer, .timeout = 60)
 	long st = 0;
 
 	for (int minimal = 0; minimal < 2; minimal++) {
-		env_start(&e, minimal ? "decision_headers = minimal\n" : "", "", false);
+		env_start(&e, minimal ? "decision_headers = minimal\n" : "", "[shedding]\noverload_trickle = 0\n", false);
 		cr_expect_eq(gwt_get(e.port, "/over/1", &r), 503);
 		cr_assert_gt(e.owner, 0);
 		kill(e.owner, SIGKILL);
