@@ -53,37 +53,34 @@ void gw_decision_headers(const struct gw_outcome *o, void (*add)(void *ctx, cons
 			 void *ctx)
 {
 	char buf[32];
+	bool full = !o->minimal; /* minimal: what a client acts on; no route, subject or reason */
 
-	if (o->minimal) { /* what a client acts on, and no more: no route, subject or reason */
-		if (o->rd.why)
-			add(ctx, o->rd.level == GW_LEVEL_CLOSED ? "X-Tally-Fail-Closed" : "X-Tally-Fail-Open", "1");
-		if (o->d.admit)
-			return;
+	if (full)
+		add(ctx, "X-Tally-Decision", o->d.admit ? "admit" : "shed");
+	if (full || !o->d.admit) {
 		snprintf(buf, sizeof(buf), "%u", o->d.status);
 		add(ctx, "X-Tally-Status", buf);
-		snprintf(buf, sizeof(buf), "%u", o->retry_after_s);
-		add(ctx, "Retry-After", buf);
-		add(ctx, "X-Tally-No-Retry", "1");
-		return;
 	}
-	add(ctx, "X-Tally-Decision", o->d.admit ? "admit" : "shed");
-	snprintf(buf, sizeof(buf), "%u", o->d.status);
-	add(ctx, "X-Tally-Status", buf);
-	add(ctx, "X-Tally-Route", o->route ? o->route->name : "unmapped");
-	add(ctx, "X-Tally-Priority", gw_priority_name(o->priority));
+	if (full) {
+		add(ctx, "X-Tally-Route", o->route ? o->route->name : "unmapped");
+		add(ctx, "X-Tally-Priority", gw_priority_name(o->priority));
+	}
 	if (!o->route)
 		return;
-	add(ctx, "X-Tally-Subject", o->subject);
-	add(ctx, "X-Tally-Verdict", tally_verdict_name(o->rd.verdict));
-	if (o->rd.host[0])
-		add(ctx, "X-Tally-Host", o->rd.host);
-	if (o->rd.reasons) {
-		char reasons[96];
-		add(ctx, "X-Tally-Reasons", tally_reasons_format(o->rd.reasons, reasons, sizeof(reasons)));
+	if (full) {
+		add(ctx, "X-Tally-Subject", o->subject);
+		add(ctx, "X-Tally-Verdict", tally_verdict_name(o->rd.verdict));
+		if (o->rd.host[0])
+			add(ctx, "X-Tally-Host", o->rd.host);
+		if (o->rd.reasons) {
+			char reasons[96];
+			add(ctx, "X-Tally-Reasons", tally_reasons_format(o->rd.reasons, reasons, sizeof(reasons)));
+		}
 	}
 	if (o->rd.why)
-		add(ctx, o->rd.level == GW_LEVEL_CLOSED ? "X-Tally-Fail-Closed" : "X-Tally-Fail-Open", o->rd.why);
-	if (o->d.p > 0) {
+		add(ctx, o->rd.level == GW_LEVEL_CLOSED ? "X-Tally-Fail-Closed" : "X-Tally-Fail-Open",
+		    full ? o->rd.why : "1");
+	if (full && o->d.p > 0) {
 		snprintf(buf, sizeof(buf), "%.3f", o->d.p);
 		add(ctx, "X-Tally-Shed-Probability", buf);
 	}
