@@ -61,10 +61,7 @@ static void env_stop(struct env *e)
 	int st = gwt_stop(e->gw);
 	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the gateway stops cleanly");
 	gwt_stop(e->up);
-	if (e->owner > 0) { /* 0: the test killed it (never kill(0 or -1)) */
-		kill(e->owner, SIGKILL);
-		waitpid(e->owner, NULL, 0);
-	}
+	gwt_owner_kill(&e->owner);
 	tally_segment_unlink(e->seg);
 	gwt_rmtree(e->dir);
 }
@@ -282,38 +279,27 @@ Test(gateway_proxy, fail_open_is_said_on_the_answer, .timeout = 60)
 	struct env e;
 	struct gwt_resp r;
 	char v[256];
-	long st = 0;
 
 	for (int minimal = 0; minimal < 2; minimal++) {
 		env_start(&e, minimal ? "decision_headers = minimal\n" : "", "[shedding]\noverload_trickle = 0\n", false);
 		cr_expect_eq(gwt_get(e.port, "/over/1", &r), 503);
-		cr_assert_gt(e.owner, 0);
-		kill(e.owner, SIGKILL);
-		waitpid(e.owner, NULL, 0);
-		for (int i = 0; i < 100 && (st = gwt_get(e.port, "/over/2", &r)) != 200; i++)
-			tt_sleep_ms(50);
-		cr_expect_eq(st, 200, "the owner is dead: admitted");
+		gwt_owner_kill(&e.owner);
+		cr_expect_eq(gwt_get_until(e.port, "/over/2", 200, &r), 200, "the owner is dead: admitted");
 		cr_expect(strncmp(r.body, "GET /over/2 ", 12) == 0, "the upstream's answer: %s", r.body);
 		cr_expect_eq(gwt_header(&r, "X-Tally-Fail-Open", v, sizeof(v)), 0, "and said: %s", r.headers);
 		if (minimal)
 			cr_expect_str_eq(v, "1", "without the reason");
 		else
 			cr_expect(strstr(v, "owner") || strstr(v, "segment"), "why: %s", v);
-		e.owner = 0;
 		env_stop(&e);
 	}
 	env_start(&e, "decision_headers = minimal\nfail_closed = true\n", "", false);
-	cr_assert_gt(e.owner, 0);
-	kill(e.owner, SIGKILL);
-	waitpid(e.owner, NULL, 0);
+	gwt_owner_kill(&e.owner);
 	tally_segment_unlink(e.seg);
-	for (int i = 0; i < 100 && (st = gwt_get(e.port, "/ok/1", &r)) != 503; i++)
-		tt_sleep_ms(50);
-	cr_expect_eq(st, 503, "no segment, fail-closed: shed");
+	cr_expect_eq(gwt_get_until(e.port, "/ok/1", 503, &r), 503, "no segment, fail-closed: shed");
 	cr_expect_null(strstr(r.body, e.seg), "the body names no segment: %s", r.body);
 	cr_expect_eq(gwt_header(&r, "X-Tally-Fail-Closed", v, sizeof(v)), 0);
 	cr_expect_str_eq(v, "1");
-	e.owner = 0;
 	env_stop(&e);
 }
 

@@ -167,10 +167,7 @@ static void env_stop(struct env *e)
 	free(log);
 	gwt_nginx_stop(e->nginx);
 	gwt_stop(e->up);
-	if (e->owner > 0) {
-		kill(e->owner, SIGKILL);
-		waitpid(e->owner, NULL, 0);
-	}
+	gwt_owner_kill(&e->owner);
 	tally_segment_unlink(e->seg);
 	gwt_rmtree(e->dir);
 }
@@ -298,13 +295,8 @@ Test(nginx_module, minimal_headers_tell_no_internals, .timeout = 120)
 		cr_expect_eq(header_count(&r, internal[i]), 0, "no %s: %s", internal[i], r.headers);
 	cr_expect_eq(gwt_get(e.port, "/ok/1", &r), 200);
 	cr_expect_null(strcasestr(r.headers, "X-Tally-"), "an admitted request: nothing: %s", r.headers);
-	kill(e.owner, SIGKILL);
-	waitpid(e.owner, NULL, 0);
-	e.owner = 0;
-	long st = 0;
-	for (int i = 0; i < 100 && (st = gwt_get(e.port, "/over/2", &r)) != 200; i++)
-		tt_sleep_ms(50);
-	cr_expect_eq(st, 200, "fail-open");
+	gwt_owner_kill(&e.owner);
+	cr_expect_eq(gwt_get_until(e.port, "/over/2", 200, &r), 200, "fail-open");
 	cr_expect_eq(gwt_header(&r, "X-Tally-Fail-Open", v, sizeof(v)), 0, "%s", r.headers);
 	cr_expect_str_eq(v, "1", "said, without the segment's name or the reason");
 	env_stop(&e);
@@ -419,13 +411,8 @@ Test(nginx_module, fail_open_and_fail_closed, .timeout = 120)
 
 	env_start(&e, false, true);
 	cr_expect_eq(gwt_get(e.port, "/over/1", &r), 503);
-	kill(e.owner, SIGKILL);
-	waitpid(e.owner, NULL, 0);
-	e.owner = 0;
-	long st = 0;
-	for (int i = 0; i < 100 && (st = gwt_get(e.port, "/over/2", &r)) != 200; i++)
-		tt_sleep_ms(50);
-	cr_expect_eq(st, 200, "the owner is dead: admitted (fail-open)");
+	gwt_owner_kill(&e.owner);
+	cr_expect_eq(gwt_get_until(e.port, "/over/2", 200, &r), 200, "the owner is dead: admitted (fail-open)");
 	cr_expect_eq(gwt_header(&r, "X-Tally-Fail-Open", v, sizeof(v)), 0, "and said: %s", r.headers);
 	cr_expect(strstr(v, "owner") || strstr(v, "segment"), "why: %s", v);
 	cr_expect(strncmp(r.body, "GET /over/2 ", 12) == 0, "from the upstream: %s", r.body);
@@ -434,9 +421,8 @@ Test(nginx_module, fail_open_and_fail_closed, .timeout = 120)
 	 * the worker attaches it again and sheds again */
 	tally_segment_unlink(e.seg);
 	cr_assert_gt(e.owner = gwt_owner_start(e.seg, false), 0);
-	for (int i = 0; i < 100 && (st = gwt_get(e.port, "/over/3", &r)) != 503; i++)
-		tt_sleep_ms(50);
-	cr_expect_eq(st, 503, "the new owner's overload is read: %s", r.headers);
+	cr_expect_eq(gwt_get_until(e.port, "/over/3", 503, &r), 503, "the new owner's overload is read: %s",
+		     r.headers);
 	cr_expect_neq(gwt_header(&r, "X-Tally-Fail-Open", v, sizeof(v)), 0);
 	cr_expect_eq(gwt_get(e.port, "/over/4", &r), 503);
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/over/4"), 0, "shed before the upstream again");
@@ -513,7 +499,6 @@ Test(nginx_module, reload_reads_the_ini_again, .timeout = 120)
 	struct env e;
 	struct gwt_resp r;
 	char ini[160], text[1024];
-	long st = 0;
 
 	env_start(&e, false, true);
 	cr_expect_eq(gwt_get(e.port, "/ok/1", &r), 200);
@@ -525,9 +510,7 @@ Test(nginx_module, reload_reads_the_ini_again, .timeout = 120)
 		 "[route * /ok/**]\nsubject = gw.over\n", e.seg);
 	cr_assert_eq(gwt_write(ini, text), 0);
 	kill(e.nginx, SIGHUP);
-	for (int i = 0; i < 100 && (st = gwt_get(e.port, "/ok/2", &r)) != 503; i++)
-		tt_sleep_ms(50);
-	cr_expect_eq(st, 503, "after the reload /ok/ is gw.over's");
+	cr_expect_eq(gwt_get_until(e.port, "/ok/2", 503, &r), 503, "after the reload /ok/ is gw.over's");
 
 	cr_assert_eq(gwt_write(ini, "[route * /ok/**]\nsubjct = gw.ok\n"), 0);
 	kill(e.nginx, SIGHUP);

@@ -501,3 +501,21 @@ int gwt_tally_stat(const char *seg, const char *url, const char *extra, char *ou
 	int st = p ? pclose(p) : -1;
 	return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
+
+void gwt_owner_kill(pid_t *pid)
+{
+	if (*pid <= 0)
+		return;
+	kill(*pid, SIGKILL);
+	waitpid(*pid, NULL, 0);
+	*pid = 0;
+}
+
+long gwt_get_until(int port, const char *path, long want, struct gwt_resp *out)
+{
+	long st = 0;
+
+	for (int i = 0; i < 100 && (st = gwt_get(port, path, out)) != want; i++)
+		tt_sleep_ms(50);
+	return st;
+}

@@ -25,6 +25,9 @@
  * GWT_OVER overload. The pid, or -1 after a line on stderr.
  */
 pid_t gwt_owner_start(const char *name, bool group_readable);
+/* SIGKILL the owner *pid and reap it; *pid is then 0 (a pid <= 0 is left
+ * alone: never kill(0) or kill(-1)). */
+void gwt_owner_kill(pid_t *pid);
 
 /* fork + exec argv with stdout and stderr to log (NULL: inherited). */
 pid_t gwt_spawn(const char *log, const char *const argv[]);
@@ -89,6 +92,8 @@ struct gwt_resp {
 long gwt_http(int port, const char *path, const struct gwt_req *rq, struct gwt_resp *out);
 /* GET with no headers: the status; the body's start in out when not NULL. */
 long gwt_get(int port, const char *path, struct gwt_resp *out);
+/* GET path every 50 ms until it answers want, 5 s at most: the last status. */
+long gwt_get_until(int port, const char *path, long want, struct gwt_resp *out);
 /* A response header's value into buf: 0, or -1 when absent. */
 int gwt_header(const struct gwt_resp *r, const char *name, char *buf, size_t len);
 /* The upstream's count for path ("" for all). */
