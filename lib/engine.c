@@ -109,18 +109,22 @@
  * The hand-off is one mutex per lane. The lane holds it for each batch
  * (and each step of its walk), and reads the clock under it; thread 0
  * takes it (lane_take: a flag asks the lane to end its batch within
- * LANE_WANT_EVERY entries, and a lane that finds the flag set sleeps on a
- * condition variable, no spinning, until thread 0 gives the lane back; a
- * lane that waited gets its turn first) to collect fresh subjects and
- * queued entries; at publish, to merge the windows of up to LANE_GROUP
- * rows at a time, for at most LANE_HOLD_NS (half a publish step), as few
- * hand-offs as that allows, since each costs every lane the end of a
- * batch and a wake-up (a row's window is the merge of thread 0's and the
- * lanes' parts of the subject, tally__window_stats_merged: exact count,
- * sum, min and max, the quantiles of the summed histograms, so the same
- * bound and window semantics as one window; the rest of the row, pending,
- * waits and verdict, is done after, without the locks), to sum the export
- * buckets the same way; and, holding every lane, for the totals (drained
+ * LANE_WANT_EVERY entries, and a lane that finds the flag set parks,
+ * lane_park, no spinning, until thread 0 gives the lane back; a lane that
+ * waited gets its turn first) to collect fresh subjects and queued
+ * entries; at publish, to merge the windows of up to LANE_GROUP rows at a
+ * time, for at most LANE_HOLD_NS (half a publish step), as few hand-offs
+ * as that allows, since each costs every lane the end of a batch and a
+ * wake-up. The lanes parked meanwhile merge rows with thread 0 (struct
+ * merge_job): at 10,000 subjects a publish's merge is 20 to 70 ms of
+ * reading every lane's parts, cold, and with thread 0 alone one of the
+ * two vCPUs idled through it. A row's window is the merge of thread 0's
+ * and the lanes' parts of the subject, tally__window_stats_merged: exact
+ * count, sum, min and max, the quantiles of the summed histograms, so the
+ * same bound and window semantics as one window; the rest of the row,
+ * pending, waits and verdict, is done after, without the locks. Thread 0
+ * also takes the lanes to sum the export buckets the same way; and,
+ * holding every lane, for the totals (drained
  * is added under the lane's lock, so drained and the rings agree) and the
  * reaper (no slot is freed under a batch). A part thread 0 reads is first
  * advanced to the publish time; since a lane reads its clock under the
@@ -289,7 +293,8 @@ struct fwd {
  * most this many entries later. */
 #define LANE_WANT_EVERY 512u
 /* Rows thread 0 reads under the drain threads' locks at a time: at most
- * LANE_GROUP, and no longer than LANE_HOLD_NS (checked every 16 rows).
+ * LANE_GROUP, and no longer than LANE_HOLD_NS (checked before each claim
+ * of MERGE_CLAIM rows, and before each row left to thread 0).
  * Each take costs the drain threads the end of a batch and a wake-up, so
  * a hand-off every few rows cost more than the merge itself; half a
  * publish step keeps a drain thread's stall under PUBLISH_STEP_NS. */
@@ -308,10 +313,10 @@ struct lane {
 	bool running;                  /* thread 0's: the thread was created */
 	atomic_bool done;              /* the lane has drained to stop */
 	atomic_uint want;              /* thread 0 waits for lock: give it up soon */
-	atomic_bool waiting;           /* the lane waits on turn (thread 0 lets it in first) */
+	atomic_bool waiting;           /* the lane is parked (thread 0 lets it in first) */
 	atomic_bool news;              /* fresh or fwd has something (a hint) */
 	pthread_mutex_t lock;
-	pthread_cond_t turn;           /* with lock: thread 0 has given the lane back */
+	uint64_t job_seen;             /* the last merge job it helped with (job.lock) */
 	struct part **parts;           /* [table_size] */
 	uint32_t *active, nactive;     /* ids of the parts, in order of arrival */
 	uint32_t *fresh, nfresh;       /* parts thread 0 has not yet seen */
@@ -321,6 +326,37 @@ struct lane {
 	uint64_t cur_slice, walked_slice;
 	uint32_t walk_pos;
 	uint64_t stall_from;
+};
+
+/* A publish's merge of up to LANE_GROUP rows (rows_merge), done by
+ * thread 0 and by the drain threads it holds: a lane that thread 0 has
+ * taken parks (lane_park) and, while a job is open, merges rows with it
+ * instead of sleeping, so that neither vCPU idles while thread 0 holds
+ * them. Rows are claimed MERGE_CLAIM at a time from next; every claimed
+ * row is merged, so the rows done are from .. min(next, to). A row with a
+ * window still in an earlier slice (or asleep with its buckets dense) is
+ * left to thread 0 after the job (slow): advancing a subject's own
+ * window touches thread 0's bucket blocks (buckets_changed, a pack it
+ * shows) and its wait series, and a part's advance the lane's folded
+ * flag; a row is slow at most once a slice (or while it sleeps), so the
+ * job keeps them on thread 0 rather than share those. What is under
+ * lock is the job's state; from .. slow are written before it opens and
+ * read-only during it; out[r] and slow[r] are written by the one thread
+ * that claimed row r, and read by thread 0 after the last helper left
+ * (lock). */
+struct merge_job {
+	pthread_mutex_t lock;
+	pthread_cond_t start;          /* a job opened, or a lane was given back */
+	pthread_cond_t done;           /* the last helper left a closed job */
+	uint64_t gen;                  /* jobs opened */
+	bool open;
+	bool ready;                    /* lock and conds initialised */
+	uint32_t helpers;              /* lanes merging now */
+	uint32_t from, to;
+	uint64_t now, deadline;
+	struct tally__window_stats *out; /* [LANE_GROUP], row from + r at out[r] */
+	uint8_t *slow;                 /* [LANE_GROUP]: row from + r is left to thread 0 */
+	atomic_uint next;              /* the next row to claim */
 };
 
 struct tally_engine {
@@ -370,6 +406,8 @@ struct tally_engine {
 	uint64_t publish_now;            /* the time of the publish under way */
 	struct tally__window_stats *wsg; /* [LANE_GROUP] with drain threads: merged rows (rows_merge) */
 	uint64_t held_from;              /* when rows_step took the drain threads */
+	struct merge_job job;            /* with drain threads: rows_merge's */
+	_Atomic uint64_t merge_helped;   /* rows the drain threads merged (tally__engine_merge_helped) */
 	uint64_t edges[TALLY__HIST_DEFAULT_NEDGES]; /* export bucket edges, ns */
 	uint32_t nedges;
 	_Atomic uint64_t drained, rejected, publishes, last_publish_ns, died, released;
@@ -903,22 +941,53 @@ static void sleep_us(uint32_t us)
 	nanosleep(&ts, NULL);
 }
 
-/* The lane takes its own lock, after thread 0 if thread 0 wants it: it
- * sleeps on turn (the lock released) until thread 0 has given the lane
- * back, no spinning: with N drain threads on N cores, thread 0 shares a
- * core with one of them, and a spinning lane takes the time thread 0
- * needs to finish. want is written under the lock at the give, so no
+static uint32_t merge_claims(struct tally_engine *e, struct merge_job *j, bool first);
+
+/* The lane wants its lock while thread 0 wants it or holds it: it parks
+ * on the job's start (no spinning: with N drain threads on N cores,
+ * thread 0 shares a core with one of them, and a spinning lane takes the
+ * time thread 0 needs to finish) until thread 0 gives the lane back, and
+ * helps with any merge job opened meanwhile (struct merge_job). want is
+ * cleared before lane_give broadcasts start under the job's lock, so no
  * wake-up is lost. */
+static void lane_park(struct lane *l)
+{
+	struct merge_job *j = &l->e->job;
+
+	pthread_mutex_lock(&j->lock);
+	atomic_store_explicit(&l->waiting, true, memory_order_relaxed);
+	while (atomic_load_explicit(&l->want, memory_order_relaxed)) {
+		if (j->open && j->gen != l->job_seen) {
+			l->job_seen = j->gen;
+			j->helpers++;
+			pthread_mutex_unlock(&j->lock);
+			uint32_t rows = merge_claims(l->e, j, false);
+			atomic_fetch_add_explicit(&l->e->merge_helped, rows, memory_order_relaxed);
+			pthread_mutex_lock(&j->lock);
+			if (--j->helpers == 0 && !j->open)
+				pthread_cond_signal(&j->done);
+			continue;
+		}
+		if (pthread_cond_wait(&j->start, &j->lock))
+			tally__die(__FILE__, __LINE__, "drain thread wait");
+	}
+	pthread_mutex_unlock(&j->lock);
+}
+
+/* The lane takes its own lock, after thread 0 if thread 0 wants it. */
 static void lane_lock(struct lane *l)
 {
-	if (pthread_mutex_lock(&l->lock))
-		tally__die(__FILE__, __LINE__, "drain thread lock");
-	if (!atomic_load_explicit(&l->want, memory_order_relaxed))
-		return;
-	atomic_store_explicit(&l->waiting, true, memory_order_relaxed);
-	while (atomic_load_explicit(&l->want, memory_order_relaxed))
-		if (pthread_cond_wait(&l->turn, &l->lock))
-			tally__die(__FILE__, __LINE__, "drain thread wait");
+	for (;;) {
+		if (atomic_load_explicit(&l->want, memory_order_relaxed)) {
+			lane_park(l);
+			continue;
+		}
+		if (pthread_mutex_lock(&l->lock))
+			tally__die(__FILE__, __LINE__, "drain thread lock");
+		if (!atomic_load_explicit(&l->want, memory_order_relaxed))
+			break;
+		pthread_mutex_unlock(&l->lock); /* thread 0 asked meanwhile */
+	}
 	atomic_store_explicit(&l->waiting, false, memory_order_relaxed);
 }
 
@@ -941,10 +1010,13 @@ static void lane_take(struct lane *l)
 
 static void lane_give(struct lane *l)
 {
+	struct merge_job *j = &l->e->job;
+
 	atomic_store_explicit(&l->want, 0, memory_order_relaxed);
-	if (atomic_load_explicit(&l->waiting, memory_order_relaxed))
-		pthread_cond_signal(&l->turn);
 	pthread_mutex_unlock(&l->lock);
+	pthread_mutex_lock(&j->lock);
+	pthread_cond_broadcast(&j->start);
+	pthread_mutex_unlock(&j->lock);
 }
 
 static void lanes_take_all(struct tally_engine *e)
@@ -953,10 +1025,19 @@ static void lanes_take_all(struct tally_engine *e)
 		lane_take(&e->lanes[k]);
 }
 
+/* Every lane back, and one wake-up for the parked ones (a broadcast per
+ * lane would wake each parked lane once per lane). */
 static void lanes_give_all(struct tally_engine *e)
 {
-	for (uint32_t k = 0; k < e->nlanes; k++)
-		lane_give(&e->lanes[k]);
+	struct merge_job *j = &e->job;
+
+	for (uint32_t k = 0; k < e->nlanes; k++) {
+		atomic_store_explicit(&e->lanes[k].want, 0, memory_order_relaxed);
+		pthread_mutex_unlock(&e->lanes[k].lock);
+	}
+	pthread_mutex_lock(&j->lock);
+	pthread_cond_broadcast(&j->start);
+	pthread_mutex_unlock(&j->lock);
 }
 
 /* The lane has something for thread 0: wake it if this is news (once per
@@ -1370,22 +1451,103 @@ static void rows_step(struct tally_engine *e, uint32_t i, uint32_t mask, bool *h
 	}
 }
 
+/* Row i's merged window into *ws, if every window of it is in now's
+ * slice (and none asleep with its export buckets dense): then nothing
+ * needs advancing, and the merge writes only the row's own windows, so a
+ * drain thread may do it (struct merge_job). false: nothing done, the
+ * row is thread 0's (row_window). */
+static bool row_window_ready(struct tally_engine *e, uint32_t i, uint64_t now, struct tally__window_stats *ws)
+{
+	struct tally__window *wins[TALLY_DRAIN_THREADS_MAX + 1];
+	uint64_t slice = now / e->cfg.slice_ns;
+	uint32_t id = e->active[i];
+	struct subject_state *st = e->subjects[id];
+	size_t n = 0;
+
+	if (st->win.cur_slice < slice || st->win.cur_slice < e->cur_slice)
+		return false;
+	wins[n++] = &st->win;
+	for (uint32_t k = 0; k < e->nlanes; k++) {
+		struct part *p = e->lanes[k].parts[id];
+		if (!p)
+			continue;
+		if (p->win.cur_slice < slice || (tally__window_asleep(&p->win) && p->exp.le))
+			return false;
+		wins[n++] = &p->win;
+	}
+	tally__window_stats_merged(wins, n, now, ws);
+	return true;
+}
+
+/* Claims of a merge job until its rows or its time are done: every
+ * claimed row is merged. first (thread 0's): one claim before the clock
+ * is looked at, so a job always moves. Returns the rows it merged (not
+ * those left to thread 0). */
+#define MERGE_CLAIM 32u
+
+static uint32_t merge_claims(struct tally_engine *e, struct merge_job *j, bool first)
+{
+	uint32_t merged = 0;
+
+	for (;; first = false) {
+		if (!first && tally__mono_ns() >= j->deadline)
+			return merged;
+		uint32_t c = atomic_fetch_add_explicit(&j->next, MERGE_CLAIM, memory_order_relaxed);
+		if (c >= j->to)
+			return merged;
+		uint32_t end = c + MERGE_CLAIM < j->to ? c + MERGE_CLAIM : j->to;
+		for (uint32_t i = c; i < end; i++) {
+			merge_prefetch(e, i, end);
+			bool ready = row_window_ready(e, i, j->now, &j->out[i - j->from]);
+			j->slow[i - j->from] = !ready;
+			merged += ready;
+		}
+	}
+}
+
 /* With drain threads: the merged windows of rows from .. (at most
  * LANE_GROUP of them, for at most LANE_HOLD_NS) into out, every lane held
  * for them alone (the rest of a row's work is done after, without the
- * locks). Returns the row after the last one merged. */
+ * locks), the lanes that park meanwhile merging with thread 0 (struct
+ * merge_job). Returns the row after the last one merged. */
 static uint32_t rows_merge(struct tally_engine *e, uint32_t from, uint32_t nrows, uint64_t now,
 			   struct tally__window_stats *out)
 {
-	uint32_t to = from + LANE_GROUP < nrows ? from + LANE_GROUP : nrows, i;
+	struct merge_job *j = &e->job;
+	uint32_t to = from + LANE_GROUP < nrows ? from + LANE_GROUP : nrows;
 
 	publish_yield(e, now);
 	lanes_take_all(e);
-	uint64_t t0 = tally__mono_ns();
-	for (i = from; i < to; i++) {
-		if ((i - from) % 16 == 15 && tally__mono_ns() - t0 >= LANE_HOLD_NS)
+	pthread_mutex_lock(&j->lock);
+	j->from = from;
+	j->to = to;
+	j->now = now;
+	j->deadline = tally__mono_ns() + LANE_HOLD_NS;
+	j->out = out;
+	atomic_store_explicit(&j->next, from, memory_order_relaxed);
+	j->gen++;
+	j->open = true;
+	pthread_cond_broadcast(&j->start);
+	pthread_mutex_unlock(&j->lock);
+	merge_claims(e, j, true);
+	pthread_mutex_lock(&j->lock);
+	j->open = false;
+	while (j->helpers)
+		pthread_cond_wait(&j->done, &j->lock);
+	pthread_mutex_unlock(&j->lock);
+	uint32_t end = atomic_load_explicit(&j->next, memory_order_relaxed);
+	end = end < to ? end : to;
+	for (uint32_t i = from; i < end; i++) {
+		if (!j->slow[i - from])
+			continue;
+		/* after a slice boundary most rows are slow (the lanes have not
+		 * walked their parts yet) and these take longer: the hold stays
+		 * bounded, and the rows from here on go to the next job (a fast
+		 * row merged by a claim wrote nothing but its out) */
+		if (i > from && tally__mono_ns() >= j->deadline) {
+			end = i;
 			break;
-		merge_prefetch(e, i, to);
+		}
 		uint32_t id = e->active[i];
 		struct subject_state *st = e->subjects[id];
 		if (st->win.cur_slice < e->cur_slice)
@@ -1393,7 +1555,7 @@ static uint32_t rows_merge(struct tally_engine *e, uint32_t from, uint32_t nrows
 		row_window(e, id, st, now, &out[i - from]);
 	}
 	lanes_give_all(e);
-	return i;
+	return end;
 }
 
 static void rows_done(struct tally_engine *e, bool *held)
@@ -1409,8 +1571,13 @@ static int lanes_init(struct tally_engine *e)
 
 	if (!e->nlanes)
 		return 0;
-	if (!(e->wsg = calloc(LANE_GROUP, sizeof(e->wsg[0]))))
+	if (!(e->wsg = calloc(LANE_GROUP, sizeof(e->wsg[0]))) ||
+	    !(e->job.slow = calloc(LANE_GROUP, sizeof(e->job.slow[0]))))
 		return -ENOMEM;
+	pthread_mutex_init(&e->job.lock, NULL);
+	pthread_cond_init(&e->job.start, NULL);
+	pthread_cond_init(&e->job.done, NULL);
+	e->job.ready = true;
 	if (!(e->lanes = aligned_alloc(_Alignof(struct lane), e->nlanes * sizeof(e->lanes[0]))))
 		return -ENOMEM;
 	memset(e->lanes, 0, e->nlanes * sizeof(e->lanes[0]));
@@ -1419,7 +1586,6 @@ static int lanes_init(struct tally_engine *e)
 		l->e = e;
 		l->index = k;
 		pthread_mutex_init(&l->lock, NULL);
-		pthread_cond_init(&l->turn, NULL);
 		l->cur_slice = l->walked_slice = tally__mono_ns() / e->cfg.slice_ns;
 		l->parts = calloc(n, sizeof(l->parts[0]));
 		l->active = calloc(n, sizeof(l->active[0]));
@@ -1442,10 +1608,15 @@ static void lanes_free(struct tally_engine *e)
 		free(l->fresh);
 		free(l->fwd);
 		pthread_mutex_destroy(&l->lock);
-		pthread_cond_destroy(&l->turn);
+	}
+	if (e->job.ready) {
+		pthread_mutex_destroy(&e->job.lock);
+		pthread_cond_destroy(&e->job.start);
+		pthread_cond_destroy(&e->job.done);
 	}
 	free(e->lanes);
 	free(e->wsg);
+	free(e->job.slow);
 }
 
 /* ---- publish -------------------------------------------------------------- */
@@ -2502,6 +2673,11 @@ uint64_t tally__engine_max_stall_ns(struct tally_engine *e, bool reset)
 uint64_t tally__engine_rejected(struct tally_engine *e)
 {
 	return atomic_load_explicit(&e->rejected, memory_order_relaxed);
+}
+
+uint64_t tally__engine_merge_helped(struct tally_engine *e)
+{
+	return atomic_load_explicit(&e->merge_helped, memory_order_relaxed);
 }
 
 /* Retire what the engine published: the last snapshot once no reader

@@ -68,6 +68,10 @@ void tally__engine_publish(struct tally_engine *e, uint64_t now);
 /* Samples rejected so far (bad subject ids). */
 uint64_t tally__engine_rejected(struct tally_engine *e);
 
+/* Rows of publishes that drain threads merged while thread 0 held them
+ * (lib/engine.c, struct merge_job); 0 with one drain thread. */
+uint64_t tally__engine_merge_helped(struct tally_engine *e);
+
 /* The longest time the aggregator went without draining a ring since the
  * last reset (a publish, a slice close, a reap), not counting its sleeps
  * when idle. reset: start over (returns the value it had). Any thread. */

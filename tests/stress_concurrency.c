@@ -12,7 +12,11 @@
  * min and max in the merged rows, exact totals; and subjects that sleep
  * and wake (their export buckets packed, shown by the published block,
  * given up at a wake) while readers read the buckets: counters that
- * never go back, with one and with two drain threads.
+ * never go back, with one and with two drain threads; and the drain
+ * threads merging a publish's rows with the aggregator thread (struct
+ * merge_job in lib/engine.c), over more rows than a merge job holds,
+ * while slices close: every row read mid-run holds its own subject's
+ * values only and never loses a count, and the rows end exact.
  * Runs in every `make check` too.
  */
 #include "config.h"
@@ -21,9 +25,11 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "common/helpers.h"
 #include "common/tap.h"
+#include "engine_priv.h"
 #include "hist.h"
 
 static struct tally_segment *make(const char *tag, char *name_out)
@@ -612,9 +618,165 @@ static void draining_threads(uint32_t nthreads)
 	tally_segment_close(&seg);
 }
 
+/* ---- 6: the drain threads merge a publish with thread 0 ------------------------- */
+
+/* More rows than a merge job takes (LANE_GROUP, 512), so that a publish
+ * has several jobs and each job many claims; subject s records only
+ * values in [mg_lo(s), mg_lo(s) + 999], ranges that do not overlap, so a
+ * row merged from another row's windows shows a min or max outside its
+ * own. */
+#define MG_SUBJECTS 1200
+#define MG_PRODUCERS 4
+
+static uint64_t mg_lo(int s)
+{
+	return 1000000u + (uint64_t)s * 1000u;
+}
+
+struct mg_arg {
+	struct tally_segment *seg;
+	const tally_subject_t *ids;
+	int index;
+	atomic_bool *stop;
+	uint64_t count[MG_SUBJECTS];
+};
+
+static void *mg_producer(void *p)
+{
+	struct mg_arg *a = p;
+	uint64_t x = 0x2545f4914f6cdd1dull * (uint64_t)(a->index + 1);
+	struct tally_producer *prod;
+
+	if (tally_producer_attach(a->seg, &prod))
+		return NULL;
+	/* in bursts: producers spinning on every vCPU would starve the
+	 * aggregator thread, and the run would see a publish or two */
+	for (uint32_t n = 1; !atomic_load_explicit(a->stop, memory_order_relaxed); n++) {
+		x = x * 6364136223846793005ull + 1442695040888963407ull;
+		int s = (int)((x >> 33) % MG_SUBJECTS);
+		if (tally_record(prod, a->ids[s], mg_lo(s) + (x >> 54) % 1000))
+			a->count[s]++;
+		if (n % 2048 == 0)
+			tt_sleep_ms(1);
+	}
+	tally_producer_detach(&prod);
+	return NULL;
+}
+
+/* Every row once: false at a row that is not its subject's or counts
+ * less than it did (prev: the counts read last time). */
+static bool mg_rows_sane(struct tally_engine *e, const tally_subject_t *ids, uint64_t *prev, uint64_t *reads)
+{
+	struct tally_subject_stats st;
+
+	for (int s = 0; s < MG_SUBJECTS; s++) {
+		int rc = tally_engine_read(e, ids[s], &st);
+		if (rc == -ENOENT || rc == TALLY_EBUSY_RETRY)
+			continue;
+		if (rc != 0 && rc != TALLY_ESTALE)
+			return false;
+		++*reads;
+		if (st.count < prev[s] || (st.count &&
+		    (st.min_ns < mg_lo(s) || st.max_ns > mg_lo(s) + 999 || st.p50_ns < st.min_ns || st.p50_ns > st.max_ns))) {
+			fprintf(stderr, "merge: subject %d (values %llu .. %llu): count %llu (was %llu), min %llu, p50 %llu, max %llu\n",
+				s, (unsigned long long)mg_lo(s), (unsigned long long)mg_lo(s) + 999,
+				(unsigned long long)st.count, (unsigned long long)prev[s], (unsigned long long)st.min_ns,
+				(unsigned long long)st.p50_ns, (unsigned long long)st.max_ns);
+			return false;
+		}
+		prev[s] = st.count;
+	}
+	return true;
+}
+
+static void merging(uint32_t nthreads)
+{
+	struct tally_segment_config scfg;
+	struct tally_segment *seg = NULL;
+	struct tally_engine_config cfg;
+	struct tally_engine *e = NULL;
+	static tally_subject_t ids[MG_SUBJECTS];
+	static struct mg_arg a[MG_PRODUCERS];
+	static uint64_t prev[MG_SUBJECTS];
+	pthread_t th[MG_PRODUCERS];
+	atomic_bool stop = false;
+	char name[32];
+
+	tally_engine_config_init(&cfg);
+	cfg.drain_threads = nthreads;
+	cfg.publish_interval_ms = 1;
+	cfg.drain_interval_us = 50;  /* a drain thread wakes often: often parked when a merge opens */
+	cfg.slice_ns = 100000000;    /* slices close while it runs: rows left to thread 0 too */
+	cfg.window_ns = 30000000000; /* and nothing leaves the window */
+	tt_config(&scfg);
+	scfg.ring_capacity = 1u << 14;
+	scfg.subject_capacity = 4 * MG_SUBJECTS;
+	bool made = tally_segment_create(tt_segname("sm"), &scfg, 0, &seg) == 0;
+	for (int s = 0; made && s < MG_SUBJECTS; s++) {
+		snprintf(name, sizeof(name), "stress.merge.%d", s);
+		made = tally_subject_intern(seg, name, &ids[s]) == 0;
+	}
+	if (!made || tally_engine_start(seg, &cfg, &e)) {
+		tap_ok(0, "merge, drain_threads %u: engine start: %s", nthreads, tally_errmsg());
+		tap_ok(0, "merge, drain_threads %u: no rows", nthreads);
+		tally_segment_close(&seg);
+		return;
+	}
+	memset(prev, 0, sizeof(prev));
+	for (int t = 0; t < MG_PRODUCERS; t++) {
+		memset(&a[t], 0, sizeof(a[t]));
+		a[t] = (struct mg_arg){ .seg = seg, .ids = ids, .index = t, .stop = &stop };
+		pthread_create(&th[t], NULL, mg_producer, &a[t]);
+	}
+	/* read every row while it publishes, for 60 sweeps and until it has
+	 * published 50 times and the drain threads have merged rows of their
+	 * own, for 8 s at most (TSan: a publish can take seconds there) */
+	struct tally_engine_counters ec, ec0;
+	uint64_t reads = 0, sweeps = 0;
+	bool sane = true;
+	struct timespec t0, tn;
+	tally_engine_counters(e, &ec0);
+	ec = ec0;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	tn = t0;
+	for (int i = 0; sane && tn.tv_sec - t0.tv_sec < 8 && (i < 60 || tally__engine_merge_helped(e) == 0 ||
+							      ec.publishes - ec0.publishes < 50); i++, sweeps++) {
+		sane = mg_rows_sane(e, ids, prev, &reads);
+		tt_sleep_ms(5);
+		tally_engine_counters(e, &ec);
+		clock_gettime(CLOCK_MONOTONIC, &tn);
+	}
+	uint64_t helped = tally__engine_merge_helped(e);
+	tally_engine_counters(e, &ec);
+	atomic_store(&stop, true);
+	uint64_t want[MG_SUBJECTS] = { 0 };
+	for (int t = 0; t < MG_PRODUCERS; t++) {
+		pthread_join(th[t], NULL);
+		for (int s = 0; s < MG_SUBJECTS; s++)
+			want[s] += a[t].count[s];
+	}
+	/* and the rows end exact: every count (bounded wait, TSan is slow) */
+	bool exact = false;
+	for (int i = 0; i < 2000 && sane && !exact; i++) {
+		exact = sane = mg_rows_sane(e, ids, prev, &reads);
+		for (int s = 0; exact && s < MG_SUBJECTS; s++)
+			exact = prev[s] == want[s];
+		if (!exact)
+			tt_sleep_ms(5);
+	}
+	tap_ok(sane && exact, "merge, drain_threads %u: %d rows read %llu times in %llu sweeps while it published "
+	       "%llu times (the last took %.1f ms), each its own subject's, counts never going back, ending exact",
+	       nthreads, MG_SUBJECTS, (unsigned long long)reads, (unsigned long long)sweeps,
+	       (unsigned long long)(ec.publishes - ec0.publishes), (double)ec.last_publish_ns / 1e6);
+	tap_ok(helped > 0, "merge, drain_threads %u: the drain threads merged %llu rows of publishes themselves",
+	       nthreads, (unsigned long long)helped);
+	tally_engine_stop(&e);
+	tally_segment_close(&seg);
+}
+
 int main(void)
 {
-	tap_plan(19);
+	tap_plan(23);
 	interning();
 	recording();
 	publishing();
@@ -623,5 +785,7 @@ int main(void)
 	following();
 	draining_threads(2);
 	draining_threads(4);
+	merging(2);
+	merging(4);
 	return tap_done();
 }
