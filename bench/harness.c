@@ -8,6 +8,7 @@
 #include "config.h"
 
 #include <getopt.h>
+#include <limits.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
@@ -328,7 +329,7 @@ static void usage(FILE *to)
 {
 	fprintf(to, "usage: tally-bench [--part NAME[,NAME...]] [--quick] [--reps N] [--scale X]\n"
 		    "                   [--threads N] [--subjects LIST] [--consumers LIST] [--slices LIST]\n"
-		    "                   [--drain-threads LIST]\n"
+		    "                   [--drain-threads LIST] [--drain-publish-ms N]\n"
 		    "                   [--json FILE] [--list]\n"
 		    "Measures every hot path beside its baselines, same process, same run.\n"
 		    "  --quick          3 repetitions, a quarter of the operations (same sweeps)\n"
@@ -340,6 +341,8 @@ static void usage(FILE *to)
 		    "  --consumers LIST pending: consumers (default " DEFAULT_CONSUMERS ")\n"
 		    "  --slices LIST    window: window length in 1 s slices (default " DEFAULT_SLICES ")\n"
 		    "  --drain-threads LIST  drain: drain_threads values (default " DEFAULT_DRAIN_THREADS "; the first is the baseline)\n"
+		    "  --drain-publish-ms N  drain: publish every N ms during the drain (default 100, the engine's;\n"
+		    "                   60000: no publish inside a fill, what publishing costs the drain)\n"
 		    "  --json FILE      also write the rows as JSON (bench/plot.sh draws it)\n"
 		    "  --list           list the parts\n");
 }
@@ -352,6 +355,7 @@ int main(int argc, char **argv)
 		{ "sizes", required_argument, NULL, 'S' }, { "subjects", required_argument, NULL, 'S' },
 		{ "consumers", required_argument, NULL, 'C' }, { "slices", required_argument, NULL, 'W' },
 		{ "drain-threads", required_argument, NULL, 'D' },
+		{ "drain-publish-ms", required_argument, NULL, 'P' },
 		{ "quick", no_argument, NULL, 'q' }, { "json", required_argument, NULL, 'j' },
 		{ "list", no_argument, NULL, 'l' }, { "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -366,7 +370,7 @@ int main(int argc, char **argv)
 	bench_opts.consumers = DEFAULT_CONSUMERS;
 	bench_opts.slices = DEFAULT_SLICES;
 	bench_opts.drain_threads = DEFAULT_DRAIN_THREADS;
-	while ((c = getopt_long(argc, argv, "p:r:x:t:S:C:W:D:qj:lh", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "p:r:x:t:S:C:W:D:P:qj:lh", opts, NULL)) != -1) {
 		switch (c) {
 		case 'p': only = optarg; break;
 		case 'r': reps = atoi(optarg); break;
@@ -376,6 +380,13 @@ int main(int argc, char **argv)
 		case 'C': bench_opts.consumers = optarg; break;
 		case 'W': bench_opts.slices = optarg; break;
 		case 'D': bench_opts.drain_threads = optarg; break;
+		case 'P': {
+			char *end;
+			unsigned long ms = strtoul(optarg, &end, 10);
+			/* out of range or not a number: refused below */
+			bench_opts.drain_publish_ms = *optarg && !*end && ms >= 1 && ms <= 3600000 ? (unsigned)ms : UINT_MAX;
+			break;
+		}
 		case 'q': quick = true; break;
 		case 'j': json = optarg; break;
 		case 'l':
@@ -393,8 +404,9 @@ int main(int argc, char **argv)
 	bench_opts.reps = reps ? reps : quick ? 3 : 7;
 	bench_opts.scale = scale ? scale : quick ? 0.25 : 1.0;
 	if (bench_opts.reps < 1 || bench_opts.reps > 256 || bench_opts.scale <= 0 || bench_opts.max_threads < 1 ||
-	    bench_opts.max_threads > 64) {
-		fprintf(stderr, "tally-bench: --reps must be 1..256, --scale > 0, --threads 1..64\n");
+	    bench_opts.max_threads > 64 || bench_opts.drain_publish_ms > 3600000) {
+		fprintf(stderr, "tally-bench: --reps must be 1..256, --scale > 0, --threads 1..64, "
+			"--drain-publish-ms 1..3600000\n");
 		return 2;
 	}
 	if ((only && check_parts(only) != 0) || !list_ok(bench_opts.subjects, "--subjects", 1000000) ||

@@ -24,6 +24,7 @@ struct bench_opts {
 	const char *consumers; /* consumer sweep of pending (--consumers) */
 	const char *slices;    /* window sweep, slices of 1 s per window (--slices) */
 	const char *drain_threads; /* drain: drain_threads sweep (--drain-threads, default 1,2,4) */
+	unsigned drain_publish_ms; /* drain: the engine's publish interval (--drain-publish-ms, default the engine's) */
 };
 
 extern struct bench_opts bench_opts;
