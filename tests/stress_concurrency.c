@@ -24,6 +24,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -663,8 +664,10 @@ static void *mg_producer(void *p)
 	return NULL;
 }
 
-/* Every row once: false at a row that is not its subject's or counts
- * less than it did (prev: the counts read last time). */
+/* Every row once: false at a row that is not its subject's or whose
+ * count since start went back (prev: the counts read last time; not the
+ * window's count, which falls once slices leave the window, as they do
+ * under valgrind, where this scenario runs for minutes). */
 static bool mg_rows_sane(struct tally_engine *e, const tally_subject_t *ids, uint64_t *prev, uint64_t *reads)
 {
 	struct tally_subject_stats st;
@@ -676,15 +679,15 @@ static bool mg_rows_sane(struct tally_engine *e, const tally_subject_t *ids, uin
 		if (rc != 0 && rc != TALLY_ESTALE)
 			return false;
 		++*reads;
-		if (st.count < prev[s] || (st.count &&
+		if (st.total_count < prev[s] || (st.count &&
 		    (st.min_ns < mg_lo(s) || st.max_ns > mg_lo(s) + 999 || st.p50_ns < st.min_ns || st.p50_ns > st.max_ns))) {
 			fprintf(stderr, "merge: subject %d (values %llu .. %llu): count %llu (was %llu), min %llu, p50 %llu, max %llu\n",
 				s, (unsigned long long)mg_lo(s), (unsigned long long)mg_lo(s) + 999,
-				(unsigned long long)st.count, (unsigned long long)prev[s], (unsigned long long)st.min_ns,
+				(unsigned long long)st.total_count, (unsigned long long)prev[s], (unsigned long long)st.min_ns,
 				(unsigned long long)st.p50_ns, (unsigned long long)st.max_ns);
 			return false;
 		}
-		prev[s] = st.count;
+		prev[s] = st.total_count;
 	}
 	return true;
 }
@@ -707,7 +710,7 @@ static void merging(uint32_t nthreads)
 	cfg.publish_interval_ms = 1;
 	cfg.drain_interval_us = 50;  /* a drain thread wakes often: often parked when a merge opens */
 	cfg.slice_ns = 100000000;    /* slices close while it runs: rows left to thread 0 too */
-	cfg.window_ns = 30000000000; /* and nothing leaves the window */
+	cfg.window_ns = 300000000000; /* and nothing leaves the window (in a normal build) */
 	tt_config(&scfg);
 	scfg.ring_capacity = 1u << 14;
 	scfg.subject_capacity = 4 * MG_SUBJECTS;
@@ -733,7 +736,7 @@ static void merging(uint32_t nthreads)
 	 * own, for 8 s at most (TSan: a publish can take seconds there) */
 	struct tally_engine_counters ec, ec0;
 	uint64_t reads = 0, sweeps = 0;
-	bool sane = true;
+	bool sane = true, vg = getenv("TALLY_VALGRIND") != NULL;
 	struct timespec t0, tn;
 	tally_engine_counters(e, &ec0);
 	ec = ec0;
@@ -755,9 +758,10 @@ static void merging(uint32_t nthreads)
 		for (int s = 0; s < MG_SUBJECTS; s++)
 			want[s] += a[t].count[s];
 	}
-	/* and the rows end exact: every count (bounded wait, TSan is slow) */
+	/* and the rows end exact: every count (bounded wait: under valgrind
+	 * a publish of these rows takes seconds) */
 	bool exact = false;
-	for (int i = 0; i < 2000 && sane && !exact; i++) {
+	for (int i = 0; i < (vg ? 6000 : 2000) && sane && !exact; i++) {
 		exact = sane = mg_rows_sane(e, ids, prev, &reads);
 		for (int s = 0; exact && s < MG_SUBJECTS; s++)
 			exact = prev[s] == want[s];
@@ -768,8 +772,10 @@ static void merging(uint32_t nthreads)
 	       "%llu times (the last took %.1f ms), each its own subject's, counts never going back, ending exact",
 	       nthreads, MG_SUBJECTS, (unsigned long long)reads, (unsigned long long)sweeps,
 	       (unsigned long long)(ec.publishes - ec0.publishes), (double)ec.last_publish_ns / 1e6);
-	tap_ok(helped > 0, "merge, drain_threads %u: the drain threads merged %llu rows of publishes themselves",
-	       nthreads, (unsigned long long)helped);
+	/* valgrind runs one thread at a time: a drain thread parked on a job
+	 * runs only once the aggregator thread waits, after its claims */
+	tap_ok(helped > 0 || vg, "merge, drain_threads %u: the drain threads merged %llu rows of publishes themselves%s",
+	       nthreads, (unsigned long long)helped, vg ? " (not required under valgrind)" : "");
 	tally_engine_stop(&e);
 	tally_segment_close(&seg);
 }
