@@ -1900,6 +1900,27 @@ static int poll_stream(struct tally__poller *p, int sw, uint64_t now)
 	return poll_subjects(p, sw, now);
 }
 
+/* Whether a CONSUMER.INFO reply without an error is about s at all. While
+ * it deletes a consumer, nats-server answers its INFO with the response
+ * type alone ({"type":"io.nats.jetstream.api.v1.consumer_info_response"}):
+ * no error, no name, no config. Read as live, that reply was a backlog of
+ * 0 with no filter: the row lost the consumer's pattern, and when the next
+ * poll said "not found" the deleted consumer matched no row, so the row
+ * never read gone (test_backlog caught it on 2 busy cores). */
+static bool reply_is_of(const struct tally__js_consumer *c, const struct slot *s)
+{
+	if (!c->name[0] || c->name_too_long || strcmp(c->name, s->consumer) != 0)
+		return false;
+	return !c->stream[0] || strcmp(c->stream, s->stream) == 0;
+}
+
+/* An answer that names no consumer (or another): the last values stay, cached. */
+static void slot_unnamed(struct tally__poller *p, struct slot *s)
+{
+	slot_stale(p, s, "reply names no consumer (being deleted?): last values kept");
+	s->refreshed = true;
+}
+
 static int poll_pair(struct tally__poller *p, struct slot *s, uint64_t now)
 {
 	struct tally__js_consumer c;
@@ -1926,6 +1947,10 @@ static int poll_pair(struct tally__poller *p, struct slot *s, uint64_t now)
 	}
 	if (e.code != 0)
 		return api_error(p, subj, &e);
+	if (!reply_is_of(&c, s)) {
+		slot_unnamed(p, s);
+		return 0;
+	}
 	if (slot_live(p, s, &c, now))
 		plog(p, LOG_INFO, "consumer %s/%s exists again", s->stream, s->consumer);
 	return 0;

@@ -328,7 +328,8 @@ Test(backlog, configured_consumer_never_found_reads_not_found, .timeout = 60)
 
 	/* "all" deleted: gone, then (a configured pair) not_found; never stale */
 	del_consumer(&b, "ORDERS", "all");
-	cr_assert(WAIT(3000, rd(&b, id).pending_source == TALLY_PENDING_GONE));
+	cr_assert(WAIT(3000, rd(&b, id).pending_source == TALLY_PENDING_GONE), "source %u",
+		  rd(&b, id).pending_source);
 	s = rd(&b, id);
 	cr_expect_eq(s.pending_consumers, 0);
 	cr_expect_eq(s.pending, 0);

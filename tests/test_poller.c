@@ -7,9 +7,10 @@
  * started by tests/common/nats_server.c, with streams and consumers made
  * through cnats: counts after publishing, fetching and acking, filters,
  * 1,000 consumers by LIST paging, a server killed and restarted, deleted
- * consumers and streams, no JetStream, unreachable and bad URLs, wrong
- * credentials, reconfiguration, skipped ticks. Poll interval 100 ms, every
- * wait bounded.
+ * consumers and streams, an INFO reply that names no consumer (as
+ * nats-server sends while it deletes one), no JetStream, unreachable and
+ * bad URLs, wrong credentials, reconfiguration, skipped ticks. Poll
+ * interval 100 ms, every wait bounded.
  */
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
@@ -850,6 +851,106 @@ Test(poller, deleted_consumer_and_stream_turn_gone)
 	v = must_entry(&e, "JOBS", "w");
 	cr_assert_eq(v.source, TALLY__PENDING_LIVE, "re-created: live again");
 	cr_assert_eq(v.num_pending, 2);
+	env_free(&e);
+}
+
+/* Replies of a JetStream API, one per request in order, the last repeated:
+ * the test answers the poller's requests itself through the real
+ * nats-server, on an API prefix that no JetStream serves. */
+struct scripted_api {
+	const char *const *replies;
+	int n, next;
+	pthread_mutex_t lock;
+};
+
+static void scripted_reply(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure)
+{
+	struct scripted_api *api = closure;
+	const char *body;
+
+	(void)sub;
+	pthread_mutex_lock(&api->lock);
+	body = api->replies[api->next < api->n ? api->next : api->n - 1];
+	api->next++;
+	pthread_mutex_unlock(&api->lock);
+	if (natsMsg_GetReply(msg))
+		natsConnection_PublishString(nc, natsMsg_GetReply(msg), body);
+	natsMsg_Destroy(msg);
+}
+
+static int scripted_served(struct scripted_api *api)
+{
+	int n;
+
+	pthread_mutex_lock(&api->lock);
+	n = api->next;
+	pthread_mutex_unlock(&api->lock);
+	return n;
+}
+
+/* While it deletes a consumer, nats-server answers CONSUMER.INFO with the
+ * response type alone: no error, no consumer (test_backlog met it on 2
+ * busy cores; the reply below is the one it printed). That is not a live
+ * consumer with no backlog and no filter: the entry keeps its values and
+ * its filter, turns cached, and the next "not found" makes it gone with
+ * the filter it had, so the rows it fed read gone. */
+Test(poller, info_reply_naming_no_consumer_keeps_the_last_values)
+{
+	static const char *const replies[] = {
+		"{\"type\":\"io.nats.jetstream.api.v1.consumer_info_response\",\"stream_name\":\"ORDERS\","
+		"\"name\":\"all\",\"config\":{\"durable_name\":\"all\",\"filter_subject\":\"orders.>\"},"
+		"\"num_pending\":40,\"num_ack_pending\":0}",
+		"{\"type\":\"io.nats.jetstream.api.v1.consumer_info_response\"}",
+		"{\"type\":\"io.nats.jetstream.api.v1.consumer_info_response\",\"stream_name\":\"ORDERS\","
+		"\"name\":\"other\",\"config\":{\"filter_subject\":\"\"},\"num_pending\":0}",
+		"{\"type\":\"io.nats.jetstream.api.v1.consumer_info_response\",\"error\":{\"code\":404,"
+		"\"err_code\":10014,\"description\":\"consumer not found\"}}",
+	};
+	struct scripted_api api = { .replies = replies, .n = 4, .lock = PTHREAD_MUTEX_INITIALIZER };
+	struct tally_poller_watch w[] = { { .stream = "ORDERS", .consumer = "all" } };
+	struct tally_poller_config cfg;
+	struct tally__pending_view v;
+	struct tally__pending_result r;
+	natsSubscription *sub = NULL;
+	struct env e = { 0 };
+
+	init_log();
+	env_server(&e, NULL, false);
+	env_connect(&e);
+	env_section(&e, 4);
+	cr_assert_eq(natsConnection_Subscribe(&sub, e.nc, "TEST.API.CONSUMER.INFO.ORDERS.all",
+					      scripted_reply, &api), NATS_OK);
+	cr_assert_eq(natsConnection_Flush(e.nc), NATS_OK);
+	cfg = base_cfg(e.srv.url, w, 1);
+	cfg.manual = true;
+	cfg.js_prefix = "TEST.API";
+	start_poller(&e, &cfg);
+
+	cr_assert_eq(tally__poller_poll_once(e.p), 0);
+	v = must_entry(&e, "ORDERS", "all");
+	cr_assert_eq(v.source, TALLY__PENDING_LIVE);
+	cr_assert_eq(v.num_pending, 40);
+	cr_assert_str_eq(v.filter, "orders.>");
+
+	for (int reply = 1; reply <= 2; reply++) {
+		cr_assert_eq(tally__poller_poll_once(e.p), 0, "an answer, not a failed poll");
+		cr_assert_eq(scripted_served(&api), reply + 1);
+		v = must_entry(&e, "ORDERS", "all");
+		cr_assert_eq(v.source, TALLY__PENDING_CACHED, "reply %d: source %u", reply, v.source);
+		cr_assert_eq(v.num_pending, 40, "reply %d: the last backlog stays", reply);
+		cr_assert_str_eq(v.filter, "orders.>", "reply %d: the filter stays", reply);
+		cr_assert(strstr(v.last_error, "names no consumer"), "reply %d: %s", reply, v.last_error);
+	}
+
+	cr_assert_eq(tally__poller_poll_once(e.p), 0);
+	v = must_entry(&e, "ORDERS", "all");
+	cr_assert_eq(v.source, TALLY__PENDING_GONE);
+	cr_assert_eq(v.num_pending, 0);
+	cr_assert_str_eq(v.filter, "orders.>", "gone, still matching the rows it fed");
+	cr_assert_eq(tally__pending_for_subject(e.section, e.len, "orders.created", NULL, &r), 0);
+	cr_assert_eq(r.matched, 1);
+	cr_assert_eq(r.source, TALLY__PENDING_GONE);
+	natsSubscription_Destroy(sub);
 	env_free(&e);
 }
 
