@@ -279,10 +279,10 @@ static uint64_t stream_pass(struct tally_segment *seg, uint64_t *got)
  * touches with one dense histogram per subject (hist.h), its subject's hot
  * line (count, sum) and the 16-bit counter of its bucket, in huge pages
  * (as the arena gives them), both fetched ahead as far as engine.c does
- * (TALLY__PF_FAR / TALLY__PF_NEAR entries, from TALLY__PF_MIN_SUBJECTS
+ * (both TALLY__PF_FAR entries ahead, from TALLY__PF_MIN_SUBJECTS
  * subjects on, and the ring TALLY__RING_PF ahead: engine_priv.h), but from
- * addresses computed without a load (the engine must read a subject's
- * line to find its counters). What it reaches is what
+ * addresses computed without a load (the engine reads two pointers per
+ * sample to find them, and one to find them again). What it reaches is what
  * prefetching alone can give with this working set on this machine;
  * the ingest as a ratio of it is what the engine's own work costs. */
 #define FLOOR_BUCKETS 2368u /* tally__hist_index(default max) + 1 = 2345, in whole lines */
@@ -359,12 +359,10 @@ static uint64_t floor2_pass_slots(struct tally_segment *seg, const struct floor2
 				uint64_t v;
 				if ((k & 3) == 0 && k + TALLY__RING_PF < n)
 					__builtin_prefetch(&ring[(head + k + TALLY__RING_PF) & mask], 0);
-				if (pf && k + TALLY__PF_FAR < n)
-					__builtin_prefetch(floor2_of(f, &ring[(head + k + TALLY__PF_FAR) & mask],
-								     &idx, &v), 1);
-				if (pf && k + TALLY__PF_NEAR < n) {
+				if (pf && k + TALLY__PF_FAR < n) {
 					struct floor_subject *q =
-						floor2_of(f, &ring[(head + k + TALLY__PF_NEAR) & mask], &idx, &v);
+						floor2_of(f, &ring[(head + k + TALLY__PF_FAR) & mask], &idx, &v);
+					__builtin_prefetch(q, 1);
 					__builtin_prefetch(&q->counts[idx], 1);
 				}
 				struct floor_subject *q = floor2_of(f, &ring[(head + k) & mask], &idx, &v);

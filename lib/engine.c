@@ -318,6 +318,7 @@ struct lane {
 	pthread_mutex_t lock;
 	uint64_t job_seen;             /* the last merge job it helped with (job.lock) */
 	struct part **parts;           /* [table_size] */
+	const uint16_t **pf_counts;    /* [table_size]: as the engine's, for the parts */
 	uint32_t *active, nactive;     /* ids of the parts, in order of arrival */
 	uint32_t *fresh, nfresh;       /* parts thread 0 has not yet seen */
 	struct fwd *fwd;               /* [LANE_FWD_CAP] waits and pending for thread 0 */
@@ -371,6 +372,11 @@ struct tally_engine {
 	uint32_t nlanes;                 /* 0 (drain_threads 1: this thread drains) or drain_threads */
 	uint32_t own_slots;              /* slots this thread drains itself: all, or none */
 	struct subject_state **subjects; /* [table_size], allocated on first sample */
+	/* [table_size]: each subject's current-slice counters, for the
+	 * drain's prefetch alone (so that it needs no line of the state
+	 * itself): set when they are made, may point at counters a sleep gave
+	 * back (a prefetch never faults) */
+	const uint16_t **pf_counts;
 	uint32_t *active;                /* ids in order of arrival: row i is active[i] */
 	uint32_t *row_of;                /* [table_size]: row + 1, 0 not active */
 	uint32_t nactive;
@@ -597,6 +603,7 @@ static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, ui
 	}
 	tally__verdict_init(&st->vs, now);
 	e->subjects[id] = st;
+	e->pf_counts[id] = st->win.cur.counts;
 	e->active[e->nactive++] = id;
 	e->row_of[id] = e->nactive;
 	e->rows_changed = e->buckets_changed = true;
@@ -688,32 +695,29 @@ static void advance_one(struct tally_engine *e, struct subject_state *st, uint64
 
 /* Prefetch (issue 18): the drain's look-ahead, TALLY__PF_* in
  * engine_priv.h (there so that the benchmark's memory floor uses the same
- * distances). prefetch_bucket and lane_prefetch repeat the same few lines
+ * distances). prefetch_sample and lane_prefetch repeat the same few lines
  * on purpose: with one inline helper for both, gcc 12 laid out
  * drain_slot's loop so that 10,000 subjects lost 30% per CPU-second (A/B,
  * 2 rounds: 55-58 against 81-84 M/s). */
 
-static inline void prefetch_state(const struct tally_engine *e, const struct tally_ring_entry *r)
+/* The subject's line and its counter's, TALLY__PF_FAR entries ahead: the
+ * counter's address comes from pf_counts, not from the state's line,
+ * which is still on its way (a second look 8 entries ahead read it there
+ * instead; one look: +10% at 1,000 subjects, none measured at 10,000,
+ * BENCHMARKS.md, issue 18, eighth pass). */
+static inline void prefetch_sample(const struct tally_engine *e, const struct tally_ring_entry *r)
 {
 	uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
+	uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED), max = e->seg->max_value_ns;
 
-	if (id < e->seg->table_size && e->subjects[id])
-		__builtin_prefetch(e->subjects[id], 1);
-}
-
-static inline void prefetch_bucket(const struct tally_engine *e, const struct tally_ring_entry *r)
-{
-	uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
-	uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
-	const struct subject_state *st = id < e->seg->table_size ? e->subjects[id] : NULL;
-
-	if (!st)
+	if (id >= e->seg->table_size)
 		return;
-	const struct tally__hist *h = &st->win.cur;
-	if (!h->counts) /* asleep (window.h): the add wakes it */
-		return;
-	uint32_t i = tally__hist_index(v < h->max_value ? v : h->max_value);
-	__builtin_prefetch(&h->counts[i], 1);
+	const struct subject_state *st = e->subjects[id];
+	const uint16_t *c = e->pf_counts[id];
+	if (st)
+		__builtin_prefetch(st, 1);
+	if (c)
+		__builtin_prefetch(&c[tally__hist_index(v < max ? v : max)], 1);
 }
 
 /* Drain up to DRAIN_BATCH entries of s, and at most `budget` of them
@@ -741,12 +745,8 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
 		if ((k & 3) == 0 && k + TALLY__RING_PF < n)
 			__builtin_prefetch(&s->ring[(head + k + TALLY__RING_PF) & mask], 0);
-		if (pf) {
-			if (k + TALLY__PF_FAR < n)
-				prefetch_state(e, &s->ring[(head + k + TALLY__PF_FAR) & mask]);
-			if (k + TALLY__PF_NEAR < n)
-				prefetch_bucket(e, &s->ring[(head + k + TALLY__PF_NEAR) & mask]);
-		}
+		if (pf && k + TALLY__PF_FAR < n)
+			prefetch_sample(e, &s->ring[(head + k + TALLY__PF_FAR) & mask]);
 		/* One load each (a plain mov on x86): id is checked and then used
 		 * as an index, and the producer may rewrite the entry meanwhile. */
 		uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
@@ -760,9 +760,12 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 		}
 		if (TALLY__UNLIKELY(walking) && st->win.cur_slice < e->cur_slice)
 			advance_one(e, st, now); /* a slice closed and the walk has not reached it yet */
-		if (TALLY__LIKELY(tag == 0))
+		if (TALLY__LIKELY(tag == 0)) {
+			const uint16_t *had = st->win.cur.counts;
 			lost += !tally__window_add(&st->win, v < max ? v : max); /* false: no memory to wake */
-		else if (!ingest_tagged(e, st, tag, v < max || TALLY__TAG_KIND(tag) == TALLY__ENTRY_PENDING
+			if (TALLY__UNLIKELY(!had)) /* woken: new counters */
+				e->pf_counts[id] = st->win.cur.counts;
+		} else if (!ingest_tagged(e, st, tag, v < max || TALLY__TAG_KIND(tag) == TALLY__ENTRY_PENDING
 						    ? v : max, now))
 			rejected++;
 	}
@@ -1073,6 +1076,7 @@ static struct part *part_new(struct lane *l, uint32_t id, uint64_t now)
 		return NULL;
 	}
 	l->parts[id] = p;
+	l->pf_counts[id] = p->win.cur.counts;
 	l->active[l->nactive++] = id;
 	l->fresh[l->nfresh++] = id;
 	lane_news(l);
@@ -1138,23 +1142,20 @@ static int lane_forward(struct lane *l, uint32_t id, uint32_t tag, uint64_t v)
 	return 1;
 }
 
-static inline void lane_prefetch(const struct lane *l, const struct tally_ring_entry *r, bool bucket)
+/* The part's line and its counter's, as prefetch_sample. */
+static inline void lane_prefetch(const struct lane *l, const struct tally_ring_entry *r)
 {
 	uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
-	const struct part *p = id < l->e->seg->table_size ? l->parts[id] : NULL;
+	uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED), max = l->e->seg->max_value_ns;
 
-	if (!p)
+	if (id >= l->e->seg->table_size)
 		return;
-	if (!bucket) {
+	const struct part *p = l->parts[id];
+	const uint16_t *c = l->pf_counts[id];
+	if (p)
 		__builtin_prefetch(p, 1);
-		return;
-	}
-	uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
-	const struct tally__hist *h = &p->win.cur;
-	if (!h->counts) /* asleep (window.h): the add wakes it */
-		return;
-	uint32_t i = tally__hist_index(v < h->max_value ? v : h->max_value);
-	__builtin_prefetch(&h->counts[i], 1);
+	if (c)
+		__builtin_prefetch(&c[tally__hist_index(v < max ? v : max)], 1);
 }
 
 /* drain_slot for a lane, into its parts, under its lock. Ends early when
@@ -1178,12 +1179,8 @@ static uint64_t lane_drain_slot(struct lane *l, struct tally__slot *s, uint64_t 
 		const struct tally_ring_entry *r = &s->ring[(head + k) & mask];
 		if ((k & 3) == 0 && k + TALLY__RING_PF < n)
 			__builtin_prefetch(&s->ring[(head + k + TALLY__RING_PF) & mask], 0);
-		if (pf) {
-			if (k + TALLY__PF_FAR < n)
-				lane_prefetch(l, &s->ring[(head + k + TALLY__PF_FAR) & mask], false);
-			if (k + TALLY__PF_NEAR < n)
-				lane_prefetch(l, &s->ring[(head + k + TALLY__PF_NEAR) & mask], true);
-		}
+		if (pf && k + TALLY__PF_FAR < n)
+			lane_prefetch(l, &s->ring[(head + k + TALLY__PF_FAR) & mask]);
 		uint32_t id = __atomic_load_n(&r->subject, __ATOMIC_RELAXED);
 		uint64_t v = __atomic_load_n(&r->value_ns, __ATOMIC_RELAXED);
 		uint32_t tag = __atomic_load_n(&r->reserved, __ATOMIC_RELAXED);
@@ -1196,8 +1193,11 @@ static uint64_t lane_drain_slot(struct lane *l, struct tally__slot *s, uint64_t 
 		if (TALLY__UNLIKELY(walking) && p->win.cur_slice < l->cur_slice)
 			part_advance(l, p, now);
 		if (TALLY__LIKELY(tag == 0)) {
+			const uint16_t *had = p->win.cur.counts;
 			if (TALLY__UNLIKELY(!tally__window_add(&p->win, v < max ? v : max)))
 				atomic_fetch_add_explicit(&l->e->lost, 1, memory_order_relaxed); /* no memory to wake */
+			if (TALLY__UNLIKELY(!had)) /* woken: new counters */
+				l->pf_counts[id] = p->win.cur.counts;
 			continue;
 		}
 		int f = lane_forward(l, id, tag, v < max || TALLY__TAG_KIND(tag) == TALLY__ENTRY_PENDING ? v : max);
@@ -1588,10 +1588,11 @@ static int lanes_init(struct tally_engine *e)
 		pthread_mutex_init(&l->lock, NULL);
 		l->cur_slice = l->walked_slice = tally__mono_ns() / e->cfg.slice_ns;
 		l->parts = calloc(n, sizeof(l->parts[0]));
+		l->pf_counts = calloc(n, sizeof(l->pf_counts[0]));
 		l->active = calloc(n, sizeof(l->active[0]));
 		l->fresh = calloc(n, sizeof(l->fresh[0]));
 		l->fwd = calloc(LANE_FWD_CAP, sizeof(l->fwd[0]));
-		if (!l->parts || !l->active || !l->fresh || !l->fwd)
+		if (!l->parts || !l->pf_counts || !l->active || !l->fresh || !l->fwd)
 			return -ENOMEM;
 	}
 	return 0;
@@ -1604,6 +1605,7 @@ static void lanes_free(struct tally_engine *e)
 		for (uint32_t i = 0; i < l->nactive; i++)
 			part_free(l->parts[l->active[i]]);
 		free(l->parts);
+		free(l->pf_counts);
 		free(l->active);
 		free(l->fresh);
 		free(l->fwd);
@@ -2534,6 +2536,7 @@ static void engine_free(struct tally_engine *e)
 	tally_thresholds_free(&next);
 	tally_thresholds_free(&e->thresholds);
 	free(e->subjects);
+	free(e->pf_counts);
 	free(e->active);
 	free(e->row_of);
 	free(e->pviews);
@@ -2592,6 +2595,7 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	e->own_slots = e->nlanes ? 0 : seg->nslots;
 	e->wcfg = (struct tally__window_config){ cfg->slice_ns, cfg->window_ns, seg->max_value_ns };
 	e->subjects = calloc(seg->table_size, sizeof(e->subjects[0]));
+	e->pf_counts = calloc(seg->table_size, sizeof(e->pf_counts[0]));
 	e->active = calloc(seg->table_size, sizeof(e->active[0]));
 	e->row_of = calloc(seg->table_size, sizeof(e->row_of[0]));
 	e->pviews = calloc(seg->pending_cap, sizeof(e->pviews[0]));
@@ -2609,7 +2613,7 @@ int tally__engine_new(struct tally_segment *seg, const struct tally_engine_confi
 	e->thresholds = tally_thresholds_new();
 	e->thresholds_gen = 1;
 	e->nedges = (uint32_t)tally__hist_default_edges(e->edges, TALLY__HIST_DEFAULT_NEDGES);
-	if (!e->subjects || !e->active || !e->row_of || !e->pviews || !e->pvalid || !e->pused ||
+	if (!e->subjects || !e->pf_counts || !e->active || !e->row_of || !e->pviews || !e->pvalid || !e->pused ||
 	    !e->pmatch || !e->ptop || !e->phash || !e->erows || !e->elen || !e->ecap || !e->epat ||
 	    !e->emapped || !e->rstart ||
 	    !e->thresholds || lanes_init(e) != 0) {

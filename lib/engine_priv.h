@@ -18,17 +18,20 @@
  * distances.  With thousands of subjects, a sample's window and bucket
  * are rarely in cache, and one miss after another is what bounds the
  * ingest.  So the drain looks ahead in the ring: TALLY__PF_FAR entries
- * ahead it fetches the subject's state, TALLY__PF_NEAR entries ahead (the
- * state has arrived by then) the bucket counter the value will increment
- * (the block subtotals are not kept on this path: hist.h, Subtotals); the
- * misses overlap instead of queueing.  Only hints: every index is
- * bounds-checked as it would be for real, and a wrong guess (a rewritten
- * entry) costs a useless fetch, nothing more.  Below
- * TALLY__PF_MIN_SUBJECTS active subjects everything is in cache and the
- * look-ahead is skipped.  Retuned after the lazy add (BENCHMARKS.md,
- * issue 18): 11 pairs from 8/4 to 64/24, none better than 16/8. */
+ * ahead it fetches both the subject's state and the bucket counter the
+ * value will increment (the block subtotals are not kept on this path:
+ * hist.h, Subtotals), the counter's address from an array beside the
+ * state pointers (pf_counts), not from the state's line, which is still
+ * on its way; the misses overlap instead of queueing.  Only hints: every
+ * index is bounds-checked as it would be for real, and a wrong guess (a
+ * rewritten entry, counters a sleep gave back) costs a useless fetch,
+ * nothing more.  Below TALLY__PF_MIN_SUBJECTS active subjects everything
+ * is in cache and the look-ahead is skipped.  Retuned after the lazy add
+ * (BENCHMARKS.md, issue 18): 11 pairs of distances from 8/4 to 64/24,
+ * none better than 16/8 (the counter then fetched 8 entries ahead, from
+ * the state's line); with one look 16 entries ahead for both, 24 and 32
+ * were no better (2026-12-07). */
 #define TALLY__PF_FAR 16u
-#define TALLY__PF_NEAR 8u
 #define TALLY__PF_MIN_SUBJECTS 256u
 /* The ring itself: the hardware prefetcher follows a stream only inside a
  * 4 KiB page (256 entries), so every page the drain enters was a stall on
