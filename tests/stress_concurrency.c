@@ -613,7 +613,8 @@ static void draining_threads(uint32_t nthreads)
 	int rc = tally_read_totals(seg, &tot);
 	tap_ok((rc == 0 || rc == TALLY_ESTALE) && tot.drained == recorded && tot.recorded == recorded &&
 	       tot.dropped == dropped && tot.rejected == 0 && recorded + dropped >= attempts,
-	       "drain_threads %u: recorded %llu = drained %llu, dropped %llu (segment: %llu), of %llu attempts",
+	       "drain_threads %u: recorded %llu = drained %llu, dropped %llu (segment: %llu), of %llu latencies "
+	       "tried and the entries of the ack replies",
 	       nthreads, (unsigned long long)recorded, (unsigned long long)tot.drained,
 	       (unsigned long long)dropped, (unsigned long long)tot.dropped, (unsigned long long)attempts);
 	tally_segment_close(&seg);
