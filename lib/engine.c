@@ -318,7 +318,7 @@ struct lane {
 	pthread_mutex_t lock;
 	uint64_t job_seen;             /* the last merge job it helped with (job.lock) */
 	struct part **parts;           /* [table_size] */
-	const uint16_t **pf_counts;    /* [table_size]: as the engine's, for the parts */
+	uintptr_t *pf_counts;          /* [table_size]: as the engine's, for the parts */
 	uint32_t *active, nactive;     /* ids of the parts, in order of arrival */
 	uint32_t *fresh, nfresh;       /* parts thread 0 has not yet seen */
 	struct fwd *fwd;               /* [LANE_FWD_CAP] waits and pending for thread 0 */
@@ -372,11 +372,14 @@ struct tally_engine {
 	uint32_t nlanes;                 /* 0 (drain_threads 1: this thread drains) or drain_threads */
 	uint32_t own_slots;              /* slots this thread drains itself: all, or none */
 	struct subject_state **subjects; /* [table_size], allocated on first sample */
-	/* [table_size]: each subject's current-slice counters, for the
-	 * drain's prefetch alone (so that it needs no line of the state
-	 * itself): set when they are made, may point at counters a sleep gave
-	 * back (a prefetch never faults) */
-	const uint16_t **pf_counts;
+	/* [table_size]: the address of each subject's current-slice
+	 * counters, for the drain's prefetch alone (so that it needs no line
+	 * of the state itself), set when they are made and when an add wakes
+	 * the window. Never read through: after a sleep it is the address of
+	 * counters given back, so it is kept as an integer (a pointer to freed
+	 * memory may not even be computed with), and a prefetch of it never
+	 * faults. */
+	uintptr_t *pf_counts;
 	uint32_t *active;                /* ids in order of arrival: row i is active[i] */
 	uint32_t *row_of;                /* [table_size]: row + 1, 0 not active */
 	uint32_t nactive;
@@ -603,7 +606,7 @@ static struct subject_state *subject_new(struct tally_engine *e, uint32_t id, ui
 	}
 	tally__verdict_init(&st->vs, now);
 	e->subjects[id] = st;
-	e->pf_counts[id] = st->win.cur.counts;
+	e->pf_counts[id] = (uintptr_t)st->win.cur.counts;
 	e->active[e->nactive++] = id;
 	e->row_of[id] = e->nactive;
 	e->rows_changed = e->buckets_changed = true;
@@ -713,11 +716,11 @@ static inline void prefetch_sample(const struct tally_engine *e, const struct ta
 	if (id >= e->seg->table_size)
 		return;
 	const struct subject_state *st = e->subjects[id];
-	const uint16_t *c = e->pf_counts[id];
+	uintptr_t c = e->pf_counts[id];
 	if (st)
 		__builtin_prefetch(st, 1);
 	if (c)
-		__builtin_prefetch(&c[tally__hist_index(v < max ? v : max)], 1);
+		__builtin_prefetch((const void *)(c + sizeof(uint16_t) * tally__hist_index(v < max ? v : max)), 1);
 }
 
 /* Drain up to DRAIN_BATCH entries of s, and at most `budget` of them
@@ -764,7 +767,7 @@ static uint64_t drain_slot(struct tally_engine *e, struct tally__slot *s, uint64
 			const uint16_t *had = st->win.cur.counts;
 			lost += !tally__window_add(&st->win, v < max ? v : max); /* false: no memory to wake */
 			if (TALLY__UNLIKELY(!had)) /* woken: new counters */
-				e->pf_counts[id] = st->win.cur.counts;
+				e->pf_counts[id] = (uintptr_t)st->win.cur.counts;
 		} else if (!ingest_tagged(e, st, tag, v < max || TALLY__TAG_KIND(tag) == TALLY__ENTRY_PENDING
 						    ? v : max, now))
 			rejected++;
@@ -1076,7 +1079,7 @@ static struct part *part_new(struct lane *l, uint32_t id, uint64_t now)
 		return NULL;
 	}
 	l->parts[id] = p;
-	l->pf_counts[id] = p->win.cur.counts;
+	l->pf_counts[id] = (uintptr_t)p->win.cur.counts;
 	l->active[l->nactive++] = id;
 	l->fresh[l->nfresh++] = id;
 	lane_news(l);
@@ -1151,11 +1154,11 @@ static inline void lane_prefetch(const struct lane *l, const struct tally_ring_e
 	if (id >= l->e->seg->table_size)
 		return;
 	const struct part *p = l->parts[id];
-	const uint16_t *c = l->pf_counts[id];
+	uintptr_t c = l->pf_counts[id];
 	if (p)
 		__builtin_prefetch(p, 1);
 	if (c)
-		__builtin_prefetch(&c[tally__hist_index(v < max ? v : max)], 1);
+		__builtin_prefetch((const void *)(c + sizeof(uint16_t) * tally__hist_index(v < max ? v : max)), 1);
 }
 
 /* drain_slot for a lane, into its parts, under its lock. Ends early when
@@ -1197,7 +1200,7 @@ static uint64_t lane_drain_slot(struct lane *l, struct tally__slot *s, uint64_t 
 			if (TALLY__UNLIKELY(!tally__window_add(&p->win, v < max ? v : max)))
 				atomic_fetch_add_explicit(&l->e->lost, 1, memory_order_relaxed); /* no memory to wake */
 			if (TALLY__UNLIKELY(!had)) /* woken: new counters */
-				l->pf_counts[id] = p->win.cur.counts;
+				l->pf_counts[id] = (uintptr_t)p->win.cur.counts;
 			continue;
 		}
 		int f = lane_forward(l, id, tag, v < max || TALLY__TAG_KIND(tag) == TALLY__ENTRY_PENDING ? v : max);
