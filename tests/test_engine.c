@@ -6,7 +6,9 @@
  * data say so; totals hold across processes; readers in threads and in
  * another process read while the aggregator publishes flat out; bad
  * subject ids are rejected; a dead owner is reported and its data stale;
- * a reader of a segment with random bytes in it gets errors, not crashes.
+ * a reader of a segment with random bytes in it gets errors, not crashes;
+ * subjects enough for the drain's look-ahead sleep (their counters given
+ * back) and wake, every value counted.
  */
 #include "config.h"
 
@@ -25,6 +27,8 @@
 #include <unistd.h>
 
 #include "common/helpers.h"
+#include "arena.h"
+#include "engine_priv.h"
 
 /* test_engine_drain2 is this file built with 2: the engine's windows are
  * then kept by two drain threads and merged at publish (issue 18). */
@@ -630,6 +634,66 @@ Test(engine, totals_outlive_the_producers_that_made_them, .timeout = 30)
 	cr_assert_eq(tally_read_totals(seg, &after), 0);
 	cr_expect(after.recorded == t.recorded && after.dropped == t.dropped && after.drained == t.drained,
 		  "totals moved after the last producer left");
+	tally_engine_stop(&e);
+	tally_segment_close(&seg);
+}
+
+/* Enough subjects that the drain looks ahead (TALLY__PF_MIN_SUBJECTS),
+ * every one asleep between bursts with its counters given back, so that
+ * the arena unmaps their chunks: the look-ahead's addresses of those
+ * counters (pf_counts in lib/engine.c) then point at unmapped memory,
+ * which a prefetch may be given and a load may not. Each wake gets new
+ * counters, and every value is counted. */
+#define PF_SUBJECTS ((int)TALLY__PF_MIN_SUBJECTS + 144)
+#define PF_ROUNDS 4
+#define PF_PER_BURST 20
+
+Test(engine, subjects_that_sleep_and_wake_under_the_look_ahead, .timeout = 60)
+{
+	struct tally_segment_config scfg;
+	struct tally_segment *seg = NULL;
+	struct tally_producer *prod;
+	static tally_subject_t ids[PF_SUBJECTS];
+	char name[32];
+
+	tt_config(&scfg);
+	scfg.ring_capacity = 1u << 16;
+	scfg.subject_capacity = 4 * PF_SUBJECTS;
+	cr_assert_eq(tally_segment_create(tt_segname("pfw"), &scfg, 0, &seg), 0, "%s", tally_errmsg());
+	for (int s = 0; s < PF_SUBJECTS; s++) {
+		snprintf(name, sizeof(name), "pf.wake.%d", s);
+		cr_assert_eq(tally_subject_intern(seg, name, &ids[s]), 0, "%s", tally_errmsg());
+	}
+	struct tally_engine *e = start(seg, 5, 20, 1);
+	cr_assert_eq(tally_producer_attach(seg, &prod), 0);
+	for (int round = 1; round <= PF_ROUNDS; round++) {
+		/* a subject after another, so that the look-ahead sees them all */
+		for (int k = 0; k < PF_PER_BURST; k++)
+			for (int s = 0; s < PF_SUBJECTS; s++)
+				cr_assert(tally_record(prod, ids[s], 1000 + (uint64_t)s), "ring full");
+		for (int s = 0; s < PF_SUBJECTS; s++)
+			cr_assert(wait_total(e, ids[s], (uint64_t)round * PF_PER_BURST, 5000),
+				  "round %d: subject %d did not show its values", round, s);
+		size_t busy = tally__arena_bytes();
+		/* longer than a window, a slice and a publish without a value:
+		 * every window asleep, its counters given back */
+		size_t idle = busy;
+		for (int i = 0; i < 500 && idle >= busy; i++) {
+			tt_sleep_ms(10);
+			idle = tally__arena_bytes();
+		}
+		cr_assert_lt(idle, busy, "round %d: the arena kept %zu bytes of %zu: no window slept", round, idle,
+			     busy);
+	}
+	struct tally_subject_stats st;
+	for (int s = 0; s < PF_SUBJECTS; s++) {
+		cr_assert_eq(tally_engine_read(e, ids[s], &st), 0);
+		cr_assert_eq(st.total_count, (uint64_t)PF_ROUNDS * PF_PER_BURST, "subject %d: %llu values", s,
+			     (unsigned long long)st.total_count);
+		cr_assert_eq(st.count, 0, "subject %d: %llu values still in the window", s,
+			     (unsigned long long)st.count);
+	}
+	tally_producer_detach(&prod);
 	tally_engine_stop(&e);
 	tally_segment_close(&seg);
 }
