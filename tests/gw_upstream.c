@@ -10,6 +10,10 @@
  *   /_big/N          N bytes of gw_pattern() (streamed), for any method
  *   /_slow/MS        the usual answer after MS milliseconds
  *   /_hello          "hello\n": the smallest answer, for the benchmark
+ *   /_headers        the request's headers, a "Name: value" line each
+ *   /_many/N         an answer with N headers X-H1: 1 .. X-HN: N, and
+ *                    "Connection: X-Secret" with "X-Secret: hop" (a
+ *                    header its Connection names: a proxy drops it)
  *   anything else    "METHOD PATH len=N fnv=HEX te=chunked|- cl=N|-\n":
  *                    what it received, with the FNV-1a 64 of the body
  *
@@ -91,6 +95,46 @@ static ssize_t big_reader(void *cls, uint64_t pos, char *buf, size_t max)
 	return (ssize_t)max;
 }
 
+static enum MHD_Result header_line(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+	(void)kind;
+	fprintf(cls, "%s: %s\n", key, value ? value : "");
+	return MHD_YES;
+}
+
+static enum MHD_Result headers_echo(struct MHD_Connection *c)
+{
+	char *buf = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&buf, &len);
+
+	if (!f)
+		return MHD_NO;
+	MHD_get_connection_values(c, MHD_HEADER_KIND, header_line, f);
+	fclose(f);
+	struct MHD_Response *r = MHD_create_response_from_buffer(len, buf, MHD_RESPMEM_MUST_FREE);
+	enum MHD_Result ret = MHD_queue_response(c, 200, r);
+	MHD_destroy_response(r);
+	return ret;
+}
+
+static enum MHD_Result many_headers(struct MHD_Connection *c, unsigned n)
+{
+	struct MHD_Response *r = MHD_create_response_from_buffer(3, (void *)"ok\n", MHD_RESPMEM_PERSISTENT);
+	char name[32], value[32];
+
+	for (unsigned i = 1; i <= n; i++) {
+		snprintf(name, sizeof(name), "X-H%u", i);
+		snprintf(value, sizeof(value), "%u", i);
+		MHD_add_response_header(r, name, value);
+	}
+	MHD_add_response_header(r, "Connection", "X-Secret");
+	MHD_add_response_header(r, "X-Secret", "hop");
+	enum MHD_Result ret = MHD_queue_response(c, 200, r);
+	MHD_destroy_response(r);
+	return ret;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
 				  const char *method, const char *version, const char *upload,
 				  size_t *upload_size, void **req_cls)
@@ -130,6 +174,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 	}
 	if (strcmp(url, "/_hello") == 0)
 		return text(c, 200, "hello\n");
+	if (strcmp(url, "/_headers") == 0)
+		return headers_echo(c);
+	if (strncmp(url, "/_many/", 7) == 0)
+		return many_headers(c, (unsigned)strtoul(url + 7, NULL, 10));
 	if (strncmp(url, "/_slow/", 7) == 0)
 		usleep((useconds_t)strtoul(url + 7, NULL, 10) * 1000);
 	const char *te = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Transfer-Encoding");

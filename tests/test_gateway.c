@@ -442,4 +442,65 @@ Test(gateway_check, config_errors_name_file_line_and_reason, .timeout = 30)
 	cr_expect_eq(check_config("[gateway]\nmode = proxy\n", &err), 2);
 	cr_expect(strstr(err, "proxy mode needs an upstream"), "%s", err);
 	free(err);
+	/* an upstream that every request would fail on is caught here */
+	static const char *const bad_upstreams[][2] = {
+		{ "http://127.0.0.1:abc", "the port is a number, 1 to 65535" },
+		{ "http://127.0.0.1:99999", "the port is a number, 1 to 65535" },
+		{ "http://127.0.0.1:0", "the port is a number, 1 to 65535" },
+		{ "http://127.0.0.1:80/app", "without a path" },
+		{ "http://", "no host" },
+		{ "https://127.0.0.1:443", "plain HTTP" },
+		{ "http://user@127.0.0.1:80", "a host holds letters" },
+		{ "http://[::1", "brackets" },
+	};
+	for (size_t i = 0; i < sizeof(bad_upstreams) / sizeof(bad_upstreams[0]); i++) {
+		char text[256];
+		snprintf(text, sizeof(text), "[gateway]\nmode = proxy\n[proxy]\nupstream = %s\n", bad_upstreams[i][0]);
+		cr_expect_eq(check_config(text, &err), 2, "upstream = %s: %s", bad_upstreams[i][0], err);
+		cr_expect(strstr(err, "gateway.ini:4: upstream = ") && strstr(err, bad_upstreams[i][1]),
+			  "upstream = %s: %s", bad_upstreams[i][0], err);
+		free(err);
+	}
+	cr_expect_eq(check_config("[gateway]\nmode = proxy\n[proxy]\nupstream = http://[::1]:8080\n", &err), 0,
+		     "%s", err);
+	free(err);
+	cr_expect_eq(check_config("[gateway]\nmode = proxy\n[proxy]\nupstream = http://app.internal\n", &err), 0,
+		     "%s", err);
+	free(err);
+}
+
+/* A directory given as the configuration is not an empty one. */
+Test(gateway_check, a_directory_is_not_a_configuration, .timeout = 30)
+{
+	char dir[64], log[128];
+
+	cr_assert_eq(gwt_tempdir(dir), 0);
+	snprintf(log, sizeof(log), "%s/out.log", dir);
+	const char *argv[] = { TALLY_TEST_BUILDDIR "/tools/tally-gateway", "-c", dir, "--check-config", NULL };
+	int st;
+	waitpid(gwt_spawn(log, argv), &st, 0);
+	char *out = gwt_read_file(log);
+	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 2, "exit 2: %s", out);
+	cr_expect(strstr(out, "cannot read") && strstr(out, "Is a directory"), "%s", out);
+	free(out);
+	gwt_rmtree(dir);
+}
+
+/* Check mode judges the path as nginx routes it, from X-Original-URI as
+ * nginx sends it ($request_uri, as written by the client). */
+Test(gateway_check, spellings_of_a_path_take_its_route, .timeout = 60)
+{
+	static const char *const spellings[] = { "/ok/../over/1", "//over/1", "/%6Fver/1", "/ok/..%2Fover/1?a=b" };
+	struct env e;
+	struct gwt_resp r;
+
+	env_start(&e, TRICKLE_0 ROUTES, true, NULL, NULL);
+	for (size_t i = 0; i < sizeof(spellings) / sizeof(spellings[0]); i++) {
+		char h[256];
+		snprintf(h, sizeof(h), "X-Original-URI: %s", spellings[i]);
+		cr_expect_eq(req(e.port, "GET", "/check", h, NULL, -1, &r), 403, "%s: %ld", spellings[i], r.status);
+		cr_expect_str_eq(hdr(&r, "X-Tally-Route"), "* /over/**", "%s", spellings[i]);
+		cr_expect_eq(req(e.port, "GET", spellings[i], NULL, NULL, -1, &r), 403, "as the path: %s", spellings[i]);
+	}
+	env_stop(&e);
 }

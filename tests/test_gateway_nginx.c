@@ -130,6 +130,24 @@ Test(gateway_nginx, auth_request_sheds_before_the_upstream, .timeout = 120)
 	env_stop(&e);
 }
 
+/* Through the shipped configuration, a path spelled another way is
+ * judged as the path nginx routes: "/ok/../over/1" reaches nginx's
+ * location as /over/1, and the gateway, which gets $request_uri as sent,
+ * sheds it as /over/1 (it once admitted it, under the route of /ok). */
+Test(gateway_nginx, spellings_of_a_path_are_judged_as_nginx_routes_them, .timeout = 120)
+{
+	static const char *const spellings[] = { "/ok/../over/1", "//over/1", "/%6Fver/1", "/ok/%2e%2e/over/1" };
+	struct env e;
+	struct gwt_resp r;
+
+	env_start(&e);
+	for (size_t i = 0; i < sizeof(spellings) / sizeof(spellings[0]); i++)
+		cr_expect_eq(gwt_get(e.port, spellings[i], &r), 503, "%s: %ld %s", spellings[i], r.status, r.body);
+	cr_expect_eq(gwt_get(e.port, "/ok/1", &r), 200, "the control: %s", r.body);
+	cr_expect_eq(gwt_upstream_count(e.up_port, ""), 1, "only the control reached the upstream");
+	env_stop(&e);
+}
+
 /* nginx keeps its connection to the gateway: HEAD subrequests (nginx
  * closes a connection whose auth answer has a body it did not read) on an
  * upstream with keepalive, as the shipped tally-locations.conf has them.

@@ -271,6 +271,120 @@ Test(gateway_proxy, shed_requests_never_reach_the_upstream, .timeout = 60)
 	env_stop(&e);
 }
 
+/* A path spelled another way takes the route of the path it names, as
+ * the upstream will route it: "/ok/../over/1" is shed as /over/1 is, and
+ * reaches no one. */
+Test(gateway_proxy, spellings_of_a_path_take_its_route, .timeout = 60)
+{
+	static const char *const spellings[] = { "/ok/../over/1", "//over/1", "/%6Fver/1", "/ok/%2e%2e/over/1",
+						 "/ok/..%2Fover/1", "/./over/1", "/../over/1" };
+	struct env e;
+	struct gwt_resp r;
+	char v[64];
+
+	env_start(&e, "", "[shedding]\noverload_trickle = 0\n", false);
+	for (size_t i = 0; i < sizeof(spellings) / sizeof(spellings[0]); i++) {
+		cr_expect_eq(gwt_get(e.port, spellings[i], &r), 503, "%s: %ld %s", spellings[i], r.status, r.body);
+		gwt_header(&r, "X-Tally-Route", v, sizeof(v));
+		cr_expect_str_eq(v, "* /over/**", "%s takes the route of /over/1", spellings[i]);
+	}
+	cr_expect_eq(gwt_get(e.port, "/ok/1", &r), 200, "the control: %s", r.body);
+	cr_expect_eq(gwt_upstream_count(e.up_port, ""), 1, "only the control reached the upstream");
+	env_stop(&e);
+}
+
+/* What a proxy must not pass on, and what it must pass on whole: a
+ * request header of 9 KB and one of 64 KB, 300 response headers, and the
+ * headers each side's Connection names (RFC 9110, 7.6.1). */
+Test(gateway_proxy, headers_whole_and_hop_headers_dropped, .timeout = 60)
+{
+	struct env e;
+	struct gwt_resp r;
+	char v[64];
+	static char big[70000];
+
+	env_start(&e, "", "", false);
+	for (size_t len = 9000; len <= 15000; len += 6000) { /* the echo fits r.body */
+		strcpy(big, "X-Big: ");
+		memset(big + 7, 'b', len);
+		big[7 + len] = '\0';
+		const char *hs[] = { big, NULL };
+		struct gwt_req rq = { .headers = hs, .body = -1 };
+		cr_expect_eq(gwt_http(e.port, "/_headers", &rq, &r), 200, "%zu bytes: %s", len, r.body);
+		const char *got = strstr(r.body, "X-Big: ");
+		size_t n = got ? strspn(got + 7, "b") : 0;
+		cr_expect_eq(n, len, "a %zu-byte header reaches the upstream whole: %zu", len, n);
+	}
+	/* past what a connection may hold (GW_CONN_MEMORY): refused, never cut */
+	strcpy(big, "X-Big: ");
+	memset(big + 7, 'b', 64000);
+	big[7 + 64000] = '\0';
+	const char *hb[] = { big, NULL };
+	struct gwt_req rb = { .headers = hb, .body = -1 };
+	cr_expect_eq(gwt_http(e.port, "/_headers", &rb, &r), 431, "a 64 KB header: %ld %s", r.status, r.body);
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/_headers"), 2, "it did not reach the upstream");
+	const char *hop[] = { "Connection: X-Drop, keep-alive", "X-Drop: not for the upstream", "X-Keep: 1", NULL };
+	struct gwt_req rq = { .headers = hop, .body = -1 };
+	cr_expect_eq(gwt_http(e.port, "/_headers", &rq, &r), 200);
+	cr_expect_null(strstr(r.body, "X-Drop"), "a header the client's Connection names stays: %s", r.body);
+	cr_expect(strstr(r.body, "X-Keep: 1"), "the others go on: %s", r.body);
+	cr_expect_eq(gwt_get(e.port, "/_many/300", &r), 200, "%s", r.body);
+	int seen = 0;
+	for (int i = 1; i <= 300; i++) {
+		char name[16];
+		snprintf(name, sizeof(name), "X-H%d", i);
+		seen += gwt_header(&r, name, v, sizeof(v)) == 0 && atoi(v) == i;
+	}
+	cr_expect_eq(seen, 300, "all 300 of the upstream's headers reach the client: %d", seen);
+	cr_expect_neq(gwt_header(&r, "X-Secret", v, sizeof(v)), 0, "a header the upstream's Connection names stays");
+	env_stop(&e);
+}
+
+/* A shed request that waits for 100 Continue is answered instead of the
+ * 100: its client sends no body. One that sends its body at once still
+ * gets its answer after the body. */
+Test(gateway_proxy, shed_with_100_continue_takes_no_body, .timeout = 60)
+{
+	struct env e;
+	struct gwt_resp r;
+
+	env_start(&e, "", "[shedding]\noverload_trickle = 0\n", false);
+	struct gwt_req ex = { .method = "POST", .body = 50 << 20, .expect_100 = true };
+	cr_expect_eq(gwt_http(e.port, "/over/1", &ex, &r), 503, "%s", r.body);
+	cr_expect_lt(r.uploaded, 1 << 20, "no body taken: %" PRIu64 " bytes sent", r.uploaded);
+	struct gwt_req plain = { .method = "POST", .body = 1 << 20 };
+	cr_expect_eq(gwt_http(e.port, "/over/1", &plain, &r), 503, "without Expect: %s", r.body);
+	cr_expect_eq(gwt_http(e.port, "/up", &ex, &r), 200, "admitted, with 100-continue: %s", r.body);
+	cr_expect_eq(r.uploaded, 50u << 20);
+	cr_expect_eq(gwt_upstream_count(e.up_port, "/over/1"), 0);
+	env_stop(&e);
+}
+
+/* A second gateway on a port one already holds does not start (it would
+ * share the port through SO_REUSEPORT and take part of the traffic). */
+Test(gateway_proxy, a_port_in_use_is_refused, .timeout = 60)
+{
+	struct env e;
+	char listen[32], log[160];
+	int st = -1;
+
+	env_start(&e, "", "", false);
+	snprintf(listen, sizeof(listen), "127.0.0.1:%d", e.port);
+	snprintf(log, sizeof(log), "%s/second.log", e.dir);
+	const char *argv[] = { TALLY_TEST_BUILDDIR "/tools/tally-gateway", "-c", e.ini, "-s", e.seg,
+			       "--listen", listen, NULL };
+	pid_t pid = gwt_spawn(log, argv);
+	for (int i = 0; i < 100 && waitpid(pid, &st, WNOHANG) == 0; i++)
+		usleep(50000);
+	if (!WIFEXITED(st))
+		gwt_stop(pid);
+	char *out = gwt_read_file(log);
+	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 4, "the second gateway exits 4: %s", out);
+	cr_expect(strstr(out, "Address already in use"), "and says why: %s", out);
+	free(out);
+	env_stop(&e);
+}
+
 /* The owner dies: proxy mode admits (fail-open) and says so on the
  * upstream's answer; with decision_headers = minimal it says only that,
  * and a fail-closed shed's body names no segment. */

@@ -116,6 +116,56 @@ Test(gateway_shed, path_patterns)
 	cr_expect_eq(gw_path_pattern_check("a", &why), -1);
 }
 
+/* The path as nginx routes it ($uri), whatever the spelling. */
+Test(gateway_shed, paths_are_normalised_as_nginx_does)
+{
+	static const char *const cases[][2] = {
+		{ "/", "/" },
+		{ "/over/1", "/over/1" },
+		{ "/over/1?x=/../y", "/over/1" },
+		{ "/over/1#frag", "/over/1" },
+		{ "/ok/../over/1", "/over/1" },
+		{ "//over//1", "/over/1" },
+		{ "/%6Fver/1", "/over/1" },
+		{ "/%6fver/1", "/over/1" },
+		{ "/ok/%2e%2e/over/1", "/over/1" },
+		{ "/ok/..%2Fover/1", "/over/1" },
+		{ "/ok%2F..%2Fover/1", "/over/1" },
+		{ "/./over/./1", "/over/1" },
+		{ "/../../over/1", "/over/1" },
+		{ "/a/b/..", "/a/" },
+		{ "/a/b/.", "/a/b/" },
+		{ "/a/", "/a/" },
+		{ "/a//", "/a/" },
+		{ "/..", "/" },
+		{ "/a/...", "/a/..." },
+		{ "/a/.b/..c", "/a/.b/..c" },
+		{ "/items/5%3F/x", "/items/5%3F/x" },
+		{ "/items/5%23/x", "/items/5%23/x" },
+		{ "/a%00b", "/a%00b" },
+		{ "/a%zzb%4", "/a%zzb%4" },
+		{ "/a%", "/a%" },
+		{ "/%25%36%46ver", "/%6Fver" },
+	};
+	char out[256];
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		memset(out, 'x', sizeof(out));
+		gw_path_normalize(cases[i][0], out);
+		cr_expect_str_eq(out, cases[i][1], "%s: got %s, want %s", cases[i][0], out, cases[i][1]);
+	}
+	/* the room the header names is enough: every byte a decoded '?' */
+	char big[3 * 100 + 1], *o = malloc(3 * strlen("/") + 3 * 300 + 2);
+	cr_assert(o);
+	big[0] = '/';
+	for (int i = 0; i < 99; i++)
+		memcpy(big + 1 + 3 * i, "%3F", 3);
+	big[1 + 3 * 99] = '\0';
+	gw_path_normalize(big, o);
+	cr_expect_eq(strlen(o), strlen(big), "each %%3F stays three bytes");
+	free(o);
+}
+
 static const char *no_header(void *ctx, const char *name)
 {
 	(void)name;

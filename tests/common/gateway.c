@@ -402,6 +402,7 @@ long gwt_http(int port, const char *path, const struct gwt_req *rq, struct gwt_r
 	out->fnv = GW_FNV_INIT;
 	snprintf(url, sizeof(url), "http://127.0.0.1:%d%s", port, path);
 	curl_easy_setopt(h, CURLOPT_URL, url);
+	curl_easy_setopt(h, CURLOPT_PATH_AS_IS, 1L); /* "/a/../b" goes out as written */
 	curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(h, CURLOPT_TIMEOUT, (long)(rq->timeout_s ? rq->timeout_s : 60));
 	curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_write);
@@ -430,6 +431,9 @@ long gwt_http(int port, const char *path, const struct gwt_req *rq, struct gwt_r
 	if (rc == CURLE_OK) {
 		curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &out->status);
 		curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &out->connects);
+		curl_off_t up = 0;
+		curl_easy_getinfo(h, CURLINFO_SIZE_UPLOAD_T, &up);
+		out->uploaded = (uint64_t)up;
 	} else {
 		snprintf(out->body, sizeof(out->body), "curl: %s", curl_easy_strerror(rc));
 	}

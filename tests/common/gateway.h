@@ -85,6 +85,7 @@ struct gwt_resp {
 	char body[16384];          /* its start (the metrics text fits) */
 	uint64_t len, fnv;         /* all of it */
 	long connects;             /* new connections curl opened for this request */
+	uint64_t uploaded;         /* bytes of the request body curl sent */
 };
 
 /* One request to 127.0.0.1:port through a curl handle kept per test

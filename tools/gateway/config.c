@@ -25,6 +25,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include "gateway.h"
 
@@ -216,11 +217,51 @@ static void set_number(struct parser *p, const struct key *k, void *dst, const c
 	*(uint32_t *)dst = (uint32_t)x;
 }
 
+
+/* An upstream: http://HOST[:PORT], HOST a name, an IPv4 address or an
+ * IPv6 one in brackets, PORT 1 to 65535, nothing after (no path, no
+ * user). NULL if so, else what is wrong. */
+static const char *upstream_check(const char *v)
+{
+	static const char name_bytes[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_";
+	const char *h = v + 7, *end;
+
+	if (strncmp(v, "http://", 7) != 0)
+		return "expected http://HOST:PORT (the gateway speaks plain HTTP to its upstream)";
+	if (*h == '[') {
+		end = strchr(h, ']');
+		if (!end || end == h + 1 || strspn(h + 1, "0123456789abcdefABCDEF:.") != (size_t)(end - h - 1))
+			return "an IPv6 address is written in brackets: http://[::1]:8080";
+		end++;
+	} else {
+		end = h + strspn(h, name_bytes);
+		if (end == h)
+			return "expected http://HOST:PORT: no host";
+	}
+	if (*end == ':') {
+		char *stop = NULL;
+		unsigned long port = 0;
+		errno = 0;
+		if (end[1] >= '0' && end[1] <= '9')
+			port = strtoul(end + 1, &stop, 10);
+		if (!port || port > 65535 || errno)
+			return "the port is a number, 1 to 65535";
+		end = stop;
+	}
+	if (*end == '/')
+		return "expected http://HOST:PORT, without a path (the request's path is appended)";
+	if (*end)
+		return "expected http://HOST:PORT: a host holds letters, digits, '.', '-' and '_', "
+		       "and a port only digits";
+	return NULL;
+}
+
 static void set_value(struct parser *p, const struct key *k, void *base, const char *v)
 {
 	void *dst = (char *)base + k->off;
 	struct sockaddr_storage ss;
 	char why[256];
+	const char *bad;
 
 	switch (k->kind) {
 	case K_STR:
@@ -244,9 +285,8 @@ static void set_value(struct parser *p, const struct key *k, void *base, const c
 			*(char **)dst = NULL;
 			return;
 		}
-		if (strncmp(v, "http://", 7) != 0 || !v[7] || strchr(v + 7, '/') || strchr(v + 7, ' '))
-			return perr(p, p->lineno, "upstream = \"%s\": expected http://HOST:PORT, without "
-				    "a path (the request's path is appended)", v);
+		if ((bad = upstream_check(v)))
+			return perr(p, p->lineno, "upstream = \"%s\": %s", v, bad);
 		break;
 	case K_HNAME:
 		if (*v && !hname_ok(v))
@@ -552,8 +592,9 @@ static void apply_overrides(struct parser *p, const struct gw_overrides *ov)
 		perr(p, -1, "segment \"%s\" (-s or TALLY_SEGMENT): %s", ov->segment, tally_errmsg());
 	else if (ov->segment && set_str(&c->segment, ov->segment))
 		perr(p, -1, "out of memory");
-	if (ov->upstream && (strncmp(ov->upstream, "http://", 7) || strchr(ov->upstream + 7, '/')))
-		perr(p, -1, "--upstream %s: expected http://HOST:PORT, without a path", ov->upstream);
+	const char *bad = ov->upstream ? upstream_check(ov->upstream) : NULL;
+	if (bad)
+		perr(p, -1, "--upstream %s: %s", ov->upstream, bad);
 	else if (ov->upstream && set_str(&c->upstream, ov->upstream))
 		perr(p, -1, "out of memory");
 	if (ov->fail_closed)
@@ -585,9 +626,13 @@ int gw_config_load(struct gw_config *cfg, const char *path, const struct gw_over
 	if (defaults(cfg))
 		return perr(&p, -1, "out of memory"), -1;
 	if (path) {
-		if (!(p.f = fopen(path, "r"))) {
+		struct stat sb;
+		if (!(p.f = fopen(path, "r")) ||
+		    (fstat(fileno(p.f), &sb) == 0 && S_ISDIR(sb.st_mode) && (errno = EISDIR))) {
 			perr(&p, -1, "cannot read %s: %s%s", path, strerror(errno),
 			     errno == EACCES ? " (permission denied: the gateway's user must be able to read it)" : "");
+			if (p.f)
+				fclose(p.f);
 			return -1;
 		}
 		cfg->path = strdup(path);

@@ -104,7 +104,14 @@ struct gw_route {
 /* 0 if pattern is a valid path pattern, else -1 with *why set. */
 int gw_path_pattern_check(const char *pattern, const char **why);
 
-/* Does the raw path (query excluded: stops at '?') match pattern? Pure. */
+/* The path of a request target (uri: from its '/' to before any '?' or
+ * '#') as nginx routes it: percent-decoded once (a decoded '/' divides
+ * segments; '?' and '#' go back to %3F and %23, and %00 stays as it is),
+ * slashes merged, "." and ".." resolved (never above the root), a
+ * trailing '/' kept. out has room for 3 * strlen(uri) + 2 bytes. Pure. */
+void gw_path_normalize(const char *uri, char *out);
+
+/* Does the path (query excluded: stops at '?') match pattern? Pure. */
 bool gw_path_match(const char *pattern, const char *path);
 
 /* The first route that matches, or NULL. header(name) gives a request
@@ -279,7 +286,9 @@ struct gw_outcome {
 	bool minimal;                /* the headers: decision_headers = minimal */
 };
 
-/* Route, read and decide for method and raw uri; counts it (evaluate.c). */
+/* Route, read and decide for method and uri (a path as gw_path_normalize
+ * gives it, or a target that does not start with '/', unmapped); counts it
+ * (evaluate.c). */
 void gw_evaluate(struct gw *g, const char *method, const char *uri,
 		 const char *(*header)(void *ctx, const char *name), void *ctx,
 		 struct gw_outcome *o);

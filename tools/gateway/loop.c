@@ -360,6 +360,33 @@ static void stop_started(struct gw_loop *loops, unsigned n)
 	}
 }
 
+/* Is the port free? The loops bind it with SO_REUSEPORT, which would
+ * let them share it with another gateway already there (and take part of
+ * its traffic); a bind without it fails if any socket holds the port. 0
+ * or -1 with errno. (A second gateway starting in the same instant could
+ * still pass: the window is this probe's close and the first loop's bind.) */
+static int port_free(const struct sockaddr_storage *ss)
+{
+	socklen_t len = ss->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+	int one = 1, fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0), err = 0;
+
+	if (fd < 0)
+		return -1;
+	(void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)); /* as libmicrohttpd does */
+	if (bind(fd, (const struct sockaddr *)ss, len) != 0)
+		err = errno;
+	close(fd);
+	errno = err;
+	return err ? -1 : 0;
+}
+
+static uint16_t port_of(const struct sockaddr_storage *ss)
+{
+	if (ss->ss_family == AF_INET6)
+		return ntohs(((const struct sockaddr_in6 *)(const void *)ss)->sin6_port);
+	return ntohs(((const struct sockaddr_in *)(const void *)ss)->sin_port);
+}
+
 int gw_loops_start(struct gw *g, struct gw_loop *loops, unsigned n, const struct gw_daemon_options *opts)
 {
 	struct gw_daemon_options o = *opts;
@@ -367,6 +394,8 @@ int gw_loops_start(struct gw *g, struct gw_loop *loops, unsigned n, const struct
 
 	memcpy(&ss, opts->addr, sizeof(ss));
 	o.addr = &ss;
+	if (port_of(&ss) && port_free(&ss) != 0)
+		return -1;
 	for (unsigned k = 0; k < n; k++) {
 		int err = loop_init(&loops[k], g, &o) != 0 ? errno : 0;
 		if (!err && k == 0) { /* port 0: the others bind the port the first one got */

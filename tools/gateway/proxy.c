@@ -65,7 +65,6 @@
 
 #define WBUF_MAX (256 * 1024)
 #define SBUF_MAX (256 * 1024)
-#define MAX_RESP_HEADERS 128
 
 struct pconn {
 	struct gw_loop *loop;
@@ -88,8 +87,9 @@ struct gw_proxy_req {
 	char *sbuf;                        /* the request body on its way: [soff, slen) */
 	size_t slen, soff, scap;
 	long status;
-	char *rh[MAX_RESP_HEADERS];
-	size_t nrh;
+	char **rh;                         /* the response's headers, "Name: value" */
+	size_t nrh, rh_cap;
+	char *resp_connection;             /* its Connection headers' tokens, joined by ',' */
 	char *buf;                         /* the response body on its way: [off, len) */
 	size_t len, off, cap;
 	char errbuf[CURL_ERROR_SIZE];
@@ -157,6 +157,26 @@ static void resp_headers_clear(struct gw_proxy_req *pr)
 	for (size_t i = 0; i < pr->nrh; i++)
 		free(pr->rh[i]);
 	pr->nrh = 0;
+	free(pr->resp_connection);
+	pr->resp_connection = NULL;
+}
+
+/* Is the header name (len bytes) one of the comma-separated tokens of a
+ * Connection header's value? Those describe the hop too (RFC 9110,
+ * 7.6.1): not forwarded, either way. */
+static bool connection_lists(const char *list, const char *name, size_t len)
+{
+	for (const char *t = list; t && *t;) {
+		t += strspn(t, " \t,");
+		size_t tl = strcspn(t, ",");
+		size_t end = tl;
+		while (end && (t[end - 1] == ' ' || t[end - 1] == '\t'))
+			end--;
+		if (end == len && strncasecmp(t, name, len) == 0)
+			return true;
+		t += tl;
+	}
+	return false;
 }
 
 /* ---- suspending and resuming ---- */
@@ -221,6 +241,7 @@ void gw_proxy_req_free(struct gw_proxy_req *pr)
 	drop_transfer(pr);
 	curl_slist_free_all(pr->hdrs);
 	resp_headers_clear(pr);
+	free(pr->rh);
 	free(pr->sbuf);
 	free(pr->buf);
 	free(pr);
@@ -367,24 +388,66 @@ static size_t on_header(char *b, size_t size, size_t n, void *ud)
 		return len;
 	}
 	const char *colon = memchr(b, ':', l);
-	if (!colon || hop_by_hop(b, (size_t)(colon - b)) || pr->nrh == MAX_RESP_HEADERS)
+	if (!colon)
 		return len;
-	if ((pr->rh[pr->nrh] = strndup(b, l)))
-		pr->nrh++;
+	size_t nl = (size_t)(colon - b);
+	if (nl == 10 && strncasecmp(b, "Connection", 10) == 0) { /* its tokens: dropped in respond */
+		size_t have = pr->resp_connection ? strlen(pr->resp_connection) : 0, vl = l - nl - 1;
+		char *j = realloc(pr->resp_connection, have + 1 + vl + 1);
+		if (!j)
+			return 0; /* curl fails the transfer: a 502, not a header passed on unseen */
+		if (have)
+			j[have++] = ',';
+		memcpy(j + have, colon + 1, vl);
+		j[have + vl] = '\0';
+		pr->resp_connection = j;
+		return len;
+	}
+	if (hop_by_hop(b, nl))
+		return len;
+	if (pr->nrh == pr->rh_cap) { /* as many as the upstream sends: curl bounds their size */
+		size_t cap = pr->rh_cap ? 2 * pr->rh_cap : 32;
+		char **rh = realloc(pr->rh, cap * sizeof(*rh));
+		if (!rh)
+			return 0;
+		pr->rh = rh;
+		pr->rh_cap = cap;
+	}
+	if (!(pr->rh[pr->nrh] = strndup(b, l)))
+		return 0;
+	pr->nrh++;
 	return len;
 }
 
 struct hdr_ctx {
 	struct gw_proxy_req *pr;
-	bool body, chunked;
+	bool body, chunked, failed;
 	long long length;
-	const char *xff;
+	const char *xff, *connection;
 };
+
+/* "name: value" onto the request's header list, of any length. */
+static bool header_append(struct gw_proxy_req *pr, const char *name, const char *value)
+{
+	size_t nl = strlen(name), vl = strlen(value);
+	char *line = malloc(nl + 2 + vl + 1);
+	struct curl_slist *s = NULL;
+
+	if (line) {
+		memcpy(line, name, nl);
+		memcpy(line + nl, ": ", 2);
+		memcpy(line + nl + 2, value, vl + 1);
+		s = curl_slist_append(pr->hdrs, line);
+		free(line);
+	}
+	if (s)
+		pr->hdrs = s;
+	return s != NULL;
+}
 
 static enum MHD_Result add_header(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
 {
 	struct hdr_ctx *h = cls;
-	char line[8192];
 
 	(void)kind;
 	if (strcasecmp(key, "Content-Length") == 0) {
@@ -395,19 +458,18 @@ static enum MHD_Result add_header(void *cls, enum MHD_ValueKind kind, const char
 	} else if (strcasecmp(key, "X-Forwarded-For") == 0) {
 		h->xff = value;
 	}
-	if (hop_by_hop(key, strlen(key)) || strcasecmp(key, "X-Forwarded-For") == 0)
+	if (hop_by_hop(key, strlen(key)) || strcasecmp(key, "X-Forwarded-For") == 0 ||
+	    connection_lists(h->connection, key, strlen(key)))
 		return MHD_YES;
-	snprintf(line, sizeof(line), "%s: %s", key, value ? value : "");
-	struct curl_slist *s = curl_slist_append(h->pr->hdrs, line);
-	if (s)
-		h->pr->hdrs = s;
+	if (!header_append(h->pr, key, value ? value : ""))
+		h->failed = true;
 	return MHD_YES;
 }
 
 static void forwarded_for(struct MHD_Connection *c, struct hdr_ctx *h)
 {
 	const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-	char addr[64] = "unknown", line[512];
+	char addr[64] = "unknown";
 	const struct sockaddr *sa = ci ? ci->client_addr : NULL;
 
 	/* copied out: MHD's sockaddr need not be aligned for the family's struct */
@@ -420,10 +482,20 @@ static void forwarded_for(struct MHD_Connection *c, struct hdr_ctx *h)
 		memcpy(&in6, sa, sizeof(in6));
 		inet_ntop(AF_INET6, &in6.sin6_addr, addr, sizeof(addr));
 	}
-	snprintf(line, sizeof(line), "X-Forwarded-For: %s%s%s", h->xff ? h->xff : "", h->xff ? ", " : "", addr);
-	struct curl_slist *s = curl_slist_append(h->pr->hdrs, line);
-	if (s && (s = curl_slist_append(s, "Expect:"))) /* no 100-continue towards the upstream */
+	size_t xl = h->xff ? strlen(h->xff) : 0;
+	char *v = malloc(xl + 2 + sizeof(addr));
+	if (!v) {
+		h->failed = true;
+		return;
+	}
+	snprintf(v, xl + 2 + sizeof(addr), "%s%s%s", h->xff ? h->xff : "", h->xff ? ", " : "", addr);
+	struct curl_slist *s;
+	if (!header_append(h->pr, "X-Forwarded-For", v) ||
+	    !(s = curl_slist_append(h->pr->hdrs, "Expect:"))) /* no 100-continue towards the upstream */
+		h->failed = true;
+	else
 		h->pr->hdrs = s;
+	free(v);
 }
 
 /* ---- the transfer ---- */
@@ -446,24 +518,30 @@ static int start(struct gw *g, struct pconn *pc, struct MHD_Connection *c, struc
 {
 	struct gw_proxy_req *pr = calloc(1, sizeof(*pr));
 	struct hdr_ctx h = { .pr = pr, .length = -1 };
-	char url[8192];
+	size_t ul = strlen(g->cfg->upstream), tl = strlen(uri);
+	char *url = malloc(ul + tl + 1);
 
-	if (!pr || !pc)
-		return free(pr), -ENOMEM;
+	if (!pr || !pc || !url)
+		return free(url), free(pr), -ENOMEM;
 	*out = pr;
 	pr->g = g;
 	pr->loop = pc->loop;
 	pr->c = c;
 	pr->easy = pc->easy;
+	h.connection = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Connection");
 	MHD_get_connection_values(c, MHD_HEADER_KIND, add_header, &h);
 	forwarded_for(c, &h);
-	snprintf(url, sizeof(url), "%s%s", g->cfg->upstream, uri);
+	if (h.failed) /* a header that could not be copied: not forwarded without it */
+		return free(url), -ENOMEM;
+	memcpy(url, g->cfg->upstream, ul);
+	memcpy(url + ul, uri, tl + 1);
 	CURL *e = pr->easy;
 	/* the rest is set once (easy_defaults); what the last request of the
 	 * connection set is set again here, every time: HTTPGET puts the
 	 * method back to a GET with no body (no NOBODY, no UPLOAD) */
 	curl_easy_setopt(e, CURLOPT_PRIVATE, pr);
-	curl_easy_setopt(e, CURLOPT_URL, url);
+	curl_easy_setopt(e, CURLOPT_URL, url); /* curl keeps a copy */
+	free(url);
 	curl_easy_setopt(e, CURLOPT_HTTPHEADER, pr->hdrs);
 	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, pr->errbuf);
 	curl_easy_setopt(e, CURLOPT_HEADERDATA, pr);
@@ -504,7 +582,9 @@ static enum MHD_Result fail(struct gw_proxy_req *pr, struct MHD_Connection *c, c
 		snprintf(body, sizeof(body), "upstream %s: the gateway is stopping\n", g->cfg->upstream);
 	else
 		snprintf(body, sizeof(body), "upstream %s: %s\n", g->cfg->upstream,
-			 pr->errbuf[0] ? pr->errbuf : pr->done ? curl_easy_strerror(pr->result) : "out of memory");
+			 pr->errbuf[0] ? pr->errbuf
+			 : pr->done && pr->result == CURLE_OK ? "the answer ended before its headers did"
+			 : pr->done ? curl_easy_strerror(pr->result) : "out of memory");
 	drop_transfer(pr);
 	struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_COPY);
 	if (!r)
@@ -555,6 +635,8 @@ static enum MHD_Result respond(struct gw_proxy_req *pr, struct MHD_Connection *c
 		return MHD_NO;
 	for (size_t i = 0; i < pr->nrh; i++) {
 		char *colon = strchr(pr->rh[i], ':'), *v = colon + 1;
+		if (connection_lists(pr->resp_connection, pr->rh[i], (size_t)(colon - pr->rh[i])))
+			continue;
 		*colon = '\0';
 		while (*v == ' ' || *v == '\t')
 			v++;

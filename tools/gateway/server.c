@@ -9,7 +9,9 @@
  * queued exactly once, on that last call, after the body is complete:
  * queueing it while the body is still arriving fails, and libmicrohttpd
  * then drops the connection ("Application reported internal error"),
- * which is how the first gateway lost every POST with a body. The
+ * which is how the first gateway lost every POST with a body. (One
+ * exception, on the first call: a shed request that waits for 100
+ * Continue is answered before its body is sent; first_call.) The
  * decision is taken on the first call (headers are all it needs); a body
  * the check does not need is read and dropped.
  *
@@ -27,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -44,7 +47,7 @@
 
 struct gw_req {
 	uint32_t magic;
-	bool started, admin, proxying;
+	bool started, admin, proxying, answered;
 	char *uri;              /* raw, with the query */
 	struct gw_outcome o;
 	struct gw_proxy_req *proxy;
@@ -172,7 +175,31 @@ static enum MHD_Result first_call(struct gw *g, struct MHD_Connection *c, struct
 	}
 	if (g->cfg->mode == GW_MODE_CHECK)
 		check_target(g, c, &m, &target);
+	/* routes see the path as nginx and the upstream route it: a spelling
+	 * of it ("/ok/../over", "//over") takes the route of what it names */
+	char small[1024], *path = NULL;
+	if (target[0] == '/') {
+		size_t room = 3 * strlen(target) + 2;
+		path = room <= sizeof(small) ? small : malloc(room);
+		if (!path)
+			return MHD_NO; /* out of memory: the connection is closed */
+		gw_path_normalize(target, path);
+		target = path;
+	}
 	gw_evaluate(g, m, target, get_header, &h, &q->o);
+	if (path != small)
+		free(path);
+	/* A shed request whose client waits for 100 Continue before it sends
+	 * its body: answered now, in place of the 100, so that an overloaded
+	 * service does not take in a body it throws away. libmicrohttpd then
+	 * reads no body and closes the connection after the answer. Not for
+	 * a client that sends its body at once: closing with its bytes unread
+	 * would reset the connection, and it could lose the answer. */
+	const char *expect = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT);
+	if (!q->o.d.admit && expect && strcasecmp(expect, "100-continue") == 0) {
+		q->answered = true;
+		return answer(g, c, &q->o);
+	}
 	if (g->cfg->mode == GW_MODE_PROXY && q->o.d.admit) {
 		q->proxying = true;
 		return (enum MHD_Result)gw_proxy_handle(g, sock_ctx, c, &q->proxy, method, q->uri, upload,
@@ -208,6 +235,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 		*upload_size = 0;
 		return MHD_YES;
 	}
+	if (q->answered)
+		return MHD_YES;
 	return answer(g, c, &q->o); /* the last call: the body is complete */
 }
 
@@ -334,7 +363,6 @@ int gw_serve(struct gw *g)
 			MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->connection_limit,
 			MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->idle_timeout_s,
 			MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)GW_CONN_MEMORY,
-			MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
 			MHD_OPTION_THREAD_POOL_SIZE, threads,
 			MHD_OPTION_END);
 		if (!d) {
