@@ -232,6 +232,17 @@ static void seg_free(struct tally_segment *seg)
 	free(seg);
 }
 
+/* Can this process open the segment at path to read it? */
+static bool readable(const char *path)
+{
+	int fd = shm_open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC, 0);
+
+	if (fd < 0)
+		return false;
+	close(fd);
+	return true;
+}
+
 static void shm_path(const char *name, char *buf, size_t len)
 {
 	snprintf(buf, len, "/%s", name);
@@ -290,13 +301,20 @@ static int reserve(struct tally_segment *seg, uint64_t size)
 	return 0;
 }
 
+/* 0600, 0640 (group_readable: readers of the group) or 0660
+ * (group_writable: producers of the group too). */
+static mode_t seg_mode(const struct tally_segment_config *cfg)
+{
+	return cfg->group_writable ? 0660 : cfg->group_readable ? 0640 : 0600;
+}
+
 static int set_mode(struct tally_segment *seg, const struct tally_segment_config *cfg)
 {
-	mode_t mode = cfg->group_readable ? 0640 : 0600;
+	mode_t mode = seg_mode(cfg);
 
 	if (fchmod(seg->fd, mode) != 0)
 		return tally__fail(-errno, "chmod of segment \"%s\": %s", seg->name, strerror(errno));
-	if (cfg->group_readable && cfg->group && *cfg->group) {
+	if ((cfg->group_readable || cfg->group_writable) && cfg->group && *cfg->group) {
 		struct group *g = getgrnam(cfg->group);
 		if (!g)
 			return tally__fail(-ENOENT, "group \"%s\" for segment \"%s\" does not exist",
@@ -318,7 +336,7 @@ static void fill_header(struct tally_segment *seg, const struct tally_segment_co
 	h->abi_minor = TALLY__ABI_MINOR;
 	h->hdr_size = TALLY__HDR_SIZE;
 	h->owner_pid = (int32_t)getpid();
-	h->mode = cfg->group_readable ? 0640 : 0600;
+	h->mode = (uint32_t)seg_mode(cfg);
 	h->owner_start_time = tally__proc_start_time(getpid());
 	h->created_ns = tally__real_ns();
 	h->generation = h->created_ns;
@@ -524,10 +542,15 @@ TALLY_API int tally_segment_open(const char *name, enum tally_open_mode mode, ui
 	seg->fd = shm_open(path, (seg->read_only ? O_RDONLY : O_RDWR) | O_NOFOLLOW | O_CLOEXEC, 0);
 	if (seg->fd < 0) {
 		rc = -errno;
+		bool producer = !seg->read_only;
 		seg_free(seg);
 		if (rc == -ENOENT)
 			return tally__fail(rc, "no segment \"%s\" in " SHM_DIR ": is its owner (tallyd -s %s) "
 					   "running?", name, name);
+		if (rc == -EACCES && producer && readable(path))
+			return tally__fail(rc, "permission denied on " SHM_DIR "/%s for recording: its group "
+					   "may read it, not write it; set group_writable = true in [segment] "
+					   "of the owner's tallyd.ini (and group = a group of this user)", name);
 		if (rc == -EACCES)
 			return tally__fail(rc, "permission denied on " SHM_DIR "/%s: it belongs to another "
 					   "user; run as that user or ask its owner for group access", name);
@@ -634,6 +657,7 @@ TALLY_API int tally_segment_info(const struct tally_segment *seg, struct tally_s
 	o->config.max_value_ns = seg->max_value_ns;
 	o->config.producer_cooloff_ms = seg->cooloff_ms;
 	o->config.group_readable = (seg->hdr->mode & 0040) != 0;
+	o->config.group_writable = (seg->hdr->mode & 0020) != 0;
 	o->subjects_used = atomic_load_explicit(&seg->hdr->subjects_used, memory_order_relaxed);
 	o->subjects.off = seg->subjects.off;
 	o->subjects.size = seg->subjects.size;

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "common/helpers.h"
+#include "tally/record.h"
 #include "shm_layout.h"
 
 static struct tally_segment *make(const char *name)
@@ -98,6 +99,80 @@ Test(segment, create_open_info_close)
 	tally_segment_close(&rd);
 	cr_expect_eq(tally_segment_open(name, TALLY_OPEN_READER, 0, &rd), -ENOENT);
 	cr_expect(strstr(tally_errmsg(), "is its owner"), "%s", tally_errmsg());
+}
+
+/* A producer running as another user, of the segment's group: it may
+ * record into a group_writable segment (0660); into a group_readable one
+ * (0640) it may not, and the error says which key to set. Forked, not
+ * exec'd: the test binary need not be reachable by that user. */
+static int record_as_nobody(const char *name, char *err, size_t len)
+{
+	int fd[2];
+
+	if (pipe(fd) != 0)
+		return -1;
+	pid_t pid = fork();
+	if (pid == 0) {
+		struct tally_segment *seg;
+		struct tally_producer *p;
+		tally_subject_t id;
+		close(fd[0]);
+		if (setgid(65534) || setuid(65534))
+			_exit(126);
+		int rc = tally_segment_open(name, TALLY_OPEN_PRODUCER, 0, &seg);
+		if (rc == 0 && (rc = tally_producer_attach(seg, &p)) == 0 &&
+		    (rc = tally_subject_intern(seg, "as.nobody", &id)) == 0)
+			rc = tally_record(p, id, 1000) ? 0 : -EAGAIN;
+		if (rc != 0) {
+			ssize_t w = write(fd[1], tally_errmsg(), strlen(tally_errmsg()));
+			(void)w;
+		}
+		_exit(rc == 0 ? 0 : 1);
+	}
+	close(fd[1]);
+	ssize_t n = read(fd[0], err, len - 1);
+	err[n > 0 ? n : 0] = '\0';
+	close(fd[0]);
+	int st;
+	waitpid(pid, &st, 0);
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+Test(segment, producers_of_the_group_record_into_a_group_writable_segment)
+{
+	struct tally_segment_config cfg;
+	struct tally_segment *seg;
+	const char *name = tt_segname("gw");
+	char path[256], err[512];
+	struct stat st;
+
+	tt_config(&cfg);
+	cfg.group_writable = 1;
+	cfg.group = "nogroup";
+	if (geteuid() == 0)
+		cr_assert_eq(tally_segment_create(name, &cfg, 0, &seg), 0, "%s", tally_errmsg());
+	else { /* not root: no chgrp to a group it is not in; the mode alone */
+		cfg.group = NULL;
+		cr_assert_eq(tally_segment_create(name, &cfg, 0, &seg), 0, "%s", tally_errmsg());
+	}
+	snprintf(path, sizeof(path), "/dev/shm/%s", name);
+	cr_assert_eq(stat(path, &st), 0);
+	cr_expect_eq(st.st_mode & 0777, 0660);
+	struct tally_segment_info info;
+	cr_assert_eq(tally_segment_info(seg, &info), 0);
+	cr_expect(info.config.group_writable, "the info says so");
+	if (geteuid() == 0) {
+		cr_expect_eq(record_as_nobody(name, err, sizeof(err)), 0, "nobody of nogroup records: %s", err);
+		tally_segment_close(&seg);
+		tt_config(&cfg);
+		cfg.group_readable = 1;
+		cfg.group = "nogroup";
+		cr_assert_eq(tally_segment_create(name, &cfg, 0, &seg), 0, "%s", tally_errmsg());
+		cr_expect_eq(record_as_nobody(name, err, sizeof(err)), 1, "0640: the group may not record");
+		cr_expect(strstr(err, "permission denied") && strstr(err, "group_writable = true"),
+			  "and the error says which key: %s", err);
+	}
+	tally_segment_close(&seg);
 }
 
 Test(segment, keep_and_group_mode)

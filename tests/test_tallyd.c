@@ -482,6 +482,10 @@ Test(tallyd, config_mistakes_fail_at_start_naming_file_and_line)
 		  "tls_ca file \"/nonexistent/ca.pem\": No such file or directory" },
 		{ "[nats]\ncreds = /nonexistent/x.creds\nurl = nats://127.0.0.1:1\n[watch S]\n", ":2: ",
 		  "creds file \"/nonexistent/x.creds\": No such file" },
+		/* found by --check, not only when the segment is made */
+		{ "[segment]\ngroup_readable = true\ngroup = tally-no-such-group\n", ":3: ",
+		  "group = \"tally-no-such-group\": no such group" },
+		{ "[segment]\ngroup = nogroup\n", ":2: ", "has no effect without group_readable = true" },
 	};
 	struct td *d = td_new("td-mistakes");
 	char want[512];

@@ -391,7 +391,7 @@ static void warn_restart_only(const struct tallyd_config *a, const struct tallyd
 		   x->ring_capacity != y->ring_capacity || x->subject_capacity != y->subject_capacity ||
 		   x->pending_capacity != y->pending_capacity || x->max_value_ns != y->max_value_ns ||
 		   x->producer_cooloff_ms != y->producer_cooloff_ms ||
-		   x->group_readable != y->group_readable ||
+		   x->group_readable != y->group_readable || x->group_writable != y->group_writable ||
 		   strcmp(a->group ? a->group : "", b->group ? b->group : "");
 	bool eng = memcmp(&a->engine, &b->engine, sizeof(a->engine)) != 0;
 	bool http = tallyd_config_http_differs(a, b);

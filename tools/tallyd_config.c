@@ -16,6 +16,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <grp.h>
 #include <ini.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -74,6 +75,7 @@ static const struct key segment_keys[] = {
 	{ "max_value_ms", K_MS_NS, CF(seg.max_value_ns), 1, 0 },
 	{ "producer_cooloff_ms", K_U32, CF(seg.producer_cooloff_ms), 0, U32MAX },
 	{ "group_readable", K_BOOLINT, CF(seg.group_readable), 0, 0 },
+	{ "group_writable", K_BOOLINT, CF(seg.group_writable), 0, 0 },
 	{ "group", K_STR, CF(group), 0, 0 },
 	{ NULL, 0, 0, 0, 0 },
 };
@@ -817,6 +819,14 @@ static void check_segment_engine(struct parser *p)
 	c->seg.group = c->group;
 	if (tally_segment_size(&c->seg) == 0)
 		perr(p, keyline(p, S_SEGMENT, ""), "[segment]: %s", tally_errmsg());
+	/* found now, not at the segment's creation: --check-config says so */
+	if (c->group && *c->group && !getgrnam(c->group))
+		perr(p, keyline(p, S_SEGMENT, "group"), "[segment]: group = \"%s\": no such group (getent group "
+		     "lists them)", c->group);
+	if (c->group && *c->group && !c->seg.group_readable && !c->seg.group_writable)
+		perr(p, keyline(p, S_SEGMENT, "group"), "[segment]: group = \"%s\" has no effect without "
+		     "group_readable = true (readers of the group) or group_writable = true (producers too)",
+		     c->group);
 	if (c->engine.slice_ns < 1000000)
 		perr(p, keyline(p, S_ENGINE, "slice_ms"), "[engine]: slice_ms = %g: at least 1 ms",
 		     (double)c->engine.slice_ns / 1e6);

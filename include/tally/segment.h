@@ -48,6 +48,8 @@ struct tally_segment_config {
 	const char *group;         /* group name for group_readable, or NULL for the caller's */
 	uint32_t remote_capacity;  /* other hosts' mirrored verdicts (tally/share.h), 0..65536;
 				    * default 0: no remote section */
+	int group_writable;        /* 1: mode 0660, so that producers of the group may record
+				    * (and chgrp as group_readable); implies group_readable */
 };
 
 /* Fill cfg with the defaults above. Never fails. Thread-safe. */
