@@ -486,6 +486,7 @@ Test(tallyd, config_mistakes_fail_at_start_naming_file_and_line)
 		{ "[segment]\ngroup_readable = true\ngroup = tally-no-such-group\n", ":3: ",
 		  "group = \"tally-no-such-group\": no such group" },
 		{ "[segment]\ngroup = nogroup\n", ":2: ", "has no effect without group_readable = true" },
+		{ "[http]\ntls_cert_file = /etc/hostname\n", ":2: ", "TLS needs both tls_cert_file and tls_key_file" },
 	};
 	struct td *d = td_new("td-mistakes");
 	char want[512];
@@ -676,6 +677,26 @@ Test(tallyd, sighup_with_a_bad_config_keeps_the_old_one)
 	cr_expect_gt(st.total_count, before, "no new samples aggregated after the bad reload");
 	cr_expect_eq(st.verdict, TALLY_VERDICT_OVERLOAD, "thresholds changed by a bad file");
 	rec_close(&r);
+	td_cleanup(d);
+}
+
+/* A reload that changes only [nats] include_ack_pending warns about
+ * [nats], not about an [engine] the file did not touch (the engine keeps
+ * a copy of that key). Nothing listens at the NATS URL (port 1): tallyd
+ * retries. */
+Test(tallyd, reload_names_only_the_sections_that_changed)
+{
+	struct td *d = td_new("td-hupsect");
+#define HUP_CFG "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE \
+		"[nats]\nurl = nats://127.0.0.1:1\ninclude_ack_pending = %s\n[watch S]\n"
+
+	td_write_cfg(d, HUP_CFG, d->seg, "false");
+	td_start_ready(d, (const char *const[]){ "-c", d->cfg, NULL });
+	td_write_cfg(d, HUP_CFG, d->seg, "true");
+	kill(d->pid, SIGHUP);
+	cr_assert(td_wait_log(d, "reload", 5000), "%s", td_logtext(d));
+	tt_sleep_ms(300);
+	cr_expect_null(strstr(td_logtext(d), "[engine]"), "[engine] was not changed:\n%s", td_logtext(d));
 	td_cleanup(d);
 }
 

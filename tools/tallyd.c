@@ -393,7 +393,13 @@ static void warn_restart_only(const struct tallyd_config *a, const struct tallyd
 		   x->producer_cooloff_ms != y->producer_cooloff_ms ||
 		   x->group_readable != y->group_readable || x->group_writable != y->group_writable ||
 		   strcmp(a->group ? a->group : "", b->group ? b->group : "");
-	bool eng = memcmp(&a->engine, &b->engine, sizeof(a->engine)) != 0;
+	/* the engine's copy of [nats] include_ack_pending is that key's (warned
+	 * about as [nats]), not a change to [engine] */
+	struct tally_engine_config ea, eb;
+	memcpy(&ea, &a->engine, sizeof(ea)); /* padding and all, for the memcmp */
+	memcpy(&eb, &b->engine, sizeof(eb));
+	eb.pending_include_ack = ea.pending_include_ack;
+	bool eng = memcmp(&ea, &eb, sizeof(ea)) != 0;
 	bool http = tallyd_config_http_differs(a, b);
 
 	if (seg || eng || http)

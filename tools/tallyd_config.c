@@ -977,10 +977,10 @@ static void build_http(struct parser *p)
 	else if (c->http_tls_cert && !tallyd_http_tls_supported())
 		perr(p, keyline(p, S_HTTP, "tls_cert_file"), "[http]: this libmicrohttpd was built "
 		     "without TLS (Debian's libmicrohttpd12 has it, through GnuTLS)");
-	if (c->http_tls_cert) {
+	if (c->http_tls_cert)
 		check_file(p, "tls_cert_file", c->http_tls_cert);
+	if (c->http_tls_key) /* one without the other: said above, and each file looked at */
 		check_file(p, "tls_key_file", c->http_tls_key);
-	}
 	if (c->http_users) {
 		if (!(copy = strdup(c->http_users))) {
 			perr(p, keyline(p, S_HTTP, "basic_auth_users"), "out of memory");
