@@ -504,6 +504,8 @@ Test(tallyd, config_mistakes_fail_at_start_naming_file_and_line)
 				  "case %zu: expected \"%s...%s\" in:\n%s", i, want, cases[i].says,
 				  td_logtext(d));
 			cr_expect(!seg_exists(d->seg), "case %zu: a bad config created the segment", i);
+			cr_expect_null(strstr(td_logtext(d), "(null)"), "case %zu: a NULL in a message:\n%s", i,
+				       td_logtext(d));
 		}
 	}
 
