@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/gateway.h"
@@ -621,7 +622,7 @@ Test(gateway_proxy, sigterm_with_requests_waiting_on_the_upstream, .timeout = 12
 	struct env e;
 	char path[64];
 
-	env_start(&e, "threads = 2\n", "", false);
+	env_start(&e, "threads = 2\n", "drain_timeout_ms = 300\n", false);
 	for (int i = 0; i < N; i++) {
 		snprintf(path, sizeof(path), "/_slow/60000/%d", i);
 		raw_request(&c[i], e.port, i % 2 ? "POST" : "GET", path, (size_t)(i % 2 ? 5000 : 0));
@@ -635,10 +636,75 @@ Test(gateway_proxy, sigterm_with_requests_waiting_on_the_upstream, .timeout = 12
 	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the gateway exits 0 on SIGTERM (status %#x)", st);
 	raw_run(c, N); /* each client sees its connection end */
 	raw_free(c, N);
+	char *log = gwt_read_file(e.log);
+	cr_expect(strstr(log, "20 request(s) in flight get up to drain_timeout_ms = 300"), "%s", log);
+	cr_expect(strstr(log, "stopping with 20 request(s) still in flight"), "%s", log);
+	free(log);
 	kill(e.up, SIGKILL); /* its threads sleep for a minute */
 	waitpid(e.up, NULL, 0);
 	kill(e.owner, SIGKILL);
 	waitpid(e.owner, NULL, 0);
+	tally_segment_unlink(e.seg);
+	gwt_rmtree(e.dir);
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* SIGTERM in a rolling restart: the gateway takes no new connection, and
+ * the requests in flight finish (drain_timeout_ms), with their answers,
+ * before it exits 0. */
+Test(gateway_proxy, sigterm_lets_requests_in_flight_finish, .timeout = 60)
+{
+	enum { N = 3 };
+	struct raw_conn c[N];
+	struct env e;
+	char path[64];
+	int st = -1;
+
+	env_start(&e, "threads = 2\n", "drain_timeout_ms = 10000\n", false);
+	for (int i = 0; i < N; i++) {
+		snprintf(path, sizeof(path), "/_slow/1500/%d", i);
+		raw_request(&c[i], e.port, i == 1 ? "POST" : "GET", path, i == 1 ? 100000 : 0);
+		cr_assert_eq(send(c[i].fd, c[i].out, c[i].out_len, MSG_NOSIGNAL), (ssize_t)c[i].out_len);
+		c[i].out_off = c[i].out_len;
+	}
+	for (int i = 0; i < 100 && gwt_upstream_count(e.up_port, "") < N; i++)
+		tt_sleep_ms(10);
+	cr_assert_eq(gwt_upstream_count(e.up_port, ""), N, "every request reached the upstream");
+	uint64_t t0 = now_ms();
+	kill(e.gw, SIGTERM);
+	tt_sleep_ms(200);
+	int fd = raw_connect(e.port);
+	cr_expect_lt(fd, 0, "no new connection while it drains");
+	if (fd >= 0)
+		close(fd);
+	raw_run(c, N);
+	for (int i = 0; i < N; i++) {
+		size_t len;
+		const char *body = raw_body(&c[i], &len);
+		snprintf(path, sizeof(path), "/_slow/1500/%d len=%d", i, i == 1 ? 100000 : 0);
+		cr_expect(strncmp(c[i].in, "HTTP/1.1 200", 12) == 0, "request %d answered 200: %.*s", i,
+			  (int)(c[i].in_len < 200 ? c[i].in_len : 200), c[i].in);
+		cr_expect(body && strstr(body, path), "request %d: its upstream's answer: %s", i, body ? body : "");
+	}
+	raw_free(c, N);
+	for (int i = 0; i < 500 && waitpid(e.gw, &st, WNOHANG) != e.gw; i++)
+		tt_sleep_ms(10);
+	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "then it exits 0 (status %#x)", st);
+	cr_expect_lt(now_ms() - t0, 8000, "when they are done, not at the drain's end");
+	char *log = gwt_read_file(e.log);
+	cr_expect(strstr(log, "3 request(s) in flight"), "%s", log);
+	cr_expect_null(strstr(log, "still in flight"), "%s", log);
+	free(log);
+	e.gw = 0;
+	gwt_stop(e.up);
+	gwt_owner_kill(&e.owner);
 	tally_segment_unlink(e.seg);
 	gwt_rmtree(e.dir);
 }

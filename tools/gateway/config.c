@@ -83,6 +83,7 @@ static const struct key proxy_keys[] = {
 	{ "upstream", K_URL, CF(upstream), 0, 0 },
 	{ "connect_timeout_ms", K_U32, CF(connect_timeout_ms), 1, 600000 },
 	{ "upstream_timeout_ms", K_U32, CF(upstream_timeout_ms), 1, 3600000 },
+	{ "drain_timeout_ms", K_U32, CF(drain_timeout_ms), 0, 3600000 },
 	{ NULL, 0, 0, 0, 0 },
 };
 
@@ -568,6 +569,7 @@ static int defaults(struct gw_config *c)
 	c->shed_status = 403;
 	c->connect_timeout_ms = 2000;
 	c->upstream_timeout_ms = 30000;
+	c->drain_timeout_ms = 10000;
 	gw_shed_config_init(&c->shed);
 	return set_str(&c->listen, "127.0.0.1:8090") || set_str(&c->admin_prefix, "/_tally") ||
 	       set_str(&c->priority_header, "X-Tally-Priority") || set_str(&c->path_prefix, "") ||

@@ -146,6 +146,7 @@ struct gw_config {
 	char *upstream;          /* http://HOST:PORT, no path */
 	uint32_t connect_timeout_ms;
 	uint32_t upstream_timeout_ms;
+	uint32_t drain_timeout_ms;  /* on SIGTERM: how long requests in flight may finish */
 	/* [route ...] in file order */
 	struct gw_route *routes;
 	size_t nroutes;
@@ -255,6 +256,7 @@ struct gw {
 	struct gw_reader reader;
 	struct gw_stats *st;
 	size_t admin_len;
+	_Atomic long inflight;   /* requests begun and not completed (proxy mode's drain) */
 };
 
 /* ---- the counts and their reports (report.c) ------------------------------- */
@@ -319,7 +321,8 @@ struct gw_loop {
 	pthread_t thread;
 	struct MHD_Daemon *d;
 	CURLM *multi;
-	int ep, mhd_fd, stop_fd;
+	int ep, mhd_fd, stop_fd, drain_fd;
+	bool quiesced;                /* draining: its listening socket is closed */
 	uint64_t curl_due;            /* when curl's timer fires (gw_now_ns), 0: not set */
 	uint64_t next_scan;           /* the next deadline scan */
 	bool kick;                    /* a request was resumed: run libmicrohttpd */
@@ -356,6 +359,9 @@ struct gw_daemon_options {
 
 /* n loops, running: 0, or -1 with errno (none left running). */
 int gw_loops_start(struct gw *g, struct gw_loop *loops, unsigned n, const struct gw_daemon_options *o);
+/* They take no new connection (each closes its listening socket); the
+ * connections they have go on. */
+void gw_loops_quiesce(struct gw_loop *loops, unsigned n);
 /* Stops them: what is suspended fails, every connection is closed. */
 void gw_loops_stop(struct gw_loop *loops, unsigned n);
 

@@ -236,6 +236,19 @@ static int wait_ms(struct gw_loop *l, uint64_t now)
 	return ms > 60000 ? 60000 : (int)ms;
 }
 
+/* Accept no more connections (from the loop's own thread, which runs its
+ * daemon): the listening socket is ours then, and closed. The kernel
+ * refuses new connections once every loop's socket of the port is gone. */
+static void quiesce(struct gw_loop *l)
+{
+	if (l->quiesced)
+		return;
+	l->quiesced = true;
+	MHD_socket lfd = MHD_quiesce_daemon(l->d);
+	if (lfd != MHD_INVALID_SOCKET)
+		close(lfd);
+}
+
 static void *loop_main(void *arg)
 {
 	struct gw_loop *l = arg;
@@ -261,6 +274,10 @@ static void *loop_main(void *arg)
 				mhd = true;
 			} else if (fd == l->stop_fd) {
 				return NULL;
+			} else if (fd == l->drain_fd) {
+				eventfd_t v;
+				(void)eventfd_read(l->drain_fd, &v);
+				quiesce(l);
 			} else if (!unwanted(l, fd)) {
 				uint32_t e = ev[i].events;
 				curl_action(l, fd, (e & (EPOLLIN | EPOLLHUP) ? CURL_CSELECT_IN : 0) |
@@ -294,9 +311,10 @@ static int loop_init(struct gw_loop *l, struct gw *g, const struct gw_daemon_opt
 	struct epoll_event ev = { .events = EPOLLIN };
 	const union MHD_DaemonInfo *di;
 
-	l->ep = l->stop_fd = l->mhd_fd = -1;
+	l->ep = l->stop_fd = l->drain_fd = l->mhd_fd = -1;
 	l->g = g;
-	if ((l->ep = epoll_create1(EPOLL_CLOEXEC)) < 0 || (l->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0)
+	if ((l->ep = epoll_create1(EPOLL_CLOEXEC)) < 0 || (l->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0 ||
+	    (l->drain_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0)
 		return -1;
 	if (!(l->multi = curl_multi_init()))
 		return errno = ENOMEM, -1;
@@ -323,17 +341,19 @@ static int loop_init(struct gw_loop *l, struct gw *g, const struct gw_daemon_opt
 	ev.data.fd = l->mhd_fd;
 	if (epoll_ctl(l->ep, EPOLL_CTL_ADD, l->mhd_fd, &ev) != 0)
 		return -1;
+	ev.data.fd = l->drain_fd;
+	if (epoll_ctl(l->ep, EPOLL_CTL_ADD, l->drain_fd, &ev) != 0)
+		return -1;
 	ev.data.fd = l->stop_fd;
 	return epoll_ctl(l->ep, EPOLL_CTL_ADD, l->stop_fd, &ev);
 }
+
 
 /* Everything of a loop whose thread has returned (or never ran). */
 static void loop_fini(struct gw_loop *l)
 {
 	if (l->d) {
-		MHD_socket lfd = MHD_quiesce_daemon(l->d); /* accept no more; the socket is ours now */
-		if (lfd != MHD_INVALID_SOCKET)
-			close(lfd);
+		quiesce(l); /* accept no more */
 		gw_proxy_teardown(l); /* fails and resumes the suspended ones; none suspends again */
 		for (int i = 0; i < 3; i++)
 			MHD_run(l->d); /* takes the resumed ones off libmicrohttpd's suspended list */
@@ -345,6 +365,8 @@ static void loop_fini(struct gw_loop *l)
 		close(l->ep);
 	if (l->stop_fd >= 0)
 		close(l->stop_fd);
+	if (l->drain_fd >= 0)
+		close(l->drain_fd);
 	free(l->fds);
 	memset(l, 0, sizeof(*l));
 }
@@ -419,6 +441,12 @@ int gw_loops_start(struct gw *g, struct gw_loop *loops, unsigned n, const struct
 		pthread_setname_np(loops[k].thread, name);
 	}
 	return 0;
+}
+
+void gw_loops_quiesce(struct gw_loop *loops, unsigned n)
+{
+	for (unsigned k = 0; k < n; k++)
+		eventfd_write(loops[k].drain_fd, 1);
 }
 
 void gw_loops_stop(struct gw_loop *loops, unsigned n)

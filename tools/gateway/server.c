@@ -47,7 +47,7 @@
 
 struct gw_req {
 	uint32_t magic;
-	bool started, admin, proxying, answered;
+	bool started, admin, proxying, answered, counted;
 	char *uri;              /* raw, with the query */
 	struct gw_outcome o;
 	struct gw_proxy_req *proxy;
@@ -173,6 +173,8 @@ static enum MHD_Result first_call(struct gw *g, struct MHD_Connection *c, struct
 		q->admin = true;
 		return ret;
 	}
+	q->counted = true; /* in flight until on_completed: what a drain waits for */
+	atomic_fetch_add_explicit(&g->inflight, 1, memory_order_relaxed);
 	if (g->cfg->mode == GW_MODE_CHECK)
 		check_target(g, c, &m, &target);
 	/* routes see the path as nginx and the upstream route it: a spelling
@@ -259,12 +261,14 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **req_cls,
 			 enum MHD_RequestTerminationCode toe)
 {
 	struct gw_req *q = *req_cls;
+	struct gw *g = cls;
 
-	(void)cls;
 	(void)c;
 	(void)toe;
 	if (!q)
 		return;
+	if (q->counted)
+		atomic_fetch_sub_explicit(&g->inflight, 1, memory_order_relaxed);
 	gw_proxy_req_free(q->proxy);
 	free(q->uri);
 	q->magic = 0;
@@ -307,6 +311,37 @@ void gw_mhd_log(void *cls, const char *fmt, va_list ap)
 	vsnprintf(line, sizeof(line), fmt, ap);
 	line[strcspn(line, "\n")] = '\0';
 	gw_log("libmicrohttpd: %s", line);
+}
+
+/* Proxy mode's stop, for a rolling restart: no new connection, and the
+ * requests in flight get drain_timeout_ms to finish before the loops stop
+ * (and fail what is left with a 502). A second signal cuts it short. */
+static void drain(struct gw *g, struct gw_loop *loops, unsigned n, int sig)
+{
+	uint64_t until = gw_now_ns() + (uint64_t)g->cfg->drain_timeout_ms * 1000000u;
+	long left = atomic_load_explicit(&g->inflight, memory_order_relaxed);
+	struct timespec tick = { 0, 10 * 1000000 };
+	sigset_t set;
+	int again;
+
+	gw_loops_quiesce(loops, n);
+	if (left <= 0 || !g->cfg->drain_timeout_ms)
+		goto out;
+	gw_log("signal %d: taking no new connection; %ld request(s) in flight get up to "
+	       "drain_timeout_ms = %u to finish (a second signal stops at once)",
+	       sig, left, g->cfg->drain_timeout_ms);
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	while ((left = atomic_load_explicit(&g->inflight, memory_order_relaxed)) > 0 && gw_now_ns() < until) {
+		if ((again = sigtimedwait(&set, NULL, &tick)) > 0) {
+			gw_log("signal %d again: stopping now", again);
+			break;
+		}
+	}
+out:
+	if (left > 0)
+		gw_log("stopping with %ld request(s) still in flight: they are answered 502 or cut off", left);
 }
 
 int gw_serve(struct gw *g)
@@ -377,6 +412,8 @@ int gw_serve(struct gw *g)
 	       cfg->mode == GW_MODE_PROXY ? cfg->upstream : "", cfg->fail_closed ? ", fail-closed" : "");
 	while (sigwait(&set, &sig) != 0)
 		;
+	if (loops)
+		drain(g, loops, threads, sig);
 	if (d)
 		MHD_stop_daemon(d);
 	if (loops)
