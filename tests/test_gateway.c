@@ -317,7 +317,9 @@ Test(gateway_check, fail_open_and_fail_closed, .timeout = 60)
 	cr_expect_eq(gwt_get(c.port, "/unmapped", &r), 200, "an unmapped route is admitted even so");
 	env_stop(&c);
 	char *log = gwt_read_file(e.log);
-	cr_expect(strstr(log, "failing open: the segment's owner is not alive"), "logged: %s", log);
+	cr_expect(strstr(log, "failing open: the owner of segment ") && strstr(log, " is not alive"),
+		  "logged: %s", log);
+	cr_expect(strstr(log, "--replace"), "with the fix: %s", log);
 	free(log);
 	env_stop(&e);
 }

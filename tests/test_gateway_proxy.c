@@ -708,3 +708,30 @@ Test(gateway_proxy, sigterm_lets_requests_in_flight_finish, .timeout = 60)
 	tally_segment_unlink(e.seg);
 	gwt_rmtree(e.dir);
 }
+
+/* A target that is not a path (absolute form, or OPTIONS *) is the
+ * client's mistake, 400, not an upstream's failure (it was a 502 counted
+ * against the upstream). */
+Test(gateway_proxy, a_target_that_is_not_a_path_is_400, .timeout = 60)
+{
+	struct raw_conn c[2];
+	struct env e;
+
+	env_start(&e, "", "", false);
+	raw_request(&c[0], e.port, "GET", "http://127.0.0.1/over/1", 0);
+	raw_request(&c[1], e.port, "OPTIONS", "*", 0);
+	for (int i = 0; i < 2; i++) {
+		cr_assert_eq(send(c[i].fd, c[i].out, c[i].out_len, MSG_NOSIGNAL), (ssize_t)c[i].out_len);
+		c[i].out_off = c[i].out_len;
+	}
+	raw_run(c, 2);
+	for (int i = 0; i < 2; i++)
+		cr_expect(strncmp(c[i].in, "HTTP/1.1 400", 12) == 0, "target %d: %.*s", i,
+			  (int)(c[i].in_len < 300 ? c[i].in_len : 300), c[i].in);
+	raw_free(c, 2);
+	struct gwt_resp r;
+	cr_expect_eq(gwt_get(e.port, "/_tally/metrics", &r), 200);
+	cr_expect(strstr(r.body, "tally_gateway_upstream_502_total 0\n"), "no 502 counted: %s", r.body);
+	cr_expect_eq(gwt_upstream_count(e.up_port, ""), 0);
+	env_stop(&e);
+}

@@ -144,8 +144,14 @@ static int read_local_locked(struct gw_reader *r, const char *subject, struct gw
 		return 0;
 	}
 	if (rc == TALLY_ESTALE || alive != 1) {
-		out->why = alive != 1 ? "the segment's owner is not alive: data is stale"
-				      : "the segment's owner stopped publishing: data is stale";
+		if (alive != 1)
+			snprintf(out->whybuf, sizeof(out->whybuf), "the owner of segment %s is not alive: data is "
+				 "stale (start tallyd -s %s; --replace takes over the dead owner's segment)",
+				 r->segment, r->segment);
+		else
+			snprintf(out->whybuf, sizeof(out->whybuf), "the owner of segment %s stopped publishing: "
+				 "data is stale (is tallyd stuck? tally status -s %s)", r->segment, r->segment);
+		out->why = out->whybuf;
 		return 0;
 	}
 	if (rc != 0) {

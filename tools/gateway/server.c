@@ -48,6 +48,7 @@
 struct gw_req {
 	uint32_t magic;
 	bool started, admin, proxying, answered, counted;
+	bool not_a_path;        /* proxy mode: a target that is not /PATH (400) */
 	char *uri;              /* raw, with the query */
 	struct gw_outcome o;
 	struct gw_proxy_req *proxy;
@@ -92,7 +93,7 @@ static enum MHD_Result queue_text(struct MHD_Connection *c, unsigned status, con
 /* The answer of a check, or of a shed in proxy mode. */
 static enum MHD_Result answer(struct gw *g, struct MHD_Connection *c, const struct gw_outcome *o)
 {
-	char body[256];
+	char body[TALLY_NAME_MAX * 2 + 400]; /* a why names the segment, twice */
 	unsigned status = o->d.status;
 
 	bool closed = o->rd.level == GW_LEVEL_CLOSED;
@@ -175,6 +176,10 @@ static enum MHD_Result first_call(struct gw *g, struct MHD_Connection *c, struct
 	}
 	q->counted = true; /* in flight until on_completed: what a drain waits for */
 	atomic_fetch_add_explicit(&g->inflight, 1, memory_order_relaxed);
+	if (g->cfg->mode == GW_MODE_PROXY && q->uri[0] != '/') {
+		q->not_a_path = true; /* "http://host/x" or "*": answered 400 after its body */
+		return MHD_YES;
+	}
 	if (g->cfg->mode == GW_MODE_CHECK)
 		check_target(g, c, &m, &target);
 	/* routes see the path as nginx and the upstream route it: a spelling
@@ -239,6 +244,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 	}
 	if (q->answered)
 		return MHD_YES;
+	if (q->not_a_path) {
+		static const char text[] = "tally-gateway forwards requests for a path (GET /orders/7): "
+					   "an absolute URI or * is not one\n";
+		struct MHD_Response *r = MHD_create_response_from_buffer(sizeof(text) - 1, (void *)text,
+									 MHD_RESPMEM_PERSISTENT);
+		if (!r)
+			return MHD_NO;
+		MHD_add_response_header(r, "Content-Type", "text/plain; charset=utf-8");
+		enum MHD_Result ret = MHD_queue_response(c, MHD_HTTP_BAD_REQUEST, r);
+		MHD_destroy_response(r);
+		return ret;
+	}
 	return answer(g, c, &q->o); /* the last call: the body is complete */
 }
 
