@@ -60,7 +60,9 @@ TALLY_API int tally_segment_name_validate(const char *name)
 	size_t n = strnlen(name, TALLY_NAME_MAX + 1);
 	if (n > TALLY_NAME_MAX)
 		return tally__fail(TALLY_EBADNAME, "segment name is longer than %d bytes", TALLY_NAME_MAX);
-	if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0 || strstr(name, ".."))
+	if (strcmp(name, ".") == 0)
+		return tally__fail(TALLY_EBADNAME, "segment name \".\" is not a name (a directory's)");
+	if (strstr(name, ".."))
 		return tally__fail(TALLY_EBADNAME, "segment name \"%s\" may not contain \"..\"", name);
 	for (size_t i = 0; i < n; i++) {
 		unsigned char c = (unsigned char)name[i];

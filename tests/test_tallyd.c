@@ -716,6 +716,7 @@ Test(tallyd, two_drain_threads_publish_every_sample_once)
 	td_write_cfg(d, "[segment]\nname = %s\n[http]\nenabled = no\n" FAST_ENGINE "drain_threads = 2\n",
 		     d->seg);
 	td_start_ready(d, (const char *const[]){ "-c", d->cfg, NULL });
+	cr_expect(strstr(td_logtext(d), "2 drain threads"), "the ready line says how many: %s", td_logtext(d));
 	rec_open(&a, d->seg, "orders.created");
 	rec_open(&b, d->seg, "orders.created");
 	for (int i = 0; i < N; i++) {

@@ -1038,7 +1038,8 @@ static const char status_help[] =
 	"     mistyped health check never reads as a verdict\n"
 	"\n"
 	"  -s, --segment NAME   segment (default $TALLY_SEGMENT, else \"tally\")\n"
-	"  -q, --quiet          print nothing, only exit with the status\n"
+	"  -q, --quiet          print nothing on stdout, only exit with the status\n"
+	"                       (an error still says what went wrong, on stderr)\n"
 	"  -h, --help           this help\n";
 
 /* "p95 100 ms / 500 ms" or "p95 off": a level pair of the rule. */

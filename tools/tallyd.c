@@ -375,8 +375,11 @@ static void log_ready(struct daemon *d)
 	}
 	memset(&info, 0, sizeof(info));
 	tally_segment_info(d->seg, &info);
-	tlog(L_INFO, "ready: segment \"%s\" (%" PRIu64 " bytes, generation %" PRIu64 "), %s, %s%s",
-	     d->boot.segment_name, info.total_size, info.generation, http,
+	tlog(L_INFO, "ready: segment \"%s\" (%" PRIu64 " bytes, generation %" PRIu64 ", %u producer slots), "
+	     "%u drain thread%s, %s, %s%s",
+	     d->boot.segment_name, info.total_size, info.generation, info.config.producer_slots,
+	     d->boot.engine.drain_threads ? d->boot.engine.drain_threads : 1,
+	     d->boot.engine.drain_threads > 1 ? "s" : "", http,
 	     d->poller ? "polling " : "no poller",
 	     d->poller ? d->live.nats.urls : "");
 	sd_notifyf(0, "READY=1\nSTATUS=running: segment %s, %s, %s%s", d->boot.segment_name, http,
