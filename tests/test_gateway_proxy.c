@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -324,10 +325,12 @@ Test(gateway_proxy, headers_whole_and_hop_headers_dropped, .timeout = 60)
 	struct gwt_req rb = { .headers = hb, .body = -1 };
 	cr_expect_eq(gwt_http(e.port, "/_headers", &rb, &r), 431, "a 64 KB header: %ld %s", r.status, r.body);
 	cr_expect_eq(gwt_upstream_count(e.up_port, "/_headers"), 2, "it did not reach the upstream");
-	const char *hop[] = { "Connection: X-Drop, keep-alive", "X-Drop: not for the upstream", "X-Keep: 1", NULL };
+	const char *hop[] = { "Connection: X-Drop, keep-alive", "Connection: X-Also", "X-Drop: not for the upstream",
+			      "X-Also: nor this", "X-Keep: 1", NULL };
 	struct gwt_req rq = { .headers = hop, .body = -1 };
 	cr_expect_eq(gwt_http(e.port, "/_headers", &rq, &r), 200);
 	cr_expect_null(strstr(r.body, "X-Drop"), "a header the client's Connection names stays: %s", r.body);
+	cr_expect_null(strstr(r.body, "X-Also"), "so does one a second Connection header names: %s", r.body);
 	cr_expect(strstr(r.body, "X-Keep: 1"), "the others go on: %s", r.body);
 	cr_expect_eq(gwt_get(e.port, "/_many/300", &r), 200, "%s", r.body);
 	int seen = 0;
@@ -441,11 +444,14 @@ static int raw_connect(int port)
 	return fd;
 }
 
-static void raw_request(struct raw_conn *c, int port, const char *method, const char *path, size_t body)
+/* A request on a new connection, its body bytes of the pattern; conn:
+ * its Connection header's value. */
+static void raw_request_conn(struct raw_conn *c, int port, const char *method, const char *path, size_t body,
+			     const char *conn)
 {
 	char head[256];
 	int n = snprintf(head, sizeof(head), "%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n"
-			 "Connection: close\r\n\r\n", method, path, body);
+			 "Connection: %s\r\n\r\n", method, path, body, conn);
 
 	memset(c, 0, sizeof(*c));
 	cr_assert_geq(c->fd = raw_connect(port), 0, "connect to the gateway");
@@ -455,6 +461,11 @@ static void raw_request(struct raw_conn *c, int port, const char *method, const 
 	c->out_len = (size_t)n + body;
 	c->in_cap = 4096;
 	cr_assert(c->in = malloc(c->in_cap));
+}
+
+static void raw_request(struct raw_conn *c, int port, const char *method, const char *path, size_t body)
+{
+	raw_request_conn(c, port, method, path, body, "close");
 }
 
 static void raw_run(struct raw_conn *c, int n)
@@ -670,7 +681,8 @@ Test(gateway_proxy, sigterm_lets_requests_in_flight_finish, .timeout = 60)
 	env_start(&e, "threads = 2\n", "drain_timeout_ms = 10000\n", false);
 	for (int i = 0; i < N; i++) {
 		snprintf(path, sizeof(path), "/_slow/1500/%d", i);
-		raw_request(&c[i], e.port, i == 1 ? "POST" : "GET", path, i == 1 ? 100000 : 0);
+		/* kept alive, all three: the drain's answers close them */
+		raw_request_conn(&c[i], e.port, i == 1 ? "POST" : "GET", path, i == 1 ? 100000 : 0, "keep-alive");
 		cr_assert_eq(send(c[i].fd, c[i].out, c[i].out_len, MSG_NOSIGNAL), (ssize_t)c[i].out_len);
 		c[i].out_off = c[i].out_len;
 	}
@@ -688,6 +700,9 @@ Test(gateway_proxy, sigterm_lets_requests_in_flight_finish, .timeout = 60)
 	for (int i = 0; i < N; i++) {
 		size_t len;
 		const char *body = raw_body(&c[i], &len);
+		char cv[32];
+		cr_expect(tt_http_header(c[i].in, "Connection", cv, sizeof(cv)) == 0 && strcasecmp(cv, "close") == 0,
+			  "request %d: an answer while it drains closes its connection", i);
 		snprintf(path, sizeof(path), "/_slow/1500/%d len=%d", i, i == 1 ? 100000 : 0);
 		cr_expect(strncmp(c[i].in, "HTTP/1.1 200", 12) == 0, "request %d answered 200: %.*s", i,
 			  (int)(c[i].in_len < 200 ? c[i].in_len : 200), c[i].in);

@@ -225,10 +225,11 @@ static void set_number(struct parser *p, const struct key *k, void *dst, const c
 static const char *upstream_check(const char *v)
 {
 	static const char name_bytes[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_";
-	const char *h = v + 7, *end;
+	const char *h, *end;
 
 	if (strncmp(v, "http://", 7) != 0)
 		return "expected http://HOST:PORT (the gateway speaks plain HTTP to its upstream)";
+	h = v + 7;
 	if (*h == '[') {
 		end = strchr(h, ']');
 		if (!end || end == h + 1 || strspn(h + 1, "0123456789abcdefABCDEF:.") != (size_t)(end - h - 1))

@@ -191,7 +191,7 @@ struct gw_reading {
 	double shed_probability;   /* < 0: the engine gives none */
 	bool no_data;              /* no verdict read at all: fail_closed decides */
 	const char *why;           /* no usable verdict: why */
-	char whybuf[TALLY_NAME_MAX + 200]; /* why, when it names the segment (and the user) */
+	char whybuf[2 * TALLY_NAME_MAX + 200]; /* why, when it names the segment (twice) */
 	char host[64];             /* "": the local verdict decided; else the other host whose did */
 };
 
@@ -256,7 +256,8 @@ struct gw {
 	struct gw_reader reader;
 	struct gw_stats *st;
 	size_t admin_len;
-	_Atomic long inflight;   /* requests begun and not completed (proxy mode's drain) */
+	_Atomic long inflight;   /* requests begun (request line read) and not completed */
+	_Atomic bool draining;   /* stopping: answers close their connections */
 };
 
 /* ---- the counts and their reports (report.c) ------------------------------- */
@@ -304,6 +305,10 @@ void gw_decision_headers(const struct gw_outcome *o, void (*add)(void *ctx, cons
 
 /* The same on a libmicrohttpd response (server.c). */
 void gw_add_decision_headers(struct MHD_Response *resp, const struct gw_outcome *o);
+
+/* What every answer of the gateway gets: while it drains, Connection:
+ * close, so that a kept-alive client goes elsewhere for its next request. */
+void gw_response_common(struct gw *g, struct MHD_Response *resp);
 
 /* libmicrohttpd's messages into the gateway's log, one line each. */
 __attribute__((format(printf, 2, 0))) void gw_mhd_log(void *cls, const char *fmt, va_list ap);

@@ -395,6 +395,8 @@ static int port_free(const struct sockaddr_storage *ss)
 	if (fd < 0)
 		return -1;
 	(void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)); /* as libmicrohttpd does */
+	if (ss->ss_family == AF_INET6) /* and IPv6 only, as it binds with MHD_USE_IPv6 */
+		(void)setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
 	if (bind(fd, (const struct sockaddr *)ss, len) != 0)
 		err = errno;
 	close(fd);

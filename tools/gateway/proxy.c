@@ -423,8 +423,31 @@ struct hdr_ctx {
 	struct gw_proxy_req *pr;
 	bool body, chunked, failed;
 	long long length;
-	const char *xff, *connection;
+	const char *xff;
+	char *connection; /* the tokens of every Connection header, joined by ',' */
 };
+
+/* Every Connection header's value into h->connection (a request may send
+ * several: their tokens all name hop headers). */
+static enum MHD_Result connection_tokens(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+	struct hdr_ctx *h = cls;
+
+	(void)kind;
+	if (strcasecmp(key, "Connection") != 0 || !value)
+		return MHD_YES;
+	size_t have = h->connection ? strlen(h->connection) : 0, vl = strlen(value);
+	char *j = realloc(h->connection, have + 1 + vl + 1);
+	if (!j) {
+		h->failed = true;
+		return MHD_NO;
+	}
+	if (have)
+		j[have++] = ',';
+	memcpy(j + have, value, vl + 1);
+	h->connection = j;
+	return MHD_YES;
+}
 
 /* "name: value" onto the request's header list, of any length. */
 static bool header_append(struct gw_proxy_req *pr, const char *name, const char *value)
@@ -528,8 +551,11 @@ static int start(struct gw *g, struct pconn *pc, struct MHD_Connection *c, struc
 	pr->loop = pc->loop;
 	pr->c = c;
 	pr->easy = pc->easy;
-	h.connection = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Connection");
-	MHD_get_connection_values(c, MHD_HEADER_KIND, add_header, &h);
+	MHD_get_connection_values(c, MHD_HEADER_KIND, connection_tokens, &h);
+	if (!h.failed)
+		MHD_get_connection_values(c, MHD_HEADER_KIND, add_header, &h);
+	free(h.connection);
+	h.connection = NULL;
 	forwarded_for(c, &h);
 	if (h.failed) /* a header that could not be copied: not forwarded without it */
 		return free(url), -ENOMEM;
@@ -591,6 +617,7 @@ static enum MHD_Result fail(struct gw_proxy_req *pr, struct MHD_Connection *c, c
 		return MHD_NO;
 	MHD_add_response_header(r, "Content-Type", "text/plain; charset=utf-8");
 	gw_add_decision_headers(r, o);
+	gw_response_common(g, r);
 	enum MHD_Result ret = MHD_queue_response(c, status, r);
 	MHD_destroy_response(r);
 	return ret;
@@ -645,6 +672,7 @@ static enum MHD_Result respond(struct gw_proxy_req *pr, struct MHD_Connection *c
 	}
 	if (o->rd.why) /* admitted without all its data: said, as the nginx module says it */
 		MHD_add_response_header(r, "X-Tally-Fail-Open", o->minimal ? "1" : o->rd.why);
+	gw_response_common(pr->g, r);
 	enum MHD_Result ret = MHD_queue_response(c, (unsigned)pr->status, r);
 	MHD_destroy_response(r);
 	return ret;

@@ -49,6 +49,7 @@ struct gw_req {
 	uint32_t magic;
 	bool started, admin, proxying, answered, counted;
 	bool not_a_path;        /* proxy mode: a target that is not /PATH (400) */
+	bool http11;            /* HTTP/1.1: a client that may wait for 100 Continue */
 	char *uri;              /* raw, with the query */
 	struct gw_outcome o;
 	struct gw_proxy_req *proxy;
@@ -75,7 +76,13 @@ void gw_add_decision_headers(struct MHD_Response *r, const struct gw_outcome *o)
 	gw_decision_headers(o, mhd_add, r);
 }
 
-static enum MHD_Result queue_text(struct MHD_Connection *c, unsigned status, const char *text,
+void gw_response_common(struct gw *g, struct MHD_Response *r)
+{
+	if (atomic_load_explicit(&g->draining, memory_order_relaxed))
+		MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
+}
+
+static enum MHD_Result queue_text(struct gw *g, struct MHD_Connection *c, unsigned status, const char *text,
 				  const struct gw_outcome *o)
 {
 	struct MHD_Response *r = MHD_create_response_from_buffer(strlen(text), (void *)text,
@@ -83,6 +90,7 @@ static enum MHD_Result queue_text(struct MHD_Connection *c, unsigned status, con
 	if (!r)
 		return MHD_NO;
 	MHD_add_response_header(r, "Content-Type", "text/plain; charset=utf-8");
+	gw_response_common(g, r);
 	if (o)
 		gw_add_decision_headers(r, o);
 	enum MHD_Result ret = MHD_queue_response(c, status, r);
@@ -107,7 +115,7 @@ static enum MHD_Result answer(struct gw *g, struct MHD_Connection *c, const stru
 			 closed ? why : "", closed ? ")" : "", o->retry_after_s);
 	if (!o->d.admit && g->cfg->mode == GW_MODE_CHECK && g->cfg->shed_status)
 		status = g->cfg->shed_status;
-	return queue_text(c, status, body, o);
+	return queue_text(g, c, status, body, o);
 }
 
 /* ---- admin ---- */
@@ -121,7 +129,7 @@ static int admin(struct gw *g, struct MHD_Connection *c, const char *uri, enum M
 	if (!pl || strncmp(uri, pre, pl) != 0 || uri[pl] != '/')
 		return 0;
 	if (ul == pl + 7 && strncmp(uri + pl, "/health", 7) == 0) {
-		*ret = queue_text(c, 200, "ok\n", NULL);
+		*ret = queue_text(g, c, 200, "ok\n", NULL);
 		return 1;
 	}
 	bool routes = ul == pl + 7 && strncmp(uri + pl, "/routes", 7) == 0;
@@ -174,8 +182,6 @@ static enum MHD_Result first_call(struct gw *g, struct MHD_Connection *c, struct
 		q->admin = true;
 		return ret;
 	}
-	q->counted = true; /* in flight until on_completed: what a drain waits for */
-	atomic_fetch_add_explicit(&g->inflight, 1, memory_order_relaxed);
 	if (g->cfg->mode == GW_MODE_PROXY && q->uri[0] != '/') {
 		q->not_a_path = true; /* "http://host/x" or "*": answered 400 after its body */
 		return MHD_YES;
@@ -203,7 +209,7 @@ static enum MHD_Result first_call(struct gw *g, struct MHD_Connection *c, struct
 	 * a client that sends its body at once: closing with its bytes unread
 	 * would reset the connection, and it could lose the answer. */
 	const char *expect = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT);
-	if (!q->o.d.admit && expect && strcasecmp(expect, "100-continue") == 0) {
+	if (!q->o.d.admit && q->http11 && expect && strcasecmp(expect, "100-continue") == 0) {
 		q->answered = true;
 		return answer(g, c, &q->o);
 	}
@@ -230,6 +236,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 	if (q->admin)
 		return MHD_YES;
 	if (!q->started) {
+		q->http11 = version && strcmp(version, MHD_HTTP_VERSION_1_1) == 0;
 		ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
 		return first_call(g, c, q, method, ci ? ci->socket_context : NULL, upload, upload_size);
 	}
@@ -252,6 +259,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 		if (!r)
 			return MHD_NO;
 		MHD_add_response_header(r, "Content-Type", "text/plain; charset=utf-8");
+		gw_response_common(g, r);
 		enum MHD_Result ret = MHD_queue_response(c, MHD_HTTP_BAD_REQUEST, r);
 		MHD_destroy_response(r);
 		return ret;
@@ -262,15 +270,20 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *c)
 {
 	struct gw_req *q = calloc(1, sizeof(*q));
+	struct gw *g = cls;
 
-	(void)cls;
 	(void)c;
 	if (q && !(q->uri = strdup(uri))) {
 		free(q);
 		return NULL;
 	}
-	if (q)
+	if (q) {
 		q->magic = REQ_MAGIC;
+		/* in flight from its request line until on_completed: what a
+		 * drain waits for (a request whose headers are still coming too) */
+		q->counted = true;
+		atomic_fetch_add_explicit(&g->inflight, 1, memory_order_relaxed);
+	}
 	return q;
 }
 
@@ -341,6 +354,7 @@ static void drain(struct gw *g, struct gw_loop *loops, unsigned n, int sig)
 	sigset_t set;
 	int again;
 
+	atomic_store_explicit(&g->draining, true, memory_order_relaxed);
 	gw_loops_quiesce(loops, n);
 	if (left <= 0 || !g->cfg->drain_timeout_ms)
 		goto out;
