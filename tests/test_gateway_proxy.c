@@ -341,6 +341,10 @@ Test(gateway_proxy, headers_whole_and_hop_headers_dropped, .timeout = 60)
 	}
 	cr_expect_eq(seen, 300, "all 300 of the upstream's headers reach the client: %d", seen);
 	cr_expect_neq(gwt_header(&r, "X-Secret", v, sizeof(v)), 0, "a header the upstream's Connection names stays");
+	/* more than a connection can pass on: a 502 that says so (libmicrohttpd
+	 * would close the connection with no answer) */
+	cr_expect_eq(gwt_get(e.port, "/_many/1800", &r), 502, "%ld %s", r.status, r.body);
+	cr_expect(strstr(r.body, "headers are larger than the 16 KiB"), "%s", r.body);
 	env_stop(&e);
 }
 

@@ -65,6 +65,11 @@
 
 #define WBUF_MAX (256 * 1024)
 #define SBUF_MAX (256 * 1024)
+/* The upstream's response headers that go on to the client, in bytes: they
+ * must fit, with the request's, in the 32 KiB libmicrohttpd gives a
+ * connection (GW_CONN_MEMORY), or it closes the connection without an
+ * answer. More: a 502 that says so. */
+#define RESP_HEADERS_MAX (16 * 1024)
 
 struct pconn {
 	struct gw_loop *loop;
@@ -88,7 +93,8 @@ struct gw_proxy_req {
 	size_t slen, soff, scap;
 	long status;
 	char **rh;                         /* the response's headers, "Name: value" */
-	size_t nrh, rh_cap;
+	size_t nrh, rh_cap, rh_bytes;
+	bool headers_too_big;              /* past RESP_HEADERS_MAX: failed, a 502 */
 	char *resp_connection;             /* its Connection headers' tokens, joined by ',' */
 	char *buf;                         /* the response body on its way: [off, len) */
 	size_t len, off, cap;
@@ -157,6 +163,7 @@ static void resp_headers_clear(struct gw_proxy_req *pr)
 	for (size_t i = 0; i < pr->nrh; i++)
 		free(pr->rh[i]);
 	pr->nrh = 0;
+	pr->rh_bytes = 0;
 	free(pr->resp_connection);
 	pr->resp_connection = NULL;
 }
@@ -405,6 +412,10 @@ static size_t on_header(char *b, size_t size, size_t n, void *ud)
 	}
 	if (hop_by_hop(b, nl))
 		return len;
+	if ((pr->rh_bytes += l) > RESP_HEADERS_MAX) {
+		pr->headers_too_big = true;
+		return 0; /* curl fails the transfer: CURLE_WRITE_ERROR */
+	}
 	if (pr->nrh == pr->rh_cap) { /* as many as the upstream sends: curl bounds their size */
 		size_t cap = pr->rh_cap ? 2 * pr->rh_cap : 32;
 		char **rh = realloc(pr->rh, cap * sizeof(*rh));
@@ -608,7 +619,8 @@ static enum MHD_Result fail(struct gw_proxy_req *pr, struct MHD_Connection *c, c
 		snprintf(body, sizeof(body), "upstream %s: the gateway is stopping\n", g->cfg->upstream);
 	else
 		snprintf(body, sizeof(body), "upstream %s: %s\n", g->cfg->upstream,
-			 pr->errbuf[0] ? pr->errbuf
+			 pr->headers_too_big ? "its answer's headers are larger than the 16 KiB the gateway passes on"
+			 : pr->errbuf[0] ? pr->errbuf
 			 : pr->done && pr->result == CURLE_OK ? "the answer ended before its headers did"
 			 : pr->done ? curl_easy_strerror(pr->result) : "out of memory");
 	drop_transfer(pr);
