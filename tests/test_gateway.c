@@ -12,6 +12,7 @@
 #include "config.h"
 
 #include <criterion/criterion.h>
+#include <inttypes.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -198,6 +199,7 @@ Test(gateway_check, bodies_and_methods, .timeout = 120)
 	big.method = "PUT";
 	cr_expect_eq(gwt_http(e.port, "/over/2", &big, &r), 403, "a shed request with a body: %s", r.body);
 	cr_expect_str_eq(hdr(&r, "X-Tally-Status"), "503");
+	cr_expect_lt(r.uploaded, 1 << 20, "answered instead of 100 Continue: %" PRIu64 " bytes sent", r.uploaded);
 	cr_expect_eq(req(e.port, "POST", "/orders/1", NULL, NULL, 0, &r), 403, "an empty body");
 
 	/* PUT and DELETE are decided like the rest, and their bodies are plain */
