@@ -14,6 +14,9 @@
  *   gcc -O2 -march=native -o group bench/experiments/group_by_subject.c -lm
  *   ./group SUBJECTS PARTITIONS BATCH [SIGMA]     e.g. ./group 10000 64 65536
  *
+ * It builds alone, so it carries its own copies of the bench's splitmix
+ * and log-normal latency (bench/part_hist.c) and of tally__hist_index.
+ *
  * Each line gives Msamples/s of: ring order with look-ahead ("direct"),
  * grouped, and grouped with a look-ahead inside each partition. Figures
  * in BENCHMARKS.md ("Ideas measured").

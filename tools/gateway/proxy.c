@@ -168,6 +168,23 @@ static void resp_headers_clear(struct gw_proxy_req *pr)
 	pr->resp_connection = NULL;
 }
 
+/* Appends the n bytes of a Connection header's value to the list *joined
+ * (their tokens, ',' between): false when out of memory. */
+static bool connection_join(char **joined, const char *v, size_t n)
+{
+	size_t have = *joined ? strlen(*joined) : 0;
+	char *j = realloc(*joined, have + 1 + n + 1);
+
+	if (!j)
+		return false;
+	if (have)
+		j[have++] = ',';
+	memcpy(j + have, v, n);
+	j[have + n] = '\0';
+	*joined = j;
+	return true;
+}
+
 /* Is the header name (len bytes) one of the comma-separated tokens of a
  * Connection header's value? Those describe the hop too (RFC 9110,
  * 7.6.1): not forwarded, either way. */
@@ -398,18 +415,8 @@ static size_t on_header(char *b, size_t size, size_t n, void *ud)
 	if (!colon)
 		return len;
 	size_t nl = (size_t)(colon - b);
-	if (nl == 10 && strncasecmp(b, "Connection", 10) == 0) { /* its tokens: dropped in respond */
-		size_t have = pr->resp_connection ? strlen(pr->resp_connection) : 0, vl = l - nl - 1;
-		char *j = realloc(pr->resp_connection, have + 1 + vl + 1);
-		if (!j)
-			return 0; /* curl fails the transfer: a 502, not a header passed on unseen */
-		if (have)
-			j[have++] = ',';
-		memcpy(j + have, colon + 1, vl);
-		j[have + vl] = '\0';
-		pr->resp_connection = j;
-		return len;
-	}
+	if (nl == 10 && strncasecmp(b, "Connection", 10) == 0) /* its tokens: dropped in respond */
+		return connection_join(&pr->resp_connection, colon + 1, l - nl - 1) ? len : 0; /* 0: a 502 */
 	if (hop_by_hop(b, nl))
 		return len;
 	if ((pr->rh_bytes += l) > RESP_HEADERS_MAX) {
@@ -445,19 +452,10 @@ static enum MHD_Result connection_tokens(void *cls, enum MHD_ValueKind kind, con
 	struct hdr_ctx *h = cls;
 
 	(void)kind;
-	if (strcasecmp(key, "Connection") != 0 || !value)
+	if (strcasecmp(key, "Connection") != 0 || !value || connection_join(&h->connection, value, strlen(value)))
 		return MHD_YES;
-	size_t have = h->connection ? strlen(h->connection) : 0, vl = strlen(value);
-	char *j = realloc(h->connection, have + 1 + vl + 1);
-	if (!j) {
-		h->failed = true;
-		return MHD_NO;
-	}
-	if (have)
-		j[have++] = ',';
-	memcpy(j + have, value, vl + 1);
-	h->connection = j;
-	return MHD_YES;
+	h->failed = true;
+	return MHD_NO;
 }
 
 /* "name: value" onto the request's header list, of any length. */
