@@ -348,7 +348,6 @@ static int loop_init(struct gw_loop *l, struct gw *g, const struct gw_daemon_opt
 	return epoll_ctl(l->ep, EPOLL_CTL_ADD, l->stop_fd, &ev);
 }
 
-
 /* Everything of a loop whose thread has returned (or never ran). */
 static void loop_fini(struct gw_loop *l)
 {

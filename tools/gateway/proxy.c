@@ -423,7 +423,7 @@ static size_t on_header(char *b, size_t size, size_t n, void *ud)
 		pr->headers_too_big = true;
 		return 0; /* curl fails the transfer: CURLE_WRITE_ERROR */
 	}
-	if (pr->nrh == pr->rh_cap) { /* as many as the upstream sends: curl bounds their size */
+	if (pr->nrh == pr->rh_cap) { /* as many as fit in RESP_HEADERS_MAX */
 		size_t cap = pr->rh_cap ? 2 * pr->rh_cap : 32;
 		char **rh = realloc(pr->rh, cap * sizeof(*rh));
 		if (!rh)

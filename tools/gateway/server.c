@@ -47,7 +47,7 @@
 
 struct gw_req {
 	uint32_t magic;
-	bool started, admin, proxying, answered, counted;
+	bool started, admin, proxying, answered;
 	bool not_a_path;        /* proxy mode: a target that is not /PATH (400) */
 	bool http11;            /* HTTP/1.1: a client that may wait for 100 Continue */
 	char *uri;              /* raw, with the query */
@@ -251,19 +251,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 	}
 	if (q->answered)
 		return MHD_YES;
-	if (q->not_a_path) {
-		static const char text[] = "tally-gateway forwards requests for a path (GET /orders/7): "
-					   "an absolute URI or * is not one\n";
-		struct MHD_Response *r = MHD_create_response_from_buffer(sizeof(text) - 1, (void *)text,
-									 MHD_RESPMEM_PERSISTENT);
-		if (!r)
-			return MHD_NO;
-		MHD_add_response_header(r, "Content-Type", "text/plain; charset=utf-8");
-		gw_response_common(g, r);
-		enum MHD_Result ret = MHD_queue_response(c, MHD_HTTP_BAD_REQUEST, r);
-		MHD_destroy_response(r);
-		return ret;
-	}
+	if (q->not_a_path)
+		return queue_text(g, c, MHD_HTTP_BAD_REQUEST, "tally-gateway forwards requests for a path "
+				  "(GET /orders/7): an absolute URI or * is not one\n", NULL);
 	return answer(g, c, &q->o); /* the last call: the body is complete */
 }
 
@@ -279,9 +269,9 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *c)
 	}
 	if (q) {
 		q->magic = REQ_MAGIC;
-		/* in flight from its request line until on_completed: what a
-		 * drain waits for (a request whose headers are still coming too) */
-		q->counted = true;
+		/* in flight from its request line until on_completed (which
+		 * every request made here gets): what a drain waits for, a
+		 * request whose headers are still coming too */
 		atomic_fetch_add_explicit(&g->inflight, 1, memory_order_relaxed);
 	}
 	return q;
@@ -297,8 +287,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **req_cls,
 	(void)toe;
 	if (!q)
 		return;
-	if (q->counted)
-		atomic_fetch_sub_explicit(&g->inflight, 1, memory_order_relaxed);
+	atomic_fetch_sub_explicit(&g->inflight, 1, memory_order_relaxed); /* counted in on_uri */
 	gw_proxy_req_free(q->proxy);
 	free(q->uri);
 	q->magic = 0;
